@@ -1,0 +1,209 @@
+//! Throughput benchmarks, printed as a table (run: `cargo bench -p weir`).
+//!
+//! 1. A stateless map (ASCII uppercase) as a Wasm component versus the same
+//!    logic as a native Rust operator, in the same runtime: generator ->
+//!    map -> blackhole.
+//! 2. The wordcount `count` component with RocksDB keyed state on a
+//!    generator of 10M records over 100k distinct keys, parallelism 1.
+//!
+//! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use weir::dataflow::FiredTimer;
+use weir::dataflow::{Operator, OperatorError, TaskContext};
+use weir::job::JobGraph;
+use weir::plugin::PluginEngine;
+use weir::runner::{self, NativeOperator};
+use weir::types::{RecordBatch, RecordRef};
+
+/// The native twin of `tests/plugins/uppercase`.
+struct NativeUppercase {
+    task: TaskContext,
+    scratch: Vec<u8>,
+}
+
+impl Operator for NativeUppercase {
+    fn task(&mut self) -> &mut TaskContext {
+        &mut self.task
+    }
+    fn open(&mut self) -> Result<(), OperatorError> {
+        Ok(())
+    }
+    fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+        for record in batch.iter() {
+            self.scratch.clear();
+            self.scratch
+                .extend(record.value.iter().map(u8::to_ascii_uppercase));
+            self.task.output.emit(
+                None,
+                RecordRef {
+                    key: record.key,
+                    value: &self.scratch,
+                    timestamp: record.timestamp,
+                },
+            )?;
+        }
+        Ok(())
+    }
+    fn on_timer(&mut self, _timer: &FiredTimer) -> Result<(), OperatorError> {
+        Ok(())
+    }
+    fn close(&mut self) -> Result<(), OperatorError> {
+        Ok(())
+    }
+}
+
+struct Measurement {
+    name: String,
+    records: u64,
+    seconds: f64,
+}
+
+fn run(
+    engine: &PluginEngine,
+    dir: &Path,
+    name: &str,
+    toml: &str,
+    native: &HashMap<String, NativeOperator>,
+    records: u64,
+) -> Measurement {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write job");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let graph = JobGraph::load(&path).expect("valid job");
+    let job = runner::prepare(engine, graph).expect("plugins load");
+    let started = Instant::now();
+    runtime.block_on(async {
+        let running = runner::launch_with_native(&job, native).expect("launch");
+        runner::finish(&job, running).await.expect("job runs")
+    });
+    Measurement {
+        name: name.to_string(),
+        records,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let records: u64 = std::env::var("WEIR_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let engine = PluginEngine::new(Some(weir_tests::compile_cache())).expect("engine");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_job = |plugin: &str| {
+        format!(
+            r#"
+name = "map"
+[[source]]
+uid = "gen"
+kind = "generator"
+count = {records}
+keys = 100000
+[[operator]]
+uid = "map"
+plugin = {plugin:?}
+inputs = ["gen"]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["map"]
+"#
+        )
+    };
+    let uppercase = weir_tests::plugins::UPPERCASE;
+    let mut native = HashMap::new();
+    native.insert(
+        "map".to_string(),
+        Arc::new(|task| {
+            Box::new(NativeUppercase {
+                task,
+                scratch: Vec::new(),
+            }) as Box<dyn Operator>
+        }) as NativeOperator,
+    );
+    let mut results = Vec::new();
+    // Warm-up run so both sides find the compiled plugin cached.
+    run(
+        &engine,
+        dir.path(),
+        "warm-up",
+        &map_job(uppercase).replace(&format!("count = {records}"), "count = 100000"),
+        &HashMap::new(),
+        100_000,
+    );
+    results.push(run(
+        &engine,
+        dir.path(),
+        "stateless map, Wasm component",
+        &map_job(uppercase),
+        &HashMap::new(),
+        records,
+    ));
+    results.push(run(
+        &engine,
+        dir.path(),
+        "stateless map, native Rust",
+        &map_job(uppercase),
+        &native,
+        records,
+    ));
+    let wordcount = format!(
+        r#"
+name = "wordcount"
+[state]
+backend = "rocksdb"
+dir = {state:?}
+[[source]]
+uid = "gen"
+kind = "generator"
+count = {records}
+keys = 100000
+[[operator]]
+uid = "count"
+plugin = {count:?}
+inputs = [{{ from = "gen", partition = "key" }}]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["count"]
+"#,
+        state = dir.path().join("state").display().to_string(),
+        count = weir_tests::plugins::WORDCOUNT_COUNT,
+    );
+    results.push(run(
+        &engine,
+        dir.path(),
+        "wordcount, RocksDB state, p=1",
+        &wordcount,
+        &HashMap::new(),
+        records,
+    ));
+
+    println!();
+    println!("| benchmark | records | seconds | records/s |");
+    println!("|---|---:|---:|---:|");
+    for m in &results {
+        println!(
+            "| {} | {} | {:.2} | {:.0} |",
+            m.name,
+            m.records,
+            m.seconds,
+            m.records as f64 / m.seconds
+        );
+    }
+    let ratio = (results[0].records as f64 / results[0].seconds)
+        / (results[1].records as f64 / results[1].seconds);
+    println!();
+    println!("Wasm map / native map throughput: {ratio:.2}x");
+}

@@ -1,0 +1,151 @@
+//! The progress line of `weir run` on a terminal (records in and out, rate)
+//! and the summary printed when a job ends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::dataflow::NodeMetrics;
+use crate::dataflow::runtime::JobOutcome;
+use crate::runner::PreparedJob;
+
+pub struct Progress {
+    bar: ProgressBar,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
+    let read = metrics
+        .iter()
+        .filter(|m| m.is_source)
+        .map(|m| m.records_out.load(Ordering::Relaxed))
+        .sum();
+    let written = metrics
+        .iter()
+        .filter(|m| m.is_sink)
+        .map(|m| m.records_in.load(Ordering::Relaxed))
+        .sum();
+    (read, written)
+}
+
+impl Progress {
+    pub fn start(metrics: Vec<Arc<NodeMetrics>>) -> Self {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (thread_bar, thread_stop) = (bar.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut last = (Instant::now(), 0u64);
+            while !thread_stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let (read, written) = totals(&metrics);
+                let now = Instant::now();
+                let rate =
+                    (read - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
+                last = (now, read);
+                thread_bar.set_message(format!(
+                    "in {read} records  out {written} records  {} records/s  ({:.0}s)",
+                    human(rate),
+                    started.elapsed().as_secs_f64()
+                ));
+                thread_bar.tick();
+            }
+        });
+        Self {
+            bar,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
+fn human(rate: f64) -> String {
+    if rate >= 1e6 {
+        format!("{:.2}M", rate / 1e6)
+    } else if rate >= 1e3 {
+        format!("{:.1}k", rate / 1e3)
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+/// Prints what each node did, and the state each operator holds, to stderr.
+pub fn print_summary(
+    job: &PreparedJob,
+    metrics: &[Arc<NodeMetrics>],
+    outcome: &JobOutcome,
+    elapsed: Duration,
+) {
+    let (read, _) = totals(metrics);
+    let seconds = elapsed.as_secs_f64();
+    eprintln!(
+        "job `{}` {} in {seconds:.2}s ({} records/s from sources), job id {}",
+        job.graph.name,
+        if outcome.cancelled {
+            "stopped"
+        } else {
+            "finished"
+        },
+        human(read as f64 / seconds.max(1e-3)),
+        job.job_id
+    );
+    for (node, m) in job.graph.nodes.iter().zip(metrics) {
+        let role = if m.is_source {
+            "source"
+        } else if m.is_sink {
+            "sink"
+        } else {
+            "operator"
+        };
+        let mut line = format!("  {:<12} {role:<8} p={}", node.uid, node.parallelism);
+        if !m.is_source {
+            line.push_str(&format!("  in {}", m.records_in.load(Ordering::Relaxed)));
+        }
+        if !m.is_sink {
+            line.push_str(&format!("  out {}", m.records_out.load(Ordering::Relaxed)));
+        }
+        if let Some(plugin) = job.plugins.get(&node.uid) {
+            line.push_str(&format!(
+                "  plugin {} {}",
+                plugin.info.name, plugin.info.version
+            ));
+        }
+        let mut keys: Vec<(String, u64)> = Vec::new();
+        let mut backend = None;
+        for summary in outcome.summaries.iter().filter(|s| s.uid == node.uid) {
+            backend = backend.or(summary
+                .state_backend
+                .as_ref()
+                .map(|b| b.split(" at ").next().unwrap_or(b).to_string()));
+            for (name, count) in &summary.state_keys {
+                match keys.iter_mut().find(|(n, _)| n == name) {
+                    Some(entry) => entry.1 += count,
+                    None => keys.push((name.clone(), *count)),
+                }
+            }
+        }
+        for (name, count) in keys {
+            let state = name.rsplit('/').next().unwrap_or(&name);
+            line.push_str(&format!("  state `{state}`: {count} keys"));
+        }
+        if let Some(backend) = backend {
+            line.push_str(&format!(" ({backend})"));
+        }
+        eprintln!("{line}");
+    }
+}

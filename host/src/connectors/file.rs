@@ -1,0 +1,95 @@
+//! The `file` source: text lines of one file; its position is the byte
+//! offset of the next unread line.
+
+use std::path::PathBuf;
+
+use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
+
+use super::push_line;
+use crate::dataflow::operator::SourceFuture;
+use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
+use crate::job::LineFormat;
+use crate::types::RecordBatch;
+
+pub struct FileSource {
+    path: PathBuf,
+    format: Option<LineFormat>,
+    reader: Option<BufReader<tokio::fs::File>>,
+    offset: u64,
+    line_number: u64,
+    line: Vec<u8>,
+}
+
+impl FileSource {
+    /// Reads `path` from byte `offset` (0 for a fresh start).
+    pub fn new(path: PathBuf, format: Option<LineFormat>, offset: u64) -> Self {
+        Self {
+            path,
+            format,
+            reader: None,
+            offset,
+            line_number: 0,
+            line: Vec::new(),
+        }
+    }
+
+    fn io_error(&self, error: std::io::Error) -> OperatorError {
+        OperatorError::new(
+            FailureKind::Connector,
+            format!("cannot read {}: {error}", self.path.display()),
+        )
+    }
+
+    async fn fill(
+        &mut self,
+        batch: &mut RecordBatch,
+        max: usize,
+    ) -> Result<SourceStatus, OperatorError> {
+        if self.reader.is_none() {
+            let mut file = tokio::fs::File::open(&self.path)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            if self.offset > 0 {
+                file.seek(std::io::SeekFrom::Start(self.offset))
+                    .await
+                    .map_err(|e| self.io_error(e))?;
+            }
+            self.reader = Some(BufReader::with_capacity(256 << 10, file));
+        }
+        while batch.len() < max {
+            self.line.clear();
+            let reader = self.reader.as_mut().expect("reader opened above");
+            let read = reader
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            if read == 0 {
+                return Ok(SourceStatus::Ended);
+            }
+            self.offset += read as u64;
+            self.line_number += 1;
+            let mut line: &[u8] = &self.line;
+            if let Some(stripped) = line.strip_suffix(b"\n") {
+                line = stripped;
+            }
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            let (path, number) = (&self.path, self.line_number);
+            push_line(batch, line, self.format.as_ref(), || {
+                format!("{} line {number}", path.display())
+            })?;
+        }
+        Ok(SourceStatus::More)
+    }
+}
+
+impl Source for FileSource {
+    fn next_batch<'a>(&'a mut self, batch: &'a mut RecordBatch, max: usize) -> SourceFuture<'a> {
+        Box::pin(self.fill(batch, max))
+    }
+
+    fn position(&self) -> u64 {
+        self.offset
+    }
+}

@@ -1,0 +1,89 @@
+//! The `socket` source: text lines from a TCP server (`nc -lk PORT` on the
+//! other end). It cannot replay: after a failure the lines in flight are lost.
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::push_line;
+use crate::dataflow::operator::SourceFuture;
+use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
+use crate::job::LineFormat;
+use crate::types::RecordBatch;
+
+pub struct SocketSource {
+    address: String,
+    format: Option<LineFormat>,
+    reader: Option<BufReader<TcpStream>>,
+    read: u64,
+    line: Vec<u8>,
+}
+
+impl SocketSource {
+    pub fn new(address: String, format: Option<LineFormat>) -> Self {
+        Self {
+            address,
+            format,
+            reader: None,
+            read: 0,
+            line: Vec::new(),
+        }
+    }
+
+    fn error(&self, error: std::io::Error) -> OperatorError {
+        OperatorError::new(
+            FailureKind::Connector,
+            format!("socket {}: {error}", self.address),
+        )
+    }
+
+    async fn fill(
+        &mut self,
+        batch: &mut RecordBatch,
+        max: usize,
+    ) -> Result<SourceStatus, OperatorError> {
+        if self.reader.is_none() {
+            let stream = TcpStream::connect(&self.address)
+                .await
+                .map_err(|e| self.error(e))?;
+            self.reader = Some(BufReader::new(stream));
+        }
+        while batch.len() < max {
+            let reader = self.reader.as_mut().expect("connected above");
+            // Wait for the first line; take more only while they are buffered.
+            if !batch.is_empty() && !reader.buffer().contains(&b'\n') {
+                break;
+            }
+            self.line.clear();
+            let read = reader
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|e| self.error(e))?;
+            if read == 0 {
+                return Ok(SourceStatus::Ended);
+            }
+            self.read += read as u64;
+            let mut line: &[u8] = &self.line;
+            if let Some(stripped) = line.strip_suffix(b"\n") {
+                line = stripped;
+            }
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            let address = &self.address;
+            push_line(batch, line, self.format.as_ref(), || {
+                format!("socket {address}")
+            })?;
+        }
+        Ok(SourceStatus::More)
+    }
+}
+
+impl Source for SocketSource {
+    fn next_batch<'a>(&'a mut self, batch: &'a mut RecordBatch, max: usize) -> SourceFuture<'a> {
+        Box::pin(self.fill(batch, max))
+    }
+
+    fn position(&self) -> u64 {
+        self.read
+    }
+}

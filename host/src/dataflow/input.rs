@@ -1,0 +1,184 @@
+//! The [`InputGate`]: a subtask's input channels read fairly (round-robin),
+//! any of which can be blocked (barrier alignment stops reading a channel),
+//! with the task's watermark kept as the minimum over its live channels.
+
+use std::future::poll_fn;
+use std::task::Poll;
+
+use tokio::sync::mpsc::Receiver;
+
+use crate::types::{MIN_WATERMARK, StreamEvent, Timestamp};
+
+#[derive(Debug)]
+struct Channel {
+    input: u32,
+    receiver: Receiver<StreamEvent>,
+    blocked: bool,
+    ended: bool,
+    watermark: Timestamp,
+}
+
+/// Every input channel of one subtask.
+#[derive(Debug)]
+pub struct InputGate {
+    channels: Vec<Channel>,
+    next: usize,
+    watermark: Timestamp,
+}
+
+/// An event read from channel `channel`, which belongs to input edge `input`.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: usize,
+    pub input: u32,
+    pub event: StreamEvent,
+}
+
+impl InputGate {
+    /// `channels` are (input edge index, receiver).
+    pub fn new(channels: Vec<(u32, Receiver<StreamEvent>)>) -> Self {
+        Self {
+            channels: channels
+                .into_iter()
+                .map(|(input, receiver)| Channel {
+                    input,
+                    receiver,
+                    blocked: false,
+                    ended: false,
+                    watermark: MIN_WATERMARK,
+                })
+                .collect(),
+            next: 0,
+            watermark: MIN_WATERMARK,
+        }
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// The next event from any unblocked, live channel; `None` once every
+    /// channel has ended. A channel whose sender vanished counts as ended.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        poll_fn(|cx| {
+            let count = self.channels.len();
+            let mut live = false;
+            for step in 0..count {
+                let index = (self.next + step) % count;
+                let channel = &mut self.channels[index];
+                if channel.ended {
+                    continue;
+                }
+                live = true;
+                if channel.blocked {
+                    continue;
+                }
+                match channel.receiver.poll_recv(cx) {
+                    Poll::Ready(Some(event)) => {
+                        self.next = (index + 1) % count;
+                        return Poll::Ready(Some(Delivery {
+                            channel: index,
+                            input: channel.input,
+                            event,
+                        }));
+                    }
+                    Poll::Ready(None) => channel.ended = true,
+                    Poll::Pending => {}
+                }
+            }
+            if live && self.channels.iter().any(|c| !c.ended) {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        })
+        .await
+    }
+
+    /// Stops reading `channel` until [`InputGate::unblock_all`].
+    pub fn block(&mut self, channel: usize) {
+        self.channels[channel].blocked = true;
+    }
+
+    pub fn unblock_all(&mut self) {
+        for channel in &mut self.channels {
+            channel.blocked = false;
+        }
+    }
+
+    /// Marks `channel` as having delivered end of input.
+    pub fn end(&mut self, channel: usize) {
+        self.channels[channel].ended = true;
+    }
+
+    pub fn live_channels(&self) -> usize {
+        self.channels.iter().filter(|c| !c.ended).count()
+    }
+
+    /// Records a watermark from `channel`; returns the task's new watermark
+    /// if it advanced (the minimum over channels that have not ended).
+    pub fn advance_watermark(&mut self, channel: usize, watermark: Timestamp) -> Option<Timestamp> {
+        let entry = &mut self.channels[channel].watermark;
+        *entry = (*entry).max(watermark);
+        let minimum = self
+            .channels
+            .iter()
+            .filter(|c| !c.ended)
+            .map(|c| c.watermark)
+            .min()?;
+        (minimum > self.watermark).then(|| {
+            self.watermark = minimum;
+            minimum
+        })
+    }
+
+    pub fn watermark(&self) -> Timestamp {
+        self.watermark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::RecordBatch;
+    use tokio::sync::mpsc;
+
+    #[tokio::test]
+    async fn watermark_is_the_minimum_over_live_channels() {
+        let (a_tx, a_rx) = mpsc::channel(4);
+        let (b_tx, b_rx) = mpsc::channel(4);
+        let mut gate = InputGate::new(vec![(0, a_rx), (1, b_rx)]);
+        assert_eq!(gate.advance_watermark(0, 10), None);
+        assert_eq!(gate.advance_watermark(1, 5), Some(5));
+        assert_eq!(gate.advance_watermark(1, 20), Some(10));
+        assert_eq!(
+            gate.advance_watermark(0, 8),
+            None,
+            "watermarks never go back"
+        );
+        gate.end(0);
+        assert_eq!(gate.advance_watermark(1, 30), Some(30));
+        drop((a_tx, b_tx));
+    }
+
+    #[tokio::test]
+    async fn blocked_channels_are_not_read_and_closed_ones_end() {
+        let (a_tx, a_rx) = mpsc::channel(4);
+        let (b_tx, b_rx) = mpsc::channel(4);
+        let mut gate = InputGate::new(vec![(0, a_rx), (0, b_rx)]);
+        a_tx.send(StreamEvent::Records(RecordBatch::new()))
+            .await
+            .expect("send");
+        b_tx.send(StreamEvent::EndOfInput).await.expect("send");
+        gate.block(0);
+        let delivery = gate.next().await.expect("event");
+        assert_eq!(delivery.channel, 1);
+        gate.end(1);
+        gate.unblock_all();
+        let delivery = gate.next().await.expect("event");
+        assert_eq!(delivery.channel, 0);
+        drop(a_tx);
+        assert!(gate.next().await.is_none());
+        drop(b_tx);
+    }
+}

@@ -1,0 +1,31 @@
+//! The dataflow runtime: one tokio task per subtask, bounded channels between
+//! them (backpressure), key partitioning, watermarks and timers.
+//!
+//! - [`operator`]: the [`Operator`] trait every operator implements (Wasm
+//!   plugins and native ones alike) and the [`TaskContext`] it owns.
+//! - [`output`]: the [`Collector`] that partitions emitted records onto
+//!   downstream channels.
+//! - [`input`]: the [`InputGate`] that reads a subtask's input channels and
+//!   tracks the watermark as the minimum over them.
+//! - [`timers`]: event-time and processing-time timers per key.
+//! - [`task`]: the loops of source, operator and sink subtasks.
+//! - [`runtime`]: builds channels and tasks from a job graph and runs them.
+//!
+//! Invariant: this module never names wasmtime or RocksDB; it speaks the
+//! plain types of [`crate::types`] and the traits defined here.
+
+pub mod input;
+pub mod operator;
+pub mod output;
+pub mod runtime;
+pub mod task;
+pub mod timers;
+
+pub use input::InputGate;
+pub use operator::{
+    FailureKind, Operator, OperatorError, Sink, Source, SourceStatus, TaskContext, TaskError,
+    TaskInfo,
+};
+pub use output::Collector;
+pub use runtime::{JobOutcome, NodeMetrics, TaskFactory};
+pub use timers::{FiredTimer, TimeDomain, TimerService};

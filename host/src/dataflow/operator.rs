@@ -1,0 +1,177 @@
+//! The traits a subtask's logic implements ([`Operator`], [`Source`],
+//! [`Sink`]), the [`TaskContext`] an operator owns (its keyed state, timers,
+//! output and current key), and task errors.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::output::Collector;
+use super::timers::{FiredTimer, TimerService};
+use crate::state::KeyedState;
+use crate::types::{MIN_WATERMARK, RecordBatch, Timestamp};
+
+/// Which subtask this is.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    pub job: Arc<str>,
+    pub uid: Arc<str>,
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+}
+
+/// Why a task failed; decides nothing yet, but lets the restart strategy and
+/// the user tell a plugin's fault from the host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The plugin returned an error.
+    Plugin,
+    /// The plugin trapped (unreachable, out of bounds, misuse of an import).
+    Trap,
+    /// A call ran past its epoch deadline.
+    Timeout,
+    /// The plugin hit its memory limit.
+    Memory,
+    /// Reading or writing keyed state failed.
+    State,
+    /// A source or sink failed.
+    Connector,
+    /// A neighbouring task went away (a consequence, not a cause).
+    Disconnected,
+    /// The task panicked.
+    Panic,
+}
+
+/// An error from an operator, source or sink call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct OperatorError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl OperatorError {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::state::StateError> for OperatorError {
+    fn from(error: crate::state::StateError) -> Self {
+        Self::new(FailureKind::State, error.to_string())
+    }
+}
+
+/// A failed subtask, named by operator uid and subtask index.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{uid}` (subtask {subtask}) failed: {error}")]
+pub struct TaskError {
+    pub uid: String,
+    pub subtask: u32,
+    #[source]
+    pub error: OperatorError,
+}
+
+impl TaskError {
+    pub fn kind(&self) -> FailureKind {
+        self.error.kind
+    }
+}
+
+/// Everything an operator subtask owns besides its logic. Host functions of
+/// a Wasm operator reach it through the store; native operators own it
+/// directly.
+#[derive(Debug)]
+pub struct TaskContext {
+    pub info: TaskInfo,
+    pub state: KeyedState,
+    pub timers: TimerService,
+    pub output: Collector,
+    /// Key of the record or timer being processed, if any.
+    pub current_key: Option<Vec<u8>>,
+    /// Timestamp of the record or timer being processed.
+    pub current_timestamp: Option<Timestamp>,
+    pub watermark: Timestamp,
+    /// The batch being processed, for `select-record`.
+    pub current_batch: RecordBatch,
+}
+
+impl TaskContext {
+    pub fn new(info: TaskInfo, state: KeyedState, output: Collector) -> Self {
+        Self {
+            info,
+            state,
+            timers: TimerService::default(),
+            output,
+            current_key: None,
+            current_timestamp: None,
+            watermark: MIN_WATERMARK,
+            current_batch: RecordBatch::new(),
+        }
+    }
+
+    /// Makes record `index` of the current batch the current record.
+    pub fn select_record(&mut self, index: usize) -> bool {
+        let Some(record) = self.current_batch.get(index) else {
+            return false;
+        };
+        match record.key {
+            Some(key) => {
+                let buffer = self.current_key.get_or_insert_with(Vec::new);
+                buffer.clear();
+                buffer.extend_from_slice(key);
+            }
+            None => self.current_key = None,
+        }
+        self.current_timestamp = record.timestamp;
+        true
+    }
+
+    /// Makes a firing timer's key and time current.
+    pub fn select_timer(&mut self, timer: &FiredTimer) {
+        self.current_key = Some(timer.key.clone());
+        self.current_timestamp = Some(timer.timestamp);
+    }
+}
+
+/// The per-record logic of an operator subtask.
+pub trait Operator: Send {
+    /// The context this operator owns (the "view" of its host state).
+    fn task(&mut self) -> &mut TaskContext;
+    fn open(&mut self) -> Result<(), OperatorError>;
+    /// Processes a batch from input edge `input`. Records are processed in
+    /// order and see each other's state updates.
+    fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError>;
+    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError>;
+    fn close(&mut self) -> Result<(), OperatorError>;
+}
+
+/// Whether a source has more to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStatus {
+    More,
+    Ended,
+}
+
+pub type SourceFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SourceStatus, OperatorError>> + Send + 'a>>;
+
+/// A source subtask's reader.
+pub trait Source: Send {
+    /// Appends up to `max` records to `batch`.
+    fn next_batch<'a>(&'a mut self, batch: &'a mut RecordBatch, max: usize) -> SourceFuture<'a>;
+    /// Where the source stands (byte offset, sequence number), for display
+    /// and for checkpoints.
+    fn position(&self) -> u64;
+}
+
+/// A sink subtask's writer.
+pub trait Sink: Send {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError>;
+    /// Called once at end of input, before the task ends.
+    fn finish(&mut self) -> Result<(), OperatorError>;
+}

@@ -1,0 +1,250 @@
+//! Builds a running dataflow from a [`JobGraph`]: one bounded channel per
+//! connected (upstream subtask, downstream subtask) pair of every edge, one
+//! tokio task per subtask, and a [`RunningJob`] handle to watch, cancel and
+//! await it. The first task failure cancels every other task; the error
+//! reported is the cause, not the disconnections it led to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::input::InputGate;
+use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
+use super::output::{Collector, OutputEdge};
+use super::task::{self, TaskSummary, WatermarkGenerator};
+use crate::job::{JobGraph, Node, NodeKind};
+use crate::types::StreamEvent;
+
+/// Batches a channel buffers before its sender waits (backpressure).
+pub const CHANNEL_CAPACITY: usize = 8;
+
+/// Live counters of one node (all its subtasks).
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    pub uid: String,
+    pub is_source: bool,
+    pub is_sink: bool,
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+    /// Sum of the sources' positions (bytes read, records generated).
+    pub position: AtomicU64,
+}
+
+/// Creates the logic of each subtask. The embedded runner implements it with
+/// connectors and Wasm plugins; tests and benchmarks with native code.
+pub trait TaskFactory: Send + Sync {
+    fn source(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Source>, TaskError>;
+    fn operator(
+        &self,
+        node: &Node,
+        info: TaskInfo,
+        output: Collector,
+    ) -> Result<Box<dyn Operator>, TaskError>;
+    fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError>;
+}
+
+/// How a job that ran to its end (or was cancelled) ended.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub summaries: Vec<TaskSummary>,
+    pub cancelled: bool,
+}
+
+/// A job whose tasks are running.
+pub struct RunningJob {
+    tasks: JoinSet<Result<TaskSummary, TaskError>>,
+    names: HashMap<tokio::task::Id, (String, u32)>,
+    metrics: Vec<Arc<NodeMetrics>>,
+    cancel: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for RunningJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningJob")
+            .field("tasks", &self.names.len())
+            .finish()
+    }
+}
+
+/// Creates every subtask (instantiating plugins, opening state) and spawns
+/// them on the current tokio runtime.
+pub fn launch(
+    graph: &JobGraph,
+    job_id: &str,
+    factory: &dyn TaskFactory,
+) -> Result<RunningJob, TaskError> {
+    let job: Arc<str> = Arc::from(job_id);
+    // Channels: senders per (edge, upstream subtask), receivers per (node, subtask).
+    let mut senders: HashMap<(usize, u32), Vec<mpsc::Sender<StreamEvent>>> = HashMap::new();
+    let mut receivers: HashMap<(usize, u32), Vec<(u32, mpsc::Receiver<StreamEvent>)>> =
+        HashMap::new();
+    for (edge_id, edge) in graph.edges.iter().enumerate() {
+        let (p_from, p_to) = (
+            graph.nodes[edge.from].parallelism,
+            graph.nodes[edge.to].parallelism,
+        );
+        for (from, to) in edge.channels(p_from, p_to) {
+            let (sender, receiver) = mpsc::channel(CHANNEL_CAPACITY);
+            senders.entry((edge_id, from)).or_default().push(sender);
+            receivers
+                .entry((edge.to, to))
+                .or_default()
+                .push((edge.input_index, receiver));
+        }
+    }
+    let (cancel, cancel_rx) = watch::channel(false);
+    let metrics: Vec<Arc<NodeMetrics>> = graph
+        .nodes
+        .iter()
+        .map(|node| {
+            Arc::new(NodeMetrics {
+                uid: node.uid.clone(),
+                is_source: matches!(node.kind, NodeKind::Source(_)),
+                is_sink: matches!(node.kind, NodeKind::Sink(_)),
+                ..NodeMetrics::default()
+            })
+        })
+        .collect();
+    let mut running = RunningJob {
+        tasks: JoinSet::new(),
+        names: HashMap::new(),
+        metrics: metrics.clone(),
+        cancel,
+    };
+    for (node_id, node) in graph.nodes.iter().enumerate() {
+        for subtask in 0..node.parallelism {
+            let info = TaskInfo {
+                job: job.clone(),
+                uid: Arc::from(node.uid.as_str()),
+                subtask,
+                parallelism: node.parallelism,
+                max_parallelism: graph.max_parallelism,
+            };
+            let max_record_bytes = match &node.kind {
+                NodeKind::Operator(operator) => operator.limits.max_record_bytes,
+                _ => u64::MAX,
+            };
+            let edges = node
+                .outputs
+                .iter()
+                .map(|&edge_id| {
+                    let edge = &graph.edges[edge_id];
+                    OutputEdge::new(
+                        edge.side_output.clone(),
+                        edge.partition,
+                        graph.nodes[edge.to].parallelism,
+                        senders.remove(&(edge_id, subtask)).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let output = Collector::new(edges, graph.max_parallelism, max_record_bytes);
+            let mut inputs = receivers.remove(&(node_id, subtask)).unwrap_or_default();
+            inputs.sort_by_key(|(input, _)| *input);
+            let gate = InputGate::new(inputs);
+            let node_metrics = metrics[node_id].clone();
+            let handle = match &node.kind {
+                NodeKind::Source(source) => {
+                    let reader = factory.source(node, &info)?;
+                    let watermarks = source.watermark.map(WatermarkGenerator::new);
+                    running.tasks.spawn(task::run_source(
+                        info,
+                        reader,
+                        output,
+                        watermarks,
+                        node_metrics,
+                        cancel_rx.clone(),
+                    ))
+                }
+                NodeKind::Operator(_) => {
+                    let operator = factory.operator(node, info, output)?;
+                    running
+                        .tasks
+                        .spawn(task::run_operator(operator, gate, node_metrics))
+                }
+                NodeKind::Sink(_) => {
+                    let sink = factory.sink(node, &info)?;
+                    running
+                        .tasks
+                        .spawn(task::run_sink(info, sink, gate, node_metrics))
+                }
+            };
+            running
+                .names
+                .insert(handle.id(), (node.uid.clone(), subtask));
+        }
+    }
+    info!(job = %job_id, tasks = running.names.len(), "job launched");
+    Ok(running)
+}
+
+impl RunningJob {
+    pub fn metrics(&self) -> &[Arc<NodeMetrics>] {
+        &self.metrics
+    }
+
+    /// Asks the sources to stop; the rest of the job drains and ends.
+    pub fn cancel(&self) {
+        let _ = self.cancel.send(true);
+    }
+
+    /// A handle that can cancel the job from elsewhere.
+    pub fn canceller(&self) -> watch::Sender<bool> {
+        self.cancel.clone()
+    }
+
+    /// Waits for every task. On the first failure the other tasks are
+    /// aborted and the causing error is returned.
+    pub async fn wait(mut self) -> Result<JobOutcome, TaskError> {
+        let mut summaries = Vec::new();
+        let mut errors: Vec<TaskError> = Vec::new();
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            let result = match joined {
+                Ok((_, result)) => result,
+                Err(join_error) if join_error.is_cancelled() => continue,
+                Err(join_error) => {
+                    let (uid, subtask) = self
+                        .names
+                        .get(&join_error.id())
+                        .cloned()
+                        .unwrap_or_else(|| ("?".to_string(), 0));
+                    let message = join_error
+                        .try_into_panic()
+                        .ok()
+                        .and_then(|payload| {
+                            payload
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                        })
+                        .unwrap_or_else(|| "unknown panic".to_string());
+                    Err(task::panic_error(&uid, subtask, message))
+                }
+            };
+            match result {
+                Ok(summary) => summaries.push(summary),
+                Err(error) => {
+                    if errors.is_empty() {
+                        warn!(%error, "task failed; cancelling the job");
+                        self.tasks.abort_all();
+                    }
+                    errors.push(error);
+                }
+            }
+        }
+        if let Some(error) = errors
+            .iter()
+            .find(|e| e.kind() != FailureKind::Disconnected)
+            .or_else(|| errors.first())
+        {
+            return Err(error.clone());
+        }
+        Ok(JobOutcome {
+            summaries,
+            cancelled: *self.cancel.borrow(),
+        })
+    }
+}

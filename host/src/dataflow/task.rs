@@ -1,0 +1,344 @@
+//! The loops of source, operator and sink subtasks. Each runs as one tokio
+//! task; everything it touches is owned by it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{Instrument, debug};
+
+use super::input::{Delivery, InputGate};
+use super::operator::{
+    FailureKind, Operator, OperatorError, Sink, Source, SourceStatus, TaskError, TaskInfo,
+};
+use super::output::{BATCH_RECORDS, Collector};
+use super::runtime::NodeMetrics;
+use super::timers::{TimeDomain, now_millis};
+use crate::types::{MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
+
+/// What an operator subtask reports when it ends well.
+#[derive(Debug, Clone, Default)]
+pub struct TaskSummary {
+    pub uid: String,
+    pub subtask: u32,
+    /// (state name, keys with state) of an operator.
+    pub state_keys: Vec<(String, u64)>,
+    pub state_backend: Option<String>,
+}
+
+fn fail(info: &TaskInfo) -> impl Fn(OperatorError) -> TaskError + '_ {
+    move |error| TaskError {
+        uid: info.uid.to_string(),
+        subtask: info.subtask,
+        error,
+    }
+}
+
+/// Generates bounded-out-of-orderness watermarks from record timestamps.
+#[derive(Debug)]
+pub struct WatermarkGenerator {
+    out_of_orderness: i64,
+    max_timestamp: Option<Timestamp>,
+    emitted: Timestamp,
+}
+
+impl WatermarkGenerator {
+    pub fn new(out_of_orderness: Duration) -> Self {
+        Self {
+            out_of_orderness: out_of_orderness.as_millis() as i64,
+            max_timestamp: None,
+            emitted: i64::MIN,
+        }
+    }
+
+    pub fn observe(&mut self, timestamp: Option<Timestamp>) {
+        if let Some(t) = timestamp {
+            self.max_timestamp = Some(self.max_timestamp.map_or(t, |m| m.max(t)));
+        }
+    }
+
+    /// The new watermark (`max timestamp - out_of_orderness - 1`) if it advanced.
+    pub fn advance(&mut self) -> Option<Timestamp> {
+        let candidate = self
+            .max_timestamp?
+            .saturating_sub(self.out_of_orderness)
+            .saturating_sub(1);
+        (candidate > self.emitted).then(|| {
+            self.emitted = candidate;
+            candidate
+        })
+    }
+}
+
+/// A source subtask: reads batches until the source ends or the job is
+/// cancelled, emitting watermarks after each batch when configured.
+pub async fn run_source(
+    info: TaskInfo,
+    mut source: Box<dyn Source>,
+    mut output: Collector,
+    mut watermarks: Option<WatermarkGenerator>,
+    metrics: Arc<NodeMetrics>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<TaskSummary, TaskError> {
+    let span = tracing::info_span!("source", uid = %info.uid, subtask = info.subtask);
+    async move {
+        let fail = fail(&info);
+        let mut batch = RecordBatch::with_capacity(BATCH_RECORDS, 64 * BATCH_RECORDS);
+        let mut cancelled = *cancel.borrow();
+        while !cancelled {
+            let status = tokio::select! {
+                status = source.next_batch(&mut batch, BATCH_RECORDS) => status.map_err(&fail)?,
+                _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
+            };
+            if !batch.is_empty() {
+                metrics
+                    .records_out
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if let Some(generator) = &mut watermarks {
+                    generator.observe(batch.max_timestamp());
+                }
+                output.emit_batch(batch.take()).map_err(&fail)?;
+                output.flush().await.map_err(&fail)?;
+                if let Some(watermark) = watermarks.as_mut().and_then(WatermarkGenerator::advance) {
+                    output
+                        .broadcast(StreamEvent::Watermark(watermark))
+                        .await
+                        .map_err(&fail)?;
+                }
+            }
+            metrics.position.store(source.position(), Ordering::Relaxed);
+            if status == SourceStatus::Ended {
+                break;
+            }
+        }
+        if !cancelled {
+            // A bounded input that ended: every event-time timer may fire.
+            output
+                .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
+                .await
+                .map_err(&fail)?;
+        }
+        output
+            .broadcast(StreamEvent::EndOfInput)
+            .await
+            .map_err(&fail)?;
+        debug!(cancelled, "source finished");
+        Ok(TaskSummary {
+            uid: info.uid.to_string(),
+            subtask: info.subtask,
+            ..TaskSummary::default()
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// An operator subtask: processes batches in arrival order, fires timers as
+/// the watermark and the clock advance, forwards watermarks and end of input.
+pub async fn run_operator(
+    mut operator: Box<dyn Operator>,
+    mut gate: InputGate,
+    metrics: Arc<NodeMetrics>,
+) -> Result<TaskSummary, TaskError> {
+    let info = operator.task().info.clone();
+    let span = tracing::info_span!("operator", uid = %info.uid, subtask = info.subtask);
+    async move {
+        let fail = fail(&info);
+        operator.open().map_err(&fail)?;
+        flush_output(operator.as_mut()).await.map_err(&fail)?;
+        loop {
+            let next_timer = operator.task().timers.next_processing_time();
+            let delivery = tokio::select! {
+                delivery = gate.next() => delivery,
+                _ = sleep_until_millis(next_timer) => {
+                    fire_processing_timers(operator.as_mut()).map_err(&fail)?;
+                    flush_output(operator.as_mut()).await.map_err(&fail)?;
+                    continue;
+                }
+            };
+            let Some(Delivery {
+                channel,
+                input,
+                event,
+            }) = delivery
+            else {
+                break;
+            };
+            match event {
+                StreamEvent::Records(batch) => {
+                    metrics
+                        .records_in
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let before = operator.task().output.emitted();
+                    operator.process_batch(input, batch).map_err(&fail)?;
+                    let after = operator.task().output.emitted();
+                    metrics
+                        .records_out
+                        .fetch_add(after - before, Ordering::Relaxed);
+                    operator
+                        .task()
+                        .state
+                        .maybe_evict()
+                        .map_err(|e| fail(e.into()))?;
+                    flush_output(operator.as_mut()).await.map_err(&fail)?;
+                }
+                StreamEvent::Watermark(watermark) => {
+                    if let Some(advanced) = gate.advance_watermark(channel, watermark) {
+                        advance_watermark(operator.as_mut(), advanced, &metrics)
+                            .await
+                            .map_err(&fail)?;
+                    }
+                }
+                StreamEvent::Barrier(_) => {
+                    // Checkpoint barriers are aligned and snapshotted by the
+                    // checkpoint layer; without it they are passed through.
+                    operator
+                        .task()
+                        .output
+                        .broadcast(event)
+                        .await
+                        .map_err(&fail)?;
+                }
+                StreamEvent::EndOfInput => gate.end(channel),
+            }
+        }
+        operator.close().map_err(&fail)?;
+        let task = operator.task();
+        task.output
+            .broadcast(StreamEvent::EndOfInput)
+            .await
+            .map_err(&fail)?;
+        let state_keys = task.state.key_counts().map_err(|e| fail(e.into()))?;
+        debug!("operator finished");
+        Ok(TaskSummary {
+            uid: info.uid.to_string(),
+            subtask: info.subtask,
+            state_backend: (task.state.table_count() > 0).then(|| task.state.backend().describe()),
+            state_keys,
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> {
+    operator.task().output.flush().await
+}
+
+async fn advance_watermark(
+    operator: &mut dyn Operator,
+    watermark: Timestamp,
+    metrics: &NodeMetrics,
+) -> Result<(), OperatorError> {
+    operator.task().watermark = watermark;
+    let before = operator.task().output.emitted();
+    while let Some(timer) = operator
+        .task()
+        .timers
+        .pop_due(TimeDomain::EventTime, watermark)
+    {
+        operator.task().select_timer(&timer);
+        operator.on_timer(&timer)?;
+        if operator.task().output.is_full() {
+            operator.task().output.flush().await?;
+        }
+    }
+    let after = operator.task().output.emitted();
+    metrics
+        .records_out
+        .fetch_add(after - before, Ordering::Relaxed);
+    operator
+        .task()
+        .output
+        .broadcast(StreamEvent::Watermark(watermark))
+        .await
+}
+
+fn fire_processing_timers(operator: &mut dyn Operator) -> Result<(), OperatorError> {
+    let now = now_millis();
+    while let Some(timer) = operator
+        .task()
+        .timers
+        .pop_due(TimeDomain::ProcessingTime, now)
+    {
+        operator.task().select_timer(&timer);
+        operator.on_timer(&timer)?;
+    }
+    Ok(())
+}
+
+async fn sleep_until_millis(deadline: Option<Timestamp>) {
+    match deadline {
+        Some(deadline) => {
+            let wait = deadline.saturating_sub(now_millis()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A sink subtask: writes every batch, finishes at end of input.
+pub async fn run_sink(
+    info: TaskInfo,
+    mut sink: Box<dyn Sink>,
+    mut gate: InputGate,
+    metrics: Arc<NodeMetrics>,
+) -> Result<TaskSummary, TaskError> {
+    let span = tracing::info_span!("sink", uid = %info.uid, subtask = info.subtask);
+    async move {
+        let fail = fail(&info);
+        while let Some(Delivery { channel, event, .. }) = gate.next().await {
+            match event {
+                StreamEvent::Records(batch) => {
+                    sink.write(&batch).map_err(&fail)?;
+                    metrics
+                        .records_in
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                StreamEvent::EndOfInput => gate.end(channel),
+                StreamEvent::Watermark(_) | StreamEvent::Barrier(_) => {}
+            }
+        }
+        sink.finish().map_err(&fail)?;
+        Ok(TaskSummary {
+            uid: info.uid.to_string(),
+            subtask: info.subtask,
+            ..TaskSummary::default()
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// Turns a panic of a task into a task failure.
+pub fn panic_error(uid: &str, subtask: u32, message: String) -> TaskError {
+    TaskError {
+        uid: uid.to_string(),
+        subtask,
+        error: OperatorError::new(FailureKind::Panic, format!("task panicked: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_generator_trails_the_max_timestamp() {
+        let mut generator = WatermarkGenerator::new(Duration::from_millis(100));
+        assert_eq!(generator.advance(), None);
+        generator.observe(Some(1000));
+        generator.observe(Some(900));
+        assert_eq!(generator.advance(), Some(899));
+        assert_eq!(generator.advance(), None);
+        generator.observe(Some(950));
+        assert_eq!(
+            generator.advance(),
+            None,
+            "an older record does not move it"
+        );
+        generator.observe(Some(2000));
+        assert_eq!(generator.advance(), Some(1899));
+    }
+}

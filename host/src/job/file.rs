@@ -1,0 +1,537 @@
+//! The job file: TOML as the design's contract fixes it, deserialised into
+//! plain types. Unknown keys are errors (a typo must not be silently ignored);
+//! every error names the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::JobError;
+
+/// A parsed job file, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub name: String,
+    #[serde(default = "default_max_parallelism")]
+    pub max_parallelism: u32,
+    /// Default parallelism of operators and sinks that do not set one.
+    #[serde(default = "one")]
+    pub parallelism: u32,
+    #[serde(default)]
+    pub checkpoint: CheckpointSettings,
+    #[serde(default)]
+    pub restart: RestartSettings,
+    #[serde(default)]
+    pub state: StateSettings,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceSpec>,
+    #[serde(default, rename = "operator")]
+    pub operators: Vec<OperatorSpec>,
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkSpec>,
+}
+
+fn default_max_parallelism() -> u32 {
+    128
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[checkpoint]`: parsed and validated now; driven by the checkpoint coordinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSettings {
+    #[serde(default, with = "humantime_serde_opt")]
+    pub interval: Option<Duration>,
+    #[serde(default)]
+    pub mode: CheckpointMode,
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_retained")]
+    pub retained: u32,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub min_pause: Option<Duration>,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            mode: CheckpointMode::default(),
+            dir: None,
+            retained: default_retained(),
+            timeout: None,
+            min_pause: None,
+        }
+    }
+}
+
+fn default_retained() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointMode {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+/// `[restart]`: parsed and validated now; driven by the restart strategy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSettings {
+    #[serde(default)]
+    pub strategy: RestartStrategyKind,
+    pub attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub delay: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartStrategyKind {
+    #[default]
+    None,
+    FixedDelay,
+    FailureRate,
+    ExponentialDelay,
+}
+
+/// `[state]`: where keyed state lives while the job runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Working directory of the RocksDB backend, relative to the job file.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// Entries each subtask keeps in its write-back cache in front of the backend.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::default(),
+            dir: default_state_dir(),
+            cache_entries: default_cache_entries(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("weir-data/state")
+}
+
+fn default_cache_entries() -> usize {
+    1_000_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    #[default]
+    Rocksdb,
+    Memory,
+}
+
+/// `[limits]` (job-wide) or `limits = {...}` on an operator (overrides).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Linear memory per plugin instance, e.g. "64MiB".
+    pub memory: Option<ByteSize>,
+    /// Longest a single call into a plugin may run, e.g. "5s".
+    #[serde(default, with = "humantime_serde_opt")]
+    pub call_timeout: Option<Duration>,
+    /// Largest record (key + value) a plugin may emit.
+    pub max_record_size: Option<ByteSize>,
+}
+
+/// A byte count written as `"64MiB"`, `"512KiB"`, `"1GB"` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => parse_byte_size(&text).map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {text:?} (expected e.g. \"64MiB\", \"512KiB\" or a number of bytes)"
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_byte_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+/// `[[source]]`. Which of the kind-specific keys apply is checked by
+/// validation, so a key of the wrong kind is named in the error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub uid: String,
+    pub kind: SourceKindName,
+    pub parallelism: Option<u32>,
+    /// Split each line into fields to take the key and event time from.
+    pub format: Option<LineFormat>,
+    /// Bounded out-of-orderness watermarks from the records' timestamps.
+    pub watermark: Option<WatermarkSpec>,
+    /// file: the text file, relative to the job file.
+    pub path: Option<PathBuf>,
+    /// socket: `host:port` of a server sending text lines.
+    pub address: Option<String>,
+    /// generator: number of records (omit for unbounded).
+    pub count: Option<u64>,
+    /// generator: records per second (omit for as fast as possible).
+    pub rate: Option<f64>,
+    /// generator: number of distinct words.
+    pub keys: Option<u64>,
+    /// generator: seed of the word choice.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKindName {
+    File,
+    Generator,
+    Socket,
+}
+
+/// A validated source kind with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    /// Text lines of a file; position = byte offset.
+    File { path: PathBuf },
+    /// Deterministic words: record i carries word(hash(seed, i) % keys).
+    Generator {
+        count: Option<u64>,
+        rate: Option<f64>,
+        keys: u64,
+        seed: u64,
+    },
+    /// Text lines read from a TCP server (like `nc -lk PORT`).
+    Socket { address: String },
+}
+
+/// How a text line becomes a keyed, timestamped record.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineFormat {
+    #[serde(default = "default_delimiter")]
+    pub delimiter: String,
+    /// Index of the field used as the key.
+    pub key: Option<usize>,
+    /// Index of the field holding event time in ms.
+    pub timestamp: Option<usize>,
+}
+
+fn default_delimiter() -> String {
+    ",".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkSpec {
+    #[serde(with = "humantime_serde_req")]
+    pub out_of_orderness: Duration,
+}
+
+/// `[[operator]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSpec {
+    pub uid: String,
+    /// A file path relative to the job file (or NAME[@VERSION] of a host's store).
+    pub plugin: String,
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    pub parallelism: Option<u32>,
+    /// Handed to the plugin's `open` as JSON.
+    pub config: Option<toml::Table>,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    /// WASI capabilities granted to this plugin (none by default).
+    #[serde(default)]
+    pub wasi: Vec<WasiGrant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WasiGrant {
+    /// The plugin's stdout and stderr go to the host's stderr.
+    Stdio,
+    /// The real wall and monotonic clocks (otherwise they read zero).
+    Clocks,
+    /// The plugin sees the host's environment variables.
+    Env,
+}
+
+/// `[[sink]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSpec {
+    pub uid: String,
+    pub kind: SinkKindName,
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    pub parallelism: Option<u32>,
+    /// file: the output directory, relative to the job file.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkKindName {
+    Stdout,
+    File,
+    Blackhole,
+}
+
+/// A validated sink kind with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
+    /// Lines `value` (or `key<TAB>value` for keyed records) on stdout.
+    Stdout,
+    /// One part file per subtask in the directory `path`.
+    File { path: PathBuf },
+    /// Discards and counts.
+    Blackhole,
+}
+
+/// An input edge: `"uid"`, `"uid:side-output"` or a table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InputSpec {
+    Name(String),
+    Table(InputTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputTable {
+    pub from: String,
+    pub partition: Option<Partition>,
+    pub side_output: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Partition {
+    /// Subtask i feeds subtask i (equal parallelism).
+    Forward,
+    /// By key group of the record's key.
+    Key,
+    /// Round-robin over the downstream subtasks.
+    Rebalance,
+}
+
+impl InputSpec {
+    /// (upstream uid, side output, partition) with `"uid:side"` shorthand expanded.
+    pub fn parts(&self) -> (String, Option<String>, Option<Partition>) {
+        match self {
+            InputSpec::Name(name) => match name.split_once(':') {
+                Some((uid, side)) => (uid.to_string(), Some(side.to_string()), None),
+                None => (name.clone(), None, None),
+            },
+            InputSpec::Table(table) => (
+                table.from.clone(),
+                table.side_output.clone(),
+                table.partition,
+            ),
+        }
+    }
+}
+
+impl JobFile {
+    /// Reads and parses a job file. Errors name the file (and, through the
+    /// TOML error, the line and key at fault).
+    pub fn load(path: &Path) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, JobError> {
+        toml::from_str(text).map_err(|error| JobError::Parse {
+            file: path.to_path_buf(),
+            message: error.to_string(),
+        })
+    }
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|text| {
+            humantime::parse_duration(&text).map_err(|error| {
+                serde::de::Error::custom(format!("invalid duration {text:?}: {error}"))
+            })
+        })
+        .transpose()
+    }
+}
+
+mod humantime_serde_req {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|error| {
+            serde::de::Error::custom(format!("invalid duration {text:?}: {error}"))
+        })
+    }
+}
+
+/// Turns an operator's `config` table into the JSON handed to `open`.
+pub fn config_json(config: Option<&toml::Table>) -> String {
+    match config {
+        None => "{}".to_string(),
+        Some(table) => {
+            let value: serde_json::Value = toml_to_json(&toml::Value::Table(table.clone()));
+            value.to_string()
+        }
+    }
+}
+
+fn toml_to_json(value: &toml::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(items) => J::Array(items.iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => J::Object(
+            table
+                .iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = r#"
+name = "wordcount"
+max_parallelism = 128
+
+[checkpoint]
+interval = "1s"
+mode = "exactly-once"
+dir = "weir-data/checkpoints"
+retained = 3
+
+[restart]
+strategy = "fixed-delay"
+attempts = 3
+delay = "1s"
+
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+
+[[operator]]
+uid = "split"
+plugin = "plugins/split.wasm"
+inputs = ["lines"]
+parallelism = 2
+
+[[operator]]
+uid = "count"
+plugin = "plugins/count.wasm"
+inputs = [{ from = "split", partition = "key" }]
+config = { emit = "updates" }
+
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out/"
+inputs = ["count"]
+"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let job = JobFile::parse(DESIGN_EXAMPLE, Path::new("job.toml")).expect("parses");
+        assert_eq!(job.name, "wordcount");
+        assert_eq!(job.checkpoint.interval, Some(Duration::from_secs(1)));
+        assert_eq!(job.restart.strategy, RestartStrategyKind::FixedDelay);
+        assert_eq!(job.operators.len(), 2);
+        assert_eq!(job.operators[1].inputs[0].parts().2, Some(Partition::Key));
+        assert_eq!(
+            config_json(job.operators[1].config.as_ref()),
+            r#"{"emit":"updates"}"#
+        );
+        assert_eq!(job.sinks[0].kind, SinkKindName::File);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let text = DESIGN_EXAMPLE.replace("retained = 3", "retaind = 3");
+        let error = JobFile::parse(&text, Path::new("jobs/wc.toml"))
+            .expect_err("typo")
+            .to_string();
+        assert!(error.contains("jobs/wc.toml"), "{error}");
+        assert!(error.contains("retaind"), "{error}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_byte_size("10 KB"), Some(10_000));
+        assert_eq!(parse_byte_size("12"), Some(12));
+        assert_eq!(parse_byte_size("12 parsecs"), None);
+    }
+}

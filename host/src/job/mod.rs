@@ -1,0 +1,656 @@
+//! Jobs: the job file ([`file`]), its validation into a [`JobGraph`] (unique
+//! uids, edges valid, acyclic, parallelism within `max_parallelism`) and the
+//! physical channel layout of each edge.
+//!
+//! Everything here is pure: no wasmtime, no RocksDB, no tokio. Paths are
+//! resolved against the job file's directory.
+
+pub mod file;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use file::{
+    BackendKind, CheckpointSettings, JobFile, LimitSettings, LineFormat, Partition,
+    RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
+};
+use file::{SinkKindName, SourceKindName};
+
+use crate::types::key_group::MAX_MAX_PARALLELISM;
+
+/// Errors reading or validating a job file. Each names the file; validation
+/// lists every problem found, each naming the uid and key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job file {file}: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("job file {file} is not valid TOML for a job: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("job file {file} is invalid:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// Index of a node in [`JobGraph::nodes`].
+pub type NodeId = usize;
+
+/// A validated job: nodes in topological order, edges between them.
+#[derive(Debug, Clone)]
+pub struct JobGraph {
+    pub name: String,
+    pub file: PathBuf,
+    pub max_parallelism: u32,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    pub checkpoint: CheckpointSettings,
+    pub restart: RestartSettings,
+    pub state: StateSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub uid: String,
+    pub parallelism: u32,
+    pub kind: NodeKind,
+    /// Edges into this node, in the order of its `inputs` (the input index).
+    pub inputs: Vec<usize>,
+    /// Edges out of this node.
+    pub outputs: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub enum NodeKind {
+    Source(SourceNode),
+    Operator(OperatorNode),
+    Sink(SinkKind),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceNode {
+    pub kind: SourceKind,
+    pub format: Option<LineFormat>,
+    pub watermark: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OperatorNode {
+    /// The plugin file, resolved against the job file's directory.
+    pub plugin: PathBuf,
+    /// The `config` table as JSON, handed to `open`.
+    pub config: String,
+    pub limits: Limits,
+    pub wasi: Vec<WasiGrant>,
+}
+
+/// Effective limits of one plugin instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub call_timeout: Duration,
+    pub max_record_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            call_timeout: Duration::from_secs(5),
+            max_record_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn overlay(self, settings: &LimitSettings) -> Self {
+        Self {
+            memory_bytes: settings.memory.map_or(self.memory_bytes, |b| b.0),
+            call_timeout: settings.call_timeout.unwrap_or(self.call_timeout),
+            max_record_bytes: settings
+                .max_record_size
+                .map_or(self.max_record_bytes, |b| b.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Edge {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// Position of this edge in the downstream node's `inputs`.
+    pub input_index: u32,
+    /// `None` for the main output.
+    pub side_output: Option<String>,
+    pub partition: Partition,
+}
+
+impl Edge {
+    /// The (upstream subtask, downstream subtask) pairs this edge connects.
+    pub fn channels(&self, from_parallelism: u32, to_parallelism: u32) -> Vec<(u32, u32)> {
+        match self.partition {
+            Partition::Forward => (0..from_parallelism).map(|i| (i, i)).collect(),
+            Partition::Key | Partition::Rebalance => (0..from_parallelism)
+                .flat_map(|i| (0..to_parallelism).map(move |j| (i, j)))
+                .collect(),
+        }
+    }
+}
+
+impl JobGraph {
+    /// Loads and validates a job file.
+    pub fn load(path: &Path) -> Result<Self, JobError> {
+        let file = JobFile::load(path)?;
+        Self::validate(file, path)
+    }
+
+    pub fn node(&self, uid: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.uid == uid)
+    }
+
+    /// Directory relative paths of the job file are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        base_dir(&self.file)
+    }
+
+    /// Checks everything the runtime relies on and resolves paths; reports
+    /// every problem at once.
+    pub fn validate(job: JobFile, path: &Path) -> Result<Self, JobError> {
+        let mut problems = Vec::new();
+        let base = base_dir(path);
+        let max_p = job.max_parallelism;
+        if max_p == 0 || max_p > MAX_MAX_PARALLELISM {
+            problems.push(format!(
+                "max_parallelism = {max_p}: must be between 1 and {MAX_MAX_PARALLELISM}"
+            ));
+        }
+        if job.name.trim().is_empty() {
+            problems.push("name: must not be empty".to_string());
+        }
+        if job.sources.is_empty() {
+            problems.push("no [[source]]: a job needs at least one source".to_string());
+        }
+        if job.sinks.is_empty() {
+            problems.push("no [[sink]]: a job needs at least one sink".to_string());
+        }
+        if job.checkpoint.retained == 0 {
+            problems.push("[checkpoint] retained = 0: must keep at least 1".to_string());
+        }
+        if job.checkpoint.interval.is_some_and(|i| i.is_zero()) {
+            problems.push("[checkpoint] interval: must be greater than zero".to_string());
+        }
+        validate_restart(&job.restart, &mut problems);
+        let job_limits = Limits::default().overlay(&job.limits);
+        check_limits("[limits]", &job_limits, &mut problems);
+
+        // Nodes, in file order: sources, operators, sinks.
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut raw_inputs: Vec<Vec<file::InputSpec>> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut check_uid = |uid: &str, what: &str, problems: &mut Vec<String>| {
+            if uid.is_empty()
+                || !uid
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                problems.push(format!(
+                    "{what} uid {uid:?}: use letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if !seen.insert(uid.to_string()) {
+                problems.push(format!("uid `{uid}` is used more than once"));
+            }
+        };
+        for source in &job.sources {
+            check_uid(&source.uid, "source", &mut problems);
+            let parallelism = source.parallelism.unwrap_or(1);
+            let kind = source_kind(source, &base, &mut problems);
+            if let Some(kind) = &kind
+                && !matches!(kind, SourceKind::Generator { .. })
+                && parallelism != 1
+            {
+                problems.push(format!(
+                    "source `{}`: parallelism = {parallelism}, but a {:?} source reads one stream (use 1)",
+                    source.uid, source.kind
+                ));
+            }
+            if let Some(format) = &source.format
+                && format.delimiter.is_empty()
+            {
+                problems.push(format!(
+                    "source `{}`: format.delimiter must not be empty",
+                    source.uid
+                ));
+            }
+            nodes.push(Node {
+                uid: source.uid.clone(),
+                parallelism,
+                kind: NodeKind::Source(SourceNode {
+                    kind: kind.unwrap_or(SourceKind::Generator {
+                        count: Some(0),
+                        rate: None,
+                        keys: 1,
+                        seed: 0,
+                    }),
+                    format: source.format.clone(),
+                    watermark: source.watermark.as_ref().map(|w| w.out_of_orderness),
+                }),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            });
+            raw_inputs.push(Vec::new());
+        }
+        for operator in &job.operators {
+            check_uid(&operator.uid, "operator", &mut problems);
+            let limits = job_limits.overlay(&operator.limits);
+            check_limits(
+                &format!("operator `{}` limits", operator.uid),
+                &limits,
+                &mut problems,
+            );
+            if operator.inputs.is_empty() {
+                problems.push(format!("operator `{}`: inputs is empty", operator.uid));
+            }
+            let plugin = resolve_plugin(&operator.plugin, &base);
+            if !plugin.is_file() {
+                problems.push(format!(
+                    "operator `{}`: plugin file {} does not exist",
+                    operator.uid,
+                    plugin.display()
+                ));
+            }
+            nodes.push(Node {
+                uid: operator.uid.clone(),
+                parallelism: operator.parallelism.unwrap_or(job.parallelism),
+                kind: NodeKind::Operator(OperatorNode {
+                    plugin,
+                    config: file::config_json(operator.config.as_ref()),
+                    limits,
+                    wasi: operator.wasi.clone(),
+                }),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            });
+            raw_inputs.push(operator.inputs.clone());
+        }
+        for sink in &job.sinks {
+            check_uid(&sink.uid, "sink", &mut problems);
+            if sink.inputs.is_empty() {
+                problems.push(format!("sink `{}`: inputs is empty", sink.uid));
+            }
+            let kind = sink_kind(sink, &base, &mut problems);
+            nodes.push(Node {
+                uid: sink.uid.clone(),
+                parallelism: sink.parallelism.unwrap_or(1),
+                kind: NodeKind::Sink(kind.unwrap_or(SinkKind::Blackhole)),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            });
+            raw_inputs.push(sink.inputs.clone());
+        }
+        for node in &nodes {
+            if node.parallelism == 0 || (max_p > 0 && node.parallelism > max_p) {
+                problems.push(format!(
+                    "`{}`: parallelism = {} must be between 1 and max_parallelism ({max_p})",
+                    node.uid, node.parallelism
+                ));
+            }
+        }
+
+        // Edges.
+        let index: BTreeMap<&str, NodeId> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.uid.as_str(), i))
+            .collect();
+        let mut edges = Vec::new();
+        for (to, inputs) in raw_inputs.iter().enumerate() {
+            for (input_index, input) in inputs.iter().enumerate() {
+                let (from_uid, side_output, partition) = input.parts();
+                let to_uid = &nodes[to].uid;
+                let Some(&from) = index.get(from_uid.as_str()) else {
+                    problems.push(format!(
+                        "`{to_uid}`: input `{from_uid}` names no source or operator"
+                    ));
+                    continue;
+                };
+                if matches!(nodes[from].kind, NodeKind::Sink(_)) {
+                    problems.push(format!("`{to_uid}`: input `{from_uid}` is a sink"));
+                    continue;
+                }
+                if side_output.is_some() && !matches!(nodes[from].kind, NodeKind::Operator(_)) {
+                    problems.push(format!(
+                        "`{to_uid}`: input `{from_uid}`: only operators have side outputs"
+                    ));
+                }
+                let (p_from, p_to) = (nodes[from].parallelism, nodes[to].parallelism);
+                let partition = partition.unwrap_or(if p_from == p_to {
+                    Partition::Forward
+                } else {
+                    Partition::Rebalance
+                });
+                if partition == Partition::Forward && p_from != p_to {
+                    problems.push(format!(
+                        "`{to_uid}`: forward input from `{from_uid}` needs equal parallelism ({p_from} vs {p_to}); use partition = \"key\" or \"rebalance\""
+                    ));
+                }
+                edges.push(Edge {
+                    from,
+                    to,
+                    input_index: input_index as u32,
+                    side_output,
+                    partition,
+                });
+            }
+        }
+        for (id, edge) in edges.iter().enumerate() {
+            nodes[edge.to].inputs.push(id);
+            nodes[edge.from].outputs.push(id);
+        }
+        for node in &nodes {
+            if !matches!(node.kind, NodeKind::Sink(_)) && node.outputs.is_empty() {
+                problems.push(format!(
+                    "`{}`: its output goes nowhere (no operator or sink reads it)",
+                    node.uid
+                ));
+            }
+        }
+
+        // Topological order (Kahn); anything left over is on a cycle.
+        let order = topological_order(&nodes, &edges);
+        if order.len() != nodes.len() {
+            let on_cycle: Vec<&str> = (0..nodes.len())
+                .filter(|i| !order.contains(i))
+                .map(|i| nodes[i].uid.as_str())
+                .collect();
+            problems.push(format!(
+                "the job has a cycle through {}",
+                on_cycle.join(", ")
+            ));
+        }
+
+        if !problems.is_empty() {
+            return Err(JobError::Invalid {
+                file: path.to_path_buf(),
+                problems,
+            });
+        }
+        let (nodes, edges) = reorder(nodes, edges, &order);
+        let mut state = job.state;
+        state.dir = base.join(&state.dir);
+        let mut checkpoint = job.checkpoint;
+        checkpoint.dir = checkpoint.dir.map(|dir| base.join(dir));
+        Ok(JobGraph {
+            name: job.name,
+            file: path.to_path_buf(),
+            max_parallelism: max_p,
+            nodes,
+            edges,
+            checkpoint,
+            restart: job.restart,
+            state,
+        })
+    }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn resolve_plugin(plugin: &str, base: &Path) -> PathBuf {
+    base.join(plugin)
+}
+
+fn validate_restart(restart: &RestartSettings, problems: &mut Vec<String>) {
+    use file::RestartStrategyKind as K;
+    if restart.strategy == K::None && (restart.attempts.is_some() || restart.delay.is_some()) {
+        problems.push("[restart]: attempts/delay given but strategy is \"none\"".to_string());
+    }
+}
+
+fn check_limits(what: &str, limits: &Limits, problems: &mut Vec<String>) {
+    if limits.memory_bytes < (1 << 20) {
+        problems.push(format!("{what}: memory must be at least 1MiB"));
+    }
+    if limits.call_timeout < Duration::from_millis(10) {
+        problems.push(format!("{what}: call_timeout must be at least 10ms"));
+    }
+    if limits.max_record_bytes == 0 {
+        problems.push(format!("{what}: max_record_size must be greater than zero"));
+    }
+}
+
+fn source_kind(
+    source: &file::SourceSpec,
+    base: &Path,
+    problems: &mut Vec<String>,
+) -> Option<SourceKind> {
+    let uid = &source.uid;
+    let mut stray = |key: &str, present: bool| {
+        if present {
+            problems.push(format!(
+                "source `{uid}`: key `{key}` does not apply to a {:?} source",
+                source.kind
+            ));
+        }
+    };
+    match source.kind {
+        SourceKindName::File => {
+            stray("address", source.address.is_some());
+            stray("count", source.count.is_some());
+            stray("rate", source.rate.is_some());
+            stray("keys", source.keys.is_some());
+            stray("seed", source.seed.is_some());
+            match &source.path {
+                Some(path) => Some(SourceKind::File {
+                    path: base.join(path),
+                }),
+                None => {
+                    problems.push(format!("source `{uid}`: a file source needs `path`"));
+                    None
+                }
+            }
+        }
+        SourceKindName::Socket => {
+            stray("path", source.path.is_some());
+            stray("count", source.count.is_some());
+            stray("rate", source.rate.is_some());
+            stray("keys", source.keys.is_some());
+            stray("seed", source.seed.is_some());
+            match &source.address {
+                Some(address) => Some(SourceKind::Socket {
+                    address: address.clone(),
+                }),
+                None => {
+                    problems.push(format!(
+                        "source `{uid}`: a socket source needs `address` (host:port)"
+                    ));
+                    None
+                }
+            }
+        }
+        SourceKindName::Generator => {
+            stray("path", source.path.is_some());
+            stray("address", source.address.is_some());
+            let keys = source.keys.unwrap_or(1000);
+            if keys == 0 {
+                problems.push(format!("source `{uid}`: keys must be at least 1"));
+            }
+            if let Some(rate) = source.rate
+                && !(rate > 0.0 && rate.is_finite())
+            {
+                problems.push(format!("source `{uid}`: rate must be a positive number"));
+            }
+            Some(SourceKind::Generator {
+                count: source.count,
+                rate: source.rate,
+                keys,
+                seed: source.seed.unwrap_or(0),
+            })
+        }
+    }
+}
+
+fn sink_kind(sink: &file::SinkSpec, base: &Path, problems: &mut Vec<String>) -> Option<SinkKind> {
+    match sink.kind {
+        SinkKindName::Stdout | SinkKindName::Blackhole => {
+            if sink.path.is_some() {
+                problems.push(format!(
+                    "sink `{}`: key `path` does not apply to a {:?} sink",
+                    sink.uid, sink.kind
+                ));
+            }
+            Some(if sink.kind == SinkKindName::Stdout {
+                SinkKind::Stdout
+            } else {
+                SinkKind::Blackhole
+            })
+        }
+        SinkKindName::File => match &sink.path {
+            Some(path) => Some(SinkKind::File {
+                path: base.join(path),
+            }),
+            None => {
+                problems.push(format!("sink `{}`: a file sink needs `path`", sink.uid));
+                None
+            }
+        },
+    }
+}
+
+fn topological_order(nodes: &[Node], edges: &[Edge]) -> Vec<NodeId> {
+    let mut in_degree: Vec<usize> = nodes.iter().map(|n| n.inputs.len()).collect();
+    let mut ready: Vec<NodeId> = (0..nodes.len()).filter(|&i| in_degree[i] == 0).collect();
+    ready.reverse();
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(node) = ready.pop() {
+        order.push(node);
+        for &edge in &nodes[node].outputs {
+            let to = edges[edge].to;
+            in_degree[to] -= 1;
+            if in_degree[to] == 0 {
+                ready.push(to);
+            }
+        }
+    }
+    order
+}
+
+/// Renumbers nodes into topological order, fixing up edge endpoints.
+fn reorder(nodes: Vec<Node>, mut edges: Vec<Edge>, order: &[NodeId]) -> (Vec<Node>, Vec<Edge>) {
+    let mut new_id = vec![0; nodes.len()];
+    for (new, &old) in order.iter().enumerate() {
+        new_id[old] = new;
+    }
+    for edge in &mut edges {
+        edge.from = new_id[edge.from];
+        edge.to = new_id[edge.to];
+    }
+    let mut slots: Vec<Option<Node>> = nodes.into_iter().map(Some).collect();
+    let nodes = order.iter().filter_map(|&old| slots[old].take()).collect();
+    (nodes, edges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<JobGraph, JobError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("p.wasm"), b"").expect("write");
+        let path = dir.path().join("job.toml");
+        let file = JobFile::parse(text, &path)?;
+        JobGraph::validate(file, &path)
+    }
+
+    const GOOD: &str = r#"
+name = "wc"
+[[source]]
+uid = "gen"
+kind = "generator"
+count = 10
+[[operator]]
+uid = "count"
+plugin = "p.wasm"
+inputs = [{ from = "gen", partition = "key" }]
+parallelism = 3
+[[sink]]
+uid = "out"
+kind = "stdout"
+inputs = ["count"]
+"#;
+
+    #[test]
+    fn good_job_validates_in_topological_order() {
+        let job = validate(GOOD).expect("valid");
+        let uids: Vec<_> = job.nodes.iter().map(|n| n.uid.as_str()).collect();
+        assert_eq!(uids, ["gen", "count", "out"]);
+        assert_eq!(job.edges[0].partition, Partition::Key);
+        // count (p=3) -> out (p=1) defaults to rebalance.
+        assert_eq!(job.edges[1].partition, Partition::Rebalance);
+        assert_eq!(job.edges[0].channels(1, 3), vec![(0, 0), (0, 1), (0, 2)]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_uid() {
+        let text = GOOD
+            .replace(
+                "inputs = [{ from = \"gen\", partition = \"key\" }]",
+                "inputs = [\"nothing\"]",
+            )
+            .replace("plugin = \"p.wasm\"", "plugin = \"missing.wasm\"")
+            .replace("uid = \"out\"", "uid = \"gen\"");
+        let error = validate(&text).expect_err("invalid").to_string();
+        assert!(error.contains("input `nothing` names no source"), "{error}");
+        assert!(error.contains("missing.wasm does not exist"), "{error}");
+        assert!(
+            error.contains("uid `gen` is used more than once"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn cycles_are_rejected() {
+        let text = r#"
+name = "loop"
+[[source]]
+uid = "gen"
+kind = "generator"
+[[operator]]
+uid = "a"
+plugin = "p.wasm"
+inputs = ["gen", "b"]
+[[operator]]
+uid = "b"
+plugin = "p.wasm"
+inputs = ["a"]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["b"]
+"#;
+        let error = validate(text).expect_err("cycle").to_string();
+        assert!(error.contains("cycle through a, b"), "{error}");
+    }
+
+    #[test]
+    fn forward_needs_equal_parallelism_and_keys_must_fit() {
+        let text = GOOD
+            .replace("partition = \"key\"", "partition = \"forward\"")
+            .replace("count = 10", "count = 10\npath = \"x\"");
+        let error = validate(&text).expect_err("invalid").to_string();
+        assert!(
+            error.contains("forward input from `gen` needs equal parallelism"),
+            "{error}"
+        );
+        assert!(error.contains("key `path` does not apply"), "{error}");
+    }
+}

@@ -1,0 +1,24 @@
+//! Weir: a stream-processing runtime whose operators are WebAssembly
+//! components.
+//!
+//! The host owns records, keyed state, timers, watermarks and snapshots; a
+//! plugin (a component targeting the `weir:operator` WIT world) owns only its
+//! per-record logic. Principal pieces:
+//!
+//! - [`types`]: records, [`types::RecordBatch`], [`types::StreamEvent`], key groups (leaf module).
+//! - [`job`]: the job file and its validation into a [`job::JobGraph`].
+//! - [`dataflow`]: subtasks as tokio tasks, channels, partitioning, watermarks, timers.
+//! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
+//! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
+//! - [`connectors`]: sources and sinks.
+//! - [`runner`]: the embedded runner behind `weir run`.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod connectors;
+pub mod dataflow;
+pub mod job;
+pub mod plugin;
+pub mod runner;
+pub mod state;
+pub mod types;

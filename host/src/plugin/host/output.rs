@@ -1,0 +1,51 @@
+//! Host side of `weir:operator/output`: records the plugin emits go to the
+//! subtask's collector (main output or a named side output).
+
+use super::{HostState, trap};
+use crate::plugin::bindings::weir::operator::output::Host;
+use crate::plugin::bindings::{WitRecord, WitRecordBatch};
+use crate::types::{BatchEntry, RecordBatch, RecordRef};
+
+impl Host for HostState {
+    fn emit(&mut self, record: WitRecord) -> wasmtime::Result<()> {
+        self.task
+            .output
+            .emit(None, record_ref(&record))
+            .map_err(|e| trap(e.message))
+    }
+
+    fn emit_to(&mut self, side_output: String, record: WitRecord) -> wasmtime::Result<()> {
+        self.task
+            .output
+            .emit(Some(&side_output), record_ref(&record))
+            .map_err(|e| trap(e.message))
+    }
+
+    fn emit_batch(&mut self, batch: WitRecordBatch) -> wasmtime::Result<()> {
+        let entries = batch
+            .entries
+            .iter()
+            .map(|e| BatchEntry {
+                key_offset: e.key_offset,
+                key_length: e.key_length,
+                value_offset: e.value_offset,
+                value_length: e.value_length,
+                timestamp: e.has_timestamp.then_some(e.timestamp),
+            })
+            .collect();
+        let batch = RecordBatch::from_parts(batch.data, entries)
+            .map_err(|message| trap(format!("emit-batch: {message}")))?;
+        self.task
+            .output
+            .emit_batch(batch)
+            .map_err(|e| trap(e.message))
+    }
+}
+
+fn record_ref(record: &WitRecord) -> RecordRef<'_> {
+    RecordRef {
+        key: record.key.as_deref(),
+        value: &record.value,
+        timestamp: record.timestamp,
+    }
+}

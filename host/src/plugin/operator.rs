@@ -1,0 +1,225 @@
+//! [`WasmOperator`]: a dataflow [`Operator`] backed by one plugin instance.
+//! It owns the instance's store (and through it the subtask's
+//! [`TaskContext`]), sets the epoch deadline before every call, and turns
+//! guest errors and traps into [`OperatorError`]s naming the call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::Store;
+
+use super::bindings::{
+    OperatorPlugin, WitBatchEntry, WitRecord, WitRecordBatch, WitTimeDomain, WitTimer,
+};
+use super::engine::{LoadedPlugin, ticks};
+use super::host::{HostState, HostTrap};
+use crate::dataflow::{FailureKind, FiredTimer, Operator, OperatorError, TaskContext, TimeDomain};
+use crate::job::OperatorNode;
+use crate::state::StateError;
+use crate::types::RecordBatch;
+
+pub struct WasmOperator {
+    store: Store<HostState>,
+    plugin: OperatorPlugin,
+    loaded: Arc<LoadedPlugin>,
+    config: String,
+    call_timeout: Duration,
+    memory_bytes: u64,
+}
+
+impl WasmOperator {
+    /// Instantiates the plugin for one subtask; `task` carries the subtask's
+    /// keyed state (one table per declared state, in declaration order).
+    pub fn instantiate(
+        loaded: Arc<LoadedPlugin>,
+        task: TaskContext,
+        node: &OperatorNode,
+    ) -> Result<Self, OperatorError> {
+        let states: Arc<[_]> = Arc::from(loaded.info.states.clone());
+        let host = HostState::new(task, states, &node.limits, &node.wasi);
+        let mut store = Store::new(&loaded.engine, host);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(ticks(node.limits.call_timeout));
+        let plugin = loaded.pre.instantiate(&mut store).map_err(|e| {
+            classify(
+                e,
+                "instantiate",
+                node.limits.call_timeout,
+                node.limits.memory_bytes,
+            )
+        })?;
+        Ok(Self {
+            store,
+            plugin,
+            loaded,
+            config: node.config.clone(),
+            call_timeout: node.limits.call_timeout,
+            memory_bytes: node.limits.memory_bytes,
+        })
+    }
+
+    pub fn plugin(&self) -> &LoadedPlugin {
+        &self.loaded
+    }
+
+    /// Runs one export call under the epoch deadline. The call runs in
+    /// `block_in_place` on a multi-threaded runtime: WASI's synchronous
+    /// imports block on tokio internally.
+    fn call<R>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&OperatorPlugin, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, OperatorError> {
+        self.store.set_epoch_deadline(ticks(self.call_timeout));
+        let plugin = &self.plugin;
+        let store = &mut self.store;
+        let result = in_place(|| f(plugin, store));
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(OperatorError::new(
+                FailureKind::Plugin,
+                format!(
+                    "plugin `{}` returned an error from {what}: {message}",
+                    self.loaded.info.name
+                ),
+            )),
+            Err(error) => Err(classify(error, what, self.call_timeout, self.memory_bytes)),
+        }
+    }
+}
+
+fn in_place<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Names what went wrong in a call that trapped.
+fn classify(
+    error: wasmtime::Error,
+    what: &str,
+    call_timeout: Duration,
+    memory_bytes: u64,
+) -> OperatorError {
+    if let Some(host_trap) = error.downcast_ref::<HostTrap>() {
+        return OperatorError::new(
+            FailureKind::Trap,
+            format!("plugin misused the host API in {what}: {host_trap}"),
+        );
+    }
+    if let Some(state_error) = error.downcast_ref::<StateError>() {
+        return OperatorError::new(
+            FailureKind::State,
+            format!("keyed state failed in {what}: {state_error}"),
+        );
+    }
+    if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+        return OperatorError::new(
+            FailureKind::Timeout,
+            format!(
+                "call to {what} ran longer than the call timeout of {call_timeout:?} and was stopped (epoch deadline)"
+            ),
+        );
+    }
+    let detail = format!("{error:?}");
+    if detail.contains("forcing trap when growing memory") {
+        return OperatorError::new(
+            FailureKind::Memory,
+            format!("plugin exceeded its memory limit of {memory_bytes} bytes in {what}"),
+        );
+    }
+    let first_line = format!("{error:#}");
+    OperatorError::new(
+        FailureKind::Trap,
+        format!("plugin trapped in {what}: {first_line}"),
+    )
+}
+
+impl Operator for WasmOperator {
+    fn task(&mut self) -> &mut TaskContext {
+        &mut self.store.data_mut().task
+    }
+
+    fn open(&mut self) -> Result<(), OperatorError> {
+        let config = self.config.clone();
+        self.call("open", |plugin, store| {
+            plugin.weir_operator_operator().call_open(store, &config)
+        })
+    }
+
+    fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+        if self.loaded.info.batch_input {
+            let wit = WitRecordBatch {
+                data: batch.data().to_vec(),
+                entries: batch
+                    .entries()
+                    .iter()
+                    .map(|e| WitBatchEntry {
+                        key_offset: e.key_offset,
+                        key_length: e.key_length,
+                        value_offset: e.value_offset,
+                        value_length: e.value_length,
+                        timestamp: e.timestamp.unwrap_or(0),
+                        has_timestamp: e.timestamp.is_some(),
+                    })
+                    .collect(),
+            };
+            let task = &mut self.store.data_mut().task;
+            task.current_batch = batch;
+            task.current_key = None;
+            task.current_timestamp = None;
+            let result = self.call("process-batch", |plugin, store| {
+                plugin
+                    .weir_operator_operator()
+                    .call_process_batch(store, input, &wit)
+            });
+            self.store.data_mut().task.current_key = None;
+            result
+        } else {
+            let records: Vec<WitRecord> = batch
+                .iter()
+                .map(|r| WitRecord {
+                    key: r.key.map(<[u8]>::to_vec),
+                    value: r.value.to_vec(),
+                    timestamp: r.timestamp,
+                })
+                .collect();
+            self.store.data_mut().task.current_batch = batch;
+            for (index, record) in records.iter().enumerate() {
+                self.store.data_mut().task.select_record(index);
+                self.call("process", |plugin, store| {
+                    plugin
+                        .weir_operator_operator()
+                        .call_process(store, input, record)
+                })?;
+            }
+            self.store.data_mut().task.current_key = None;
+            Ok(())
+        }
+    }
+
+    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
+        let wit = WitTimer {
+            domain: match timer.domain {
+                TimeDomain::EventTime => WitTimeDomain::EventTime,
+                TimeDomain::ProcessingTime => WitTimeDomain::ProcessingTime,
+            },
+            timestamp: timer.timestamp,
+            key: Some(timer.key.clone()),
+        };
+        let result = self.call("on-timer", |plugin, store| {
+            plugin.weir_operator_operator().call_on_timer(store, &wit)
+        });
+        self.store.data_mut().task.current_key = None;
+        result
+    }
+
+    fn close(&mut self) -> Result<(), OperatorError> {
+        self.call("close", |plugin, store| {
+            plugin.weir_operator_operator().call_close(store)
+        })
+    }
+}

@@ -1,0 +1,71 @@
+//! In-memory [`StateBackend`]: ordered maps, for tests and small jobs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use super::{StateBackend, StateError, TableId, WriteOp};
+
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    tables: Vec<BTreeMap<(u16, Vec<u8>), Vec<u8>>>,
+}
+
+impl MemoryBackend {
+    pub fn new(tables: usize) -> Self {
+        Self {
+            tables: (0..tables).map(|_| BTreeMap::new()).collect(),
+        }
+    }
+}
+
+impl StateBackend for MemoryBackend {
+    fn get(
+        &self,
+        table: TableId,
+        key_group: u16,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.tables[table].get(&(key_group, key.to_vec())).cloned())
+    }
+
+    fn write(&mut self, ops: Vec<WriteOp>) -> Result<(), StateError> {
+        for op in ops {
+            match op {
+                WriteOp::Put {
+                    table,
+                    key_group,
+                    key,
+                    value,
+                } => {
+                    self.tables[table].insert((key_group, key), value);
+                }
+                WriteOp::Delete {
+                    table,
+                    key_group,
+                    key,
+                } => {
+                    self.tables[table].remove(&(key_group, key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        table: TableId,
+        groups: Range<u32>,
+        visit: &mut dyn FnMut(u16, &[u8], &[u8]),
+    ) -> Result<(), StateError> {
+        for ((group, key), value) in &self.tables[table] {
+            if groups.contains(&u32::from(*group)) {
+                visit(*group, key, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "memory".to_string()
+    }
+}

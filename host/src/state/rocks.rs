@@ -1,0 +1,158 @@
+//! RocksDB [`StateBackend`]: one embedded database per operator subtask, one
+//! column family per table (`<operator uid>/<state name>`), keys prefixed by
+//! key group.
+//!
+//! Tuned for the keyed-state access pattern: bloom filters and a block cache
+//! for point reads, a large memtable, writes in one `WriteBatch` per flush,
+//! and no write-ahead log (durability comes from checkpoints, not the WAL).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction,
+    IteratorMode, Options, WriteBatch, WriteOptions,
+};
+
+use super::{StateBackend, StateError, TableId, WriteOp, backend_key};
+
+pub struct RocksBackend {
+    db: DB,
+    dir: PathBuf,
+    tables: Vec<String>,
+    write_options: WriteOptions,
+}
+
+impl RocksBackend {
+    /// Opens (creating if needed) the database at `dir` with one column
+    /// family per table name.
+    pub fn open(dir: &Path, tables: &[String]) -> Result<Self, StateError> {
+        let open_error = |message: String| StateError::Open {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        let cache = Cache::new_lru_cache(64 << 20);
+        let mut table_options = BlockBasedOptions::default();
+        table_options.set_bloom_filter(10.0, false);
+        table_options.set_block_cache(&cache);
+        table_options.set_cache_index_and_filter_blocks(true);
+        let mut cf_options = Options::default();
+        cf_options.set_block_based_table_factory(&table_options);
+        cf_options.set_write_buffer_size(64 << 20);
+        cf_options.set_compression_type(DBCompressionType::Lz4);
+        cf_options.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(2));
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        let descriptors = tables
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()));
+        let db = DB::open_cf_descriptors(&db_options, dir, descriptors)
+            .map_err(|e| open_error(e.to_string()))?;
+        let mut write_options = WriteOptions::default();
+        write_options.disable_wal(true);
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+            tables: tables.to_vec(),
+            write_options,
+        })
+    }
+
+    fn cf(&self, table: TableId) -> Result<&rocksdb::ColumnFamily, StateError> {
+        let name = &self.tables[table];
+        self.db.cf_handle(name).ok_or_else(|| StateError::Io {
+            table: name.clone(),
+            message: "column family missing".to_string(),
+        })
+    }
+
+    fn io_error(&self, table: TableId, error: rocksdb::Error) -> StateError {
+        StateError::Io {
+            table: self.tables[table].clone(),
+            message: error.to_string(),
+        }
+    }
+}
+
+impl StateBackend for RocksBackend {
+    fn get(
+        &self,
+        table: TableId,
+        key_group: u16,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateError> {
+        let cf = self.cf(table)?;
+        self.db
+            .get_cf(cf, backend_key(key_group, key))
+            .map_err(|e| self.io_error(table, e))
+    }
+
+    fn write(&mut self, ops: Vec<WriteOp>) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        let mut first_table = 0;
+        for (index, op) in ops.iter().enumerate() {
+            match op {
+                WriteOp::Put {
+                    table,
+                    key_group,
+                    key,
+                    value,
+                } => {
+                    if index == 0 {
+                        first_table = *table;
+                    }
+                    batch.put_cf(self.cf(*table)?, backend_key(*key_group, key), value);
+                }
+                WriteOp::Delete {
+                    table,
+                    key_group,
+                    key,
+                } => {
+                    if index == 0 {
+                        first_table = *table;
+                    }
+                    batch.delete_cf(self.cf(*table)?, backend_key(*key_group, key));
+                }
+            }
+        }
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(|e| self.io_error(first_table, e))
+    }
+
+    fn scan(
+        &self,
+        table: TableId,
+        groups: Range<u32>,
+        visit: &mut dyn FnMut(u16, &[u8], &[u8]),
+    ) -> Result<(), StateError> {
+        let cf = self.cf(table)?;
+        let start = (groups.start as u16).to_be_bytes();
+        let mut read_options = rocksdb::ReadOptions::default();
+        read_options.set_total_order_seek(true);
+        let iter = self.db.iterator_cf_opt(
+            cf,
+            read_options,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.io_error(table, e))?;
+            if key.len() < 2 {
+                continue;
+            }
+            let group = u16::from_be_bytes([key[0], key[1]]);
+            if u32::from(group) >= groups.end {
+                break;
+            }
+            visit(group, &key[2..], &value);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("rocksdb at {}", self.dir.display())
+    }
+}

@@ -1,0 +1,281 @@
+//! Plain data types shared by every layer: records, record batches, stream
+//! events, key groups and checkpoint ids.
+//!
+//! This module is a leaf: it depends on neither wasmtime nor RocksDB, and the
+//! dataflow layer speaks only these types.
+
+/// Event time in milliseconds since the Unix epoch.
+pub type Timestamp = i64;
+
+/// The watermark before any has been seen.
+pub const MIN_WATERMARK: Timestamp = i64::MIN;
+/// The watermark a bounded input sends when it ends: fires every event-time timer.
+pub const MAX_WATERMARK: Timestamp = i64::MAX;
+
+/// Id of a checkpoint or savepoint, increasing per job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CheckpointId(pub u64);
+
+/// One record of a batch, as offsets into the batch's `data` buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub key_offset: u32,
+    /// `-1` when the record has no key.
+    pub key_length: i32,
+    pub value_offset: u32,
+    pub value_length: u32,
+    pub timestamp: Option<Timestamp>,
+}
+
+/// A borrowed view of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    pub timestamp: Option<Timestamp>,
+}
+
+/// Many records in one flat buffer: the unit that crosses channels and the
+/// Wasm boundary (two allocations per batch, none per record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordBatch {
+    data: Vec<u8>,
+    entries: Vec<BatchEntry>,
+}
+
+impl RecordBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(bytes),
+            entries: Vec::with_capacity(records),
+        }
+    }
+
+    /// Rebuilds a batch from its parts, checking every offset.
+    pub fn from_parts(data: Vec<u8>, entries: Vec<BatchEntry>) -> Result<Self, String> {
+        for (index, entry) in entries.iter().enumerate() {
+            let in_bounds = |offset: u32, length: u32| {
+                (offset as usize)
+                    .checked_add(length as usize)
+                    .is_some_and(|end| end <= data.len())
+            };
+            if entry.key_length < -1
+                || (entry.key_length >= 0 && !in_bounds(entry.key_offset, entry.key_length as u32))
+                || !in_bounds(entry.value_offset, entry.value_length)
+            {
+                return Err(format!(
+                    "batch entry {index} points outside the batch's {} data bytes",
+                    data.len()
+                ));
+            }
+        }
+        Ok(Self { data, entries })
+    }
+
+    pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: Option<Timestamp>) {
+        let (key_offset, key_length) = match key {
+            Some(key) => {
+                let offset = self.data.len() as u32;
+                self.data.extend_from_slice(key);
+                (offset, key.len() as i32)
+            }
+            None => (0, -1),
+        };
+        let value_offset = self.data.len() as u32;
+        self.data.extend_from_slice(value);
+        self.entries.push(BatchEntry {
+            key_offset,
+            key_length,
+            value_offset,
+            value_length: value.len() as u32,
+            timestamp,
+        });
+    }
+
+    pub fn push_record(&mut self, record: RecordRef<'_>) {
+        self.push(record.key, record.value, record.timestamp);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of key and value data held.
+    pub fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn entries(&self) -> &[BatchEntry] {
+        &self.entries
+    }
+
+    pub fn get(&self, index: usize) -> Option<RecordRef<'_>> {
+        self.entries.get(index).map(|entry| self.view(entry))
+    }
+
+    pub fn key(&self, index: usize) -> Option<&[u8]> {
+        self.entries
+            .get(index)
+            .and_then(|entry| self.entry_key(entry))
+    }
+
+    fn entry_key(&self, entry: &BatchEntry) -> Option<&[u8]> {
+        (entry.key_length >= 0).then(|| {
+            let start = entry.key_offset as usize;
+            &self.data[start..start + entry.key_length as usize]
+        })
+    }
+
+    fn view<'a>(&'a self, entry: &BatchEntry) -> RecordRef<'a> {
+        let start = entry.value_offset as usize;
+        RecordRef {
+            key: self.entry_key(entry),
+            value: &self.data[start..start + entry.value_length as usize],
+            timestamp: entry.timestamp,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> {
+        self.entries.iter().map(|entry| self.view(entry))
+    }
+
+    /// The largest timestamp in the batch, if any record has one.
+    pub fn max_timestamp(&self) -> Option<Timestamp> {
+        self.entries
+            .iter()
+            .filter_map(|entry| entry.timestamp)
+            .max()
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.entries.clear();
+    }
+
+    /// Takes the contents, leaving an empty batch with the same capacity hint.
+    pub fn take(&mut self) -> RecordBatch {
+        let records = self.entries.capacity();
+        let bytes = self.data.capacity();
+        std::mem::replace(self, RecordBatch::with_capacity(records, bytes))
+    }
+}
+
+/// What flows on a channel between two subtasks. Barriers and watermarks
+/// travel in-band with the records, so their order relative to records is
+/// exactly the order they were sent in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Records(RecordBatch),
+    Watermark(Timestamp),
+    Barrier(CheckpointId),
+    EndOfInput,
+}
+
+/// Key groups: the unit of keyed-state distribution (Flink's scheme).
+pub mod key_group {
+    use std::ops::Range;
+
+    /// The largest supported `max_parallelism`.
+    pub const MAX_MAX_PARALLELISM: u32 = 32_768;
+
+    /// Stable hash of a key (xxh3, seed 0). Part of the persisted format:
+    /// never change it without a savepoint migration.
+    pub fn hash(key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(key)
+    }
+
+    /// Key group of a key: `hash(key) % max_parallelism`.
+    pub fn of_key(key: &[u8], max_parallelism: u32) -> u16 {
+        (hash(key) % u64::from(max_parallelism)) as u16
+    }
+
+    /// The subtask that owns a key group.
+    pub fn subtask_of(key_group: u16, parallelism: u32, max_parallelism: u32) -> u32 {
+        (u32::from(key_group) * parallelism) / max_parallelism
+    }
+
+    /// The contiguous key-group range a subtask owns.
+    pub fn range_of(subtask: u32, parallelism: u32, max_parallelism: u32) -> Range<u32> {
+        let start = (subtask * max_parallelism).div_ceil(parallelism);
+        let end = ((subtask + 1) * max_parallelism).div_ceil(parallelism);
+        start..end
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn ranges_agree_with_assignment(max_p in 1u32..512, p_seed in 1u32..512) {
+                let p = 1 + (p_seed - 1) % max_p;
+                let mut next = 0;
+                for subtask in 0..p {
+                    let range = range_of(subtask, p, max_p);
+                    prop_assert_eq!(range.start, next);
+                    for group in range.clone() {
+                        prop_assert_eq!(subtask_of(group as u16, p, max_p), subtask);
+                    }
+                    next = range.end;
+                }
+                prop_assert_eq!(next, max_p);
+            }
+        }
+
+        #[test]
+        fn hash_is_stable() {
+            // Persisted formats depend on this value never changing.
+            assert_eq!(of_key(b"hello", 128), of_key(b"hello", 128));
+            assert_eq!(hash(b""), 0x2d06800538d394c2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trips_records() {
+        let mut batch = RecordBatch::new();
+        batch.push(Some(b"k1"), b"v1", Some(5));
+        batch.push(None, b"", None);
+        batch.push(Some(b""), b"value", Some(-3));
+        let records: Vec<_> = batch.iter().collect();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0].key, Some(&b"k1"[..]));
+        assert_eq!(records[0].value, b"v1");
+        assert_eq!(records[1].key, None);
+        assert_eq!(records[2].key, Some(&b""[..]));
+        assert_eq!(records[2].timestamp, Some(-3));
+        assert_eq!(batch.max_timestamp(), Some(5));
+        let rebuilt = RecordBatch::from_parts(batch.data().to_vec(), batch.entries().to_vec())
+            .expect("valid");
+        assert_eq!(rebuilt, batch);
+    }
+
+    #[test]
+    fn from_parts_rejects_out_of_bounds_entries() {
+        let entry = BatchEntry {
+            key_offset: 0,
+            key_length: 4,
+            value_offset: 0,
+            value_length: 1,
+            timestamp: None,
+        };
+        assert!(RecordBatch::from_parts(vec![0; 2], vec![entry]).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! The `weir` binary: the demo job runs embedded and prints its summary; bad
+//! job files and failing plugins end with exit code 1 and a message naming
+//! the file, key or operator.
+
+use weir_tests::plugins::{FAULTS, TUMBLING_WINDOW, WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+
+use crate::support::{JobDir, toml_path, weir};
+
+/// Copies an example's job file and inputs into a temp dir, with its plugins
+/// in `plugins/` as the demo script puts them.
+fn example(name: &str, plugins: &[(&str, &str)]) -> JobDir {
+    let job = JobDir::new();
+    let source = weir_tests::workspace().join("examples").join(name);
+    for entry in std::fs::read_dir(&source).expect("example dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, job.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::create_dir_all(job.path().join("plugins")).expect("mkdir");
+    for (file, built) in plugins {
+        std::fs::copy(built, job.path().join("plugins").join(file)).expect("copy plugin");
+    }
+    job
+}
+
+#[test]
+fn the_wordcount_example_runs_embedded() {
+    let job = example(
+        "wordcount",
+        &[
+            ("split.wasm", WORDCOUNT_SPLIT),
+            ("count.wasm", WORDCOUNT_COUNT),
+        ],
+    );
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "weir run failed: {stderr}");
+    assert!(stderr.contains("job `wordcount` finished"), "{stderr}");
+    assert!(
+        stderr.contains("state `count`"),
+        "summary shows the keyed state: {stderr}"
+    );
+    assert!(stderr.contains("(rocksdb)"), "{stderr}");
+    let input = std::fs::read_to_string(job.path().join("input.txt")).expect("input");
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    assert_eq!(
+        weir_tests::final_counts(&lines),
+        weir_tests::count_words(&input)
+    );
+    assert!(
+        !job.path()
+            .join("weir-data/state")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "a finished run leaves no working state behind"
+    );
+}
+
+#[test]
+fn the_tumbling_window_example_runs_embedded() {
+    let job = example(
+        "tumbling-window",
+        &[("tumbling-window.wasm", TUMBLING_WINDOW)],
+    );
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "weir run failed: {stderr}");
+    let counts = weir_tests::read_parts(&job.path().join("out/counts"));
+    let total: u64 = counts
+        .iter()
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|c| c.parse::<u64>().ok())
+                .expect("count")
+        })
+        .sum();
+    let late = weir_tests::read_parts(&job.path().join("out/late"));
+    let events = std::fs::read_to_string(job.path().join("events.csv")).expect("events");
+    assert_eq!(
+        total + late.len() as u64,
+        events.lines().count() as u64,
+        "every event is counted or late"
+    );
+    assert_eq!(late.len(), 2, "the two very late events: {late:?}");
+}
+
+#[test]
+fn a_stdout_sink_prints_records_and_the_summary_goes_to_stderr() {
+    let job = JobDir::new();
+    job.write("input.txt", "to be or not to be\n");
+    job.job(&format!(
+        r#"
+name = "stdout"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "split"
+plugin = {split}
+inputs = ["lines"]
+[[sink]]
+uid = "print"
+kind = "stdout"
+inputs = ["split"]
+"#,
+        split = toml_path(WORDCOUNT_SPLIT)
+    ));
+    let output = weir(&["run", "job.toml"], job.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "to\nbe\nor\nnot\nto\nbe\n"
+    );
+}
+
+#[test]
+fn a_bad_job_file_names_the_file_and_the_key() {
+    let job = JobDir::new();
+    job.job("name = \"x\"\n[checkpoint]\nintervall = \"1s\"\n");
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("job.toml"), "{stderr}");
+    assert!(stderr.contains("intervall"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_job_lists_every_problem() {
+    let job = JobDir::new();
+    job.job(
+        r#"
+name = "x"
+max_parallelism = 4
+[[source]]
+uid = "lines"
+kind = "file"
+[[operator]]
+uid = "op"
+plugin = "nowhere.wasm"
+inputs = ["missing"]
+parallelism = 8
+[[sink]]
+uid = "out"
+kind = "stdout"
+inputs = ["op"]
+"#,
+    );
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for needle in [
+        "a file source needs `path`",
+        "nowhere.wasm does not exist",
+        "input `missing` names no source or operator",
+        "`op`: parallelism = 8 must be between 1 and max_parallelism (4)",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn a_looping_plugin_ends_the_run_with_an_error_naming_the_operator() {
+    let job = JobDir::new();
+    job.write("input.txt", "boom\n");
+    job.job(&format!(
+        r#"
+name = "looping"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "spinner"
+plugin = {faults}
+inputs = ["lines"]
+config = {{ fault = "loop" }}
+limits = {{ call_timeout = "200ms" }}
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["spinner"]
+"#,
+        faults = toml_path(FAULTS)
+    ));
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`spinner`"), "{stderr}");
+    assert!(stderr.contains("call timeout"), "{stderr}");
+}
+
+#[test]
+fn plugin_inspect_prints_the_declared_states() {
+    let job = JobDir::new();
+    let output = weir(&["plugin", "inspect", WORDCOUNT_COUNT], job.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("plugin    count"), "{stdout}");
+    assert!(
+        stdout.contains("state     count (value state, schema version 1)"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,154 @@
+//! Plugins that misbehave — loop forever, allocate without bound, trap,
+//! return an error — and files that are not plugins: each ends with an error
+//! naming the operator (or file) and what went wrong, while the host stays in
+//! control and can run the next job.
+
+use weir::dataflow::FailureKind;
+use weir::runner::RunError;
+use weir_tests::plugins::{FAULTS, MISSING_IMPORT, WORDCOUNT_COUNT};
+
+use crate::support::{JobDir, run, toml_path};
+
+fn faulty_job(job: &JobDir, fault: &str, limits: &str) -> std::path::PathBuf {
+    let input: String =
+        (0..500).map(|i| format!("line {i}\n")).collect::<String>() + "boom\nafter\n";
+    job.write("input.txt", input);
+    job.job(&format!(
+        r#"
+name = "faulty"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "flaky"
+plugin = {plugin}
+inputs = ["lines"]
+config = {{ fault = "{fault}", on = "boom" }}
+limits = {{ {limits} }}
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["flaky"]
+"#,
+        plugin = toml_path(FAULTS)
+    ))
+}
+
+fn expect_failure(fault: &str, limits: &str, kind: FailureKind, needle: &str) {
+    let job = JobDir::new();
+    let path = faulty_job(&job, fault, limits);
+    let error = run(&path).expect_err("the job must fail");
+    let RunError::Task { source, .. } = &error else {
+        panic!("expected a task failure, got {error}");
+    };
+    assert_eq!(source.uid, "flaky", "{error}");
+    assert_eq!(source.kind(), kind, "{error}");
+    let message = error.to_string();
+    assert!(message.contains("`flaky`"), "names the operator: {message}");
+    assert!(
+        message.contains(needle),
+        "says what went wrong ({needle}): {message}"
+    );
+    // The host is still in control: the same engine runs the next job.
+    let fine = JobDir::new();
+    let path = faulty_job(&fine, "none", "");
+    run(&path).expect("a healthy job runs after a faulty one");
+}
+
+#[test]
+fn a_plugin_that_loops_forever_hits_its_call_timeout() {
+    expect_failure(
+        "loop",
+        r#"call_timeout = "300ms""#,
+        FailureKind::Timeout,
+        "call timeout of 300ms",
+    );
+}
+
+#[test]
+fn a_plugin_that_allocates_without_bound_hits_its_memory_limit() {
+    expect_failure(
+        "alloc",
+        r#"memory = "32MiB""#,
+        FailureKind::Memory,
+        "memory limit of 33554432 bytes",
+    );
+}
+
+#[test]
+fn a_plugin_that_traps_fails_the_task() {
+    expect_failure("trap", "", FailureKind::Trap, "trapped in process");
+}
+
+#[test]
+fn a_plugin_error_fails_the_task_with_the_plugins_message() {
+    expect_failure(
+        "error",
+        "",
+        FailureKind::Plugin,
+        "failing on purpose on record boom",
+    );
+}
+
+fn plugin_job(job: &JobDir, plugin: &std::path::Path) -> std::path::PathBuf {
+    job.write("input.txt", "a b c\n");
+    job.job(&format!(
+        r#"
+name = "bad-plugin"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "op"
+plugin = {plugin}
+inputs = ["lines"]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["op"]
+"#,
+        plugin = toml_path(&plugin.display().to_string())
+    ))
+}
+
+fn expect_plugin_rejected(bytes: &[u8], needle: &str) {
+    let job = JobDir::new();
+    let plugin = job.write("bad.wasm", bytes);
+    let error = run(&plugin_job(&job, &plugin)).expect_err("rejected");
+    let message = error.to_string();
+    assert!(matches!(error, RunError::Plugin { .. }), "{message}");
+    assert!(message.contains("operator `op`"), "{message}");
+    assert!(
+        message.contains(&plugin.display().to_string()),
+        "names the file: {message}"
+    );
+    assert!(message.contains(needle), "{needle}: {message}");
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_rejected() {
+    expect_plugin_rejected(
+        b"#!/bin/sh\necho not a plugin\n",
+        "not a valid WebAssembly component",
+    );
+}
+
+#[test]
+fn a_core_module_is_not_a_component() {
+    // The smallest valid core module: magic and version 1.
+    expect_plugin_rejected(b"\0asm\x01\0\0\0", "not a valid WebAssembly component");
+}
+
+#[test]
+fn a_truncated_component_is_rejected() {
+    let real = std::fs::read(WORDCOUNT_COUNT).expect("built plugin");
+    expect_plugin_rejected(&real[..real.len() / 2], "not a valid WebAssembly component");
+}
+
+#[test]
+fn a_plugin_importing_what_the_host_lacks_is_rejected_naming_the_import() {
+    let bytes = std::fs::read(MISSING_IMPORT).expect("built plugin");
+    expect_plugin_rejected(&bytes, "weir:missing/nowhere");
+}

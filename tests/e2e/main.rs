@@ -1,0 +1,10 @@
+//! End-to-end tests: real jobs of real components (built by `weir-tests`'
+//! build script with the wasm32-wasip2 toolchain), run through the library
+//! and through the `weir` binary. One integration test binary for the whole
+//! workspace keeps link time down.
+
+mod cli;
+mod event_time;
+mod faults;
+mod support;
+mod wordcount;

@@ -1,0 +1,74 @@
+//! Shared helpers: a job directory with plugins, running a job embedded on a
+//! multi-threaded runtime, and running the `weir` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use weir::dataflow::runtime::JobOutcome;
+use weir::plugin::PluginEngine;
+use weir::runner::RunError;
+
+/// One engine for the whole test binary; compiled plugins are cached on disk.
+pub fn engine() -> &'static PluginEngine {
+    static ENGINE: OnceLock<PluginEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        PluginEngine::new(Some(weir_tests::compile_cache())).expect("the wasmtime engine starts")
+    })
+}
+
+/// A temporary directory holding a job file and its inputs.
+pub struct JobDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl JobDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, contents).expect("write");
+        path
+    }
+
+    /// Writes `job.toml` and returns its path.
+    pub fn job(&self, toml: &str) -> PathBuf {
+        self.write("job.toml", toml)
+    }
+}
+
+/// Runs a job file embedded, to its end, on a fresh multi-threaded runtime.
+pub fn run(job: &Path) -> Result<JobOutcome, RunError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(weir::runner::run_file(engine(), job))
+}
+
+/// Runs the real `weir` binary with the shared compile cache.
+pub fn weir(args: &[&str], dir: &Path) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the weir binary runs")
+}
+
+pub fn toml_path(path: &str) -> String {
+    format!("{path:?}")
+}
