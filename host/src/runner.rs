@@ -241,10 +241,10 @@ pub async fn finish(
 ) -> Result<runtime::JobOutcome, RunError> {
     let result = running.wait().await;
     let dir = job.state_dir();
-    if dir.exists() {
-        if let Err(error) = std::fs::remove_dir_all(&dir) {
-            warn!(dir = %dir.display(), %error, "could not remove the job's working state");
-        }
+    if dir.exists()
+        && let Err(error) = std::fs::remove_dir_all(&dir)
+    {
+        warn!(dir = %dir.display(), %error, "could not remove the job's working state");
     }
     match result {
         Ok(outcome) => {

@@ -44,7 +44,10 @@ pub fn read_parts(dir: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("part-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
         .collect();
     files.sort();
     files
@@ -66,7 +69,9 @@ pub fn final_counts(lines: &[String]) -> BTreeMap<String, u64> {
         let (word, count) = line
             .rsplit_once(' ')
             .unwrap_or_else(|| panic!("not a `word count` line: {line:?}"));
-        let count: u64 = count.parse().unwrap_or_else(|_| panic!("bad count in {line:?}"));
+        let count: u64 = count
+            .parse()
+            .unwrap_or_else(|_| panic!("bad count in {line:?}"));
         let entry = counts.entry(word.to_string()).or_insert(0);
         *entry = (*entry).max(count);
     }
@@ -76,10 +81,30 @@ pub fn final_counts(lines: &[String]) -> BTreeMap<String, u64> {
 /// Deterministic text with punctuation, mixed case and repeated words.
 pub fn sample_text(lines: usize, seed: u64) -> String {
     const WORDS: &[&str] = &[
-        "the", "Stream", "flows", "over", "a", "weir", "and", "water", "keeps", "its", "state",
-        "checkpoint", "barrier", "Key", "group", "operator", "plugin", "wasm", "rust", "river",
+        "the",
+        "Stream",
+        "flows",
+        "over",
+        "a",
+        "weir",
+        "and",
+        "water",
+        "keeps",
+        "its",
+        "state",
+        "checkpoint",
+        "barrier",
+        "Key",
+        "group",
+        "operator",
+        "plugin",
+        "wasm",
+        "rust",
+        "river",
     ];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;

@@ -19,6 +19,9 @@ use super::task::{self, TaskSummary, WatermarkGenerator};
 use crate::job::{JobGraph, Node, NodeKind};
 use crate::types::StreamEvent;
 
+/// The input channels of one subtask: (input edge index, receiver).
+type InputChannels = Vec<(u32, mpsc::Receiver<StreamEvent>)>;
+
 /// Batches a channel buffers before its sender waits (backpressure).
 pub const CHANNEL_CAPACITY: usize = 8;
 
@@ -80,8 +83,7 @@ pub fn launch(
     let job: Arc<str> = Arc::from(job_id);
     // Channels: senders per (edge, upstream subtask), receivers per (node, subtask).
     let mut senders: HashMap<(usize, u32), Vec<mpsc::Sender<StreamEvent>>> = HashMap::new();
-    let mut receivers: HashMap<(usize, u32), Vec<(u32, mpsc::Receiver<StreamEvent>)>> =
-        HashMap::new();
+    let mut receivers: HashMap<(usize, u32), InputChannels> = HashMap::new();
     for (edge_id, edge) in graph.edges.iter().enumerate() {
         let (p_from, p_to) = (
             graph.nodes[edge.from].parallelism,

@@ -35,6 +35,11 @@ fn fail(info: &TaskInfo) -> impl Fn(OperatorError) -> TaskError + '_ {
     }
 }
 
+/// Records a source with a watermark strategy reads between two watermarks:
+/// watermarks follow the data closely, so lateness is decided at a fine,
+/// deterministic granularity.
+pub const WATERMARK_BATCH_RECORDS: usize = 64;
+
 /// Generates bounded-out-of-orderness watermarks from record timestamps.
 #[derive(Debug)]
 pub struct WatermarkGenerator {
@@ -86,9 +91,14 @@ pub async fn run_source(
         let fail = fail(&info);
         let mut batch = RecordBatch::with_capacity(BATCH_RECORDS, 64 * BATCH_RECORDS);
         let mut cancelled = *cancel.borrow();
+        let max = if watermarks.is_some() {
+            WATERMARK_BATCH_RECORDS
+        } else {
+            BATCH_RECORDS
+        };
         while !cancelled {
             let status = tokio::select! {
-                status = source.next_batch(&mut batch, BATCH_RECORDS) => status.map_err(&fail)?,
+                status = source.next_batch(&mut batch, max) => status.map_err(&fail)?,
                 _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
             };
             if !batch.is_empty() {

@@ -3,11 +3,14 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use super::{StateBackend, StateError, TableId, WriteOp};
+use super::{CellVisitor, StateBackend, StateError, TableId, WriteOp};
+
+/// One table: (key group, key) -> encoded cell.
+type Table = BTreeMap<(u16, Vec<u8>), Vec<u8>>;
 
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
-    tables: Vec<BTreeMap<(u16, Vec<u8>), Vec<u8>>>,
+    tables: Vec<Table>,
 }
 
 impl MemoryBackend {
@@ -55,7 +58,7 @@ impl StateBackend for MemoryBackend {
         &self,
         table: TableId,
         groups: Range<u32>,
-        visit: &mut dyn FnMut(u16, &[u8], &[u8]),
+        visit: &mut CellVisitor<'_>,
     ) -> Result<(), StateError> {
         for ((group, key), value) in &self.tables[table] {
             if groups.contains(&u32::from(*group)) {

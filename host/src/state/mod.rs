@@ -23,6 +23,15 @@ use crate::types::key_group;
 /// Index of a table in the backend (the order tables were opened in).
 pub type TableId = usize;
 
+/// The contents of one key's map state, in key order.
+pub type MapCell = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A (map key, value) pair of map state.
+pub type MapEntry = (Vec<u8>, Vec<u8>);
+
+/// Called with (key group, key, encoded cell) for each cell a scan visits.
+pub type CellVisitor<'a> = dyn FnMut(u16, &[u8], &[u8]) + 'a;
+
 /// What kind of keyed state a table holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StateKind {
@@ -95,7 +104,7 @@ pub trait StateBackend: Send {
         &self,
         table: TableId,
         groups: Range<u32>,
-        visit: &mut dyn FnMut(u16, &[u8], &[u8]),
+        visit: &mut CellVisitor<'_>,
     ) -> Result<(), StateError>;
     /// Human-readable description, e.g. "rocksdb at weir-data/state/…".
     fn describe(&self) -> String;
@@ -114,7 +123,7 @@ pub fn backend_key(key_group: u16, key: &[u8]) -> Vec<u8> {
 enum Cell {
     Value(Vec<u8>),
     List(Vec<Vec<u8>>),
-    Map(BTreeMap<Vec<u8>, Vec<u8>>),
+    Map(MapCell),
 }
 
 #[derive(Debug)]
@@ -275,11 +284,7 @@ impl KeyedState {
         Ok(())
     }
 
-    fn map_mut(
-        &mut self,
-        table: TableId,
-        key: &[u8],
-    ) -> Result<&mut BTreeMap<Vec<u8>, Vec<u8>>, StateError> {
+    fn map_mut(&mut self, table: TableId, key: &[u8]) -> Result<&mut MapCell, StateError> {
         let slot = self.slot(table, key)?;
         if !matches!(slot.cell, Some(Cell::Map(_))) {
             slot.cell = Some(Cell::Map(BTreeMap::new()));
@@ -291,11 +296,7 @@ impl KeyedState {
         }
     }
 
-    fn map_ref(
-        &mut self,
-        table: TableId,
-        key: &[u8],
-    ) -> Result<Option<&BTreeMap<Vec<u8>, Vec<u8>>>, StateError> {
+    fn map_ref(&mut self, table: TableId, key: &[u8]) -> Result<Option<&MapCell>, StateError> {
         Ok(match &self.slot(table, key)?.cell {
             Some(Cell::Map(map)) => Some(map),
             _ => None,
@@ -353,11 +354,7 @@ impl KeyedState {
         Ok(())
     }
 
-    pub fn map_entries(
-        &mut self,
-        table: TableId,
-        key: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn map_entries(&mut self, table: TableId, key: &[u8]) -> Result<Vec<MapEntry>, StateError> {
         Ok(self
             .map_ref(table, key)?
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())

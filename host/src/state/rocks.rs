@@ -14,7 +14,7 @@ use rocksdb::{
     IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
-use super::{StateBackend, StateError, TableId, WriteOp, backend_key};
+use super::{CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key};
 
 pub struct RocksBackend {
     db: DB,
@@ -127,7 +127,7 @@ impl StateBackend for RocksBackend {
         &self,
         table: TableId,
         groups: Range<u32>,
-        visit: &mut dyn FnMut(u16, &[u8], &[u8]),
+        visit: &mut CellVisitor<'_>,
     ) -> Result<(), StateError> {
         let cf = self.cf(table)?;
         let start = (groups.start as u16).to_be_bytes();

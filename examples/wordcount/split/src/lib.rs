@@ -1,0 +1,31 @@
+//! `wordcount-split`: the first stage of the word-count example. Splits each
+//! text line into lowercase words and emits every word keyed by itself.
+
+use weir_sdk::{Config, Context, Error, Metadata, Operator, Record, export_operator};
+
+/// Stateless splitter.
+struct Split;
+
+impl Operator for Split {
+    fn metadata() -> Metadata {
+        Metadata::new("split", env!("CARGO_PKG_VERSION"))
+    }
+
+    fn open(_config: &Config) -> Result<Self, Error> {
+        Ok(Split)
+    }
+
+    fn process(&mut self, ctx: &mut Context, _input: u32, record: Record<'_>) -> Result<(), Error> {
+        let line = record.value_str()?;
+        for word in line
+            .split(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+            .filter(|w| !w.is_empty())
+        {
+            let word = word.to_lowercase();
+            ctx.emit(Some(word.as_bytes()), &word);
+        }
+        Ok(())
+    }
+}
+
+export_operator!(Split);

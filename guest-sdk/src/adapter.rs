@@ -1,0 +1,134 @@
+//! Bridges an [`Operator`] to the generated WIT export traits. Used only
+//! through [`export_operator!`](crate::export_operator).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use crate::batch::decode_entry;
+use crate::bindings::exports::weir::operator::{metadata, operator};
+use crate::bindings::weir::operator::state;
+use crate::bindings::weir::operator::types::{self as wit, PluginInfo};
+use crate::{Config, Context, Error, Operator, Record, TimeDomain, Timer};
+
+/// The instance's operator (downcast to the exported type) and its context.
+struct Slot {
+    operator: Option<Box<dyn Any>>,
+    ctx: Context,
+}
+
+thread_local! {
+    static SLOT: RefCell<Slot> = const {
+        RefCell::new(Slot { operator: None, ctx: Context::new() })
+    };
+}
+
+/// Runs `f` on the open operator of type `O`. On success the buffered main
+/// output is flushed; on error it is dropped and the message returned.
+fn with_operator<O: Operator>(
+    f: impl FnOnce(&mut O, &mut Context) -> Result<(), Error>,
+) -> Result<(), String> {
+    SLOT.with(|slot| {
+        let mut slot = slot
+            .try_borrow_mut()
+            .map_err(|_| "weir-sdk: operator re-entered".to_owned())?;
+        let Slot { operator, ctx } = &mut *slot;
+        let op = operator
+            .as_mut()
+            .ok_or_else(|| "weir-sdk: operator called before `open` (or after `close`)".to_owned())?
+            .downcast_mut::<O>()
+            .ok_or_else(|| "weir-sdk: operator instance has an unexpected type".to_owned())?;
+        match f(op, ctx) {
+            Ok(()) => {
+                ctx.flush();
+                Ok(())
+            }
+            Err(err) => {
+                ctx.discard();
+                Err(err.into())
+            }
+        }
+    })
+}
+
+/// Implements the generated export traits for any [`Operator`].
+#[doc(hidden)]
+pub struct Adapter<O>(PhantomData<O>);
+
+impl<O: Operator> operator::Guest for Adapter<O> {
+    fn open(config: String) -> Result<(), String> {
+        let config = Config::from_json(&config)?;
+        let op = O::open(&config)?;
+        SLOT.with(|slot| {
+            let mut slot = slot
+                .try_borrow_mut()
+                .map_err(|_| "weir-sdk: operator re-entered".to_owned())?;
+            slot.ctx.discard();
+            slot.operator = Some(Box::new(op));
+            Ok(())
+        })
+    }
+
+    fn process(input: u32, record: wit::Record) -> Result<(), String> {
+        with_operator::<O>(|op, ctx| {
+            let record = Record::new(record.key.as_deref(), &record.value, record.timestamp);
+            ctx.set_default_timestamp(record.timestamp());
+            op.process(ctx, input, record)
+        })
+    }
+
+    fn process_batch(input: u32, batch: wit::RecordBatch) -> Result<(), String> {
+        with_operator::<O>(|op, ctx| {
+            for (i, entry) in batch.entries.iter().enumerate() {
+                let record = decode_entry(&batch.data, entry, i)?;
+                let index = u32::try_from(i).map_err(|_| Error::msg("batch too large"))?;
+                state::select_record(index);
+                ctx.set_default_timestamp(record.timestamp());
+                op.process(ctx, input, record)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn on_timer(timer: wit::Timer) -> Result<(), String> {
+        let domain = match timer.domain {
+            wit::TimeDomain::EventTime => TimeDomain::EventTime,
+            wit::TimeDomain::ProcessingTime => TimeDomain::ProcessingTime,
+        };
+        with_operator::<O>(|op, ctx| {
+            // Records emitted from an event-time timer default to its time;
+            // a processing-time timer's time is wall-clock, not event time.
+            ctx.set_default_timestamp((domain == TimeDomain::EventTime).then_some(timer.timestamp));
+            let timer = Timer {
+                domain,
+                timestamp: timer.timestamp,
+                key: timer.key,
+            };
+            op.on_timer(ctx, timer)
+        })
+    }
+
+    fn close() -> Result<(), String> {
+        let opened = SLOT.with(|slot| slot.try_borrow().is_ok_and(|s| s.operator.is_some()));
+        if !opened {
+            // Nothing to close (e.g. `open` failed).
+            return Ok(());
+        }
+        let result = with_operator::<O>(|op, ctx| {
+            ctx.set_default_timestamp(None);
+            op.close(ctx)
+        });
+        SLOT.with(|slot| {
+            if let Ok(mut slot) = slot.try_borrow_mut() {
+                slot.operator = None;
+            }
+        });
+        result
+    }
+}
+
+impl<O: Operator> metadata::Guest for Adapter<O> {
+    fn describe() -> PluginInfo {
+        O::metadata().into_plugin_info()
+    }
+}
