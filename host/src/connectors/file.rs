@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::push_line;
+use super::{push_line, strip_line_ending};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::LineFormat;
@@ -68,13 +68,7 @@ impl FileSource {
             }
             self.offset += read as u64;
             self.line_number += 1;
-            let mut line: &[u8] = &self.line;
-            if let Some(stripped) = line.strip_suffix(b"\n") {
-                line = stripped;
-            }
-            if let Some(stripped) = line.strip_suffix(b"\r") {
-                line = stripped;
-            }
+            let line = strip_line_ending(&self.line);
             let (path, number) = (&self.path, self.line_number);
             push_line(batch, line, self.format.as_ref(), || {
                 format!("{} line {number}", path.display())

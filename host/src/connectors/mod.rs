@@ -18,6 +18,12 @@ use crate::dataflow::{FailureKind, OperatorError};
 use crate::job::LineFormat;
 use crate::types::RecordBatch;
 
+/// A line without its trailing `\n` or `\r\n`.
+pub fn strip_line_ending(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
 /// Appends one text line to `batch`, keyed and timestamped per `format`.
 /// `line` has no trailing newline. `describe` names the line in errors.
 pub fn push_line(

@@ -4,7 +4,7 @@
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 
-use super::push_line;
+use super::{push_line, strip_line_ending};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::LineFormat;
@@ -62,13 +62,7 @@ impl SocketSource {
                 return Ok(SourceStatus::Ended);
             }
             self.read += read as u64;
-            let mut line: &[u8] = &self.line;
-            if let Some(stripped) = line.strip_suffix(b"\n") {
-                line = stripped;
-            }
-            if let Some(stripped) = line.strip_suffix(b"\r") {
-                line = stripped;
-            }
+            let line = strip_line_ending(&self.line);
             let address = &self.address;
             push_line(batch, line, self.format.as_ref(), || {
                 format!("socket {address}")

@@ -333,6 +333,99 @@ pub fn panic_error(uid: &str, subtask: u32, message: String) -> TaskError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataflow::output::OutputEdge;
+    use crate::dataflow::{FiredTimer, TaskContext};
+    use crate::job::Partition;
+    use crate::state::KeyedState;
+    use crate::state::memory::MemoryBackend;
+    use tokio::sync::mpsc;
+
+    /// Registers a processing-time timer 20 ms ahead per record; emits the
+    /// key when it fires.
+    struct Ticker {
+        task: TaskContext,
+    }
+
+    impl Operator for Ticker {
+        fn task(&mut self) -> &mut TaskContext {
+            &mut self.task
+        }
+        fn open(&mut self) -> Result<(), OperatorError> {
+            Ok(())
+        }
+        fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+            let count = batch.len();
+            self.task.current_batch = batch;
+            for index in 0..count {
+                self.task.select_record(index);
+                let key = self.task.current_key.clone().expect("keyed");
+                self.task
+                    .timers
+                    .register(TimeDomain::ProcessingTime, now_millis() + 20, &key);
+            }
+            Ok(())
+        }
+        fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
+            assert_eq!(timer.domain, TimeDomain::ProcessingTime);
+            assert_eq!(self.task.current_key.as_deref(), Some(timer.key.as_slice()));
+            self.task.output.emit(
+                None,
+                crate::types::RecordRef {
+                    key: Some(&timer.key),
+                    value: b"fired",
+                    timestamp: None,
+                },
+            )
+        }
+        fn close(&mut self) -> Result<(), OperatorError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn processing_time_timers_fire_from_the_clock_without_input() {
+        let (input, receiver) = mpsc::channel(4);
+        let (sender, mut output) = mpsc::channel(16);
+        let info = TaskInfo {
+            job: Arc::from("test"),
+            uid: Arc::from("ticker"),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let collector = Collector::new(
+            vec![OutputEdge::new(None, Partition::Forward, 1, vec![sender])],
+            128,
+            1 << 20,
+        );
+        let state = KeyedState::new(Vec::new(), Box::new(MemoryBackend::new(0)), 128, 1);
+        let operator = Box::new(Ticker {
+            task: TaskContext::new(info, state, collector),
+        });
+        let task = tokio::spawn(run_operator(
+            operator,
+            InputGate::new(vec![(0, receiver)]),
+            Arc::new(NodeMetrics::default()),
+        ));
+        let mut batch = RecordBatch::new();
+        batch.push(Some(b"a"), b"1", None);
+        batch.push(Some(b"b"), b"2", None);
+        input.send(StreamEvent::Records(batch)).await.expect("send");
+        let mut fired = Vec::new();
+        while fired.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(10), output.recv())
+                .await
+                .expect("timers fire without further input")
+                .expect("channel open");
+            if let StreamEvent::Records(batch) = event {
+                fired.extend(batch.iter().map(|r| r.key.expect("keyed").to_vec()));
+            }
+        }
+        fired.sort();
+        assert_eq!(fired, vec![b"a".to_vec(), b"b".to_vec()]);
+        input.send(StreamEvent::EndOfInput).await.expect("send");
+        task.await.expect("joins").expect("operator ends well");
+    }
 
     #[test]
     fn watermark_generator_trails_the_max_timestamp() {

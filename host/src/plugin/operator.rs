@@ -62,9 +62,8 @@ impl WasmOperator {
         &self.loaded
     }
 
-    /// Runs one export call under the epoch deadline. The call runs in
-    /// `block_in_place` on a multi-threaded runtime: WASI's synchronous
-    /// imports block on tokio internally.
+    /// Runs one export call under the epoch deadline. Callers run inside
+    /// [`in_place`].
     fn call<R>(
         &mut self,
         what: &str,
@@ -73,7 +72,7 @@ impl WasmOperator {
         self.store.set_epoch_deadline(ticks(self.call_timeout));
         let plugin = &self.plugin;
         let store = &mut self.store;
-        let result = in_place(|| f(plugin, store));
+        let result = f(plugin, store);
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(OperatorError::new(
@@ -88,6 +87,10 @@ impl WasmOperator {
     }
 }
 
+/// Runs Wasm calls in `block_in_place` on a multi-threaded runtime: WASI's
+/// synchronous imports block on tokio internally, which a plain worker
+/// thread does not allow. Once per operator call (a whole batch), not per
+/// record.
 fn in_place<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -138,19 +141,15 @@ fn classify(
     )
 }
 
-impl Operator for WasmOperator {
-    fn task(&mut self) -> &mut TaskContext {
-        &mut self.store.data_mut().task
-    }
-
-    fn open(&mut self) -> Result<(), OperatorError> {
+impl WasmOperator {
+    fn open_inner(&mut self) -> Result<(), OperatorError> {
         let config = self.config.clone();
         self.call("open", |plugin, store| {
             plugin.weir_operator_operator().call_open(store, &config)
         })
     }
 
-    fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+    fn process_batch_inner(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
         if self.loaded.info.batch_input {
             let wit = WitRecordBatch {
                 data: batch.data().to_vec(),
@@ -201,7 +200,7 @@ impl Operator for WasmOperator {
         }
     }
 
-    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
+    fn on_timer_inner(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
         let wit = WitTimer {
             domain: match timer.domain {
                 TimeDomain::EventTime => WitTimeDomain::EventTime,
@@ -217,9 +216,31 @@ impl Operator for WasmOperator {
         result
     }
 
-    fn close(&mut self) -> Result<(), OperatorError> {
+    fn close_inner(&mut self) -> Result<(), OperatorError> {
         self.call("close", |plugin, store| {
             plugin.weir_operator_operator().call_close(store)
         })
+    }
+}
+
+impl Operator for WasmOperator {
+    fn task(&mut self) -> &mut TaskContext {
+        &mut self.store.data_mut().task
+    }
+
+    fn open(&mut self) -> Result<(), OperatorError> {
+        in_place(|| self.open_inner())
+    }
+
+    fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+        in_place(|| self.process_batch_inner(input, batch))
+    }
+
+    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
+        in_place(|| self.on_timer_inner(timer))
+    }
+
+    fn close(&mut self) -> Result<(), OperatorError> {
+        in_place(|| self.close_inner())
     }
 }
