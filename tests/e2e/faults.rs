@@ -152,3 +152,65 @@ fn a_plugin_importing_what_the_host_lacks_is_rejected_naming_the_import() {
     let bytes = std::fs::read(MISSING_IMPORT).expect("built plugin");
     expect_plugin_rejected(&bytes, "weir:missing/nowhere");
 }
+
+fn probe(fault: &str, input: &str, wasi: &str) -> Vec<String> {
+    let job = JobDir::new();
+    job.write("input.txt", input);
+    let path = job.job(&format!(
+        r#"
+name = "sandbox"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "probe"
+plugin = {plugin}
+inputs = ["lines"]
+config = {{ fault = "{fault}" }}
+wasi = [{wasi}]
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out"
+inputs = ["probe"]
+"#,
+        plugin = toml_path(FAULTS)
+    ));
+    run(&path).expect("job runs");
+    weir_tests::read_parts(&job.path().join("out"))
+}
+
+#[test]
+fn plugins_see_no_clock_unless_granted() {
+    assert_eq!(
+        probe("clock", "now\n", ""),
+        vec!["0"],
+        "the wall clock reads zero"
+    );
+    let granted: u128 = probe("clock", "now\n", r#""clocks""#)[0]
+        .parse()
+        .expect("millis");
+    assert!(
+        granted > 1_600_000_000_000,
+        "granted clocks are real: {granted}"
+    );
+}
+
+#[test]
+fn plugins_see_no_filesystem() {
+    let secret = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(secret.path(), "host secret").expect("write");
+    let input = format!("{}\n/etc/passwd\n", secret.path().display());
+    for line in probe("fs", &input, r#""stdio", "env", "clocks""#) {
+        assert!(
+            line.starts_with("denied"),
+            "a plugin read a host file: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_panicking_plugin_fails_the_task_not_the_host() {
+    expect_failure("panic", "", FailureKind::Trap, "trapped in process");
+}

@@ -3,7 +3,10 @@
 //! record's value equals config `on` (any record if `on` is absent), then
 //! misbehaves as config `fault` says: `loop` (never returns), `alloc`
 //! (allocates until memory runs out), `trap` (wasm `unreachable`), `error`
-//! (returns `err`) or `none`. Every keyed record also writes value state
+//! (returns `err`), `panic` (a Rust panic: its message goes to WASI stderr),
+//! `none`, or the sandbox probes `clock` (emits the WASI wall clock in ms) and
+//! `fs` (emits what reading the file named by the record's value gave).
+//! Every keyed record also writes value state
 //! `seen`, so per-record state calls are exercised.
 
 use std::cell::RefCell;
@@ -25,6 +28,9 @@ enum Fault {
     Alloc,
     Trap,
     Error,
+    Panic,
+    Clock,
+    Fs,
 }
 
 struct Settings {
@@ -55,6 +61,9 @@ fn parse_config(config: &str) -> Result<Settings, String> {
         "alloc" => Fault::Alloc,
         "trap" => Fault::Trap,
         "error" => Fault::Error,
+        "panic" => Fault::Panic,
+        "clock" => Fault::Clock,
+        "fs" => Fault::Fs,
         other => return Err(format!("faults plugin: unknown config `fault` {other:?}")),
     };
     let on = value
@@ -117,6 +126,32 @@ impl operator::Guest for Faults {
                 Fault::Loop => spin_forever(),
                 Fault::Alloc => allocate_forever(),
                 Fault::Trap => trap(),
+                Fault::Panic => panic!("faults plugin: panicking on purpose"),
+                Fault::Clock => {
+                    let millis = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or(0);
+                    output::emit(&Record {
+                        key: record.key.clone(),
+                        value: millis.to_string().into_bytes(),
+                        timestamp: record.timestamp,
+                    });
+                    return Ok(());
+                }
+                Fault::Fs => {
+                    let path = String::from_utf8_lossy(&record.value).into_owned();
+                    let outcome = match std::fs::read(&path) {
+                        Ok(bytes) => format!("read {} bytes", bytes.len()),
+                        Err(error) => format!("denied: {error}"),
+                    };
+                    output::emit(&Record {
+                        key: record.key.clone(),
+                        value: outcome.into_bytes(),
+                        timestamp: record.timestamp,
+                    });
+                    return Ok(());
+                }
                 Fault::Error => {
                     return Err(format!(
                         "faults plugin: failing on purpose on record {}",
