@@ -7,8 +7,8 @@ use std::marker::PhantomData;
 
 use crate::batch::decode_entry;
 use crate::bindings::exports::weir::operator::{metadata, operator};
-use crate::bindings::weir::operator::state;
 use crate::bindings::weir::operator::types::{self as wit, PluginInfo};
+use crate::cursor;
 use crate::{Config, Context, Error, Operator, Record, TimeDomain, Timer};
 
 /// The instance's operator (downcast to the exported type) and its context.
@@ -78,16 +78,19 @@ impl<O: Operator> operator::Guest for Adapter<O> {
     }
 
     fn process_batch(input: u32, batch: wit::RecordBatch) -> Result<(), String> {
-        with_operator::<O>(|op, ctx| {
+        cursor::begin_batch();
+        let result = with_operator::<O>(|op, ctx| {
             for (i, entry) in batch.entries.iter().enumerate() {
                 let record = decode_entry(&batch.data, entry, i)?;
                 let index = u32::try_from(i).map_err(|_| Error::msg("batch too large"))?;
-                state::select_record(index);
+                cursor::want(index);
                 ctx.set_default_timestamp(record.timestamp());
                 op.process(ctx, input, record)?;
             }
             Ok(())
-        })
+        });
+        cursor::end_batch();
+        result
     }
 
     fn on_timer(timer: wit::Timer) -> Result<(), String> {

@@ -89,21 +89,25 @@ impl Context {
     /// Registers an event-time timer for the current key: `on_timer` runs
     /// once the watermark reaches `timestamp`.
     pub fn register_event_time_timer(&self, timestamp: i64) {
+        crate::cursor::sync();
         timers::register_event_time_timer(timestamp);
     }
 
     /// Deletes the current key's event-time timer at `timestamp`, if any.
     pub fn delete_event_time_timer(&self, timestamp: i64) {
+        crate::cursor::sync();
         timers::delete_event_time_timer(timestamp);
     }
 
     /// Registers a processing-time (wall-clock ms) timer for the current key.
     pub fn register_processing_time_timer(&self, timestamp: i64) {
+        crate::cursor::sync();
         timers::register_processing_time_timer(timestamp);
     }
 
     /// Deletes the current key's processing-time timer at `timestamp`, if any.
     pub fn delete_processing_time_timer(&self, timestamp: i64) {
+        crate::cursor::sync();
         timers::delete_processing_time_timer(timestamp);
     }
 

@@ -73,6 +73,7 @@ mod adapter;
 mod batch;
 mod config;
 mod context;
+mod cursor;
 mod error;
 mod metadata;
 mod record;

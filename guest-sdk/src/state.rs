@@ -87,6 +87,7 @@ handle_common!(MapState<K, V>);
 impl<T: Serialize + DeserializeOwned> ValueState<T> {
     /// The current key's value, if set.
     pub fn get(&self) -> Result<Option<T>, Error> {
+        crate::cursor::sync();
         host::value_get(&self.name)
             .map(|bytes| decode(&self.name, &bytes))
             .transpose()
@@ -94,12 +95,14 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
 
     /// Replaces the current key's value.
     pub fn set(&self, value: &T) -> Result<(), Error> {
+        crate::cursor::sync();
         host::value_set(&self.name, &encode(&self.name, value)?);
         Ok(())
     }
 
     /// Removes the current key's value.
     pub fn clear(&self) {
+        crate::cursor::sync();
         host::value_clear(&self.name);
     }
 }
@@ -107,6 +110,7 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
 impl<T: Serialize + DeserializeOwned> ListState<T> {
     /// The current key's list (empty if never written).
     pub fn get(&self) -> Result<Vec<T>, Error> {
+        crate::cursor::sync();
         host::list_get(&self.name)
             .iter()
             .map(|bytes| decode(&self.name, bytes))
@@ -115,6 +119,7 @@ impl<T: Serialize + DeserializeOwned> ListState<T> {
 
     /// Appends to the current key's list.
     pub fn add(&self, value: &T) -> Result<(), Error> {
+        crate::cursor::sync();
         host::list_add(&self.name, &encode(&self.name, value)?);
         Ok(())
     }
@@ -125,12 +130,14 @@ impl<T: Serialize + DeserializeOwned> ListState<T> {
             .iter()
             .map(|v| encode(&self.name, v))
             .collect::<Result<Vec<_>, _>>()?;
+        crate::cursor::sync();
         host::list_update(&self.name, &encoded);
         Ok(())
     }
 
     /// Empties the current key's list.
     pub fn clear(&self) {
+        crate::cursor::sync();
         host::list_clear(&self.name);
     }
 }
@@ -138,6 +145,7 @@ impl<T: Serialize + DeserializeOwned> ListState<T> {
 impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> MapState<K, V> {
     /// The value under `key` in the current key's map.
     pub fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        crate::cursor::sync();
         host::map_get(&self.name, &encode(&self.name, key)?)
             .map(|bytes| decode(&self.name, &bytes))
             .transpose()
@@ -145,6 +153,7 @@ impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> MapState<
 
     /// Inserts or replaces `key`.
     pub fn put(&self, key: &K, value: &V) -> Result<(), Error> {
+        crate::cursor::sync();
         host::map_put(
             &self.name,
             &encode(&self.name, key)?,
@@ -155,17 +164,20 @@ impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> MapState<
 
     /// Removes `key` (no-op if absent).
     pub fn remove(&self, key: &K) -> Result<(), Error> {
+        crate::cursor::sync();
         host::map_remove(&self.name, &encode(&self.name, key)?);
         Ok(())
     }
 
     /// Whether `key` is present.
     pub fn contains(&self, key: &K) -> Result<bool, Error> {
+        crate::cursor::sync();
         Ok(host::map_contains(&self.name, &encode(&self.name, key)?))
     }
 
     /// All entries of the current key's map, in the host's order.
     pub fn entries(&self) -> Result<Vec<(K, V)>, Error> {
+        crate::cursor::sync();
         host::map_entries(&self.name)
             .iter()
             .map(|(k, v)| Ok((decode(&self.name, k)?, decode(&self.name, v)?)))
@@ -174,6 +186,7 @@ impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> MapState<
 
     /// All keys of the current key's map, in the host's order.
     pub fn keys(&self) -> Result<Vec<K>, Error> {
+        crate::cursor::sync();
         host::map_keys(&self.name)
             .iter()
             .map(|k| decode(&self.name, k))
@@ -182,6 +195,7 @@ impl<K: Serialize + DeserializeOwned, V: Serialize + DeserializeOwned> MapState<
 
     /// Empties the current key's map.
     pub fn clear(&self) {
+        crate::cursor::sync();
         host::map_clear(&self.name);
     }
 }
