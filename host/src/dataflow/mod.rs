@@ -7,6 +7,7 @@
 //!   downstream channels.
 //! - [`input`]: the [`InputGate`] that reads a subtask's input channels and
 //!   tracks the watermark as the minimum over them.
+//! - [`alignment`]: barrier alignment as a pure state machine ([`Aligner`]).
 //! - [`timers`]: event-time and processing-time timers per key.
 //! - [`task`]: the loops of source, operator and sink subtasks.
 //! - [`runtime`]: builds channels and tasks from a job graph and runs them.
@@ -14,6 +15,7 @@
 //! Invariant: this module never names wasmtime or RocksDB; it speaks the
 //! plain types of [`crate::types`] and the traits defined here.
 
+pub mod alignment;
 pub mod input;
 pub mod operator;
 pub mod output;
@@ -21,6 +23,7 @@ pub mod runtime;
 pub mod task;
 pub mod timers;
 
+pub use alignment::{Aligner, Alignment};
 pub use input::InputGate;
 pub use operator::{
     FailureKind, Operator, OperatorError, Sink, Source, SourceStatus, TaskContext, TaskError,

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use super::alignment::Aligner;
 use super::input::InputGate;
 use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
@@ -147,6 +148,7 @@ pub fn launch(
             let mut inputs = receivers.remove(&(node_id, subtask)).unwrap_or_default();
             inputs.sort_by_key(|(input, _)| *input);
             let gate = InputGate::new(inputs);
+            let aligner = Aligner::new(gate.channel_count(), graph.checkpoint.mode);
             let node_metrics = metrics[node_id].clone();
             let handle = match &node.kind {
                 NodeKind::Source(source) => {
@@ -165,13 +167,13 @@ pub fn launch(
                     let operator = factory.operator(node, info, output)?;
                     running
                         .tasks
-                        .spawn(task::run_operator(operator, gate, node_metrics))
+                        .spawn(task::run_operator(operator, gate, aligner, node_metrics))
                 }
                 NodeKind::Sink(_) => {
                     let sink = factory.sink(node, &info)?;
                     running
                         .tasks
-                        .spawn(task::run_sink(info, sink, gate, node_metrics))
+                        .spawn(task::run_sink(info, sink, gate, aligner, node_metrics))
                 }
             };
             running

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{Instrument, debug};
 
+use super::alignment::{Aligner, Alignment};
 use super::input::{Delivery, InputGate};
 use super::operator::{
     FailureKind, Operator, OperatorError, Sink, Source, SourceStatus, TaskError, TaskInfo,
@@ -15,7 +16,7 @@ use super::operator::{
 use super::output::{BATCH_RECORDS, Collector};
 use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
-use crate::types::{MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
+use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
 
 /// What an operator subtask reports when it ends well.
 #[derive(Debug, Clone, Default)]
@@ -149,6 +150,7 @@ pub async fn run_source(
 pub async fn run_operator(
     mut operator: Box<dyn Operator>,
     mut gate: InputGate,
+    mut aligner: Aligner,
     metrics: Arc<NodeMetrics>,
 ) -> Result<TaskSummary, TaskError> {
     let info = operator.task().info.clone();
@@ -200,17 +202,33 @@ pub async fn run_operator(
                             .map_err(&fail)?;
                     }
                 }
-                StreamEvent::Barrier(_) => {
-                    // Checkpoint barriers are aligned and snapshotted by the
-                    // checkpoint layer; without it they are passed through.
-                    operator
-                        .task()
-                        .output
-                        .broadcast(event)
-                        .await
-                        .map_err(&fail)?;
+                StreamEvent::Barrier(checkpoint) => {
+                    let outcome = aligner.on_barrier(channel, checkpoint);
+                    if let Some(aligned) = apply_alignment(outcome, &mut gate) {
+                        // The operator's snapshot belongs here (checkpoints);
+                        // then the barrier goes on, once.
+                        let barrier = StreamEvent::Barrier(aligned);
+                        operator
+                            .task()
+                            .output
+                            .broadcast(barrier)
+                            .await
+                            .map_err(&fail)?;
+                    }
                 }
-                StreamEvent::EndOfInput => gate.end(channel),
+                StreamEvent::EndOfInput => {
+                    gate.end(channel);
+                    let outcome = aligner.on_end_of_input(channel);
+                    if let Some(aligned) = apply_alignment(outcome, &mut gate) {
+                        let barrier = StreamEvent::Barrier(aligned);
+                        operator
+                            .task()
+                            .output
+                            .broadcast(barrier)
+                            .await
+                            .map_err(&fail)?;
+                    }
+                }
             }
         }
         operator.close().map_err(&fail)?;
@@ -230,6 +248,42 @@ pub async fn run_operator(
     }
     .instrument(span)
     .await
+}
+
+/// Applies the aligner's answer to the gate; returns the checkpoint that is
+/// now aligned, if any.
+fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<CheckpointId> {
+    match outcome {
+        Alignment::Continue => None,
+        Alignment::Block(channel) => {
+            gate.block(channel);
+            None
+        }
+        Alignment::Aborted { checkpoint, block } => {
+            debug!(
+                checkpoint = checkpoint.0,
+                "alignment aborted by a newer barrier"
+            );
+            gate.unblock_all();
+            if let Some(channel) = block {
+                gate.block(channel);
+            }
+            None
+        }
+        Alignment::Aligned {
+            checkpoint,
+            aborted,
+        } => {
+            if let Some(aborted) = aborted {
+                debug!(
+                    checkpoint = aborted.0,
+                    "alignment aborted by a newer barrier"
+                );
+            }
+            gate.unblock_all();
+            Some(checkpoint)
+        }
+    }
 }
 
 async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> {
@@ -293,6 +347,7 @@ pub async fn run_sink(
     info: TaskInfo,
     mut sink: Box<dyn Sink>,
     mut gate: InputGate,
+    mut aligner: Aligner,
     metrics: Arc<NodeMetrics>,
 ) -> Result<TaskSummary, TaskError> {
     let span = tracing::info_span!("sink", uid = %info.uid, subtask = info.subtask);
@@ -306,8 +361,15 @@ pub async fn run_sink(
                         .records_in
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
-                StreamEvent::EndOfInput => gate.end(channel),
-                StreamEvent::Watermark(_) | StreamEvent::Barrier(_) => {}
+                StreamEvent::Barrier(checkpoint) => {
+                    // An aligned sink is where two-phase commits hook in.
+                    apply_alignment(aligner.on_barrier(channel, checkpoint), &mut gate);
+                }
+                StreamEvent::EndOfInput => {
+                    gate.end(channel);
+                    apply_alignment(aligner.on_end_of_input(channel), &mut gate);
+                }
+                StreamEvent::Watermark(_) => {}
             }
         }
         sink.finish().map_err(&fail)?;
@@ -405,6 +467,7 @@ mod tests {
         let task = tokio::spawn(run_operator(
             operator,
             InputGate::new(vec![(0, receiver)]),
+            Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
             Arc::new(NodeMetrics::default()),
         ));
         let mut batch = RecordBatch::new();
