@@ -11,6 +11,7 @@
 //! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
 //! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
 //! - [`connectors`]: sources and sinks.
+//! - [`restart`]: restart strategies (when and whether a failed job restarts).
 //! - [`runner`]: the embedded runner behind `weir run`.
 //! - [`cli`]: the command line.
 
@@ -19,6 +20,7 @@ pub mod connectors;
 pub mod dataflow;
 pub mod job;
 pub mod plugin;
+pub mod restart;
 pub mod runner;
 pub mod state;
 pub mod types;

@@ -86,15 +86,36 @@ pub enum CheckpointMode {
     AtLeastOnce,
 }
 
-/// `[restart]`: parsed and validated now; driven by the restart strategy.
+/// `[restart]`: which restart strategy applies after a failure, with its
+/// settings (see [`crate::restart`] for which keys go with which strategy).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartSettings {
     #[serde(default)]
     pub strategy: RestartStrategyKind,
+    /// fixed-delay, exponential-delay: restarts allowed.
     pub attempts: Option<u32>,
+    /// fixed-delay, failure-rate: wait before restarting.
     #[serde(default, with = "humantime_serde_opt")]
     pub delay: Option<Duration>,
+    /// failure-rate: failures allowed within `interval`.
+    pub max_failures: Option<u32>,
+    /// failure-rate: the window failures are counted in.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub interval: Option<Duration>,
+    /// exponential-delay: the first delay.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub initial_delay: Option<Duration>,
+    /// exponential-delay: the longest delay.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub max_delay: Option<Duration>,
+    /// exponential-delay: growth per failure.
+    pub multiplier: Option<f64>,
+    /// exponential-delay: a run this long without failure resets the delay.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub reset_after: Option<Duration>,
+    /// exponential-delay: each delay is spread by ± this fraction.
+    pub jitter: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

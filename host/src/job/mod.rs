@@ -410,9 +410,8 @@ fn resolve_plugin(plugin: &str, base: &Path) -> PathBuf {
 }
 
 fn validate_restart(restart: &RestartSettings, problems: &mut Vec<String>) {
-    use file::RestartStrategyKind as K;
-    if restart.strategy == K::None && (restart.attempts.is_some() || restart.delay.is_some()) {
-        problems.push("[restart]: attempts/delay given but strategy is \"none\"".to_string());
+    if let Err(found) = crate::restart::RestartStrategy::from_settings(restart) {
+        problems.extend(found);
     }
 }
 

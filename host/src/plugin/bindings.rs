@@ -8,7 +8,7 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use weir::operator::types::{
+pub use self::weir::operator::types::{
     BatchEntry as WitBatchEntry, PluginInfo as WitPluginInfo, Record as WitRecord,
     RecordBatch as WitRecordBatch, StateKind as WitStateKind, TimeDomain as WitTimeDomain,
     Timer as WitTimer,

@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
 
-use rustc_hash::FxHashMap;
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 
 use crate::types::key_group;
 
@@ -136,7 +137,7 @@ struct Slot {
 struct Table {
     name: String,
     kind: StateKind,
-    cache: FxHashMap<Box<[u8]>, Slot>,
+    cache: HashMap<Box<[u8]>, Slot>,
 }
 
 /// The keyed state of one operator subtask: every declared state, a
@@ -176,7 +177,7 @@ impl KeyedState {
                 .map(|(name, kind)| Table {
                     name,
                     kind,
-                    cache: FxHashMap::default(),
+                    cache: HashMap::default(),
                 })
                 .collect(),
             backend,
@@ -198,27 +199,33 @@ impl KeyedState {
         self.backend.as_ref()
     }
 
+    /// The cached slot of (table, key), loading it from the backend on a
+    /// miss. One hash lookup on a hit.
     fn slot(&mut self, table: TableId, key: &[u8]) -> Result<&mut Slot, StateError> {
-        if !self.tables[table].cache.contains_key(key) {
-            let group = key_group::of_key(key, self.max_parallelism);
-            let stored = self.backend.get(table, group, key)?;
-            let t = &self.tables[table];
-            let cell = stored
-                .map(|bytes| decode_cell(t.kind, bytes))
-                .transpose()
-                .map_err(|source| StateError::Corrupt {
-                    table: t.name.clone(),
-                    source,
-                })?;
-            self.tables[table]
-                .cache
-                .insert(key.into(), Slot { cell, dirty: false });
-            self.cached += 1;
+        let Self {
+            tables,
+            backend,
+            max_parallelism,
+            cached,
+            ..
+        } = self;
+        let Table { name, kind, cache } = &mut tables[table];
+        match cache.entry_ref(key) {
+            EntryRef::Occupied(occupied) => Ok(occupied.into_mut()),
+            EntryRef::Vacant(vacant) => {
+                let group = key_group::of_key(key, *max_parallelism);
+                let cell = backend
+                    .get(table, group, key)?
+                    .map(|bytes| decode_cell(*kind, bytes))
+                    .transpose()
+                    .map_err(|source| StateError::Corrupt {
+                        table: name.clone(),
+                        source,
+                    })?;
+                *cached += 1;
+                Ok(vacant.insert(Slot { cell, dirty: false }))
+            }
         }
-        Ok(self.tables[table]
-            .cache
-            .get_mut(key)
-            .expect("slot was inserted above"))
     }
 
     pub fn value_get(&mut self, table: TableId, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
