@@ -6,7 +6,9 @@
 //! 2. The wordcount `count` component with RocksDB keyed state on a
 //!    generator of 10M records over 100k distinct keys, parallelism 1.
 //!
-//! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M).
+//! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M); pass
+//! words to run only the benchmarks whose names contain one of them
+//! (`cargo bench -p weir --bench throughput -- map`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -121,6 +123,12 @@ inputs = ["map"]
 "#
         )
     };
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let uppercase = weir_tests::plugins::UPPERCASE;
     let mut native = HashMap::new();
     native.insert(
@@ -142,22 +150,24 @@ inputs = ["map"]
         &HashMap::new(),
         100_000,
     );
-    results.push(run(
-        &engine,
-        dir.path(),
-        "stateless map, Wasm component",
-        &map_job(uppercase),
-        &HashMap::new(),
-        records,
-    ));
-    results.push(run(
-        &engine,
-        dir.path(),
-        "stateless map, native Rust",
-        &map_job(uppercase),
-        &native,
-        records,
-    ));
+    if wanted("map") {
+        results.push(run(
+            &engine,
+            dir.path(),
+            "stateless map, Wasm component",
+            &map_job(uppercase),
+            &HashMap::new(),
+            records,
+        ));
+        results.push(run(
+            &engine,
+            dir.path(),
+            "stateless map, native Rust",
+            &map_job(uppercase),
+            &native,
+            records,
+        ));
+    }
     let wordcount = format!(
         r#"
 name = "wordcount"
@@ -181,14 +191,16 @@ inputs = ["count"]
         state = dir.path().join("state").display().to_string(),
         count = weir_tests::plugins::WORDCOUNT_COUNT,
     );
-    results.push(run(
-        &engine,
-        dir.path(),
-        "wordcount, RocksDB state, p=1",
-        &wordcount,
-        &HashMap::new(),
-        records,
-    ));
+    if wanted("wordcount") {
+        results.push(run(
+            &engine,
+            dir.path(),
+            "wordcount, RocksDB state, p=1",
+            &wordcount,
+            &HashMap::new(),
+            records,
+        ));
+    }
 
     println!();
     println!("| benchmark | records | seconds | records/s |");
@@ -202,8 +214,12 @@ inputs = ["count"]
             m.records as f64 / m.seconds
         );
     }
-    let ratio = (results[0].records as f64 / results[0].seconds)
-        / (results[1].records as f64 / results[1].seconds);
-    println!();
-    println!("Wasm map / native map throughput: {ratio:.2}x");
+    if wanted("map") {
+        let rate = |m: &Measurement| m.records as f64 / m.seconds;
+        println!();
+        println!(
+            "Wasm map / native map throughput: {:.2}x",
+            rate(&results[0]) / rate(&results[1])
+        );
+    }
 }
