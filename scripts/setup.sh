@@ -14,13 +14,27 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 
+# libclang itself (libclang.so / libclang-<version>.so), not libclang-cpp,
+# which a fresh Debian machine may already have.
 have_libclang() {
-    ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' \
-        || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 \
-        || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
+    ldconfig -p 2>/dev/null | grep -Eq '/libclang(-[0-9.]+)?\.so' && return 0
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so*; do
+        [ -e "$f" ] && return 0
+    done
+    return 1
 }
 
-if ! have_libclang; then
+needs_libclang() {
+    if command -v dpkg-query >/dev/null 2>&1; then
+        # Debian: the -dev package also brings clang's headers bindgen needs.
+        ! dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "install ok installed"
+    else
+        ! have_libclang
+    fi
+}
+
+if needs_libclang; then
     if command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing libclang-dev (needed by the rocksdb crate's bindgen)" >&2
         SUDO=""
