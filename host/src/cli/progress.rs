@@ -42,17 +42,19 @@ impl Progress {
         let (thread_bar, thread_stop) = (bar.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
-            let mut last = (Instant::now(), 0u64);
+            let mut last = (Instant::now(), 0u64, 0u64);
             while !thread_stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
                 let (read, written) = totals(&metrics);
                 let now = Instant::now();
-                let rate =
-                    (read - last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
-                last = (now, read);
+                let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
+                let read_rate = (read - last.1) as f64 / seconds;
+                let write_rate = (written - last.2) as f64 / seconds;
+                last = (now, read, written);
                 thread_bar.set_message(format!(
-                    "in {read} records  out {written} records  {} records/s  ({:.0}s)",
-                    human(rate),
+                    "in {read} records ({}/s)  out {written} records ({}/s)  ({:.0}s)",
+                    human(read_rate),
+                    human(write_rate),
                     started.elapsed().as_secs_f64()
                 ));
                 thread_bar.tick();
