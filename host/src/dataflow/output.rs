@@ -109,8 +109,8 @@ impl Collector {
         side_output: Option<&str>,
         record: RecordRef<'_>,
     ) -> Result<(), OperatorError> {
-        let size = record.key.map_or(0, <[u8]>::len) + record.value.len();
-        if size as u64 > self.max_record_bytes {
+        let size = record_size(record);
+        if size > self.max_record_bytes {
             return Err(OperatorError::new(
                 FailureKind::Plugin,
                 format!(
@@ -143,9 +143,13 @@ impl Collector {
             && self.edges[0].targets[0].pending.is_empty()
             && self.edges[0].partition != Partition::Key;
         if single {
-            if let Some(record) = batch.iter().find(|r| {
-                (r.key.map_or(0, <[u8]>::len) + r.value.len()) as u64 > self.max_record_bytes
-            }) {
+            // No record can exceed the limit if all of them together do not.
+            let may_exceed = batch.data_len() as u64 > self.max_record_bytes;
+            if may_exceed
+                && let Some(record) = batch
+                    .iter()
+                    .find(|r| record_size(*r) > self.max_record_bytes)
+            {
                 return self.emit(None, record);
             }
             self.emitted += batch.len() as u64;
@@ -190,6 +194,11 @@ impl Collector {
         }
         Ok(())
     }
+}
+
+/// Key plus value bytes of a record (what `max_record_size` limits).
+fn record_size(record: RecordRef<'_>) -> u64 {
+    (record.key.map_or(0, <[u8]>::len) + record.value.len()) as u64
 }
 
 async fn send(sender: &Sender<StreamEvent>, event: StreamEvent) -> Result<(), OperatorError> {

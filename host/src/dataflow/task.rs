@@ -204,30 +204,16 @@ pub async fn run_operator(
                 }
                 StreamEvent::Barrier(checkpoint) => {
                     let outcome = aligner.on_barrier(channel, checkpoint);
-                    if let Some(aligned) = apply_alignment(outcome, &mut gate) {
-                        // The operator's snapshot belongs here (checkpoints);
-                        // then the barrier goes on, once.
-                        let barrier = StreamEvent::Barrier(aligned);
-                        operator
-                            .task()
-                            .output
-                            .broadcast(barrier)
-                            .await
-                            .map_err(&fail)?;
-                    }
+                    forward_aligned(operator.as_mut(), outcome, &mut gate)
+                        .await
+                        .map_err(&fail)?;
                 }
                 StreamEvent::EndOfInput => {
                     gate.end(channel);
                     let outcome = aligner.on_end_of_input(channel);
-                    if let Some(aligned) = apply_alignment(outcome, &mut gate) {
-                        let barrier = StreamEvent::Barrier(aligned);
-                        operator
-                            .task()
-                            .output
-                            .broadcast(barrier)
-                            .await
-                            .map_err(&fail)?;
-                    }
+                    forward_aligned(operator.as_mut(), outcome, &mut gate)
+                        .await
+                        .map_err(&fail)?;
                 }
             }
         }
@@ -283,6 +269,22 @@ fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<Checkpoin
             gate.unblock_all();
             Some(checkpoint)
         }
+    }
+}
+
+/// Applies the aligner's answer and, once a checkpoint is aligned, sends its
+/// barrier downstream once. (The operator's snapshot will be taken here.)
+async fn forward_aligned(
+    operator: &mut dyn Operator,
+    outcome: Alignment,
+    gate: &mut InputGate,
+) -> Result<(), OperatorError> {
+    match apply_alignment(outcome, gate) {
+        Some(aligned) => {
+            let barrier = StreamEvent::Barrier(aligned);
+            operator.task().output.broadcast(barrier).await
+        }
+        None => Ok(()),
     }
 }
 

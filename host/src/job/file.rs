@@ -429,12 +429,8 @@ mod humantime_serde_opt {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
-        text.map(|text| {
-            humantime::parse_duration(&text).map_err(|error| {
-                serde::de::Error::custom(format!("invalid duration {text:?}: {error}"))
-            })
-        })
-        .transpose()
+        text.map(|text| super::humantime_serde_req::parse(&text))
+            .transpose()
     }
 }
 
@@ -444,10 +440,13 @@ mod humantime_serde_req {
     use serde::{Deserialize, Deserializer};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|error| {
-            serde::de::Error::custom(format!("invalid duration {text:?}: {error}"))
-        })
+        parse(&String::deserialize(d)?)
+    }
+
+    /// `"1s"`, `"250ms"`, `"5m"`: humantime durations.
+    pub fn parse<E: serde::de::Error>(text: &str) -> Result<Duration, E> {
+        humantime::parse_duration(text)
+            .map_err(|error| E::custom(format!("invalid duration {text:?}: {error}")))
     }
 }
 
