@@ -83,8 +83,9 @@ fn run(
     let job = runner::prepare(engine, graph).expect("plugins load");
     let started = Instant::now();
     runtime.block_on(async {
-        let running = runner::launch_with_native(&job, native).expect("launch");
-        runner::finish(&job, running).await.expect("job runs")
+        runner::run_with_native(&job, native, &mut |_| {})
+            .await
+            .expect("job runs")
     });
     Measurement {
         name: name.to_string(),

@@ -11,10 +11,12 @@
 //! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
 //! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
 //! - [`connectors`]: sources and sinks.
+//! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
 //! - [`runner`]: the embedded runner behind `weir run`.
 //! - [`cli`]: the command line.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod connectors;
 pub mod dataflow;

@@ -1,27 +1,40 @@
 //! The embedded runner: everything `weir run` does in one process. It loads
-//! a job's plugins (validated, compiled, cached), opens per-subtask keyed
-//! state (RocksDB by default), and implements the dataflow's
-//! [`TaskFactory`] with the connectors and [`WasmOperator`]s.
+//! a job's plugins (validated, compiled, cached), checks a restore point
+//! against the design's restore rules, opens per-subtask keyed state
+//! (RocksDB by default) restored from it, implements the dataflow's
+//! [`TaskFactory`] with the connectors and [`WasmOperator`]s, and restarts
+//! failed attempts from the latest completed checkpoint as the job's
+//! restart strategy allows.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::checkpoint::coordinator::{Coordinator, CoordinatorSettings, JobCheckpoints};
+use crate::checkpoint::metadata::{
+    CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
+};
+use crate::checkpoint::storage::SubtaskStorage;
+use crate::checkpoint::{CheckpointError, Role, restore};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
-use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink};
+use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
 use crate::dataflow::runtime::{self, RunningJob};
+use crate::dataflow::task::Reports;
 use crate::dataflow::{
     Collector, Operator, OperatorError, Sink, Source, TaskContext, TaskError, TaskFactory, TaskInfo,
 };
 use crate::job::{BackendKind, JobGraph, Node, NodeKind, SinkKind, SourceKind};
 use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
+use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
-use crate::state::{KeyedState, StateBackend};
+use crate::state::{KeyedState, StateBackend, StateDescriptor};
+use crate::types::key_group;
 
 /// Errors starting or running a job embedded.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +47,40 @@ pub enum RunError {
         #[source]
         source: PluginError,
     },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("job `{job}` failed: {source}")]
     Task {
         job: String,
         #[source]
         source: TaskError,
     },
+    #[error("job `{job}` failed for good ({reason}); the last failure: {source}")]
+    GaveUp {
+        job: String,
+        reason: String,
+        #[source]
+        source: TaskError,
+    },
+}
+
+impl RunError {
+    /// The task failure behind this error, if it is one.
+    pub fn task_error(&self) -> Option<&TaskError> {
+        match self {
+            RunError::Task { source, .. } | RunError::GaveUp { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// How to start a job.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// A checkpoint or savepoint to restore (its directory or `_metadata`).
+    pub restore: Option<PathBuf>,
+    /// Skip state of uids (or state names) the job no longer has.
+    pub allow_non_restored_state: bool,
 }
 
 /// A job whose plugins are loaded, ready to launch.
@@ -48,6 +89,10 @@ pub struct PreparedJob {
     pub graph: JobGraph,
     pub job_id: String,
     pub plugins: HashMap<String, Arc<LoadedPlugin>>,
+    /// The checkpoint or savepoint the first attempt restores.
+    pub restore: Option<ReadMetadata>,
+    /// This job's checkpoints (None: checkpointing is off).
+    pub checkpoints: Option<Arc<JobCheckpoints>>,
 }
 
 impl PreparedJob {
@@ -55,22 +100,35 @@ impl PreparedJob {
     pub fn state_dir(&self) -> PathBuf {
         self.graph.state.dir.join(&self.job_id)
     }
+
+    /// Where an attempt restores from: the job's newest completed
+    /// checkpoint, else the restore point it was started with.
+    fn restore_point(&self) -> Option<(ReadMetadata, bool)> {
+        self.checkpoints
+            .as_ref()
+            .and_then(|c| c.latest())
+            .map(|read| (read, true))
+            .or_else(|| self.restore.clone().map(|read| (read, false)))
+    }
 }
 
 /// A new random job id (32 hex digits, like Flink's).
 pub fn new_job_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let pid = u64::from(std::process::id());
-    let a = xxhash_rust::xxh3::xxh3_64_with_seed(&nanos.to_le_bytes(), pid);
-    let b = xxhash_rust::xxh3::xxh3_64_with_seed(&nanos.to_le_bytes(), a ^ 0x9e37_79b9_7f4a_7c15);
-    format!("{a:016x}{b:016x}")
+    crate::checkpoint::storage::random_hex(16)
 }
 
 /// Loads every plugin of the job (each file once).
 pub fn prepare(engine: &PluginEngine, graph: JobGraph) -> Result<PreparedJob, RunError> {
+    prepare_with(engine, graph, &RunOptions::default())
+}
+
+/// Loads every plugin of the job and checks the restore point, if any,
+/// against the restore rules (nothing is restored yet).
+pub fn prepare_with(
+    engine: &PluginEngine,
+    graph: JobGraph,
+    options: &RunOptions,
+) -> Result<PreparedJob, RunError> {
     let mut by_file: HashMap<PathBuf, Arc<LoadedPlugin>> = HashMap::new();
     let mut plugins = HashMap::new();
     for node in &graph.nodes {
@@ -92,10 +150,51 @@ pub fn prepare(engine: &PluginEngine, graph: JobGraph) -> Result<PreparedJob, Ru
             plugins.insert(node.uid.clone(), loaded);
         }
     }
+    let restore = match &options.restore {
+        Some(path) => {
+            let read = crate::checkpoint::metadata::read(path)?;
+            let declared: HashMap<String, Vec<StateDescriptor>> = plugins
+                .iter()
+                .map(|(uid, p)| (uid.clone(), p.info.states.clone()))
+                .collect();
+            let skipped =
+                restore::check(&read, &graph, &declared, options.allow_non_restored_state)?;
+            restore::check_files_exist(&read)?;
+            for line in &skipped {
+                warn!("not restored (--allow-non-restored-state): {line}");
+            }
+            info!(checkpoint = read.metadata.checkpoint, from = %read.path.display(), "restoring");
+            Some(read)
+        }
+        None => None,
+    };
+    let job_id = new_job_id();
+    let checkpoints = graph.checkpoint.interval.map(|_| {
+        let first = restore.as_ref().map_or(1, |r| r.metadata.checkpoint + 1);
+        Arc::new(JobCheckpoints::new(
+            checkpoint_root(&graph).join(&job_id),
+            graph.checkpoint.retained as usize,
+            first,
+        ))
+    });
     Ok(PreparedJob {
         graph,
-        job_id: new_job_id(),
+        job_id,
         plugins,
+        restore,
+        checkpoints,
+    })
+}
+
+/// `[checkpoint] dir`, by default `weir-data/checkpoints` beside the job file.
+pub fn checkpoint_root(graph: &JobGraph) -> PathBuf {
+    graph.checkpoint.dir.clone().unwrap_or_else(|| {
+        graph
+            .file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("weir-data/checkpoints")
     })
 }
 
@@ -107,6 +206,9 @@ pub type NativeOperator = Arc<dyn Fn(TaskContext) -> Box<dyn Operator> + Send + 
 struct Factory<'a> {
     job: &'a PreparedJob,
     native: &'a HashMap<String, NativeOperator>,
+    /// The restore point of this attempt, and whether it is this job's own
+    /// checkpoint (its shared files may then be referenced again).
+    restore: Option<(&'a ReadMetadata, bool)>,
 }
 
 impl Factory<'_> {
@@ -117,6 +219,89 @@ impl Factory<'_> {
             error,
         }
     }
+
+    fn restore_error(info: &TaskInfo, error: impl std::fmt::Display) -> TaskError {
+        Self::task_error(
+            info,
+            OperatorError::new(
+                crate::dataflow::FailureKind::State,
+                format!("restoring state: {error}"),
+            ),
+        )
+    }
+
+    fn restored(&self, uid: &str) -> Option<(&ReadMetadata, &OperatorSnapshot)> {
+        let (read, _) = self.restore?;
+        Some((read, read.metadata.operators.get(uid)?))
+    }
+
+    /// Opens an operator subtask's keyed state, restored if the restore
+    /// point has state for its uid: file for file when the key-group range
+    /// and states are unchanged, else cell by cell for its key groups.
+    fn open_state(
+        &self,
+        node: &Node,
+        info: &TaskInfo,
+        states: &[StateDescriptor],
+        storage: Option<&SubtaskStorage>,
+    ) -> Result<KeyedState, TaskError> {
+        let settings = &self.job.graph.state;
+        let tables: Vec<String> = states
+            .iter()
+            .map(|s| format!("{}/{}", node.uid, s.name))
+            .collect();
+        let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
+        let key_groups = [range.start, range.end];
+        let restored = self.restored(&node.uid);
+        let dir = self
+            .job
+            .state_dir()
+            .join(format!("{}-{}", node.uid, info.subtask));
+        let mut restored_whole = false;
+        let mut backend: Box<dyn StateBackend> = if states.is_empty()
+            || settings.backend == BackendKind::Memory
+        {
+            Box::new(MemoryBackend::new(states.len()))
+        } else {
+            if let Some((read, op)) = restored
+                && let Some(whole) = restore::whole_files(op, key_groups, states)
+            {
+                restore::install_files(read, &whole.files, &dir)
+                    .map_err(|e| Self::restore_error(info, e))?;
+                if let (Some(storage), Some((_, true))) = (storage, self.restore) {
+                    storage.seed(whole.files.iter().cloned());
+                }
+                restored_whole = true;
+            }
+            Box::new(
+                RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(info, e.into()))?,
+            )
+        };
+        if let Some((read, op)) = restored
+            && !restored_whole
+        {
+            let work = self.job.state_dir().join("restore");
+            restore::load_cells(
+                read,
+                &node.uid,
+                op,
+                range.clone(),
+                &tables,
+                &work,
+                backend.as_mut(),
+            )
+            .map_err(|e| Self::restore_error(info, e))?;
+        }
+        Ok(KeyedState::new(
+            tables
+                .into_iter()
+                .zip(states.iter().map(|s| s.kind))
+                .collect(),
+            backend,
+            info.max_parallelism,
+            settings.cache_entries,
+        ))
+    }
 }
 
 impl TaskFactory for Factory<'_> {
@@ -124,10 +309,15 @@ impl TaskFactory for Factory<'_> {
         let NodeKind::Source(source) = &node.kind else {
             unreachable!("source() is called for source nodes only")
         };
+        let position = self
+            .restore
+            .and_then(|(read, _)| restore::source_position(read, &node.uid, info.subtask));
         Ok(match &source.kind {
-            SourceKind::File { path } => {
-                Box::new(FileSource::new(path.clone(), source.format.clone(), 0))
-            }
+            SourceKind::File { path } => Box::new(FileSource::new(
+                path.clone(),
+                source.format.clone(),
+                position.unwrap_or(0),
+            )),
             SourceKind::Generator {
                 count,
                 rate,
@@ -140,8 +330,9 @@ impl TaskFactory for Factory<'_> {
                 *seed,
                 info.subtask,
                 info.parallelism,
-                None,
+                position,
             )),
+            // Not replayable: a restored socket source reads on from now.
             SourceKind::Socket { address } => {
                 Box::new(SocketSource::new(address.clone(), source.format.clone()))
             }
@@ -153,12 +344,12 @@ impl TaskFactory for Factory<'_> {
         node: &Node,
         info: TaskInfo,
         output: Collector,
-    ) -> Result<Box<dyn Operator>, TaskError> {
+        reports: &Reports,
+    ) -> Result<runtime::OperatorTask, TaskError> {
         let NodeKind::Operator(operator) = &node.kind else {
             unreachable!("operator() is called for operator nodes only")
         };
         let plugin = self.job.plugins[&node.uid].clone();
-        let states = &plugin.info.states;
         if let Some(native) = self.native.get(&node.uid) {
             let keyed = KeyedState::new(
                 Vec::new(),
@@ -166,56 +357,139 @@ impl TaskFactory for Factory<'_> {
                 info.max_parallelism,
                 1,
             );
-            return Ok(native(TaskContext::new(info, keyed, output)));
+            return Ok((native(TaskContext::new(info, keyed, output)), None));
         }
-        let settings = &self.job.graph.state;
-        let tables: Vec<String> = states
-            .iter()
-            .map(|s| format!("{}/{}", node.uid, s.name))
-            .collect();
-        let backend: Box<dyn StateBackend> = if states.is_empty()
-            || settings.backend == BackendKind::Memory
-        {
-            Box::new(MemoryBackend::new(states.len()))
-        } else {
-            let dir = self
-                .job
-                .state_dir()
-                .join(format!("{}-{}", node.uid, info.subtask));
-            Box::new(
-                RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(&info, e.into()))?,
-            )
-        };
-        let keyed = KeyedState::new(
-            tables
-                .into_iter()
-                .zip(states.iter().map(|s| s.kind))
-                .collect(),
-            backend,
-            info.max_parallelism,
-            settings.cache_entries,
-        );
-        let task = TaskContext::new(info.clone(), keyed, output);
+        let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
+        let storage = self.job.checkpoints.as_ref().map(|checkpoints| {
+            Arc::new(SubtaskStorage::new(
+                checkpoints.job_dir.clone(),
+                &node.uid,
+                info.subtask,
+                [range.start, range.end],
+                self.job
+                    .state_dir()
+                    .join("snapshots")
+                    .join(format!("{}-{}", node.uid, info.subtask)),
+                reports.clone(),
+            ))
+        });
+        let keyed = self.open_state(node, &info, &plugin.info.states, storage.as_deref())?;
+        let mut task = TaskContext::new(info.clone(), keyed, output);
+        if let Some((read, op)) = self.restored(&node.uid) {
+            restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
+                .map_err(|e| Self::restore_error(&info, e))?;
+        }
         let wasm = WasmOperator::instantiate(plugin, task, operator)
             .map_err(|e| Self::task_error(&info, e))?;
-        Ok(Box::new(wasm))
+        Ok((Box::new(wasm), storage))
     }
 
     fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError> {
         let NodeKind::Sink(kind) = &node.kind else {
             unreachable!("sink() is called for sink nodes only")
         };
+        let first = self
+            .restore
+            .map_or(1, |(read, _)| read.metadata.checkpoint + 1);
         Ok(match kind {
             SinkKind::Stdout => Box::new(StdoutSink),
             SinkKind::File { path } => Box::new(
-                FileSink::create(path, info.subtask).map_err(|e| Self::task_error(info, e))?,
+                FileSink::create(path, &self.job.job_id, info.subtask, first)
+                    .map_err(|e| Self::task_error(info, e))?,
             ),
             SinkKind::Blackhole => Box::new(BlackholeSink::default()),
         })
     }
 }
 
-/// Creates every subtask and starts the job on the current tokio runtime.
+/// The `_metadata` of this job without subtasks.
+fn metadata_template(job: &PreparedJob) -> CheckpointMetadata {
+    let operators = job
+        .graph
+        .nodes
+        .iter()
+        .map(|node| {
+            let role = match node.kind {
+                NodeKind::Source(_) => Role::Source,
+                NodeKind::Operator(_) => Role::Operator,
+                NodeKind::Sink(_) => Role::Sink,
+            };
+            let mut op = crate::checkpoint::coordinator::operator_template(role, node.parallelism);
+            if let Some(plugin) = job.plugins.get(&node.uid) {
+                op.plugin = Some(PluginRef {
+                    name: plugin.info.name.clone(),
+                    version: plugin.info.version.clone(),
+                    digest: plugin.digest.clone(),
+                });
+                op.states = plugin
+                    .info
+                    .states
+                    .iter()
+                    .map(|s| StateRef {
+                        name: s.name.clone(),
+                        kind: s.kind.to_string(),
+                        schema_version: s.schema_version,
+                    })
+                    .collect();
+            }
+            (node.uid.clone(), op)
+        })
+        .collect();
+    CheckpointMetadata {
+        job_id: job.job_id.clone(),
+        job_name: job.graph.name.clone(),
+        checkpoint: 0,
+        completed_ms: 0,
+        max_parallelism: job.graph.max_parallelism,
+        operators,
+    }
+}
+
+/// Before an attempt: a clean working directory, no leftovers of aborted
+/// checkpoints, and every file sink's directory settled for the restore
+/// point (its pending files committed, later in-progress files removed).
+fn prepare_attempt(
+    job: &PreparedJob,
+    restore: Option<(&ReadMetadata, bool)>,
+) -> Result<(), RunError> {
+    let dir = job.state_dir();
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Some(checkpoints) = &job.checkpoints {
+        checkpoints.collect_garbage();
+    }
+    for node in &job.graph.nodes {
+        let NodeKind::Sink(SinkKind::File { path }) = &node.kind else {
+            continue;
+        };
+        let mut job_ids = vec![job.job_id.as_str()];
+        let mut pending = Vec::new();
+        if let Some((read, _)) = restore {
+            job_ids.push(read.metadata.job_id.as_str());
+            if let Some(op) = read.metadata.operators.get(&node.uid) {
+                pending.extend(op.subtasks.iter().flat_map(|s| s.pending.iter().cloned()));
+            }
+        }
+        let committed =
+            recover_file_sink(path, &job_ids, &pending).map_err(|error| RunError::Task {
+                job: job.graph.name.clone(),
+                source: TaskError {
+                    uid: node.uid.clone(),
+                    subtask: 0,
+                    error,
+                },
+            })?;
+        if committed > 0 {
+            info!(uid = %node.uid, committed, "committed the restored checkpoint's pending files");
+        }
+    }
+    Ok(())
+}
+
+/// Creates every subtask and starts the job on the current tokio runtime,
+/// restored from the latest completed checkpoint of this job, else from the
+/// restore point it was prepared with.
 pub fn launch(job: &PreparedJob) -> Result<RunningJob, RunError> {
     launch_with_native(job, &HashMap::new())
 }
@@ -226,46 +500,120 @@ pub fn launch_with_native(
     job: &PreparedJob,
     native: &HashMap<String, NativeOperator>,
 ) -> Result<RunningJob, RunError> {
-    let factory = Factory { job, native };
-    runtime::launch(&job.graph, &job.job_id, &factory).map_err(|source| RunError::Task {
-        job: job.graph.name.clone(),
-        source,
+    let point = job.restore_point();
+    let restore = point.as_ref().map(|(read, own)| (read, *own));
+    prepare_attempt(job, restore)?;
+    let factory = Factory {
+        job,
+        native,
+        restore,
+    };
+    let settings = &job.graph.checkpoint;
+    let coordinator = Coordinator {
+        settings: CoordinatorSettings {
+            interval: settings.interval,
+            timeout: settings.timeout.unwrap_or(Duration::from_secs(600)),
+            min_pause: settings.min_pause.unwrap_or_default(),
+            tolerable_failures: settings.tolerable_failures,
+        },
+        store: job.checkpoints.clone(),
+        template: metadata_template(job),
+    };
+    runtime::launch(&job.graph, &job.job_id, &factory, coordinator).map_err(|source| {
+        RunError::Task {
+            job: job.graph.name.clone(),
+            source,
+        }
     })
 }
 
-/// Waits for a launched job, then removes its working state directory (a
-/// finished run has nothing to resume from it).
-pub async fn finish(
+/// Called with each running attempt (e.g. to show progress or wire Ctrl-C).
+pub type AttemptHook<'a> = &'a mut dyn FnMut(&RunningJob);
+
+/// Runs a prepared job to its end: launches it, and on a failure restarts
+/// every task from the latest completed checkpoint as the restart strategy
+/// allows. Removes the working state directory at the end.
+pub async fn run(
     job: &PreparedJob,
-    running: RunningJob,
+    hook: AttemptHook<'_>,
 ) -> Result<runtime::JobOutcome, RunError> {
-    let result = running.wait().await;
+    run_with_native(job, &HashMap::new(), hook).await
+}
+
+/// [`run`] with native operators (see [`launch_with_native`]).
+pub async fn run_with_native(
+    job: &PreparedJob,
+    native: &HashMap<String, NativeOperator>,
+    hook: AttemptHook<'_>,
+) -> Result<runtime::JobOutcome, RunError> {
+    let strategy = RestartStrategy::from_settings(&job.graph.restart).map_err(|problems| {
+        crate::job::JobError::Invalid {
+            file: job.graph.file.clone(),
+            problems,
+        }
+    })?;
+    let mut tracker = RestartTracker::new(strategy);
+    let result = loop {
+        let attempt = match launch_with_native(job, native) {
+            Ok(running) => {
+                hook(&running);
+                running.wait().await
+            }
+            Err(RunError::Task { source, .. }) => Err(source),
+            Err(other) => break Err(other),
+        };
+        let error = match attempt {
+            Ok(outcome) => break Ok(outcome),
+            Err(error) => error,
+        };
+        let jitter = (crate::checkpoint::storage::random_hex(4)
+            .chars()
+            .fold(0u32, |a, c| {
+                a.wrapping_mul(16).wrapping_add(c.to_digit(16).unwrap_or(0))
+            }) as f64)
+            / f64::from(u32::MAX);
+        match tracker.on_failure(Instant::now(), jitter.min(0.999)) {
+            RestartDecision::Restart { delay, attempt } => {
+                let from = job
+                    .checkpoints
+                    .as_ref()
+                    .and_then(|c| c.latest())
+                    .map(|r| format!("checkpoint {}", r.metadata.checkpoint))
+                    .or_else(|| {
+                        job.restore
+                            .as_ref()
+                            .map(|r| format!("the restore point {}", r.path.display()))
+                    })
+                    .unwrap_or_else(|| "the beginning (no checkpoint yet)".to_string());
+                warn!(%error, attempt, ?delay, "job failed; restarting from {from}");
+                eprintln!("weir: {error}; restart {attempt} in {delay:?} from {from}");
+                tokio::time::sleep(delay).await;
+            }
+            RestartDecision::GiveUp { reason } => {
+                break Err(RunError::GaveUp {
+                    job: job.graph.name.clone(),
+                    reason,
+                    source: error,
+                });
+            }
+        }
+    };
     let dir = job.state_dir();
     if dir.exists()
         && let Err(error) = std::fs::remove_dir_all(&dir)
     {
         warn!(dir = %dir.display(), %error, "could not remove the job's working state");
     }
-    match result {
-        Ok(outcome) => {
-            info!(job = %job.graph.name, cancelled = outcome.cancelled, "job finished");
-            Ok(outcome)
-        }
-        Err(source) => Err(RunError::Task {
-            job: job.graph.name.clone(),
-            source,
-        }),
+    if let Ok(outcome) = &result {
+        info!(job = %job.graph.name, cancelled = outcome.cancelled, "job finished");
     }
+    result
 }
 
 /// Loads, launches and runs a job file to its end: the library form of
 /// `weir run` without progress output.
-pub async fn run_file(
-    engine: &PluginEngine,
-    path: &std::path::Path,
-) -> Result<runtime::JobOutcome, RunError> {
+pub async fn run_file(engine: &PluginEngine, path: &Path) -> Result<runtime::JobOutcome, RunError> {
     let graph = JobGraph::load(path)?;
     let job = prepare(engine, graph)?;
-    let running = launch(&job)?;
-    finish(&job, running).await
+    run(&job, &mut |_| {}).await
 }

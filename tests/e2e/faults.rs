@@ -39,7 +39,7 @@ fn expect_failure(fault: &str, limits: &str, kind: FailureKind, needle: &str) {
     let job = JobDir::new();
     let path = faulty_job(&job, fault, limits);
     let error = run(&path).expect_err("the job must fail");
-    let RunError::Task { source, .. } = &error else {
+    let Some(source) = error.task_error() else {
         panic!("expected a task failure, got {error}");
     };
     assert_eq!(source.uid, "flaky", "{error}");

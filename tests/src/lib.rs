@@ -130,3 +130,43 @@ pub fn sample_text(lines: usize, seed: u64) -> String {
     }
     out
 }
+
+/// Checks that `lines` are exactly the `word count` updates of a count that
+/// saw `expected` occurrences per word: `w 1` … `w N` once each, nothing
+/// else. Returns what is missing and what is duplicated or foreign.
+pub fn check_exact_updates(
+    lines: &[String],
+    expected: &BTreeMap<String, u64>,
+) -> Result<(), String> {
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in lines {
+        *seen.entry(line.as_str()).or_insert(0) += 1;
+    }
+    let mut problems = Vec::new();
+    let mut wanted = 0u64;
+    for (word, total) in expected {
+        for n in 1..=*total {
+            wanted += 1;
+            let line = format!("{word} {n}");
+            match seen.remove(line.as_str()) {
+                Some(1) => {}
+                Some(times) => problems.push(format!("`{line}` {times} times")),
+                None => problems.push(format!("`{line}` missing")),
+            }
+        }
+    }
+    for (line, times) in seen {
+        problems.push(format!("unexpected `{line}` ({times} times)"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let shown: Vec<_> = problems.iter().take(10).cloned().collect();
+        Err(format!(
+            "{} of {wanted} expected updates wrong, {} lines read: {}",
+            problems.len(),
+            lines.len(),
+            shown.join(", ")
+        ))
+    }
+}

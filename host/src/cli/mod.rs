@@ -6,6 +6,8 @@ mod progress;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -48,6 +50,14 @@ pub struct RunArgs {
     /// No progress line, only the summary.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Restore from a retained checkpoint or a savepoint: its directory
+    /// (`chk-N`) or its `_metadata` file.
+    #[arg(short = 's', long = "from-savepoint", value_name = "PATH")]
+    pub from_savepoint: Option<PathBuf>,
+    /// Start even if the restore point holds state for uids (or state names)
+    /// the job no longer has; that state is skipped (and logged).
+    #[arg(short = 'n', long)]
+    pub allow_non_restored_state: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,22 +100,53 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     let started = Instant::now();
     let graph = JobGraph::load(&args.job)?;
     let engine = cli.engine()?;
-    let job = runner::prepare(&engine, graph)?;
-    let running = runner::launch(&job)?;
-    let metrics = running.metrics().to_vec();
-    let canceller = running.canceller();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\nstopping: sources end, in-flight records drain (Ctrl-C again to abort)");
-            let _ = canceller.send(true);
+    let options = runner::RunOptions {
+        restore: args.from_savepoint.clone(),
+        allow_non_restored_state: args.allow_non_restored_state,
+    };
+    let job = runner::prepare_with(&engine, graph, &options)?;
+    eprintln!("job `{}` started, job id {}", job.graph.name, job.job_id);
+    // Ctrl-C cancels the running attempt (and any attempt after it).
+    let cancel_requested = Arc::new(AtomicBool::new(false));
+    let canceller: Arc<Mutex<Option<tokio::sync::watch::Sender<bool>>>> = Arc::default();
+    {
+        let (requested, canceller) = (cancel_requested.clone(), canceller.clone());
+        tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+                eprintln!(
+                    "\nstopping: sources end, in-flight records drain (Ctrl-C again to abort)"
+                );
+                requested.store(true, Ordering::SeqCst);
+                if let Some(cancel) = canceller.lock().expect("not poisoned").as_ref() {
+                    let _ = cancel.send(true);
+                }
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
             }
-        }
-    });
+        });
+    }
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
-    let progress = show_progress.then(|| progress::Progress::start(metrics.clone()));
-    let result = runner::finish(&job, running).await;
+    let mut progress: Option<progress::Progress> = None;
+    let mut metrics = Vec::new();
+    let result = runner::run(&job, &mut |running| {
+        let cancel = running.canceller();
+        if cancel_requested.load(Ordering::SeqCst) {
+            let _ = cancel.send(true);
+        }
+        *canceller.lock().expect("not poisoned") = Some(cancel);
+        metrics = running.metrics().to_vec();
+        if show_progress {
+            if let Some(old) = progress.take() {
+                old.stop();
+            }
+            progress = Some(progress::Progress::start(
+                metrics.clone(),
+                running.checkpoint_metrics(),
+            ));
+        }
+    })
+    .await;
     if let Some(progress) = progress {
         progress.stop();
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::checkpoint::coordinator::CheckpointMetrics;
 use crate::dataflow::NodeMetrics;
 use crate::dataflow::runtime::JobOutcome;
 use crate::runner::PreparedJob;
@@ -32,7 +33,10 @@ fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
 }
 
 impl Progress {
-    pub fn start(metrics: Vec<Arc<NodeMetrics>>) -> Self {
+    pub fn start(
+        metrics: Vec<Arc<NodeMetrics>>,
+        checkpoints: Option<Arc<CheckpointMetrics>>,
+    ) -> Self {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
@@ -51,8 +55,12 @@ impl Progress {
                 let read_rate = (read - last.1) as f64 / seconds;
                 let write_rate = (written - last.2) as f64 / seconds;
                 last = (now, read, written);
+                let checkpointed = checkpoints
+                    .as_ref()
+                    .map(|c| format!("  checkpoints {}", c.completed.load(Ordering::Relaxed)))
+                    .unwrap_or_default();
                 thread_bar.set_message(format!(
-                    "in {read} records ({}/s)  out {written} records ({}/s)  ({:.0}s)",
+                    "in {read} records ({}/s)  out {written} records ({}/s){checkpointed}  ({:.0}s)",
                     human(read_rate),
                     human(write_rate),
                     started.elapsed().as_secs_f64()
@@ -106,6 +114,15 @@ pub fn print_summary(
         human(read as f64 / seconds.max(1e-3)),
         job.job_id
     );
+    if let Some(checkpoints) = &job.checkpoints {
+        let completed = checkpoints.metrics.completed.load(Ordering::Relaxed);
+        let failed = checkpoints.metrics.failed.load(Ordering::Relaxed);
+        let latest = checkpoints
+            .latest()
+            .map(|read| format!(", latest {}", read.path.display()))
+            .unwrap_or_default();
+        eprintln!("  checkpoints: {completed} completed, {failed} aborted{latest}");
+    }
     for (node, m) in job.graph.nodes.iter().zip(metrics) {
         let role = if m.is_source {
             "source"

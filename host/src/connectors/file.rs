@@ -57,22 +57,24 @@ impl FileSource {
             self.reader = Some(BufReader::with_capacity(256 << 10, file));
         }
         while batch.len() < max {
-            self.line.clear();
             let reader = self.reader.as_mut().expect("reader opened above");
             let read = reader
                 .read_until(b'\n', &mut self.line)
                 .await
                 .map_err(|e| self.io_error(e))?;
-            if read == 0 {
+            // An interrupted read leaves its bytes in `self.line`: the
+            // position counts a line only once it is in the batch.
+            if read == 0 && self.line.is_empty() {
                 return Ok(SourceStatus::Ended);
             }
-            self.offset += read as u64;
             self.line_number += 1;
             let line = strip_line_ending(&self.line);
             let (path, number) = (&self.path, self.line_number);
             push_line(batch, line, self.format.as_ref(), || {
                 format!("{} line {number}", path.display())
             })?;
+            self.offset += self.line.len() as u64;
+            self.line.clear();
         }
         Ok(SourceStatus::More)
     }

@@ -1,14 +1,17 @@
 //! The `stdout`, `file` and `blackhole` sinks. Each writes a record's value
-//! as one line (`file`, `stdout`) or only counts it (`blackhole`).
+//! as one line (`file`, `stdout`) or only counts it (`blackhole`). The
+//! `file` sink is exactly-once (two-phase commit on checkpoints); `stdout`
+//! prints as records arrive (at-least-once across a restart).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dataflow::{FailureKind, OperatorError, Sink};
-use crate::types::RecordBatch;
+use crate::types::{CheckpointId, RecordBatch};
 
 /// Prints each record's value as a line on stdout.
 #[derive(Debug, Default)]
@@ -32,52 +35,176 @@ impl Sink for StdoutSink {
     }
 }
 
-/// Writes each record's value as a line to `<dir>/part-<subtask>`.
+/// The exactly-once `file` sink: each record's value as a line. Data goes
+/// to a hidden in-progress file, `.part-<job>-<subtask>-<n>.inprogress`
+/// (`<job>`: the first 8 characters of the job id, `n`: the checkpoint that
+/// will cover it). At barrier n the file is fsynced and becomes pending; when
+/// checkpoint n completes it is renamed to `part-<job>-<subtask>-<n>`
+/// (atomic), so readers only ever see committed output. At the end of a
+/// job the rest is committed, or discarded when the job was cancelled.
+/// [`recover_file_sink`] settles the files of a failed attempt on restore.
 pub struct FileSink {
-    path: PathBuf,
-    out: BufWriter<File>,
+    dir: PathBuf,
+    prefix: String,
+    /// The checkpoint the current file belongs to.
+    next: u64,
+    current: Option<(String, BufWriter<File>)>,
+    /// (checkpoint, in-progress name) written but not committed.
+    pending: Vec<(u64, String)>,
+}
+
+/// Prefix of a job's part files: `part-<first 8 of the job id>`.
+pub fn part_prefix(job_id: &str) -> String {
+    format!("part-{}", &job_id[..job_id.len().min(8)])
+}
+
+/// The committed name of an in-progress file name.
+fn committed_name(in_progress: &str) -> Option<&str> {
+    in_progress.strip_prefix('.')?.strip_suffix(".inprogress")
+}
+
+fn sink_error(path: &Path, error: impl std::fmt::Display) -> OperatorError {
+    OperatorError::new(
+        FailureKind::Connector,
+        format!("file sink {}: {error}", path.display()),
+    )
 }
 
 impl FileSink {
-    pub fn create(dir: &Path, subtask: u32) -> Result<Self, OperatorError> {
-        let path = dir.join(format!("part-{subtask}"));
-        let error = |e: std::io::Error| {
-            OperatorError::new(
-                FailureKind::Connector,
-                format!("cannot create {}: {e}", path.display()),
-            )
-        };
-        std::fs::create_dir_all(dir).map_err(error)?;
-        let file = File::create(&path).map_err(error)?;
+    /// Subtask `subtask` of job `job_id` writing into `dir`; its first file
+    /// belongs to checkpoint `first` (one past the restored checkpoint).
+    pub fn create(
+        dir: &Path,
+        job_id: &str,
+        subtask: u32,
+        first: u64,
+    ) -> Result<Self, OperatorError> {
+        std::fs::create_dir_all(dir).map_err(|e| sink_error(dir, e))?;
         Ok(Self {
-            path: path.clone(),
-            out: BufWriter::with_capacity(256 << 10, file),
+            dir: dir.to_path_buf(),
+            prefix: format!("{}-{subtask}", part_prefix(job_id)),
+            next: first.max(1),
+            current: None,
+            pending: Vec::new(),
         })
     }
 
-    fn error(&self, error: std::io::Error) -> OperatorError {
-        OperatorError::new(
-            FailureKind::Connector,
-            format!("cannot write {}: {error}", self.path.display()),
-        )
+    fn close_current(&mut self, checkpoint: u64) -> Result<(), OperatorError> {
+        if let Some((name, mut out)) = self.current.take() {
+            let path = self.dir.join(&name);
+            out.flush().map_err(|e| sink_error(&path, e))?;
+            out.get_ref().sync_all().map_err(|e| sink_error(&path, e))?;
+            self.pending.push((checkpoint, name));
+        }
+        Ok(())
+    }
+
+    fn commit_through(&mut self, checkpoint: u64) -> Result<(), OperatorError> {
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(n, _)| *n <= checkpoint);
+        self.pending = rest;
+        for (_, name) in &due {
+            let target = committed_name(name).expect("own in-progress names");
+            let from = self.dir.join(name);
+            std::fs::rename(&from, self.dir.join(target)).map_err(|e| sink_error(&from, e))?;
+        }
+        if !due.is_empty() {
+            sync_dir(&self.dir);
+        }
+        Ok(())
     }
 }
 
 impl Sink for FileSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        if self.current.is_none() {
+            let name = format!(".{}-{}.inprogress", self.prefix, self.next);
+            let path = self.dir.join(&name);
+            let file = File::create(&path).map_err(|e| sink_error(&path, e))?;
+            self.current = Some((name, BufWriter::with_capacity(256 << 10, file)));
+        }
+        let (name, out) = self.current.as_mut().expect("opened above");
         for record in batch.iter() {
-            self.out
-                .write_all(record.value)
-                .and_then(|()| self.out.write_all(b"\n"))
-                .map_err(|e| self.error(e))?;
+            out.write_all(record.value)
+                .and_then(|()| out.write_all(b"\n"))
+                .map_err(|e| sink_error(&self.dir.join(name.as_str()), e))?;
         }
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), OperatorError> {
-        self.out.flush().map_err(|e| self.error(e))?;
-        self.out.get_ref().sync_all().map_err(|e| self.error(e))
+    fn prepare_commit(&mut self, checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
+        self.close_current(checkpoint.0)?;
+        self.next = checkpoint.0 + 1;
+        Ok(self.pending.iter().map(|(_, name)| name.clone()).collect())
     }
+
+    fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), OperatorError> {
+        self.commit_through(checkpoint.0)
+    }
+
+    fn finish(&mut self) -> Result<(), OperatorError> {
+        self.close_current(u64::MAX)
+    }
+
+    fn end(&mut self, commit: bool) -> Result<(), OperatorError> {
+        if commit {
+            return self.commit_through(u64::MAX);
+        }
+        for (_, name) in std::mem::take(&mut self.pending) {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(handle) = File::open(dir) {
+        let _ = handle.sync_all();
+    }
+}
+
+/// Settles a file sink's directory before a restored attempt starts:
+/// commits the files the restored checkpoint lists as pending (its
+/// completion may not have reached the sink before the failure), and
+/// deletes every other in-progress file of the jobs `job_ids` (written
+/// after that checkpoint; the attempt replays them). Returns how many files
+/// it committed.
+pub fn recover_file_sink(
+    dir: &Path,
+    job_ids: &[&str],
+    pending: &[String],
+) -> Result<usize, OperatorError> {
+    let mut committed = 0;
+    for name in pending {
+        let Some(target) = committed_name(name).filter(|_| !name.contains('/')) else {
+            return Err(sink_error(dir, format!("bad pending file name {name:?}")));
+        };
+        let from = dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, dir.join(target)).map_err(|e| sink_error(&from, e))?;
+            committed += 1;
+        } else if !dir.join(target).exists() {
+            return Err(sink_error(
+                &from,
+                "the restored checkpoint lists it as written, but it is gone",
+            ));
+        }
+    }
+    let prefixes: Vec<String> = job_ids
+        .iter()
+        .map(|id| format!(".{}-", part_prefix(id)))
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".inprogress") && prefixes.iter().any(|p| name.starts_with(p)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    sync_dir(dir);
+    Ok(committed)
 }
 
 /// Discards records, counting them and their bytes.

@@ -53,20 +53,21 @@ impl SocketSource {
             if !batch.is_empty() && !reader.buffer().contains(&b'\n') {
                 break;
             }
-            self.line.clear();
             let read = reader
                 .read_until(b'\n', &mut self.line)
                 .await
                 .map_err(|e| self.error(e))?;
-            if read == 0 {
+            // An interrupted read leaves its bytes in `self.line`.
+            if read == 0 && self.line.is_empty() {
                 return Ok(SourceStatus::Ended);
             }
-            self.read += read as u64;
             let line = strip_line_ending(&self.line);
             let address = &self.address;
             push_line(batch, line, self.format.as_ref(), || {
                 format!("socket {address}")
             })?;
+            self.read += self.line.len() as u64;
+            self.line.clear();
         }
         Ok(SourceStatus::More)
     }

@@ -31,4 +31,4 @@ pub use operator::{
 };
 pub use output::Collector;
 pub use runtime::{JobOutcome, NodeMetrics, TaskFactory};
-pub use timers::{FiredTimer, TimeDomain, TimerService};
+pub use timers::{FiredTimer, TimeDomain, TimerService, now_millis};

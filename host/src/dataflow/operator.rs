@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::output::Collector;
 use super::timers::{FiredTimer, TimerService};
 use crate::state::KeyedState;
-use crate::types::{MIN_WATERMARK, RecordBatch, Timestamp};
+use crate::types::{CheckpointId, MIN_WATERMARK, RecordBatch, Timestamp};
 
 /// Which subtask this is.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub enum FailureKind {
     Disconnected,
     /// The task panicked.
     Panic,
+    /// Checkpoints failed more often in a row than tolerated.
+    Checkpoint,
 }
 
 /// An error from an operator, source or sink call.
@@ -169,9 +171,26 @@ pub trait Source: Send {
     fn position(&self) -> u64;
 }
 
-/// A sink subtask's writer.
+/// A sink subtask's writer. Exactly-once sinks implement the two-phase
+/// commit hooks; the others write as records arrive.
 pub trait Sink: Send {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError>;
-    /// Called once at end of input, before the task ends.
+    /// Checkpoint n is aligned here: make everything written so far durable
+    /// but uncommitted. Returns what is pending (names for the checkpoint's
+    /// `_metadata`, so a restore can commit them).
+    fn prepare_commit(&mut self, _checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
+        Ok(Vec::new())
+    }
+    /// Checkpoint n completed: commit what was prepared for it and before.
+    fn commit(&mut self, _checkpoint: CheckpointId) -> Result<(), OperatorError> {
+        Ok(())
+    }
+    /// Called once at end of input: flush what was written since the last
+    /// checkpoint (still uncommitted).
     fn finish(&mut self) -> Result<(), OperatorError>;
+    /// The job ended: commit (`true`) or discard (`false`) what no completed
+    /// checkpoint covers.
+    fn end(&mut self, _commit: bool) -> Result<(), OperatorError> {
+        Ok(())
+    }
 }

@@ -2,21 +2,26 @@
 //! connected (upstream subtask, downstream subtask) pair of every edge, one
 //! tokio task per subtask, and a [`RunningJob`] handle to watch, cancel and
 //! await it. The first task failure cancels every other task; the error
-//! reported is the cause, not the disconnections it led to.
+//! reported is the cause, not the disconnections it led to. Each launch
+//! also runs the attempt's checkpoint [`Coordinator`], wired to the source
+//! subtasks (triggers), every subtask (reports) and the sinks (commits).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{Instrument, info, warn};
 
 use super::alignment::Aligner;
 use super::input::InputGate;
 use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
-use super::task::{self, TaskSummary, WatermarkGenerator};
+use super::task::{self, Reports, TaskSummary, WatermarkGenerator};
+use crate::checkpoint::CommitSignal;
+use crate::checkpoint::coordinator::{CheckpointMetrics, Coordinator, CoordinatorWiring};
+use crate::checkpoint::storage::SubtaskStorage;
 use crate::job::{JobGraph, Node, NodeKind};
 use crate::types::StreamEvent;
 
@@ -38,16 +43,22 @@ pub struct NodeMetrics {
     pub position: AtomicU64,
 }
 
+/// An operator subtask and where its snapshots go (None: checkpointing is off).
+pub type OperatorTask = (Box<dyn Operator>, Option<Arc<SubtaskStorage>>);
+
 /// Creates the logic of each subtask. The embedded runner implements it with
 /// connectors and Wasm plugins; tests and benchmarks with native code.
 pub trait TaskFactory: Send + Sync {
     fn source(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Source>, TaskError>;
+    /// The operator subtask, with its state restored, and where its
+    /// snapshots go (None: checkpointing is off). Storage acks to `reports`.
     fn operator(
         &self,
         node: &Node,
         info: TaskInfo,
         output: Collector,
-    ) -> Result<Box<dyn Operator>, TaskError>;
+        reports: &Reports,
+    ) -> Result<OperatorTask, TaskError>;
     fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError>;
 }
 
@@ -64,6 +75,8 @@ pub struct RunningJob {
     names: HashMap<tokio::task::Id, (String, u32)>,
     metrics: Vec<Arc<NodeMetrics>>,
     cancel: watch::Sender<bool>,
+    coordinator: JoinHandle<Result<(), String>>,
+    checkpoints: Option<Arc<CheckpointMetrics>>,
 }
 
 impl std::fmt::Debug for RunningJob {
@@ -80,8 +93,14 @@ pub fn launch(
     graph: &JobGraph,
     job_id: &str,
     factory: &dyn TaskFactory,
+    coordinator: Coordinator,
 ) -> Result<RunningJob, TaskError> {
     let job: Arc<str> = Arc::from(job_id);
+    let (reports, report_receiver) = mpsc::unbounded_channel();
+    let (commit, commit_receiver) = watch::channel(CommitSignal::default());
+    let mut triggers = Vec::new();
+    let mut subtasks = Vec::new();
+    let mut sink_subtasks = 0;
     // Channels: senders per (edge, upstream subtask), receivers per (node, subtask).
     let mut senders: HashMap<(usize, u32), Vec<mpsc::Sender<StreamEvent>>> = HashMap::new();
     let mut receivers: HashMap<(usize, u32), InputChannels> = HashMap::new();
@@ -112,12 +131,8 @@ pub fn launch(
             })
         })
         .collect();
-    let mut running = RunningJob {
-        tasks: JoinSet::new(),
-        names: HashMap::new(),
-        metrics: metrics.clone(),
-        cancel,
-    };
+    let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
     for (node_id, node) in graph.nodes.iter().enumerate() {
         for subtask in 0..node.parallelism {
             let info = TaskInfo {
@@ -150,44 +165,86 @@ pub fn launch(
             let gate = InputGate::new(inputs);
             let aligner = Aligner::new(gate.channel_count(), graph.checkpoint.mode);
             let node_metrics = metrics[node_id].clone();
+            subtasks.push((node.uid.clone(), subtask));
             let handle = match &node.kind {
                 NodeKind::Source(source) => {
                     let reader = factory.source(node, &info)?;
                     let watermarks = source.watermark.map(WatermarkGenerator::new);
-                    running.tasks.spawn(task::run_source(
+                    let (trigger, trigger_receiver) = mpsc::unbounded_channel();
+                    triggers.push(trigger);
+                    tasks.spawn(task::run_source(
                         info,
                         reader,
                         output,
                         watermarks,
                         node_metrics,
                         cancel_rx.clone(),
+                        trigger_receiver,
+                        reports.clone(),
                     ))
                 }
                 NodeKind::Operator(_) => {
-                    let operator = factory.operator(node, info, output)?;
-                    running
-                        .tasks
-                        .spawn(task::run_operator(operator, gate, aligner, node_metrics))
+                    let (operator, storage) = factory.operator(node, info, output, &reports)?;
+                    tasks.spawn(task::run_operator(
+                        operator,
+                        gate,
+                        aligner,
+                        node_metrics,
+                        storage,
+                    ))
                 }
                 NodeKind::Sink(_) => {
                     let sink = factory.sink(node, &info)?;
-                    running
-                        .tasks
-                        .spawn(task::run_sink(info, sink, gate, aligner, node_metrics))
+                    sink_subtasks += 1;
+                    tasks.spawn(task::run_sink(
+                        info,
+                        sink,
+                        gate,
+                        aligner,
+                        node_metrics,
+                        reports.clone(),
+                        commit_receiver.clone(),
+                    ))
                 }
             };
-            running
-                .names
-                .insert(handle.id(), (node.uid.clone(), subtask));
+            names.insert(handle.id(), (node.uid.clone(), subtask));
         }
     }
-    info!(job = %job_id, tasks = running.names.len(), "job launched");
-    Ok(running)
+    // Only tasks hold senders now: the coordinator ends when they are gone.
+    drop(reports);
+    let checkpoints = coordinator.store.as_ref().map(|s| s.metrics.clone());
+    let wiring = CoordinatorWiring {
+        triggers,
+        reports: report_receiver,
+        commit,
+        cancelled: cancel_rx,
+        subtasks,
+        sink_subtasks,
+    };
+    let coordinator = tokio::spawn(
+        coordinator
+            .run(wiring)
+            .instrument(tracing::info_span!("coordinator", job = %job_id)),
+    );
+    info!(job = %job_id, tasks = names.len(), "job launched");
+    Ok(RunningJob {
+        tasks,
+        names,
+        metrics,
+        cancel,
+        coordinator,
+        checkpoints,
+    })
 }
 
 impl RunningJob {
     pub fn metrics(&self) -> &[Arc<NodeMetrics>] {
         &self.metrics
+    }
+
+    /// Checkpoint counters (None: checkpointing is off).
+    pub fn checkpoint_metrics(&self) -> Option<Arc<CheckpointMetrics>> {
+        self.checkpoints.clone()
     }
 
     /// Asks the sources to stop; the rest of the job drains and ends.
@@ -205,7 +262,32 @@ impl RunningJob {
     pub async fn wait(mut self) -> Result<JobOutcome, TaskError> {
         let mut summaries = Vec::new();
         let mut errors: Vec<TaskError> = Vec::new();
-        while let Some(joined) = self.tasks.join_next_with_id().await {
+        let mut coordinator_running = true;
+        loop {
+            let joined = tokio::select! {
+                joined = self.tasks.join_next_with_id() => match joined {
+                    Some(joined) => joined,
+                    None => break,
+                },
+                result = &mut self.coordinator, if coordinator_running => {
+                    coordinator_running = false;
+                    let message = match result {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(message)) => message,
+                        Err(join_error) => format!("checkpoint coordinator stopped: {join_error}"),
+                    };
+                    if errors.is_empty() {
+                        warn!(%message, "checkpointing failed; cancelling the job");
+                        self.tasks.abort_all();
+                    }
+                    errors.push(TaskError {
+                        uid: "checkpoint coordinator".to_string(),
+                        subtask: 0,
+                        error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
+                    });
+                    continue;
+                }
+            };
             let result = match joined {
                 Ok((_, result)) => result,
                 Err(join_error) if join_error.is_cancelled() => continue,
@@ -237,6 +319,17 @@ impl RunningJob {
                     }
                     errors.push(error);
                 }
+            }
+        }
+        if coordinator_running {
+            match (&mut self.coordinator).await {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => errors.push(TaskError {
+                    uid: "checkpoint coordinator".to_string(),
+                    subtask: 0,
+                    error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
+                }),
+                Err(_) => {}
             }
         }
         if let Some(error) = errors

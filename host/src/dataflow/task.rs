@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug};
 
 use super::alignment::{Aligner, Alignment};
@@ -16,7 +16,20 @@ use super::operator::{
 use super::output::{BATCH_RECORDS, Collector};
 use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
+use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage};
+use crate::checkpoint::{CommitSignal, Role, SnapshotStats, SubtaskSnapshot, TaskReport};
 use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
+
+/// A subtask's line to the checkpoint coordinator.
+pub type Reports = mpsc::UnboundedSender<TaskReport>;
+
+fn report_finished(reports: &Reports, info: &TaskInfo, role: Role) {
+    let _ = reports.send(TaskReport::Finished {
+        uid: info.uid.to_string(),
+        subtask: info.subtask,
+        role,
+    });
+}
 
 /// What an operator subtask reports when it ends well.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +91,12 @@ impl WatermarkGenerator {
 }
 
 /// A source subtask: reads batches until the source ends or the job is
-/// cancelled, emitting watermarks after each batch when configured.
+/// cancelled, emitting watermarks after each batch when configured. When the
+/// coordinator triggers checkpoint n, it acks its position (everything
+/// emitted so far, nothing more) and sends barrier n on every output
+/// channel. `next_batch` may be interrupted by a trigger, so sources keep
+/// their position consistent with the records they appended at every await.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_source(
     info: TaskInfo,
     mut source: Box<dyn Source>,
@@ -86,6 +104,8 @@ pub async fn run_source(
     mut watermarks: Option<WatermarkGenerator>,
     metrics: Arc<NodeMetrics>,
     mut cancel: watch::Receiver<bool>,
+    mut triggers: mpsc::UnboundedReceiver<CheckpointId>,
+    reports: Reports,
 ) -> Result<TaskSummary, TaskError> {
     let span = tracing::info_span!("source", uid = %info.uid, subtask = info.subtask);
     async move {
@@ -97,10 +117,20 @@ pub async fn run_source(
         } else {
             BATCH_RECORDS
         };
+        let mut triggers_open = true;
         while !cancelled {
+            let mut barrier = None;
             let status = tokio::select! {
-                status = source.next_batch(&mut batch, max) => status.map_err(&fail)?,
+                biased;
                 _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
+                trigger = triggers.recv(), if triggers_open => {
+                    match trigger {
+                        Some(id) => barrier = Some(id),
+                        None => triggers_open = false,
+                    }
+                    SourceStatus::More
+                }
+                status = source.next_batch(&mut batch, max) => status.map_err(&fail)?,
             };
             if !batch.is_empty() {
                 metrics
@@ -119,17 +149,29 @@ pub async fn run_source(
                 }
             }
             metrics.position.store(source.position(), Ordering::Relaxed);
+            if let Some(id) = barrier {
+                source_barrier(&info, source.position(), &mut output, &reports, id)
+                    .await
+                    .map_err(&fail)?;
+            }
             if status == SourceStatus::Ended {
                 break;
             }
         }
         if !cancelled {
+            // Triggers that arrived with the last batch still take part.
+            while let Ok(id) = triggers.try_recv() {
+                source_barrier(&info, source.position(), &mut output, &reports, id)
+                    .await
+                    .map_err(&fail)?;
+            }
             // A bounded input that ended: every event-time timer may fire.
             output
                 .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
                 .await
                 .map_err(&fail)?;
         }
+        report_finished(&reports, &info, Role::Source);
         output
             .broadcast(StreamEvent::EndOfInput)
             .await
@@ -145,13 +187,39 @@ pub async fn run_source(
     .await
 }
 
+/// Acks a source's position for checkpoint n and sends barrier n.
+async fn source_barrier(
+    info: &TaskInfo,
+    position: u64,
+    output: &mut Collector,
+    reports: &Reports,
+    checkpoint: CheckpointId,
+) -> Result<(), OperatorError> {
+    let _ = reports.send(TaskReport::Ack {
+        checkpoint,
+        snapshot: Box::new(SubtaskSnapshot {
+            uid: info.uid.to_string(),
+            subtask: info.subtask,
+            position: Some(position),
+            ..SubtaskSnapshot::default()
+        }),
+        stats: SnapshotStats::default(),
+    });
+    output.broadcast(StreamEvent::Barrier(checkpoint)).await
+}
+
 /// An operator subtask: processes batches in arrival order, fires timers as
 /// the watermark and the clock advance, forwards watermarks and end of input.
+///
+/// Once checkpoint n is aligned, the operator takes its snapshot: the
+/// synchronous part here (flush, a consistent copy of the state, timers),
+/// the copy to storage on a blocking thread; then barrier n goes on.
 pub async fn run_operator(
     mut operator: Box<dyn Operator>,
     mut gate: InputGate,
     mut aligner: Aligner,
     metrics: Arc<NodeMetrics>,
+    storage: Option<Arc<SubtaskStorage>>,
 ) -> Result<TaskSummary, TaskError> {
     let info = operator.task().info.clone();
     let span = tracing::info_span!("operator", uid = %info.uid, subtask = info.subtask);
@@ -159,6 +227,7 @@ pub async fn run_operator(
         let fail = fail(&info);
         operator.open().map_err(&fail)?;
         flush_output(operator.as_mut()).await.map_err(&fail)?;
+        let mut alignment = AlignmentClock::default();
         loop {
             let next_timer = operator.task().timers.next_processing_time();
             let delivery = tokio::select! {
@@ -203,15 +272,16 @@ pub async fn run_operator(
                     }
                 }
                 StreamEvent::Barrier(checkpoint) => {
+                    alignment.barrier(checkpoint);
                     let outcome = aligner.on_barrier(channel, checkpoint);
-                    forward_aligned(operator.as_mut(), outcome, &mut gate)
+                    forward_aligned(operator.as_mut(), outcome, &mut gate, &storage, &alignment)
                         .await
                         .map_err(&fail)?;
                 }
                 StreamEvent::EndOfInput => {
                     gate.end(channel);
                     let outcome = aligner.on_end_of_input(channel);
-                    forward_aligned(operator.as_mut(), outcome, &mut gate)
+                    forward_aligned(operator.as_mut(), outcome, &mut gate, &storage, &alignment)
                         .await
                         .map_err(&fail)?;
                 }
@@ -272,19 +342,73 @@ fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<Checkpoin
     }
 }
 
-/// Applies the aligner's answer and, once a checkpoint is aligned, sends its
-/// barrier downstream once. (The operator's snapshot will be taken here.)
+/// When the first barrier of the checkpoint being aligned arrived.
+#[derive(Debug, Default)]
+struct AlignmentClock {
+    current: Option<(CheckpointId, Instant)>,
+}
+
+impl AlignmentClock {
+    fn barrier(&mut self, checkpoint: CheckpointId) {
+        if self.current.is_none_or(|(id, _)| id < checkpoint) {
+            self.current = Some((checkpoint, Instant::now()));
+        }
+    }
+
+    fn elapsed(&self, checkpoint: CheckpointId) -> Duration {
+        match self.current {
+            Some((id, started)) if id == checkpoint => started.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Applies the aligner's answer and, once a checkpoint is aligned, takes
+/// the operator's snapshot and sends the barrier downstream once.
 async fn forward_aligned(
     operator: &mut dyn Operator,
     outcome: Alignment,
     gate: &mut InputGate,
+    storage: &Option<Arc<SubtaskStorage>>,
+    alignment: &AlignmentClock,
 ) -> Result<(), OperatorError> {
     match apply_alignment(outcome, gate) {
         Some(aligned) => {
+            if let Some(storage) = storage {
+                snapshot_operator(operator, storage, aligned, alignment.elapsed(aligned));
+            }
             let barrier = StreamEvent::Barrier(aligned);
             operator.task().output.broadcast(barrier).await
         }
         None => Ok(()),
+    }
+}
+
+/// The synchronous part of an operator's snapshot; hands the copy to
+/// storage, which acks or declines checkpoint n when it is done.
+fn snapshot_operator(
+    operator: &mut dyn Operator,
+    storage: &Arc<SubtaskStorage>,
+    checkpoint: CheckpointId,
+    alignment: Duration,
+) {
+    let started = Instant::now();
+    let task = operator.task();
+    let dir = storage.local_dir(checkpoint);
+    match task.state.checkpoint(&dir) {
+        Ok(state) => {
+            let local = LocalSnapshot {
+                state: state.map(|format| (dir, format)),
+                timers: task.timers.encode(),
+            };
+            let stats = SnapshotStats {
+                alignment,
+                sync: started.elapsed(),
+                ..SnapshotStats::default()
+            };
+            storage.upload(checkpoint, local, stats);
+        }
+        Err(error) => storage.decline(checkpoint, error.to_string()),
     }
 }
 
@@ -344,37 +468,90 @@ async fn sleep_until_millis(deadline: Option<Timestamp>) {
     }
 }
 
-/// A sink subtask: writes every batch, finishes at end of input.
+/// A sink subtask: writes every batch. Two-phase commit: once checkpoint n
+/// is aligned the sink makes what it wrote durable but pending and acks the
+/// pending files; it commits them when the coordinator says n completed.
+/// At end of input it waits for the job's end: commit the rest (the job
+/// ended) or discard it (cancelled, to resume from the latest checkpoint).
 pub async fn run_sink(
     info: TaskInfo,
     mut sink: Box<dyn Sink>,
     mut gate: InputGate,
     mut aligner: Aligner,
     metrics: Arc<NodeMetrics>,
+    reports: Reports,
+    mut commit: watch::Receiver<CommitSignal>,
 ) -> Result<TaskSummary, TaskError> {
     let span = tracing::info_span!("sink", uid = %info.uid, subtask = info.subtask);
     async move {
         let fail = fail(&info);
-        while let Some(Delivery { channel, event, .. }) = gate.next().await {
-            match event {
-                StreamEvent::Records(batch) => {
-                    sink.write(&batch).map_err(&fail)?;
-                    metrics
-                        .records_in
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut committed = 0u64;
+        let mut coordinator = true;
+        loop {
+            tokio::select! {
+                delivery = gate.next() => {
+                    let Some(Delivery { channel, event, .. }) = delivery else { break };
+                    let aligned = match event {
+                        StreamEvent::Records(batch) => {
+                            sink.write(&batch).map_err(&fail)?;
+                            metrics
+                                .records_in
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            None
+                        }
+                        StreamEvent::Barrier(checkpoint) => {
+                            apply_alignment(aligner.on_barrier(channel, checkpoint), &mut gate)
+                        }
+                        StreamEvent::EndOfInput => {
+                            gate.end(channel);
+                            apply_alignment(aligner.on_end_of_input(channel), &mut gate)
+                        }
+                        StreamEvent::Watermark(_) => None,
+                    };
+                    if let Some(checkpoint) = aligned {
+                        let pending = sink.prepare_commit(checkpoint).map_err(&fail)?;
+                        let _ = reports.send(TaskReport::Ack {
+                            checkpoint,
+                            snapshot: Box::new(SubtaskSnapshot {
+                                uid: info.uid.to_string(),
+                                subtask: info.subtask,
+                                pending,
+                                ..SubtaskSnapshot::default()
+                            }),
+                            stats: SnapshotStats::default(),
+                        });
+                    }
                 }
-                StreamEvent::Barrier(checkpoint) => {
-                    // An aligned sink is where two-phase commits hook in.
-                    apply_alignment(aligner.on_barrier(channel, checkpoint), &mut gate);
+                changed = commit.changed(), if coordinator => {
+                    if changed.is_err() {
+                        coordinator = false;
+                        continue;
+                    }
+                    let signal = *commit.borrow_and_update();
+                    if signal.completed > committed {
+                        committed = signal.completed;
+                        sink.commit(CheckpointId(committed)).map_err(&fail)?;
+                    }
                 }
-                StreamEvent::EndOfInput => {
-                    gate.end(channel);
-                    apply_alignment(aligner.on_end_of_input(channel), &mut gate);
-                }
-                StreamEvent::Watermark(_) => {}
             }
         }
         sink.finish().map_err(&fail)?;
+        report_finished(&reports, &info, Role::Sink);
+        loop {
+            let signal = *commit.borrow_and_update();
+            if signal.completed > committed {
+                committed = signal.completed;
+                sink.commit(CheckpointId(committed)).map_err(&fail)?;
+            }
+            if let Some(end) = signal.end {
+                sink.end(end).map_err(&fail)?;
+                break;
+            }
+            if commit.changed().await.is_err() {
+                // The coordinator is gone: the attempt is failing. Commit nothing more.
+                break;
+            }
+        }
         Ok(TaskSummary {
             uid: info.uid.to_string(),
             subtask: info.subtask,
@@ -471,6 +648,7 @@ mod tests {
             InputGate::new(vec![(0, receiver)]),
             Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
             Arc::new(NodeMetrics::default()),
+            None,
         ));
         let mut batch = RecordBatch::new();
         batch.push(Some(b"a"), b"1", None);

@@ -69,6 +69,49 @@ impl TimerService {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every timer as bytes, for a checkpoint: per timer a domain byte, the
+    /// time (i64 LE), the key length (u32 LE) and the key.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (domain, set) in [(0u8, &self.event_time), (1u8, &self.processing_time)] {
+            for (timestamp, key) in set {
+                out.push(domain);
+                out.extend_from_slice(&timestamp.to_le_bytes());
+                out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                out.extend_from_slice(key);
+            }
+        }
+        out
+    }
+
+    /// Adds the timers of an [`encode`](Self::encode)d snapshot whose key
+    /// `keep` accepts (a subtask keeps its own key groups).
+    pub fn restore(&mut self, bytes: &[u8], keep: impl Fn(&[u8]) -> bool) -> Result<(), String> {
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            if rest.len() < n {
+                return Err("truncated timers".to_string());
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        while let Ok(domain) = take(1) {
+            let domain = match domain[0] {
+                0 => TimeDomain::EventTime,
+                1 => TimeDomain::ProcessingTime,
+                other => return Err(format!("unknown timer domain {other}")),
+            };
+            let timestamp = i64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+            let key = take(len)?;
+            if keep(key) {
+                self.register(domain, timestamp, key);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -98,5 +141,22 @@ mod tests {
         let second = timers.pop_due(TimeDomain::EventTime, 25).expect("due");
         assert_eq!(second.timestamp, 20);
         assert!(timers.pop_due(TimeDomain::EventTime, i64::MAX).is_none());
+    }
+
+    #[test]
+    fn encodes_and_restores_filtered_by_key() {
+        let mut timers = TimerService::default();
+        timers.register(TimeDomain::EventTime, -5, b"a");
+        timers.register(TimeDomain::ProcessingTime, 7, b"bb");
+        timers.register(TimeDomain::EventTime, 9, b"");
+        let bytes = timers.encode();
+        let mut all = TimerService::default();
+        all.restore(&bytes, |_| true).expect("restore");
+        assert_eq!(all.encode(), bytes);
+        let mut some = TimerService::default();
+        some.restore(&bytes, |k| k == b"bb").expect("restore");
+        assert_eq!(some.len(), 1);
+        assert_eq!(some.next_processing_time(), Some(7));
+        assert!(all.restore(&bytes[..bytes.len() - 1], |_| true).is_err());
     }
 }

@@ -43,7 +43,8 @@ fn one() -> u32 {
     1
 }
 
-/// `[checkpoint]`: parsed and validated now; driven by the checkpoint coordinator.
+/// `[checkpoint]`: driven by the checkpoint coordinator. No `interval`: no
+/// periodic checkpoints.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSettings {
@@ -59,6 +60,9 @@ pub struct CheckpointSettings {
     pub timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub min_pause: Option<Duration>,
+    /// Checkpoint failures in a row that do not fail the job.
+    #[serde(default)]
+    pub tolerable_failures: u32,
 }
 
 impl Default for CheckpointSettings {
@@ -70,6 +74,7 @@ impl Default for CheckpointSettings {
             retained: default_retained(),
             timeout: None,
             min_pause: None,
+            tolerable_failures: 0,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::Path;
 
 use super::{CellVisitor, StateBackend, StateError, TableId, WriteOp};
 
@@ -70,5 +71,20 @@ impl StateBackend for MemoryBackend {
 
     fn describe(&self) -> String {
         "memory".to_string()
+    }
+
+    fn checkpoint(&mut self, dir: &Path, tables: &[String]) -> Result<String, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::Open {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        super::dump::write(&dir.join(super::dump::DUMP_FILE), tables, |put| {
+            for (index, table) in self.tables.iter().enumerate() {
+                for ((group, key), value) in table {
+                    put(index as u32, *group, key, value);
+                }
+            }
+        })?;
+        Ok("memory".to_string())
     }
 }

@@ -9,12 +9,13 @@
 //! `key group (u16, big-endian) ++ key`, so a key-group range is one scan.
 
 pub mod codec;
+pub mod dump;
 pub mod memory;
 pub mod rocks;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
@@ -109,6 +110,11 @@ pub trait StateBackend: Send {
     ) -> Result<(), StateError>;
     /// Human-readable description, e.g. "rocksdb at weir-data/state/…".
     fn describe(&self) -> String;
+    /// Writes a consistent copy of every table (named `tables`, in table
+    /// order) into the new directory `dir`: the synchronous part of a
+    /// snapshot. Returns the format: `rocksdb` (a RocksDB checkpoint, SST
+    /// files hard-linked) or `memory` (one [`dump`]).
+    fn checkpoint(&mut self, dir: &Path, tables: &[String]) -> Result<String, StateError>;
 }
 
 /// Backend key: key group big-endian, then the key.
@@ -401,6 +407,28 @@ impl KeyedState {
             self.backend.write(ops)?;
         }
         Ok(())
+    }
+
+    /// Flushes, then writes a consistent copy of every table into the new
+    /// directory `dir` (see [`StateBackend::checkpoint`]). None without
+    /// tables.
+    pub fn checkpoint(&mut self, dir: &Path) -> Result<Option<String>, StateError> {
+        if self.tables.is_empty() {
+            return Ok(None);
+        }
+        self.flush()?;
+        let names: Vec<String> = self.tables.iter().map(|t| t.name.clone()).collect();
+        self.backend.checkpoint(dir, &names).map(Some)
+    }
+
+    /// Table names, in table order.
+    pub fn table_names(&self) -> Vec<String> {
+        self.tables.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The backend, to load restored cells into before processing starts.
+    pub fn backend_mut(&mut self) -> &mut dyn StateBackend {
+        self.backend.as_mut()
     }
 
     /// Flushes and empties the cache once it holds more than its limit.

@@ -1,0 +1,366 @@
+//! The checkpoint coordinator of one job.
+//!
+//! [`JobCheckpoints`] lives as long as the job (across restarts): the next
+//! checkpoint id, the retained completed checkpoints and the reference
+//! counts of their shared files. A [`Coordinator`] runs per attempt: it
+//! triggers checkpoint n at every source subtask (`interval`, at most one in
+//! flight, `min_pause` after the previous one), collects one
+//! [`TaskReport::Ack`] per subtask, then writes `_metadata` atomically and
+//! only then tells the sinks ([`CommitSignal`]). A checkpoint that times out
+//! or that a subtask declines is aborted; more than `tolerable_failures` in
+//! a row fail the attempt. When every sink has finished it tells them to
+//! commit the rest (the job ended) or to discard it (the job was cancelled:
+//! it resumes from its latest checkpoint).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata};
+use super::retention::SharedRegistry;
+use super::{CheckpointError, CommitSignal, Role, SnapshotStats, SubtaskSnapshot, TaskReport};
+use crate::types::CheckpointId;
+
+/// Checkpoint settings as the coordinator uses them.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// None: no periodic checkpoints.
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+    pub min_pause: Duration,
+    pub tolerable_failures: u32,
+}
+
+/// Counters the progress line shows.
+#[derive(Debug, Default)]
+pub struct CheckpointMetrics {
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    /// Id of the newest completed checkpoint (0: none).
+    pub latest: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    next_id: u64,
+    registry: SharedRegistry,
+    latest: Option<ReadMetadata>,
+}
+
+/// The checkpoints of one job: `<checkpoint dir>/<job id>`.
+#[derive(Debug)]
+pub struct JobCheckpoints {
+    pub job_dir: PathBuf,
+    inner: Mutex<Inner>,
+    pub metrics: Arc<CheckpointMetrics>,
+}
+
+impl JobCheckpoints {
+    /// `first_id`: the first checkpoint id to use (a restored job continues
+    /// after the checkpoint it restored).
+    pub fn new(job_dir: PathBuf, retained: usize, first_id: u64) -> Self {
+        Self {
+            job_dir,
+            inner: Mutex::new(Inner {
+                next_id: first_id.max(1),
+                registry: SharedRegistry::new(retained),
+                latest: None,
+            }),
+            metrics: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("not poisoned")
+    }
+
+    fn next_id(&self) -> CheckpointId {
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        CheckpointId(id)
+    }
+
+    /// The newest completed checkpoint of this job, if any.
+    pub fn latest(&self) -> Option<ReadMetadata> {
+        self.lock().latest.clone()
+    }
+
+    /// Writes `_metadata`, then retires checkpoints beyond retention and the
+    /// shared files only they used. Blocking.
+    fn complete(&self, metadata: CheckpointMetadata) -> Result<ReadMetadata, CheckpointError> {
+        let dir = self.job_dir.join(super::checkpoint_dir_name(CheckpointId(
+            metadata.checkpoint,
+        )));
+        std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        let path = metadata::write(&dir, &metadata)?;
+        let read = ReadMetadata {
+            path,
+            base: self.job_dir.clone(),
+            metadata,
+        };
+        let mut inner = self.lock();
+        let retired = inner
+            .registry
+            .complete(read.metadata.checkpoint, read.metadata.shared_files());
+        inner.latest = Some(read.clone());
+        drop(inner);
+        for id in retired.checkpoints {
+            let old = self
+                .job_dir
+                .join(super::checkpoint_dir_name(CheckpointId(id)));
+            if let Err(error) = std::fs::remove_dir_all(&old) {
+                warn!(dir = %old.display(), %error, "cannot remove a retired checkpoint");
+            }
+        }
+        for file in retired.shared {
+            let _ = std::fs::remove_file(self.job_dir.join(file));
+        }
+        Ok(read)
+    }
+
+    /// Before an attempt starts (nothing in flight): removes checkpoint
+    /// directories that never completed and shared files no retained
+    /// checkpoint references (left by aborted checkpoints or a failed
+    /// attempt).
+    pub fn collect_garbage(&self) {
+        let inner = self.lock();
+        let retained: Vec<String> = inner
+            .registry
+            .retained()
+            .map(|id| super::checkpoint_dir_name(CheckpointId(id)))
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(&self.job_dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("chk-") && !retained.contains(&name) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let shared_dir = self.job_dir.join("shared");
+        if let Ok(entries) = std::fs::read_dir(&shared_dir) {
+            let present: Vec<String> = entries
+                .filter_map(Result::ok)
+                .map(|e| format!("shared/{}", e.file_name().to_string_lossy()))
+                .collect();
+            for orphan in inner.registry.orphans(present.iter().map(String::as_str)) {
+                let _ = std::fs::remove_file(self.job_dir.join(orphan));
+            }
+        }
+    }
+}
+
+/// What the coordinator needs to know about the job's tasks.
+#[derive(Debug)]
+pub struct CoordinatorWiring {
+    /// One trigger channel per source subtask.
+    pub triggers: Vec<mpsc::UnboundedSender<CheckpointId>>,
+    pub reports: mpsc::UnboundedReceiver<TaskReport>,
+    pub commit: watch::Sender<CommitSignal>,
+    /// Set when the job is cancelled.
+    pub cancelled: watch::Receiver<bool>,
+    /// Every subtask that acks a checkpoint: (uid, subtask).
+    pub subtasks: Vec<(String, u32)>,
+    pub sink_subtasks: usize,
+}
+
+struct Pending {
+    id: CheckpointId,
+    started: Instant,
+    acks: HashMap<(String, u32), (SubtaskSnapshot, SnapshotStats)>,
+}
+
+/// The coordinator of one attempt.
+pub struct Coordinator {
+    pub settings: CoordinatorSettings,
+    /// None: checkpointing is off (only the end-of-job commit happens).
+    pub store: Option<Arc<JobCheckpoints>>,
+    /// `_metadata` of this job without subtasks: ids, name, per-uid plugin
+    /// and states. Each completed checkpoint fills in the subtasks.
+    pub template: CheckpointMetadata,
+}
+
+impl Coordinator {
+    /// Runs until every task has gone. `Err` when checkpoints failed more
+    /// often in a row than tolerated.
+    pub async fn run(self, mut wiring: CoordinatorWiring) -> Result<(), String> {
+        let mut pending: Option<Pending> = None;
+        let mut last_trigger = Instant::now();
+        let mut last_done = Instant::now();
+        let mut sources_finished = false;
+        let mut sinks_finished = 0usize;
+        let mut failures_in_a_row = 0u32;
+        let enabled = self.store.is_some() && self.settings.interval.is_some();
+        loop {
+            let next_trigger = match (&pending, self.settings.interval) {
+                (None, Some(interval)) if enabled && !sources_finished => {
+                    Some((last_trigger + interval).max(last_done + self.settings.min_pause))
+                }
+                _ => None,
+            };
+            let deadline = pending.as_ref().map(|p| p.started + self.settings.timeout);
+            let mut failed: Option<String> = None;
+            tokio::select! {
+                report = wiring.reports.recv() => {
+                    let Some(report) = report else { break };
+                    match report {
+                        TaskReport::Ack { checkpoint, snapshot, stats } => {
+                            let Some(p) = pending.as_mut().filter(|p| p.id == checkpoint) else {
+                                continue;
+                            };
+                            p.acks.insert((snapshot.uid.clone(), snapshot.subtask), (*snapshot, stats));
+                            if p.acks.len() == wiring.subtasks.len() {
+                                let done = pending.take().expect("pending above");
+                                match self.complete(done).await {
+                                    Ok(id) => {
+                                        failures_in_a_row = 0;
+                                        last_done = Instant::now();
+                                        wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
+                                    }
+                                    Err(error) => failed = Some(error),
+                                }
+                            }
+                        }
+                        TaskReport::Decline { checkpoint, uid, subtask, reason } => {
+                            if pending.as_ref().is_some_and(|p| p.id == checkpoint) {
+                                failed = Some(format!("`{uid}` (subtask {subtask}) declined: {reason}"));
+                            }
+                        }
+                        TaskReport::Finished { uid, subtask, role } => match role {
+                            Role::Source => {
+                                sources_finished = true;
+                                if pending.as_ref().is_some_and(|p| !p.acks.contains_key(&(uid.clone(), subtask))) {
+                                    self.abort(pending.take(), "a source ended before taking part");
+                                    last_done = Instant::now();
+                                }
+                            }
+                            Role::Sink => {
+                                sinks_finished += 1;
+                                if sinks_finished == wiring.sink_subtasks {
+                                    let cancelled = *wiring.cancelled.borrow();
+                                    let commit = !(cancelled && enabled);
+                                    if !commit {
+                                        info!("job cancelled: output after the latest checkpoint is discarded; resume from that checkpoint");
+                                    }
+                                    wiring.commit.send_modify(|s| s.end = Some(commit));
+                                }
+                            }
+                            Role::Operator => {}
+                        },
+                    }
+                }
+                _ = sleep_until(next_trigger) => {
+                    let store = self.store.as_ref().expect("enabled");
+                    let id = store.next_id();
+                    last_trigger = Instant::now();
+                    let mut delivered = true;
+                    for trigger in &wiring.triggers {
+                        delivered &= trigger.send(id).is_ok();
+                    }
+                    if delivered {
+                        pending = Some(Pending { id, started: Instant::now(), acks: HashMap::new() });
+                    } else {
+                        sources_finished = true;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    failed = Some(format!("timed out after {:?}", self.settings.timeout));
+                }
+            }
+            if let Some(reason) = failed {
+                let id = pending.as_ref().map(|p| p.id.0);
+                self.abort(pending.take(), &reason);
+                last_done = Instant::now();
+                failures_in_a_row += 1;
+                if failures_in_a_row > self.settings.tolerable_failures {
+                    return Err(format!(
+                        "checkpoint {} failed ({reason}); {failures_in_a_row} failures in a row, tolerable_failures = {}",
+                        id.unwrap_or(0),
+                        self.settings.tolerable_failures
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&self, pending: Option<Pending>, reason: &str) {
+        let Some(pending) = pending else { return };
+        warn!(checkpoint = pending.id.0, reason, "checkpoint aborted");
+        if let Some(store) = &self.store {
+            store.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            let dir = store.job_dir.join(super::checkpoint_dir_name(pending.id));
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(dir);
+            });
+        }
+    }
+
+    /// Writes `_metadata` (on a blocking thread, which finishes even if the
+    /// attempt is torn down meanwhile) and logs the checkpoint.
+    async fn complete(&self, pending: Pending) -> Result<u64, String> {
+        let store = self
+            .store
+            .clone()
+            .expect("only enabled coordinators trigger");
+        let mut metadata = self.template.clone();
+        metadata.checkpoint = pending.id.0;
+        metadata.completed_ms = crate::dataflow::now_millis();
+        let mut stats = SnapshotStats::default();
+        for ((uid, _), (snapshot, subtask_stats)) in pending.acks {
+            stats.alignment = stats.alignment.max(subtask_stats.alignment);
+            stats.sync = stats.sync.max(subtask_stats.sync);
+            stats.asynchronous = stats.asynchronous.max(subtask_stats.asynchronous);
+            stats.bytes += subtask_stats.bytes;
+            stats.new_bytes += subtask_stats.new_bytes;
+            if let Some(operator) = metadata.operators.get_mut(&uid) {
+                operator.subtasks.push(snapshot);
+            }
+        }
+        for operator in metadata.operators.values_mut() {
+            operator.subtasks.sort_by_key(|s| s.subtask);
+        }
+        let writer = store.clone();
+        tokio::task::spawn_blocking(move || writer.complete(metadata))
+            .await
+            .map_err(|e| format!("writing _metadata: {e}"))?
+            .map_err(|e| e.to_string())?;
+        store.metrics.completed.fetch_add(1, Ordering::Relaxed);
+        store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
+        info!(
+            checkpoint = pending.id.0,
+            duration_ms = pending.started.elapsed().as_millis() as u64,
+            alignment_ms = stats.alignment.as_millis() as u64,
+            sync_ms = stats.sync.as_millis() as u64,
+            async_ms = stats.asynchronous.as_millis() as u64,
+            size = stats.bytes,
+            incremental_size = stats.new_bytes,
+            "checkpoint completed"
+        );
+        Ok(pending.id.0)
+    }
+}
+
+/// The per-uid part of `_metadata` that does not change between checkpoints.
+pub fn operator_template(role: Role, parallelism: u32) -> OperatorSnapshot {
+    OperatorSnapshot {
+        role,
+        parallelism,
+        plugin: None,
+        states: Vec::new(),
+        subtasks: Vec::new(),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}

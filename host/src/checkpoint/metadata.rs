@@ -1,0 +1,331 @@
+//! The `_metadata` file of a completed checkpoint, keyed by operator uid.
+//!
+//! On disk: one header line `weir-checkpoint <format version> sha256=<hex>`
+//! followed by the JSON body the checksum covers. It is written to a temp
+//! name, fsynced and renamed, so a reader sees a whole file or none; a
+//! checkpoint directory without `_metadata` never counts. Every file path in
+//! it is relative to the job's checkpoint directory (`<dir>/<job id>`), and
+//! a path that would leave it is rejected on reading.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{CheckpointError, Role};
+
+pub const METADATA_FILE: &str = "_metadata";
+const MAGIC: &str = "weir-checkpoint";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMetadata {
+    pub job_id: String,
+    pub job_name: String,
+    pub checkpoint: u64,
+    /// Wall-clock milliseconds when it completed.
+    pub completed_ms: i64,
+    pub max_parallelism: u32,
+    pub operators: BTreeMap<String, OperatorSnapshot>,
+}
+
+/// One node of the job (source, operator or sink), by uid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSnapshot {
+    pub role: Role,
+    pub parallelism: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PluginRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<StateRef>,
+    pub subtasks: Vec<SubtaskSnapshot>,
+}
+
+/// The plugin an operator ran with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRef {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+}
+
+/// A declared state of an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateRef {
+    pub name: String,
+    /// `value`, `list` or `map`.
+    pub kind: String,
+    pub schema_version: u32,
+}
+
+/// One subtask's part of a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubtaskSnapshot {
+    pub uid: String,
+    pub subtask: u32,
+    /// Key-group range `[start, end)` of an operator subtask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_groups: Option<[u32; 2]>,
+    /// `rocksdb` (files are a RocksDB checkpoint) or `memory` (one dump file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timers: Option<FileRef>,
+    /// A source's position (byte offset, next sequence number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// A sink's written but uncommitted files, committed once this
+    /// checkpoint is complete (names relative to the sink's directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+}
+
+/// A stored file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    /// Relative to the job's checkpoint directory.
+    pub path: String,
+    /// The file's name in the subtask's local state directory.
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl FileRef {
+    pub fn is_shared(&self) -> bool {
+        self.path.starts_with("shared/")
+    }
+}
+
+impl CheckpointMetadata {
+    /// Every file the checkpoint references.
+    pub fn files(&self) -> impl Iterator<Item = &FileRef> {
+        self.operators
+            .values()
+            .flat_map(|op| &op.subtasks)
+            .flat_map(|s| s.files.iter().chain(s.timers.as_ref()))
+    }
+
+    /// The shared files the checkpoint references (paths).
+    pub fn shared_files(&self) -> Vec<String> {
+        let mut shared: Vec<String> = self
+            .files()
+            .filter(|f| f.is_shared())
+            .map(|f| f.path.clone())
+            .collect();
+        shared.sort();
+        shared.dedup();
+        shared
+    }
+
+    /// Total bytes the checkpoint references.
+    pub fn size(&self) -> u64 {
+        self.files().map(|f| f.size).sum()
+    }
+}
+
+/// Writes `_metadata` into `dir` atomically: temp file, fsync, rename, fsync
+/// of the directory.
+pub fn write(dir: &Path, metadata: &CheckpointMetadata) -> Result<PathBuf, CheckpointError> {
+    let body = serde_json::to_vec_pretty(metadata).map_err(|e| CheckpointError::io(dir, e))?;
+    let digest = hex::encode(Sha256::digest(&body));
+    let path = dir.join(METADATA_FILE);
+    let temp = dir.join(format!("{METADATA_FILE}.inprogress"));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        writeln!(file, "{MAGIC} {FORMAT_VERSION} sha256={digest}")?;
+        file.write_all(&body)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    result.map_err(|e| CheckpointError::io(&path, e))?;
+    Ok(path)
+}
+
+/// A read `_metadata` and the directory its paths are relative to.
+#[derive(Debug, Clone)]
+pub struct ReadMetadata {
+    pub metadata: CheckpointMetadata,
+    /// The `_metadata` file.
+    pub path: PathBuf,
+    /// The directory file paths are relative to (`<dir>/<job id>`).
+    pub base: PathBuf,
+}
+
+impl ReadMetadata {
+    pub fn resolve(&self, file: &FileRef) -> PathBuf {
+        self.base.join(&file.path)
+    }
+}
+
+/// Reads and checks `_metadata`, given it or its directory. The header,
+/// checksum, format version and every file path are checked; file contents
+/// are checked when they are restored.
+pub fn read(path: &Path) -> Result<ReadMetadata, CheckpointError> {
+    let path = if path.is_dir() {
+        path.join(METADATA_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => corrupt(format!(
+            "no {METADATA_FILE} (a checkpoint without it never completed)"
+        )),
+        _ => CheckpointError::io(&path, e),
+    })?;
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| corrupt("no header line".into()))?;
+    let header = std::str::from_utf8(&bytes[..newline])
+        .map_err(|_| corrupt("the header is not text".into()))?;
+    let mut words = header.split(' ');
+    if words.next() != Some(MAGIC) {
+        return Err(corrupt(format!("the header does not start with `{MAGIC}`")));
+    }
+    let version: u32 = words
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| corrupt("the header has no format version".into()))?;
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version {version}; this weir reads version {FORMAT_VERSION}"
+        )));
+    }
+    let expected = words
+        .next()
+        .and_then(|w| w.strip_prefix("sha256="))
+        .ok_or_else(|| corrupt("the header has no checksum".into()))?;
+    let body = &bytes[newline + 1..];
+    if hex::encode(Sha256::digest(body)) != expected {
+        return Err(corrupt(
+            "checksum mismatch (the file is truncated or damaged)".into(),
+        ));
+    }
+    let metadata: CheckpointMetadata =
+        serde_json::from_slice(body).map_err(|e| corrupt(format!("bad JSON: {e}")))?;
+    for file in metadata.files() {
+        if !is_inside(&file.path) {
+            return Err(corrupt(format!(
+                "file reference `{}` points outside the checkpoint directory",
+                file.path
+            )));
+        }
+    }
+    let chk_dir = path.parent().unwrap_or(Path::new("."));
+    let base = chk_dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok(ReadMetadata {
+        metadata,
+        path,
+        base,
+    })
+}
+
+/// Whether a relative path stays inside its base: no root, no `..`.
+pub fn is_inside(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CheckpointMetadata {
+        let mut operators = BTreeMap::new();
+        operators.insert(
+            "count".to_string(),
+            OperatorSnapshot {
+                role: Role::Operator,
+                parallelism: 1,
+                plugin: Some(PluginRef {
+                    name: "count".into(),
+                    version: "0.1.0".into(),
+                    digest: "ab".into(),
+                }),
+                states: vec![StateRef {
+                    name: "count".into(),
+                    kind: "value".into(),
+                    schema_version: 1,
+                }],
+                subtasks: vec![SubtaskSnapshot {
+                    uid: "count".into(),
+                    subtask: 0,
+                    key_groups: Some([0, 128]),
+                    backend: Some("rocksdb".into()),
+                    files: vec![FileRef {
+                        path: "shared/count-0-x-000009.sst".into(),
+                        name: "000009.sst".into(),
+                        size: 10,
+                        sha256: "00".into(),
+                    }],
+                    ..SubtaskSnapshot::default()
+                }],
+            },
+        );
+        CheckpointMetadata {
+            job_id: "j".into(),
+            job_name: "wordcount".into(),
+            checkpoint: 3,
+            completed_ms: 1,
+            max_parallelism: 128,
+            operators,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_rejects_damage() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("job").join("chk-3");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = write(&dir, &sample()).expect("write");
+        let read_back = read(&dir).expect("read");
+        assert_eq!(read_back.metadata, sample());
+        assert_eq!(read_back.base, root.path().join("job"));
+        assert_eq!(read_back.metadata.shared_files().len(), 1);
+
+        let bytes = std::fs::read(&path).expect("read");
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).expect("write");
+            let error = read(&path).expect_err("truncated").to_string();
+            assert!(error.contains("_metadata"), "{error}");
+        }
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 3;
+        flipped[last] ^= 0x20;
+        std::fs::write(&path, &flipped).expect("write");
+        assert!(read(&path).is_err());
+    }
+
+    #[test]
+    fn rejects_paths_leaving_the_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("job").join("chk-1");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut metadata = sample();
+        let op = metadata.operators.get_mut("count").expect("op");
+        op.subtasks[0].files[0].path = "../../etc/passwd".into();
+        write(&dir, &metadata).expect("write");
+        let error = read(&dir).expect_err("escapes").to_string();
+        assert!(error.contains("outside"), "{error}");
+        assert!(!is_inside("/abs"));
+        assert!(is_inside("shared/a.sst"));
+    }
+}

@@ -1,0 +1,321 @@
+//! Restoring a job from a completed checkpoint (the savepoint issue reuses
+//! this): the design's restore rules, checked before anything is restored,
+//! and materialising one subtask's state, timers, source position or sink
+//! files from the checkpoint's files.
+//!
+//! Rules ([`check`]):
+//! - a uid in both the checkpoint and the job: its state is restored,
+//!   redistributed by key group when the parallelism changed;
+//! - a uid only in the job: starts empty;
+//! - a uid with state only in the checkpoint, or a state name only in the
+//!   checkpoint: the start fails naming each, unless
+//!   `--allow-non-restored-state`, which skips and logs them;
+//! - a changed `max_parallelism`, a state whose kind or schema version
+//!   changed, a uid that changed role, or a source whose parallelism
+//!   changed: the start fails, naming the uid and state.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::path::Path;
+
+use super::metadata::{OperatorSnapshot, ReadMetadata};
+use super::storage::copy_hashed;
+use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
+use crate::dataflow::TimerService;
+use crate::job::{JobGraph, NodeKind};
+use crate::state::rocks::RocksBackend;
+use crate::state::{StateBackend, StateDescriptor, WriteOp, dump};
+use crate::types::key_group;
+
+/// Whether a node snapshot holds anything to restore.
+fn has_state(op: &OperatorSnapshot) -> bool {
+    op.subtasks.iter().any(|s| {
+        !s.files.is_empty() || s.timers.is_some() || s.position.is_some() || !s.pending.is_empty()
+    })
+}
+
+/// Checks the restore rules for `graph` (whose operators declare the states
+/// in `declared`, by uid). Returns what `allow_non_restored` skipped, one
+/// line each, for the log.
+pub fn check(
+    read: &ReadMetadata,
+    graph: &JobGraph,
+    declared: &HashMap<String, Vec<StateDescriptor>>,
+    allow_non_restored: bool,
+) -> Result<Vec<String>, CheckpointError> {
+    let metadata = &read.metadata;
+    let mut problems = Vec::new();
+    let mut skippable = Vec::new();
+    if metadata.max_parallelism != graph.max_parallelism {
+        problems.push(format!(
+            "max_parallelism changed from {} to {} (state is split into that many key groups; it cannot change)",
+            metadata.max_parallelism, graph.max_parallelism
+        ));
+    }
+    for (uid, op) in &metadata.operators {
+        let Some(node) = graph.nodes.iter().find(|n| &n.uid == uid) else {
+            if has_state(op) {
+                skippable.push(format!(
+                    "uid `{uid}` is in the checkpoint but not in the job"
+                ));
+            }
+            continue;
+        };
+        let role = match node.kind {
+            NodeKind::Source(_) => Role::Source,
+            NodeKind::Operator(_) => Role::Operator,
+            NodeKind::Sink(_) => Role::Sink,
+        };
+        if role != op.role {
+            problems.push(format!(
+                "uid `{uid}` was a {:?} and is now a {role:?}",
+                op.role
+            ));
+            continue;
+        }
+        if role == Role::Source
+            && node.parallelism != op.parallelism
+            && op.subtasks.iter().any(|s| s.position.is_some())
+        {
+            problems.push(format!(
+                "source `{uid}`: parallelism changed from {} to {} (source positions are per subtask)",
+                op.parallelism, node.parallelism
+            ));
+        }
+        let new_states = declared.get(uid).map(Vec::as_slice).unwrap_or(&[]);
+        for old in &op.states {
+            match new_states.iter().find(|s| s.name == old.name) {
+                None => skippable.push(format!(
+                    "state `{}` of uid `{uid}` is in the checkpoint but the operator no longer declares it",
+                    old.name
+                )),
+                Some(new) if new.kind.to_string() != old.kind => problems.push(format!(
+                    "uid `{uid}` state `{}`: kind changed from {} to {}",
+                    old.name, old.kind, new.kind
+                )),
+                Some(new) if new.schema_version != old.schema_version => problems.push(format!(
+                    "uid `{uid}` state `{}`: schema version changed from {} to {} and the plugin has no migrate export",
+                    old.name, old.schema_version, new.schema_version
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    if !skippable.is_empty() && !allow_non_restored {
+        problems.push(format!(
+            "{}; start with --allow-non-restored-state (-n) to skip it",
+            skippable.join("; ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(skippable)
+    } else {
+        Err(CheckpointError::Restore {
+            path: read.path.clone(),
+            problems,
+        })
+    }
+}
+
+/// The snapshot subtask whose state a new subtask can take over file for
+/// file: same key-group range, a RocksDB checkpoint, and exactly the states
+/// the operator declares now.
+pub fn whole_files<'a>(
+    op: &'a OperatorSnapshot,
+    key_groups: [u32; 2],
+    states: &[StateDescriptor],
+) -> Option<&'a SubtaskSnapshot> {
+    let old: HashSet<&str> = op.states.iter().map(|s| s.name.as_str()).collect();
+    let new: HashSet<&str> = states.iter().map(|s| s.name.as_str()).collect();
+    if old != new {
+        return None;
+    }
+    op.subtasks
+        .iter()
+        .find(|s| s.key_groups == Some(key_groups) && s.backend.as_deref() == Some("rocksdb"))
+}
+
+/// Copies a snapshot's state files into `dir`, checking each checksum.
+pub fn install_files(
+    read: &ReadMetadata,
+    files: &[FileRef],
+    dir: &Path,
+) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
+    for file in files {
+        let source = read.resolve(file);
+        let (size, sha256) = copy_hashed(&source, &dir.join(&file.name))?;
+        if size != file.size || sha256 != file.sha256 {
+            return Err(CheckpointError::Corrupt {
+                path: source,
+                message: format!(
+                    "{size} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
+                    file.size, file.sha256
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads into `target` the cells of the key groups `range` from every
+/// snapshot subtask that holds some of them. `tables` are the new tables
+/// (`<uid>/<state>`), in the target's table order; a checkpointed state not
+/// among them is skipped. `work` is a scratch directory. Returns the
+/// number of cells loaded.
+pub fn load_cells(
+    read: &ReadMetadata,
+    uid: &str,
+    op: &OperatorSnapshot,
+    range: Range<u32>,
+    tables: &[String],
+    work: &Path,
+    target: &mut dyn StateBackend,
+) -> Result<u64, CheckpointError> {
+    let index_of: HashMap<&str, usize> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+    let mut loaded = 0u64;
+    for subtask in &op.subtasks {
+        let Some([start, end]) = subtask.key_groups else {
+            continue;
+        };
+        let overlap = start.max(range.start)..end.min(range.end);
+        if overlap.is_empty() || subtask.files.is_empty() {
+            continue;
+        }
+        let scratch = work.join(format!("restore-{uid}-{}", subtask.subtask));
+        let _ = std::fs::remove_dir_all(&scratch);
+        install_files(read, &subtask.files, &scratch)?;
+        let state_error = |e: crate::state::StateError| CheckpointError::io(&scratch, e);
+        let mut ops = Vec::new();
+        match subtask.backend.as_deref() {
+            Some("rocksdb") => {
+                let old_tables: Vec<String> = op
+                    .states
+                    .iter()
+                    .map(|s| format!("{uid}/{}", s.name))
+                    .collect();
+                let source = RocksBackend::open(&scratch, &old_tables).map_err(state_error)?;
+                for (old_index, name) in old_tables.iter().enumerate() {
+                    let Some(&table) = index_of.get(name.as_str()) else {
+                        continue;
+                    };
+                    // A few key groups at a time bounds the memory used.
+                    let mut group = overlap.start;
+                    while group < overlap.end {
+                        let chunk = group..(group + 4).min(overlap.end);
+                        source
+                            .scan(old_index, chunk.clone(), &mut |key_group, key, value| {
+                                ops.push(WriteOp::Put {
+                                    table,
+                                    key_group,
+                                    key: key.to_vec(),
+                                    value: value.to_vec(),
+                                });
+                            })
+                            .map_err(state_error)?;
+                        loaded += ops.len() as u64;
+                        target
+                            .write(std::mem::take(&mut ops))
+                            .map_err(state_error)?;
+                        group = chunk.end;
+                    }
+                }
+            }
+            Some("memory") => {
+                dump::read(
+                    &scratch.join(dump::DUMP_FILE),
+                    |name, key_group, key, value| {
+                        if let Some(&table) = index_of.get(name)
+                            && overlap.contains(&u32::from(key_group))
+                        {
+                            ops.push(WriteOp::Put {
+                                table,
+                                key_group,
+                                key: key.to_vec(),
+                                value: value.to_vec(),
+                            });
+                        }
+                    },
+                )
+                .map_err(state_error)?;
+                loaded += ops.len() as u64;
+                target.write(ops).map_err(state_error)?;
+            }
+            other => {
+                return Err(CheckpointError::Corrupt {
+                    path: read.path.clone(),
+                    message: format!(
+                        "uid `{uid}` subtask {}: unknown state format {other:?}",
+                        subtask.subtask
+                    ),
+                });
+            }
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    Ok(loaded)
+}
+
+/// Adds to `timers` the timers of keys in the key groups `range`.
+pub fn load_timers(
+    read: &ReadMetadata,
+    op: &OperatorSnapshot,
+    range: Range<u32>,
+    max_parallelism: u32,
+    timers: &mut TimerService,
+) -> Result<(), CheckpointError> {
+    for subtask in &op.subtasks {
+        let Some(file) = &subtask.timers else {
+            continue;
+        };
+        let path = read.resolve(file);
+        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if sha256 != file.sha256 {
+            return Err(CheckpointError::Corrupt {
+                path,
+                message: "checksum mismatch".into(),
+            });
+        }
+        timers
+            .restore(&bytes, |key| {
+                range.contains(&u32::from(key_group::of_key(key, max_parallelism)))
+            })
+            .map_err(|message| CheckpointError::Corrupt { path, message })?;
+    }
+    Ok(())
+}
+
+/// The restored position of a source subtask.
+pub fn source_position(read: &ReadMetadata, uid: &str, subtask: u32) -> Option<u64> {
+    read.metadata
+        .operators
+        .get(uid)?
+        .subtasks
+        .iter()
+        .find(|s| s.subtask == subtask)?
+        .position
+}
+
+/// Every file that must exist before restoring (checked up front, so a
+/// missing file fails the start before anything was restored).
+pub fn check_files_exist(read: &ReadMetadata) -> Result<(), CheckpointError> {
+    for file in read.metadata.files() {
+        let path = read.resolve(file);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == file.size => {}
+            Ok(meta) => {
+                return Err(CheckpointError::Corrupt {
+                    path,
+                    message: format!("{} bytes, _metadata says {}", meta.len(), file.size),
+                });
+            }
+            Err(e) => return Err(CheckpointError::io(path, e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Checkpoint storage, a subtask's side. After the synchronous part of a
+//! snapshot (a consistent copy of the state in a local directory, made of
+//! hard links for RocksDB), [`SubtaskStorage::upload`] copies it to the
+//! job's checkpoint directory on a blocking thread while the task goes on
+//! processing, then acks to the coordinator.
+//!
+//! Incremental: RocksDB SST files never change once written, so each is
+//! copied once, to `shared/<uid>-<subtask>-<instance>-<file>`, and later
+//! checkpoints that still contain it reference the same copy. (`instance`
+//! is random per state instance, so a restarted attempt never overwrites a
+//! file an earlier attempt uploaded.) Everything else (MANIFEST, OPTIONS,
+//! timers, memory dumps) is private to the checkpoint:
+//! `chk-<n>/<uid>-<subtask>/`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::{CheckpointError, FileRef, SnapshotStats, SubtaskSnapshot, TaskReport};
+use crate::types::CheckpointId;
+
+/// The name of the timers file in a subtask's private directory.
+pub const TIMERS_FILE: &str = "timers";
+
+/// What the synchronous part of an operator's snapshot produced.
+#[derive(Debug)]
+pub struct LocalSnapshot {
+    /// The consistent copy of the keyed state (None: no keyed state).
+    pub state: Option<(PathBuf, String)>,
+    /// Encoded timers (empty: none).
+    pub timers: Vec<u8>,
+}
+
+/// One operator subtask's access to checkpoint storage.
+#[derive(Debug)]
+pub struct SubtaskStorage {
+    /// `<checkpoint dir>/<job id>`.
+    job_dir: PathBuf,
+    uid: String,
+    subtask: u32,
+    key_groups: [u32; 2],
+    instance: String,
+    /// Where synchronous snapshots are made (`<local state>/snapshots`).
+    local_root: PathBuf,
+    /// SST files already in shared storage, by local file name.
+    uploaded: Mutex<HashMap<String, FileRef>>,
+    /// Uploads run one at a time, in checkpoint order.
+    serial: Mutex<()>,
+    reports: mpsc::UnboundedSender<TaskReport>,
+}
+
+impl SubtaskStorage {
+    pub fn new(
+        job_dir: PathBuf,
+        uid: &str,
+        subtask: u32,
+        key_groups: [u32; 2],
+        local_root: PathBuf,
+        reports: mpsc::UnboundedSender<TaskReport>,
+    ) -> Self {
+        Self {
+            job_dir,
+            uid: uid.to_string(),
+            subtask,
+            key_groups,
+            instance: random_hex(6),
+            local_root,
+            uploaded: Mutex::new(HashMap::new()),
+            serial: Mutex::new(()),
+            reports,
+        }
+    }
+
+    /// Shared files this state instance already has in storage (restored
+    /// from a checkpoint of the same job): they are not uploaded again.
+    pub fn seed(&self, files: impl IntoIterator<Item = FileRef>) {
+        let mut uploaded = self.uploaded.lock().expect("not poisoned");
+        for file in files.into_iter().filter(FileRef::is_shared) {
+            uploaded.insert(file.name.clone(), file);
+        }
+    }
+
+    /// Where the synchronous part of checkpoint n puts its copy.
+    pub fn local_dir(&self, checkpoint: CheckpointId) -> PathBuf {
+        self.local_root.join(format!("chk-{}", checkpoint.0))
+    }
+
+    /// Declines checkpoint n (its synchronous part failed).
+    pub fn decline(&self, checkpoint: CheckpointId, reason: String) {
+        let _ = self.reports.send(TaskReport::Decline {
+            checkpoint,
+            uid: self.uid.clone(),
+            subtask: self.subtask,
+            reason,
+        });
+    }
+
+    /// Copies the snapshot to storage on a blocking thread and acks (or
+    /// declines) checkpoint n.
+    pub fn upload(
+        self: &Arc<Self>,
+        checkpoint: CheckpointId,
+        local: LocalSnapshot,
+        stats: SnapshotStats,
+    ) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _serial = this.serial.lock().expect("not poisoned");
+            let started = Instant::now();
+            let report = match this.store(checkpoint, &local) {
+                Ok((snapshot, bytes, new_bytes)) => TaskReport::Ack {
+                    checkpoint,
+                    snapshot: Box::new(snapshot),
+                    stats: SnapshotStats {
+                        asynchronous: started.elapsed(),
+                        bytes,
+                        new_bytes,
+                        ..stats
+                    },
+                },
+                Err(error) => TaskReport::Decline {
+                    checkpoint,
+                    uid: this.uid.clone(),
+                    subtask: this.subtask,
+                    reason: error.to_string(),
+                },
+            };
+            if let Some((dir, _)) = &local.state {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            // The coordinator may be gone (the attempt failed): nothing to do.
+            let _ = this.reports.send(report);
+        });
+    }
+
+    fn store(
+        &self,
+        checkpoint: CheckpointId,
+        local: &LocalSnapshot,
+    ) -> Result<(SubtaskSnapshot, u64, u64), CheckpointError> {
+        let private_rel = format!("chk-{}/{}-{}", checkpoint.0, self.uid, self.subtask);
+        let private = self.job_dir.join(&private_rel);
+        std::fs::create_dir_all(&private).map_err(|e| CheckpointError::io(&private, e))?;
+        let shared = self.job_dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(|e| CheckpointError::io(&shared, e))?;
+        let mut snapshot = SubtaskSnapshot {
+            uid: self.uid.clone(),
+            subtask: self.subtask,
+            key_groups: Some(self.key_groups),
+            ..SubtaskSnapshot::default()
+        };
+        let (mut bytes, mut new_bytes) = (0, 0);
+        if let Some((dir, backend)) = &local.state {
+            snapshot.backend = Some(backend.clone());
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|e| CheckpointError::io(dir, e))?
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for name in names {
+                let source = dir.join(&name);
+                let file = if name.ends_with(".sst") {
+                    let known = self
+                        .uploaded
+                        .lock()
+                        .expect("not poisoned")
+                        .get(&name)
+                        .cloned();
+                    match known {
+                        Some(file) => file,
+                        None => {
+                            let rel = format!(
+                                "shared/{}-{}-{}-{name}",
+                                self.uid, self.subtask, self.instance
+                            );
+                            let file = copy_in(&source, &self.job_dir, rel, &name)?;
+                            new_bytes += file.size;
+                            self.uploaded
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(name.clone(), file.clone());
+                            file
+                        }
+                    }
+                } else {
+                    let file = copy_in(
+                        &source,
+                        &self.job_dir,
+                        format!("{private_rel}/{name}"),
+                        &name,
+                    )?;
+                    new_bytes += file.size;
+                    file
+                };
+                bytes += file.size;
+                snapshot.files.push(file);
+            }
+        }
+        if !local.timers.is_empty() {
+            let rel = format!("{private_rel}/{TIMERS_FILE}");
+            let path = self.job_dir.join(&rel);
+            write_synced(&path, &local.timers)?;
+            let size = local.timers.len() as u64;
+            bytes += size;
+            new_bytes += size;
+            snapshot.timers = Some(FileRef {
+                path: rel,
+                name: TIMERS_FILE.to_string(),
+                size,
+                sha256: hex::encode(Sha256::digest(&local.timers)),
+            });
+        }
+        debug!(
+            checkpoint = checkpoint.0,
+            bytes, new_bytes, "snapshot stored"
+        );
+        Ok((snapshot, bytes, new_bytes))
+    }
+}
+
+/// Copies `source` to `<base>/<rel>` (via a temp name, fsynced), hashing it.
+fn copy_in(
+    source: &Path,
+    base: &Path,
+    rel: String,
+    name: &str,
+) -> Result<FileRef, CheckpointError> {
+    let target = base.join(&rel);
+    let temp = target.with_extension("inprogress");
+    let (size, sha256) = copy_hashed(source, &temp)?;
+    std::fs::rename(&temp, &target).map_err(|e| CheckpointError::io(&target, e))?;
+    Ok(FileRef {
+        path: rel,
+        name: name.to_string(),
+        size,
+        sha256,
+    })
+}
+
+/// Copies a file, fsyncs the copy, and returns its size and sha256.
+pub fn copy_hashed(source: &Path, target: &Path) -> Result<(u64, String), CheckpointError> {
+    let mut input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
+    let mut output = std::fs::File::create(target).map_err(|e| CheckpointError::io(target, e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let read = input
+            .read(&mut buffer)
+            .map_err(|e| CheckpointError::io(source, e))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        output
+            .write_all(&buffer[..read])
+            .map_err(|e| CheckpointError::io(target, e))?;
+        size += read as u64;
+    }
+    output
+        .sync_all()
+        .map_err(|e| CheckpointError::io(target, e))?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = std::fs::File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| CheckpointError::io(path, e))
+}
+
+/// `len` random bytes as hex (ids of state instances, savepoint names).
+pub fn random_hex(len: usize) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut out = String::new();
+    let mut seed = u64::from(std::process::id()) ^ count.rotate_left(32);
+    while out.len() < len * 2 {
+        seed = xxhash_rust::xxh3::xxh3_64_with_seed(&nanos.to_le_bytes(), seed);
+        out.push_str(&format!("{seed:016x}"));
+    }
+    out.truncate(len * 2);
+    out
+}
