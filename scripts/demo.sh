@@ -14,8 +14,9 @@ cp target/guests/wasm32-wasip2/release/wordcount_split.wasm examples/wordcount/p
 cp target/guests/wasm32-wasip2/release/wordcount_count.wasm examples/wordcount/plugins/count.wasm
 
 echo "==> building the host and running examples/wordcount/job.toml" >&2
+rm -rf examples/wordcount/out
 cargo run -p weir -- run examples/wordcount/job.toml
 
 echo "==> the most frequent words (final counts from examples/wordcount/out/)" >&2
-awk '{ count[$1] = $2 } END { for (w in count) print count[w], w }' examples/wordcount/out/part-* \
+awk '$2 > count[$1] { count[$1] = $2 } END { for (w in count) print count[w], w }' examples/wordcount/out/part-* \
     | sort -k1,1nr -k2 | head -n 10

@@ -4,7 +4,8 @@
 //!    logic as a native Rust operator, in the same runtime: generator ->
 //!    map -> blackhole.
 //! 2. The wordcount `count` component with RocksDB keyed state on a
-//!    generator of 10M records over 100k distinct keys, parallelism 1.
+//!    generator of 10M records over 100k distinct keys, parallelism 1,
+//!    without checkpoints and with exactly-once checkpoints every second.
 //!
 //! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M); pass
 //! words to run only the benchmarks whose names contain one of them
@@ -201,6 +202,27 @@ inputs = ["count"]
             &HashMap::new(),
             records,
         ));
+        let checkpointed = wordcount.replace(
+            "[state]",
+            &format!(
+                "[checkpoint]\ninterval = \"1s\"\nmode = \"exactly-once\"\ndir = {:?}\n[state]",
+                dir.path().join("checkpoints").display().to_string()
+            ),
+        );
+        results.push(run(
+            &engine,
+            dir.path(),
+            "wordcount, RocksDB state, p=1, checkpoints every 1s",
+            &checkpointed,
+            &HashMap::new(),
+            records,
+        ));
+        let n = results.len();
+        let rate = |m: &Measurement| m.records as f64 / m.seconds;
+        println!(
+            "checkpointed / unchecked wordcount throughput: {:.3}",
+            rate(&results[n - 1]) / rate(&results[n - 2])
+        );
     }
 
     println!();

@@ -58,6 +58,25 @@ fn the_wordcount_example_runs_embedded() {
 }
 
 #[test]
+fn the_union_example_counts_both_sources() {
+    let job = example(
+        "wordcount",
+        &[
+            ("split.wasm", WORDCOUNT_SPLIT),
+            ("count.wasm", WORDCOUNT_COUNT),
+        ],
+    );
+    let output = weir(&["run", "union.toml", "-q"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "weir run failed: {stderr}");
+    let mut input = std::fs::read_to_string(job.path().join("input.txt")).expect("input");
+    input.push('\n');
+    input.push_str(&std::fs::read_to_string(job.path().join("more.txt")).expect("more"));
+    let lines = weir_tests::read_parts(&job.path().join("out-union"));
+    weir_tests::check_exact_updates(&lines, &weir_tests::count_words(&input)).expect("exact");
+}
+
+#[test]
 fn the_tumbling_window_example_runs_embedded() {
     let job = example(
         "tumbling-window",

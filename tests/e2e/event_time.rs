@@ -3,10 +3,13 @@
 //! to the `late` side output.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
 
 use weir_tests::plugins::TUMBLING_WINDOW;
 
-use crate::support::{JobDir, run, toml_path};
+use crate::support::{JobDir, engine, run, toml_path};
 
 const BASE: i64 = 1_700_000_000_000;
 const WINDOW: i64 = 10_000;
@@ -56,18 +59,14 @@ fn events() -> Events {
     }
 }
 
-#[test]
-fn tumbling_windows_fire_on_out_of_order_input() {
-    let events = events();
-    let job = JobDir::new();
-    job.write("events.csv", &events.csv);
-    let path = job.job(&format!(
+fn window_job(source: &str, checkpoint: &str) -> String {
+    format!(
         r#"
 name = "windows"
+{checkpoint}
 [[source]]
 uid = "events"
-kind = "file"
-path = "events.csv"
+{source}
 format = {{ delimiter = ",", key = 1, timestamp = 0 }}
 watermark = {{ out_of_orderness = "5s" }}
 
@@ -91,11 +90,13 @@ path = "out/late"
 inputs = ["windows:late"]
 "#,
         plugin = toml_path(TUMBLING_WINDOW)
-    ));
-    run(&path).expect("job runs");
+    )
+}
 
+/// Every window fired once with its full count, exactly the late records late.
+fn check_windows(out: &Path, events: &Events) {
     let mut fired = BTreeMap::new();
-    for line in weir_tests::read_parts(&job.path().join("out/counts")) {
+    for line in weir_tests::read_parts(&out.join("counts")) {
         let fields: Vec<&str> = line.split(' ').collect();
         assert_eq!(fields.len(), 4, "`key start end count`: {line:?}");
         let start: i64 = fields[1].parse().expect("start");
@@ -110,7 +111,7 @@ inputs = ["windows:late"]
         "every window fires once with its full count"
     );
 
-    let mut late: Vec<(String, i64)> = weir_tests::read_parts(&job.path().join("out/late"))
+    let mut late: Vec<(String, i64)> = weir_tests::read_parts(&out.join("late"))
         .iter()
         .map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
@@ -125,4 +126,110 @@ inputs = ["windows:late"]
         late, expected_late,
         "exactly the records behind the watermark are late"
     );
+}
+
+#[test]
+fn tumbling_windows_fire_on_out_of_order_input() {
+    let events = events();
+    let job = JobDir::new();
+    job.write("events.csv", &events.csv);
+    let path = job.job(&window_job("kind = \"file\"\npath = \"events.csv\"", ""));
+    run(&path).expect("job runs");
+    check_windows(&job.path().join("out"), &events);
+}
+
+/// The first 1500 events arrive on a socket; once a checkpoint covers them
+/// the job is cancelled (its uncommitted tail is discarded), and it resumes
+/// from that checkpoint reading the whole file from the restored byte
+/// offset. Open windows (map state) and their event-time timers come back
+/// from the checkpoint: the output equals a straight run's.
+#[test]
+fn open_windows_and_their_timers_resume_from_a_checkpoint() {
+    let events = events();
+    let job = JobDir::new();
+    job.write("events.csv", &events.csv);
+    let split = events
+        .csv
+        .match_indices('\n')
+        .nth(1499)
+        .map(|(i, _)| i + 1)
+        .expect("1500 lines");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let first_half = events.csv[..split].to_string();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the job connects");
+        stream.write_all(first_half.as_bytes()).expect("send");
+        // Keep the connection open: the job is cancelled, not ended.
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    });
+    let checkpointing = "[checkpoint]\ninterval = \"50ms\"\ndir = \"checkpoints\"";
+    let path = job.job(&window_job(
+        &format!("kind = \"socket\"\naddress = \"{address}\""),
+        checkpointing,
+    ));
+    let graph = weir::job::JobGraph::load(&path).expect("job");
+    let prepared = weir::runner::prepare(engine(), graph).expect("prepare");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let covered = |read: &weir::checkpoint::metadata::ReadMetadata| {
+        read.metadata.operators["events"].subtasks[0].position == Some(split as u64)
+    };
+    let outcome = runtime.block_on(async {
+        let canceller = std::sync::Mutex::new(None);
+        let mut hook = |running: &weir::dataflow::runtime::RunningJob| {
+            *canceller.lock().expect("lock") = Some(running.canceller());
+        };
+        let run = weir::runner::run(&prepared, &mut hook);
+        tokio::pin!(run);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    let latest = prepared.checkpoints.as_ref().and_then(|c| c.latest());
+                    if latest.as_ref().is_some_and(covered)
+                        && let Some(cancel) = canceller.lock().expect("lock").as_ref()
+                    {
+                        let _ = cancel.send(true);
+                    }
+                    assert!(tokio::time::Instant::now() < deadline, "no checkpoint covered the first half");
+                }
+            }
+        }
+    });
+    assert!(outcome.expect("cancelled cleanly").cancelled);
+    drop(server);
+    let latest = prepared
+        .checkpoints
+        .as_ref()
+        .and_then(|c| c.latest())
+        .expect("a checkpoint");
+    assert!(covered(&latest));
+    assert!(
+        latest.metadata.operators["windows"]
+            .subtasks
+            .iter()
+            .any(|s| s.timers.is_some()),
+        "open windows have timers in the checkpoint"
+    );
+
+    let resumed = job.job(&window_job(
+        "kind = \"file\"\npath = \"events.csv\"",
+        checkpointing,
+    ));
+    let graph = weir::job::JobGraph::load(&resumed).expect("job");
+    let options = weir::runner::RunOptions {
+        restore: Some(latest.path.clone()),
+        allow_non_restored_state: false,
+    };
+    let prepared = weir::runner::prepare_with(engine(), graph, &options).expect("restores");
+    runtime
+        .block_on(weir::runner::run(&prepared, &mut |_| {}))
+        .expect("the resumed job ends");
+    check_windows(&job.path().join("out"), &events);
 }

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{CheckpointError, FileRef, SnapshotStats, SubtaskSnapshot, TaskReport};
+use crate::state::SnapshotJob;
 use crate::types::CheckpointId;
 
 /// The name of the timers file in a subtask's private directory.
@@ -31,8 +32,8 @@ pub const TIMERS_FILE: &str = "timers";
 /// What the synchronous part of an operator's snapshot produced.
 #[derive(Debug)]
 pub struct LocalSnapshot {
-    /// The consistent copy of the keyed state (None: no keyed state).
-    pub state: Option<(PathBuf, String)>,
+    /// Makes the consistent copy of the keyed state (None: no keyed state).
+    pub state: Option<SnapshotJob>,
     /// Encoded timers (empty: none).
     pub timers: Vec<u8>,
 }
@@ -101,8 +102,9 @@ impl SubtaskStorage {
         });
     }
 
-    /// Copies the snapshot to storage on a blocking thread and acks (or
-    /// declines) checkpoint n.
+    /// On a blocking thread: makes the consistent copy of the state (the
+    /// snapshot job), copies it to storage, and acks (or declines)
+    /// checkpoint n.
     pub fn upload(
         self: &Arc<Self>,
         checkpoint: CheckpointId,
@@ -111,9 +113,18 @@ impl SubtaskStorage {
     ) {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let _serial = this.serial.lock().expect("not poisoned");
             let started = Instant::now();
-            let report = match this.store(checkpoint, &local) {
+            // The job runs first and at once: the task waits for it before
+            // it touches its state backend again.
+            let state = match local.state.map(SnapshotJob::run).transpose() {
+                Ok(state) => state,
+                Err(error) => {
+                    this.decline(checkpoint, error.to_string());
+                    return;
+                }
+            };
+            let _serial = this.serial.lock().expect("not poisoned");
+            let report = match this.store(checkpoint, state.as_ref(), &local.timers) {
                 Ok((snapshot, bytes, new_bytes)) => TaskReport::Ack {
                     checkpoint,
                     snapshot: Box::new(snapshot),
@@ -131,7 +142,7 @@ impl SubtaskStorage {
                     reason: error.to_string(),
                 },
             };
-            if let Some((dir, _)) = &local.state {
+            if let Some((dir, _)) = &state {
                 let _ = std::fs::remove_dir_all(dir);
             }
             // The coordinator may be gone (the attempt failed): nothing to do.
@@ -142,7 +153,8 @@ impl SubtaskStorage {
     fn store(
         &self,
         checkpoint: CheckpointId,
-        local: &LocalSnapshot,
+        state: Option<&(PathBuf, String)>,
+        timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64, u64), CheckpointError> {
         let private_rel = format!("chk-{}/{}-{}", checkpoint.0, self.uid, self.subtask);
         let private = self.job_dir.join(&private_rel);
@@ -156,7 +168,7 @@ impl SubtaskStorage {
             ..SubtaskSnapshot::default()
         };
         let (mut bytes, mut new_bytes) = (0, 0);
-        if let Some((dir, backend)) = &local.state {
+        if let Some((dir, backend)) = state {
             snapshot.backend = Some(backend.clone());
             let mut names: Vec<String> = std::fs::read_dir(dir)
                 .map_err(|e| CheckpointError::io(dir, e))?
@@ -203,18 +215,18 @@ impl SubtaskStorage {
                 snapshot.files.push(file);
             }
         }
-        if !local.timers.is_empty() {
+        if !timers.is_empty() {
             let rel = format!("{private_rel}/{TIMERS_FILE}");
             let path = self.job_dir.join(&rel);
-            write_synced(&path, &local.timers)?;
-            let size = local.timers.len() as u64;
+            write_synced(&path, timers)?;
+            let size = timers.len() as u64;
             bytes += size;
             new_bytes += size;
             snapshot.timers = Some(FileRef {
                 path: rel,
                 name: TIMERS_FILE.to_string(),
                 size,
-                sha256: hex::encode(Sha256::digest(&local.timers)),
+                sha256: hex::encode(Sha256::digest(timers)),
             });
         }
         debug!(

@@ -1,13 +1,17 @@
 //! Sources and sinks.
 //!
-//! | connector | position | guarantee (with checkpoints) |
+//! | connector | position in a checkpoint | guarantee (with checkpoints) |
 //! |---|---|---|
 //! | `file` source | byte offset of the next line | replayable: exactly-once |
-//! | `generator` source | next sequence number | replayable: exactly-once |
-//! | `socket` source | bytes read | not replayable: at-most-once on failure |
-//! | `stdout` sink | — | at-least-once (prints as records arrive) |
-//! | `file` sink | — | one part file per subtask |
+//! | `generator` source | next sequence number of the subtask | replayable: exactly-once |
+//! | `socket` source | bytes read (not used on restore) | not replayable: at-most-once. A restarted attempt reconnects and reads on; lines read after the last completed checkpoint are lost, state stays exactly-once for the lines it kept |
+//! | `stdout` sink | — | at-least-once: prints as records arrive, so a restart reprints what followed the last checkpoint |
+//! | `file` sink | pending part files | exactly-once: two-phase commit, files renamed into place when the checkpoint covering them completes |
 //! | `blackhole` sink | — | discards, counts |
+//!
+//! Sources are interrupted by checkpoint triggers in the middle of
+//! `next_batch`; each keeps its position consistent with the records it has
+//! appended at every await (a partly read line stays buffered, uncounted).
 
 pub mod file;
 pub mod generator;

@@ -298,7 +298,7 @@ pub async fn run_operator(
         Ok(TaskSummary {
             uid: info.uid.to_string(),
             subtask: info.subtask,
-            state_backend: (task.state.table_count() > 0).then(|| task.state.backend().describe()),
+            state_backend: (task.state.table_count() > 0).then(|| task.state.describe_backend()),
             state_keys,
         })
     }
@@ -394,11 +394,10 @@ fn snapshot_operator(
 ) {
     let started = Instant::now();
     let task = operator.task();
-    let dir = storage.local_dir(checkpoint);
-    match task.state.checkpoint(&dir) {
+    match task.state.snapshot(storage.local_dir(checkpoint)) {
         Ok(state) => {
             let local = LocalSnapshot {
-                state: state.map(|format| (dir, format)),
+                state,
                 timers: task.timers.encode(),
             };
             let stats = SnapshotStats {

@@ -16,6 +16,7 @@ pub mod rocks;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
@@ -72,6 +73,8 @@ pub enum StateError {
         #[source]
         source: codec::CodecError,
     },
+    #[error("writing a snapshot's changes to the state backend failed: {0}")]
+    Snapshot(String),
 }
 
 /// One write of a batch.
@@ -149,12 +152,81 @@ struct Table {
 /// The keyed state of one operator subtask: every declared state, a
 /// write-back cache, and the backend behind it. Keys passed in are the
 /// record keys; key groups are derived here.
+///
+/// Snapshots keep the task's pause short: [`KeyedState::snapshot`] only
+/// takes the dirty cells (the change since the last flush) and returns a
+/// [`SnapshotJob`] that applies them to the backend and makes the consistent
+/// copy on another thread. Until that job is done the backend belongs to
+/// it: the task keeps serving cached keys, and waits for the job before it
+/// touches the backend (a cache miss, an eviction, the next snapshot), so
+/// the copy holds exactly the state at the barrier.
 pub struct KeyedState {
     tables: Vec<Table>,
-    backend: Box<dyn StateBackend>,
+    backend: Arc<Mutex<Box<dyn StateBackend>>>,
+    /// Set while a snapshot job owns the backend; says whether it applied
+    /// the changes it took.
+    pending: Option<mpsc::Receiver<Result<(), String>>>,
     max_parallelism: u32,
     cache_limit: usize,
     cached: usize,
+}
+
+/// The part of a snapshot that runs off the task's thread: writes the
+/// changes taken at the barrier, then makes the consistent copy.
+pub struct SnapshotJob {
+    backend: Arc<Mutex<Box<dyn StateBackend>>>,
+    ops: Vec<WriteOp>,
+    tables: Vec<String>,
+    dir: PathBuf,
+    done: mpsc::Sender<Result<(), String>>,
+}
+
+impl std::fmt::Debug for SnapshotJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotJob")
+            .field("changes", &self.ops.len())
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl SnapshotJob {
+    /// Applies the changes and writes the consistent copy into the job's
+    /// directory. Returns the directory and the copy's format.
+    pub fn run(self) -> Result<(PathBuf, String), StateError> {
+        let Self {
+            backend,
+            ops,
+            tables,
+            dir,
+            done,
+        } = self;
+        let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
+        if !ops.is_empty()
+            && let Err(error) = backend.write(ops)
+        {
+            let _ = done.send(Err(error.to_string()));
+            return Err(error);
+        }
+        let copy = backend.checkpoint(&dir, &tables);
+        drop(backend);
+        let _ = done.send(Ok(()));
+        copy.map(|format| (dir, format))
+    }
+}
+
+/// Waits for an in-flight snapshot job, if any.
+fn settle(pending: &mut Option<mpsc::Receiver<Result<(), String>>>) -> Result<(), StateError> {
+    match pending.take() {
+        None => Ok(()),
+        Some(done) => match done.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StateError::Snapshot(message)),
+            Err(_) => Err(StateError::Snapshot(
+                "the snapshot job ended without applying its changes".to_string(),
+            )),
+        },
+    }
 }
 
 impl std::fmt::Debug for KeyedState {
@@ -164,7 +236,7 @@ impl std::fmt::Debug for KeyedState {
                 "tables",
                 &self.tables.iter().map(|t| &t.name).collect::<Vec<_>>(),
             )
-            .field("backend", &self.backend.describe())
+            .field("backend", &self.describe_backend())
             .finish()
     }
 }
@@ -186,11 +258,16 @@ impl KeyedState {
                     cache: HashMap::default(),
                 })
                 .collect(),
-            backend,
+            backend: Arc::new(Mutex::new(backend)),
+            pending: None,
             max_parallelism,
             cache_limit: cache_limit.max(1),
             cached: 0,
         }
+    }
+
+    fn backend_lock(&self) -> std::sync::MutexGuard<'_, Box<dyn StateBackend>> {
+        self.backend.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn table_count(&self) -> usize {
@@ -201,8 +278,9 @@ impl KeyedState {
         self.tables[table].kind
     }
 
-    pub fn backend(&self) -> &dyn StateBackend {
-        self.backend.as_ref()
+    /// e.g. "rocksdb at weir-data/state/…".
+    pub fn describe_backend(&self) -> String {
+        self.backend_lock().describe()
     }
 
     /// The cached slot of (table, key), loading it from the backend on a
@@ -211,6 +289,7 @@ impl KeyedState {
         let Self {
             tables,
             backend,
+            pending,
             max_parallelism,
             cached,
             ..
@@ -219,8 +298,11 @@ impl KeyedState {
         match cache.entry_ref(key) {
             EntryRef::Occupied(occupied) => Ok(occupied.into_mut()),
             EntryRef::Vacant(vacant) => {
+                settle(pending)?;
                 let group = key_group::of_key(key, *max_parallelism);
                 let cell = backend
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
                     .get(table, group, key)?
                     .map(|bytes| decode_cell(*kind, bytes))
                     .transpose()
@@ -381,8 +463,8 @@ impl KeyedState {
             .unwrap_or_default())
     }
 
-    /// Writes every dirty cell to the backend in one atomic batch.
-    pub fn flush(&mut self) -> Result<(), StateError> {
+    /// Takes every dirty cell as a write, marking it clean.
+    fn take_dirty(&mut self) -> Vec<WriteOp> {
         let mut ops = Vec::new();
         for (table_id, table) in self.tables.iter_mut().enumerate() {
             for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.dirty) {
@@ -403,32 +485,43 @@ impl KeyedState {
                 slot.dirty = false;
             }
         }
+        ops
+    }
+
+    /// Writes every dirty cell to the backend in one atomic batch.
+    pub fn flush(&mut self) -> Result<(), StateError> {
+        settle(&mut self.pending)?;
+        let ops = self.take_dirty();
         if !ops.is_empty() {
-            self.backend.write(ops)?;
+            self.backend_lock().write(ops)?;
         }
         Ok(())
     }
 
-    /// Flushes, then writes a consistent copy of every table into the new
-    /// directory `dir` (see [`StateBackend::checkpoint`]). None without
-    /// tables.
-    pub fn checkpoint(&mut self, dir: &Path) -> Result<Option<String>, StateError> {
+    /// The synchronous part of a snapshot: takes the changes since the last
+    /// flush and hands the backend to the returned job, which writes them
+    /// and a consistent copy of every table into the new directory `dir`
+    /// (see [`StateBackend::checkpoint`]). None without tables.
+    pub fn snapshot(&mut self, dir: PathBuf) -> Result<Option<SnapshotJob>, StateError> {
         if self.tables.is_empty() {
             return Ok(None);
         }
-        self.flush()?;
-        let names: Vec<String> = self.tables.iter().map(|t| t.name.clone()).collect();
-        self.backend.checkpoint(dir, &names).map(Some)
+        settle(&mut self.pending)?;
+        let ops = self.take_dirty();
+        let (done, receiver) = mpsc::channel();
+        self.pending = Some(receiver);
+        Ok(Some(SnapshotJob {
+            backend: self.backend.clone(),
+            ops,
+            tables: self.table_names(),
+            dir,
+            done,
+        }))
     }
 
     /// Table names, in table order.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name.clone()).collect()
-    }
-
-    /// The backend, to load restored cells into before processing starts.
-    pub fn backend_mut(&mut self) -> &mut dyn StateBackend {
-        self.backend.as_mut()
     }
 
     /// Flushes and empties the cache once it holds more than its limit.
@@ -447,10 +540,10 @@ impl KeyedState {
     pub fn key_counts(&mut self) -> Result<Vec<(String, u64)>, StateError> {
         self.flush()?;
         let mut counts = Vec::with_capacity(self.tables.len());
+        let backend = self.backend_lock();
         for (id, table) in self.tables.iter().enumerate() {
             let mut count = 0u64;
-            self.backend
-                .scan(id, 0..self.max_parallelism, &mut |_, _, _| count += 1)?;
+            backend.scan(id, 0..self.max_parallelism, &mut |_, _, _| count += 1)?;
             counts.push((table.name.clone(), count));
         }
         Ok(counts)
