@@ -149,6 +149,19 @@ fn periodic_checkpoints_commit_exactly_once_and_retain_the_newest() {
 }
 
 #[test]
+fn at_least_once_checkpoints_do_not_block_and_still_complete() {
+    let job = JobDir::new();
+    let toml = union_count_job(4000, 10000, "50ms", "")
+        .replace("retained = 2", "retained = 2\nmode = \"at-least-once\"");
+    let path = job.job(&toml);
+    run_with(&path, RunOptions::default()).expect("the job runs");
+    // No failure happened, so even at-least-once the output is exact.
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    weir_tests::check_exact_updates(&lines, &union_expected(4000)).expect("exact");
+    assert!(!completed_checkpoints(&job.path().join("checkpoints")).is_empty());
+}
+
+#[test]
 fn restore_rules_name_the_missing_uid_and_allow_skipping_it() {
     let job = JobDir::new();
     let path = job.job(&union_count_job(3000, 10000, "50ms", ""));

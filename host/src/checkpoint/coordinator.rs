@@ -364,3 +364,160 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    struct Harness {
+        triggers: mpsc::UnboundedReceiver<CheckpointId>,
+        reports: mpsc::UnboundedSender<TaskReport>,
+        commit: watch::Receiver<CommitSignal>,
+        _cancel: watch::Sender<bool>,
+        run: tokio::task::JoinHandle<Result<(), String>>,
+        store: Arc<JobCheckpoints>,
+    }
+
+    /// A coordinator for a job of one source subtask and one sink subtask.
+    fn start(dir: &std::path::Path, timeout: Duration, tolerable_failures: u32) -> Harness {
+        let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
+        let (trigger, triggers) = mpsc::unbounded_channel();
+        let (reports, report_receiver) = mpsc::unbounded_channel();
+        let (commit, commit_receiver) = watch::channel(CommitSignal::default());
+        let (cancel, cancelled) = watch::channel(false);
+        let mut operators = BTreeMap::new();
+        operators.insert("src".to_string(), operator_template(Role::Source, 1));
+        operators.insert("out".to_string(), operator_template(Role::Sink, 1));
+        let coordinator = Coordinator {
+            settings: CoordinatorSettings {
+                interval: Some(Duration::from_millis(10)),
+                timeout,
+                min_pause: Duration::ZERO,
+                tolerable_failures,
+            },
+            store: Some(store.clone()),
+            template: CheckpointMetadata {
+                job_id: "job".into(),
+                job_name: "test".into(),
+                checkpoint: 0,
+                completed_ms: 0,
+                max_parallelism: 8,
+                operators,
+            },
+        };
+        let wiring = CoordinatorWiring {
+            triggers: vec![trigger],
+            reports: report_receiver,
+            commit,
+            cancelled,
+            subtasks: vec![("src".into(), 0), ("out".into(), 0)],
+            sink_subtasks: 1,
+        };
+        Harness {
+            triggers,
+            reports,
+            commit: commit_receiver,
+            _cancel: cancel,
+            run: tokio::spawn(coordinator.run(wiring)),
+            store,
+        }
+    }
+
+    fn ack(reports: &mpsc::UnboundedSender<TaskReport>, id: CheckpointId, uid: &str) {
+        reports
+            .send(TaskReport::Ack {
+                checkpoint: id,
+                snapshot: Box::new(SubtaskSnapshot {
+                    uid: uid.into(),
+                    subtask: 0,
+                    position: (uid == "src").then_some(id.0 * 10),
+                    ..SubtaskSnapshot::default()
+                }),
+                stats: SnapshotStats::default(),
+            })
+            .expect("coordinator listens");
+    }
+
+    #[tokio::test]
+    async fn completes_writes_metadata_commits_and_retains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start(dir.path(), Duration::from_secs(10), 0);
+        for _ in 0..3 {
+            let id = h.triggers.recv().await.expect("triggered");
+            ack(&h.reports, id, "src");
+            ack(&h.reports, id, "out");
+            h.commit
+                .wait_for(|s| s.completed == id.0)
+                .await
+                .expect("sinks hear of it");
+        }
+        let latest = h.store.latest().expect("completed");
+        assert_eq!(latest.metadata.checkpoint, 3);
+        assert_eq!(
+            latest.metadata.operators["src"].subtasks[0].position,
+            Some(30)
+        );
+        assert!(dir.path().join("job/chk-3/_metadata").is_file());
+        assert!(!dir.path().join("job/chk-1").exists(), "retained = 2");
+        assert!(dir.path().join("job/chk-2/_metadata").is_file());
+        // The sink finishes: the job's end is committed.
+        h.reports
+            .send(TaskReport::Finished {
+                uid: "out".into(),
+                subtask: 0,
+                role: Role::Sink,
+            })
+            .expect("send");
+        h.commit
+            .wait_for(|s| s.end == Some(true))
+            .await
+            .expect("end");
+        drop(h.reports);
+        h.run.await.expect("joins").expect("no failure");
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_checkpoint_is_aborted_and_fails_the_job_past_the_tolerance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start(dir.path(), Duration::from_millis(30), 1);
+        // First checkpoint: only the source acks; it times out (tolerated).
+        let first = h.triggers.recv().await.expect("triggered");
+        ack(&h.reports, first, "src");
+        // Second: times out too; two in a row exceed tolerable_failures = 1.
+        let second = h.triggers.recv().await.expect("triggered again");
+        assert!(second > first);
+        let error = h.run.await.expect("joins").expect_err("fails");
+        assert!(error.contains("timed out"), "{error}");
+        assert!(error.contains("tolerable_failures = 1"), "{error}");
+        assert!(h.store.latest().is_none());
+        assert_eq!(h.commit.borrow().completed, 0, "nothing committed");
+        assert!(!dir.path().join("job/chk-1/_metadata").exists());
+    }
+
+    #[tokio::test]
+    async fn a_declined_checkpoint_is_aborted_and_the_next_one_completes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start(dir.path(), Duration::from_secs(10), 1);
+        let first = h.triggers.recv().await.expect("triggered");
+        h.reports
+            .send(TaskReport::Decline {
+                checkpoint: first,
+                uid: "out".into(),
+                subtask: 0,
+                reason: "disk full".into(),
+            })
+            .expect("send");
+        let second = h.triggers.recv().await.expect("triggered again");
+        ack(&h.reports, second, "src");
+        ack(&h.reports, second, "out");
+        h.commit
+            .wait_for(|s| s.completed == second.0)
+            .await
+            .expect("completes");
+        // A late ack of the aborted checkpoint changes nothing.
+        ack(&h.reports, first, "src");
+        assert_eq!(h.store.latest().expect("one").metadata.checkpoint, second.0);
+        assert_eq!(h.store.metrics.failed.load(Ordering::Relaxed), 1);
+    }
+}
