@@ -5,7 +5,8 @@
 //!    map -> blackhole.
 //! 2. The wordcount `count` component with RocksDB keyed state on a
 //!    generator of 10M records over 100k distinct keys, parallelism 1,
-//!    without checkpoints and with exactly-once checkpoints every second.
+//!    without checkpoints and with exactly-once checkpoints every second
+//!    (alternating, `WEIR_BENCH_REPEATS` times each, default 3; medians).
 //!
 //! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M); pass
 //! words to run only the benchmarks whose names contain one of them
@@ -194,14 +195,6 @@ inputs = ["count"]
         count = weir_tests::plugins::WORDCOUNT_COUNT,
     );
     if wanted("wordcount") {
-        results.push(run(
-            &engine,
-            dir.path(),
-            "wordcount, RocksDB state, p=1",
-            &wordcount,
-            &HashMap::new(),
-            records,
-        ));
         let checkpointed = wordcount.replace(
             "[state]",
             &format!(
@@ -209,22 +202,48 @@ inputs = ["count"]
                 dir.path().join("checkpoints").display().to_string()
             ),
         );
-        results.push(run(
-            &engine,
-            dir.path(),
-            "wordcount, RocksDB state, p=1, checkpoints every 1s",
-            &checkpointed,
-            &HashMap::new(),
-            records,
-        ));
+        // The pair runs `repeats` times, alternating, and each reports its
+        // median: the machine's noise between runs is larger than the
+        // difference measured.
+        let repeats: usize = std::env::var("WEIR_BENCH_REPEATS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let mut plain = Vec::new();
+        let mut with_checkpoints = Vec::new();
+        for _ in 0..repeats {
+            plain.push(run(
+                &engine,
+                dir.path(),
+                "wordcount, RocksDB state, p=1",
+                &wordcount,
+                &HashMap::new(),
+                records,
+            ));
+            with_checkpoints.push(run(
+                &engine,
+                dir.path(),
+                "wordcount, RocksDB state, p=1, exactly-once checkpoints every 1s",
+                &checkpointed,
+                &HashMap::new(),
+                records,
+            ));
+        }
+        let median = |mut runs: Vec<Measurement>| {
+            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+            let times: Vec<String> = runs.iter().map(|m| format!("{:.2}", m.seconds)).collect();
+            eprintln!("{}: {} s", runs[0].name, times.join(", "));
+            runs.swap_remove(runs.len() / 2)
+        };
+        results.push(median(plain));
+        results.push(median(with_checkpoints));
         let n = results.len();
         let rate = |m: &Measurement| m.records as f64 / m.seconds;
         println!(
-            "checkpointed / unchecked wordcount throughput: {:.3}",
+            "checkpointed / unchecked wordcount throughput (medians of {repeats}): {:.3}",
             rate(&results[n - 1]) / rate(&results[n - 2])
         );
     }
-
     println!();
     println!("| benchmark | records | seconds | records/s |");
     println!("|---|---:|---:|---:|");
