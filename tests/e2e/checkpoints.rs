@@ -148,6 +148,67 @@ fn periodic_checkpoints_commit_exactly_once_and_retain_the_newest() {
     }
 }
 
+/// State restored at another parallelism is redistributed by key group:
+/// the count resumes at p=3 from a checkpoint taken at p=2.
+#[test]
+fn a_checkpoint_restores_at_another_parallelism() {
+    let job = JobDir::new();
+    let count = 4000;
+    let toml = union_count_job(count, 8000, "40ms", "").replace("retained = 2", "retained = 100");
+    let path = job.job(&toml);
+    run_with(&path, RunOptions::default()).expect("the job runs");
+    // A checkpoint from the middle of the run.
+    let position = |read: &weir::checkpoint::metadata::ReadMetadata, uid: &str| {
+        read.metadata.operators[uid].subtasks[0]
+            .position
+            .expect("a source position")
+    };
+    let middle = completed_checkpoints(&job.path().join("checkpoints"))
+        .iter()
+        .map(|p| weir::checkpoint::metadata::read(p).expect("reads"))
+        .min_by_key(|read| position(read, "left").abs_diff(count / 2))
+        .expect("checkpoints");
+    let (left, right) = (position(&middle, "left"), position(&middle, "right"));
+    assert!(left > 0 && left < count, "a checkpoint mid-stream ({left})");
+
+    // The sink's directory goes along (the checkpoint's pending files were
+    // committed there); only the resumed run's own files are compared.
+    let resumed = JobDir::new();
+    let mut earlier = Vec::new();
+    for entry in std::fs::read_dir(job.path().join("out"))
+        .expect("out")
+        .flatten()
+    {
+        let name = entry.file_name();
+        std::fs::create_dir_all(resumed.path().join("out")).expect("mkdir");
+        std::fs::copy(entry.path(), resumed.path().join("out").join(&name)).expect("copy");
+        earlier.push(name);
+    }
+    let path = resumed.job(&toml.replace("parallelism = 2", "parallelism = 3"));
+    let options = RunOptions {
+        restore: Some(middle.path.clone()),
+        allow_non_restored_state: false,
+    };
+    run_with(&path, options).expect("restores at p=3");
+    let mut before = BTreeMap::new();
+    generator_counts(left, 40, 1, &mut before);
+    generator_counts(right, 40, 2, &mut before);
+    let total = union_expected(count);
+    let mut expected: Vec<String> = Vec::new();
+    for (word, n) in &total {
+        let from = before.get(word).copied().unwrap_or(0);
+        expected.extend((from + 1..=*n).map(|k| format!("{word} {k}")));
+    }
+    expected.sort();
+    for name in &earlier {
+        std::fs::remove_file(resumed.path().join("out").join(name)).expect("remove");
+    }
+    let mut lines = weir_tests::read_parts(&resumed.path().join("out"));
+    lines.sort();
+    assert_eq!(lines.len(), expected.len());
+    assert!(lines == expected, "counts continue from the restored state");
+}
+
 #[test]
 fn at_least_once_checkpoints_do_not_block_and_still_complete() {
     let job = JobDir::new();

@@ -187,7 +187,8 @@ pub fn recover_file_sink(
         } else if !dir.join(target).exists() {
             return Err(sink_error(
                 &from,
-                "the restored checkpoint lists it as written, but it is gone",
+                "the restored checkpoint lists it as written but not yet committed, and it is gone \
+                 (was the sink's `path` changed, or the file deleted?)",
             ));
         }
     }
