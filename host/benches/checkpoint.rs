@@ -40,7 +40,7 @@ fn take(
     let checkpoint = CheckpointId(id);
     let started = Instant::now();
     let job = state
-        .snapshot(storage.local_dir(checkpoint))
+        .snapshot(storage.local_dir(checkpoint), storage.wants_base())
         .expect("snapshot");
     let sync = started.elapsed();
     let _guard = runtime.enter();

@@ -257,7 +257,7 @@ impl Factory<'_> {
             .job
             .state_dir()
             .join(format!("{}-{}", node.uid, info.subtask));
-        let mut restored_whole = false;
+        let mut restored_whole = None;
         let mut backend: Box<dyn StateBackend> = if states.is_empty()
             || settings.backend == BackendKind::Memory
         {
@@ -271,14 +271,18 @@ impl Factory<'_> {
                 if let (Some(storage), Some((_, true))) = (storage, self.restore) {
                     storage.seed(whole.files.iter().cloned());
                 }
-                restored_whole = true;
+                restored_whole = Some(whole);
             }
             Box::new(
                 RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(info, e.into()))?,
             )
         };
+        if let (Some((read, _)), Some(whole)) = (restored, restored_whole) {
+            restore::apply_deltas(read, whole, range.clone(), &tables, backend.as_mut())
+                .map_err(|e| Self::restore_error(info, e))?;
+        }
         if let Some((read, op)) = restored
-            && !restored_whole
+            && restored_whole.is_none()
         {
             let work = self.job.state_dir().join("restore");
             restore::load_cells(

@@ -141,6 +141,17 @@ fn periodic_checkpoints_commit_exactly_once_and_retain_the_newest() {
     assert_eq!(count.states[0].name, "count");
     let left = &newest.metadata.operators["left"].subtasks[0];
     assert!(left.position.is_some_and(|p| p > 0 && p <= 6000));
+    // Most checkpoints store only a delta on top of an earlier base.
+    assert!(
+        retained.iter().any(|m| {
+            let read = weir::checkpoint::metadata::read(m).expect("reads");
+            read.metadata.operators["count"]
+                .subtasks
+                .iter()
+                .any(|s| !s.deltas.is_empty())
+        }),
+        "a retained checkpoint has deltas"
+    );
     // Every file a retained checkpoint references exists: retention kept them.
     for metadata in &retained {
         let read = weir::checkpoint::metadata::read(metadata).expect("reads");

@@ -73,11 +73,17 @@ pub struct SubtaskSnapshot {
     /// Key-group range `[start, end)` of an operator subtask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_groups: Option<[u32; 2]>,
-    /// `rocksdb` (files are a RocksDB checkpoint) or `memory` (one dump file).
+    /// The format of the base `files`: `rocksdb` (a RocksDB checkpoint) or
+    /// `memory` (one dump file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// The base: the keyed state as of an earlier (or this) checkpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileRef>,
+    /// Changes since the base, oldest first: dumps of the cells changed
+    /// between two checkpoints (deletions as tombstones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<FileRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timers: Option<FileRef>,
     /// A source's position (byte offset, next sequence number).
@@ -113,7 +119,7 @@ impl CheckpointMetadata {
         self.operators
             .values()
             .flat_map(|op| &op.subtasks)
-            .flat_map(|s| s.files.iter().chain(s.timers.as_ref()))
+            .flat_map(|s| s.files.iter().chain(&s.deltas).chain(s.timers.as_ref()))
     }
 
     /// The shared files the checkpoint references (paths).

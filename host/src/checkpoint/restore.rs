@@ -30,7 +30,11 @@ use crate::types::key_group;
 /// Whether a node snapshot holds anything to restore.
 fn has_state(op: &OperatorSnapshot) -> bool {
     op.subtasks.iter().any(|s| {
-        !s.files.is_empty() || s.timers.is_some() || s.position.is_some() || !s.pending.is_empty()
+        !s.files.is_empty()
+            || !s.deltas.is_empty()
+            || s.timers.is_some()
+            || s.position.is_some()
+            || !s.pending.is_empty()
     })
 }
 
@@ -183,7 +187,7 @@ pub fn load_cells(
             continue;
         };
         let overlap = start.max(range.start)..end.min(range.end);
-        if overlap.is_empty() || subtask.files.is_empty() {
+        if overlap.is_empty() || (subtask.files.is_empty() && subtask.deltas.is_empty()) {
             continue;
         }
         let scratch = work.join(format!("restore-{uid}-{}", subtask.subtask));
@@ -231,6 +235,7 @@ pub fn load_cells(
                     |name, key_group, key, value| {
                         if let Some(&table) = index_of.get(name)
                             && overlap.contains(&u32::from(key_group))
+                            && let Some(value) = value
                         {
                             ops.push(WriteOp::Put {
                                 table,
@@ -256,8 +261,66 @@ pub fn load_cells(
             }
         }
         let _ = std::fs::remove_dir_all(&scratch);
+        loaded += apply_deltas(read, subtask, overlap, tables, target)?;
     }
     Ok(loaded)
+}
+
+/// Applies a snapshot subtask's deltas, in order, to `target`: the cells of
+/// the key groups `range`, for the tables in `tables` (new table order).
+/// Returns the number of changes applied.
+pub fn apply_deltas(
+    read: &ReadMetadata,
+    subtask: &SubtaskSnapshot,
+    range: Range<u32>,
+    tables: &[String],
+    target: &mut dyn StateBackend,
+) -> Result<u64, CheckpointError> {
+    let index_of: HashMap<&str, usize> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+    let mut applied = 0u64;
+    for delta in &subtask.deltas {
+        let path = read.resolve(delta);
+        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if sha256 != delta.sha256 || bytes.len() as u64 != delta.size {
+            return Err(CheckpointError::Corrupt {
+                path,
+                message: "checksum mismatch".into(),
+            });
+        }
+        let mut ops = Vec::new();
+        crate::state::dump::read(&path, |name, key_group, key, value| {
+            let Some(&table) = index_of.get(name) else {
+                return;
+            };
+            if !range.contains(&u32::from(key_group)) {
+                return;
+            }
+            ops.push(match value {
+                Some(value) => WriteOp::Put {
+                    table,
+                    key_group,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                },
+                None => WriteOp::Delete {
+                    table,
+                    key_group,
+                    key: key.to_vec(),
+                },
+            });
+        })
+        .map_err(|e| CheckpointError::io(&path, e))?;
+        applied += ops.len() as u64;
+        target
+            .write(ops)
+            .map_err(|e| CheckpointError::io(&path, e))?;
+    }
+    Ok(applied)
 }
 
 /// Adds to `timers` the timers of keys in the key groups `range`.

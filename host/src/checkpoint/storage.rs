@@ -4,13 +4,19 @@
 //! job's checkpoint directory on a blocking thread while the task goes on
 //! processing, then acks to the coordinator.
 //!
-//! Incremental: RocksDB SST files never change once written, so each is
-//! copied once, to `shared/<uid>-<subtask>-<instance>-<file>`, and later
-//! checkpoints that still contain it reference the same copy. (`instance`
-//! is random per state instance, so a restarted attempt never overwrites a
-//! file an earlier attempt uploaded.) Everything else (MANIFEST, OPTIONS,
-//! timers, memory dumps) is private to the checkpoint:
-//! `chk-<n>/<uid>-<subtask>/`.
+//! Incremental, two ways:
+//! - A checkpoint's keyed state is a *base* plus *deltas* (see
+//!   [`crate::state::KeyedState`]). Most checkpoints only store a delta: the
+//!   cells changed since the previous one. Every [`MAX_DELTAS`] checkpoints,
+//!   or once the deltas outgrow the base, the next one is a new base.
+//! - A base is a RocksDB checkpoint. SST files never change once written,
+//!   so each is copied once, to `shared/<uid>-<subtask>-<instance>-<file>`,
+//!   and later bases that still contain it reference the same copy.
+//!
+//! Base files and deltas live under `shared/` (later checkpoints reference
+//! them); `instance` is random per state instance, so a restarted attempt
+//! never overwrites a file an earlier attempt uploaded. Timers are private
+//! to the checkpoint: `chk-<n>/<uid>-<subtask>/timers`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -23,11 +29,24 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{CheckpointError, FileRef, SnapshotStats, SubtaskSnapshot, TaskReport};
-use crate::state::SnapshotJob;
+use crate::state::{DELTA_FORMAT, SnapshotJob};
 use crate::types::CheckpointId;
 
 /// The name of the timers file in a subtask's private directory.
 pub const TIMERS_FILE: &str = "timers";
+
+/// Deltas after which the next snapshot is a new base.
+pub const MAX_DELTAS: usize = 10;
+
+/// The base and deltas the next checkpoint builds on.
+#[derive(Debug, Clone)]
+struct Chain {
+    format: String,
+    base: Vec<FileRef>,
+    base_bytes: u64,
+    deltas: Vec<FileRef>,
+    delta_bytes: u64,
+}
 
 /// What the synchronous part of an operator's snapshot produced.
 #[derive(Debug)]
@@ -51,6 +70,8 @@ pub struct SubtaskStorage {
     local_root: PathBuf,
     /// SST files already in shared storage, by local file name.
     uploaded: Mutex<HashMap<String, FileRef>>,
+    /// The stored base and deltas (None: the next snapshot must be a base).
+    chain: Mutex<Option<Chain>>,
     /// Uploads run one at a time, in checkpoint order.
     serial: Mutex<()>,
     reports: mpsc::UnboundedSender<TaskReport>,
@@ -73,6 +94,7 @@ impl SubtaskStorage {
             instance: random_hex(6),
             local_root,
             uploaded: Mutex::new(HashMap::new()),
+            chain: Mutex::new(None),
             serial: Mutex::new(()),
             reports,
         }
@@ -84,6 +106,17 @@ impl SubtaskStorage {
         let mut uploaded = self.uploaded.lock().expect("not poisoned");
         for file in files.into_iter().filter(FileRef::is_shared) {
             uploaded.insert(file.name.clone(), file);
+        }
+    }
+
+    /// Whether the next snapshot should be a base rather than a delta.
+    pub fn wants_base(&self) -> bool {
+        match &*self.chain.lock().expect("not poisoned") {
+            None => true,
+            Some(chain) => {
+                chain.deltas.len() >= MAX_DELTAS
+                    || chain.delta_bytes > chain.base_bytes.max(1 << 20)
+            }
         }
     }
 
@@ -119,6 +152,8 @@ impl SubtaskStorage {
             let state = match local.state.map(SnapshotJob::run).transpose() {
                 Ok(state) => state,
                 Err(error) => {
+                    // Its changes are in no stored delta: start a new base.
+                    *this.chain.lock().expect("not poisoned") = None;
                     this.decline(checkpoint, error.to_string());
                     return;
                 }
@@ -135,12 +170,15 @@ impl SubtaskStorage {
                         ..stats
                     },
                 },
-                Err(error) => TaskReport::Decline {
-                    checkpoint,
-                    uid: this.uid.clone(),
-                    subtask: this.subtask,
-                    reason: error.to_string(),
-                },
+                Err(error) => {
+                    *this.chain.lock().expect("not poisoned") = None;
+                    TaskReport::Decline {
+                        checkpoint,
+                        uid: this.uid.clone(),
+                        subtask: this.subtask,
+                        reason: error.to_string(),
+                    }
+                }
             };
             if let Some((dir, _)) = &state {
                 let _ = std::fs::remove_dir_all(dir);
@@ -168,52 +206,75 @@ impl SubtaskStorage {
             ..SubtaskSnapshot::default()
         };
         let (mut bytes, mut new_bytes) = (0, 0);
-        if let Some((dir, backend)) = state {
-            snapshot.backend = Some(backend.clone());
-            let mut names: Vec<String> = std::fs::read_dir(dir)
-                .map_err(|e| CheckpointError::io(dir, e))?
-                .filter_map(|entry| entry.ok())
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            for name in names {
-                let source = dir.join(&name);
-                let file = if name.ends_with(".sst") {
-                    let known = self
-                        .uploaded
-                        .lock()
-                        .expect("not poisoned")
-                        .get(&name)
-                        .cloned();
-                    match known {
-                        Some(file) => file,
-                        None => {
-                            let rel = format!(
-                                "shared/{}-{}-{}-{name}",
-                                self.uid, self.subtask, self.instance
-                            );
-                            let file = copy_in(&source, &self.job_dir, rel, &name)?;
-                            new_bytes += file.size;
+        let prefix = format!("shared/{}-{}-{}", self.uid, self.subtask, self.instance);
+        if let Some((dir, format)) = state {
+            let mut chain = self.chain.lock().expect("not poisoned");
+            if format == DELTA_FORMAT {
+                let Some(current) = chain.as_mut() else {
+                    return Err(CheckpointError::io(dir, "a delta without a stored base"));
+                };
+                let source = dir.join(crate::state::dump::DELTA_FILE);
+                let rel = format!("{prefix}-{}.delta", checkpoint.0);
+                let delta = copy_in(&source, &self.job_dir, rel, "delta")?;
+                new_bytes += delta.size;
+                current.delta_bytes += delta.size;
+                current.deltas.push(delta);
+            } else {
+                let mut names: Vec<String> = std::fs::read_dir(dir)
+                    .map_err(|e| CheckpointError::io(dir, e))?
+                    .filter_map(|entry| entry.ok())
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                let mut base = Vec::new();
+                for name in names {
+                    let source = dir.join(&name);
+                    let known = name
+                        .ends_with(".sst")
+                        .then(|| {
                             self.uploaded
                                 .lock()
                                 .expect("not poisoned")
-                                .insert(name.clone(), file.clone());
+                                .get(&name)
+                                .cloned()
+                        })
+                        .flatten();
+                    let file = match known {
+                        Some(file) => file,
+                        None => {
+                            // SST names are unique in a database; other
+                            // files (MANIFEST, OPTIONS) are per base.
+                            let rel = if name.ends_with(".sst") {
+                                format!("{prefix}-{name}")
+                            } else {
+                                format!("{prefix}-{}-{name}", checkpoint.0)
+                            };
+                            let file = copy_in(&source, &self.job_dir, rel, &name)?;
+                            new_bytes += file.size;
+                            if name.ends_with(".sst") {
+                                self.uploaded
+                                    .lock()
+                                    .expect("not poisoned")
+                                    .insert(name.clone(), file.clone());
+                            }
                             file
                         }
-                    }
-                } else {
-                    let file = copy_in(
-                        &source,
-                        &self.job_dir,
-                        format!("{private_rel}/{name}"),
-                        &name,
-                    )?;
-                    new_bytes += file.size;
-                    file
-                };
-                bytes += file.size;
-                snapshot.files.push(file);
+                    };
+                    base.push(file);
+                }
+                *chain = Some(Chain {
+                    format: format.clone(),
+                    base_bytes: base.iter().map(|f| f.size).sum(),
+                    base,
+                    deltas: Vec::new(),
+                    delta_bytes: 0,
+                });
             }
+            let current = chain.as_ref().expect("set above");
+            snapshot.backend = Some(current.format.clone());
+            snapshot.files = current.base.clone();
+            snapshot.deltas = current.deltas.clone();
+            bytes += current.base_bytes + current.delta_bytes;
         }
         if !timers.is_empty() {
             let rel = format!("{private_rel}/{TIMERS_FILE}");

@@ -394,7 +394,10 @@ fn snapshot_operator(
 ) {
     let started = Instant::now();
     let task = operator.task();
-    match task.state.snapshot(storage.local_dir(checkpoint)) {
+    match task
+        .state
+        .snapshot(storage.local_dir(checkpoint), storage.wants_base())
+    {
         Ok(state) => {
             let local = LocalSnapshot {
                 state,

@@ -1,63 +1,106 @@
-//! A canonical dump of a state backend's tables: what the memory backend
-//! writes as its checkpoint, and what restore reads back (by table name,
-//! filtered by key group). Format: the line `weir-dump 1`, the table names
-//! (u32 count, then u32 length + UTF-8 each), then one entry per cell:
-//! table index (u32), key group (u16), key and value (u32 length + bytes
-//! each). Integers are little-endian.
+//! A canonical dump of cells by table name: what the memory backend writes
+//! as its checkpoint, what a *delta* checkpoint holds (the cells changed
+//! since the previous checkpoint, deletions as tombstones), and what restore
+//! reads back, filtered by key group.
+//!
+//! Format: the line `weir-dump 1`, the table names (u32 count, then u32
+//! length + UTF-8 each), then one entry per cell: table index (u32), key
+//! group (u16), key (u32 length + bytes), value (u32 length + bytes; the
+//! length `u32::MAX` and no bytes: the cell was deleted). Little-endian.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 
 use super::StateError;
 
 const MAGIC: &[u8] = b"weir-dump 1\n";
+const TOMBSTONE: u32 = u32::MAX;
 
-/// The name of the dump file inside a snapshot directory.
+/// The name of a memory backend's dump inside a snapshot directory.
 pub const DUMP_FILE: &str = "state.dump";
+/// The name of a delta inside a snapshot directory.
+pub const DELTA_FILE: &str = "state.delta";
 
-/// Writes a dump; `cells` calls its argument once per (table index, key
-/// group, key, value).
-pub fn write(
-    path: &Path,
-    tables: &[String],
-    cells: impl FnOnce(&mut dyn FnMut(u32, u16, &[u8], &[u8])),
-) -> Result<(), StateError> {
-    let error = |e: std::io::Error| StateError::Open {
-        dir: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut out = BufWriter::new(std::fs::File::create(path).map_err(error)?);
-    let mut failed = None;
-    let mut put = |out: &mut BufWriter<std::fs::File>, bytes: &[u8]| {
-        if failed.is_none()
-            && let Err(e) = out.write_all(bytes)
-        {
-            failed = Some(e);
-        }
-    };
-    put(&mut out, MAGIC);
-    put(&mut out, &(tables.len() as u32).to_le_bytes());
-    for name in tables {
-        put(&mut out, &(name.len() as u32).to_le_bytes());
-        put(&mut out, name.as_bytes());
-    }
-    cells(&mut |table, group, key, value| {
-        put(&mut out, &table.to_le_bytes());
-        put(&mut out, &group.to_le_bytes());
-        put(&mut out, &(key.len() as u32).to_le_bytes());
-        put(&mut out, key);
-        put(&mut out, &(value.len() as u32).to_le_bytes());
-        put(&mut out, value);
-    });
-    if let Some(e) = failed {
-        return Err(error(e));
-    }
-    out.flush().map_err(error)?;
-    out.get_ref().sync_all().map_err(error)
+/// A dump being encoded in memory.
+#[derive(Debug, Clone)]
+pub struct DumpBuffer {
+    bytes: Vec<u8>,
+    entries: usize,
 }
 
-/// Reads a dump, calling `visit(table name, key group, key, value)`.
-pub fn read(path: &Path, mut visit: impl FnMut(&str, u16, &[u8], &[u8])) -> Result<(), StateError> {
+impl DumpBuffer {
+    pub fn new(tables: &[String]) -> Self {
+        let mut bytes = Vec::with_capacity(4096);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(tables.len() as u32).to_le_bytes());
+        for name in tables {
+            bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(name.as_bytes());
+        }
+        Self { bytes, entries: 0 }
+    }
+
+    /// Appends a cell (`None`: deleted).
+    pub fn push(&mut self, table: u32, group: u16, key: &[u8], value: Option<&[u8]>) {
+        let out = &mut self.bytes;
+        out.extend_from_slice(&table.to_le_bytes());
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        out.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                out.extend_from_slice(value);
+            }
+            None => out.extend_from_slice(&TOMBSTONE.to_le_bytes()),
+        }
+        self.entries += 1;
+    }
+
+    /// Appends every entry of `other` (encoded for the same tables).
+    pub fn append(&mut self, other: &DumpBuffer) {
+        let header = header_len(&other.bytes);
+        self.bytes.extend_from_slice(&other.bytes[header..]);
+        self.entries += other.entries;
+    }
+
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Writes the dump to `path` and fsyncs it.
+    pub fn write_to(&self, path: &Path) -> Result<(), StateError> {
+        let error = |e: std::io::Error| StateError::Open {
+            dir: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut file = std::fs::File::create(path).map_err(error)?;
+        file.write_all(&self.bytes).map_err(error)?;
+        file.sync_all().map_err(error)
+    }
+}
+
+fn header_len(bytes: &[u8]) -> usize {
+    let mut at = MAGIC.len();
+    let count = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+    at += 4;
+    for _ in 0..count {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        at += 4 + len;
+    }
+    at
+}
+
+/// Reads a dump, calling `visit(table name, key group, key, value)` per
+/// entry in order (`None`: deleted).
+pub fn read(
+    path: &Path,
+    mut visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
+) -> Result<(), StateError> {
     let corrupt = |message: &str| StateError::Open {
         dir: path.to_path_buf(),
         message: format!("not a state dump: {message}"),
@@ -80,23 +123,61 @@ pub fn read(path: &Path, mut visit: impl FnMut(&str, u16, &[u8], &[u8])) -> Resu
         rest = tail;
         Ok(head)
     };
-    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize;
-    let count = u32_of(take(4)?);
+    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let count = u32_of(take(4)?) as usize;
     let mut names = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
-        let len = u32_of(take(4)?);
+        let len = u32_of(take(4)?) as usize;
         let name = std::str::from_utf8(take(len)?).map_err(|_| corrupt("table name"))?;
         names.push(name.to_string());
     }
     while let Ok(table) = take(4) {
-        let table = u32_of(table);
+        let table = u32_of(table) as usize;
         let group = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes"));
-        let key_len = u32_of(take(4)?);
+        let key_len = u32_of(take(4)?) as usize;
         let key = take(key_len)?;
-        let value_len = u32_of(take(4)?);
-        let value = take(value_len)?;
+        let value = match u32_of(take(4)?) {
+            TOMBSTONE => None,
+            len => Some(take(len as usize)?),
+        };
         let name = names.get(table).ok_or_else(|| corrupt("table index"))?;
         visit(name, group, key, value);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_cells_and_tombstones() {
+        let tables = vec!["op/a".to_string(), "op/b".to_string()];
+        let mut first = DumpBuffer::new(&tables);
+        first.push(0, 3, b"k1", Some(b"v1"));
+        let mut second = DumpBuffer::new(&tables);
+        second.push(1, 7, b"k2", None);
+        second.push(0, 0, b"", Some(b""));
+        first.append(&second);
+        assert_eq!(first.entries(), 3);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DELTA_FILE);
+        first.write_to(&path).expect("write");
+        let mut seen = Vec::new();
+        read(&path, |t, g, k, v| {
+            seen.push((t.to_string(), g, k.to_vec(), v.map(<[u8]>::to_vec)))
+        })
+        .expect("read");
+        assert_eq!(
+            seen,
+            vec![
+                ("op/a".into(), 3, b"k1".to_vec(), Some(b"v1".to_vec())),
+                ("op/b".into(), 7, b"k2".to_vec(), None),
+                ("op/a".into(), 0, vec![], Some(vec![])),
+            ]
+        );
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).expect("truncate");
+        assert!(read(&path, |_, _, _, _| {}).is_err());
+    }
 }

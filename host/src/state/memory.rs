@@ -78,13 +78,13 @@ impl StateBackend for MemoryBackend {
             dir: dir.to_path_buf(),
             message: e.to_string(),
         })?;
-        super::dump::write(&dir.join(super::dump::DUMP_FILE), tables, |put| {
-            for (index, table) in self.tables.iter().enumerate() {
-                for ((group, key), value) in table {
-                    put(index as u32, *group, key, value);
-                }
+        let mut dump = super::dump::DumpBuffer::new(tables);
+        for (index, table) in self.tables.iter().enumerate() {
+            for ((group, key), value) in table {
+                dump.push(index as u32, *group, key, Some(value));
             }
-        })?;
+        }
+        dump.write_to(&dir.join(super::dump::DUMP_FILE))?;
         Ok("memory".to_string())
     }
 }

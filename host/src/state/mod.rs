@@ -22,6 +22,7 @@ use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
 
 use crate::types::key_group;
+use dump::DumpBuffer;
 
 /// Index of a table in the backend (the order tables were opened in).
 pub type TableId = usize;
@@ -159,7 +160,17 @@ enum Cell {
 struct Slot {
     /// `None`: the key has no state in this table.
     cell: Option<Cell>,
-    dirty: bool,
+    /// The backend does not hold this cell yet.
+    stale: bool,
+    /// Changed since the last snapshot.
+    changed: bool,
+}
+
+impl Slot {
+    fn touch(&mut self) {
+        self.stale = true;
+        self.changed = true;
+    }
 }
 
 struct Table {
@@ -172,54 +183,87 @@ struct Table {
 /// write-back cache, and the backend behind it. Keys passed in are the
 /// record keys; key groups are derived here.
 ///
-/// Snapshots keep the task's pause short: [`KeyedState::snapshot`] only
-/// takes the dirty cells (the change since the last flush) and returns a
-/// [`SnapshotJob`] that applies them to the backend and makes the consistent
-/// copy on another thread. Until that job is done the backend belongs to
-/// it: the task keeps serving cached keys, and waits for the job before it
-/// touches the backend (a cache miss, an eviction, the next snapshot), so
-/// the copy holds exactly the state at the barrier.
+/// Snapshots keep the task's pause short; [`KeyedState::snapshot`] returns
+/// a [`SnapshotJob`] to run on another thread, of one of two kinds:
+/// - a *delta*: the cells changed since the previous snapshot, encoded as a
+///   [`dump`] (deletions as tombstones). The backend is not involved.
+/// - a *base*: the cells the backend does not hold yet; the job writes them
+///   and makes a consistent copy of the backend. Until it has, the backend
+///   belongs to the job: the task keeps serving cached keys and waits for it
+///   before it touches the backend (a cache miss, an eviction, the next
+///   snapshot), so the copy holds exactly the state at the barrier.
+///
+/// A checkpoint's state is its latest base plus the deltas since, in order.
 pub struct KeyedState {
     tables: Vec<Table>,
     backend: Arc<Mutex<Box<dyn StateBackend>>>,
     /// Set while a snapshot job owns the backend; says whether it applied
     /// the changes it took.
     pending: Option<mpsc::Receiver<Result<(), String>>>,
+    /// Changed cells evicted from the cache since the last snapshot.
+    carried: Option<DumpBuffer>,
     max_parallelism: u32,
     cache_limit: usize,
     cached: usize,
 }
 
-/// The part of a snapshot that runs off the task's thread: writes the
-/// changes taken at the barrier, then makes the consistent copy.
+/// The part of a snapshot that runs off the task's thread.
 pub struct SnapshotJob {
-    backend: Arc<Mutex<Box<dyn StateBackend>>>,
-    ops: Vec<WriteOp>,
-    tables: Vec<String>,
     dir: PathBuf,
-    done: mpsc::Sender<Result<(), String>>,
+    kind: JobKind,
 }
+
+enum JobKind {
+    /// Writes the cells the backend lacks, then copies the backend.
+    Base {
+        backend: Arc<Mutex<Box<dyn StateBackend>>>,
+        ops: Vec<WriteOp>,
+        tables: Vec<String>,
+        done: mpsc::Sender<Result<(), String>>,
+    },
+    /// Writes the changed cells to a file.
+    Delta(DumpBuffer),
+}
+
+/// The format of a delta snapshot.
+pub const DELTA_FORMAT: &str = "delta";
 
 impl std::fmt::Debug for SnapshotJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, changes) = match &self.kind {
+            JobKind::Base { ops, .. } => ("base", ops.len()),
+            JobKind::Delta(delta) => ("delta", delta.entries()),
+        };
         f.debug_struct("SnapshotJob")
-            .field("changes", &self.ops.len())
+            .field("kind", &kind)
+            .field("changes", &changes)
             .field("dir", &self.dir)
             .finish()
     }
 }
 
 impl SnapshotJob {
-    /// Applies the changes and writes the consistent copy into the job's
-    /// directory. Returns the directory and the copy's format.
+    /// Makes the snapshot in the job's directory. Returns the directory and
+    /// its format: the backend's (`rocksdb`, `memory`) for a base,
+    /// [`DELTA_FORMAT`] for a delta.
     pub fn run(self) -> Result<(PathBuf, String), StateError> {
-        let Self {
-            backend,
-            mut ops,
-            tables,
-            dir,
-            done,
-        } = self;
+        let Self { dir, kind } = self;
+        let (backend, mut ops, tables, done) = match kind {
+            JobKind::Delta(delta) => {
+                std::fs::create_dir_all(&dir).map_err(|e| StateError::Open {
+                    dir: dir.clone(),
+                    message: e.to_string(),
+                })?;
+                delta.write_to(&dir.join(dump::DELTA_FILE))?;
+                return Ok((dir, DELTA_FORMAT.to_string()));
+            }
+            JobKind::Base {
+                backend,
+                ops,
+                tables,
+                done,
+            } => (backend, ops, tables, done),
+        };
         // In backend-key order, RocksDB's memtable inserts each key next to
         // the previous one instead of searching its skip list from the top.
         ops.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
@@ -282,6 +326,7 @@ impl KeyedState {
                 .collect(),
             backend: Arc::new(Mutex::new(backend)),
             pending: None,
+            carried: None,
             max_parallelism,
             cache_limit: cache_limit.max(1),
             cached: 0,
@@ -333,7 +378,11 @@ impl KeyedState {
                         source,
                     })?;
                 *cached += 1;
-                Ok(vacant.insert(Slot { cell, dirty: false }))
+                Ok(vacant.insert(Slot {
+                    cell,
+                    stale: false,
+                    changed: false,
+                }))
             }
         }
     }
@@ -353,7 +402,7 @@ impl KeyedState {
     ) -> Result<(), StateError> {
         let slot = self.slot(table, key)?;
         slot.cell = Some(Cell::Value(value));
-        slot.dirty = true;
+        slot.touch();
         Ok(())
     }
 
@@ -362,7 +411,7 @@ impl KeyedState {
         let slot = self.slot(table, key)?;
         if slot.cell.is_some() {
             slot.cell = None;
-            slot.dirty = true;
+            slot.touch();
         }
         Ok(())
     }
@@ -385,7 +434,7 @@ impl KeyedState {
             Some(Cell::List(items)) => items.push(value),
             cell => *cell = Some(Cell::List(vec![value])),
         }
-        slot.dirty = true;
+        slot.touch();
         Ok(())
     }
 
@@ -397,7 +446,7 @@ impl KeyedState {
     ) -> Result<(), StateError> {
         let slot = self.slot(table, key)?;
         slot.cell = (!values.is_empty()).then_some(Cell::List(values));
-        slot.dirty = true;
+        slot.touch();
         Ok(())
     }
 
@@ -406,7 +455,7 @@ impl KeyedState {
         if !matches!(slot.cell, Some(Cell::Map(_))) {
             slot.cell = Some(Cell::Map(BTreeMap::new()));
         }
-        slot.dirty = true;
+        slot.touch();
         match &mut slot.cell {
             Some(Cell::Map(map)) => Ok(map),
             _ => unreachable!("cell was set to a map above"),
@@ -466,7 +515,7 @@ impl KeyedState {
             if map.is_empty() {
                 slot.cell = None;
             }
-            slot.dirty = true;
+            slot.touch();
         }
         Ok(())
     }
@@ -485,11 +534,11 @@ impl KeyedState {
             .unwrap_or_default())
     }
 
-    /// Takes every dirty cell as a write, marking it clean.
-    fn take_dirty(&mut self) -> Vec<WriteOp> {
+    /// Takes every stale cell as a write: the backend will hold it.
+    fn take_stale(&mut self) -> Vec<WriteOp> {
         let mut ops = Vec::new();
         for (table_id, table) in self.tables.iter_mut().enumerate() {
-            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.dirty) {
+            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.stale) {
                 let key_group = key_group::of_key(key, self.max_parallelism);
                 ops.push(match &slot.cell {
                     Some(cell) => WriteOp::Put {
@@ -504,40 +553,74 @@ impl KeyedState {
                         key: key.to_vec(),
                     },
                 });
-                slot.dirty = false;
+                slot.stale = false;
             }
         }
         ops
     }
 
-    /// Writes every dirty cell to the backend in one atomic batch.
+    /// Takes every cell changed since the last snapshot (including those
+    /// evicted meanwhile) as a delta.
+    fn take_changed(&mut self) -> DumpBuffer {
+        let names = self.table_names();
+        let mut delta = self
+            .carried
+            .take()
+            .unwrap_or_else(|| DumpBuffer::new(&names));
+        let mut scratch = Vec::new();
+        for (table_id, table) in self.tables.iter_mut().enumerate() {
+            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.changed) {
+                let key_group = key_group::of_key(key, self.max_parallelism);
+                let value = slot.cell.as_ref().map(|cell| {
+                    encode_cell_into(cell, &mut scratch);
+                    scratch.as_slice()
+                });
+                delta.push(table_id as u32, key_group, key, value);
+                slot.changed = false;
+            }
+        }
+        delta
+    }
+
+    /// Writes every stale cell to the backend in one atomic batch.
     pub fn flush(&mut self) -> Result<(), StateError> {
         settle(&mut self.pending)?;
-        let ops = self.take_dirty();
+        let ops = self.take_stale();
         if !ops.is_empty() {
             self.backend_lock().write(ops)?;
         }
         Ok(())
     }
 
-    /// The synchronous part of a snapshot: takes the changes since the last
-    /// flush and hands the backend to the returned job, which writes them
-    /// and a consistent copy of every table into the new directory `dir`
-    /// (see [`StateBackend::checkpoint`]). None without tables.
-    pub fn snapshot(&mut self, dir: PathBuf) -> Result<Option<SnapshotJob>, StateError> {
+    /// The synchronous part of a snapshot (see [`KeyedState`]): a base when
+    /// `base`, else a delta. None without tables.
+    pub fn snapshot(
+        &mut self,
+        dir: PathBuf,
+        base: bool,
+    ) -> Result<Option<SnapshotJob>, StateError> {
         if self.tables.is_empty() {
             return Ok(None);
         }
         settle(&mut self.pending)?;
-        let ops = self.take_dirty();
+        let delta = self.take_changed();
+        if !base {
+            return Ok(Some(SnapshotJob {
+                dir,
+                kind: JobKind::Delta(delta),
+            }));
+        }
+        let ops = self.take_stale();
         let (done, receiver) = mpsc::channel();
         self.pending = Some(receiver);
         Ok(Some(SnapshotJob {
-            backend: self.backend.clone(),
-            ops,
-            tables: self.table_names(),
             dir,
-            done,
+            kind: JobKind::Base {
+                backend: self.backend.clone(),
+                ops,
+                tables: self.table_names(),
+                done,
+            },
         }))
     }
 
@@ -550,6 +633,9 @@ impl KeyedState {
     pub fn maybe_evict(&mut self) -> Result<(), StateError> {
         if self.cached > self.cache_limit {
             self.flush()?;
+            // The next delta still needs what changed since the last snapshot.
+            let changed = self.take_changed();
+            self.carried = Some(changed);
             for table in &mut self.tables {
                 table.cache.clear();
             }
@@ -578,6 +664,14 @@ fn decode_cell(kind: StateKind, bytes: Vec<u8>) -> Result<Cell, codec::CodecErro
         StateKind::List => Cell::List(codec::decode_list(&bytes)?),
         StateKind::Map => Cell::Map(codec::decode_map(&bytes)?),
     })
+}
+
+fn encode_cell_into(cell: &Cell, out: &mut Vec<u8>) {
+    out.clear();
+    match cell {
+        Cell::Value(value) => out.extend_from_slice(value),
+        other => out.extend_from_slice(&encode_cell(other)),
+    }
 }
 
 fn encode_cell(cell: &Cell) -> Vec<u8> {
@@ -652,6 +746,63 @@ mod tests {
         .expect("open");
         let mut state = keyed(Box::new(backend), 1);
         exercise(&mut state);
+    }
+
+    #[test]
+    fn a_delta_holds_exactly_the_changes_since_the_last_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A cache of 2 keys: the third key evicts, and evicted changes must
+        // still reach the delta.
+        let mut state = KeyedState::new(
+            vec![("op/v".into(), StateKind::Value)],
+            Box::new(memory::MemoryBackend::new(1)),
+            128,
+            2,
+        );
+        state.value_set(0, b"a", b"1".to_vec()).expect("set");
+        state.value_set(0, b"b", b"1".to_vec()).expect("set");
+        let base = state
+            .snapshot(dir.path().join("base"), true)
+            .expect("snapshot")
+            .expect("tables");
+        assert_eq!(base.run().expect("base").1, "memory");
+        state.value_set(0, b"a", b"2".to_vec()).expect("set");
+        state.clear(0, b"b").expect("clear");
+        state.value_set(0, b"c", b"3".to_vec()).expect("set");
+        state.maybe_evict().expect("evicts");
+        state
+            .value_set(0, b"c", b"4".to_vec())
+            .expect("set after eviction");
+        let delta = state
+            .snapshot(dir.path().join("delta"), false)
+            .expect("snapshot")
+            .expect("tables");
+        let (path, format) = delta.run().expect("delta");
+        assert_eq!(format, DELTA_FORMAT);
+        let mut seen = Vec::new();
+        dump::read(&path.join(dump::DELTA_FILE), |table, _, key, value| {
+            seen.push((table.to_string(), key.to_vec(), value.map(<[u8]>::to_vec)))
+        })
+        .expect("read");
+        // In order: the evicted changes, then the one after eviction.
+        let last = |key: &[u8]| {
+            seen.iter()
+                .rev()
+                .find(|(_, k, _)| k == key)
+                .map(|(_, _, v)| v.clone())
+        };
+        assert_eq!(last(b"a"), Some(Some(b"2".to_vec())));
+        assert_eq!(last(b"b"), Some(None), "a deletion is a tombstone");
+        assert_eq!(last(b"c"), Some(Some(b"4".to_vec())));
+        // Nothing changed since: the next delta is empty.
+        let empty = state
+            .snapshot(dir.path().join("empty"), false)
+            .expect("snapshot")
+            .expect("tables");
+        let (path, _) = empty.run().expect("delta");
+        let mut count = 0;
+        dump::read(&path.join(dump::DELTA_FILE), |_, _, _, _| count += 1).expect("read");
+        assert_eq!(count, 0);
     }
 
     #[test]
