@@ -307,6 +307,61 @@ inputs = ["split"]
     assert!(error.to_string().contains("max_parallelism"), "{error}");
 }
 
+#[test]
+fn a_damaged_checkpoint_file_fails_the_restore_naming_it() {
+    let job = JobDir::new();
+    let path = job.job(&union_count_job(3000, 10000, "50ms", ""));
+    run_with(&path, RunOptions::default()).expect("the job runs");
+    let newest = completed_checkpoints(&job.path().join("checkpoints"))
+        .pop()
+        .expect("a checkpoint");
+    let read = weir::checkpoint::metadata::read(&newest).expect("reads");
+    let victim = read.metadata.operators["count"]
+        .subtasks
+        .iter()
+        .flat_map(|s| s.deltas.iter().chain(&s.files))
+        .next()
+        .map(|f| read.resolve(f))
+        .expect("count has state files");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("write");
+    let error = run_with(
+        &path,
+        RunOptions {
+            restore: Some(newest),
+            allow_non_restored_state: false,
+        },
+    )
+    .expect_err("a damaged file is refused");
+    let name = victim
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let message = error.to_string();
+    assert!(message.contains(&name), "names the file: {message}");
+    assert!(
+        message.contains("sha256") || message.contains("checksum"),
+        "{message}"
+    );
+
+    // A truncated file is refused before anything runs.
+    std::fs::write(&victim, &bytes[..middle]).expect("truncate");
+    let graph = weir::job::JobGraph::load(&path).expect("job");
+    let error = runner::prepare_with(
+        engine(),
+        graph,
+        &RunOptions {
+            restore: Some(read.path.clone()),
+            allow_non_restored_state: false,
+        },
+    )
+    .expect_err("size mismatch");
+    assert!(error.to_string().contains(&name), "{error}");
+}
+
 /// A scripted line server for the ERROR demo: one connection per attempt.
 fn error_demo_server(
     listener: TcpListener,
