@@ -3,8 +3,9 @@
 //! - [`coordinator`]: one per running attempt of a job. Triggers checkpoint n
 //!   at the sources, collects every subtask's ack, writes `_metadata`, tells
 //!   the sinks to commit, applies retention; times out and aborts.
-//! - [`storage`]: a subtask's side: copies its state snapshot to checkpoint
-//!   storage asynchronously (RocksDB SST files once, under `shared/`), then acks.
+//! - [`storage`]: a subtask's side: stores its state snapshot asynchronously
+//!   (a delta of the changed cells, or a RocksDB base whose SST files are
+//!   copied once, under `shared/`), then acks.
 //! - [`retention`]: reference counts of shared files, so retention never
 //!   deletes a file a retained checkpoint still uses (pure, property-tested).
 //! - [`metadata`]: the `_metadata` file: what a completed checkpoint holds,
@@ -13,9 +14,9 @@
 //!   state unless allowed) and materialising a subtask's state from files.
 //!
 //! The layout is the design's contract:
-//! `<checkpoint dir>/<job id>/chk-<n>/_metadata`, private files under
-//! `chk-<n>/<uid>-<subtask>/`, shared (incremental) files under
-//! `<checkpoint dir>/<job id>/shared/`.
+//! `<checkpoint dir>/<job id>/chk-<n>/_metadata`, private files (timers)
+//! under `chk-<n>/<uid>-<subtask>/`, shared (incremental) files — bases and
+//! deltas — under `<checkpoint dir>/<job id>/shared/`.
 //!
 //! Between the dataflow tasks and the coordinator travel only the plain
 //! messages of this file ([`TaskReport`], [`CommitSignal`]).
