@@ -570,13 +570,9 @@ pub async fn run_with_native(
             Ok(outcome) => break Ok(outcome),
             Err(error) => error,
         };
-        let jitter = (crate::checkpoint::storage::random_hex(4)
-            .chars()
-            .fold(0u32, |a, c| {
-                a.wrapping_mul(16).wrapping_add(c.to_digit(16).unwrap_or(0))
-            }) as f64)
-            / f64::from(u32::MAX);
-        match tracker.on_failure(Instant::now(), jitter.min(0.999)) {
+        // In [0, 1): 53 random bits.
+        let jitter = (crate::checkpoint::storage::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        match tracker.on_failure(Instant::now(), jitter) {
             RestartDecision::Restart { delay, attempt } => {
                 let from = job
                     .checkpoints

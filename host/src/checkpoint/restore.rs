@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::metadata::{OperatorSnapshot, ReadMetadata};
 use super::storage::copy_hashed;
@@ -162,6 +162,73 @@ pub fn install_files(
     Ok(())
 }
 
+/// Reads a stored file whole, checking its size and sha256.
+fn read_verified(
+    read: &ReadMetadata,
+    file: &FileRef,
+) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
+    let path = read.resolve(file);
+    let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    if bytes.len() as u64 != file.size || sha256 != file.sha256 {
+        return Err(CheckpointError::Corrupt {
+            message: format!(
+                "{} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
+                bytes.len(),
+                file.size,
+                file.sha256
+            ),
+            path,
+        });
+    }
+    Ok((path, bytes))
+}
+
+/// Table index by table name (`<uid>/<state>`), in the target's order.
+fn table_index(tables: &[String]) -> HashMap<&str, usize> {
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect()
+}
+
+/// The writes a stored dump (a memory base or a delta) makes to the tables
+/// in `index_of`, for the key groups `range`.
+fn dump_writes(
+    read: &ReadMetadata,
+    file: &FileRef,
+    index_of: &HashMap<&str, usize>,
+    range: &Range<u32>,
+) -> Result<Vec<WriteOp>, CheckpointError> {
+    let (path, bytes) = read_verified(read, file)?;
+    let mut ops = Vec::new();
+    dump::decode(&bytes, &path, |name, key_group, key, value| {
+        let Some(&table) = index_of.get(name) else {
+            return;
+        };
+        if !range.contains(&u32::from(key_group)) {
+            return;
+        }
+        let key = key.to_vec();
+        ops.push(match value {
+            Some(value) => WriteOp::Put {
+                table,
+                key_group,
+                key,
+                value: value.to_vec(),
+            },
+            None => WriteOp::Delete {
+                table,
+                key_group,
+                key,
+            },
+        });
+    })
+    .map_err(|e| CheckpointError::io(&path, e))?;
+    Ok(ops)
+}
+
 /// Loads into `target` the cells of the key groups `range` from every
 /// snapshot subtask that holds some of them. `tables` are the new tables
 /// (`<uid>/<state>`), in the target's table order; a checkpointed state not
@@ -176,11 +243,7 @@ pub fn load_cells(
     work: &Path,
     target: &mut dyn StateBackend,
 ) -> Result<u64, CheckpointError> {
-    let index_of: HashMap<&str, usize> = tables
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.as_str(), i))
-        .collect();
+    let index_of = table_index(tables);
     let mut loaded = 0u64;
     for subtask in &op.subtasks {
         let Some([start, end]) = subtask.key_groups else {
@@ -191,18 +254,18 @@ pub fn load_cells(
             continue;
         }
         let scratch = work.join(format!("restore-{uid}-{}", subtask.subtask));
-        let _ = std::fs::remove_dir_all(&scratch);
-        install_files(read, &subtask.files, &scratch)?;
         let state_error = |e: crate::state::StateError| CheckpointError::io(&scratch, e);
-        let mut ops = Vec::new();
         match subtask.backend.as_deref() {
             Some("rocksdb") => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                install_files(read, &subtask.files, &scratch)?;
                 let old_tables: Vec<String> = op
                     .states
                     .iter()
                     .map(|s| format!("{uid}/{}", s.name))
                     .collect();
                 let source = RocksBackend::open(&scratch, &old_tables).map_err(state_error)?;
+                let mut ops = Vec::new();
                 for (old_index, name) in old_tables.iter().enumerate() {
                     let Some(&table) = index_of.get(name.as_str()) else {
                         continue;
@@ -228,27 +291,16 @@ pub fn load_cells(
                         group = chunk.end;
                     }
                 }
+                drop(source);
+                let _ = std::fs::remove_dir_all(&scratch);
             }
+            // One dump, read straight from storage.
             Some("memory") => {
-                dump::read(
-                    &scratch.join(dump::DUMP_FILE),
-                    |name, key_group, key, value| {
-                        if let Some(&table) = index_of.get(name)
-                            && overlap.contains(&u32::from(key_group))
-                            && let Some(value) = value
-                        {
-                            ops.push(WriteOp::Put {
-                                table,
-                                key_group,
-                                key: key.to_vec(),
-                                value: value.to_vec(),
-                            });
-                        }
-                    },
-                )
-                .map_err(state_error)?;
-                loaded += ops.len() as u64;
-                target.write(ops).map_err(state_error)?;
+                for file in &subtask.files {
+                    let ops = dump_writes(read, file, &index_of, &overlap)?;
+                    loaded += ops.len() as u64;
+                    target.write(ops).map_err(state_error)?;
+                }
             }
             other => {
                 return Err(CheckpointError::Corrupt {
@@ -260,7 +312,6 @@ pub fn load_cells(
                 });
             }
         }
-        let _ = std::fs::remove_dir_all(&scratch);
         loaded += apply_deltas(read, subtask, overlap, tables, target)?;
     }
     Ok(loaded)
@@ -276,49 +327,14 @@ pub fn apply_deltas(
     tables: &[String],
     target: &mut dyn StateBackend,
 ) -> Result<u64, CheckpointError> {
-    let index_of: HashMap<&str, usize> = tables
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.as_str(), i))
-        .collect();
+    let index_of = table_index(tables);
     let mut applied = 0u64;
     for delta in &subtask.deltas {
-        let path = read.resolve(delta);
-        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if sha256 != delta.sha256 || bytes.len() as u64 != delta.size {
-            return Err(CheckpointError::Corrupt {
-                path,
-                message: "checksum mismatch".into(),
-            });
-        }
-        let mut ops = Vec::new();
-        crate::state::dump::read(&path, |name, key_group, key, value| {
-            let Some(&table) = index_of.get(name) else {
-                return;
-            };
-            if !range.contains(&u32::from(key_group)) {
-                return;
-            }
-            ops.push(match value {
-                Some(value) => WriteOp::Put {
-                    table,
-                    key_group,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                },
-                None => WriteOp::Delete {
-                    table,
-                    key_group,
-                    key: key.to_vec(),
-                },
-            });
-        })
-        .map_err(|e| CheckpointError::io(&path, e))?;
+        let ops = dump_writes(read, delta, &index_of, &range)?;
         applied += ops.len() as u64;
         target
             .write(ops)
-            .map_err(|e| CheckpointError::io(&path, e))?;
+            .map_err(|e| CheckpointError::io(read.resolve(delta), e))?;
     }
     Ok(applied)
 }
@@ -335,15 +351,7 @@ pub fn load_timers(
         let Some(file) = &subtask.timers else {
             continue;
         };
-        let path = read.resolve(file);
-        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if sha256 != file.sha256 {
-            return Err(CheckpointError::Corrupt {
-                path,
-                message: "checksum mismatch".into(),
-            });
-        }
+        let (path, bytes) = read_verified(read, file)?;
         timers
             .restore(&bytes, |key| {
                 range.contains(&u32::from(key_group::of_key(key, max_parallelism)))

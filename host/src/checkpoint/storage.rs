@@ -195,8 +195,6 @@ impl SubtaskStorage {
         timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64, u64), CheckpointError> {
         let private_rel = format!("chk-{}/{}-{}", checkpoint.0, self.uid, self.subtask);
-        let private = self.job_dir.join(&private_rel);
-        std::fs::create_dir_all(&private).map_err(|e| CheckpointError::io(&private, e))?;
         let shared = self.job_dir.join("shared");
         std::fs::create_dir_all(&shared).map_err(|e| CheckpointError::io(&shared, e))?;
         let mut snapshot = SubtaskSnapshot {
@@ -277,6 +275,8 @@ impl SubtaskStorage {
             bytes += current.base_bytes + current.delta_bytes;
         }
         if !timers.is_empty() {
+            let private = self.job_dir.join(&private_rel);
+            std::fs::create_dir_all(&private).map_err(|e| CheckpointError::io(&private, e))?;
             let rel = format!("{private_rel}/{TIMERS_FILE}");
             let path = self.job_dir.join(&rel);
             write_synced(&path, timers)?;
@@ -350,19 +350,24 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         .map_err(|e| CheckpointError::io(path, e))
 }
 
-/// `len` random bytes as hex (ids of state instances, savepoint names).
-pub fn random_hex(len: usize) -> String {
+/// A random number (ids, jitter): the clock, the process and a counter,
+/// hashed. Not for secrets.
+pub fn random_u64() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = u64::from(std::process::id()) ^ count.rotate_left(32);
+    xxhash_rust::xxh3::xxh3_64_with_seed(&nanos.to_le_bytes(), seed)
+}
+
+/// `len` random bytes as hex (ids of jobs and state instances).
+pub fn random_hex(len: usize) -> String {
     let mut out = String::new();
-    let mut seed = u64::from(std::process::id()) ^ count.rotate_left(32);
     while out.len() < len * 2 {
-        seed = xxhash_rust::xxh3::xxh3_64_with_seed(&nanos.to_le_bytes(), seed);
-        out.push_str(&format!("{seed:016x}"));
+        out.push_str(&format!("{:016x}", random_u64()));
     }
     out.truncate(len * 2);
     out

@@ -280,11 +280,7 @@ impl RunningJob {
                         warn!(%message, "checkpointing failed; cancelling the job");
                         self.tasks.abort_all();
                     }
-                    errors.push(TaskError {
-                        uid: "checkpoint coordinator".to_string(),
-                        subtask: 0,
-                        error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
-                    });
+                    errors.push(coordinator_error(message));
                     continue;
                 }
             };
@@ -324,11 +320,7 @@ impl RunningJob {
         if coordinator_running {
             match (&mut self.coordinator).await {
                 Ok(Ok(())) => {}
-                Ok(Err(message)) => errors.push(TaskError {
-                    uid: "checkpoint coordinator".to_string(),
-                    subtask: 0,
-                    error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
-                }),
+                Ok(Err(message)) => errors.push(coordinator_error(message)),
                 Err(_) => {}
             }
         }
@@ -343,5 +335,15 @@ impl RunningJob {
             summaries,
             cancelled: *self.cancel.borrow(),
         })
+    }
+}
+
+/// The coordinator's failure (checkpoints failing past the tolerance) as a
+/// task failure of the job.
+fn coordinator_error(message: String) -> TaskError {
+    TaskError {
+        uid: "checkpoint coordinator".to_string(),
+        subtask: 0,
+        error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
     }
 }

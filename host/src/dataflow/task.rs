@@ -530,10 +530,7 @@ pub async fn run_sink(
                         continue;
                     }
                     let signal = *commit.borrow_and_update();
-                    if signal.completed > committed {
-                        committed = signal.completed;
-                        sink.commit(CheckpointId(committed)).map_err(&fail)?;
-                    }
+                    commit_completed(sink.as_mut(), signal, &mut committed).map_err(&fail)?;
                 }
             }
         }
@@ -541,10 +538,7 @@ pub async fn run_sink(
         report_finished(&reports, &info, Role::Sink);
         loop {
             let signal = *commit.borrow_and_update();
-            if signal.completed > committed {
-                committed = signal.completed;
-                sink.commit(CheckpointId(committed)).map_err(&fail)?;
-            }
+            commit_completed(sink.as_mut(), signal, &mut committed).map_err(&fail)?;
             if let Some(end) = signal.end {
                 sink.end(end).map_err(&fail)?;
                 break;
@@ -562,6 +556,19 @@ pub async fn run_sink(
     }
     .instrument(span)
     .await
+}
+
+/// Commits what a newly completed checkpoint covers, once.
+fn commit_completed(
+    sink: &mut dyn Sink,
+    signal: CommitSignal,
+    committed: &mut u64,
+) -> Result<(), OperatorError> {
+    if signal.completed > *committed {
+        *committed = signal.completed;
+        sink.commit(CheckpointId(signal.completed))?;
+    }
+    Ok(())
 }
 
 /// Turns a panic of a task into a task failure.

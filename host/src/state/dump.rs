@@ -99,12 +99,8 @@ fn header_len(bytes: &[u8]) -> usize {
 /// entry in order (`None`: deleted).
 pub fn read(
     path: &Path,
-    mut visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
+    visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
 ) -> Result<(), StateError> {
-    let corrupt = |message: &str| StateError::Open {
-        dir: path.to_path_buf(),
-        message: format!("not a state dump: {message}"),
-    };
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -112,6 +108,19 @@ pub fn read(
             dir: path.to_path_buf(),
             message: e.to_string(),
         })?;
+    decode(&bytes, path, visit)
+}
+
+/// [`read`] for a dump already in memory; `path` names it in errors.
+pub fn decode(
+    bytes: &[u8],
+    path: &Path,
+    mut visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
+) -> Result<(), StateError> {
+    let corrupt = |message: &str| StateError::Open {
+        dir: path.to_path_buf(),
+        message: format!("not a state dump: {message}"),
+    };
     let mut rest = bytes
         .strip_prefix(MAGIC)
         .ok_or_else(|| corrupt("bad header"))?;
