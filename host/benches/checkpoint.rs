@@ -119,6 +119,7 @@ fn main() {
             [0, 128],
             dir.path().join("snapshots"),
             tx,
+            Arc::default(),
         ));
         let full = take(&runtime, &mut state, &storage, &mut reports, 1);
         let mut sum = Taken {

@@ -18,7 +18,9 @@ use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
 };
 use crate::checkpoint::storage::SubtaskStorage;
-use crate::checkpoint::{CheckpointError, Role, restore};
+use crate::checkpoint::{
+    CheckpointError, Role, SavepointTargets, SnapshotKind, TransferProgress, restore, savepoint,
+};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
@@ -93,6 +95,11 @@ pub struct PreparedJob {
     pub restore: Option<ReadMetadata>,
     /// This job's checkpoints (None: checkpointing is off).
     pub checkpoints: Option<Arc<JobCheckpoints>>,
+    /// Savepoints in flight (shared by the coordinator and the operator
+    /// subtasks of every attempt) and their progress.
+    pub savepoints: Arc<SavepointTargets>,
+    /// Keys and bytes restored so far (progress).
+    pub restore_progress: Arc<TransferProgress>,
 }
 
 impl PreparedJob {
@@ -159,7 +166,8 @@ pub fn prepare_with(
                 .collect();
             let skipped =
                 restore::check(&read, &graph, &declared, options.allow_non_restored_state)?;
-            restore::check_files_exist(&read)?;
+            // Every file is read and checked before anything is restored.
+            savepoint::verify_files(&read, &TransferProgress::default())?;
             for line in &skipped {
                 warn!("not restored (--allow-non-restored-state): {line}");
             }
@@ -183,6 +191,8 @@ pub fn prepare_with(
         plugins,
         restore,
         checkpoints,
+        savepoints: Arc::default(),
+        restore_progress: Arc::default(),
     })
 }
 
@@ -277,24 +287,23 @@ impl Factory<'_> {
                 RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(info, e.into()))?,
             )
         };
+        let mut sink = restore::CellSink {
+            range: range.clone(),
+            tables: &tables,
+            backend: backend.as_mut(),
+            progress: &self.job.restore_progress,
+            migrate: None,
+        };
         if let (Some((read, _)), Some(whole)) = (restored, restored_whole) {
-            restore::apply_deltas(read, whole, range.clone(), &tables, backend.as_mut())
+            restore::apply_deltas(read, whole, range.clone(), &mut sink)
                 .map_err(|e| Self::restore_error(info, e))?;
         }
         if let Some((read, op)) = restored
             && restored_whole.is_none()
         {
             let work = self.job.state_dir().join("restore");
-            restore::load_cells(
-                read,
-                &node.uid,
-                op,
-                range.clone(),
-                &tables,
-                &work,
-                backend.as_mut(),
-            )
-            .map_err(|e| Self::restore_error(info, e))?;
+            restore::load_cells(read, &node.uid, op, &work, &mut sink)
+                .map_err(|e| Self::restore_error(info, e))?;
         }
         Ok(KeyedState::new(
             tables
@@ -364,20 +373,20 @@ impl TaskFactory for Factory<'_> {
             return Ok((native(TaskContext::new(info, keyed, output)), None));
         }
         let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
-        let storage = self.job.checkpoints.as_ref().map(|checkpoints| {
-            Arc::new(SubtaskStorage::new(
-                checkpoints.job_dir.clone(),
-                &node.uid,
-                info.subtask,
-                [range.start, range.end],
-                self.job
-                    .state_dir()
-                    .join("snapshots")
-                    .join(format!("{}-{}", node.uid, info.subtask)),
-                reports.clone(),
-            ))
-        });
-        let keyed = self.open_state(node, &info, &plugin.info.states, storage.as_deref())?;
+        // Checkpoints (when on) and savepoints (always possible) go here.
+        let storage = Arc::new(SubtaskStorage::new(
+            checkpoint_root(&self.job.graph).join(&self.job.job_id),
+            &node.uid,
+            info.subtask,
+            [range.start, range.end],
+            self.job
+                .state_dir()
+                .join("snapshots")
+                .join(format!("{}-{}", node.uid, info.subtask)),
+            reports.clone(),
+            self.job.savepoints.clone(),
+        ));
+        let keyed = self.open_state(node, &info, &plugin.info.states, Some(&storage))?;
         let mut task = TaskContext::new(info.clone(), keyed, output);
         if let Some((read, op)) = self.restored(&node.uid) {
             restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
@@ -385,7 +394,7 @@ impl TaskFactory for Factory<'_> {
         }
         let wasm = WasmOperator::instantiate(plugin, task, operator)
             .map_err(|e| Self::task_error(&info, e))?;
-        Ok((Box::new(wasm), storage))
+        Ok((Box::new(wasm), Some(storage)))
     }
 
     fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError> {
@@ -440,6 +449,7 @@ fn metadata_template(job: &PreparedJob) -> CheckpointMetadata {
         })
         .collect();
     CheckpointMetadata {
+        kind: SnapshotKind::Checkpoint,
         job_id: job.job_id.clone(),
         job_name: job.graph.name.clone(),
         checkpoint: 0,
@@ -512,6 +522,9 @@ pub fn launch_with_native(
         native,
         restore,
     };
+    if restore.is_some() {
+        job.restore_progress.start();
+    }
     let settings = &job.graph.checkpoint;
     let coordinator = Coordinator {
         settings: CoordinatorSettings {
@@ -522,14 +535,21 @@ pub fn launch_with_native(
         },
         store: job.checkpoints.clone(),
         template: metadata_template(job),
+        savepoints: job.savepoints.clone(),
+        first_id: job
+            .restore
+            .as_ref()
+            .map_or(1, |r| r.metadata.checkpoint + 1),
     };
-    runtime::launch(&job.graph, &job.job_id, &factory, coordinator).map_err(|source| {
-        RunError::Task {
-            job: job.graph.name.clone(),
-            source,
-        }
+    let launched = runtime::launch(&job.graph, &job.job_id, &factory, coordinator);
+    job.restore_progress.finish();
+    launched.map_err(|source| RunError::Task {
+        job: job.graph.name.clone(),
+        source,
     })
 }
+
+pub use crate::dataflow::runtime::Savepointer;
 
 /// Called with each running attempt (e.g. to show progress or wire Ctrl-C).
 pub type AttemptHook<'a> = &'a mut dyn FnMut(&RunningJob);

@@ -18,12 +18,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata};
+use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
-use super::{CheckpointError, CommitSignal, Role, SnapshotStats, SubtaskSnapshot, TaskReport};
+use super::{
+    CheckpointError, CommitSignal, Role, SavepointTargets, SnapshotStats, StopAfter,
+    SubtaskSnapshot, TaskReport, Trigger,
+};
 use crate::types::CheckpointId;
 
 /// Checkpoint settings as the coordinator uses them.
@@ -156,15 +159,29 @@ impl JobCheckpoints {
     }
 }
 
+/// A user's request for a savepoint of the running attempt.
+#[derive(Debug)]
+pub struct SavepointRequest {
+    /// The directory the savepoint directory is created in.
+    pub target: PathBuf,
+    /// Stop the job once the savepoint completed (stop-with-savepoint);
+    /// `Some(true)`: drain first (every event-time timer fires).
+    pub stop: Option<bool>,
+    /// The savepoint directory, or why there is none.
+    pub reply: oneshot::Sender<Result<PathBuf, String>>,
+}
+
 /// What the coordinator needs to know about the job's tasks.
 #[derive(Debug)]
 pub struct CoordinatorWiring {
     /// One trigger channel per source subtask.
-    pub triggers: Vec<mpsc::UnboundedSender<CheckpointId>>,
+    pub triggers: Vec<mpsc::UnboundedSender<Trigger>>,
     pub reports: mpsc::UnboundedReceiver<TaskReport>,
     pub commit: watch::Sender<CommitSignal>,
     /// Set when the job is cancelled.
     pub cancelled: watch::Receiver<bool>,
+    /// Savepoints the user asks for.
+    pub savepoints: mpsc::UnboundedReceiver<SavepointRequest>,
     /// Every subtask that acks a checkpoint: (uid, subtask).
     pub subtasks: Vec<(String, u32)>,
     pub sink_subtasks: usize,
@@ -174,23 +191,44 @@ struct Pending {
     id: CheckpointId,
     started: Instant,
     acks: HashMap<(String, u32), (SubtaskSnapshot, SnapshotStats)>,
+    /// Set when this barrier is a savepoint.
+    savepoint: Option<PendingSavepoint>,
+}
+
+struct PendingSavepoint {
+    dir: PathBuf,
+    stop: bool,
+    reply: oneshot::Sender<Result<PathBuf, String>>,
+    /// Tells each stopping source whether the savepoint completed.
+    outcomes: Vec<oneshot::Sender<bool>>,
 }
 
 /// The coordinator of one attempt.
 pub struct Coordinator {
     pub settings: CoordinatorSettings,
-    /// None: checkpointing is off (only the end-of-job commit happens).
+    /// None: checkpointing is off (only savepoints and the end-of-job
+    /// commit happen).
     pub store: Option<Arc<JobCheckpoints>>,
     /// `_metadata` of this job without subtasks: ids, name, per-uid plugin
     /// and states. Each completed checkpoint fills in the subtasks.
     pub template: CheckpointMetadata,
+    /// Savepoints in flight, shared with the operator subtasks' storage.
+    pub savepoints: Arc<SavepointTargets>,
+    /// The first id when checkpointing is off (savepoints still need ids
+    /// that grow across runs: sinks name their files by them).
+    pub first_id: u64,
 }
 
 impl Coordinator {
-    /// Runs until every task has gone. `Err` when checkpoints failed more
+    /// Runs until every task has gone. `Ok(Some(dir))` when the job was
+    /// stopped with the savepoint `dir`; `Err` when checkpoints failed more
     /// often in a row than tolerated.
-    pub async fn run(self, mut wiring: CoordinatorWiring) -> Result<(), String> {
+    pub async fn run(self, mut wiring: CoordinatorWiring) -> Result<Option<PathBuf>, String> {
         let mut pending: Option<Pending> = None;
+        let mut queued: std::collections::VecDeque<SavepointRequest> = Default::default();
+        let mut requests_open = true;
+        let mut next_local_id = self.first_id.max(1);
+        let mut stopped_with: Option<PathBuf> = None;
         let mut last_trigger = Instant::now();
         let mut last_done = Instant::now();
         let mut sources_finished = false;
@@ -198,6 +236,32 @@ impl Coordinator {
         let mut failures_in_a_row = 0u32;
         let enabled = self.store.is_some() && self.settings.interval.is_some();
         loop {
+            // A queued savepoint goes first, as soon as nothing is in flight.
+            if pending.is_none()
+                && let Some(request) = queued.pop_front()
+            {
+                if sources_finished {
+                    let _ = request
+                        .reply
+                        .send(Err("the job's sources have ended: no savepoint".to_string()));
+                } else {
+                    let id = match &self.store {
+                        Some(store) => store.next_id(),
+                        None => {
+                            next_local_id += 1;
+                            CheckpointId(next_local_id - 1)
+                        }
+                    };
+                    pending = self.trigger_savepoint(
+                        id,
+                        request,
+                        &wiring.triggers,
+                        &mut sources_finished,
+                    );
+                    last_trigger = Instant::now();
+                }
+                continue;
+            }
             let next_trigger = match (&pending, self.settings.interval) {
                 (None, Some(interval)) if enabled && !sources_finished => {
                     Some((last_trigger + interval).max(last_done + self.settings.min_pause))
@@ -207,6 +271,10 @@ impl Coordinator {
             let deadline = pending.as_ref().map(|p| p.started + self.settings.timeout);
             let mut failed: Option<String> = None;
             tokio::select! {
+                request = wiring.savepoints.recv(), if requests_open => match request {
+                    Some(request) => queued.push_back(request),
+                    None => requests_open = false,
+                },
                 report = wiring.reports.recv() => {
                     let Some(report) = report else { break };
                     match report {
@@ -217,12 +285,17 @@ impl Coordinator {
                             p.acks.insert((snapshot.uid.clone(), snapshot.subtask), (*snapshot, stats));
                             if p.acks.len() == wiring.subtasks.len() {
                                 let done = pending.take().expect("pending above");
+                                let is_savepoint = done.savepoint.is_some();
                                 match self.complete(done).await {
-                                    Ok(id) => {
-                                        failures_in_a_row = 0;
+                                    Ok((id, stopped)) => {
+                                        if !is_savepoint {
+                                            failures_in_a_row = 0;
+                                        }
+                                        stopped_with = stopped_with.or(stopped);
                                         last_done = Instant::now();
                                         wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
                                     }
+                                    Err(error) if is_savepoint => warn!(%error, "savepoint failed"),
                                     Err(error) => failed = Some(error),
                                 }
                             }
@@ -261,10 +334,10 @@ impl Coordinator {
                     last_trigger = Instant::now();
                     let mut delivered = true;
                     for trigger in &wiring.triggers {
-                        delivered &= trigger.send(id).is_ok();
+                        delivered &= trigger.send(Trigger { checkpoint: id, stop: None }).is_ok();
                     }
                     if delivered {
-                        pending = Some(Pending { id, started: Instant::now(), acks: HashMap::new() });
+                        pending = Some(Pending { id, started: Instant::now(), acks: HashMap::new(), savepoint: None });
                     } else {
                         sources_finished = true;
                     }
@@ -275,8 +348,14 @@ impl Coordinator {
             }
             if let Some(reason) = failed {
                 let id = pending.as_ref().map(|p| p.id.0);
+                let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
                 self.abort(pending.take(), &reason);
                 last_done = Instant::now();
+                if savepoint {
+                    // A failed savepoint leaves the job running; it is not a
+                    // checkpoint failure.
+                    continue;
+                }
                 failures_in_a_row += 1;
                 if failures_in_a_row > self.settings.tolerable_failures {
                     return Err(format!(
@@ -287,11 +366,87 @@ impl Coordinator {
                 }
             }
         }
-        Ok(())
+        for request in queued {
+            let _ = request.reply.send(Err(
+                "the job ended before the savepoint was taken".to_string()
+            ));
+        }
+        Ok(stopped_with)
+    }
+
+    /// Creates the savepoint directory and sends barrier `id` to every
+    /// source as a savepoint. None when it could not start (the request is
+    /// answered; `sources_finished` is set if a source has gone).
+    fn trigger_savepoint(
+        &self,
+        id: CheckpointId,
+        request: SavepointRequest,
+        triggers: &[mpsc::UnboundedSender<Trigger>],
+        sources_finished: &mut bool,
+    ) -> Option<Pending> {
+        let dir = match super::savepoint::create_dir(&request.target, &self.template.job_id) {
+            Ok(dir) => dir,
+            Err(error) => {
+                let _ = request.reply.send(Err(error.to_string()));
+                return None;
+            }
+        };
+        self.savepoints.insert(id, dir.clone());
+        self.savepoints.progress.start();
+        info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
+        let mut outcomes = Vec::new();
+        let mut delivered = true;
+        for trigger in triggers {
+            let stop = request.stop.map(|drain| {
+                let (sender, outcome) = oneshot::channel();
+                outcomes.push(sender);
+                StopAfter { drain, outcome }
+            });
+            delivered &= trigger
+                .send(Trigger {
+                    checkpoint: id,
+                    stop,
+                })
+                .is_ok();
+        }
+        let pending = Pending {
+            id,
+            started: Instant::now(),
+            acks: HashMap::new(),
+            savepoint: Some(PendingSavepoint {
+                dir,
+                stop: request.stop.is_some(),
+                reply: request.reply,
+                outcomes,
+            }),
+        };
+        if delivered {
+            Some(pending)
+        } else {
+            *sources_finished = true;
+            self.abort(Some(pending), "a source has ended");
+            None
+        }
     }
 
     fn abort(&self, pending: Option<Pending>, reason: &str) {
         let Some(pending) = pending else { return };
+        if let Some(savepoint) = pending.savepoint {
+            warn!(savepoint = pending.id.0, reason, "savepoint aborted");
+            self.savepoints.remove(pending.id);
+            self.savepoints.progress.finish();
+            for outcome in savepoint.outcomes {
+                let _ = outcome.send(false);
+            }
+            let _ = savepoint
+                .reply
+                .send(Err(format!("savepoint {} failed: {reason}", pending.id.0)));
+            let dir = savepoint.dir;
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(dir);
+            });
+            return;
+        }
         warn!(checkpoint = pending.id.0, reason, "checkpoint aborted");
         if let Some(store) = &self.store {
             store.metrics.failed.fetch_add(1, Ordering::Relaxed);
@@ -303,17 +458,14 @@ impl Coordinator {
     }
 
     /// Writes `_metadata` (on a blocking thread, which finishes even if the
-    /// attempt is torn down meanwhile) and logs the checkpoint.
-    async fn complete(&self, pending: Pending) -> Result<u64, String> {
-        let store = self
-            .store
-            .clone()
-            .expect("only enabled coordinators trigger");
+    /// attempt is torn down meanwhile) and logs the checkpoint. Returns its
+    /// id and, for a stop-with-savepoint, the savepoint directory.
+    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<PathBuf>), String> {
         let mut metadata = self.template.clone();
         metadata.checkpoint = pending.id.0;
         metadata.completed_ms = crate::dataflow::now_millis();
         let mut stats = SnapshotStats::default();
-        for ((uid, _), (snapshot, subtask_stats)) in pending.acks {
+        for ((uid, _), (snapshot, subtask_stats)) in std::mem::take(&mut pending.acks) {
             stats.alignment = stats.alignment.max(subtask_stats.alignment);
             stats.sync = stats.sync.max(subtask_stats.sync);
             stats.asynchronous = stats.asynchronous.max(subtask_stats.asynchronous);
@@ -326,6 +478,15 @@ impl Coordinator {
         for operator in metadata.operators.values_mut() {
             operator.subtasks.sort_by_key(|s| s.subtask);
         }
+        if let Some(savepoint) = pending.savepoint.take() {
+            return self
+                .complete_savepoint(pending, savepoint, metadata, stats)
+                .await;
+        }
+        let store = self
+            .store
+            .clone()
+            .expect("only enabled coordinators trigger");
         let writer = store.clone();
         tokio::task::spawn_blocking(move || writer.complete(metadata))
             .await
@@ -343,7 +504,62 @@ impl Coordinator {
             incremental_size = stats.new_bytes,
             "checkpoint completed"
         );
-        Ok(pending.id.0)
+        Ok((pending.id.0, None))
+    }
+
+    /// Writes a savepoint's `_metadata` into its own directory, answers the
+    /// request and lets stopping sources end. A completed savepoint is also
+    /// the point a later failure of this job restores from (its sinks
+    /// committed what it covers).
+    async fn complete_savepoint(
+        &self,
+        pending: Pending,
+        savepoint: PendingSavepoint,
+        mut metadata: CheckpointMetadata,
+        stats: SnapshotStats,
+    ) -> Result<(u64, Option<PathBuf>), String> {
+        metadata.kind = SnapshotKind::Savepoint;
+        let dir = savepoint.dir.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            metadata::write(&dir, &metadata).map(|path| ReadMetadata {
+                path,
+                base: dir,
+                metadata,
+            })
+        })
+        .await
+        .map_err(|e| format!("writing _metadata: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let read = match written {
+            Ok(read) => read,
+            Err(error) => {
+                self.abort(
+                    Some(Pending {
+                        savepoint: Some(savepoint),
+                        ..pending
+                    }),
+                    &error,
+                );
+                return Err(error);
+            }
+        };
+        self.savepoints.remove(pending.id);
+        self.savepoints.progress.finish();
+        if let Some(store) = &self.store {
+            store.lock().latest = Some(read);
+        }
+        info!(
+            savepoint = pending.id.0,
+            dir = %savepoint.dir.display(),
+            duration_ms = pending.started.elapsed().as_millis() as u64,
+            size = stats.bytes,
+            "savepoint completed"
+        );
+        for outcome in savepoint.outcomes {
+            let _ = outcome.send(true);
+        }
+        let _ = savepoint.reply.send(Ok(savepoint.dir.clone()));
+        Ok((pending.id.0, savepoint.stop.then_some(savepoint.dir)))
     }
 }
 
@@ -371,46 +587,72 @@ mod tests {
     use std::collections::BTreeMap;
 
     struct Harness {
-        triggers: mpsc::UnboundedReceiver<CheckpointId>,
+        triggers: mpsc::UnboundedReceiver<Trigger>,
         reports: mpsc::UnboundedSender<TaskReport>,
         commit: watch::Receiver<CommitSignal>,
         _cancel: watch::Sender<bool>,
-        run: tokio::task::JoinHandle<Result<(), String>>,
+        savepoints: mpsc::UnboundedSender<SavepointRequest>,
+        run: tokio::task::JoinHandle<Result<Option<PathBuf>, String>>,
         store: Arc<JobCheckpoints>,
+    }
+
+    impl Harness {
+        async fn next_trigger(&mut self) -> CheckpointId {
+            self.triggers.recv().await.expect("triggered").checkpoint
+        }
     }
 
     /// A coordinator for a job of one source subtask and one sink subtask.
     fn start(dir: &std::path::Path, timeout: Duration, tolerable_failures: u32) -> Harness {
+        start_with(
+            dir,
+            timeout,
+            tolerable_failures,
+            Some(Duration::from_millis(10)),
+        )
+    }
+
+    fn start_with(
+        dir: &std::path::Path,
+        timeout: Duration,
+        tolerable_failures: u32,
+        interval: Option<Duration>,
+    ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
         let (trigger, triggers) = mpsc::unbounded_channel();
         let (reports, report_receiver) = mpsc::unbounded_channel();
         let (commit, commit_receiver) = watch::channel(CommitSignal::default());
         let (cancel, cancelled) = watch::channel(false);
+        let (savepoints, savepoint_requests) = mpsc::unbounded_channel();
         let mut operators = BTreeMap::new();
         operators.insert("src".to_string(), operator_template(Role::Source, 1));
         operators.insert("out".to_string(), operator_template(Role::Sink, 1));
         let coordinator = Coordinator {
             settings: CoordinatorSettings {
-                interval: Some(Duration::from_millis(10)),
+                interval,
                 timeout,
                 min_pause: Duration::ZERO,
                 tolerable_failures,
             },
             store: Some(store.clone()),
             template: CheckpointMetadata {
-                job_id: "job".into(),
+                kind: SnapshotKind::Checkpoint,
+                job_id: "job123456".into(),
                 job_name: "test".into(),
                 checkpoint: 0,
                 completed_ms: 0,
                 max_parallelism: 8,
                 operators,
             },
+            savepoints: Arc::default(),
+            first_id: 1,
         };
         let wiring = CoordinatorWiring {
             triggers: vec![trigger],
             reports: report_receiver,
             commit,
             cancelled,
+            savepoints: savepoint_requests,
             subtasks: vec![("src".into(), 0), ("out".into(), 0)],
             sink_subtasks: 1,
         };
@@ -419,6 +661,7 @@ mod tests {
             reports,
             commit: commit_receiver,
             _cancel: cancel,
+            savepoints,
             run: tokio::spawn(coordinator.run(wiring)),
             store,
         }
@@ -444,7 +687,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut h = start(dir.path(), Duration::from_secs(10), 0);
         for _ in 0..3 {
-            let id = h.triggers.recv().await.expect("triggered");
+            let id = h.next_trigger().await;
             ack(&h.reports, id, "src");
             ack(&h.reports, id, "out");
             h.commit
@@ -482,10 +725,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut h = start(dir.path(), Duration::from_millis(30), 1);
         // First checkpoint: only the source acks; it times out (tolerated).
-        let first = h.triggers.recv().await.expect("triggered");
+        let first = h.next_trigger().await;
         ack(&h.reports, first, "src");
         // Second: times out too; two in a row exceed tolerable_failures = 1.
-        let second = h.triggers.recv().await.expect("triggered again");
+        let second = h.next_trigger().await;
         assert!(second > first);
         let error = h.run.await.expect("joins").expect_err("fails");
         assert!(error.contains("timed out"), "{error}");
@@ -499,7 +742,7 @@ mod tests {
     async fn a_declined_checkpoint_is_aborted_and_the_next_one_completes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut h = start(dir.path(), Duration::from_secs(10), 1);
-        let first = h.triggers.recv().await.expect("triggered");
+        let first = h.next_trigger().await;
         h.reports
             .send(TaskReport::Decline {
                 checkpoint: first,
@@ -508,7 +751,7 @@ mod tests {
                 reason: "disk full".into(),
             })
             .expect("send");
-        let second = h.triggers.recv().await.expect("triggered again");
+        let second = h.next_trigger().await;
         ack(&h.reports, second, "src");
         ack(&h.reports, second, "out");
         h.commit
@@ -519,5 +762,106 @@ mod tests {
         ack(&h.reports, first, "src");
         assert_eq!(h.store.latest().expect("one").metadata.checkpoint, second.0);
         assert_eq!(h.store.metrics.failed.load(Ordering::Relaxed), 1);
+    }
+
+    fn request(
+        h: &Harness,
+        target: &std::path::Path,
+        stop: Option<bool>,
+    ) -> oneshot::Receiver<Result<PathBuf, String>> {
+        let (reply, answer) = oneshot::channel();
+        h.savepoints
+            .send(SavepointRequest {
+                target: target.to_path_buf(),
+                stop,
+                reply,
+            })
+            .expect("coordinator listens");
+        answer
+    }
+
+    #[tokio::test]
+    async fn stop_with_savepoint_writes_it_apart_stops_the_sources_and_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start_with(dir.path(), Duration::from_secs(10), 0, None);
+        let target = dir.path().join("savepoints");
+        let answer = request(&h, &target, Some(true));
+        let trigger = h.triggers.recv().await.expect("triggered");
+        let stop = trigger.stop.expect("a stop");
+        assert!(stop.drain);
+        ack(&h.reports, trigger.checkpoint, "src");
+        ack(&h.reports, trigger.checkpoint, "out");
+        let path = answer.await.expect("answered").expect("completed");
+        assert!(stop.outcome.await.expect("told"), "the source may stop");
+        assert_eq!(path.parent(), Some(target.as_path()));
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("savepoint-job123-"), "{name}");
+        let read = metadata::read(&path).expect("a savepoint");
+        assert_eq!(read.metadata.kind, SnapshotKind::Savepoint);
+        assert_eq!(read.base, path);
+        assert_eq!(
+            read.metadata.operators["src"].subtasks[0].position,
+            Some(trigger.checkpoint.0 * 10)
+        );
+        h.commit
+            .wait_for(|s| s.completed == trigger.checkpoint.0)
+            .await
+            .expect("sinks commit the savepoint");
+        // A savepoint is not one of the job's checkpoints (no chk-N), but a
+        // later failure restores from it.
+        assert!(!dir.path().join("job").join("chk-1").exists());
+        assert_eq!(h.store.latest().expect("latest").path, read.path);
+        h.reports
+            .send(TaskReport::Finished {
+                uid: "out".into(),
+                subtask: 0,
+                role: Role::Sink,
+            })
+            .expect("send");
+        drop(h.reports);
+        let stopped = h.run.await.expect("joins").expect("no failure");
+        assert_eq!(stopped, Some(path));
+    }
+
+    #[tokio::test]
+    async fn a_failed_savepoint_is_reported_removed_and_the_sources_read_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start_with(dir.path(), Duration::from_secs(10), 0, None);
+        let target = dir.path().join("savepoints");
+        let answer = request(&h, &target, Some(false));
+        let trigger = h.triggers.recv().await.expect("triggered");
+        h.reports
+            .send(TaskReport::Decline {
+                checkpoint: trigger.checkpoint,
+                uid: "out".into(),
+                subtask: 0,
+                reason: "disk full".into(),
+            })
+            .expect("send");
+        let error = answer.await.expect("answered").expect_err("failed");
+        assert!(error.contains("disk full"), "{error}");
+        let stop = trigger.stop.expect("a stop");
+        assert!(!stop.outcome.await.expect("told"), "the source reads on");
+        // Its directory is removed (on a blocking thread).
+        for _ in 0..100 {
+            if std::fs::read_dir(&target).map_or(true, |mut d| d.next().is_none()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(std::fs::read_dir(&target).expect("dir").next().is_none());
+        // Not a checkpoint failure: the coordinator carries on.
+        let again = request(&h, &target, None);
+        let second = h.next_trigger().await;
+        assert!(second > trigger.checkpoint);
+        ack(&h.reports, second, "src");
+        ack(&h.reports, second, "out");
+        again.await.expect("answered").expect("completed");
+        drop(h.reports);
+        assert_eq!(h.run.await.expect("joins").expect("no failure"), None);
     }
 }

@@ -1,11 +1,14 @@
-//! The `_metadata` file of a completed checkpoint, keyed by operator uid.
+//! The `_metadata` file of a completed checkpoint or savepoint, keyed by
+//! operator uid.
 //!
 //! On disk: one header line `weir-checkpoint <format version> sha256=<hex>`
-//! followed by the JSON body the checksum covers. It is written to a temp
-//! name, fsynced and renamed, so a reader sees a whole file or none; a
-//! checkpoint directory without `_metadata` never counts. Every file path in
-//! it is relative to the job's checkpoint directory (`<dir>/<job id>`), and
-//! a path that would leave it is rejected on reading.
+//! (`weir-savepoint` for a savepoint) followed by the JSON body the checksum
+//! covers. It is written to a temp name, fsynced and renamed, so a reader
+//! sees a whole file or none; a directory without `_metadata` never counts.
+//! Every file path in it is relative: to the job's checkpoint directory
+//! (`<dir>/<job id>`) for a checkpoint, to the savepoint's own directory for
+//! a savepoint (so a savepoint can be moved). A path that would leave that
+//! directory is rejected on reading.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,12 +20,43 @@ use sha2::{Digest, Sha256};
 use super::{CheckpointError, Role};
 
 pub const METADATA_FILE: &str = "_metadata";
-const MAGIC: &str = "weir-checkpoint";
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Whether a snapshot is a checkpoint (automatic, owned by the host) or a
+/// savepoint (taken by the user, portable, never deleted by the host).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    #[default]
+    Checkpoint,
+    Savepoint,
+}
+
+impl SnapshotKind {
+    /// The first word of `_metadata`.
+    fn magic(self) -> &'static str {
+        match self {
+            SnapshotKind::Checkpoint => "weir-checkpoint",
+            SnapshotKind::Savepoint => "weir-savepoint",
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SnapshotKind::Checkpoint => "checkpoint",
+            SnapshotKind::Savepoint => "savepoint",
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointMetadata {
+    /// Set from the header's first word, not stored in the body.
+    #[serde(skip)]
+    pub kind: SnapshotKind,
     pub job_id: String,
     pub job_name: String,
     pub checkpoint: u64,
@@ -93,13 +127,28 @@ pub struct SubtaskSnapshot {
     /// checkpoint is complete (names relative to the sink's directory).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// Per declared state: keys and bytes in `files` (savepoints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_stats: Vec<StateStats>,
+}
+
+/// How much of one state a savepoint's subtask file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateStats {
+    pub name: String,
+    /// Keys with state.
+    pub keys: u64,
+    /// Bytes of keys and encoded values.
+    pub bytes: u64,
 }
 
 /// A stored file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRef {
-    /// Relative to the job's checkpoint directory.
+    /// Relative to the job's checkpoint directory (a checkpoint) or to the
+    /// savepoint directory.
     pub path: String,
     /// The file's name in the subtask's local state directory.
     pub name: String,
@@ -149,7 +198,8 @@ pub fn write(dir: &Path, metadata: &CheckpointMetadata) -> Result<PathBuf, Check
     let temp = dir.join(format!("{METADATA_FILE}.inprogress"));
     let result = (|| {
         let mut file = std::fs::File::create(&temp)?;
-        writeln!(file, "{MAGIC} {FORMAT_VERSION} sha256={digest}")?;
+        let magic = metadata.kind.magic();
+        writeln!(file, "{magic} {FORMAT_VERSION} sha256={digest}")?;
         file.write_all(&body)?;
         file.sync_all()?;
         std::fs::rename(&temp, &path)?;
@@ -165,7 +215,8 @@ pub struct ReadMetadata {
     pub metadata: CheckpointMetadata,
     /// The `_metadata` file.
     pub path: PathBuf,
-    /// The directory file paths are relative to (`<dir>/<job id>`).
+    /// The directory file paths are relative to: `<dir>/<job id>` for a
+    /// checkpoint, the savepoint directory for a savepoint.
     pub base: PathBuf,
 }
 
@@ -201,9 +252,15 @@ pub fn read(path: &Path) -> Result<ReadMetadata, CheckpointError> {
     let header = std::str::from_utf8(&bytes[..newline])
         .map_err(|_| corrupt("the header is not text".into()))?;
     let mut words = header.split(' ');
-    if words.next() != Some(MAGIC) {
-        return Err(corrupt(format!("the header does not start with `{MAGIC}`")));
-    }
+    let kind = match words.next() {
+        Some(word) if word == SnapshotKind::Checkpoint.magic() => SnapshotKind::Checkpoint,
+        Some(word) if word == SnapshotKind::Savepoint.magic() => SnapshotKind::Savepoint,
+        _ => {
+            return Err(corrupt(
+                "the header does not start with `weir-checkpoint` or `weir-savepoint`".into(),
+            ));
+        }
+    };
     let version: u32 = words
         .next()
         .and_then(|v| v.parse().ok())
@@ -223,18 +280,22 @@ pub fn read(path: &Path) -> Result<ReadMetadata, CheckpointError> {
             "checksum mismatch (the file is truncated or damaged)".into(),
         ));
     }
-    let metadata: CheckpointMetadata =
+    let mut metadata: CheckpointMetadata =
         serde_json::from_slice(body).map_err(|e| corrupt(format!("bad JSON: {e}")))?;
+    metadata.kind = kind;
     for file in metadata.files() {
         if !is_inside(&file.path) {
             return Err(corrupt(format!(
-                "file reference `{}` points outside the checkpoint directory",
+                "file reference `{}` points outside the {kind} directory",
                 file.path
             )));
         }
     }
-    let chk_dir = path.parent().unwrap_or(Path::new("."));
-    let base = chk_dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let base = match kind {
+        SnapshotKind::Checkpoint => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        SnapshotKind::Savepoint => dir.to_path_buf(),
+    };
     Ok(ReadMetadata {
         metadata,
         path,
@@ -287,6 +348,7 @@ mod tests {
             },
         );
         CheckpointMetadata {
+            kind: SnapshotKind::Checkpoint,
             job_id: "j".into(),
             job_name: "wordcount".into(),
             checkpoint: 3,

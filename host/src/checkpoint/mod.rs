@@ -12,6 +12,9 @@
 //!   keyed by operator uid; written atomically, read with checks.
 //! - [`restore`]: the design's restore rules (map state by uid, refuse to drop
 //!   state unless allowed) and materialising a subtask's state from files.
+//! - [`savepoint`]: the savepoint format: a self-contained directory of
+//!   canonical state files (one per key-group range), written when the user
+//!   asks, read and validated whole before anything is restored.
 //!
 //! The layout is the design's contract:
 //! `<checkpoint dir>/<job id>/chk-<n>/_metadata`, private files (timers)
@@ -25,16 +28,109 @@ pub mod coordinator;
 pub mod metadata;
 pub mod restore;
 pub mod retention;
+pub mod savepoint;
 pub mod storage;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::types::CheckpointId;
 
-pub use metadata::{CheckpointMetadata, FileRef, SubtaskSnapshot};
+pub use metadata::{CheckpointMetadata, FileRef, SnapshotKind, StateStats, SubtaskSnapshot};
+
+/// What the coordinator asks of a source subtask.
+#[derive(Debug)]
+pub struct Trigger {
+    pub checkpoint: CheckpointId,
+    /// Set for stop-with-savepoint: the source stops after the barrier
+    /// once the savepoint completed (and reads on if it failed).
+    pub stop: Option<StopAfter>,
+}
+
+/// How a source stops after a savepoint's barrier.
+#[derive(Debug)]
+pub struct StopAfter {
+    /// First advance the watermark to the end, so every event-time timer
+    /// fires before the savepoint (Flink's `stop --drain`).
+    pub drain: bool,
+    /// Whether the savepoint completed.
+    pub outcome: tokio::sync::oneshot::Receiver<bool>,
+}
+
+/// The savepoints in flight, by checkpoint id: where operator subtasks
+/// write their part of barrier n instead of checkpoint storage.
+#[derive(Debug, Default)]
+pub struct SavepointTargets {
+    dirs: Mutex<HashMap<u64, PathBuf>>,
+    /// Keys and bytes written so far (progress).
+    pub progress: TransferProgress,
+}
+
+impl SavepointTargets {
+    pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf) {
+        self.dirs
+            .lock()
+            .expect("not poisoned")
+            .insert(checkpoint.0, dir);
+    }
+
+    pub fn remove(&self, checkpoint: CheckpointId) {
+        self.dirs
+            .lock()
+            .expect("not poisoned")
+            .remove(&checkpoint.0);
+    }
+
+    /// The savepoint directory of barrier n, if n is a savepoint.
+    pub fn get(&self, checkpoint: CheckpointId) -> Option<PathBuf> {
+        self.dirs
+            .lock()
+            .expect("not poisoned")
+            .get(&checkpoint.0)
+            .cloned()
+    }
+}
+
+/// Counters of a long state transfer (a savepoint being written, a
+/// restore), for the progress line.
+#[derive(Debug, Default)]
+pub struct TransferProgress {
+    pub keys: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Set while a transfer runs.
+    pub active: std::sync::atomic::AtomicBool,
+}
+
+impl TransferProgress {
+    pub fn add(&self, keys: u64, bytes: u64) {
+        self.keys.fetch_add(keys, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Option<(u64, u64)> {
+        self.active.load(Ordering::Relaxed).then(|| {
+            (
+                self.keys.load(Ordering::Relaxed),
+                self.bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    pub fn start(&self) {
+        self.keys.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+        self.active.store(true, Ordering::Relaxed);
+    }
+
+    pub fn finish(&self) {
+        self.active.store(false, Ordering::Relaxed);
+    }
+}
 
 /// What a subtask tells the coordinator.
 #[derive(Debug)]

@@ -18,7 +18,9 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::TransferProgress;
 use super::metadata::{OperatorSnapshot, ReadMetadata};
+use super::savepoint::CANONICAL;
 use super::storage::copy_hashed;
 use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
 use crate::dataflow::TimerService;
@@ -184,33 +186,106 @@ fn read_verified(
     Ok((path, bytes))
 }
 
-/// Table index by table name (`<uid>/<state>`), in the target's order.
-fn table_index(tables: &[String]) -> HashMap<&str, usize> {
-    tables
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.as_str(), i))
-        .collect()
+/// Writes made to the backend at a time while loading a dump.
+const LOAD_CHUNK: usize = 64 * 1024;
+
+/// Rewrites the stored cells of states whose schema version changed (the
+/// plugin's migrate export, called per value).
+pub trait MigrateCells {
+    /// Whether cells of `table` (in the new table order) need migrating.
+    fn needs(&self, table: usize) -> bool;
+    /// The cell in the encoding the plugin declares now. The error names
+    /// the operator and state.
+    fn migrate(&mut self, table: usize, cell: Vec<u8>) -> Result<Vec<u8>, String>;
 }
 
-/// The writes a stored dump (a memory base or a delta) makes to the tables
-/// in `index_of`, for the key groups `range`.
-fn dump_writes(
+/// Where restored cells go: one subtask's new backend, for its key groups
+/// `range` and its tables (`<uid>/<state>`, in the backend's order); cells
+/// of changed schemas are migrated on the way.
+pub struct CellSink<'a> {
+    pub range: Range<u32>,
+    pub tables: &'a [String],
+    pub backend: &'a mut dyn StateBackend,
+    pub progress: &'a TransferProgress,
+    pub migrate: Option<&'a mut dyn MigrateCells>,
+}
+
+impl CellSink<'_> {
+    fn index(&self) -> HashMap<String, usize> {
+        self.tables
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.clone(), i))
+            .collect()
+    }
+
+    /// Migrates (where needed) and writes `ops`; `path` names the file they
+    /// came from in errors.
+    fn write(&mut self, mut ops: Vec<WriteOp>, path: &Path) -> Result<(), CheckpointError> {
+        if let Some(migrate) = self.migrate.as_deref_mut() {
+            for op in &mut ops {
+                if let WriteOp::Put { table, value, .. } = op
+                    && migrate.needs(*table)
+                {
+                    *value = migrate
+                        .migrate(*table, std::mem::take(value))
+                        .map_err(|message| CheckpointError::io(path, message))?;
+                }
+            }
+        }
+        self.backend
+            .write(ops)
+            .map_err(|e| CheckpointError::io(path, e))
+    }
+}
+
+/// Reads through to `inner`, hashing and counting what passes.
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Applies to `sink` the cells a stored dump (a memory base, a savepoint
+/// `.state` file or a delta) holds for its tables and key groups, streaming
+/// it and writing in chunks; the file's size and sha256 are checked as it
+/// is read. Returns the number of cells.
+fn load_dump(
     read: &ReadMetadata,
     file: &FileRef,
-    index_of: &HashMap<&str, usize>,
     range: &Range<u32>,
-) -> Result<Vec<WriteOp>, CheckpointError> {
-    let (path, bytes) = read_verified(read, file)?;
+    sink: &mut CellSink<'_>,
+) -> Result<u64, CheckpointError> {
+    let path = read.resolve(file);
+    let input = std::fs::File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let mut reader = Hashing {
+        inner: std::io::BufReader::with_capacity(1 << 20, input),
+        hasher: <sha2::Sha256 as sha2::Digest>::new(),
+        size: 0,
+    };
+    let index_of = sink.index();
     let mut ops = Vec::new();
-    dump::decode(&bytes, &path, |name, key_group, key, value| {
+    let mut loaded = 0u64;
+    let mut failed: Option<CheckpointError> = None;
+    dump::decode_from(&mut reader, &path, |name, key_group, key, value| {
         let Some(&table) = index_of.get(name) else {
             return;
         };
-        if !range.contains(&u32::from(key_group)) {
+        if failed.is_some() || !range.contains(&u32::from(key_group)) {
             return;
         }
         let key = key.to_vec();
+        sink.progress
+            .add(1, (key.len() + value.map_or(0, <[u8]>::len)) as u64);
         ops.push(match value {
             Some(value) => WriteOp::Put {
                 table,
@@ -224,26 +299,45 @@ fn dump_writes(
                 key,
             },
         });
+        if ops.len() >= LOAD_CHUNK {
+            loaded += ops.len() as u64;
+            if let Err(error) = sink.write(std::mem::take(&mut ops), &path) {
+                failed = Some(error);
+            }
+        }
     })
     .map_err(|e| CheckpointError::io(&path, e))?;
-    Ok(ops)
+    if let Some(error) = failed {
+        return Err(error);
+    }
+    loaded += ops.len() as u64;
+    sink.write(ops, &path)?;
+    let sha256 = hex::encode(sha2::Digest::finalize(reader.hasher));
+    if reader.size != file.size || sha256 != file.sha256 {
+        return Err(CheckpointError::Corrupt {
+            message: format!(
+                "{} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
+                reader.size, file.size, file.sha256
+            ),
+            path,
+        });
+    }
+    Ok(loaded)
 }
 
-/// Loads into `target` the cells of the key groups `range` from every
-/// snapshot subtask that holds some of them. `tables` are the new tables
-/// (`<uid>/<state>`), in the target's table order; a checkpointed state not
-/// among them is skipped. `work` is a scratch directory. Returns the
-/// number of cells loaded.
+/// Loads into `sink` the cells of its key groups from every snapshot
+/// subtask that holds some of them; a stored state not among the sink's
+/// tables is skipped. `work` is a scratch directory. Returns the number of
+/// cells loaded.
 pub fn load_cells(
     read: &ReadMetadata,
     uid: &str,
     op: &OperatorSnapshot,
-    range: Range<u32>,
-    tables: &[String],
     work: &Path,
-    target: &mut dyn StateBackend,
+    sink: &mut CellSink<'_>,
 ) -> Result<u64, CheckpointError> {
-    let index_of = table_index(tables);
+    let index_of = sink.index();
+    let range = sink.range.clone();
     let mut loaded = 0u64;
     for subtask in &op.subtasks {
         let Some([start, end]) = subtask.key_groups else {
@@ -285,21 +379,19 @@ pub fn load_cells(
                             })
                             .map_err(state_error)?;
                         loaded += ops.len() as u64;
-                        target
-                            .write(std::mem::take(&mut ops))
-                            .map_err(state_error)?;
+                        sink.progress.add(ops.len() as u64, 0);
+                        sink.write(std::mem::take(&mut ops), &scratch)?;
                         group = chunk.end;
                     }
                 }
                 drop(source);
                 let _ = std::fs::remove_dir_all(&scratch);
             }
-            // One dump, read straight from storage.
-            Some("memory") => {
+            // One dump (a savepoint's canonical file, or a memory
+            // backend's copy), streamed from storage.
+            Some(CANONICAL | "memory") => {
                 for file in &subtask.files {
-                    let ops = dump_writes(read, file, &index_of, &overlap)?;
-                    loaded += ops.len() as u64;
-                    target.write(ops).map_err(state_error)?;
+                    loaded += load_dump(read, file, &overlap, sink)?;
                 }
             }
             other => {
@@ -312,29 +404,24 @@ pub fn load_cells(
                 });
             }
         }
-        loaded += apply_deltas(read, subtask, overlap, tables, target)?;
+        loaded += apply_deltas(read, subtask, overlap, sink)?;
     }
     Ok(loaded)
 }
 
-/// Applies a snapshot subtask's deltas, in order, to `target`: the cells of
-/// the key groups `range`, for the tables in `tables` (new table order).
-/// Returns the number of changes applied.
+/// Applies a snapshot subtask's deltas, in order, to `sink`: the cells of
+/// the key groups `range` (and the sink's). Returns the number of changes
+/// applied.
 pub fn apply_deltas(
     read: &ReadMetadata,
     subtask: &SubtaskSnapshot,
     range: Range<u32>,
-    tables: &[String],
-    target: &mut dyn StateBackend,
+    sink: &mut CellSink<'_>,
 ) -> Result<u64, CheckpointError> {
-    let index_of = table_index(tables);
     let mut applied = 0u64;
+    let range = range.start.max(sink.range.start)..range.end.min(sink.range.end);
     for delta in &subtask.deltas {
-        let ops = dump_writes(read, delta, &index_of, &range)?;
-        applied += ops.len() as u64;
-        target
-            .write(ops)
-            .map_err(|e| CheckpointError::io(read.resolve(delta), e))?;
+        applied += load_dump(read, delta, &range, sink)?;
     }
     Ok(applied)
 }
@@ -370,23 +457,4 @@ pub fn source_position(read: &ReadMetadata, uid: &str, subtask: u32) -> Option<u
         .iter()
         .find(|s| s.subtask == subtask)?
         .position
-}
-
-/// Every file that must exist before restoring (checked up front, so a
-/// missing file fails the start before anything was restored).
-pub fn check_files_exist(read: &ReadMetadata) -> Result<(), CheckpointError> {
-    for file in read.metadata.files() {
-        let path = read.resolve(file);
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() == file.size => {}
-            Ok(meta) => {
-                return Err(CheckpointError::Corrupt {
-                    path,
-                    message: format!("{} bytes, _metadata says {}", meta.len(), file.size),
-                });
-            }
-            Err(e) => return Err(CheckpointError::io(path, e)),
-        }
-    }
-    Ok(())
 }

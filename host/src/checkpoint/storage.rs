@@ -28,7 +28,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::{CheckpointError, FileRef, SnapshotStats, SubtaskSnapshot, TaskReport};
+use super::{
+    CheckpointError, FileRef, SavepointTargets, SnapshotStats, SubtaskSnapshot, TaskReport,
+};
 use crate::state::{DELTA_FORMAT, SnapshotJob};
 use crate::types::CheckpointId;
 
@@ -75,6 +77,8 @@ pub struct SubtaskStorage {
     /// Uploads run one at a time, in checkpoint order.
     serial: Mutex<()>,
     reports: mpsc::UnboundedSender<TaskReport>,
+    /// Barriers that are savepoints, and where they go.
+    savepoints: Arc<SavepointTargets>,
 }
 
 impl SubtaskStorage {
@@ -85,6 +89,7 @@ impl SubtaskStorage {
         key_groups: [u32; 2],
         local_root: PathBuf,
         reports: mpsc::UnboundedSender<TaskReport>,
+        savepoints: Arc<SavepointTargets>,
     ) -> Self {
         Self {
             job_dir,
@@ -97,7 +102,108 @@ impl SubtaskStorage {
             chain: Mutex::new(None),
             serial: Mutex::new(()),
             reports,
+            savepoints,
         }
+    }
+
+    /// The savepoint directory of barrier n, if n is a savepoint.
+    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<PathBuf> {
+        self.savepoints.get(checkpoint)
+    }
+
+    /// On a blocking thread: makes the consistent copy of the state, writes
+    /// it in canonical form (with the timers) into the savepoint directory
+    /// `dir`, and acks (or declines) barrier n. `tables` are the state's
+    /// tables in order.
+    pub fn upload_savepoint(
+        self: &Arc<Self>,
+        checkpoint: CheckpointId,
+        dir: PathBuf,
+        local: LocalSnapshot,
+        tables: Vec<String>,
+        stats: SnapshotStats,
+    ) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let copy = match local.state.map(SnapshotJob::run).transpose() {
+                Ok(copy) => copy,
+                Err(error) => {
+                    this.decline(checkpoint, error.to_string());
+                    return;
+                }
+            };
+            let _serial = this.serial.lock().expect("not poisoned");
+            let stored = this.store_savepoint(&dir, copy.as_ref(), &tables, &local.timers);
+            if let Some((copy_dir, _)) = &copy {
+                let _ = std::fs::remove_dir_all(copy_dir);
+            }
+            let report = match stored {
+                Ok(snapshot) => {
+                    let bytes = snapshot
+                        .files
+                        .iter()
+                        .chain(snapshot.timers.as_ref())
+                        .map(|f| f.size)
+                        .sum();
+                    TaskReport::Ack {
+                        checkpoint,
+                        snapshot: Box::new(snapshot),
+                        stats: SnapshotStats {
+                            asynchronous: started.elapsed(),
+                            bytes,
+                            new_bytes: bytes,
+                            ..stats
+                        },
+                    }
+                }
+                Err(error) => TaskReport::Decline {
+                    checkpoint,
+                    uid: this.uid.clone(),
+                    subtask: this.subtask,
+                    reason: error.to_string(),
+                },
+            };
+            let _ = this.reports.send(report);
+        });
+    }
+
+    fn store_savepoint(
+        &self,
+        dir: &Path,
+        copy: Option<&(PathBuf, String)>,
+        tables: &[String],
+        timers: &[u8],
+    ) -> Result<SubtaskSnapshot, CheckpointError> {
+        let mut snapshot = SubtaskSnapshot {
+            uid: self.uid.clone(),
+            subtask: self.subtask,
+            key_groups: Some(self.key_groups),
+            ..SubtaskSnapshot::default()
+        };
+        let stem = format!("{}-{}", self.uid, self.subtask);
+        if let Some((copy, format)) = copy {
+            let (file, stats) = super::savepoint::write_state(
+                copy,
+                format,
+                tables,
+                self.key_groups[0]..self.key_groups[1],
+                dir,
+                &format!("{stem}.state"),
+                &self.savepoints.progress,
+            )?;
+            snapshot.backend = Some(super::savepoint::CANONICAL.to_string());
+            snapshot.files = vec![file];
+            snapshot.state_stats = stats;
+        }
+        if !timers.is_empty() {
+            snapshot.timers = Some(super::savepoint::write_file(
+                dir,
+                &format!("{stem}.timers"),
+                timers,
+            )?);
+        }
+        Ok(snapshot)
     }
 
     /// Shared files this state instance already has in storage (restored

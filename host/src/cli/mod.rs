@@ -3,6 +3,7 @@
 //! may do I/O) and call the embedded runner.
 
 mod progress;
+mod savepoint;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Inspect or dispose of savepoints (`inspect PATH`, `--dispose PATH`).
+    Savepoint(savepoint::SavepointArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +61,15 @@ pub struct RunArgs {
     /// the job no longer has; that state is skipped (and logged).
     #[arg(short = 'n', long)]
     pub allow_non_restored_state: bool,
+    /// On Ctrl-C or SIGTERM, stop with a savepoint written under DIR
+    /// (`DIR/savepoint-<job>-<random>/`) instead of cancelling; its path is
+    /// printed. A second Ctrl-C aborts.
+    #[arg(long, value_name = "DIR")]
+    pub savepoint_dir: Option<PathBuf>,
+    /// With --savepoint-dir: first advance the watermark to the end, so
+    /// every event-time timer fires before the savepoint (`stop --drain`).
+    #[arg(long, requires = "savepoint_dir")]
+    pub drain: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,7 +105,31 @@ pub async fn execute(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Run(args) => run(&cli, args).await,
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&cli, file),
+        Command::Savepoint(args) => savepoint::execute(args),
     }
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The running attempt, as the signal handler reaches it.
+#[derive(Default)]
+struct Attempt {
+    cancel: Option<tokio::sync::watch::Sender<bool>>,
+    savepointer: Option<runner::Savepointer>,
 }
 
 async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
@@ -106,44 +142,70 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     };
     let job = runner::prepare_with(&engine, graph, &options)?;
     eprintln!("job `{}` started, job id {}", job.graph.name, job.job_id);
-    // Ctrl-C cancels the running attempt (and any attempt after it).
-    let cancel_requested = Arc::new(AtomicBool::new(false));
-    let canceller: Arc<Mutex<Option<tokio::sync::watch::Sender<bool>>>> = Arc::default();
+    // Ctrl-C or SIGTERM stops the running attempt: with a savepoint when
+    // asked for one, else by cancelling it (and any attempt after it).
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    let attempt: Arc<Mutex<Attempt>> = Arc::default();
+    let savepoint_failed: Arc<Mutex<Option<String>>> = Arc::default();
     {
-        let (requested, canceller) = (cancel_requested.clone(), canceller.clone());
+        let (requested, attempt) = (stop_requested.clone(), attempt.clone());
+        let target = args.savepoint_dir.clone();
+        let drain = args.drain;
+        let failed = savepoint_failed.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!(
-                    "\nstopping: sources end, in-flight records drain (Ctrl-C again to abort)"
-                );
-                requested.store(true, Ordering::SeqCst);
-                if let Some(cancel) = canceller.lock().expect("not poisoned").as_ref() {
-                    let _ = cancel.send(true);
+            stop_signal().await;
+            requested.store(true, Ordering::SeqCst);
+            let (cancel, savepointer) = {
+                let attempt = attempt.lock().expect("not poisoned");
+                (attempt.cancel.clone(), attempt.savepointer.clone())
+            };
+            match (&target, savepointer) {
+                (Some(target), Some(savepointer)) => {
+                    eprintln!(
+                        "\nstopping with a savepoint in {}{} (Ctrl-C again to abort)",
+                        target.display(),
+                        if drain { ", draining first" } else { "" }
+                    );
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = savepointer.savepoint(target, Some(drain)).await {
+                            eprintln!("weir: the savepoint failed: {error}; cancelling the job");
+                            *failed.lock().expect("not poisoned") = Some(error);
+                            if let Some(cancel) = cancel {
+                                let _ = cancel.send(true);
+                            }
+                        }
+                    });
                 }
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
+                _ => {
+                    eprintln!(
+                        "\nstopping: sources end, in-flight records drain (Ctrl-C again to abort)"
+                    );
+                    if let Some(cancel) = cancel {
+                        let _ = cancel.send(true);
+                    }
                 }
             }
+            stop_signal().await;
+            std::process::exit(130);
         });
     }
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
-    let mut progress: Option<progress::Progress> = None;
+    let progress = show_progress.then(|| progress::Progress::start(job.restore_progress.clone()));
     let mut metrics = Vec::new();
     let result = runner::run(&job, &mut |running| {
         let cancel = running.canceller();
-        if cancel_requested.load(Ordering::SeqCst) {
+        if stop_requested.load(Ordering::SeqCst) {
+            // A restart after the stop was asked for: just end.
             let _ = cancel.send(true);
         }
-        *canceller.lock().expect("not poisoned") = Some(cancel);
+        *attempt.lock().expect("not poisoned") = Attempt {
+            cancel: Some(cancel),
+            savepointer: Some(running.savepointer()),
+        };
         metrics = running.metrics().to_vec();
-        if show_progress {
-            if let Some(old) = progress.take() {
-                old.stop();
-            }
-            progress = Some(progress::Progress::start(
-                metrics.clone(),
-                running.checkpoint_metrics(),
-            ));
+        if let Some(progress) = &progress {
+            progress.attach(running);
         }
     })
     .await;
@@ -152,6 +214,12 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     }
     let outcome = result?;
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
+    if let Some(path) = &outcome.savepoint {
+        eprintln!("  savepoint: {}", path.display());
+        println!("{}", path.display());
+    } else if let Some(error) = savepoint_failed.lock().expect("not poisoned").take() {
+        anyhow::bail!("stop-with-savepoint failed: {error}");
+    }
     Ok(())
 }
 

@@ -1,21 +1,30 @@
 //! The progress line of `weir run` on a terminal (records in and out, rate)
 //! and the summary printed when a job ends.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::coordinator::CheckpointMetrics;
+use crate::checkpoint::{SavepointTargets, TransferProgress};
 use crate::dataflow::NodeMetrics;
-use crate::dataflow::runtime::JobOutcome;
+use crate::dataflow::runtime::{JobOutcome, RunningJob};
 use crate::runner::PreparedJob;
 
 pub struct Progress {
     bar: ProgressBar,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    attempt: Arc<Mutex<Option<Attempt>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the progress line watches of the running attempt.
+struct Attempt {
+    metrics: Vec<Arc<NodeMetrics>>,
+    checkpoints: Option<Arc<CheckpointMetrics>>,
+    savepoints: Arc<SavepointTargets>,
 }
 
 fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
@@ -33,46 +42,73 @@ fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
 }
 
 impl Progress {
-    pub fn start(
-        metrics: Vec<Arc<NodeMetrics>>,
-        checkpoints: Option<Arc<CheckpointMetrics>>,
-    ) -> Self {
+    /// Starts the line; it shows the restore while attempts start, and the
+    /// attempt given to [`Progress::attach`] once one runs.
+    pub fn start(restore: Arc<TransferProgress>) -> Self {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (thread_bar, thread_stop) = (bar.clone(), stop.clone());
+        let attempt: Arc<Mutex<Option<Attempt>>> = Arc::default();
+        let (thread_bar, thread_stop, thread_attempt) =
+            (bar.clone(), stop.clone(), attempt.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             let mut last = (Instant::now(), 0u64, 0u64);
             while !thread_stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                let (read, written) = totals(&metrics);
-                let now = Instant::now();
-                let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
-                let read_rate = (read - last.1) as f64 / seconds;
-                let write_rate = (written - last.2) as f64 / seconds;
-                last = (now, read, written);
-                let checkpointed = checkpoints
-                    .as_ref()
-                    .map(|c| format!("  checkpoints {}", c.completed.load(Ordering::Relaxed)))
-                    .unwrap_or_default();
-                thread_bar.set_message(format!(
-                    "in {read} records ({}/s)  out {written} records ({}/s){checkpointed}  ({:.0}s)",
-                    human(read_rate),
-                    human(write_rate),
-                    started.elapsed().as_secs_f64()
-                ));
+                let attempt = thread_attempt.lock().expect("not poisoned");
+                let message = if let Some((keys, bytes)) = restore.snapshot() {
+                    format!("restoring state: {keys} keys, {}", bytes_human(bytes))
+                } else if let Some(attempt) = attempt.as_ref() {
+                    if let Some((keys, bytes)) = attempt.savepoints.progress.snapshot() {
+                        format!("writing the savepoint: {keys} keys, {}", bytes_human(bytes))
+                    } else {
+                        let (read, written) = totals(&attempt.metrics);
+                        let now = Instant::now();
+                        let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
+                        let read_rate = read.saturating_sub(last.1) as f64 / seconds;
+                        let write_rate = written.saturating_sub(last.2) as f64 / seconds;
+                        last = (now, read, written);
+                        let checkpointed = attempt
+                            .checkpoints
+                            .as_ref()
+                            .map(|c| {
+                                format!("  checkpoints {}", c.completed.load(Ordering::Relaxed))
+                            })
+                            .unwrap_or_default();
+                        format!(
+                            "in {read} records ({}/s)  out {written} records ({}/s){checkpointed}  ({:.0}s)",
+                            human(read_rate),
+                            human(write_rate),
+                            started.elapsed().as_secs_f64()
+                        )
+                    }
+                } else {
+                    "starting".to_string()
+                };
+                drop(attempt);
+                thread_bar.set_message(message);
                 thread_bar.tick();
             }
         });
         Self {
             bar,
             stop,
+            attempt,
             thread: Some(thread),
         }
+    }
+
+    /// Watches a newly started attempt.
+    pub fn attach(&self, running: &RunningJob) {
+        *self.attempt.lock().expect("not poisoned") = Some(Attempt {
+            metrics: running.metrics().to_vec(),
+            checkpoints: running.checkpoint_metrics(),
+            savepoints: running.savepoint_progress(),
+        });
     }
 
     pub fn stop(mut self) {
@@ -81,6 +117,20 @@ impl Progress {
             let _ = thread.join();
         }
         self.bar.finish_and_clear();
+    }
+}
+
+/// Bytes in KiB/MiB/GiB.
+pub fn bytes_human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
     }
 }
 
@@ -106,7 +156,9 @@ pub fn print_summary(
     eprintln!(
         "job `{}` {} in {seconds:.2}s ({} records/s from sources), job id {}",
         job.graph.name,
-        if outcome.cancelled {
+        if outcome.savepoint.is_some() {
+            "stopped with a savepoint"
+        } else if outcome.cancelled {
             "stopped"
         } else {
             "finished"

@@ -20,7 +20,9 @@ use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
 use super::task::{self, Reports, TaskSummary, WatermarkGenerator};
 use crate::checkpoint::CommitSignal;
-use crate::checkpoint::coordinator::{CheckpointMetrics, Coordinator, CoordinatorWiring};
+use crate::checkpoint::coordinator::{
+    CheckpointMetrics, Coordinator, CoordinatorWiring, SavepointRequest,
+};
 use crate::checkpoint::storage::SubtaskStorage;
 use crate::job::{JobGraph, Node, NodeKind};
 use crate::types::StreamEvent;
@@ -67,6 +69,8 @@ pub trait TaskFactory: Send + Sync {
 pub struct JobOutcome {
     pub summaries: Vec<TaskSummary>,
     pub cancelled: bool,
+    /// Set when the job was stopped with this savepoint.
+    pub savepoint: Option<std::path::PathBuf>,
 }
 
 /// A job whose tasks are running.
@@ -75,8 +79,10 @@ pub struct RunningJob {
     names: HashMap<tokio::task::Id, (String, u32)>,
     metrics: Vec<Arc<NodeMetrics>>,
     cancel: watch::Sender<bool>,
-    coordinator: JoinHandle<Result<(), String>>,
+    coordinator: JoinHandle<Result<Option<std::path::PathBuf>, String>>,
     checkpoints: Option<Arc<CheckpointMetrics>>,
+    savepoints: mpsc::UnboundedSender<SavepointRequest>,
+    transfer: Arc<crate::checkpoint::SavepointTargets>,
 }
 
 impl std::fmt::Debug for RunningJob {
@@ -213,11 +219,14 @@ pub fn launch(
     // Only tasks hold senders now: the coordinator ends when they are gone.
     drop(reports);
     let checkpoints = coordinator.store.as_ref().map(|s| s.metrics.clone());
+    let transfer = coordinator.savepoints.clone();
+    let (savepoints, savepoint_receiver) = mpsc::unbounded_channel();
     let wiring = CoordinatorWiring {
         triggers,
         reports: report_receiver,
         commit,
         cancelled: cancel_rx,
+        savepoints: savepoint_receiver,
         subtasks,
         sink_subtasks,
     };
@@ -234,6 +243,8 @@ pub fn launch(
         cancel,
         coordinator,
         checkpoints,
+        savepoints,
+        transfer,
     })
 }
 
@@ -257,12 +268,23 @@ impl RunningJob {
         self.cancel.clone()
     }
 
+    /// A handle that asks for savepoints from elsewhere.
+    pub fn savepointer(&self) -> Savepointer {
+        Savepointer(self.savepoints.clone())
+    }
+
+    /// Keys and bytes of the savepoint being written (progress).
+    pub fn savepoint_progress(&self) -> Arc<crate::checkpoint::SavepointTargets> {
+        self.transfer.clone()
+    }
+
     /// Waits for every task. On the first failure the other tasks are
     /// aborted and the causing error is returned.
     pub async fn wait(mut self) -> Result<JobOutcome, TaskError> {
         let mut summaries = Vec::new();
         let mut errors: Vec<TaskError> = Vec::new();
         let mut coordinator_running = true;
+        let mut savepoint = None;
         loop {
             let joined = tokio::select! {
                 joined = self.tasks.join_next_with_id() => match joined {
@@ -272,7 +294,10 @@ impl RunningJob {
                 result = &mut self.coordinator, if coordinator_running => {
                     coordinator_running = false;
                     let message = match result {
-                        Ok(Ok(())) => continue,
+                        Ok(Ok(stopped)) => {
+                            savepoint = stopped;
+                            continue;
+                        }
                         Ok(Err(message)) => message,
                         Err(join_error) => format!("checkpoint coordinator stopped: {join_error}"),
                     };
@@ -319,7 +344,7 @@ impl RunningJob {
         }
         if coordinator_running {
             match (&mut self.coordinator).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(stopped)) => savepoint = stopped,
                 Ok(Err(message)) => errors.push(coordinator_error(message)),
                 Err(_) => {}
             }
@@ -334,7 +359,34 @@ impl RunningJob {
         Ok(JobOutcome {
             summaries,
             cancelled: *self.cancel.borrow(),
+            savepoint,
         })
+    }
+}
+
+/// Asks a running attempt for savepoints.
+#[derive(Debug, Clone)]
+pub struct Savepointer(mpsc::UnboundedSender<SavepointRequest>);
+
+impl Savepointer {
+    /// Takes a savepoint under `target`; with `stop`, the job then stops
+    /// (`Some(true)`: drained first). Resolves to the savepoint directory.
+    pub async fn savepoint(
+        &self,
+        target: std::path::PathBuf,
+        stop: Option<bool>,
+    ) -> Result<std::path::PathBuf, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0
+            .send(SavepointRequest {
+                target,
+                stop,
+                reply,
+            })
+            .map_err(|_| "the job has ended: no savepoint".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the job ended before the savepoint completed".to_string())?
     }
 }
 

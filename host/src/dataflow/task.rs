@@ -17,7 +17,9 @@ use super::output::{BATCH_RECORDS, Collector};
 use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
 use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage};
-use crate::checkpoint::{CommitSignal, Role, SnapshotStats, SubtaskSnapshot, TaskReport};
+use crate::checkpoint::{
+    CommitSignal, Role, SnapshotStats, StopAfter, SubtaskSnapshot, TaskReport, Trigger,
+};
 use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
 
 /// A subtask's line to the checkpoint coordinator.
@@ -96,6 +98,11 @@ impl WatermarkGenerator {
 /// emitted so far, nothing more) and sends barrier n on every output
 /// channel. `next_batch` may be interrupted by a trigger, so sources keep
 /// their position consistent with the records they appended at every await.
+///
+/// Stop-with-savepoint: a trigger that says `stop` (after the watermark is
+/// advanced to the end, with `drain`) sends its barrier and waits for the
+/// savepoint; once it completed the source ends without reading more (and
+/// without the end-of-input watermark), else it reads on.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_source(
     info: TaskInfo,
@@ -104,7 +111,7 @@ pub async fn run_source(
     mut watermarks: Option<WatermarkGenerator>,
     metrics: Arc<NodeMetrics>,
     mut cancel: watch::Receiver<bool>,
-    mut triggers: mpsc::UnboundedReceiver<CheckpointId>,
+    mut triggers: mpsc::UnboundedReceiver<Trigger>,
     reports: Reports,
 ) -> Result<TaskSummary, TaskError> {
     let span = tracing::info_span!("source", uid = %info.uid, subtask = info.subtask);
@@ -118,6 +125,7 @@ pub async fn run_source(
             BATCH_RECORDS
         };
         let mut triggers_open = true;
+        let mut stopped = false;
         while !cancelled {
             let mut barrier = None;
             let status = tokio::select! {
@@ -125,7 +133,7 @@ pub async fn run_source(
                 _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
                 trigger = triggers.recv(), if triggers_open => {
                     match trigger {
-                        Some(id) => barrier = Some(id),
+                        Some(trigger) => barrier = Some(trigger),
                         None => triggers_open = false,
                     }
                     SourceStatus::More
@@ -149,19 +157,47 @@ pub async fn run_source(
                 }
             }
             metrics.position.store(source.position(), Ordering::Relaxed);
-            if let Some(id) = barrier {
-                source_barrier(&info, source.position(), &mut output, &reports, id)
+            if let Some(Trigger { checkpoint, stop }) = barrier {
+                if stop.as_ref().is_some_and(|s| s.drain) {
+                    output
+                        .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
+                        .await
+                        .map_err(&fail)?;
+                }
+                source_barrier(&info, source.position(), &mut output, &reports, checkpoint)
                     .await
                     .map_err(&fail)?;
+                if let Some(StopAfter { outcome, .. }) = stop {
+                    let completed = tokio::select! {
+                        biased;
+                        _ = cancel.changed() => { cancelled = true; false }
+                        outcome = outcome => outcome.unwrap_or(false),
+                    };
+                    if completed {
+                        stopped = true;
+                        break;
+                    }
+                    debug!(
+                        checkpoint = checkpoint.0,
+                        "the savepoint failed; reading on"
+                    );
+                }
             }
             if status == SourceStatus::Ended {
                 break;
             }
         }
-        if !cancelled {
-            // Triggers that arrived with the last batch still take part.
-            while let Ok(id) = triggers.try_recv() {
-                source_barrier(&info, source.position(), &mut output, &reports, id)
+        if !cancelled && !stopped {
+            // Triggers that arrived with the last batch still take part (a
+            // stop changes nothing: the input ended anyway).
+            while let Ok(Trigger { checkpoint, stop }) = triggers.try_recv() {
+                if stop.is_some_and(|s| s.drain) {
+                    output
+                        .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
+                        .await
+                        .map_err(&fail)?;
+                }
+                source_barrier(&info, source.position(), &mut output, &reports, checkpoint)
                     .await
                     .map_err(&fail)?;
             }
@@ -176,7 +212,7 @@ pub async fn run_source(
             .broadcast(StreamEvent::EndOfInput)
             .await
             .map_err(&fail)?;
-        debug!(cancelled, "source finished");
+        debug!(cancelled, stopped, "source finished");
         Ok(TaskSummary {
             uid: info.uid.to_string(),
             subtask: info.subtask,
@@ -394,6 +430,24 @@ fn snapshot_operator(
 ) {
     let started = Instant::now();
     let task = operator.task();
+    if let Some(dir) = storage.savepoint_dir(checkpoint) {
+        match task.state.savepoint(storage.local_dir(checkpoint)) {
+            Ok(state) => {
+                let local = LocalSnapshot {
+                    state,
+                    timers: task.timers.encode(),
+                };
+                let stats = SnapshotStats {
+                    alignment,
+                    sync: started.elapsed(),
+                    ..SnapshotStats::default()
+                };
+                storage.upload_savepoint(checkpoint, dir, local, task.state.table_names(), stats);
+            }
+            Err(error) => storage.decline(checkpoint, error.to_string()),
+        }
+        return;
+    }
     match task
         .state
         .snapshot(storage.local_dir(checkpoint), storage.wants_base())

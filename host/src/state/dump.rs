@@ -31,29 +31,13 @@ pub struct DumpBuffer {
 impl DumpBuffer {
     pub fn new(tables: &[String]) -> Self {
         let mut bytes = Vec::with_capacity(4096);
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(tables.len() as u32).to_le_bytes());
-        for name in tables {
-            bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(name.as_bytes());
-        }
+        encode_header(&mut bytes, tables);
         Self { bytes, entries: 0 }
     }
 
     /// Appends a cell (`None`: deleted).
     pub fn push(&mut self, table: u32, group: u16, key: &[u8], value: Option<&[u8]>) {
-        let out = &mut self.bytes;
-        out.extend_from_slice(&table.to_le_bytes());
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        out.extend_from_slice(key);
-        match value {
-            Some(value) => {
-                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                out.extend_from_slice(value);
-            }
-            None => out.extend_from_slice(&TOMBSTONE.to_le_bytes()),
-        }
+        encode_entry(&mut self.bytes, table, group, key, value);
         self.entries += 1;
     }
 
@@ -84,6 +68,62 @@ impl DumpBuffer {
     }
 }
 
+fn encode_header(out: &mut Vec<u8>, tables: &[String]) {
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(tables.len() as u32).to_le_bytes());
+    for name in tables {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+    }
+}
+
+fn encode_entry(out: &mut Vec<u8>, table: u32, group: u16, key: &[u8], value: Option<&[u8]>) {
+    out.extend_from_slice(&table.to_le_bytes());
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    match value {
+        Some(value) => {
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value);
+        }
+        None => out.extend_from_slice(&TOMBSTONE.to_le_bytes()),
+    }
+}
+
+/// A dump written as it is produced (savepoint files, which may be larger
+/// than memory should hold).
+pub struct DumpWriter<W: Write> {
+    out: W,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> DumpWriter<W> {
+    pub fn new(mut out: W, tables: &[String]) -> std::io::Result<Self> {
+        let mut scratch = Vec::with_capacity(256);
+        encode_header(&mut scratch, tables);
+        out.write_all(&scratch)?;
+        Ok(Self { out, scratch })
+    }
+
+    /// Appends a cell (`None`: deleted).
+    pub fn push(
+        &mut self,
+        table: u32,
+        group: u16,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> std::io::Result<()> {
+        self.scratch.clear();
+        encode_entry(&mut self.scratch, table, group, key, value);
+        self.out.write_all(&self.scratch)
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
 fn header_len(bytes: &[u8]) -> usize {
     let mut at = MAGIC.len();
     let count = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -101,19 +141,26 @@ pub fn read(
     path: &Path,
     visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
 ) -> Result<(), StateError> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| StateError::Open {
-            dir: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    decode(&bytes, path, visit)
+    let file = std::fs::File::open(path).map_err(|e| StateError::Open {
+        dir: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    decode_from(std::io::BufReader::new(file), path, visit)
 }
 
 /// [`read`] for a dump already in memory; `path` names it in errors.
 pub fn decode(
     bytes: &[u8],
+    path: &Path,
+    visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
+) -> Result<(), StateError> {
+    decode_from(bytes, path, visit)
+}
+
+/// [`read`] from any reader (buffer it), one entry at a time; `path` names
+/// it in errors.
+pub fn decode_from(
+    mut reader: impl Read,
     path: &Path,
     mut visit: impl FnMut(&str, u16, &[u8], Option<&[u8]>),
 ) -> Result<(), StateError> {
@@ -121,38 +168,76 @@ pub fn decode(
         dir: path.to_path_buf(),
         message: format!("not a state dump: {message}"),
     };
-    let mut rest = bytes
-        .strip_prefix(MAGIC)
+    let mut magic = [0u8; MAGIC.len()];
+    reader
+        .read_exact(&mut magic)
+        .ok()
+        .filter(|()| magic == MAGIC)
         .ok_or_else(|| corrupt("bad header"))?;
-    let mut take = |n: usize| -> Result<&[u8], StateError> {
-        if rest.len() < n {
-            return Err(corrupt("truncated"));
-        }
-        let (head, tail) = rest.split_at(n);
-        rest = tail;
-        Ok(head)
+    let mut u32_buf = [0u8; 4];
+    let mut read_u32 = |reader: &mut dyn Read| -> Result<u32, StateError> {
+        reader
+            .read_exact(&mut u32_buf)
+            .map_err(|_| corrupt("truncated"))?;
+        Ok(u32::from_le_bytes(u32_buf))
     };
-    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let count = u32_of(take(4)?) as usize;
+    let read_bytes = |reader: &mut dyn Read, len: usize, into: &mut Vec<u8>| {
+        into.clear();
+        let got = reader
+            .take(len as u64)
+            .read_to_end(into)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        if got == len {
+            Ok(())
+        } else {
+            Err(corrupt("truncated"))
+        }
+    };
+    let count = read_u32(&mut reader)? as usize;
     let mut names = Vec::with_capacity(count.min(1024));
+    let mut key = Vec::new();
+    let mut value = Vec::new();
     for _ in 0..count {
-        let len = u32_of(take(4)?) as usize;
-        let name = std::str::from_utf8(take(len)?).map_err(|_| corrupt("table name"))?;
+        let len = read_u32(&mut reader)? as usize;
+        read_bytes(&mut reader, len, &mut key)?;
+        let name = std::str::from_utf8(&key).map_err(|_| corrupt("table name"))?;
         names.push(name.to_string());
     }
-    while let Ok(table) = take(4) {
-        let table = u32_of(table) as usize;
-        let group = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes"));
-        let key_len = u32_of(take(4)?) as usize;
-        let key = take(key_len)?;
-        let value = match u32_of(take(4)?) {
-            TOMBSTONE => None,
-            len => Some(take(len as usize)?),
+    loop {
+        // A clean end of input may only come before an entry.
+        let mut first = [0u8; 4];
+        let mut filled = 0;
+        while filled < 4 {
+            match reader.read(&mut first[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(corrupt(&e.to_string())),
+            }
+        }
+        match filled {
+            0 => return Ok(()),
+            4 => {}
+            _ => return Err(corrupt("truncated")),
+        }
+        let table = u32::from_le_bytes(first) as usize;
+        let mut group = [0u8; 2];
+        reader
+            .read_exact(&mut group)
+            .map_err(|_| corrupt("truncated"))?;
+        let group = u16::from_le_bytes(group);
+        let key_len = read_u32(&mut reader)? as usize;
+        read_bytes(&mut reader, key_len, &mut key)?;
+        let present = match read_u32(&mut reader)? {
+            TOMBSTONE => false,
+            len => {
+                read_bytes(&mut reader, len as usize, &mut value)?;
+                true
+            }
         };
         let name = names.get(table).ok_or_else(|| corrupt("table index"))?;
-        visit(name, group, key, value);
+        visit(name, group, &key, present.then_some(value.as_slice()));
     }
-    Ok(())
 }
 
 #[cfg(test)]

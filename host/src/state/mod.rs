@@ -624,6 +624,29 @@ impl KeyedState {
         }))
     }
 
+    /// The synchronous part of a savepoint: a *base* job (the cells the
+    /// backend lacks are written, then the backend is copied) that leaves
+    /// the changes since the last checkpoint in place, so the next
+    /// checkpoint's delta still holds them. None without tables.
+    pub fn savepoint(&mut self, dir: PathBuf) -> Result<Option<SnapshotJob>, StateError> {
+        if self.tables.is_empty() {
+            return Ok(None);
+        }
+        settle(&mut self.pending)?;
+        let ops = self.take_stale();
+        let (done, receiver) = mpsc::channel();
+        self.pending = Some(receiver);
+        Ok(Some(SnapshotJob {
+            dir,
+            kind: JobKind::Base {
+                backend: self.backend.clone(),
+                ops,
+                tables: self.table_names(),
+                done,
+            },
+        }))
+    }
+
     /// Table names, in table order.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name.clone()).collect()

@@ -1,0 +1,420 @@
+//! The savepoint format: what `weir run --savepoint-dir` writes and
+//! `weir run -s` reads, independent of the parallelism, the machine and the
+//! directory it was taken in.
+//!
+//! Layout (the design's contract):
+//! `<target dir>/savepoint-<first 6 of job id>-<12 random hex>/` holding
+//! `_metadata` ([`super::metadata`], header `weir-savepoint 1 sha256=…`) and,
+//! per operator subtask, `<uid>-<subtask>.state` (its key-group range) and
+//! `<uid>-<subtask>.timers`. Every path in `_metadata` is relative to the
+//! savepoint directory; every file carries its size and sha256.
+//!
+//! A `.state` file is a [`crate::state::dump`] in canonical form: tables
+//! `<uid>/<state>` in declaration order, then each table's cells in
+//! (key group, key) order, value encodings as the state kind defines them.
+//! It does not depend on RocksDB's files, so any backend restores it at any
+//! parallelism (each new subtask reads the cells of its key groups).
+//!
+//! Reading validates everything first ([`verify_files`]): the header and
+//! checksum of `_metadata`, that no path leaves the directory, and the size
+//! and sha256 of every data file, before a single cell is restored.
+
+use std::io::{BufWriter, Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::metadata::{self, METADATA_FILE, ReadMetadata, SnapshotKind};
+use super::storage::random_hex;
+use super::{CheckpointError, FileRef, StateStats, TransferProgress};
+use crate::state::StateBackend;
+use crate::state::dump::{self, DUMP_FILE, DumpWriter};
+use crate::state::rocks::RocksBackend;
+
+/// The `backend` of a savepoint subtask: one canonical `.state` dump.
+pub const CANONICAL: &str = "canonical";
+
+/// Creates a new, empty savepoint directory under `target`.
+pub fn create_dir(target: &Path, job_id: &str) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(target).map_err(|e| CheckpointError::io(target, e))?;
+    let prefix: String = job_id.chars().take(6).collect();
+    let dir = target.join(format!("savepoint-{prefix}-{}", random_hex(6)));
+    std::fs::create_dir(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Writes through to `inner`, hashing and counting what passes.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hasher.update(&buf[..written]);
+        self.size += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes one subtask's keyed state as a canonical `.state` file named
+/// `name` in the savepoint directory `dir`. `copy` is the consistent copy
+/// a snapshot job made (`format` `rocksdb` or `memory`); `tables` are its
+/// tables (`<uid>/<state>`, in declaration order); only the key groups
+/// `range` are written. Returns the file and the keys and bytes per state.
+pub fn write_state(
+    copy: &Path,
+    format: &str,
+    tables: &[String],
+    range: Range<u32>,
+    dir: &Path,
+    name: &str,
+    progress: &TransferProgress,
+) -> Result<(FileRef, Vec<StateStats>), CheckpointError> {
+    let path = dir.join(name);
+    let io = |e: std::io::Error| CheckpointError::io(&path, e);
+    let file = std::fs::File::create(&path).map_err(io)?;
+    let hashing = Hashing {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        size: 0,
+    };
+    let mut writer = DumpWriter::new(hashing, tables).map_err(io)?;
+    let mut stats: Vec<StateStats> = tables
+        .iter()
+        .map(|t| StateStats {
+            name: t.split_once('/').map_or(t.as_str(), |(_, s)| s).to_string(),
+            ..StateStats::default()
+        })
+        .collect();
+    let mut failed: Option<std::io::Error> = None;
+    let mut push = |table: usize, group: u16, key: &[u8], value: &[u8]| {
+        if failed.is_some() || !range.contains(&u32::from(group)) {
+            return;
+        }
+        if let Err(e) = writer.push(table as u32, group, key, Some(value)) {
+            failed = Some(e);
+            return;
+        }
+        let bytes = (key.len() + value.len()) as u64;
+        stats[table].keys += 1;
+        stats[table].bytes += bytes;
+        progress.add(1, bytes);
+    };
+    let state_error = |e: crate::state::StateError| CheckpointError::io(copy, e);
+    match format {
+        "rocksdb" => {
+            let source = RocksBackend::open(copy, tables).map_err(state_error)?;
+            for table in 0..tables.len() {
+                source
+                    .scan(table, range.clone(), &mut |group, key, value| {
+                        push(table, group, key, value)
+                    })
+                    .map_err(state_error)?;
+            }
+        }
+        // The memory backend's copy is already in table, key-group, key order.
+        "memory" => {
+            dump::read(&copy.join(DUMP_FILE), |table, group, key, value| {
+                if let (Some(index), Some(value)) = (tables.iter().position(|t| t == table), value)
+                {
+                    push(index, group, key, value);
+                }
+            })
+            .map_err(state_error)?;
+        }
+        other => {
+            return Err(CheckpointError::io(
+                copy,
+                format!("cannot write a savepoint from a `{other}` copy"),
+            ));
+        }
+    }
+    if let Some(error) = failed {
+        return Err(io(error));
+    }
+    let mut hashing = writer.into_inner();
+    hashing.flush().map_err(io)?;
+    let file = hashing.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok((
+        FileRef {
+            path: name.to_string(),
+            name: name.to_string(),
+            size: hashing.size,
+            sha256: hex::encode(hashing.hasher.finalize()),
+        },
+        stats,
+    ))
+}
+
+/// Writes `bytes` as the file `name` of the savepoint directory `dir`.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRef, CheckpointError> {
+    let path = dir.join(name);
+    let mut file = std::fs::File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| CheckpointError::io(&path, e))?;
+    Ok(FileRef {
+        path: name.to_string(),
+        name: name.to_string(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    })
+}
+
+/// Checks the size and sha256 of every file `_metadata` references, reading
+/// each whole: a restore calls it before it restores anything.
+pub fn verify_files(
+    read: &ReadMetadata,
+    progress: &TransferProgress,
+) -> Result<(), CheckpointError> {
+    let mut buffer = vec![0u8; 1 << 20];
+    for file in read.metadata.files() {
+        let path = read.resolve(file);
+        let mut input = std::fs::File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let n = input
+                .read(&mut buffer)
+                .map_err(|e| CheckpointError::io(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            size += n as u64;
+            progress.add(0, n as u64);
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if size != file.size || sha256 != file.sha256 {
+            return Err(CheckpointError::Corrupt {
+                path,
+                message: format!(
+                    "{size} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {} (the file is truncated, damaged or foreign)",
+                    file.size, file.sha256
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a savepoint after checking that `path` is one: its `_metadata`
+/// and every file it references; the directory too once empty. Returns the
+/// directory.
+pub fn dispose(path: &Path) -> Result<PathBuf, CheckpointError> {
+    let read = metadata::read(path)?;
+    if read.metadata.kind != SnapshotKind::Savepoint {
+        return Err(CheckpointError::Corrupt {
+            path: read.path,
+            message: "this is a checkpoint, not a savepoint; the host retires checkpoints itself"
+                .to_string(),
+        });
+    }
+    for file in read.metadata.files() {
+        let path = read.resolve(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CheckpointError::io(&path, e)),
+        }
+    }
+    std::fs::remove_file(&read.path).map_err(|e| CheckpointError::io(&read.path, e))?;
+    // Anything else in the directory is not ours: it stays.
+    let _ = std::fs::remove_dir(&read.base);
+    Ok(read.base)
+}
+
+/// What `weir savepoint inspect` shows, readable without any plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub path: PathBuf,
+    pub kind: SnapshotKind,
+    pub job_id: String,
+    pub job_name: String,
+    pub checkpoint: u64,
+    pub completed_ms: i64,
+    pub max_parallelism: u32,
+    pub bytes: u64,
+    pub operators: Vec<OperatorInspection>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorInspection {
+    pub uid: String,
+    pub role: super::Role,
+    pub parallelism: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<metadata::PluginRef>,
+    pub states: Vec<StateInspection>,
+    /// A source's position per subtask (byte offset or sequence number).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<u64>,
+    /// Event-time and processing-time timers stored, in bytes.
+    pub timer_bytes: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StateInspection {
+    pub name: String,
+    pub kind: String,
+    pub schema_version: u32,
+    /// None when the snapshot does not record it (a checkpoint).
+    pub keys: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+/// Summarises a read `_metadata` for `weir savepoint inspect`.
+pub fn inspect(read: &ReadMetadata) -> Inspection {
+    let m = &read.metadata;
+    let operators = m
+        .operators
+        .iter()
+        .map(|(uid, op)| {
+            let states = op
+                .states
+                .iter()
+                .map(|state| {
+                    let stats: Vec<&StateStats> = op
+                        .subtasks
+                        .iter()
+                        .flat_map(|s| s.state_stats.iter().filter(|t| t.name == state.name))
+                        .collect();
+                    let recorded = m.kind == SnapshotKind::Savepoint;
+                    StateInspection {
+                        name: state.name.clone(),
+                        kind: state.kind.clone(),
+                        schema_version: state.schema_version,
+                        keys: recorded.then(|| stats.iter().map(|s| s.keys).sum()),
+                        bytes: recorded.then(|| stats.iter().map(|s| s.bytes).sum()),
+                    }
+                })
+                .collect();
+            let files = op
+                .subtasks
+                .iter()
+                .flat_map(|s| s.files.iter().chain(&s.deltas).chain(s.timers.as_ref()));
+            OperatorInspection {
+                uid: uid.clone(),
+                role: op.role,
+                parallelism: op.parallelism,
+                plugin: op.plugin.clone(),
+                states,
+                positions: op.subtasks.iter().filter_map(|s| s.position).collect(),
+                timer_bytes: op
+                    .subtasks
+                    .iter()
+                    .filter_map(|s| s.timers.as_ref())
+                    .map(|f| f.size)
+                    .sum(),
+                bytes: files.map(|f| f.size).sum(),
+            }
+        })
+        .collect();
+    Inspection {
+        path: read.base.clone(),
+        kind: m.kind,
+        job_id: m.job_id.clone(),
+        job_name: m.job_name.clone(),
+        checkpoint: m.checkpoint,
+        completed_ms: m.completed_ms,
+        max_parallelism: m.max_parallelism,
+        bytes: m.size(),
+        operators,
+    }
+}
+
+/// The savepoint directory of a path given on the command line (the
+/// directory or its `_metadata`).
+pub fn dir_of(path: &Path) -> PathBuf {
+    if path.file_name().is_some_and(|n| n == METADATA_FILE) {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::WriteOp;
+    use crate::state::memory::MemoryBackend;
+
+    #[test]
+    fn writes_canonical_cells_of_the_range_with_stats() {
+        let tables = vec!["op/a".to_string(), "op/b".to_string()];
+        let mut backend = MemoryBackend::new(2);
+        let put = |table, key_group, key: &[u8], value: &[u8]| WriteOp::Put {
+            table,
+            key_group,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        backend
+            .write(vec![
+                put(1, 5, b"z", b"1"),
+                put(0, 9, b"y", b"22"),
+                put(0, 2, b"x", b"333"),
+                put(0, 70, b"out", b"of range"),
+            ])
+            .expect("write");
+        let work = tempfile::tempdir().expect("tempdir");
+        let copy = work.path().join("copy");
+        let format = backend.checkpoint(&copy, &tables).expect("copy");
+        let progress = TransferProgress::default();
+        let (file, stats) = write_state(
+            &copy,
+            &format,
+            &tables,
+            0..64,
+            work.path(),
+            "op-0.state",
+            &progress,
+        )
+        .expect("write");
+        let mut seen = Vec::new();
+        dump::read(&work.path().join(&file.path), |t, g, k, v| {
+            seen.push((t.to_string(), g, k.to_vec(), v.map(<[u8]>::to_vec)))
+        })
+        .expect("read");
+        assert_eq!(
+            seen,
+            vec![
+                ("op/a".into(), 2, b"x".to_vec(), Some(b"333".to_vec())),
+                ("op/a".into(), 9, b"y".to_vec(), Some(b"22".to_vec())),
+                ("op/b".into(), 5, b"z".to_vec(), Some(b"1".to_vec())),
+            ]
+        );
+        assert_eq!(stats[0].name, "a");
+        assert_eq!((stats[0].keys, stats[0].bytes), (2, 7));
+        assert_eq!((stats[1].keys, stats[1].bytes), (1, 2));
+        let bytes = std::fs::read(work.path().join(&file.path)).expect("read");
+        assert_eq!(file.size, bytes.len() as u64);
+        assert_eq!(file.sha256, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(progress.keys.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_new_directory_is_named_after_the_job() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = create_dir(root.path(), "abcdef0123").expect("create");
+        let name = dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("savepoint-abcdef-"), "{name}");
+        assert_eq!(name.len(), "savepoint-abcdef-".len() + 12);
+        assert!(dir.is_dir());
+    }
+}

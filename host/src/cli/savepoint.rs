@@ -1,0 +1,109 @@
+//! `weir savepoint`: `inspect PATH [--json]` shows what a savepoint (or a
+//! retained checkpoint) holds, read from its `_metadata` alone, without any
+//! plugin; `--dispose PATH` deletes a savepoint after checking it is one.
+//! `weir savepoint JOB_ID [TARGET_DIR]` belongs to a running host.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+use super::progress::bytes_human;
+use crate::checkpoint::{metadata, savepoint};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SavepointArgs {
+    #[command(subcommand)]
+    pub command: Option<SavepointCommand>,
+    /// Delete the savepoint at PATH (its directory or `_metadata`), after
+    /// checking it is one.
+    #[arg(long, value_name = "PATH")]
+    pub dispose: Option<PathBuf>,
+    /// Trigger a savepoint of a job on a running host (`--host`).
+    pub job_id: Option<String>,
+    /// Where the running host writes it.
+    pub target_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SavepointCommand {
+    /// Print the operators, plugins, states (kind, schema version, keys,
+    /// bytes) and source positions of a savepoint or checkpoint.
+    Inspect {
+        /// The savepoint or `chk-N` directory, or its `_metadata`.
+        path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn execute(args: &SavepointArgs) -> Result<()> {
+    match (&args.command, &args.dispose, &args.job_id) {
+        (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
+        (None, Some(path), None) => {
+            let dir = savepoint::dispose(path)?;
+            eprintln!("disposed of the savepoint {}", dir.display());
+            Ok(())
+        }
+        (None, None, Some(job_id)) => bail!(
+            "`weir savepoint {job_id}` asks a running host (`weir serve`) for a savepoint, and this build has no running host yet; \
+             for an embedded job use `weir run JOB --savepoint-dir DIR` and stop it with Ctrl-C or SIGTERM"
+        ),
+        _ => bail!("usage: weir savepoint inspect PATH [--json] | weir savepoint --dispose PATH"),
+    }
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let read = metadata::read(path)?;
+    let inspection = savepoint::inspect(&read);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inspection)?);
+        return Ok(());
+    }
+    let taken = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(inspection.completed_ms.max(0) as u64);
+    println!("{}  {}", inspection.kind, inspection.path.display());
+    println!(
+        "job       {} (id {}), barrier {}, taken {}",
+        inspection.job_name,
+        inspection.job_id,
+        inspection.checkpoint,
+        humantime::format_rfc3339_seconds(taken)
+    );
+    println!(
+        "size      {} in {} files, max_parallelism {}",
+        bytes_human(inspection.bytes),
+        read.metadata.files().count(),
+        inspection.max_parallelism
+    );
+    for op in &inspection.operators {
+        let role = format!("{:?}", op.role).to_lowercase();
+        let mut line = format!("\n{}  ({role}, parallelism {})", op.uid, op.parallelism);
+        if let Some(plugin) = &op.plugin {
+            line.push_str(&format!(
+                "\n  plugin  {} {}  sha256 {}",
+                plugin.name, plugin.version, plugin.digest
+            ));
+        }
+        println!("{line}");
+        for state in &op.states {
+            let amount = match (state.keys, state.bytes) {
+                (Some(keys), Some(bytes)) => format!("{keys} keys, {}", bytes_human(bytes)),
+                _ => "size not recorded (a checkpoint)".to_string(),
+            };
+            println!(
+                "  state   {}  {} state, schema version {}  {amount}",
+                state.name, state.kind, state.schema_version
+            );
+        }
+        if op.timer_bytes > 0 {
+            println!("  timers  {}", bytes_human(op.timer_bytes));
+        }
+        if !op.positions.is_empty() {
+            let positions: Vec<String> = op.positions.iter().map(u64::to_string).collect();
+            println!("  position per subtask  {}", positions.join(", "));
+        }
+    }
+    Ok(())
+}
