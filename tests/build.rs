@@ -13,6 +13,8 @@ use std::process::Command;
 const GUESTS: &[(&str, &str)] = &[
     ("wordcount-split", "WORDCOUNT_SPLIT"),
     ("wordcount-count", "WORDCOUNT_COUNT"),
+    ("wordcount-count-v2", "WORDCOUNT_COUNT_V2"),
+    ("count-v2-no-migrate-plugin", "COUNT_V2_NO_MIGRATE"),
     ("tumbling-window", "TUMBLING_WINDOW"),
     ("uppercase-plugin", "UPPERCASE"),
     ("faults-plugin", "FAULTS"),

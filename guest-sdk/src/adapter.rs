@@ -135,3 +135,11 @@ impl<O: Operator> metadata::Guest for Adapter<O> {
         O::metadata().into_plugin_info()
     }
 }
+
+impl<O: Operator + crate::Migrate>
+    crate::migration_bindings::exports::weir::operator::migration::Guest for Adapter<O>
+{
+    fn migrate(state: String, from_version: u32, value: Vec<u8>) -> Result<Vec<u8>, String> {
+        O::migrate(&state, from_version, &value).map_err(String::from)
+    }
+}

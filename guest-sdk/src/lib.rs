@@ -76,6 +76,7 @@ mod context;
 mod cursor;
 mod error;
 mod metadata;
+mod migrate;
 mod record;
 mod state;
 
@@ -84,6 +85,7 @@ pub use config::Config;
 pub use context::Context;
 pub use error::Error;
 pub use metadata::Metadata;
+pub use migrate::{Migrate, migrate_value, unknown_migration};
 pub use record::{OutRecord, Record, TimeDomain, Timer};
 pub use state::{ListState, MapState, ValueState};
 
@@ -99,6 +101,19 @@ pub mod bindings {
         pub_export_macro: true,
         default_bindings_module: "weir_sdk::bindings",
         export_macro_name: "__export_operator_plugin",
+    });
+}
+
+/// The generated bindings of the optional `migration` export. Not part of
+/// the API.
+#[doc(hidden)]
+pub mod migration_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "migration-plugin",
+        pub_export_macro: true,
+        default_bindings_module: "weir_sdk::migration_bindings",
+        export_macro_name: "__export_migration_plugin",
     });
 }
 
@@ -133,9 +148,22 @@ pub trait Operator: Sized + 'static {
 
 /// Exports a type implementing [`Operator`] as the component's
 /// `weir:operator` implementation. Use it once per plugin crate, at the top
-/// level.
+/// level. `export_operator!(T, migrate)` also exports the schema-migration
+/// interface, for a `T` that implements [`Migrate`].
 #[macro_export]
 macro_rules! export_operator {
+    ($operator:ty, migrate) => {
+        $crate::export_operator!($operator);
+        const _: fn() = || {
+            fn assert_migrate<T: $crate::Migrate>() {}
+            assert_migrate::<$operator>();
+        };
+        #[doc(hidden)]
+        type __WeirMigrationExport = $crate::Adapter<$operator>;
+        $crate::migration_bindings::__export_migration_plugin!(
+            __WeirMigrationExport with_types_in $crate::migration_bindings
+        );
+    };
     ($operator:ty) => {
         const _: fn() = || {
             fn assert_operator<T: $crate::Operator>() {}

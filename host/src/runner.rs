@@ -31,11 +31,12 @@ use crate::dataflow::{
     Collector, Operator, OperatorError, Sink, Source, TaskContext, TaskError, TaskFactory, TaskInfo,
 };
 use crate::job::{BackendKind, JobGraph, Node, NodeKind, SinkKind, SourceKind};
+use crate::plugin::migrate::{Migrator, StateMigration};
 use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
 use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
-use crate::state::{KeyedState, StateBackend, StateDescriptor};
+use crate::state::{KeyedState, StateBackend};
 use crate::types::key_group;
 
 /// Errors starting or running a job embedded.
@@ -159,15 +160,20 @@ pub fn prepare_with(
     }
     let restore = match &options.restore {
         Some(path) => {
-            let read = crate::checkpoint::metadata::read(path)?;
-            let declared: HashMap<String, Vec<StateDescriptor>> = plugins
+            // Every file is read and checked before anything is restored.
+            let read = savepoint::validate(path, &TransferProgress::default())?;
+            let declared: HashMap<String, restore::Declared> = plugins
                 .iter()
-                .map(|(uid, p)| (uid.clone(), p.info.states.clone()))
+                .map(|(uid, p)| {
+                    let declared = restore::Declared {
+                        states: p.info.states.clone(),
+                        migrates: p.can_migrate(),
+                    };
+                    (uid.clone(), declared)
+                })
                 .collect();
             let skipped =
                 restore::check(&read, &graph, &declared, options.allow_non_restored_state)?;
-            // Every file is read and checked before anything is restored.
-            savepoint::verify_files(&read, &TransferProgress::default())?;
             for line in &skipped {
                 warn!("not restored (--allow-non-restored-state): {line}");
             }
@@ -247,14 +253,17 @@ impl Factory<'_> {
 
     /// Opens an operator subtask's keyed state, restored if the restore
     /// point has state for its uid: file for file when the key-group range
-    /// and states are unchanged, else cell by cell for its key groups.
+    /// and states are unchanged, else cell by cell for its key groups, with
+    /// values of changed schema versions migrated by `plugin`.
     fn open_state(
         &self,
         node: &Node,
         info: &TaskInfo,
-        states: &[StateDescriptor],
+        plugin: &Arc<LoadedPlugin>,
+        limits: &crate::job::Limits,
         storage: Option<&SubtaskStorage>,
     ) -> Result<KeyedState, TaskError> {
+        let states = plugin.info.states.as_slice();
         let settings = &self.job.graph.state;
         let tables: Vec<String> = states
             .iter()
@@ -263,6 +272,25 @@ impl Factory<'_> {
         let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
         let key_groups = [range.start, range.end];
         let restored = self.restored(&node.uid);
+        let changed =
+            restored.map_or_else(Vec::new, |(_, op)| restore::changed_schemas(op, states));
+        let mut migrator = if changed.is_empty() {
+            None
+        } else {
+            let migrations = changed
+                .iter()
+                .map(|&(table, from_version)| StateMigration {
+                    table,
+                    name: states[table].name.clone(),
+                    kind: states[table].kind,
+                    from_version,
+                })
+                .collect();
+            Some(
+                Migrator::new(&node.uid, plugin.clone(), limits, migrations)
+                    .map_err(|e| Self::restore_error(info, e))?,
+            )
+        };
         let dir = self
             .job
             .state_dir()
@@ -274,6 +302,7 @@ impl Factory<'_> {
             Box::new(MemoryBackend::new(states.len()))
         } else {
             if let Some((read, op)) = restored
+                && migrator.is_none()
                 && let Some(whole) = restore::whole_files(op, key_groups, states)
             {
                 restore::install_files(read, &whole.files, &dir)
@@ -292,7 +321,9 @@ impl Factory<'_> {
             tables: &tables,
             backend: backend.as_mut(),
             progress: &self.job.restore_progress,
-            migrate: None,
+            migrate: migrator
+                .as_mut()
+                .map(|m| m as &mut dyn restore::MigrateCells),
         };
         if let (Some((read, _)), Some(whole)) = (restored, restored_whole) {
             restore::apply_deltas(read, whole, range.clone(), &mut sink)
@@ -304,6 +335,15 @@ impl Factory<'_> {
             let work = self.job.state_dir().join("restore");
             restore::load_cells(read, &node.uid, op, &work, &mut sink)
                 .map_err(|e| Self::restore_error(info, e))?;
+        }
+        if let Some(migrator) = &migrator {
+            info!(
+                uid = %node.uid,
+                subtask = info.subtask,
+                values = migrator.migrated,
+                states = ?changed.iter().map(|&(t, v)| format!("{} from v{v}", states[t].name)).collect::<Vec<_>>(),
+                "migrated state to the plugin's schema versions"
+            );
         }
         Ok(KeyedState::new(
             tables
@@ -326,10 +366,11 @@ impl TaskFactory for Factory<'_> {
             .restore
             .and_then(|(read, _)| restore::source_position(read, &node.uid, info.subtask));
         Ok(match &source.kind {
-            SourceKind::File { path } => Box::new(FileSource::new(
+            SourceKind::File { path, rate } => Box::new(FileSource::new(
                 path.clone(),
                 source.format.clone(),
                 position.unwrap_or(0),
+                *rate,
             )),
             SourceKind::Generator {
                 count,
@@ -386,7 +427,7 @@ impl TaskFactory for Factory<'_> {
             reports.clone(),
             self.job.savepoints.clone(),
         ));
-        let keyed = self.open_state(node, &info, &plugin.info.states, Some(&storage))?;
+        let keyed = self.open_state(node, &info, &plugin, &operator.limits, Some(&storage))?;
         let mut task = TaskContext::new(info.clone(), keyed, output);
         if let Some((read, op)) = self.restored(&node.uid) {
             restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
@@ -479,20 +520,26 @@ fn prepare_attempt(
         };
         let mut job_ids = vec![job.job_id.as_str()];
         let mut pending = Vec::new();
+        let mut missing_ok = false;
         if let Some((read, _)) = restore {
+            // A savepoint's files were committed when it completed, and it
+            // may be restored far from where its output went.
+            missing_ok = read.metadata.kind == SnapshotKind::Savepoint;
             job_ids.push(read.metadata.job_id.as_str());
             if let Some(op) = read.metadata.operators.get(&node.uid) {
                 pending.extend(op.subtasks.iter().flat_map(|s| s.pending.iter().cloned()));
             }
         }
         let committed =
-            recover_file_sink(path, &job_ids, &pending).map_err(|error| RunError::Task {
-                job: job.graph.name.clone(),
-                source: TaskError {
-                    uid: node.uid.clone(),
-                    subtask: 0,
-                    error,
-                },
+            recover_file_sink(path, &job_ids, &pending, missing_ok).map_err(|error| {
+                RunError::Task {
+                    job: job.graph.name.clone(),
+                    source: TaskError {
+                        uid: node.uid.clone(),
+                        subtask: 0,
+                        error,
+                    },
+                }
             })?;
         if committed > 0 {
             info!(uid = %node.uid, committed, "committed the restored checkpoint's pending files");

@@ -16,7 +16,7 @@ use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 use crate::support::{JobDir, engine, toml_path, weir};
 
 /// The counts a generator source produces (`count` records, `keys`, `seed`).
-fn generator_counts(count: u64, keys: u64, seed: u64, into: &mut BTreeMap<String, u64>) {
+pub(crate) fn generator_counts(count: u64, keys: u64, seed: u64, into: &mut BTreeMap<String, u64>) {
     for i in 0..count {
         *into.entry(word(word_index(i, keys, seed))).or_insert(0) += 1;
     }

@@ -231,3 +231,122 @@ fn plugin_inspect_prints_the_declared_states() {
         "{stdout}"
     );
 }
+
+/// `weir run --savepoint-dir` stopped by SIGTERM prints the savepoint's
+/// path; `weir savepoint inspect` reads it (text and JSON) without plugins;
+/// a copy elsewhere restores with `-s`; `--dispose` deletes it, and refuses
+/// a directory that is not a savepoint.
+#[test]
+fn sigterm_stops_with_a_savepoint_that_inspect_reads_and_dispose_deletes() {
+    let job = JobDir::new();
+    job.job(&format!(
+        r#"
+name = "sigterm"
+[[source]]
+uid = "words"
+kind = "generator"
+count = 40000
+rate = 10000
+keys = 30
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "words", partition = "key" }}]
+parallelism = 2
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out"
+inputs = ["count"]
+"#,
+        count = toml_path(WORDCOUNT_COUNT)
+    ));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "job.toml", "--savepoint-dir", "savepoints"])
+        .current_dir(job.path())
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let output = child.wait_with_output().expect("weir ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped with a savepoint"), "{stderr}");
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(printed.starts_with("savepoints/savepoint-"), "{printed:?}");
+    let savepoint = job.path().join(&printed);
+    assert!(savepoint.join("_metadata").is_file());
+
+    let inspect = weir(&["savepoint", "inspect", &printed], job.path());
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert!(text.starts_with("savepoint"), "{text}");
+    assert!(text.contains("plugin  count 0.1.0"), "{text}");
+    assert!(
+        text.contains("state   count  value state, schema version 1  30 keys"),
+        "{text}"
+    );
+    assert!(text.contains("position per subtask"), "{text}");
+
+    // A copy elsewhere, given as its `_metadata`, restores.
+    let elsewhere = JobDir::new();
+    let copy = elsewhere.path().join("sp");
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(&savepoint).expect("dir").flatten() {
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let json = weir(
+        &[
+            "savepoint",
+            "inspect",
+            "--json",
+            &copy.join("_metadata").to_string_lossy(),
+        ],
+        job.path(),
+    );
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(value["kind"], "savepoint");
+    let count = value["operators"]
+        .as_array()
+        .expect("operators")
+        .iter()
+        .find(|o| o["uid"] == "count")
+        .expect("count");
+    assert_eq!(count["states"][0]["keys"], 30);
+    let resumed = weir(
+        &["run", "-q", "job.toml", "-s", &copy.to_string_lossy()],
+        job.path(),
+    );
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    assert_eq!(lines.len(), 40000, "every update once across the stop");
+
+    let dispose = weir(&["savepoint", "--dispose", &printed], job.path());
+    assert!(
+        dispose.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dispose.stderr)
+    );
+    assert!(!savepoint.exists(), "disposed of");
+    let not_one = weir(&["savepoint", "--dispose", "out"], job.path());
+    assert!(!not_one.status.success());
+    let stderr = String::from_utf8_lossy(&not_one.stderr);
+    assert!(stderr.contains("_metadata"), "{stderr}");
+    assert!(job.path().join("out").is_dir(), "nothing deleted");
+}

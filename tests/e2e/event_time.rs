@@ -12,18 +12,18 @@ use weir_tests::plugins::TUMBLING_WINDOW;
 use crate::support::{JobDir, engine, run, toml_path};
 
 const BASE: i64 = 1_700_000_000_000;
-const WINDOW: i64 = 10_000;
+pub(crate) const WINDOW: i64 = 10_000;
 
-struct Events {
-    csv: String,
-    expected: BTreeMap<(String, i64), u64>,
-    late: Vec<(String, i64)>,
+pub(crate) struct Events {
+    pub csv: String,
+    pub expected: BTreeMap<(String, i64), u64>,
+    pub late: Vec<(String, i64)>,
 }
 
 /// 5000 events 100 ms apart over 5 keys, shuffled within blocks of 20 (2 s,
 /// inside the 5 s out-of-orderness), and 3 records from the first window
 /// injected thousands of records later (behind the watermark by then).
-fn events() -> Events {
+pub(crate) fn events() -> Events {
     let mut rows: Vec<(i64, String)> = (0..5000)
         .map(|i| (BASE + i * 100 + (i * 7919) % 50, format!("acct-{}", i % 5)))
         .collect();
@@ -59,7 +59,7 @@ fn events() -> Events {
     }
 }
 
-fn window_job(source: &str, checkpoint: &str) -> String {
+pub(crate) fn window_job(source: &str, checkpoint: &str) -> String {
     format!(
         r#"
 name = "windows"
@@ -94,7 +94,7 @@ inputs = ["windows:late"]
 }
 
 /// Every window fired once with its full count, exactly the late records late.
-fn check_windows(out: &Path, events: &Events) {
+pub(crate) fn check_windows(out: &Path, events: &Events) {
     let mut fired = BTreeMap::new();
     for line in weir_tests::read_parts(&out.join("counts")) {
         let fields: Vec<&str> = line.split(' ').collect();

@@ -7,5 +7,6 @@ mod checkpoints;
 mod cli;
 mod event_time;
 mod faults;
+mod savepoints;
 mod support;
 mod wordcount;

@@ -10,9 +10,12 @@
 //! - a uid with state only in the checkpoint, or a state name only in the
 //!   checkpoint: the start fails naming each, unless
 //!   `--allow-non-restored-state`, which skips and logs them;
-//! - a changed `max_parallelism`, a state whose kind or schema version
-//!   changed, a uid that changed role, or a source whose parallelism
-//!   changed: the start fails, naming the uid and state.
+//! - a state whose schema version changed: migrated through the plugin's
+//!   migrate export while it is restored ([`MigrateCells`]); without one
+//!   the start fails, naming the uid and state;
+//! - a changed `max_parallelism`, a state whose kind changed, a uid that
+//!   changed role, or a source whose parallelism changed: the start fails,
+//!   naming the uid and state.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -40,13 +43,21 @@ fn has_state(op: &OperatorSnapshot) -> bool {
     })
 }
 
-/// Checks the restore rules for `graph` (whose operators declare the states
-/// in `declared`, by uid). Returns what `allow_non_restored` skipped, one
+/// What an operator of the new job declares.
+#[derive(Debug, Clone, Default)]
+pub struct Declared {
+    pub states: Vec<StateDescriptor>,
+    /// Its plugin exports schema migration.
+    pub migrates: bool,
+}
+
+/// Checks the restore rules for `graph` (whose operators declare what
+/// `declared` says, by uid). Returns what `allow_non_restored` skipped, one
 /// line each, for the log.
 pub fn check(
     read: &ReadMetadata,
     graph: &JobGraph,
-    declared: &HashMap<String, Vec<StateDescriptor>>,
+    declared: &HashMap<String, Declared>,
     allow_non_restored: bool,
 ) -> Result<Vec<String>, CheckpointError> {
     let metadata = &read.metadata;
@@ -88,7 +99,9 @@ pub fn check(
                 op.parallelism, node.parallelism
             ));
         }
-        let new_states = declared.get(uid).map(Vec::as_slice).unwrap_or(&[]);
+        let new = declared.get(uid);
+        let new_states = new.map(|d| d.states.as_slice()).unwrap_or(&[]);
+        let migrates = new.is_some_and(|d| d.migrates);
         for old in &op.states {
             match new_states.iter().find(|s| s.name == old.name) {
                 None => skippable.push(format!(
@@ -99,10 +112,12 @@ pub fn check(
                     "uid `{uid}` state `{}`: kind changed from {} to {}",
                     old.name, old.kind, new.kind
                 )),
-                Some(new) if new.schema_version != old.schema_version => problems.push(format!(
-                    "uid `{uid}` state `{}`: schema version changed from {} to {} and the plugin has no migrate export",
-                    old.name, old.schema_version, new.schema_version
-                )),
+                Some(new) if new.schema_version != old.schema_version && !migrates => {
+                    problems.push(format!(
+                        "uid `{uid}` state `{}`: schema version changed from {} to {} and the plugin has no migrate export (weir:operator/migration)",
+                        old.name, old.schema_version, new.schema_version
+                    ))
+                }
                 Some(_) => {}
             }
         }
@@ -123,9 +138,22 @@ pub fn check(
     }
 }
 
+/// The states of `op` whose stored schema version differs from what the
+/// operator declares now, as (table in `states` order, stored version).
+pub fn changed_schemas(op: &OperatorSnapshot, states: &[StateDescriptor]) -> Vec<(usize, u32)> {
+    states
+        .iter()
+        .enumerate()
+        .filter_map(|(table, new)| {
+            let old = op.states.iter().find(|s| s.name == new.name)?;
+            (old.schema_version != new.schema_version).then_some((table, old.schema_version))
+        })
+        .collect()
+}
+
 /// The snapshot subtask whose state a new subtask can take over file for
 /// file: same key-group range, a RocksDB checkpoint, and exactly the states
-/// the operator declares now.
+/// the operator declares now (callers migrating a state do not use it).
 pub fn whole_files<'a>(
     op: &'a OperatorSnapshot,
     key_groups: [u32; 2],

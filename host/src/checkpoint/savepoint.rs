@@ -208,6 +208,15 @@ pub fn verify_files(
     Ok(())
 }
 
+/// Reads a restore point (savepoint or checkpoint, its directory or
+/// `_metadata`) and checks every file it references, reading each whole:
+/// what `weir run -s` does before it restores anything.
+pub fn validate(path: &Path, progress: &TransferProgress) -> Result<ReadMetadata, CheckpointError> {
+    let read = metadata::read(path)?;
+    verify_files(&read, progress)?;
+    Ok(read)
+}
+
 /// Deletes a savepoint after checking that `path` is one: its `_metadata`
 /// and every file it references; the directory too once empty. Returns the
 /// directory.

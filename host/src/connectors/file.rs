@@ -1,7 +1,9 @@
 //! The `file` source: text lines of one file; its position is the byte
-//! offset of the next unread line.
+//! offset of the next unread line. With `rate`, lines are paced to that
+//! many per second (demos, and tests that stop a job mid-stream).
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
@@ -18,11 +20,16 @@ pub struct FileSource {
     offset: u64,
     line_number: u64,
     line: Vec<u8>,
+    /// Lines per second, and the pace's start and lines read since.
+    rate: Option<f64>,
+    started: Instant,
+    produced: u64,
 }
 
 impl FileSource {
-    /// Reads `path` from byte `offset` (0 for a fresh start).
-    pub fn new(path: PathBuf, format: Option<LineFormat>, offset: u64) -> Self {
+    /// Reads `path` from byte `offset` (0 for a fresh start), `rate` lines
+    /// per second at most.
+    pub fn new(path: PathBuf, format: Option<LineFormat>, offset: u64, rate: Option<f64>) -> Self {
         Self {
             path,
             format,
@@ -30,6 +37,9 @@ impl FileSource {
             offset,
             line_number: 0,
             line: Vec::new(),
+            rate,
+            started: Instant::now(),
+            produced: 0,
         }
     }
 
@@ -56,6 +66,16 @@ impl FileSource {
             }
             self.reader = Some(BufReader::with_capacity(256 << 10, file));
         }
+        let mut max = max;
+        if let Some(rate) = self.rate {
+            // Pace: line n of this run is due at n / rate seconds.
+            max = max.min(((rate / 20.0).ceil() as usize).max(1));
+            let due = Duration::from_secs_f64(self.produced as f64 / rate);
+            let elapsed = self.started.elapsed();
+            if due > elapsed {
+                tokio::time::sleep(due - elapsed).await;
+            }
+        }
         while batch.len() < max {
             let reader = self.reader.as_mut().expect("reader opened above");
             let read = reader
@@ -74,6 +94,7 @@ impl FileSource {
                 format!("{} line {number}", path.display())
             })?;
             self.offset += self.line.len() as u64;
+            self.produced += 1;
             self.line.clear();
         }
         Ok(SourceStatus::More)

@@ -168,12 +168,15 @@ fn sync_dir(dir: &Path) {
 /// commits the files the restored checkpoint lists as pending (its
 /// completion may not have reached the sink before the failure), and
 /// deletes every other in-progress file of the jobs `job_ids` (written
-/// after that checkpoint; the attempt replays them). Returns how many files
-/// it committed.
+/// after that checkpoint; the attempt replays them). A listed file that is
+/// gone fails, unless `missing_ok` (a savepoint: committed when it
+/// completed, perhaps on another machine), which logs it. Returns how many
+/// files it committed.
 pub fn recover_file_sink(
     dir: &Path,
     job_ids: &[&str],
     pending: &[String],
+    missing_ok: bool,
 ) -> Result<usize, OperatorError> {
     let mut committed = 0;
     for name in pending {
@@ -184,7 +187,14 @@ pub fn recover_file_sink(
         if from.exists() {
             std::fs::rename(&from, dir.join(target)).map_err(|e| sink_error(&from, e))?;
             committed += 1;
-        } else if !dir.join(target).exists() {
+        } else if dir.join(target).exists() {
+        } else if missing_ok {
+            tracing::warn!(
+                dir = %dir.display(),
+                file = %target,
+                "a file the savepoint covers is not in the sink's directory (committed when the savepoint completed, then moved?)"
+            );
+        } else {
             return Err(sink_error(
                 &from,
                 "the restored checkpoint lists it as written but not yet committed, and it is gone \
@@ -273,7 +283,8 @@ mod tests {
         // the pending file) but the sink never heard; `d` was never covered.
         drop(sink);
         let restored_pending = pending;
-        let committed = recover_file_sink(dir.path(), &[job], &restored_pending).expect("recover");
+        let committed =
+            recover_file_sink(dir.path(), &[job], &restored_pending, false).expect("recover");
         assert_eq!(committed, 1, "checkpoint 2's file committed on restore");
         assert_eq!(
             visible(dir.path()),
@@ -284,7 +295,7 @@ mod tests {
             "the in-progress file holding `d` is gone"
         );
         // Recovering twice is harmless.
-        recover_file_sink(dir.path(), &[job], &restored_pending).expect("idempotent");
+        recover_file_sink(dir.path(), &[job], &restored_pending, false).expect("idempotent");
 
         // A cancelled end discards, a finished end commits.
         let mut sink = FileSink::create(dir.path(), job, 1, 3).expect("create");

@@ -266,8 +266,9 @@ pub enum SourceKindName {
 /// A validated source kind with its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
-    /// Text lines of a file; position = byte offset.
-    File { path: PathBuf },
+    /// Text lines of a file; position = byte offset. `rate`: lines per
+    /// second (omit for as fast as possible).
+    File { path: PathBuf, rate: Option<f64> },
     /// Deterministic words: record i carries word(hash(seed, i) % keys).
     Generator {
         count: Option<u64>,

@@ -427,6 +427,14 @@ fn check_limits(what: &str, limits: &Limits, problems: &mut Vec<String>) {
     }
 }
 
+fn check_rate(uid: &str, rate: Option<f64>, problems: &mut Vec<String>) {
+    if let Some(rate) = rate
+        && !(rate > 0.0 && rate.is_finite())
+    {
+        problems.push(format!("source `{uid}`: rate must be a positive number"));
+    }
+}
+
 fn source_kind(
     source: &file::SourceSpec,
     base: &Path,
@@ -445,12 +453,13 @@ fn source_kind(
         SourceKindName::File => {
             stray("address", source.address.is_some());
             stray("count", source.count.is_some());
-            stray("rate", source.rate.is_some());
             stray("keys", source.keys.is_some());
             stray("seed", source.seed.is_some());
+            check_rate(uid, source.rate, problems);
             match &source.path {
                 Some(path) => Some(SourceKind::File {
                     path: base.join(path),
+                    rate: source.rate,
                 }),
                 None => {
                     problems.push(format!("source `{uid}`: a file source needs `path`"));
@@ -483,11 +492,7 @@ fn source_kind(
             if keys == 0 {
                 problems.push(format!("source `{uid}`: keys must be at least 1"));
             }
-            if let Some(rate) = source.rate
-                && !(rate > 0.0 && rate.is_finite())
-            {
-                problems.push(format!("source `{uid}`: rate must be a positive number"));
-            }
+            check_rate(uid, source.rate, problems);
             Some(SourceKind::Generator {
                 count: source.count,
                 rate: source.rate,

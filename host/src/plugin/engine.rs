@@ -41,9 +41,18 @@ pub struct LoadedPlugin {
     pub info: PluginInfo,
     pub(crate) pre: OperatorPluginPre<HostState>,
     pub(crate) engine: Engine,
+    /// The `migrate` function of the optional migration export.
+    pub(crate) migrate: Option<wasmtime::component::ComponentExportIndex>,
     /// How long compiling (or loading the cached artifact) took.
     pub load_time: Duration,
     pub from_cache: bool,
+}
+
+impl LoadedPlugin {
+    /// Whether the plugin exports schema migration.
+    pub fn can_migrate(&self) -> bool {
+        self.migrate.is_some()
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -152,6 +161,7 @@ impl PluginEngine {
             message: format!("{e:#}"),
         })?;
         let info = describe(&self.engine, &pre, file)?;
+        let migrate = super::migrate::find(&component);
         let load_time = started.elapsed();
         info!(
             plugin = %info.name,
@@ -167,6 +177,7 @@ impl PluginEngine {
             info,
             pre,
             engine: self.engine.clone(),
+            migrate,
             load_time,
             from_cache,
         }))

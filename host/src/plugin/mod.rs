@@ -9,6 +9,8 @@
 //!   import interface (`state`, `timers`, `output`, `log`).
 //! - [`operator`]: [`WasmOperator`], a dataflow operator backed by a plugin
 //!   instance, with the limits (memory, epoch deadline) applied per call.
+//! - [`migrate`]: the optional migration export, run during a restore to
+//!   rewrite state values of an older schema version.
 //!
 //! Two error paths are kept apart: an `err` the guest returns (its own
 //! failure, reported as is) and a trap (misuse of an import, a deadline, an
@@ -17,6 +19,7 @@
 pub mod bindings;
 pub mod engine;
 pub mod host;
+pub mod migrate;
 pub mod operator;
 
 use std::path::PathBuf;
