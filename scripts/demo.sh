@@ -8,10 +8,11 @@ bash scripts/setup.sh
 
 echo "==> building the plugins (wasm32-wasip2 components)" >&2
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \
-    -p wordcount-split -p wordcount-count
+    -p wordcount-split -p wordcount-count -p wordcount-count-v2
 mkdir -p examples/wordcount/plugins
 cp target/guests/wasm32-wasip2/release/wordcount_split.wasm examples/wordcount/plugins/split.wasm
 cp target/guests/wasm32-wasip2/release/wordcount_count.wasm examples/wordcount/plugins/count.wasm
+cp target/guests/wasm32-wasip2/release/wordcount_count_v2.wasm examples/wordcount/plugins/count-v2.wasm
 
 echo "==> building the host and running examples/wordcount/job.toml" >&2
 rm -rf examples/wordcount/out

@@ -2,7 +2,9 @@
 //! job files and failing plugins end with exit code 1 and a message naming
 //! the file, key or operator.
 
-use weir_tests::plugins::{FAULTS, TUMBLING_WINDOW, WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+use weir_tests::plugins::{
+    FAULTS, TUMBLING_WINDOW, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT,
+};
 
 use crate::support::{JobDir, toml_path, weir};
 
@@ -232,6 +234,88 @@ fn plugin_inspect_prints_the_declared_states() {
     );
 }
 
+/// Spawns `weir ARGS`, and once the job has started (its plugins loaded)
+/// waits `after` and sends SIGTERM; returns its output.
+fn run_then_sigterm(
+    args: &[&str],
+    dir: &std::path::Path,
+    after: std::time::Duration,
+) -> std::process::Output {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains("started, job id") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).expect("read stderr") == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    std::thread::sleep(after);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut rest).expect("read stderr");
+        rest
+    });
+    let mut output = child.wait_with_output().expect("weir ends");
+    seen.push_str(&rest.join().expect("reader"));
+    output.stderr = seen.into_bytes();
+    output
+}
+
+/// The example's upgrade path as its README shows it: the wordcount with
+/// `count` v1 is stopped with a savepoint, and `upgrade.toml` (count v2 at
+/// parallelism 3) resumes it; the final counts are the input's.
+#[test]
+fn the_wordcount_example_upgrades_count_through_a_savepoint() {
+    let job = example(
+        "wordcount",
+        &[
+            ("split.wasm", WORDCOUNT_SPLIT),
+            ("count.wasm", WORDCOUNT_COUNT),
+            ("count-v2.wasm", WORDCOUNT_COUNT_V2),
+        ],
+    );
+    let toml = std::fs::read_to_string(job.path().join("job.toml")).expect("job");
+    let paced = toml.replace("path = \"input.txt\"", "path = \"input.txt\"\nrate = 5");
+    assert_ne!(paced, toml, "the source is paced");
+    std::fs::write(job.path().join("job.toml"), paced).expect("write");
+    let output = run_then_sigterm(
+        &["run", "job.toml", "--savepoint-dir", "savepoints"],
+        job.path(),
+        std::time::Duration::from_millis(600),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let savepoint = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        savepoint.starts_with("savepoints/"),
+        "{savepoint:?} {stderr}"
+    );
+    let resumed = weir(&["run", "upgrade.toml", "-s", &savepoint], job.path());
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("plugin count 0.2.0"), "{stderr}");
+    let input = std::fs::read_to_string(job.path().join("input.txt")).expect("input");
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    weir_tests::check_exact_updates(&lines, &weir_tests::count_words(&input))
+        .expect("v2 carries on every count of v1");
+}
+
 /// `weir run --savepoint-dir` stopped by SIGTERM prints the savepoint's
 /// path; `weir savepoint inspect` reads it (text and JSON) without plugins;
 /// a copy elsewhere restores with `-s`; `--dispose` deletes it, and refuses
@@ -261,22 +345,11 @@ inputs = ["count"]
 "#,
         count = toml_path(WORDCOUNT_COUNT)
     ));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "job.toml", "--savepoint-dir", "savepoints"])
-        .current_dir(job.path())
-        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("weir starts");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let output = child.wait_with_output().expect("weir ends");
+    let output = run_then_sigterm(
+        &["run", "job.toml", "--savepoint-dir", "savepoints"],
+        job.path(),
+        std::time::Duration::from_millis(700),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("stopped with a savepoint"), "{stderr}");

@@ -431,6 +431,26 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     }
     savepoint::validate(&savepoint, &progress).expect("intact again");
 
+    // A data file that is a symlink to an identical file outside the
+    // savepoint directory is not followed out of it.
+    let outside_copy = job.path().join("outside-copy");
+    std::fs::copy(&data, &outside_copy).expect("copy");
+    let original = std::fs::read(&data).expect("read");
+    std::fs::remove_file(&data).expect("remove");
+    std::os::unix::fs::symlink(&outside_copy, &data).expect("symlink");
+    let error = savepoint::validate(&savepoint, &progress)
+        .expect_err("the symlink leads outside")
+        .to_string();
+    let name = data
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(error.contains(&name), "{error}");
+    std::fs::remove_file(&data).expect("remove the link");
+    std::fs::write(&data, original).expect("put it back");
+    savepoint::validate(&savepoint, &progress).expect("intact again");
+
     // A reference leaving the directory, with a valid checksum.
     let mut escaped = read.metadata.clone();
     let op = escaped.operators.get_mut("count").expect("count");

@@ -221,8 +221,21 @@ pub struct ReadMetadata {
 }
 
 impl ReadMetadata {
+    /// Where a referenced file is (for messages; read it with [`Self::open`]).
     pub fn resolve(&self, file: &FileRef) -> PathBuf {
         self.base.join(&file.path)
+    }
+
+    /// Opens a referenced file through a capability handle on the base
+    /// directory (cap-std): neither its path nor a symlink inside the
+    /// directory can reach a file outside it.
+    pub fn open(&self, file: &FileRef) -> Result<std::fs::File, CheckpointError> {
+        let path = self.resolve(file);
+        let dir = cap_std::fs::Dir::open_ambient_dir(&self.base, cap_std::ambient_authority())
+            .map_err(|e| CheckpointError::io(&self.base, e))?;
+        dir.open(&file.path)
+            .map(cap_std::fs::File::into_std)
+            .map_err(|e| CheckpointError::io(&path, e))
     }
 }
 

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use super::TransferProgress;
 use super::metadata::{OperatorSnapshot, ReadMetadata};
 use super::savepoint::CANONICAL;
-use super::storage::copy_hashed;
+use super::storage::copy_open_hashed;
 use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
 use crate::dataflow::TimerService;
 use crate::job::{JobGraph, NodeKind};
@@ -178,7 +178,7 @@ pub fn install_files(
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
     for file in files {
         let source = read.resolve(file);
-        let (size, sha256) = copy_hashed(&source, &dir.join(&file.name))?;
+        let (size, sha256) = copy_open_hashed(read.open(file)?, &source, &dir.join(&file.name))?;
         if size != file.size || sha256 != file.sha256 {
             return Err(CheckpointError::Corrupt {
                 path: source,
@@ -198,7 +198,9 @@ fn read_verified(
     file: &FileRef,
 ) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
     let path = read.resolve(file);
-    let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut read.open(file)?, &mut bytes)
+        .map_err(|e| CheckpointError::io(&path, e))?;
     let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     if bytes.len() as u64 != file.size || sha256 != file.sha256 {
         return Err(CheckpointError::Corrupt {
@@ -294,7 +296,7 @@ fn load_dump(
     sink: &mut CellSink<'_>,
 ) -> Result<u64, CheckpointError> {
     let path = read.resolve(file);
-    let input = std::fs::File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let input = read.open(file)?;
     let mut reader = Hashing {
         inner: std::io::BufReader::with_capacity(1 << 20, input),
         hasher: <sha2::Sha256 as sha2::Digest>::new(),

@@ -180,7 +180,7 @@ pub fn verify_files(
     let mut buffer = vec![0u8; 1 << 20];
     for file in read.metadata.files() {
         let path = read.resolve(file);
-        let mut input = std::fs::File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let mut input = read.open(file)?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         loop {
@@ -229,9 +229,11 @@ pub fn dispose(path: &Path) -> Result<PathBuf, CheckpointError> {
                 .to_string(),
         });
     }
+    let dir = cap_std::fs::Dir::open_ambient_dir(&read.base, cap_std::ambient_authority())
+        .map_err(|e| CheckpointError::io(&read.base, e))?;
     for file in read.metadata.files() {
         let path = read.resolve(file);
-        match std::fs::remove_file(&path) {
+        match dir.remove_file(&file.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(CheckpointError::io(&path, e)),

@@ -425,7 +425,16 @@ fn copy_in(
 
 /// Copies a file, fsyncs the copy, and returns its size and sha256.
 pub fn copy_hashed(source: &Path, target: &Path) -> Result<(u64, String), CheckpointError> {
-    let mut input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
+    let input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
+    copy_open_hashed(input, source, target)
+}
+
+/// [`copy_hashed`] from an open file (`source` names it in errors).
+pub fn copy_open_hashed(
+    mut input: std::fs::File,
+    source: &Path,
+    target: &Path,
+) -> Result<(u64, String), CheckpointError> {
     let mut output = std::fs::File::create(target).map_err(|e| CheckpointError::io(target, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
