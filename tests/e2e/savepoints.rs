@@ -27,7 +27,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions {
+pub(crate) fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions {
     RunOptions {
         restore: restore.map(Path::to_path_buf),
         allow_non_restored_state,
@@ -35,7 +35,7 @@ fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions
 }
 
 /// Runs a job to its end.
-fn run(path: &Path, options: RunOptions) -> Result<JobOutcome, RunError> {
+pub(crate) fn run(path: &Path, options: RunOptions) -> Result<JobOutcome, RunError> {
     let graph = weir::job::JobGraph::load(path).map_err(RunError::from)?;
     let job = runner::prepare_with(engine(), graph, &options)?;
     runtime().block_on(runner::run(&job, &mut |_| {}))
@@ -45,8 +45,19 @@ fn run(path: &Path, options: RunOptions) -> Result<JobOutcome, RunError> {
 /// have emitted `after` records (drained first with `drain`). Returns the
 /// savepoint directory.
 fn run_and_stop(path: &Path, after: u64, target: &Path, drain: bool) -> PathBuf {
+    run_and_stop_from(path, RunOptions::default(), after, target, drain)
+}
+
+/// [`run_and_stop`] for a job started with `options` (e.g. restored).
+pub(crate) fn run_and_stop_from(
+    path: &Path,
+    options: RunOptions,
+    after: u64,
+    target: &Path,
+    drain: bool,
+) -> PathBuf {
     let graph = weir::job::JobGraph::load(path).expect("job file");
-    let job = runner::prepare(engine(), graph).expect("prepare");
+    let job = runner::prepare_with(engine(), graph, &options).expect("prepare");
     let target = target.to_path_buf();
     let outcome = runtime()
         .block_on(runner::run(&job, &mut |running: &RunningJob| {
@@ -93,11 +104,11 @@ fn sorted(mut lines: Vec<String>) -> Vec<String> {
     lines
 }
 
-const WORDS: u64 = 6000;
+pub(crate) const WORDS: u64 = 6000;
 
 /// The word count (generator words → `split` → `count` → file sink) at
 /// `count` parallelism `p`, writing to `out`.
-fn wordcount_job(p: u32, out: &str, checkpoint: &str, count_plugin: &str) -> String {
+pub(crate) fn wordcount_job(p: u32, out: &str, checkpoint: &str, count_plugin: &str) -> String {
     format!(
         r#"
 name = "wordcount"
@@ -135,7 +146,7 @@ inputs = ["count"]
     )
 }
 
-fn expected_words() -> BTreeMap<String, u64> {
+pub(crate) fn expected_words() -> BTreeMap<String, u64> {
     let mut expected = BTreeMap::new();
     generator_counts(WORDS, 50, 7, &mut expected);
     expected

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub mod languages;
+
 /// Paths of the built plugins, one constant per guest crate.
 pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));

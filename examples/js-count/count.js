@@ -1,0 +1,28 @@
+// The word count's `count` operator in JavaScript: a running count per word
+// (key), emitted as "<word> <count>" on every update. Same state name, kind,
+// schema version and encoding as the Rust `count`, so a savepoint of either
+// restores into the other.
+
+import { Operator, ValueState, valueState, emit, exportOperator } from '../../guest-sdk/js/weir-sdk.js';
+
+class Count extends Operator {
+  static pluginName = 'count';
+  static version = '0.1.0-javascript';
+  static states = [valueState('count', 1)];
+
+  open(config) {
+    const mode = config.emit ?? 'updates';
+    if (mode !== 'updates') {
+      throw new Error(`config key \`emit\`: unsupported value ${JSON.stringify(mode)} (the only mode is "updates")`);
+    }
+    this.count = new ValueState('count');
+  }
+
+  process(input, record) {
+    const n = this.count.get(0) + 1;
+    this.count.set(n);
+    emit(record.key, `${record.keyString()} ${n}`);
+  }
+}
+
+export const { operator, metadata } = exportOperator(Count);

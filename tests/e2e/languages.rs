@@ -1,0 +1,119 @@
+//! Operators in other languages: each language's `count` (built by its
+//! example's `build.sh` with the real toolchain) runs the word count with
+//! the Rust `split` and gives the Rust job's output; and the headline: a
+//! word count stopped with a savepoint resumes with `count` in another
+//! language, its state carrying on (Rust → Python → JavaScript).
+
+use std::path::{Path, PathBuf};
+
+use weir_tests::languages::{JAVASCRIPT, Language, PYTHON};
+use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+
+use crate::savepoints::{WORDS, expected_words, options, run, run_and_stop_from, wordcount_job};
+use crate::support::{JobDir, toml_path};
+
+/// A file of text → `split` (Rust, p=2) → `count` (the given plugin, p=2)
+/// → file sink; returns the sorted output lines.
+fn file_wordcount(job: &JobDir, count_plugin: &Path, out: &str) -> Vec<String> {
+    let toml = format!(
+        r#"
+name = "wordcount"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "split"
+plugin = {split}
+inputs = ["lines"]
+parallelism = 2
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "split", partition = "key" }}]
+parallelism = 2
+config = {{ emit = "updates" }}
+[[sink]]
+uid = "out"
+kind = "file"
+path = "{out}"
+inputs = ["count"]
+"#,
+        split = toml_path(WORDCOUNT_SPLIT),
+        count = toml_path(&count_plugin.to_string_lossy()),
+    );
+    let path = job.write(&format!("{out}.toml"), toml);
+    run(&path, options(None, false)).expect("the word count runs");
+    let mut lines = weir_tests::read_parts(&job.path().join(out));
+    lines.sort();
+    lines
+}
+
+fn same_output_as_rust(language: Language) {
+    let Some(plugin) = weir_tests::languages::plugin(language) else {
+        return;
+    };
+    let job = JobDir::new();
+    let text = weir_tests::sample_text(300, 11);
+    job.write("input.txt", &text);
+    let rust = file_wordcount(&job, Path::new(WORDCOUNT_COUNT), "rust");
+    weir_tests::check_exact_updates(&rust, &weir_tests::count_words(&text))
+        .expect("the Rust job is exact");
+    let other = file_wordcount(&job, &plugin, "other");
+    assert!(
+        other == rust,
+        "the {} count's output equals the Rust count's ({} and {} lines)",
+        language.name,
+        other.len(),
+        rust.len()
+    );
+}
+
+#[test]
+fn python_count_gives_the_rust_output() {
+    same_output_as_rust(PYTHON);
+}
+
+#[test]
+fn javascript_count_gives_the_rust_output() {
+    same_output_as_rust(JAVASCRIPT);
+}
+
+/// The word count starts with the Rust `count`, is stopped with a
+/// savepoint, resumes with the Python `count`, is stopped again, and ends
+/// with the JavaScript one: every count continues exactly (each update
+/// `w n` once across the three runs).
+#[test]
+fn a_savepoint_moves_counts_across_languages() {
+    let mut chain: Vec<(String, PathBuf)> = vec![("Rust".into(), PathBuf::from(WORDCOUNT_COUNT))];
+    for language in [PYTHON, JAVASCRIPT] {
+        let Some(plugin) = weir_tests::languages::plugin(language) else {
+            return;
+        };
+        chain.push((language.name.to_string(), plugin));
+    }
+    let job = JobDir::new();
+    let savepoints = job.path().join("savepoints");
+    let mut restore: Option<PathBuf> = None;
+    for (stage, (name, plugin)) in chain.iter().enumerate() {
+        let path = job.write(
+            &format!("{stage}.toml"),
+            wordcount_job(2, "out", "", &plugin.to_string_lossy()),
+        );
+        let start = options(restore.as_deref(), false);
+        if stage + 1 < chain.len() {
+            let savepoint = run_and_stop_from(&path, start, WORDS / 4, &savepoints, false);
+            let read = weir::checkpoint::metadata::read(&savepoint).expect("reads");
+            let position = read.metadata.operators["words"].subtasks[0]
+                .position
+                .expect("position");
+            assert!(position < WORDS, "{name} stopped mid-stream ({position})");
+            restore = Some(savepoint);
+        } else {
+            run(&path, start).expect("the last language runs to the end");
+        }
+    }
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    weir_tests::check_exact_updates(&lines, &expected_words())
+        .expect("counts continue exactly across Rust, Python and JavaScript");
+}
