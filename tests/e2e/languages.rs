@@ -2,11 +2,11 @@
 //! example's `build.sh` with the real toolchain) runs the word count with
 //! the Rust `split` and gives the Rust job's output; and the headline: a
 //! word count stopped with a savepoint resumes with `count` in another
-//! language, its state carrying on (Rust → Python → JavaScript).
+//! language, its state carrying on (Rust → Python → JavaScript → C).
 
 use std::path::{Path, PathBuf};
 
-use weir_tests::languages::{JAVASCRIPT, Language, PYTHON};
+use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::savepoints::{WORDS, expected_words, options, run, run_and_stop_from, wordcount_job};
@@ -49,8 +49,14 @@ inputs = ["count"]
     lines
 }
 
+/// The plugin of `language`, built with its real toolchain (None: skipped
+/// locally because the toolchain cannot be installed).
+fn plugin(language: Language) -> Option<PathBuf> {
+    weir_tests::languages::plugin(language, Path::new(env!("CARGO_BIN_EXE_weir")))
+}
+
 fn same_output_as_rust(language: Language) {
-    let Some(plugin) = weir_tests::languages::plugin(language) else {
+    let Some(plugin) = plugin(language) else {
         return;
     };
     let job = JobDir::new();
@@ -79,15 +85,20 @@ fn javascript_count_gives_the_rust_output() {
     same_output_as_rust(JAVASCRIPT);
 }
 
+#[test]
+fn c_count_gives_the_rust_output() {
+    same_output_as_rust(C);
+}
+
 /// The word count starts with the Rust `count`, is stopped with a
-/// savepoint, resumes with the Python `count`, is stopped again, and ends
-/// with the JavaScript one: every count continues exactly (each update
-/// `w n` once across the three runs).
+/// savepoint, resumes with the Python `count`, is stopped again, resumes
+/// with the JavaScript one, and ends with the C one: every count continues
+/// exactly (each update `w n` once across the four runs).
 #[test]
 fn a_savepoint_moves_counts_across_languages() {
     let mut chain: Vec<(String, PathBuf)> = vec![("Rust".into(), PathBuf::from(WORDCOUNT_COUNT))];
-    for language in [PYTHON, JAVASCRIPT] {
-        let Some(plugin) = weir_tests::languages::plugin(language) else {
+    for language in [PYTHON, JAVASCRIPT, C] {
+        let Some(plugin) = plugin(language) else {
             return;
         };
         chain.push((language.name.to_string(), plugin));
@@ -115,5 +126,5 @@ fn a_savepoint_moves_counts_across_languages() {
     }
     let lines = weir_tests::read_parts(&job.path().join("out"));
     weir_tests::check_exact_updates(&lines, &expected_words())
-        .expect("counts continue exactly across Rust, Python and JavaScript");
+        .expect("counts continue exactly across Rust, Python, JavaScript and C");
 }

@@ -42,6 +42,13 @@ pub const JAVASCRIPT: Language = Language {
     toolchain: "node and npm (ComponentizeJS, rolldown from the npm registry)",
 };
 
+pub const C: Language = Language {
+    name: "C",
+    example: "c-count",
+    sdk: None,
+    toolchain: "clang, lld, wasi-libc and clang's wasm32 runtime (Debian packages clang-14, lld-14, wasi-libc, libclang-rt-14-dev-wasm32)",
+};
+
 /// Every file under `dir`, sorted, skipping installed toolchains.
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -79,8 +86,10 @@ fn inputs_hash(language: &Language) -> u64 {
 }
 
 /// The built plugin of `language` (building it if its inputs changed), or
-/// None when its toolchain cannot be installed outside CI.
-pub fn plugin(language: Language) -> Option<PathBuf> {
+/// None when its toolchain cannot be installed outside CI. `weir` is the
+/// `weir` binary the build scripts use (`weir plugin bindings` and
+/// `weir plugin componentize`).
+pub fn plugin(language: Language, weir: &Path) -> Option<PathBuf> {
     type Built = Vec<(Language, Option<PathBuf>)>;
     static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(Mutex::default);
@@ -98,13 +107,13 @@ pub fn plugin(language: Language) -> Option<PathBuf> {
     let path = if out.is_file() {
         Some(out)
     } else {
-        build(&language, &root, &out)
+        build(&language, &root, &out, weir)
     };
     built.push((language, path.clone()));
     path
 }
 
-fn build(language: &Language, root: &Path, out: &Path) -> Option<PathBuf> {
+fn build(language: &Language, root: &Path, out: &Path, weir: &Path) -> Option<PathBuf> {
     let script = root
         .join("examples")
         .join(language.example)
@@ -114,6 +123,7 @@ fn build(language: &Language, root: &Path, out: &Path) -> Option<PathBuf> {
         .arg(&script)
         .arg(out)
         .current_dir(root)
+        .env("WEIR", weir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     let log = format!(

@@ -79,6 +79,33 @@ pub enum PluginCommand {
         /// The component file (*.wasm).
         file: PathBuf,
     },
+    /// Write bindings of the weir:operator WIT package for a guest language
+    /// without its own generator (C: `<world>.h`, `<world>.c`,
+    /// `<world>_component_type.o`).
+    Bindings {
+        /// The language (`c`).
+        #[arg(value_parser = ["c"])]
+        language: String,
+        /// The directory to write them to.
+        dir: PathBuf,
+        /// The world (`operator-plugin`, or `migrating-operator-plugin` for
+        /// a plugin that exports schema migration).
+        #[arg(long, default_value = crate::plugin::tooling::DEFAULT_WORLD)]
+        world: String,
+    },
+    /// Make a plugin (a component) of a core Wasm module that implements a
+    /// world of the weir:operator package (built by clang, zig, ...).
+    Componentize {
+        /// The core module (*.wasm).
+        module: PathBuf,
+        /// The component to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The world the module implements (embedded unless the module
+        /// carries its type information).
+        #[arg(long, default_value = crate::plugin::tooling::DEFAULT_WORLD)]
+        world: String,
+    },
 }
 
 impl Cli {
@@ -105,6 +132,29 @@ pub async fn execute(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Run(args) => run(&cli, args).await,
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&cli, file),
+        Command::Plugin(PluginCommand::Bindings { dir, world, .. }) => {
+            for file in crate::plugin::tooling::bindings_c(world, dir)? {
+                eprintln!("wrote {}", file.display());
+            }
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Componentize {
+            module,
+            output,
+            world,
+        }) => {
+            let bytes = std::fs::read(module)
+                .with_context(|| format!("cannot read {}", module.display()))?;
+            let component = crate::plugin::tooling::componentize(module, &bytes, world)?;
+            std::fs::write(output, &component)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, world {world})",
+                output.display(),
+                component.len()
+            );
+            Ok(())
+        }
         Command::Savepoint(args) => savepoint::execute(args),
     }
 }

@@ -11,6 +11,9 @@
 //!   instance, with the limits (memory, epoch deadline) applied per call.
 //! - [`migrate`]: the optional migration export, run during a restore to
 //!   rewrite state values of an older schema version.
+//! - [`tooling`]: C bindings and componentizing core modules, for authors
+//!   whose language has no component toolchain (`weir plugin bindings`,
+//!   `weir plugin componentize`).
 //!
 //! Two error paths are kept apart: an `err` the guest returns (its own
 //! failure, reported as is) and a trap (misuse of an import, a deadline, an
@@ -21,6 +24,7 @@ pub mod engine;
 pub mod host;
 pub mod migrate;
 pub mod operator;
+pub mod tooling;
 
 use std::path::PathBuf;
 
