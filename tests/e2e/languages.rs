@@ -2,11 +2,11 @@
 //! example's `build.sh` with the real toolchain) runs the word count with
 //! the Rust `split` and gives the Rust job's output; and the headline: a
 //! word count stopped with a savepoint resumes with `count` in another
-//! language, its state carrying on (Rust → Python → JavaScript → C).
+//! language, its state carrying on (Rust → Python → JavaScript → C → Zig).
 
 use std::path::{Path, PathBuf};
 
-use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON};
+use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON, ZIG};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::savepoints::{WORDS, expected_words, options, run, run_and_stop_from, wordcount_job};
@@ -90,14 +90,20 @@ fn c_count_gives_the_rust_output() {
     same_output_as_rust(C);
 }
 
+#[test]
+fn zig_count_gives_the_rust_output() {
+    same_output_as_rust(ZIG);
+}
+
 /// The word count starts with the Rust `count`, is stopped with a
 /// savepoint, resumes with the Python `count`, is stopped again, resumes
-/// with the JavaScript one, and ends with the C one: every count continues
-/// exactly (each update `w n` once across the four runs).
+/// with the JavaScript one, then the C one, and ends with the Zig one:
+/// every count continues exactly (each update `w n` once across the five
+/// runs).
 #[test]
 fn a_savepoint_moves_counts_across_languages() {
     let mut chain: Vec<(String, PathBuf)> = vec![("Rust".into(), PathBuf::from(WORDCOUNT_COUNT))];
-    for language in [PYTHON, JAVASCRIPT, C] {
+    for language in [PYTHON, JAVASCRIPT, C, ZIG] {
         let Some(plugin) = plugin(language) else {
             return;
         };
@@ -113,7 +119,7 @@ fn a_savepoint_moves_counts_across_languages() {
         );
         let start = options(restore.as_deref(), false);
         if stage + 1 < chain.len() {
-            let savepoint = run_and_stop_from(&path, start, WORDS / 4, &savepoints, false);
+            let savepoint = run_and_stop_from(&path, start, WORDS / 6, &savepoints, false);
             let read = weir::checkpoint::metadata::read(&savepoint).expect("reads");
             let position = read.metadata.operators["words"].subtasks[0]
                 .position
@@ -126,5 +132,5 @@ fn a_savepoint_moves_counts_across_languages() {
     }
     let lines = weir_tests::read_parts(&job.path().join("out"));
     weir_tests::check_exact_updates(&lines, &expected_words())
-        .expect("counts continue exactly across Rust, Python, JavaScript and C");
+        .expect("counts continue exactly across Rust, Python, JavaScript, C and Zig");
 }

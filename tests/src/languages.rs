@@ -49,6 +49,13 @@ pub const C: Language = Language {
     toolchain: "clang, lld, wasi-libc and clang's wasm32 runtime (Debian packages clang-14, lld-14, wasi-libc, libclang-rt-14-dev-wasm32)",
 };
 
+pub const ZIG: Language = Language {
+    name: "Zig",
+    example: "zig-count",
+    sdk: None,
+    toolchain: "Zig (PyPI: ziglang)",
+};
+
 /// Every file under `dir`, sorted, skipping installed toolchains.
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
