@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON, ZIG};
+use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON, PYTHON_V2, ZIG};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::savepoints::{WORDS, expected_words, options, run, run_and_stop_from, wordcount_job};
@@ -133,4 +133,27 @@ fn a_savepoint_moves_counts_across_languages() {
     let lines = weir_tests::read_parts(&job.path().join("out"));
     weir_tests::check_exact_updates(&lines, &expected_words())
         .expect("counts continue exactly across Rust, Python, JavaScript, C and Zig");
+}
+
+/// Schema migration in another language: a word count savepointed with the
+/// Rust `count` v1 (a bare integer) resumes with the Python `count` v2
+/// (an object, schema version 2), whose migrate export converts every
+/// stored count: the counts carry on.
+#[test]
+fn a_python_plugin_migrates_rust_state() {
+    let Some(v2) = plugin(PYTHON_V2) else {
+        return;
+    };
+    let job = JobDir::new();
+    let savepoints = job.path().join("savepoints");
+    let v1 = job.write("v1.toml", wordcount_job(2, "out", "", WORDCOUNT_COUNT));
+    let savepoint = run_and_stop_from(&v1, options(None, false), WORDS / 3, &savepoints, false);
+    let path = job.write(
+        "v2.toml",
+        wordcount_job(3, "out", "", &v2.to_string_lossy()),
+    );
+    run(&path, options(Some(&savepoint), false)).expect("the Python v2 migrates and resumes");
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    weir_tests::check_exact_updates(&lines, &expected_words())
+        .expect("counts continue through the Python migration");
 }

@@ -22,6 +22,9 @@ pub struct Language {
     pub name: &'static str,
     /// `examples/<example>/build.sh` builds it.
     pub example: &'static str,
+    /// A second argument for the build script (which variant to build),
+    /// or "" for its default.
+    pub variant: &'static str,
     /// Its SDK under `guest-sdk/`, if it has one.
     pub sdk: Option<&'static str>,
     /// What the build script installs (named when it cannot).
@@ -31,13 +34,21 @@ pub struct Language {
 pub const PYTHON: Language = Language {
     name: "Python",
     example: "python-count",
+    variant: "",
     sdk: Some("python"),
     toolchain: "python3 with pip (componentize-py from PyPI)",
+};
+
+/// Python `count` v2: a struct state migrated from v1 (`count_v2.py`).
+pub const PYTHON_V2: Language = Language {
+    variant: "count_v2",
+    ..PYTHON
 };
 
 pub const JAVASCRIPT: Language = Language {
     name: "JavaScript",
     example: "js-count",
+    variant: "",
     sdk: Some("js"),
     toolchain: "node and npm (ComponentizeJS, rolldown from the npm registry)",
 };
@@ -45,6 +56,7 @@ pub const JAVASCRIPT: Language = Language {
 pub const C: Language = Language {
     name: "C",
     example: "c-count",
+    variant: "",
     sdk: None,
     toolchain: "clang, lld, wasi-libc and clang's wasm32 runtime (Debian packages clang-14, lld-14, wasi-libc, libclang-rt-14-dev-wasm32)",
 };
@@ -52,6 +64,7 @@ pub const C: Language = Language {
 pub const ZIG: Language = Language {
     name: "Zig",
     example: "zig-count",
+    variant: "",
     sdk: None,
     toolchain: "Zig (PyPI: ziglang)",
 };
@@ -107,8 +120,9 @@ pub fn plugin(language: Language, weir: &Path) -> Option<PathBuf> {
     }
     let root = workspace();
     let out = root.join("target").join("lang").join(format!(
-        "{}-{:016x}.wasm",
+        "{}{}-{:016x}.wasm",
         language.example,
+        language.variant,
         inputs_hash(&language)
     ));
     let path = if out.is_file() {
@@ -129,6 +143,7 @@ fn build(language: &Language, root: &Path, out: &Path, weir: &Path) -> Option<Pa
     let output = Command::new("bash")
         .arg(&script)
         .arg(out)
+        .args((!language.variant.is_empty()).then_some(language.variant))
         .current_dir(root)
         .env("WEIR", weir)
         .output()
