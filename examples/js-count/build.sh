@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the JavaScript `count` operator into a Weir plugin (a Wasm component):
 #   bash examples/js-count/build.sh [OUT.wasm]
-# Installs its toolchain first if needed (`npm ci`: ComponentizeJS with the
-# StarlingMonkey engine, and rolldown to bundle the operator with the SDK).
+# Installs its toolchain first if needed (ComponentizeJS with the
+# StarlingMonkey engine, and rolldown to bundle the operator with the SDK,
+# at the versions package-lock.json pins; `npm install --no-save` because
+# `npm ci` rejects these packages' platform-specific optional dependencies).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -11,8 +13,9 @@ cd "$here"
 # Exit code 3: the toolchain cannot be installed (the tests name it).
 if [ ! -x node_modules/.bin/componentize-js ] || [ ! -x node_modules/.bin/rolldown ]; then
     command -v npm >/dev/null || { echo "node and npm are not installed" >&2; exit 3; }
-    echo "==> installing ComponentizeJS and rolldown (npm ci)" >&2
-    npm ci --no-audit --no-fund --loglevel=error || { echo "npm ci failed" >&2; exit 3; }
+    echo "==> installing ComponentizeJS and rolldown (npm install)" >&2
+    npm install --no-save --no-audit --no-fund --loglevel=error \
+        || { echo "npm install failed" >&2; exit 3; }
 fi
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT

@@ -366,6 +366,10 @@ impl Coordinator {
                 }
             }
         }
+        if pending.as_ref().is_some_and(|p| p.savepoint.is_some()) {
+            // Its directory holds no `_metadata`: remove it.
+            self.abort(pending.take(), "the job ended before it completed");
+        }
         for request in queued {
             let _ = request.reply.send(Err(
                 "the job ended before the savepoint was taken".to_string()

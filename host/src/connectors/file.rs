@@ -3,11 +3,10 @@
 //! many per second (demos, and tests that stop a job mid-stream).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::{push_line, strip_line_ending};
+use super::{Pace, push_line, strip_line_ending};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::LineFormat;
@@ -20,10 +19,8 @@ pub struct FileSource {
     offset: u64,
     line_number: u64,
     line: Vec<u8>,
-    /// Lines per second, and the pace's start and lines read since.
-    rate: Option<f64>,
-    started: Instant,
-    produced: u64,
+    /// Lines per second at most.
+    pace: Pace,
 }
 
 impl FileSource {
@@ -37,9 +34,7 @@ impl FileSource {
             offset,
             line_number: 0,
             line: Vec::new(),
-            rate,
-            started: Instant::now(),
-            produced: 0,
+            pace: Pace::new(rate),
         }
     }
 
@@ -66,16 +61,7 @@ impl FileSource {
             }
             self.reader = Some(BufReader::with_capacity(256 << 10, file));
         }
-        let mut max = max;
-        if let Some(rate) = self.rate {
-            // Pace: line n of this run is due at n / rate seconds.
-            max = max.min(((rate / 20.0).ceil() as usize).max(1));
-            let due = Duration::from_secs_f64(self.produced as f64 / rate);
-            let elapsed = self.started.elapsed();
-            if due > elapsed {
-                tokio::time::sleep(due - elapsed).await;
-            }
-        }
+        let max = self.pace.next(max).await;
         while batch.len() < max {
             let reader = self.reader.as_mut().expect("reader opened above");
             let read = reader
@@ -94,7 +80,7 @@ impl FileSource {
                 format!("{} line {number}", path.display())
             })?;
             self.offset += self.line.len() as u64;
-            self.produced += 1;
+            self.pace.produced(1);
             self.line.clear();
         }
         Ok(SourceStatus::More)

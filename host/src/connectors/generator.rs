@@ -3,8 +3,7 @@
 //! Subtask s of p produces the records i with i % p == s. Its position is
 //! the next i.
 
-use std::time::{Duration, Instant};
-
+use super::Pace;
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{OperatorError, Source, SourceStatus};
 use crate::types::RecordBatch;
@@ -39,10 +38,8 @@ pub struct GeneratorSource {
     count: Option<u64>,
     keys: u64,
     seed: u64,
-    /// Records per second for this subtask.
-    rate: Option<f64>,
-    started: Instant,
-    produced: u64,
+    /// This subtask's share of the rate.
+    pace: Pace,
     words: Vec<String>,
 }
 
@@ -68,9 +65,7 @@ impl GeneratorSource {
             count,
             keys,
             seed,
-            rate: rate.map(|r| r / f64::from(parallelism)),
-            started: Instant::now(),
-            produced: 0,
+            pace: Pace::new(rate.map(|r| r / f64::from(parallelism))),
             words,
         }
     }
@@ -80,16 +75,7 @@ impl GeneratorSource {
         batch: &mut RecordBatch,
         max: usize,
     ) -> Result<SourceStatus, OperatorError> {
-        let mut max = max;
-        if let Some(rate) = self.rate {
-            // Pace: record n of this run is due at n / rate seconds.
-            max = max.min(((rate / 20.0).ceil() as usize).max(1));
-            let due = Duration::from_secs_f64(self.produced as f64 / rate);
-            let elapsed = self.started.elapsed();
-            if due > elapsed {
-                tokio::time::sleep(due - elapsed).await;
-            }
-        }
+        let max = self.pace.next(max).await;
         for _ in 0..max {
             if self.count.is_some_and(|count| self.next >= count) {
                 return Ok(SourceStatus::Ended);
@@ -105,7 +91,7 @@ impl GeneratorSource {
             };
             batch.push(Some(text.as_bytes()), text.as_bytes(), None);
             self.next += self.step;
-            self.produced += 1;
+            self.pace.produced(1);
         }
         if self.count.is_some_and(|count| self.next >= count) {
             return Ok(SourceStatus::Ended);

@@ -23,6 +23,45 @@ use crate::job::LineFormat;
 use crate::types::RecordBatch;
 
 /// A line without its trailing `\n` or `\r\n`.
+/// Paces a source to `rate` records per second (None: as fast as
+/// possible): record n of the run is due at n / rate seconds.
+#[derive(Debug)]
+pub struct Pace {
+    rate: Option<f64>,
+    started: std::time::Instant,
+    produced: u64,
+}
+
+impl Pace {
+    pub fn new(rate: Option<f64>) -> Self {
+        Self {
+            rate,
+            started: std::time::Instant::now(),
+            produced: 0,
+        }
+    }
+
+    /// Waits until the next record is due; returns how many of `max` the
+    /// next batch may take (a twentieth of a second's worth when paced).
+    /// Cancel-safe: nothing changes until the records are counted.
+    pub async fn next(&self, max: usize) -> usize {
+        let Some(rate) = self.rate else {
+            return max;
+        };
+        let due = std::time::Duration::from_secs_f64(self.produced as f64 / rate);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+        max.min(((rate / 20.0).ceil() as usize).max(1))
+    }
+
+    /// Counts records produced.
+    pub fn produced(&mut self, records: u64) {
+        self.produced += records;
+    }
+}
+
 pub fn strip_line_ending(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)

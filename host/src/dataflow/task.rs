@@ -158,15 +158,17 @@ pub async fn run_source(
             }
             metrics.position.store(source.position(), Ordering::Relaxed);
             if let Some(Trigger { checkpoint, stop }) = barrier {
-                if stop.as_ref().is_some_and(|s| s.drain) {
-                    output
-                        .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
-                        .await
-                        .map_err(&fail)?;
-                }
-                source_barrier(&info, source.position(), &mut output, &reports, checkpoint)
-                    .await
-                    .map_err(&fail)?;
+                let drain = stop.as_ref().is_some_and(|s| s.drain);
+                source_barrier(
+                    &info,
+                    source.position(),
+                    &mut output,
+                    &reports,
+                    checkpoint,
+                    drain,
+                )
+                .await
+                .map_err(&fail)?;
                 if let Some(StopAfter { outcome, .. }) = stop {
                     let completed = tokio::select! {
                         biased;
@@ -191,15 +193,17 @@ pub async fn run_source(
             // Triggers that arrived with the last batch still take part (a
             // stop changes nothing: the input ended anyway).
             while let Ok(Trigger { checkpoint, stop }) = triggers.try_recv() {
-                if stop.is_some_and(|s| s.drain) {
-                    output
-                        .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
-                        .await
-                        .map_err(&fail)?;
-                }
-                source_barrier(&info, source.position(), &mut output, &reports, checkpoint)
-                    .await
-                    .map_err(&fail)?;
+                let drain = stop.is_some_and(|s| s.drain);
+                source_barrier(
+                    &info,
+                    source.position(),
+                    &mut output,
+                    &reports,
+                    checkpoint,
+                    drain,
+                )
+                .await
+                .map_err(&fail)?;
             }
             // A bounded input that ended: every event-time timer may fire.
             output
@@ -223,14 +227,22 @@ pub async fn run_source(
     .await
 }
 
-/// Acks a source's position for checkpoint n and sends barrier n.
+/// Acks a source's position for checkpoint n and sends barrier n; with
+/// `drain`, the maximum watermark goes first (every event-time timer fires
+/// before the snapshot).
 async fn source_barrier(
     info: &TaskInfo,
     position: u64,
     output: &mut Collector,
     reports: &Reports,
     checkpoint: CheckpointId,
+    drain: bool,
 ) -> Result<(), OperatorError> {
+    if drain {
+        output
+            .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
+            .await?;
+    }
     let _ = reports.send(TaskReport::Ack {
         checkpoint,
         snapshot: Box::new(SubtaskSnapshot {
@@ -430,41 +442,30 @@ fn snapshot_operator(
 ) {
     let started = Instant::now();
     let task = operator.task();
-    if let Some(dir) = storage.savepoint_dir(checkpoint) {
-        match task.state.savepoint(storage.local_dir(checkpoint)) {
-            Ok(state) => {
-                let local = LocalSnapshot {
-                    state,
-                    timers: task.timers.encode(),
-                };
-                let stats = SnapshotStats {
-                    alignment,
-                    sync: started.elapsed(),
-                    ..SnapshotStats::default()
-                };
-                storage.upload_savepoint(checkpoint, dir, local, task.state.table_names(), stats);
-            }
-            Err(error) => storage.decline(checkpoint, error.to_string()),
+    let local_dir = storage.local_dir(checkpoint);
+    let savepoint = storage.savepoint_dir(checkpoint);
+    let state = match savepoint {
+        Some(_) => task.state.savepoint(local_dir),
+        None => task.state.snapshot(local_dir, storage.wants_base()),
+    };
+    let state = match state {
+        Ok(state) => state,
+        Err(error) => return storage.decline(checkpoint, error.to_string()),
+    };
+    let local = LocalSnapshot {
+        state,
+        timers: task.timers.encode(),
+    };
+    let stats = SnapshotStats {
+        alignment,
+        sync: started.elapsed(),
+        ..SnapshotStats::default()
+    };
+    match savepoint {
+        Some(dir) => {
+            storage.upload_savepoint(checkpoint, dir, local, task.state.table_names(), stats)
         }
-        return;
-    }
-    match task
-        .state
-        .snapshot(storage.local_dir(checkpoint), storage.wants_base())
-    {
-        Ok(state) => {
-            let local = LocalSnapshot {
-                state,
-                timers: task.timers.encode(),
-            };
-            let stats = SnapshotStats {
-                alignment,
-                sync: started.elapsed(),
-                ..SnapshotStats::default()
-            };
-            storage.upload(checkpoint, local, stats);
-        }
-        Err(error) => storage.decline(checkpoint, error.to_string()),
+        None => storage.upload(checkpoint, local, stats),
     }
 }
 

@@ -610,10 +610,16 @@ impl KeyedState {
                 kind: JobKind::Delta(delta),
             }));
         }
+        Ok(Some(self.base_job(dir)))
+    }
+
+    /// A *base* job: the stale cells go to the backend, then it is copied;
+    /// until the job ran, the backend is the job's.
+    fn base_job(&mut self, dir: PathBuf) -> SnapshotJob {
         let ops = self.take_stale();
         let (done, receiver) = mpsc::channel();
         self.pending = Some(receiver);
-        Ok(Some(SnapshotJob {
+        SnapshotJob {
             dir,
             kind: JobKind::Base {
                 backend: self.backend.clone(),
@@ -621,7 +627,7 @@ impl KeyedState {
                 tables: self.table_names(),
                 done,
             },
-        }))
+        }
     }
 
     /// The synchronous part of a savepoint: a *base* job (the cells the
@@ -633,18 +639,7 @@ impl KeyedState {
             return Ok(None);
         }
         settle(&mut self.pending)?;
-        let ops = self.take_stale();
-        let (done, receiver) = mpsc::channel();
-        self.pending = Some(receiver);
-        Ok(Some(SnapshotJob {
-            dir,
-            kind: JobKind::Base {
-                backend: self.backend.clone(),
-                ops,
-                tables: self.table_names(),
-                done,
-            },
-        }))
+        Ok(Some(self.base_job(dir)))
     }
 
     /// Table names, in table order.
