@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage};
+use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use weir::checkpoint::{SnapshotStats, TaskReport};
 use weir::state::rocks::RocksBackend;
 use weir::state::{KeyedState, StateKind};
@@ -51,6 +51,7 @@ fn take(
             timers: Vec::new(),
         },
         SnapshotStats::default(),
+        Target::Checkpoint,
     );
     match runtime.block_on(reports.recv()).expect("a report") {
         TaskReport::Ack { stats, .. } => Taken {

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use weir::checkpoint::coordinator::operator_template;
 use weir::checkpoint::metadata::{self, CheckpointMetadata, SnapshotKind, StateRef};
 use weir::checkpoint::restore::{self, CellSink};
-use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage};
+use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use weir::checkpoint::{
     Role, SavepointTargets, SnapshotStats, TaskReport, TransferProgress, savepoint,
 };
@@ -95,15 +95,17 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
     let sync = started.elapsed();
     {
         let _guard = runtime.enter();
-        storage.upload_savepoint(
+        storage.upload(
             id,
-            target.clone(),
             LocalSnapshot {
                 state: job,
                 timers: Vec::new(),
             },
-            vec![table.clone()],
             SnapshotStats::default(),
+            Target::Savepoint {
+                dir: target.clone(),
+                tables: vec![table.clone()],
+            },
         );
     }
     let snapshot = match runtime.block_on(acks.recv()).expect("a report") {
@@ -134,7 +136,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
 
     // Restore, as `weir run -s` does: check every file, then load.
     let started = Instant::now();
-    let read = savepoint::validate(&target, &TransferProgress::default()).expect("valid");
+    let read = savepoint::validate(&target).expect("valid");
     let verified = started.elapsed();
     let mut fresh = RocksBackend::open(&dir.path().join("restored"), std::slice::from_ref(&table))
         .expect("open");

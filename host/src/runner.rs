@@ -161,7 +161,7 @@ pub fn prepare_with(
     let restore = match &options.restore {
         Some(path) => {
             // Every file is read and checked before anything is restored.
-            let read = savepoint::validate(path, &TransferProgress::default())?;
+            let read = savepoint::validate(path)?;
             let declared: HashMap<String, restore::Declared> = plugins
                 .iter()
                 .map(|(uid, p)| {

@@ -155,8 +155,7 @@ fn periodic_checkpoints_commit_exactly_once_and_retain_the_newest() {
     // Every file a retained checkpoint references exists: retention kept them.
     for metadata in &retained {
         let read = weir::checkpoint::metadata::read(metadata).expect("reads");
-        weir::checkpoint::savepoint::verify_files(&read, &Default::default())
-            .expect("files retained");
+        weir::checkpoint::savepoint::verify_files(&read).expect("files retained");
     }
 }
 

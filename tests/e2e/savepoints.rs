@@ -388,8 +388,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     let toml = wordcount_job(2, "out", "", WORDCOUNT_COUNT).replace("keys = 50", "keys = 8");
     let path = job.write("job.toml", &toml);
     let savepoint = run_and_stop(&path, 300, &job.path().join("savepoints"), false);
-    let progress = Default::default();
-    let read = savepoint::validate(&savepoint, &progress).expect("intact");
+    let read = savepoint::validate(&savepoint).expect("intact");
     let meta = read.path.clone();
     let data = read.resolve(
         read.metadata.operators["count"]
@@ -416,7 +415,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
         }
         for bytes in &damaged {
             std::fs::write(file, bytes).expect("damage");
-            let error = savepoint::validate(&savepoint, &progress)
+            let error = savepoint::validate(&savepoint)
                 .expect_err("damage is caught")
                 .to_string();
             assert!(error.contains(&name), "names {name}: {error}");
@@ -440,7 +439,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
         );
         std::fs::write(file, &original).expect("restore");
     }
-    savepoint::validate(&savepoint, &progress).expect("intact again");
+    savepoint::validate(&savepoint).expect("intact again");
 
     // A data file that is a symlink to an identical file outside the
     // savepoint directory is not followed out of it.
@@ -449,7 +448,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     let original = std::fs::read(&data).expect("read");
     std::fs::remove_file(&data).expect("remove");
     std::os::unix::fs::symlink(&outside_copy, &data).expect("symlink");
-    let error = savepoint::validate(&savepoint, &progress)
+    let error = savepoint::validate(&savepoint)
         .expect_err("the symlink leads outside")
         .to_string();
     let name = data
@@ -460,7 +459,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     assert!(error.contains(&name), "{error}");
     std::fs::remove_file(&data).expect("remove the link");
     std::fs::write(&data, original).expect("put it back");
-    savepoint::validate(&savepoint, &progress).expect("intact again");
+    savepoint::validate(&savepoint).expect("intact again");
 
     // A reference leaving the directory, with a valid checksum.
     let mut escaped = read.metadata.clone();
@@ -469,7 +468,7 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     let outside = job.path().join("outside");
     std::fs::create_dir_all(&outside).expect("mkdir");
     metadata::write(&outside, &escaped).expect("write");
-    let error = savepoint::validate(&outside, &progress)
+    let error = savepoint::validate(&outside)
         .expect_err("escapes")
         .to_string();
     assert!(error.contains("outside the savepoint directory"), "{error}");

@@ -160,6 +160,21 @@ impl FileRef {
     pub fn is_shared(&self) -> bool {
         self.path.starts_with("shared/")
     }
+
+    /// Checks the size and sha256 read from the file at `path` against
+    /// this reference.
+    pub fn check(&self, path: &Path, size: u64, sha256: &str) -> Result<(), CheckpointError> {
+        if size == self.size && sha256 == self.sha256 {
+            return Ok(());
+        }
+        Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!(
+                "{size} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {} (the file is truncated, damaged or foreign)",
+                self.size, self.sha256
+            ),
+        })
+    }
 }
 
 impl CheckpointMetadata {

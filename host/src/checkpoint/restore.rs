@@ -18,13 +18,14 @@
 //!   naming the uid and state.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::TransferProgress;
 use super::metadata::{OperatorSnapshot, ReadMetadata};
 use super::savepoint::CANONICAL;
-use super::storage::copy_open_hashed;
+use super::storage::{Hashing, copy_open_hashed};
 use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
 use crate::dataflow::TimerService;
 use crate::job::{JobGraph, NodeKind};
@@ -179,15 +180,7 @@ pub fn install_files(
     for file in files {
         let source = read.resolve(file);
         let (size, sha256) = copy_open_hashed(read.open(file)?, &source, &dir.join(&file.name))?;
-        if size != file.size || sha256 != file.sha256 {
-            return Err(CheckpointError::Corrupt {
-                path: source,
-                message: format!(
-                    "{size} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
-                    file.size, file.sha256
-                ),
-            });
-        }
+        file.check(&source, size, &sha256)?;
     }
     Ok(())
 }
@@ -198,21 +191,13 @@ fn read_verified(
     file: &FileRef,
 ) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
     let path = read.resolve(file);
+    let mut reader = Hashing::new(read.open(file)?);
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut read.open(file)?, &mut bytes)
+    reader
+        .read_to_end(&mut bytes)
         .map_err(|e| CheckpointError::io(&path, e))?;
-    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    if bytes.len() as u64 != file.size || sha256 != file.sha256 {
-        return Err(CheckpointError::Corrupt {
-            message: format!(
-                "{} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
-                bytes.len(),
-                file.size,
-                file.sha256
-            ),
-            path,
-        });
-    }
+    let (_, size, sha256) = reader.finish();
+    file.check(&path, size, &sha256)?;
     Ok((path, bytes))
 }
 
@@ -269,22 +254,6 @@ impl CellSink<'_> {
     }
 }
 
-/// Reads through to `inner`, hashing and counting what passes.
-struct Hashing<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-    size: u64,
-}
-
-impl<R: std::io::Read> std::io::Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-}
-
 /// Applies to `sink` the cells a stored dump (a memory base, a savepoint
 /// `.state` file or a delta) holds for its tables and key groups, streaming
 /// it and writing in chunks; the file's size and sha256 are checked as it
@@ -296,12 +265,7 @@ fn load_dump(
     sink: &mut CellSink<'_>,
 ) -> Result<u64, CheckpointError> {
     let path = read.resolve(file);
-    let input = read.open(file)?;
-    let mut reader = Hashing {
-        inner: std::io::BufReader::with_capacity(1 << 20, input),
-        hasher: <sha2::Sha256 as sha2::Digest>::new(),
-        size: 0,
-    };
+    let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
     let index_of = sink.index();
     let mut ops = Vec::new();
     let mut loaded = 0u64;
@@ -342,16 +306,8 @@ fn load_dump(
     }
     loaded += ops.len() as u64;
     sink.write(ops, &path)?;
-    let sha256 = hex::encode(sha2::Digest::finalize(reader.hasher));
-    if reader.size != file.size || sha256 != file.sha256 {
-        return Err(CheckpointError::Corrupt {
-            message: format!(
-                "{} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {}",
-                reader.size, file.size, file.sha256
-            ),
-            path,
-        });
-    }
+    let (_, size, sha256) = reader.finish();
+    file.check(&path, size, &sha256)?;
     Ok(loaded)
 }
 

@@ -19,15 +19,14 @@
 //! checksum of `_metadata`, that no path leaves the directory, and the size
 //! and sha256 of every data file, before a single cell is restored.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use super::metadata::{self, METADATA_FILE, ReadMetadata, SnapshotKind};
-use super::storage::random_hex;
+use super::metadata::{self, ReadMetadata, SnapshotKind};
+use super::storage::{Hashing, random_hex};
 use super::{CheckpointError, FileRef, StateStats, TransferProgress};
 use crate::state::StateBackend;
 use crate::state::dump::{self, DUMP_FILE, DumpWriter};
@@ -43,26 +42,6 @@ pub fn create_dir(target: &Path, job_id: &str) -> Result<PathBuf, CheckpointErro
     let dir = target.join(format!("savepoint-{prefix}-{}", random_hex(6)));
     std::fs::create_dir(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
     Ok(dir)
-}
-
-/// Writes through to `inner`, hashing and counting what passes.
-struct Hashing<W> {
-    inner: W,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let written = self.inner.write(buf)?;
-        self.hasher.update(&buf[..written]);
-        self.size += written as u64;
-        Ok(written)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Writes one subtask's keyed state as a canonical `.state` file named
@@ -82,11 +61,7 @@ pub fn write_state(
     let path = dir.join(name);
     let io = |e: std::io::Error| CheckpointError::io(&path, e);
     let file = std::fs::File::create(&path).map_err(io)?;
-    let hashing = Hashing {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-        size: 0,
-    };
+    let hashing = Hashing::new(BufWriter::with_capacity(1 << 20, file));
     let mut writer = DumpWriter::new(hashing, tables).map_err(io)?;
     let mut stats: Vec<StateStats> = tables
         .iter()
@@ -143,67 +118,28 @@ pub fn write_state(
     }
     let mut hashing = writer.into_inner();
     hashing.flush().map_err(io)?;
-    let file = hashing.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    let (buffered, size, sha256) = hashing.finish();
+    let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
-    Ok((
-        FileRef {
-            path: name.to_string(),
-            name: name.to_string(),
-            size: hashing.size,
-            sha256: hex::encode(hashing.hasher.finalize()),
-        },
-        stats,
-    ))
-}
-
-/// Writes `bytes` as the file `name` of the savepoint directory `dir`.
-pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRef, CheckpointError> {
-    let path = dir.join(name);
-    let mut file = std::fs::File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| CheckpointError::io(&path, e))?;
-    Ok(FileRef {
+    let file = FileRef {
         path: name.to_string(),
         name: name.to_string(),
-        size: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(bytes)),
-    })
+        size,
+        sha256,
+    };
+    Ok((file, stats))
 }
 
 /// Checks the size and sha256 of every file `_metadata` references, reading
 /// each whole: a restore calls it before it restores anything.
-pub fn verify_files(
-    read: &ReadMetadata,
-    progress: &TransferProgress,
-) -> Result<(), CheckpointError> {
-    let mut buffer = vec![0u8; 1 << 20];
+pub fn verify_files(read: &ReadMetadata) -> Result<(), CheckpointError> {
     for file in read.metadata.files() {
         let path = read.resolve(file);
-        let mut input = read.open(file)?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        loop {
-            let n = input
-                .read(&mut buffer)
-                .map_err(|e| CheckpointError::io(&path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-            size += n as u64;
-            progress.add(0, n as u64);
-        }
-        let sha256 = hex::encode(hasher.finalize());
-        if size != file.size || sha256 != file.sha256 {
-            return Err(CheckpointError::Corrupt {
-                path,
-                message: format!(
-                    "{size} bytes with sha256 {sha256}; _metadata says {} bytes with sha256 {} (the file is truncated, damaged or foreign)",
-                    file.size, file.sha256
-                ),
-            });
-        }
+        let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
+        std::io::copy(&mut reader, &mut std::io::sink())
+            .map_err(|e| CheckpointError::io(&path, e))?;
+        let (_, size, sha256) = reader.finish();
+        file.check(&path, size, &sha256)?;
     }
     Ok(())
 }
@@ -211,9 +147,9 @@ pub fn verify_files(
 /// Reads a restore point (savepoint or checkpoint, its directory or
 /// `_metadata`) and checks every file it references, reading each whole:
 /// what `weir run -s` does before it restores anything.
-pub fn validate(path: &Path, progress: &TransferProgress) -> Result<ReadMetadata, CheckpointError> {
+pub fn validate(path: &Path) -> Result<ReadMetadata, CheckpointError> {
     let read = metadata::read(path)?;
-    verify_files(&read, progress)?;
+    verify_files(&read)?;
     Ok(read)
 }
 
@@ -345,21 +281,12 @@ pub fn inspect(read: &ReadMetadata) -> Inspection {
     }
 }
 
-/// The savepoint directory of a path given on the command line (the
-/// directory or its `_metadata`).
-pub fn dir_of(path: &Path) -> PathBuf {
-    if path.file_name().is_some_and(|n| n == METADATA_FILE) {
-        path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        path.to_path_buf()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::WriteOp;
     use crate::state::memory::MemoryBackend;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn writes_canonical_cells_of_the_range_with_stats() {

@@ -50,6 +50,16 @@ struct Chain {
     delta_bytes: u64,
 }
 
+/// Where a snapshot goes.
+#[derive(Debug)]
+pub enum Target {
+    /// Checkpoint storage: a delta or a base in `shared/`, timers private.
+    Checkpoint,
+    /// A savepoint directory: the state in canonical form (its tables
+    /// `<uid>/<state>` in order) and the timers.
+    Savepoint { dir: PathBuf, tables: Vec<String> },
+}
+
 /// What the synchronous part of an operator's snapshot produced.
 #[derive(Debug)]
 pub struct LocalSnapshot {
@@ -111,70 +121,15 @@ impl SubtaskStorage {
         self.savepoints.get(checkpoint)
     }
 
-    /// On a blocking thread: makes the consistent copy of the state, writes
-    /// it in canonical form (with the timers) into the savepoint directory
-    /// `dir`, and acks (or declines) barrier n. `tables` are the state's
-    /// tables in order.
-    pub fn upload_savepoint(
-        self: &Arc<Self>,
-        checkpoint: CheckpointId,
-        dir: PathBuf,
-        local: LocalSnapshot,
-        tables: Vec<String>,
-        stats: SnapshotStats,
-    ) {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let copy = match local.state.map(SnapshotJob::run).transpose() {
-                Ok(copy) => copy,
-                Err(error) => {
-                    this.decline(checkpoint, error.to_string());
-                    return;
-                }
-            };
-            let _serial = this.serial.lock().expect("not poisoned");
-            let stored = this.store_savepoint(&dir, copy.as_ref(), &tables, &local.timers);
-            if let Some((copy_dir, _)) = &copy {
-                let _ = std::fs::remove_dir_all(copy_dir);
-            }
-            let report = match stored {
-                Ok(snapshot) => {
-                    let bytes = snapshot
-                        .files
-                        .iter()
-                        .chain(snapshot.timers.as_ref())
-                        .map(|f| f.size)
-                        .sum();
-                    TaskReport::Ack {
-                        checkpoint,
-                        snapshot: Box::new(snapshot),
-                        stats: SnapshotStats {
-                            asynchronous: started.elapsed(),
-                            bytes,
-                            new_bytes: bytes,
-                            ..stats
-                        },
-                    }
-                }
-                Err(error) => TaskReport::Decline {
-                    checkpoint,
-                    uid: this.uid.clone(),
-                    subtask: this.subtask,
-                    reason: error.to_string(),
-                },
-            };
-            let _ = this.reports.send(report);
-        });
-    }
-
+    /// A savepoint's part: the state in canonical form and the timers, in
+    /// the savepoint directory `dir`. Returns the snapshot and its bytes.
     fn store_savepoint(
         &self,
         dir: &Path,
         copy: Option<&(PathBuf, String)>,
         tables: &[String],
         timers: &[u8],
-    ) -> Result<SubtaskSnapshot, CheckpointError> {
+    ) -> Result<(SubtaskSnapshot, u64), CheckpointError> {
         let mut snapshot = SubtaskSnapshot {
             uid: self.uid.clone(),
             subtask: self.subtask,
@@ -197,13 +152,16 @@ impl SubtaskStorage {
             snapshot.state_stats = stats;
         }
         if !timers.is_empty() {
-            snapshot.timers = Some(super::savepoint::write_file(
-                dir,
-                &format!("{stem}.timers"),
-                timers,
-            )?);
+            let name = format!("{stem}.timers");
+            snapshot.timers = Some(write_file(dir, name.clone(), &name, timers)?);
         }
-        Ok(snapshot)
+        let bytes = snapshot
+            .files
+            .iter()
+            .chain(snapshot.timers.as_ref())
+            .map(|f| f.size)
+            .sum();
+        Ok((snapshot, bytes))
     }
 
     /// Shared files this state instance already has in storage (restored
@@ -242,30 +200,46 @@ impl SubtaskStorage {
     }
 
     /// On a blocking thread: makes the consistent copy of the state (the
-    /// snapshot job), copies it to storage, and acks (or declines)
-    /// checkpoint n.
+    /// snapshot job), stores it for `target`, and acks (or declines) barrier
+    /// n.
     pub fn upload(
         self: &Arc<Self>,
         checkpoint: CheckpointId,
         local: LocalSnapshot,
         stats: SnapshotStats,
+        target: Target,
     ) {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
+            // A failed checkpoint's changes are in no stored delta: the next
+            // checkpoint starts a new base. (Savepoints are not in the chain.)
+            let forget_chain = || {
+                if matches!(target, Target::Checkpoint) {
+                    *this.chain.lock().expect("not poisoned") = None;
+                }
+            };
             // The job runs first and at once: the task waits for it before
             // it touches its state backend again.
             let state = match local.state.map(SnapshotJob::run).transpose() {
                 Ok(state) => state,
                 Err(error) => {
-                    // Its changes are in no stored delta: start a new base.
-                    *this.chain.lock().expect("not poisoned") = None;
+                    forget_chain();
                     this.decline(checkpoint, error.to_string());
                     return;
                 }
             };
             let _serial = this.serial.lock().expect("not poisoned");
-            let report = match this.store(checkpoint, state.as_ref(), &local.timers) {
+            let stored = match &target {
+                Target::Checkpoint => this.store(checkpoint, state.as_ref(), &local.timers),
+                Target::Savepoint { dir, tables } => this
+                    .store_savepoint(dir, state.as_ref(), tables, &local.timers)
+                    .map(|(snapshot, bytes)| (snapshot, bytes, bytes)),
+            };
+            if let Some((dir, _)) = &state {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let report = match stored {
                 Ok((snapshot, bytes, new_bytes)) => TaskReport::Ack {
                     checkpoint,
                     snapshot: Box::new(snapshot),
@@ -277,7 +251,7 @@ impl SubtaskStorage {
                     },
                 },
                 Err(error) => {
-                    *this.chain.lock().expect("not poisoned") = None;
+                    forget_chain();
                     TaskReport::Decline {
                         checkpoint,
                         uid: this.uid.clone(),
@@ -286,9 +260,6 @@ impl SubtaskStorage {
                     }
                 }
             };
-            if let Some((dir, _)) = &state {
-                let _ = std::fs::remove_dir_all(dir);
-            }
             // The coordinator may be gone (the attempt failed): nothing to do.
             let _ = this.reports.send(report);
         });
@@ -384,17 +355,10 @@ impl SubtaskStorage {
             let private = self.job_dir.join(&private_rel);
             std::fs::create_dir_all(&private).map_err(|e| CheckpointError::io(&private, e))?;
             let rel = format!("{private_rel}/{TIMERS_FILE}");
-            let path = self.job_dir.join(&rel);
-            write_synced(&path, timers)?;
-            let size = timers.len() as u64;
-            bytes += size;
-            new_bytes += size;
-            snapshot.timers = Some(FileRef {
-                path: rel,
-                name: TIMERS_FILE.to_string(),
-                size,
-                sha256: hex::encode(Sha256::digest(timers)),
-            });
+            let file = write_file(&self.job_dir, rel, TIMERS_FILE, timers)?;
+            bytes += file.size;
+            new_bytes += file.size;
+            snapshot.timers = Some(file);
         }
         debug!(
             checkpoint = checkpoint.0,
@@ -423,6 +387,53 @@ fn copy_in(
     })
 }
 
+/// Reads or writes through to `inner`, counting and hashing the bytes that
+/// pass: how every stored file gets (and is checked against) its size and
+/// sha256 without a second read.
+pub struct Hashing<T> {
+    inner: T,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<T> Hashing<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// The inner reader or writer, and the size and sha256 (hex) of what
+    /// passed.
+    pub fn finish(self) -> (T, u64, String) {
+        (self.inner, self.size, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Copies a file, fsyncs the copy, and returns its size and sha256.
 pub fn copy_hashed(source: &Path, target: &Path) -> Result<(u64, String), CheckpointError> {
     let input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
@@ -431,38 +442,44 @@ pub fn copy_hashed(source: &Path, target: &Path) -> Result<(u64, String), Checkp
 
 /// [`copy_hashed`] from an open file (`source` names it in errors).
 pub fn copy_open_hashed(
-    mut input: std::fs::File,
+    input: std::fs::File,
     source: &Path,
     target: &Path,
 ) -> Result<(u64, String), CheckpointError> {
-    let mut output = std::fs::File::create(target).map_err(|e| CheckpointError::io(target, e))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let read = input
-            .read(&mut buffer)
-            .map_err(|e| CheckpointError::io(source, e))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        output
-            .write_all(&buffer[..read])
-            .map_err(|e| CheckpointError::io(target, e))?;
-        size += read as u64;
-    }
+    let output = std::fs::File::create(target).map_err(|e| CheckpointError::io(target, e))?;
+    let mut reader = Hashing::new(input);
+    // A large writer buffer: `io::copy` reads straight into it.
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, output);
+    std::io::copy(&mut reader, &mut writer).map_err(|e| CheckpointError::io(source, e))?;
+    let output = writer
+        .into_inner()
+        .map_err(|e| CheckpointError::io(target, e.into_error()))?;
     output
         .sync_all()
         .map_err(|e| CheckpointError::io(target, e))?;
-    Ok((size, hex::encode(hasher.finalize())))
+    let (_, size, sha256) = reader.finish();
+    Ok((size, sha256))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut file = std::fs::File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+/// Writes `bytes` to `<base>/<rel>` and fsyncs it; the reference names it
+/// `name`.
+pub fn write_file(
+    base: &Path,
+    rel: String,
+    name: &str,
+    bytes: &[u8],
+) -> Result<FileRef, CheckpointError> {
+    let path = base.join(&rel);
+    let mut file = std::fs::File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
-        .map_err(|e| CheckpointError::io(path, e))
+        .map_err(|e| CheckpointError::io(&path, e))?;
+    Ok(FileRef {
+        path: rel,
+        name: name.to_string(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    })
 }
 
 /// A random number (ids, jitter): the clock, the process and a counter,

@@ -187,8 +187,12 @@ pub fn recover_file_sink(
         if from.exists() {
             std::fs::rename(&from, dir.join(target)).map_err(|e| sink_error(&from, e))?;
             committed += 1;
-        } else if dir.join(target).exists() {
-        } else if missing_ok {
+            continue;
+        }
+        if dir.join(target).exists() {
+            continue; // committed before the failure
+        }
+        if missing_ok {
             tracing::warn!(
                 dir = %dir.display(),
                 file = %target,

@@ -82,7 +82,7 @@ pub struct RunningJob {
     coordinator: JoinHandle<Result<Option<std::path::PathBuf>, String>>,
     checkpoints: Option<Arc<CheckpointMetrics>>,
     savepoints: mpsc::UnboundedSender<SavepointRequest>,
-    transfer: Arc<crate::checkpoint::SavepointTargets>,
+    savepoint_targets: Arc<crate::checkpoint::SavepointTargets>,
 }
 
 impl std::fmt::Debug for RunningJob {
@@ -219,7 +219,7 @@ pub fn launch(
     // Only tasks hold senders now: the coordinator ends when they are gone.
     drop(reports);
     let checkpoints = coordinator.store.as_ref().map(|s| s.metrics.clone());
-    let transfer = coordinator.savepoints.clone();
+    let savepoint_targets = coordinator.savepoints.clone();
     let (savepoints, savepoint_receiver) = mpsc::unbounded_channel();
     let wiring = CoordinatorWiring {
         triggers,
@@ -244,7 +244,7 @@ pub fn launch(
         coordinator,
         checkpoints,
         savepoints,
-        transfer,
+        savepoint_targets,
     })
 }
 
@@ -275,7 +275,7 @@ impl RunningJob {
 
     /// Keys and bytes of the savepoint being written (progress).
     pub fn savepoint_progress(&self) -> Arc<crate::checkpoint::SavepointTargets> {
-        self.transfer.clone()
+        self.savepoint_targets.clone()
     }
 
     /// Waits for every task. On the first failure the other tasks are

@@ -16,7 +16,7 @@ use super::operator::{
 use super::output::{BATCH_RECORDS, Collector};
 use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
-use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage};
+use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use crate::checkpoint::{
     CommitSignal, Role, SnapshotStats, StopAfter, SubtaskSnapshot, TaskReport, Trigger,
 };
@@ -157,18 +157,11 @@ pub async fn run_source(
                 }
             }
             metrics.position.store(source.position(), Ordering::Relaxed);
-            if let Some(Trigger { checkpoint, stop }) = barrier {
-                let drain = stop.as_ref().is_some_and(|s| s.drain);
-                source_barrier(
-                    &info,
-                    source.position(),
-                    &mut output,
-                    &reports,
-                    checkpoint,
-                    drain,
-                )
-                .await
-                .map_err(&fail)?;
+            if let Some(trigger) = barrier {
+                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                    .await
+                    .map_err(&fail)?;
+                let Trigger { checkpoint, stop } = trigger;
                 if let Some(StopAfter { outcome, .. }) = stop {
                     let completed = tokio::select! {
                         biased;
@@ -192,18 +185,10 @@ pub async fn run_source(
         if !cancelled && !stopped {
             // Triggers that arrived with the last batch still take part (a
             // stop changes nothing: the input ended anyway).
-            while let Ok(Trigger { checkpoint, stop }) = triggers.try_recv() {
-                let drain = stop.is_some_and(|s| s.drain);
-                source_barrier(
-                    &info,
-                    source.position(),
-                    &mut output,
-                    &reports,
-                    checkpoint,
-                    drain,
-                )
-                .await
-                .map_err(&fail)?;
+            while let Ok(trigger) = triggers.try_recv() {
+                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                    .await
+                    .map_err(&fail)?;
             }
             // A bounded input that ended: every event-time timer may fire.
             output
@@ -227,18 +212,18 @@ pub async fn run_source(
     .await
 }
 
-/// Acks a source's position for checkpoint n and sends barrier n; with
-/// `drain`, the maximum watermark goes first (every event-time timer fires
-/// before the snapshot).
+/// Acks a source's position for the triggered checkpoint n and sends
+/// barrier n; a drained stop sends the maximum watermark first (every
+/// event-time timer fires before the snapshot).
 async fn source_barrier(
     info: &TaskInfo,
     position: u64,
     output: &mut Collector,
     reports: &Reports,
-    checkpoint: CheckpointId,
-    drain: bool,
+    trigger: &Trigger,
 ) -> Result<(), OperatorError> {
-    if drain {
+    let checkpoint = trigger.checkpoint;
+    if trigger.stop.as_ref().is_some_and(|s| s.drain) {
         output
             .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
             .await?;
@@ -461,12 +446,14 @@ fn snapshot_operator(
         sync: started.elapsed(),
         ..SnapshotStats::default()
     };
-    match savepoint {
-        Some(dir) => {
-            storage.upload_savepoint(checkpoint, dir, local, task.state.table_names(), stats)
-        }
-        None => storage.upload(checkpoint, local, stats),
-    }
+    let target = match savepoint {
+        Some(dir) => Target::Savepoint {
+            dir,
+            tables: task.state.table_names(),
+        },
+        None => Target::Checkpoint,
+    };
+    storage.upload(checkpoint, local, stats, target);
 }
 
 async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> {
