@@ -101,6 +101,16 @@ pub struct PreparedJob {
     pub savepoints: Arc<SavepointTargets>,
     /// Keys and bytes restored so far (progress).
     pub restore_progress: Arc<TransferProgress>,
+    /// While it reads `true`, completed checkpoints are not committed by
+    /// the sinks (see [`Coordinator::commit_hold`]); set by the running
+    /// host during an upgrade's probation.
+    pub commit_hold: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Ids of earlier runs whose uncommitted sink files this job discards
+    /// when it starts (a version that failed its probation).
+    pub discard_runs: Vec<String>,
+    /// Savepoint directories are named after this id instead of
+    /// `job_id` (the running host: after the job, not the run).
+    pub savepoint_job_id: Option<String>,
 }
 
 impl PreparedJob {
@@ -136,6 +146,16 @@ pub fn prepare_with(
     engine: &PluginEngine,
     graph: JobGraph,
     options: &RunOptions,
+) -> Result<PreparedJob, RunError> {
+    prepare_as(engine, graph, options, new_job_id())
+}
+
+/// [`prepare_with`] under a given job id (the running host names its runs).
+pub fn prepare_as(
+    engine: &PluginEngine,
+    graph: JobGraph,
+    options: &RunOptions,
+    job_id: String,
 ) -> Result<PreparedJob, RunError> {
     let mut by_file: HashMap<PathBuf, Arc<LoadedPlugin>> = HashMap::new();
     let mut plugins = HashMap::new();
@@ -182,7 +202,6 @@ pub fn prepare_with(
         }
         None => None,
     };
-    let job_id = new_job_id();
     let checkpoints = graph.checkpoint.interval.map(|_| {
         let first = restore.as_ref().map_or(1, |r| r.metadata.checkpoint + 1);
         Arc::new(JobCheckpoints::new(
@@ -199,6 +218,9 @@ pub fn prepare_with(
         checkpoints,
         savepoints: Arc::default(),
         restore_progress: Arc::default(),
+        commit_hold: None,
+        discard_runs: Vec::new(),
+        savepoint_job_id: None,
     })
 }
 
@@ -519,6 +541,7 @@ fn prepare_attempt(
             continue;
         };
         let mut job_ids = vec![job.job_id.as_str()];
+        job_ids.extend(job.discard_runs.iter().map(String::as_str));
         let mut pending = Vec::new();
         let mut missing_ok = false;
         if let Some((read, _)) = restore {
@@ -587,6 +610,8 @@ pub fn launch_with_native(
             .restore
             .as_ref()
             .map_or(1, |r| r.metadata.checkpoint + 1),
+        commit_hold: job.commit_hold.clone(),
+        savepoint_job_id: job.savepoint_job_id.clone(),
     };
     let launched = runtime::launch(&job.graph, &job.job_id, &factory, coordinator);
     job.restore_progress.finish();
@@ -601,6 +626,34 @@ pub use crate::dataflow::runtime::Savepointer;
 /// Called with each running attempt (e.g. to show progress or wire Ctrl-C).
 pub type AttemptHook<'a> = &'a mut dyn FnMut(&RunningJob);
 
+/// Watches a run's attempts: told of each launch, asked at each failure
+/// whether the restart strategy may decide, told of each restart.
+pub trait RunObserver {
+    /// An attempt is running.
+    fn launched(&mut self, running: &RunningJob);
+    /// An attempt failed (or could not start). `Some(reason)`: do not
+    /// restart; the run ends with this error. `None`: the restart strategy
+    /// decides.
+    fn failed(&mut self, _error: &TaskError) -> Option<String> {
+        None
+    }
+    /// The restart strategy restarts the job after `delay` from `from`.
+    fn restarting(&mut self, _error: &TaskError, _attempt: u32, _delay: Duration, _from: &str) {}
+}
+
+/// [`RunObserver`] for a plain hook: the restart is printed on stderr.
+struct HookObserver<'a>(AttemptHook<'a>);
+
+impl RunObserver for HookObserver<'_> {
+    fn launched(&mut self, running: &RunningJob) {
+        (self.0)(running)
+    }
+
+    fn restarting(&mut self, error: &TaskError, attempt: u32, delay: Duration, from: &str) {
+        eprintln!("weir: {error}; restart {attempt} in {delay:?} from {from}");
+    }
+}
+
 /// Runs a prepared job to its end: launches it, and on a failure restarts
 /// every task from the latest completed checkpoint as the restart strategy
 /// allows. Removes the working state directory at the end.
@@ -608,7 +661,7 @@ pub async fn run(
     job: &PreparedJob,
     hook: AttemptHook<'_>,
 ) -> Result<runtime::JobOutcome, RunError> {
-    run_with_native(job, &HashMap::new(), hook).await
+    run_observed(job, &HashMap::new(), &mut HookObserver(hook)).await
 }
 
 /// [`run`] with native operators (see [`launch_with_native`]).
@@ -616,6 +669,15 @@ pub async fn run_with_native(
     job: &PreparedJob,
     native: &HashMap<String, NativeOperator>,
     hook: AttemptHook<'_>,
+) -> Result<runtime::JobOutcome, RunError> {
+    run_observed(job, native, &mut HookObserver(hook)).await
+}
+
+/// [`run_with_native`] with an observer of every attempt.
+pub async fn run_observed<O: RunObserver + ?Sized>(
+    job: &PreparedJob,
+    native: &HashMap<String, NativeOperator>,
+    observer: &mut O,
 ) -> Result<runtime::JobOutcome, RunError> {
     let strategy = RestartStrategy::from_settings(&job.graph.restart).map_err(|problems| {
         crate::job::JobError::Invalid {
@@ -627,7 +689,7 @@ pub async fn run_with_native(
     let result = loop {
         let attempt = match launch_with_native(job, native) {
             Ok(running) => {
-                hook(&running);
+                observer.launched(&running);
                 running.wait().await
             }
             Err(RunError::Task { source, .. }) => Err(source),
@@ -637,6 +699,13 @@ pub async fn run_with_native(
             Ok(outcome) => break Ok(outcome),
             Err(error) => error,
         };
+        if let Some(reason) = observer.failed(&error) {
+            break Err(RunError::GaveUp {
+                job: job.graph.name.clone(),
+                reason,
+                source: error,
+            });
+        }
         // In [0, 1): 53 random bits.
         let jitter = (crate::checkpoint::storage::random_u64() >> 11) as f64 / (1u64 << 53) as f64;
         match tracker.on_failure(Instant::now(), jitter) {
@@ -653,7 +722,7 @@ pub async fn run_with_native(
                     })
                     .unwrap_or_else(|| "the beginning (no checkpoint yet)".to_string());
                 warn!(%error, attempt, ?delay, "job failed; restarting from {from}");
-                eprintln!("weir: {error}; restart {attempt} in {delay:?} from {from}");
+                observer.restarting(&error, attempt, delay, &from);
                 tokio::time::sleep(delay).await;
             }
             RestartDecision::GiveUp { reason } => {

@@ -39,13 +39,56 @@ pub struct CoordinatorSettings {
     pub tolerable_failures: u32,
 }
 
-/// Counters the progress line shows.
+/// Counters the progress line shows, and the recent completed checkpoints
+/// (the running host lists them with the job).
 #[derive(Debug, Default)]
 pub struct CheckpointMetrics {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     /// Id of the newest completed checkpoint (0: none).
     pub latest: AtomicU64,
+    /// The newest completed checkpoints, oldest first (at most
+    /// [`CheckpointMetrics::HISTORY`]).
+    pub history: Mutex<std::collections::VecDeque<CheckpointRecord>>,
+}
+
+impl CheckpointMetrics {
+    /// How many completed checkpoints `history` keeps.
+    pub const HISTORY: usize = 100;
+
+    fn record(&self, record: CheckpointRecord) {
+        let mut history = self.history.lock().expect("not poisoned");
+        if history.len() == Self::HISTORY {
+            history.pop_front();
+        }
+        history.push_back(record);
+    }
+
+    /// The recorded checkpoints, oldest first.
+    pub fn recent(&self) -> Vec<CheckpointRecord> {
+        self.history
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One completed checkpoint, as the running host shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    pub id: u64,
+    /// Wall-clock time it completed (ms since the Unix epoch).
+    pub completed_ms: u64,
+    /// From the trigger to `_metadata`.
+    pub duration: Duration,
+    /// The longest alignment of any subtask.
+    pub alignment: Duration,
+    /// Bytes the checkpoint references.
+    pub bytes: u64,
+    /// Bytes written for it (not reused from earlier checkpoints).
+    pub new_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -217,6 +260,15 @@ pub struct Coordinator {
     /// The first id when checkpointing is off (savepoints still need ids
     /// that grow across runs: sinks name their files by them).
     pub first_id: u64,
+    /// While this reads `true`, completed checkpoints are not announced to
+    /// the sinks (they keep their files pending); once it turns `false`,
+    /// the newest is. The running host holds commits during an upgrade's
+    /// probation, so a version that fails it leaves no committed output.
+    pub commit_hold: Option<watch::Receiver<bool>>,
+    /// The job id savepoint directories are named after
+    /// (`savepoint-<first 6>-…`), when it is not the template's: the
+    /// running host names them after the job, not the run.
+    pub savepoint_job_id: Option<String>,
 }
 
 impl Coordinator {
@@ -235,6 +287,8 @@ impl Coordinator {
         let mut sinks_finished = 0usize;
         let mut failures_in_a_row = 0u32;
         let enabled = self.store.is_some() && self.settings.interval.is_some();
+        let mut hold = self.commit_hold.clone();
+        let mut held: u64 = 0;
         loop {
             // A queued savepoint goes first, as soon as nothing is in flight.
             if pending.is_none()
@@ -271,6 +325,12 @@ impl Coordinator {
             let deadline = pending.as_ref().map(|p| p.started + self.settings.timeout);
             let mut failed: Option<String> = None;
             tokio::select! {
+                released = wait_released(&mut hold) => {
+                    if released && held > 0 {
+                        wiring.commit.send_modify(|s| s.completed = s.completed.max(held));
+                    }
+                    hold = None;
+                }
                 request = wiring.savepoints.recv(), if requests_open => match request {
                     Some(request) => queued.push_back(request),
                     None => requests_open = false,
@@ -293,7 +353,11 @@ impl Coordinator {
                                         }
                                         stopped_with = stopped_with.or(stopped);
                                         last_done = Instant::now();
-                                        wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
+                                        if hold.as_ref().is_some_and(|h| *h.borrow()) {
+                                            held = held.max(id);
+                                        } else {
+                                            wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
+                                        }
                                     }
                                     Err(error) if is_savepoint => warn!(%error, "savepoint failed"),
                                     Err(error) => failed = Some(error),
@@ -388,7 +452,12 @@ impl Coordinator {
         triggers: &[mpsc::UnboundedSender<Trigger>],
         sources_finished: &mut bool,
     ) -> Option<Pending> {
-        let dir = match super::savepoint::create_dir(&request.target, &self.template.job_id) {
+        let dir = match super::savepoint::create_dir(
+            &request.target,
+            self.savepoint_job_id
+                .as_deref()
+                .unwrap_or(&self.template.job_id),
+        ) {
             Ok(dir) => dir,
             Err(error) => {
                 let _ = request.reply.send(Err(error.to_string()));
@@ -498,6 +567,14 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         store.metrics.completed.fetch_add(1, Ordering::Relaxed);
         store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
+        store.metrics.record(CheckpointRecord {
+            id: pending.id.0,
+            completed_ms: crate::dataflow::now_millis() as u64,
+            duration: pending.started.elapsed(),
+            alignment: stats.alignment,
+            bytes: stats.bytes,
+            new_bytes: stats.new_bytes,
+        });
         info!(
             checkpoint = pending.id.0,
             duration_ms = pending.started.elapsed().as_millis() as u64,
@@ -567,6 +644,20 @@ impl Coordinator {
     }
 }
 
+/// Resolves when a commit hold ends: `true` once it reads `false` (commit
+/// what was held), `false` when its sender is gone (the hold stays: what
+/// was held is never announced). Pending forever without a hold.
+async fn wait_released(hold: &mut Option<watch::Receiver<bool>>) -> bool {
+    let Some(receiver) = hold else {
+        return std::future::pending().await;
+    };
+    let released = receiver.wait_for(|held| !*held).await.is_ok();
+    if !released {
+        std::future::pending::<()>().await;
+    }
+    true
+}
+
 /// The per-uid part of `_metadata` that does not change between checkpoints.
 pub fn operator_template(role: Role, parallelism: u32) -> OperatorSnapshot {
     OperatorSnapshot {
@@ -622,6 +713,16 @@ mod tests {
         tolerable_failures: u32,
         interval: Option<Duration>,
     ) -> Harness {
+        start_held(dir, timeout, tolerable_failures, interval, None)
+    }
+
+    fn start_held(
+        dir: &std::path::Path,
+        timeout: Duration,
+        tolerable_failures: u32,
+        interval: Option<Duration>,
+        commit_hold: Option<watch::Receiver<bool>>,
+    ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
         let (trigger, triggers) = mpsc::unbounded_channel();
         let (reports, report_receiver) = mpsc::unbounded_channel();
@@ -650,6 +751,8 @@ mod tests {
             },
             savepoints: Arc::default(),
             first_id: 1,
+            commit_hold,
+            savepoint_job_id: None,
         };
         let wiring = CoordinatorWiring {
             triggers: vec![trigger],
@@ -684,6 +787,41 @@ mod tests {
                 stats: SnapshotStats::default(),
             })
             .expect("coordinator listens");
+    }
+
+    #[tokio::test]
+    async fn held_commits_are_announced_only_once_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (release, hold) = watch::channel(true);
+        let mut h = start_held(
+            dir.path(),
+            Duration::from_secs(10),
+            0,
+            Some(Duration::from_millis(10)),
+            Some(hold),
+        );
+        for _ in 0..2 {
+            let id = h.next_trigger().await;
+            ack(&h.reports, id, "src");
+            ack(&h.reports, id, "out");
+        }
+        // Both completed (their `_metadata` exist), neither announced.
+        let third = h.next_trigger().await;
+        assert_eq!(h.store.metrics.completed.load(Ordering::Relaxed), 2);
+        assert_eq!(h.commit.borrow().completed, 0, "held");
+        release.send(false).expect("coordinator listens");
+        h.commit
+            .wait_for(|s| s.completed == 2)
+            .await
+            .expect("the newest held checkpoint is announced");
+        ack(&h.reports, third, "src");
+        ack(&h.reports, third, "out");
+        h.commit
+            .wait_for(|s| s.completed == third.0)
+            .await
+            .expect("after the release, commits flow");
+        let records = h.store.metrics.recent();
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[tokio::test]

@@ -63,6 +63,20 @@ pub struct CheckpointSettings {
     /// Checkpoint failures in a row that do not fail the job.
     #[serde(default)]
     pub tolerable_failures: u32,
+    /// What a cancelled job leaves: its retained checkpoints (`retain`, to
+    /// resume from with `-s`) or nothing (`delete`). Flink's
+    /// externalized-checkpoint retention.
+    #[serde(default)]
+    pub on_cancel: OnCancel,
+}
+
+/// `[checkpoint] on_cancel`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCancel {
+    #[default]
+    Retain,
+    Delete,
 }
 
 impl Default for CheckpointSettings {
@@ -75,6 +89,7 @@ impl Default for CheckpointSettings {
             timeout: None,
             min_pause: None,
             tolerable_failures: 0,
+            on_cancel: OnCancel::Retain,
         }
     }
 }
@@ -428,7 +443,7 @@ impl JobFile {
     }
 }
 
-mod humantime_serde_opt {
+pub(crate) mod humantime_serde_opt {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

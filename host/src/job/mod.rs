@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use file::{
-    BackendKind, CheckpointSettings, JobFile, LimitSettings, LineFormat, Partition,
+    BackendKind, CheckpointSettings, JobFile, LimitSettings, LineFormat, OnCancel, Partition,
     RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
 };
 use file::{SinkKindName, SourceKindName};
@@ -159,8 +159,19 @@ impl JobGraph {
     }
 
     /// Checks everything the runtime relies on and resolves paths; reports
-    /// every problem at once.
+    /// every problem at once. An operator's `plugin` is a file path,
+    /// relative to the job file.
     pub fn validate(job: JobFile, path: &Path) -> Result<Self, JobError> {
+        Self::validate_with(job, path, &PluginFiles)
+    }
+
+    /// [`JobGraph::validate`] with operators' `plugin` values resolved by
+    /// `plugins` (the running host resolves `NAME[@VERSION]` from its store).
+    pub fn validate_with(
+        job: JobFile,
+        path: &Path,
+        plugins: &dyn PluginResolver,
+    ) -> Result<Self, JobError> {
         let mut problems = Vec::new();
         let base = base_dir(path);
         let max_p = job.max_parallelism;
@@ -256,14 +267,13 @@ impl JobGraph {
             if operator.inputs.is_empty() {
                 problems.push(format!("operator `{}`: inputs is empty", operator.uid));
             }
-            let plugin = resolve_plugin(&operator.plugin, &base);
-            if !plugin.is_file() {
-                problems.push(format!(
-                    "operator `{}`: plugin file {} does not exist",
-                    operator.uid,
-                    plugin.display()
-                ));
-            }
+            let plugin = match plugins.resolve(&operator.plugin, &base) {
+                Ok(plugin) => plugin,
+                Err(problem) => {
+                    problems.push(format!("operator `{}`: {problem}", operator.uid));
+                    PathBuf::new()
+                }
+            };
             nodes.push(Node {
                 uid: operator.uid.clone(),
                 parallelism: operator.parallelism.unwrap_or(job.parallelism),
@@ -405,8 +415,26 @@ fn base_dir(path: &Path) -> PathBuf {
     }
 }
 
-fn resolve_plugin(plugin: &str, base: &Path) -> PathBuf {
-    base.join(plugin)
+/// Turns an operator's `plugin` value into the component file to load.
+pub trait PluginResolver {
+    /// `base`: the job file's directory. `Err`: the problem, without the
+    /// operator (the caller names it).
+    fn resolve(&self, plugin: &str, base: &Path) -> Result<PathBuf, String>;
+}
+
+/// Plugins are files, relative to the job file (`weir run`).
+#[derive(Debug, Clone, Copy)]
+pub struct PluginFiles;
+
+impl PluginResolver for PluginFiles {
+    fn resolve(&self, plugin: &str, base: &Path) -> Result<PathBuf, String> {
+        let path = base.join(plugin);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("plugin file {} does not exist", path.display()))
+        }
+    }
 }
 
 fn validate_restart(restart: &RestartSettings, problems: &mut Vec<String>) {

@@ -147,8 +147,20 @@ impl PluginEngine {
             file: file.to_path_buf(),
             source,
         })?;
-        let digest = hex::encode(Sha256::digest(&bytes));
-        let (component, from_cache) = self.compile(file, &bytes, &digest)?;
+        self.load_bytes(file, &bytes, started)
+    }
+
+    /// Validates and compiles (or loads from the cache) a plugin's bytes,
+    /// then reads its metadata. `file` names it in errors and is recorded
+    /// as where it came from; `started`: when loading began (load time).
+    pub fn load_bytes(
+        &self,
+        file: &Path,
+        bytes: &[u8],
+        started: Instant,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let (component, from_cache) = self.compile(file, bytes, &digest)?;
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)
@@ -183,19 +195,32 @@ impl PluginEngine {
         }))
     }
 
+    /// Where the precompiled artifact of `digest` is cached, if caching.
+    fn artifact_path(&self, digest: &str) -> Option<PathBuf> {
+        self.cache_dir.as_ref().map(|dir| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            self.engine
+                .precompile_compatibility_hash()
+                .hash(&mut hasher);
+            dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish()))
+        })
+    }
+
+    /// Removes the cached artifact of `digest` (a plugin the running host
+    /// rejected or removed).
+    pub fn forget(&self, digest: &str) {
+        if let Some(path) = self.artifact_path(digest) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     fn compile(
         &self,
         file: &Path,
         bytes: &[u8],
         digest: &str,
     ) -> Result<(Component, bool), PluginError> {
-        let cached = self.cache_dir.as_ref().map(|dir| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            self.engine
-                .precompile_compatibility_hash()
-                .hash(&mut hasher);
-            dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish()))
-        });
+        let cached = self.artifact_path(digest);
         if let Some(path) = &cached
             && path.is_file()
         {
