@@ -15,6 +15,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("wordcount-count", "WORDCOUNT_COUNT"),
     ("wordcount-count-v2", "WORDCOUNT_COUNT_V2"),
     ("count-v2-no-migrate-plugin", "COUNT_V2_NO_MIGRATE"),
+    ("count-v2-trap-plugin", "COUNT_V2_TRAP"),
     ("tumbling-window", "TUMBLING_WINDOW"),
     ("uppercase-plugin", "UPPERCASE"),
     ("faults-plugin", "FAULTS"),

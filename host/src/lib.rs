@@ -14,11 +14,13 @@
 //! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
 //! - [`runner`]: the embedded runner behind `weir run`.
+//! - [`control`]: the running host behind `weir serve` (API, plugin store, jobs, upgrades).
 //! - [`cli`]: the command line.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod connectors;
+pub mod control;
 pub mod dataflow;
 pub mod job;
 pub mod plugin;

@@ -7,6 +7,7 @@ mod checkpoints;
 mod cli;
 mod event_time;
 mod faults;
+mod host;
 mod languages;
 mod savepoints;
 mod support;

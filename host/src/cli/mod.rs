@@ -3,7 +3,9 @@
 //! may do I/O) and call the embedded runner.
 
 mod progress;
+mod remote;
 mod savepoint;
+mod serve;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -31,6 +33,12 @@ pub struct Cli {
     /// Where compiled plugins are cached (default: ~/.cache/weir; WEIR_CACHE_DIR).
     #[arg(long, global = true)]
     pub cache_dir: Option<PathBuf>,
+    /// A running host (`weir serve`) to talk to, e.g. http://127.0.0.1:8081.
+    #[arg(long, global = true, env = "WEIR_HOST", value_name = "URL")]
+    pub host: Option<String>,
+    /// The bearer token: `weir serve` requires it of clients, clients send it.
+    #[arg(long, global = true, env = "WEIR_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,8 +50,46 @@ pub enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Inspect or dispose of savepoints (`inspect PATH`, `--dispose PATH`).
+    /// Inspect or dispose of savepoints (`inspect PATH`, `--dispose PATH`),
+    /// or take one of a job on a running host (`JOB_ID [TARGET_DIR]`).
     Savepoint(savepoint::SavepointArgs),
+    /// Run the host: HTTP control API, plugin store, many jobs, upgrades.
+    Serve(serve::ServeArgs),
+    /// List the jobs of a running host.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job of a running host: operators, checkpoints, restarts,
+    /// savepoints, upgrades, status history.
+    Job {
+        job_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job of a running host.
+    Cancel {
+        job_id: String,
+        /// Return once the host accepted it.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop a job of a running host with a savepoint.
+    Stop {
+        job_id: String,
+        /// Where the savepoint goes (default: the host's savepoints dir).
+        #[arg(long, value_name = "DIR")]
+        savepoint_path: Option<PathBuf>,
+        /// Advance the watermark to the end first (every timer fires).
+        #[arg(long)]
+        drain: bool,
+        /// Return once the host accepted it.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Hot-upgrade a job of a running host: check, savepoint, swap,
+    /// restore, probation; rolled back automatically if it fails.
+    Upgrade(remote::UpgradeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +120,21 @@ pub struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
+    /// Deploy plugin files to a running host's store (validated and
+    /// precompiled on arrival).
+    Add {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List a running host's plugins (name, version, digest, size, states,
+    /// compile time, jobs using them).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove NAME@VERSION from a running host's store (refused while a job
+    /// uses it).
+    Remove { reference: String },
     /// Validate a plugin file and print what it declares (name, version, states).
     Inspect {
         /// The component file (*.wasm).
@@ -125,12 +186,74 @@ impl Cli {
             .or_else(PluginEngine::default_cache_dir);
         PluginEngine::new(cache).context("starting the WebAssembly engine")
     }
+
+    /// The token from `--token-file`, if given.
+    fn token(&self) -> Result<Option<String>> {
+        self.token_file
+            .as_deref()
+            .map(crate::control::HostSettings::read_token)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// A client of the running host named by `--host` or `WEIR_HOST`.
+    fn client(&self) -> Result<remote::Client> {
+        let Some(host) = &self.host else {
+            anyhow::bail!(
+                "this command talks to a running host: give --host URL (or set WEIR_HOST), e.g. --host http://127.0.0.1:8081"
+            );
+        };
+        remote::Client::new(host, self.token()?)
+    }
 }
 
 /// Runs the parsed command.
 pub async fn execute(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Run(args) if cli.host.is_some() => {
+            if args.savepoint_dir.is_some() {
+                anyhow::bail!(
+                    "--savepoint-dir is for embedded runs; on a host, stop the job with `weir stop JOB_ID --savepoint-path DIR`"
+                );
+            }
+            remote::submit(
+                &cli.client()?,
+                &args.job,
+                args.from_savepoint.as_deref(),
+                args.allow_non_restored_state,
+            )
+            .await
+        }
         Command::Run(args) => run(&cli, args).await,
+        Command::Serve(args) => serve::execute(&cli, args).await,
+        Command::List { json } => remote::list(&cli.client()?, *json).await,
+        Command::Job { job_id, json } => remote::show(&cli.client()?, job_id, *json).await,
+        Command::Cancel { job_id, detach } => remote::cancel(&cli.client()?, job_id, *detach).await,
+        Command::Stop {
+            job_id,
+            savepoint_path,
+            drain,
+            detach,
+        } => {
+            remote::stop(
+                &cli.client()?,
+                job_id,
+                savepoint_path.as_deref(),
+                *drain,
+                *detach,
+            )
+            .await
+        }
+        Command::Upgrade(args) => remote::upgrade(&cli.client()?, args).await,
+        Command::Plugin(PluginCommand::Add { files }) => {
+            remote::plugin_add(&cli.client()?, files).await
+        }
+        Command::Plugin(PluginCommand::List { json }) => {
+            remote::plugin_list(&cli.client()?, *json).await
+        }
+        Command::Plugin(PluginCommand::Remove { reference }) => {
+            remote::plugin_remove(&cli.client()?, reference).await
+        }
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&cli, file),
         Command::Plugin(PluginCommand::Bindings { dir, world, .. }) => {
             for file in crate::plugin::tooling::bindings_c(world, dir)? {
@@ -155,12 +278,23 @@ pub async fn execute(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Savepoint(args) => savepoint::execute(args),
+        Command::Savepoint(args) => match &args.job_id {
+            Some(job_id) if args.command.is_none() && args.dispose.is_none() => {
+                remote::savepoint(
+                    &cli.client()?,
+                    job_id,
+                    args.target_dir.as_deref(),
+                    args.detach,
+                )
+                .await
+            }
+            _ => savepoint::execute(args),
+        },
     }
 }
 
 /// Resolves at the first Ctrl-C or SIGTERM.
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -263,6 +397,21 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
         progress.stop();
     }
     let outcome = result?;
+    if outcome.cancelled
+        && outcome.savepoint.is_none()
+        && job.graph.checkpoint.on_cancel == crate::job::OnCancel::Delete
+    {
+        let dir = runner::checkpoint_root(&job.graph).join(&job.job_id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| {
+                format!(
+                    "[checkpoint] on_cancel = \"delete\": cannot delete {}",
+                    dir.display()
+                )
+            })?;
+            eprintln!("  checkpoints deleted ([checkpoint] on_cancel = \"delete\")");
+        }
+    }
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
     if let Some(path) = &outcome.savepoint {
         eprintln!("  savepoint: {}", path.display());

@@ -23,6 +23,9 @@ pub struct SavepointArgs {
     pub job_id: Option<String>,
     /// Where the running host writes it.
     pub target_dir: Option<PathBuf>,
+    /// With JOB_ID: return once the host accepted it.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -47,7 +50,7 @@ pub fn execute(args: &SavepointArgs) -> Result<()> {
             Ok(())
         }
         (None, None, Some(job_id)) => bail!(
-            "`weir savepoint {job_id}` asks a running host (`weir serve`) for a savepoint, and this build has no running host yet; \
+            "`weir savepoint {job_id}` asks a running host for a savepoint: give --host URL (or set WEIR_HOST); \
              for an embedded job use `weir run JOB --savepoint-dir DIR` and stop it with Ctrl-C or SIGTERM"
         ),
         _ => bail!("usage: weir savepoint inspect PATH [--json] | weir savepoint --dispose PATH"),

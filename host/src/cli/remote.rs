@@ -1,0 +1,515 @@
+//! The client verbs of a running host (`--host URL` or `WEIR_HOST`):
+//! `weir run --host`, `list`, `job`, `cancel`, `stop`, `savepoint JOB`,
+//! `upgrade`, `plugin add/list/remove`. Each is one or two API calls; long
+//! operations are followed until they finish unless `--detach`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::control::api::{ErrorBody, PluginEntry};
+use crate::control::jobs::{SavepointRequest, SubmitRequest, UpgradeRequest};
+use crate::control::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus};
+use crate::control::store::StoredPlugin;
+
+/// A client of one host.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `host`: `http://127.0.0.1:8081` or `127.0.0.1:8081`.
+    pub fn new(host: &str, token: Option<String>) -> Result<Self> {
+        let base = if host.contains("://") {
+            host.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", host.trim_end_matches('/'))
+        };
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot create the HTTP client")?;
+        Ok(Self { base, token, http })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the host at {}: {}", self.base, root_cause(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("reading the host's answer: {}", root_cause(&e)))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{message} (HTTP {})", status.as_u16());
+        }
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the host's answer is not what this client expects: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.send(self.request(reqwest::Method::POST, path).json(body))
+            .await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.request(reqwest::Method::DELETE, path)).await
+    }
+
+    /// Uploads a plugin file to the store.
+    pub async fn add_plugin(&self, file: &Path) -> Result<StoredPlugin> {
+        let bytes = tokio::fs::read(file)
+            .await
+            .with_context(|| format!("cannot read plugin file {}", file.display()))?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let request = self
+            .request(reqwest::Method::POST, "/api/plugins")
+            .query(&[("file", name)])
+            .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+            .body(bytes);
+        self.send(request).await
+    }
+
+    /// Follows an operation until it finishes.
+    pub async fn wait(&self, job: &str, operation: &str) -> Result<Operation> {
+        loop {
+            let current: Operation = self
+                .get(&format!("/api/jobs/{job}/operations/{operation}"))
+                .await?;
+            if current.status != OperationStatus::Running {
+                return Ok(current);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+/// An absolute path for the host (it resolves nothing against the
+/// client's directory).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+/// `weir run JOB --host`: uploads the job's plugin files, submits the job,
+/// prints its id.
+pub async fn submit(
+    client: &Client,
+    job: &Path,
+    from_savepoint: Option<&Path>,
+    allow_non_restored_state: bool,
+) -> Result<()> {
+    let text = std::fs::read_to_string(job)
+        .with_context(|| format!("cannot read job file {}", job.display()))?;
+    let job = absolute(job)?;
+    let base_dir = job.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let file = crate::job::JobFile::parse(&text, &job)?;
+    let mut plugins = BTreeMap::new();
+    for operator in &file.operators {
+        let path = base_dir.join(&operator.plugin);
+        if plugins.contains_key(&operator.plugin) || !path.is_file() {
+            continue;
+        }
+        let stored = client.add_plugin(&path).await?;
+        eprintln!(
+            "uploaded {} as {} (sha256 {})",
+            operator.plugin,
+            stored.reference(),
+            &stored.digest[..12]
+        );
+        plugins.insert(operator.plugin.clone(), stored.digest);
+    }
+    let request = SubmitRequest {
+        job_file: text,
+        file_name: job.file_name().map(|n| n.to_string_lossy().into_owned()),
+        base_dir,
+        plugins,
+        from_savepoint: from_savepoint
+            .map(absolute)
+            .transpose()?
+            .map(|p| p.display().to_string()),
+        allow_non_restored_state,
+    };
+    let record: JobRecord = client.post("/api/jobs", &request).await?;
+    eprintln!("job `{}` submitted, job id {}", record.name, record.id);
+    println!("{}", record.id);
+    Ok(())
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub async fn list(client: &Client, json: bool) -> Result<()> {
+    let jobs: Vec<JobSummary> = client.get("/api/jobs").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(());
+    }
+    if jobs.is_empty() {
+        println!("no jobs");
+    }
+    for job in jobs {
+        println!(
+            "{}  {:<12} {:<20} since {}  {}",
+            job.id,
+            job.status.as_str(),
+            job.name,
+            time(job.since_ms),
+            job.plugins.join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
+    let detail: JobDetail = client.get(&format!("/api/jobs/{id}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+        return Ok(());
+    }
+    let job = &detail.job;
+    println!("job       {} ({})", job.name, job.id);
+    println!(
+        "status    {} since {}",
+        job.lifecycle.status,
+        time(
+            job.lifecycle
+                .history
+                .last()
+                .map_or(job.submitted_ms, |t| t.time_ms)
+        )
+    );
+    if !detail.operators.is_empty() {
+        println!("operators");
+    }
+    for op in &detail.operators {
+        let plugin = op
+            .plugin
+            .as_ref()
+            .map(|p| format!("  {} ({})", p.plugin, &p.digest[..12.min(p.digest.len())]))
+            .unwrap_or_default();
+        let states: Vec<String> = op
+            .state_keys
+            .iter()
+            .map(|(name, keys)| format!("`{name}` {keys} keys"))
+            .collect();
+        println!(
+            "  {:<12} {:<8} p={}  in {}  out {}{plugin}{}",
+            op.uid,
+            op.role,
+            op.parallelism,
+            op.records_in,
+            op.records_out,
+            if states.is_empty() {
+                String::new()
+            } else {
+                format!("  state {}", states.join(", "))
+            }
+        );
+    }
+    println!(
+        "checkpoints  {} completed, {} failed (current run)",
+        detail.checkpoints_completed, detail.checkpoints_failed
+    );
+    for c in detail.checkpoints.iter().rev().take(5) {
+        println!(
+            "  chk-{:<6} {}  {:.0} ms  alignment {:.1} ms  {}",
+            c.id,
+            time(c.completed_ms),
+            c.duration_ms,
+            c.alignment_ms,
+            super::progress::bytes_human(c.bytes)
+        );
+    }
+    if !job.restarts.is_empty() {
+        println!("restarts  {}", job.restarts.len());
+    }
+    if let Some(error) = &job.last_error {
+        println!("last error  {error}");
+    }
+    for s in &job.savepoints {
+        println!("savepoint {}  {}", time(s.time_ms), s.path);
+    }
+    for u in &job.upgrades {
+        let to: Vec<String> =
+            u.to.iter()
+                .map(|(uid, p)| format!("{uid}={}", p.plugin))
+                .collect();
+        println!(
+            "upgrade   {}  {}  {}{}{}",
+            time(u.time_ms),
+            to.join(" "),
+            u.outcome,
+            u.downtime_ms
+                .map(|d| format!("  downtime {d:.0} ms"))
+                .unwrap_or_default(),
+            u.error
+                .as_ref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("history");
+    for t in &job.lifecycle.history {
+        println!("  {}  {:<12} {}", time(t.time_ms), t.to.as_str(), t.cause);
+    }
+    Ok(())
+}
+
+/// Prints an operation's outcome; an error if it failed.
+fn report(operation: &Operation) -> Result<()> {
+    if let Some(path) = &operation.savepoint {
+        eprintln!("savepoint {path}");
+        println!("{path}");
+    }
+    if let Some(downtime) = operation.downtime_ms {
+        eprintln!("downtime  {downtime:.0} ms");
+    }
+    if let Some(outcome) = &operation.outcome {
+        eprintln!("{outcome}");
+    }
+    match (&operation.status, &operation.error) {
+        (OperationStatus::Failed, Some(error)) => bail!("{error}"),
+        (OperationStatus::Failed, None) => bail!("operation {} failed", operation.id),
+        _ => Ok(()),
+    }
+}
+
+/// Follows an accepted operation, or prints its id with `--detach`.
+pub async fn follow(client: &Client, job: &str, operation: Operation, detach: bool) -> Result<()> {
+    if detach {
+        eprintln!(
+            "operation {} accepted; follow it with `weir job {job}`",
+            operation.id
+        );
+        println!("{}", operation.id);
+        return Ok(());
+    }
+    let done = client.wait(job, &operation.id).await?;
+    report(&done)
+}
+
+pub async fn savepoint(
+    client: &Client,
+    job: &str,
+    target: Option<&Path>,
+    detach: bool,
+) -> Result<()> {
+    let request = SavepointRequest {
+        target_dir: target
+            .map(absolute)
+            .transpose()?
+            .map(|p| p.display().to_string()),
+        drain: false,
+    };
+    let operation = client
+        .post(&format!("/api/jobs/{job}/savepoints"), &request)
+        .await?;
+    follow(client, job, operation, detach).await
+}
+
+pub async fn stop(
+    client: &Client,
+    job: &str,
+    target: Option<&Path>,
+    drain: bool,
+    detach: bool,
+) -> Result<()> {
+    let request = SavepointRequest {
+        target_dir: target
+            .map(absolute)
+            .transpose()?
+            .map(|p| p.display().to_string()),
+        drain,
+    };
+    let operation = client
+        .post(&format!("/api/jobs/{job}/stop"), &request)
+        .await?;
+    follow(client, job, operation, detach).await
+}
+
+pub async fn cancel(client: &Client, job: &str, detach: bool) -> Result<()> {
+    let operation = client
+        .post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))
+        .await?;
+    follow(client, job, operation, detach).await
+}
+
+/// `weir upgrade`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    pub job_id: String,
+    /// UID=NAME@VERSION, UID=NAME or UID=FILE (a file is uploaded first).
+    #[arg(long = "plugin", value_name = "UID=PLUGIN")]
+    pub plugins: Vec<String>,
+    /// UID=N: the operator's new parallelism.
+    #[arg(long = "parallelism", value_name = "UID=N")]
+    pub parallelism: Vec<String>,
+    /// A new job file (same uids; its plugins resolve as on `weir run --host`).
+    #[arg(long, value_name = "FILE")]
+    pub job_file: Option<PathBuf>,
+    /// Skip savepoint state of uids or states the new version no longer has.
+    #[arg(short = 'n', long)]
+    pub allow_non_restored_state: bool,
+    /// Longest probation (e.g. 60s); it ends early once the new version
+    /// completed 2 checkpoints.
+    #[arg(long, value_name = "DURATION")]
+    pub probation: Option<String>,
+    /// Return once the upgrade is accepted.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+fn split_pair<'a>(flag: &str, pair: &'a str) -> Result<(&'a str, &'a str)> {
+    pair.split_once('=')
+        .filter(|(uid, value)| !uid.is_empty() && !value.is_empty())
+        .ok_or_else(|| anyhow!("--{flag} {pair:?}: expected UID=VALUE"))
+}
+
+pub async fn upgrade(client: &Client, args: &UpgradeArgs) -> Result<()> {
+    let mut request = UpgradeRequest {
+        allow_non_restored_state: args.allow_non_restored_state,
+        probation: args.probation.clone(),
+        ..UpgradeRequest::default()
+    };
+    for pair in &args.plugins {
+        let (uid, value) = split_pair("plugin", pair)?;
+        let path = Path::new(value);
+        let reference = if path.is_file() {
+            let stored = client.add_plugin(path).await?;
+            eprintln!("uploaded {value} as {}", stored.reference());
+            format!("sha256:{}", stored.digest)
+        } else {
+            value.to_string()
+        };
+        request.plugins.insert(uid.to_string(), reference);
+    }
+    for pair in &args.parallelism {
+        let (uid, value) = split_pair("parallelism", pair)?;
+        let n = value
+            .parse()
+            .map_err(|_| anyhow!("--parallelism {pair:?}: N must be a positive number"))?;
+        request.parallelism.insert(uid.to_string(), n);
+    }
+    if let Some(file) = &args.job_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read job file {}", file.display()))?;
+        let file = absolute(file)?;
+        let base_dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let parsed = crate::job::JobFile::parse(&text, &file)?;
+        let mut plugins = BTreeMap::new();
+        for operator in &parsed.operators {
+            let path = base_dir.join(&operator.plugin);
+            if path.is_file() && !plugins.contains_key(&operator.plugin) {
+                let stored = client.add_plugin(&path).await?;
+                plugins.insert(operator.plugin.clone(), stored.digest);
+            }
+        }
+        request.job_file = Some(SubmitRequest {
+            job_file: text,
+            file_name: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+            base_dir,
+            plugins,
+            from_savepoint: None,
+            allow_non_restored_state: false,
+        });
+    }
+    let operation = client
+        .post(&format!("/api/jobs/{}/upgrade", args.job_id), &request)
+        .await?;
+    follow(client, &args.job_id, operation, args.detach).await
+}
+
+pub async fn plugin_add(client: &Client, files: &[PathBuf]) -> Result<()> {
+    for file in files {
+        let stored = client.add_plugin(file).await?;
+        println!(
+            "{}  sha256 {}  {}  compiled in {:.0} ms",
+            stored.reference(),
+            stored.digest,
+            crate::control::store::bytes(stored.size),
+            stored.compile_ms
+        );
+    }
+    Ok(())
+}
+
+pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
+    let plugins: Vec<PluginEntry> = client.get("/api/plugins").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plugins)?);
+        return Ok(());
+    }
+    if plugins.is_empty() {
+        println!("no plugins");
+    }
+    for entry in plugins {
+        let p = &entry.plugin;
+        let states: Vec<String> = p
+            .states
+            .iter()
+            .map(|s| format!("{} ({} v{})", s.name, s.kind, s.schema_version))
+            .collect();
+        println!(
+            "{:<24} {}  {:>9}  compiled {:>5.0} ms  states: {}  jobs: {}",
+            p.reference(),
+            &p.digest[..12],
+            crate::control::store::bytes(p.size),
+            p.compile_ms,
+            if states.is_empty() {
+                "none".to_string()
+            } else {
+                states.join(", ")
+            },
+            if entry.jobs.is_empty() {
+                "none".to_string()
+            } else {
+                entry.jobs.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+pub async fn plugin_remove(client: &Client, reference: &str) -> Result<()> {
+    let removed: StoredPlugin = client.delete(&format!("/api/plugins/{reference}")).await?;
+    eprintln!("removed {}", removed.reference());
+    Ok(())
+}

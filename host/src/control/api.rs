@@ -1,0 +1,496 @@
+//! The HTTP/JSON control API. Handlers are thin: parse, call the job
+//! manager or the plugin store, and map [`ControlError`] to a status code
+//! in one place ([`IntoResponse`] below). Every request passes the bearer
+//! token check when the host has a token. The OpenAPI document is derived
+//! from the handlers' annotations and the types at `/api/openapi.json`, so
+//! it cannot drift from the code.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+use super::jobs::{JobManager, SavepointRequest, SubmitRequest, UpgradeRequest};
+use super::record::*;
+use super::store::{StoreError, StoredPlugin, bytes};
+use super::{ControlError, HostContext};
+
+#[derive(Clone)]
+struct Api {
+    ctx: Arc<HostContext>,
+    jobs: Arc<JobManager>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub status: u16,
+}
+
+impl ControlError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Store(error) => match error {
+                StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+                StoreError::Conflict { .. } | StoreError::InUse { .. } => StatusCode::CONFLICT,
+                StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+                StoreError::Storage(_) | StoreError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+                status: status.as_u16(),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+type Answer<T> = Result<T, ControlError>;
+
+/// The API's routes, token-checked.
+pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
+    let api = Api { ctx, jobs };
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/health", get(health))
+        .route("/api/plugins", get(list_plugins).post(add_plugin))
+        .route("/api/plugins/{reference}", delete(remove_plugin))
+        .route("/api/jobs", get(list_jobs).post(submit_job))
+        .route("/api/jobs/{id}", get(job_detail))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/stop", post(stop_job))
+        .route(
+            "/api/jobs/{id}/savepoints",
+            get(list_savepoints).post(trigger_savepoint),
+        )
+        .route("/api/jobs/{id}/upgrade", post(upgrade_job))
+        .route("/api/jobs/{id}/operations/{operation}", get(operation))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(api.clone(), authorize))
+        .with_state(api)
+}
+
+async fn not_found(request: Request) -> ControlError {
+    ControlError::NotFound(format!(
+        "no such endpoint: {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// Checks `Authorization: Bearer <token>` when the host has a token.
+async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if let Some(token) = &api.ctx.settings.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.as_bytes(), token.as_bytes()) {
+            return ControlError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Weir control API",
+        description = "The running host: plugin store, jobs, savepoints, hot upgrades."
+    ),
+    paths(
+        health,
+        list_plugins,
+        add_plugin,
+        remove_plugin,
+        list_jobs,
+        submit_job,
+        job_detail,
+        cancel_job,
+        stop_job,
+        trigger_savepoint,
+        list_savepoints,
+        upgrade_job,
+        operation
+    ),
+    components(schemas(ErrorBody, Health)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI 3 document of this API.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_document())
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub jobs: usize,
+    pub plugins: usize,
+}
+
+/// The host is up.
+#[utoipa::path(get, path = "/api/health", responses((status = 200, body = Health)))]
+async fn health(State(api): State<Api>) -> Json<Health> {
+    Json(Health {
+        status: "ok".to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        jobs: api.jobs.list().len(),
+        plugins: api.ctx.store.list().len(),
+    })
+}
+
+/// A stored plugin with the live jobs that use it.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PluginEntry {
+    #[serde(flatten)]
+    pub plugin: StoredPlugin,
+    pub jobs: Vec<String>,
+}
+
+/// Every plugin in the store.
+#[utoipa::path(get, path = "/api/plugins", responses((status = 200, body = [PluginEntry])))]
+async fn list_plugins(State(api): State<Api>) -> Json<Vec<PluginEntry>> {
+    Json(
+        api.ctx
+            .store
+            .list()
+            .into_iter()
+            .map(|plugin| PluginEntry {
+                jobs: api.jobs.users_of(&plugin.digest),
+                plugin,
+            })
+            .collect(),
+    )
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct UploadQuery {
+    /// The file's name, for messages.
+    file: Option<String>,
+}
+
+/// Uploads a component (the request body): validated, precompiled,
+/// stored. 201 when new, 200 when the same file was there already.
+#[utoipa::path(
+    post,
+    path = "/api/plugins",
+    params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses(
+        (status = 201, body = StoredPlugin),
+        (status = 200, body = StoredPlugin),
+        (status = 400, body = ErrorBody, description = "not a valid plugin"),
+        (status = 409, body = ErrorBody, description = "another file under this name@version"),
+        (status = 413, body = ErrorBody, description = "larger than the limit"),
+    )
+)]
+async fn add_plugin(
+    State(api): State<Api>,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<(StatusCode, Json<StoredPlugin>)> {
+    let file = query
+        .file
+        .unwrap_or_else(|| "the uploaded plugin".to_string());
+    let limit = api.ctx.store.max_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |size: Option<u64>| {
+        ControlError::TooLarge(match size {
+            Some(size) => format!(
+                "{file}: {} exceeds the plugin size limit of {}",
+                bytes(size),
+                bytes(limit)
+            ),
+            None => format!("{file}: exceeds the plugin size limit of {}", bytes(limit)),
+        })
+    };
+    if declared.is_some_and(|size| size > limit) {
+        return Err(too_large(declared));
+    }
+    let body = axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|_| too_large(declared))?;
+    let store = api.ctx.store.clone();
+    let (plugin, created) = tokio::task::spawn_blocking(move || store.add(&file, &body))
+        .await
+        .map_err(super::jobs::internal)??;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(plugin)))
+}
+
+/// Removes `NAME@VERSION` from the store (409 while a live job uses it).
+#[utoipa::path(
+    delete,
+    path = "/api/plugins/{reference}",
+    params(("reference" = String, Path, description = "NAME@VERSION")),
+    responses(
+        (status = 200, body = StoredPlugin),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "a job uses it"),
+    )
+)]
+async fn remove_plugin(
+    State(api): State<Api>,
+    Path(reference): Path<String>,
+) -> Answer<Json<StoredPlugin>> {
+    if !reference.contains('@') {
+        return Err(ControlError::BadRequest(format!(
+            "`{reference}`: name the plugin as NAME@VERSION"
+        )));
+    }
+    let jobs = api.jobs.clone();
+    Ok(Json(
+        api.ctx
+            .store
+            .remove(&reference, |digest| jobs.users_of(digest))?,
+    ))
+}
+
+/// Every job, newest first.
+#[utoipa::path(get, path = "/api/jobs", responses((status = 200, body = [JobSummary])))]
+async fn list_jobs(State(api): State<Api>) -> Json<Vec<JobSummary>> {
+    Json(api.jobs.list())
+}
+
+/// Submits a job file; it starts at once.
+#[utoipa::path(
+    post,
+    path = "/api/jobs",
+    request_body = SubmitRequest,
+    responses(
+        (status = 201, body = JobRecord),
+        (status = 400, body = ErrorBody, description = "the job file is invalid"),
+    )
+)]
+async fn submit_job(
+    State(api): State<Api>,
+    request: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Answer<(StatusCode, Json<JobRecord>)> {
+    let Json(request) = request.map_err(|e| ControlError::BadRequest(e.body_text()))?;
+    Ok((StatusCode::CREATED, Json(api.jobs.submit(request).await?)))
+}
+
+/// A job: its record (status, history, operations, savepoints, upgrades)
+/// and its current run (operators, checkpoints).
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}",
+    params(("id" = String, Path)),
+    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody))
+)]
+async fn job_detail(State(api): State<Api>, Path(id): Path<String>) -> Answer<Json<JobDetail>> {
+    Ok(Json(api.jobs.detail(&id)?))
+}
+
+fn accepted(operation: Operation) -> (StatusCode, Json<Operation>) {
+    (StatusCode::ACCEPTED, Json(operation))
+}
+
+/// An optional JSON body: empty means the defaults.
+fn body<T: Default + serde::de::DeserializeOwned>(bytes: &[u8]) -> Answer<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ControlError::BadRequest(format!("the request body is not valid JSON for it: {e}"))
+    })
+}
+
+/// Cancels a job (202; follow the operation).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/cancel",
+    params(("id" = String, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+)]
+async fn cancel_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    Ok(accepted(api.jobs.cancel(&id)?))
+}
+
+/// Stops a job with a savepoint (202; follow the operation).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/stop",
+    params(("id" = String, Path)),
+    request_body = SavepointRequest,
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+)]
+async fn stop_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    request: axum::body::Bytes,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    Ok(accepted(api.jobs.stop(&id, &body(&request)?)?))
+}
+
+/// Takes a savepoint; the job runs on (202; follow the operation).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/savepoints",
+    params(("id" = String, Path)),
+    request_body = SavepointRequest,
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+)]
+async fn trigger_savepoint(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    request: axum::body::Bytes,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    Ok(accepted(api.jobs.savepoint(&id, &body(&request)?)?))
+}
+
+/// The savepoints the host took of a job.
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}/savepoints",
+    params(("id" = String, Path)),
+    responses((status = 200, body = [SavepointRecord]), (status = 404, body = ErrorBody))
+)]
+async fn list_savepoints(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Answer<Json<Vec<SavepointRecord>>> {
+    Ok(Json(api.jobs.savepoints(&id)?))
+}
+
+/// Hot-upgrades a job (202; follow the operation): checked against the
+/// newest checkpoint, stopped with a savepoint, restarted with the new
+/// plugins on probation, rolled back if it fails.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/upgrade",
+    params(("id" = String, Path)),
+    request_body = UpgradeRequest,
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "another operation runs"),
+    )
+)]
+async fn upgrade_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    request: Result<Json<UpgradeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    let Json(request) = request.map_err(|e| ControlError::BadRequest(e.body_text()))?;
+    Ok(accepted(api.jobs.upgrade(&id, request)?))
+}
+
+/// One operation of a job (kept as long as the job).
+#[utoipa::path(
+    get,
+    path = "/api/jobs/{id}/operations/{operation}",
+    params(("id" = String, Path), ("operation" = String, Path)),
+    responses((status = 200, body = Operation), (status = 404, body = ErrorBody))
+)]
+async fn operation(
+    State(api): State<Api>,
+    Path((id, operation)): Path<(String, String)>,
+) -> Answer<Json<Operation>> {
+    Ok(Json(api.jobs.operation(&id, &operation)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let document = serde_json::to_value(openapi_document()).expect("serialize");
+        let paths = document["paths"].as_object().expect("paths");
+        for path in [
+            "/api/plugins",
+            "/api/plugins/{reference}",
+            "/api/jobs",
+            "/api/jobs/{id}",
+            "/api/jobs/{id}/upgrade",
+            "/api/jobs/{id}/savepoints",
+            "/api/jobs/{id}/operations/{operation}",
+        ] {
+            assert!(paths.contains_key(path), "{path} missing");
+        }
+        assert!(
+            document["components"]["schemas"]["JobStatus"].is_object(),
+            "schemas are derived from the types"
+        );
+    }
+
+    #[test]
+    fn token_comparison_needs_the_whole_token() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secre", b"secret"));
+        assert!(!same(b"secreT", b"secret"));
+    }
+}

@@ -1,0 +1,674 @@
+//! The job manager: every job of the running host, by id. It accepts
+//! submissions (validating the job file and resolving its plugins before
+//! anything is stored), answers queries, turns operations (savepoint, stop,
+//! cancel, upgrade) into persisted [`Operation`]s handed to the job's
+//! driver ([`super::driver`]), resumes live jobs when the host starts, and
+//! stops them when it shuts down.
+//!
+//! Each job's files: `jobs/<id>/job.toml` (as submitted) and
+//! `jobs/<id>/job.json` (its [`JobRecord`], rewritten atomically on every
+//! change).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, warn};
+
+use super::driver::{self, Command, RunPlan};
+use super::lifecycle::{JobStatus, Lifecycle};
+use super::record::*;
+use super::{ControlError, HostContext, now_ms};
+use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
+
+/// `POST /api/jobs`: a job file to run.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SubmitRequest {
+    /// The job file's text (TOML).
+    pub job_file: String,
+    /// Its file name, for messages (`job.toml`).
+    #[serde(default)]
+    pub file_name: Option<String>,
+    /// The directory its relative paths resolve against (absolute).
+    #[schema(value_type = String)]
+    pub base_dir: PathBuf,
+    /// `plugin` values that are files the client uploaded first → their
+    /// sha256. Other values are `NAME[@VERSION]` from the store.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, String>,
+    /// Restore from this savepoint or retained checkpoint.
+    #[serde(default)]
+    pub from_savepoint: Option<String>,
+    #[serde(default)]
+    pub allow_non_restored_state: bool,
+}
+
+/// `POST /api/jobs/{id}/upgrade`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpgradeRequest {
+    /// uid → `NAME@VERSION`, `NAME` or `sha256:<digest>` (a file the
+    /// client uploaded).
+    #[serde(default)]
+    pub plugins: BTreeMap<String, String>,
+    /// uid → new parallelism.
+    #[serde(default)]
+    pub parallelism: BTreeMap<String, u32>,
+    /// A new job file (its plugins resolve as on submission).
+    #[serde(default)]
+    pub job_file: Option<SubmitRequest>,
+    #[serde(default)]
+    pub allow_non_restored_state: bool,
+    /// How long the new version is on probation at most (e.g. "60s");
+    /// it passes earlier once it completed `probation_checkpoints`.
+    #[serde(default)]
+    pub probation: Option<String>,
+    #[serde(default)]
+    pub probation_checkpoints: Option<u64>,
+}
+
+/// `POST /api/jobs/{id}/savepoints` and `/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SavepointRequest {
+    /// Where the savepoint directory is created (default: the data dir's
+    /// `savepoints/`).
+    #[serde(default)]
+    pub target_dir: Option<String>,
+    /// Stop: advance the watermark to the end first.
+    #[serde(default)]
+    pub drain: bool,
+}
+
+/// A job of the host: its record (persisted on every change), the live
+/// view of its current run, and its driver's command channel.
+pub struct JobHandle {
+    pub id: String,
+    record: Mutex<JobRecord>,
+    pub(super) live: Mutex<Option<driver::Live>>,
+    commands: mpsc::UnboundedSender<Command>,
+    ctx: Arc<HostContext>,
+}
+
+impl std::fmt::Debug for JobHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobHandle").field("id", &self.id).finish()
+    }
+}
+
+impl JobHandle {
+    /// A copy of the record.
+    pub fn record(&self) -> JobRecord {
+        self.record.lock().expect("not poisoned").clone()
+    }
+
+    /// Changes the record and persists it.
+    pub fn update<T>(&self, change: impl FnOnce(&mut JobRecord) -> T) -> T {
+        let mut record = self.record.lock().expect("not poisoned");
+        let result = change(&mut record);
+        persist(&self.ctx, &record);
+        result
+    }
+
+    /// Moves the job to `to` (if the state machine allows it) and persists.
+    pub fn transition(&self, to: JobStatus, cause: impl Into<String>) {
+        let cause = cause.into();
+        self.update(|record| {
+            if let Err(error) = record.lifecycle.transition(to, now_ms(), cause.clone()) {
+                warn!(job = %record.id, %error, %cause, "status change refused");
+            }
+        });
+    }
+
+    pub fn status(&self) -> JobStatus {
+        self.record.lock().expect("not poisoned").status()
+    }
+
+    /// Finishes an operation.
+    pub fn finish_operation(&self, id: &str, change: impl FnOnce(&mut Operation)) {
+        self.update(|record| {
+            if let Some(operation) = record.operation_mut(id) {
+                change(operation);
+                operation.finished_ms = Some(now_ms());
+                if operation.status == OperationStatus::Running {
+                    operation.status = OperationStatus::Succeeded;
+                }
+            }
+        });
+    }
+}
+
+fn persist(ctx: &HostContext, record: &JobRecord) {
+    let path = Path::new("jobs").join(&record.id).join("job.json");
+    let result = serde_json::to_vec_pretty(record)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| ctx.data.write(&path, &bytes).map_err(|e| e.to_string()));
+    if let Err(error) = result {
+        tracing::error!(job = %record.id, %error, "cannot persist the job record");
+    }
+}
+
+/// Every job of the host.
+pub struct JobManager {
+    ctx: Arc<HostContext>,
+    jobs: Mutex<BTreeMap<String, Arc<JobHandle>>>,
+    drivers: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for JobManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobManager").finish_non_exhaustive()
+    }
+}
+
+impl JobManager {
+    pub fn new(ctx: Arc<HostContext>) -> Self {
+        Self {
+            ctx,
+            jobs: Mutex::default(),
+            drivers: tokio::sync::Mutex::default(),
+        }
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<JobHandle>, ControlError> {
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no job {id} on this host")))
+    }
+
+    /// Loads every job record of the data dir; jobs that were live when
+    /// the host stopped (or crashed) resume from their newest completed
+    /// checkpoint (or the savepoint the host stopped them with).
+    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, ControlError> {
+        let mut resumed = 0;
+        for id in self.ctx.data.list("jobs").map_err(internal)? {
+            let path = Path::new("jobs").join(&id).join("job.json");
+            let Some(bytes) = self.ctx.data.read(&path).map_err(internal)? else {
+                continue;
+            };
+            let record: JobRecord = match serde_json::from_slice(&bytes) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(file = %self.ctx.data.join(&path).display(), %error, "skipping a job record that cannot be read");
+                    continue;
+                }
+            };
+            if record.format != RECORD_FORMAT {
+                tracing::error!(file = %self.ctx.data.join(&path).display(), format = record.format, "skipping a job record of an unknown format");
+                continue;
+            }
+            let live = !record.status().is_terminal() || record.resume_from.is_some();
+            let entry = self.insert(record);
+            if live {
+                let plan = driver::resume_plan(&self.ctx, &entry.0);
+                self.spawn_driver(entry, plan).await;
+                resumed += 1;
+            }
+        }
+        Ok(resumed)
+    }
+
+    fn insert(&self, record: JobRecord) -> (Arc<JobHandle>, mpsc::UnboundedReceiver<Command>) {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let handle = Arc::new(JobHandle {
+            id: record.id.clone(),
+            record: Mutex::new(record),
+            live: Mutex::default(),
+            commands,
+            ctx: self.ctx.clone(),
+        });
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .insert(handle.id.clone(), handle.clone());
+        (handle, receiver)
+    }
+
+    async fn spawn_driver(
+        &self,
+        (handle, commands): (Arc<JobHandle>, mpsc::UnboundedReceiver<Command>),
+        plan: RunPlan,
+    ) {
+        let span = tracing::info_span!("job", id = %handle.id, name = %handle.record().name);
+        let task =
+            tokio::spawn(driver::drive(self.ctx.clone(), handle, commands, plan).instrument(span));
+        self.drivers.lock().await.push(task);
+    }
+
+    /// Validates a job file, resolves its plugins, stores it and starts it.
+    pub async fn submit(&self, request: SubmitRequest) -> Result<JobRecord, ControlError> {
+        let spec = resolve_spec(&self.ctx, &request)?;
+        let id = crate::runner::new_job_id();
+        let ctx = self.ctx.clone();
+        let check_spec = spec.clone();
+        let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check_spec))
+            .await
+            .map_err(internal)??;
+        let now = now_ms();
+        let record = JobRecord {
+            format: RECORD_FORMAT,
+            id: id.clone(),
+            name: graph.name.clone(),
+            submitted_ms: now,
+            lifecycle: Lifecycle::new(now, "submitted"),
+            spec,
+            initial_restore: request.from_savepoint.clone(),
+            allow_non_restored_state: request.allow_non_restored_state,
+            runs: Vec::new(),
+            restarts: Vec::new(),
+            last_error: None,
+            operations: Vec::new(),
+            savepoints: Vec::new(),
+            upgrades: Vec::new(),
+            resume_from: None,
+        };
+        let dir = Path::new("jobs").join(&id);
+        self.ctx.data.create_dir_all(&dir).map_err(internal)?;
+        self.ctx
+            .data
+            .write(dir.join("job.toml"), request.job_file.as_bytes())
+            .map_err(internal)?;
+        persist(&self.ctx, &record);
+        let plan = RunPlan::first(&record);
+        let entry = self.insert(record.clone());
+        self.spawn_driver(entry, plan).await;
+        Ok(record)
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<JobSummary> {
+        let jobs: Vec<_> = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut list: Vec<JobSummary> = jobs
+            .iter()
+            .map(|handle| {
+                let record = handle.record();
+                JobSummary {
+                    plugins: driver::plugin_versions(&self.ctx, &record.spec)
+                        .into_iter()
+                        .map(|(uid, p)| format!("{uid}={}", p.plugin))
+                        .collect(),
+                    since_ms: record
+                        .lifecycle
+                        .history
+                        .last()
+                        .map_or(record.submitted_ms, |t| t.time_ms),
+                    id: record.id,
+                    name: record.name,
+                    status: record.lifecycle.status,
+                    submitted_ms: record.submitted_ms,
+                }
+            })
+            .collect();
+        list.sort_by_key(|job| std::cmp::Reverse(job.submitted_ms));
+        list
+    }
+
+    pub fn detail(&self, id: &str) -> Result<JobDetail, ControlError> {
+        let handle = self.get(id)?;
+        Ok(driver::detail(&self.ctx, &handle))
+    }
+
+    pub fn operation(&self, id: &str, operation: &str) -> Result<Operation, ControlError> {
+        let record = self.get(id)?.record();
+        record
+            .operations
+            .iter()
+            .find(|o| o.id == operation)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("job {id} has no operation {operation}")))
+    }
+
+    pub fn savepoints(&self, id: &str) -> Result<Vec<SavepointRecord>, ControlError> {
+        Ok(self.get(id)?.record().savepoints)
+    }
+
+    /// Jobs (live ones) that run the plugin `digest`.
+    pub fn users_of(&self, digest: &str) -> Vec<String> {
+        let jobs: Vec<_> = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        jobs.iter()
+            .filter(|handle| {
+                let record = handle.record();
+                !record.status().is_terminal()
+                    && driver::plugin_versions(&self.ctx, &record.spec)
+                        .values()
+                        .any(|p| p.digest == digest)
+            })
+            .map(|handle| handle.id.clone())
+            .collect()
+    }
+
+    /// Records a new operation and hands it to the job's driver. 409 while
+    /// another operation runs or the job is not running.
+    fn start_operation(
+        &self,
+        id: &str,
+        kind: OperationKind,
+        command: impl FnOnce(String) -> Command,
+    ) -> Result<Operation, ControlError> {
+        let handle = self.get(id)?;
+        let operation = handle.update(|record| {
+            let status = record.status();
+            if let Some(running) = record.running_operation() {
+                return Err(ControlError::Conflict(format!(
+                    "job {id} is busy with {} operation {}; wait for it to finish",
+                    kind_name(running.kind),
+                    running.id
+                )));
+            }
+            let allowed = match kind {
+                OperationKind::Cancel => !status.is_terminal(),
+                _ => status == JobStatus::Running,
+            };
+            if !allowed {
+                return Err(ControlError::Conflict(format!(
+                    "job {id} is {status}: no {} now",
+                    kind_name(kind)
+                )));
+            }
+            let operation = Operation {
+                id: crate::checkpoint::storage::random_hex(8),
+                kind,
+                status: OperationStatus::Running,
+                requested_ms: now_ms(),
+                finished_ms: None,
+                savepoint: None,
+                downtime_ms: None,
+                outcome: None,
+                error: None,
+            };
+            record.operations.push(operation.clone());
+            Ok(operation)
+        })?;
+        if handle.commands.send(command(operation.id.clone())).is_err() {
+            handle.finish_operation(&operation.id, |o| {
+                o.status = OperationStatus::Failed;
+                o.error = Some("the job's driver has stopped".to_string());
+            });
+            return Err(ControlError::Conflict(format!("job {id} is not running")));
+        }
+        Ok(operation)
+    }
+
+    fn target(&self, dir: Option<&str>) -> PathBuf {
+        dir.map(PathBuf::from)
+            .unwrap_or_else(|| self.ctx.data.join("savepoints"))
+    }
+
+    pub fn savepoint(
+        &self,
+        id: &str,
+        request: &SavepointRequest,
+    ) -> Result<Operation, ControlError> {
+        let target = self.target(request.target_dir.as_deref());
+        self.start_operation(id, OperationKind::Savepoint, |operation| {
+            Command::Savepoint { operation, target }
+        })
+    }
+
+    pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
+        let target = self.target(request.target_dir.as_deref());
+        let drain = request.drain;
+        self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
+            operation,
+            target,
+            drain,
+        })
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<Operation, ControlError> {
+        self.start_operation(id, OperationKind::Cancel, |operation| Command::Cancel {
+            operation,
+        })
+    }
+
+    /// Checks the request's shape (uids, parallelism, plugins exist), then
+    /// hands it to the driver, which checks it against the newest
+    /// checkpoint before anything stops.
+    pub fn upgrade(&self, id: &str, request: UpgradeRequest) -> Result<Operation, ControlError> {
+        let handle = self.get(id)?;
+        let current = handle.record().spec;
+        let mut spec = match &request.job_file {
+            Some(file) => resolve_spec(&self.ctx, file)?,
+            None => current.clone(),
+        };
+        if request.plugins.is_empty()
+            && request.parallelism.is_empty()
+            && request.job_file.is_none()
+        {
+            return Err(ControlError::BadRequest(
+                "an upgrade needs --plugin UID=..., --parallelism UID=N or --job-file".to_string(),
+            ));
+        }
+        let graph = build_graph(&self.ctx, &spec)?;
+        let mut problems = Vec::new();
+        for (uid, reference) in &request.plugins {
+            match graph.node(uid).map(|n| &n.kind) {
+                Some(NodeKind::Operator(_)) => match self.ctx.store.resolve(reference) {
+                    Ok(stored) => {
+                        spec.overrides.insert(uid.clone(), stored.digest);
+                    }
+                    Err(error) => problems.push(format!("--plugin {uid}: {error}")),
+                },
+                Some(_) => problems.push(format!("--plugin {uid}: `{uid}` is not an operator")),
+                None => problems.push(format!("--plugin {uid}: the job has no uid `{uid}`")),
+            }
+        }
+        for (uid, parallelism) in &request.parallelism {
+            if graph.node(uid).is_none() {
+                problems.push(format!("--parallelism {uid}: the job has no uid `{uid}`"));
+            } else if *parallelism == 0 || *parallelism > graph.max_parallelism {
+                problems.push(format!(
+                    "--parallelism {uid}={parallelism}: must be between 1 and max_parallelism ({})",
+                    graph.max_parallelism
+                ));
+            } else {
+                spec.parallelism.insert(uid.clone(), *parallelism);
+            }
+        }
+        let probation = match &request.probation {
+            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                ControlError::BadRequest(format!("probation {text:?}: {e} (e.g. \"30s\")"))
+            })?),
+            None => None,
+        };
+        if !problems.is_empty() {
+            return Err(ControlError::BadRequest(problems.join("; ")));
+        }
+        if spec == current {
+            return Err(ControlError::BadRequest(format!(
+                "the upgrade changes nothing: job {id} already runs these plugins and parallelism"
+            )));
+        }
+        let upgrade = driver::Upgrade {
+            spec,
+            allow_non_restored_state: request.allow_non_restored_state,
+            probation: probation.unwrap_or(self.ctx.settings.probation),
+            probation_checkpoints: request
+                .probation_checkpoints
+                .unwrap_or(self.ctx.settings.probation_checkpoints),
+        };
+        self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
+            operation,
+            upgrade: Box::new(upgrade),
+        })
+    }
+
+    /// Stops every live job (with a savepoint, or by cancelling it) and
+    /// waits for the drivers.
+    pub async fn shutdown(&self, with_savepoint: bool) {
+        let jobs: Vec<_> = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut waits = Vec::new();
+        for handle in jobs {
+            let (done, wait) = oneshot::channel();
+            if handle
+                .commands
+                .send(Command::Shutdown {
+                    savepoint: with_savepoint,
+                    target: self.ctx.data.join("savepoints"),
+                    done,
+                })
+                .is_ok()
+            {
+                waits.push(wait);
+            }
+        }
+        for wait in waits {
+            let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
+        }
+        for task in self.drivers.lock().await.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+fn kind_name(kind: OperationKind) -> &'static str {
+    match kind {
+        OperationKind::Savepoint => "a savepoint",
+        OperationKind::Stop => "a stop",
+        OperationKind::Cancel => "a cancel",
+        OperationKind::Upgrade => "an upgrade",
+    }
+}
+
+pub(super) fn internal(error: impl std::fmt::Display) -> ControlError {
+    ControlError::Internal(error.to_string())
+}
+
+/// A submission's spec: each operator's `plugin` resolved to a digest.
+fn resolve_spec(ctx: &HostContext, request: &SubmitRequest) -> Result<JobSpec, ControlError> {
+    let path = job_path(&request.base_dir, request.file_name.as_deref());
+    if !request.base_dir.is_absolute() {
+        return Err(ControlError::BadRequest(format!(
+            "base_dir {} must be absolute",
+            request.base_dir.display()
+        )));
+    }
+    let file = JobFile::parse(&request.job_file, &path).map_err(bad_request)?;
+    let mut resolved = BTreeMap::new();
+    let mut problems = Vec::new();
+    for operator in &file.operators {
+        if resolved.contains_key(&operator.plugin) {
+            continue;
+        }
+        let found = match request.plugins.get(&operator.plugin) {
+            Some(digest) => ctx.store.resolve(&format!("sha256:{digest}")),
+            None => ctx.store.resolve(&operator.plugin),
+        };
+        match found {
+            Ok(stored) => {
+                resolved.insert(operator.plugin.clone(), stored.digest);
+            }
+            Err(error) => problems.push(format!("operator `{}`: {error}", operator.uid)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ControlError::BadRequest(format!(
+            "job file {} is invalid:\n{}",
+            path.display(),
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )));
+    }
+    Ok(JobSpec {
+        job_file: request.job_file.clone(),
+        file_name: path.file_name().map_or_else(
+            || "job.toml".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        base_dir: request.base_dir.clone(),
+        resolved,
+        overrides: BTreeMap::new(),
+        parallelism: BTreeMap::new(),
+    })
+}
+
+fn job_path(base_dir: &Path, file_name: Option<&str>) -> PathBuf {
+    let name = file_name
+        .and_then(|n| Path::new(n).file_name())
+        .map(|n| n.to_owned())
+        .unwrap_or_else(|| "job.toml".into());
+    base_dir.join(name)
+}
+
+fn bad_request(error: impl std::fmt::Display) -> ControlError {
+    ControlError::BadRequest(error.to_string())
+}
+
+/// Resolves `plugin` values through the spec's digests and the store.
+struct StoreResolver<'a> {
+    ctx: &'a HostContext,
+    resolved: &'a BTreeMap<String, String>,
+}
+
+impl PluginResolver for StoreResolver<'_> {
+    fn resolve(&self, plugin: &str, _base: &Path) -> Result<PathBuf, String> {
+        let digest = match plugin.strip_prefix("sha256:") {
+            Some(digest) => digest,
+            None => self.resolved.get(plugin).ok_or_else(|| {
+                format!("plugin {plugin} was not resolved when the job was submitted")
+            })?,
+        };
+        let path = self.ctx.store.blob_path(digest);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "plugin {plugin} (sha256 {digest}) is no longer in the plugin store"
+            ))
+        }
+    }
+}
+
+/// The job graph a spec runs: the job file with the spec's upgrades
+/// applied, validated, its plugins from the store, its checkpoints and
+/// working state in the data dir.
+pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph, ControlError> {
+    let path = spec.base_dir.join(&spec.file_name);
+    let mut file = JobFile::parse(&spec.job_file, &path).map_err(bad_request)?;
+    for operator in &mut file.operators {
+        if let Some(digest) = spec.overrides.get(&operator.uid) {
+            operator.plugin = format!("sha256:{digest}");
+        }
+        if let Some(parallelism) = spec.parallelism.get(&operator.uid) {
+            operator.parallelism = Some(*parallelism);
+        }
+    }
+    for sink in &mut file.sinks {
+        if let Some(parallelism) = spec.parallelism.get(&sink.uid) {
+            sink.parallelism = Some(*parallelism);
+        }
+    }
+    let resolver = StoreResolver {
+        ctx,
+        resolved: &spec.resolved,
+    };
+    let mut graph = JobGraph::validate_with(file, &path, &resolver).map_err(bad_request)?;
+    graph.checkpoint.dir = Some(ctx.data.join("checkpoints"));
+    graph.state.dir = ctx.data.join("state");
+    Ok(graph)
+}

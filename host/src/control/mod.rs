@@ -1,0 +1,302 @@
+//! The running host (`weir serve`): the layer above the embedded runner
+//! that platform teams run for weeks. It drives the same engine path as
+//! `weir run` ([`crate::runner`]); what it adds:
+//!
+//! - [`api`]: the HTTP/JSON control API (axum), bearer-token checked, its
+//!   OpenAPI document generated from the code; handlers are thin and map
+//!   [`ControlError`] to status codes in one place.
+//! - [`store`]: the plugin store (validated and precompiled on arrival,
+//!   content-addressed by sha256, indexed by `name@version`).
+//! - [`watch`]: the watched plugin directory (`plugins/incoming/`).
+//! - [`jobs`]: the job manager (submit, list, operations, resume at start,
+//!   stop at shutdown).
+//! - [`driver`]: one task per job that runs it and owns its transitions.
+//! - [`lifecycle`]: the job state machine.
+//! - [`upgrade`]: the hot-upgrade procedure (check, savepoint, swap,
+//!   probation, rollback).
+//! - [`record`]: what is persisted per job (also the API's answers).
+//! - [`durable`]: the data dir as a cap-std handle; atomic, durable writes.
+//!
+//! Data dir layout: `plugins/` (`blobs/`, `index.json`, `compiled/`,
+//! `incoming/`, `rejected/`), `jobs/<job id>/` (`job.toml`, `job.json`),
+//! `checkpoints/<run id>/`, `savepoints/`, `state/` (working state).
+
+pub mod api;
+pub mod driver;
+pub mod durable;
+pub mod jobs;
+pub mod lifecycle;
+pub mod record;
+pub mod store;
+pub mod upgrade;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::PluginEngine;
+use durable::DataDir;
+use jobs::JobManager;
+use store::PluginStore;
+
+/// Errors of the control layer; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// 400: a malformed request or job file.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("missing or wrong bearer token (send `Authorization: Bearer <token>`)")]
+    Unauthorized,
+    /// 404: no such job, plugin or operation.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the job is busy or in the wrong status; a plugin is in use.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: a plugin larger than the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Errors starting the host.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without a bearer token: anyone who can reach it could run code; give --token-file (or `token_file` in the config)"
+    )]
+    TokenRequired(SocketAddr),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data dir: {0}")]
+    DataDir(#[from] durable::DurableError),
+    #[error("config file {file}: {message}")]
+    Config { file: PathBuf, message: String },
+    #[error("token file {file}: {message}")]
+    Token { file: PathBuf, message: String },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
+}
+
+/// What running jobs do when the host gets SIGTERM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMode {
+    /// Stop with a savepoint; the next start resumes from it.
+    #[default]
+    Savepoint,
+    /// Cancel; the next start resumes from the newest checkpoint.
+    Cancel,
+}
+
+/// `weir serve --config FILE` (TOML). Command-line flags win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    /// Another watched plugin directory instead of `plugins/incoming/`.
+    pub watch: Option<PathBuf>,
+    #[serde(default)]
+    pub on_shutdown: ShutdownMode,
+    /// Largest plugin accepted, e.g. "256MiB".
+    pub max_plugin_size: Option<crate::job::file::ByteSize>,
+    /// Default upgrade probation, e.g. "60s".
+    #[serde(default, with = "crate::job::file::humantime_serde_opt")]
+    pub probation: Option<Duration>,
+    /// Checkpoints that end an upgrade's probation early (default 2).
+    pub probation_checkpoints: Option<u64>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &std::path::Path) -> Result<Self, ServeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServeError::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ServeError::Config {
+            file: path.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+}
+
+/// Settings of a running host.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: Option<String>,
+    pub watch: Option<PathBuf>,
+    pub on_shutdown: ShutdownMode,
+    pub max_plugin_bytes: u64,
+    pub probation: Duration,
+    pub probation_checkpoints: u64,
+}
+
+impl HostSettings {
+    /// Defaults: 127.0.0.1:8081, `weir-data/`, no token (loopback only).
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            data_dir,
+            token: None,
+            watch: None,
+            on_shutdown: ShutdownMode::Savepoint,
+            max_plugin_bytes: store::DEFAULT_MAX_PLUGIN_BYTES,
+            probation: Duration::from_secs(60),
+            probation_checkpoints: 2,
+        }
+    }
+
+    /// Reads the token from a file (surrounding whitespace trimmed).
+    pub fn read_token(file: &std::path::Path) -> Result<String, ServeError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ServeError::Token {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ServeError::Token {
+                file: file.to_path_buf(),
+                message: "it is empty".to_string(),
+            });
+        }
+        Ok(token)
+    }
+}
+
+/// What every part of the host shares.
+pub struct HostContext {
+    pub data: Arc<DataDir>,
+    pub engine: Arc<PluginEngine>,
+    pub store: Arc<PluginStore>,
+    pub settings: HostSettings,
+}
+
+impl std::fmt::Debug for HostContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostContext")
+            .field("data", &self.data.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    crate::dataflow::now_millis() as u64
+}
+
+/// A started host.
+#[derive(Debug)]
+pub struct RunningHost {
+    pub address: SocketAddr,
+    pub jobs: Arc<JobManager>,
+    pub context: Arc<HostContext>,
+    server: tokio::task::JoinHandle<()>,
+    stop_server: tokio::sync::watch::Sender<bool>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningHost {
+    /// Opens the data dir, resumes its live jobs, and serves the API.
+    pub async fn start(settings: HostSettings) -> Result<Self, ServeError> {
+        if settings.token.is_none() && !settings.listen.ip().is_loopback() {
+            return Err(ServeError::TokenRequired(settings.listen));
+        }
+        let data = Arc::new(DataDir::open(&settings.data_dir)?);
+        // Working state is per run and rebuilt from checkpoints; a killed
+        // host leaves its runs' behind.
+        let working = data.join("state");
+        if working.exists()
+            && let Err(error) = std::fs::remove_dir_all(&working)
+        {
+            tracing::warn!(dir = %working.display(), %error, "cannot clear the working state");
+        }
+        for dir in ["plugins/incoming", "plugins/rejected", "jobs", "savepoints"] {
+            data.create_dir_all(dir)?;
+        }
+        let engine = Arc::new(PluginEngine::new(Some(data.join("plugins/compiled")))?);
+        let store = Arc::new(
+            PluginStore::open(data.clone(), engine.clone(), settings.max_plugin_bytes)
+                .map_err(ControlError::from)?,
+        );
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                address: settings.listen,
+                source,
+            })?;
+        let address = listener.local_addr().map_err(|source| ServeError::Listen {
+            address: settings.listen,
+            source,
+        })?;
+        let context = Arc::new(HostContext {
+            data,
+            engine,
+            store,
+            settings,
+        });
+        let jobs = Arc::new(JobManager::new(context.clone()));
+        let resumed = jobs.resume_all().await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed the jobs that were live");
+        }
+        let watch_dir = context
+            .settings
+            .watch
+            .clone()
+            .unwrap_or_else(|| context.data.join("plugins/incoming"));
+        let watcher = Some(watch::spawn(context.clone(), watch_dir));
+        let router = api::router(context.clone(), jobs.clone());
+        let (stop_server, mut stopped) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(%error, "the API server stopped");
+            }
+        });
+        tracing::info!(%address, data_dir = %context.data.path().display(), "weir serve: listening");
+        Ok(Self {
+            address,
+            jobs,
+            context,
+            server,
+            stop_server,
+            watcher,
+        })
+    }
+
+    /// Stops every live job as configured (savepoint or cancel), then the
+    /// API.
+    pub async fn shutdown(mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        let with_savepoint = self.context.settings.on_shutdown == ShutdownMode::Savepoint;
+        self.jobs.shutdown(with_savepoint).await;
+        let _ = self.stop_server.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
+    }
+}

@@ -1,0 +1,234 @@
+//! What the running host persists about a job (`jobs/<job id>/job.json`,
+//! beside the submitted `job.toml`): what to run ([`JobSpec`]), its
+//! [`Lifecycle`], its runs, restarts, operations, savepoints and upgrades.
+//! These are boundary types: they are the API's answers too, and derive
+//! its OpenAPI schema. Versioned (`format`); a record of an unknown format
+//! is refused, naming the file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::{JobStatus, Lifecycle};
+
+/// The record format this host writes.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// What a job runs: the submitted job file and how its plugins resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobSpec {
+    /// The job file's text (TOML).
+    pub job_file: String,
+    /// Its file name (messages name it).
+    #[serde(default = "job_toml")]
+    pub file_name: String,
+    /// The directory the job file's relative paths (sources, sinks) are
+    /// resolved against: where it was submitted from.
+    #[schema(value_type = String)]
+    pub base_dir: PathBuf,
+    /// Each operator's `plugin` value → the sha256 it resolved to when the
+    /// job was submitted (a name without a version resolves once, to the
+    /// newest, and stays that across restarts).
+    pub resolved: BTreeMap<String, String>,
+    /// Upgrades: uid → sha256 of the plugin it runs instead.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+    /// Upgrades: uid → parallelism instead of the job file's.
+    #[serde(default)]
+    pub parallelism: BTreeMap<String, u32>,
+}
+
+fn job_toml() -> String {
+    "job.toml".to_string()
+}
+
+/// One run of the engine for this job: the first start, a resume after a
+/// host restart, each side of an upgrade. Its checkpoints are under
+/// `checkpoints/<run id>/`; the first run's id is the job id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub started_ms: u64,
+    /// The checkpoint or savepoint it restored.
+    pub restored_from: Option<String>,
+    /// Why it started.
+    pub reason: String,
+    /// An upgrade's new version that failed its probation: its checkpoints
+    /// are never restored.
+    #[serde(default)]
+    pub abandoned: bool,
+}
+
+/// A failed attempt and what the restart strategy did about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RestartRecord {
+    pub time_ms: u64,
+    /// The operator (uid) that failed.
+    pub uid: String,
+    pub error: String,
+    /// Restart number (0: not restarted).
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    Savepoint,
+    Stop,
+    Cancel,
+    Upgrade,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationStatus {
+    /// Accepted, not finished.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A long operation on a job (savepoint, stop, cancel, upgrade). Kept with
+/// the job for as long as the job is: results never expire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub status: OperationStatus,
+    pub requested_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// The savepoint it wrote (savepoint, stop, upgrade).
+    pub savepoint: Option<String>,
+    /// Upgrades: the last record of the old version to the first of the
+    /// new one (or of the old one again, after a rollback).
+    pub downtime_ms: Option<f64>,
+    /// What happened, in a line (e.g. "rolled back to count@0.1.0").
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A savepoint the host took of this job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SavepointRecord {
+    pub path: String,
+    /// Its checkpoint id (ids grow across the job's runs).
+    pub checkpoint: u64,
+    pub time_ms: u64,
+    /// The operation that asked for it (none: the host's own, at shutdown).
+    pub operation: Option<String>,
+}
+
+/// A plugin an operator ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PluginVersion {
+    /// `name@version`.
+    pub plugin: String,
+    pub digest: String,
+}
+
+/// One upgrade: refused, done, or rolled back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpgradeRecord {
+    pub operation: String,
+    pub time_ms: u64,
+    /// By uid: what ran before and what was to run after.
+    pub from: BTreeMap<String, PluginVersion>,
+    pub to: BTreeMap<String, PluginVersion>,
+    /// `refused`, `upgraded` or `rolled-back`.
+    pub outcome: String,
+    pub savepoint: Option<String>,
+    pub downtime_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Everything the host keeps about a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobRecord {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub submitted_ms: u64,
+    pub lifecycle: Lifecycle,
+    pub spec: JobSpec,
+    /// Where the first run restored from (`weir run -s` against a host).
+    pub initial_restore: Option<String>,
+    pub allow_non_restored_state: bool,
+    pub runs: Vec<RunRecord>,
+    pub restarts: Vec<RestartRecord>,
+    /// The newest failure, naming the operator.
+    pub last_error: Option<String>,
+    pub operations: Vec<Operation>,
+    pub savepoints: Vec<SavepointRecord>,
+    pub upgrades: Vec<UpgradeRecord>,
+    /// Set when the host stopped the job with this savepoint as it shut
+    /// down: its next start resumes the job from it.
+    pub resume_from: Option<String>,
+}
+
+impl JobRecord {
+    pub fn status(&self) -> JobStatus {
+        self.lifecycle.status
+    }
+
+    pub fn operation_mut(&mut self, id: &str) -> Option<&mut Operation> {
+        self.operations.iter_mut().find(|o| o.id == id)
+    }
+
+    /// The operation still running, if any (one at a time per job).
+    pub fn running_operation(&self) -> Option<&Operation> {
+        self.operations
+            .iter()
+            .find(|o| o.status == OperationStatus::Running)
+    }
+}
+
+/// A job in the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    pub status: JobStatus,
+    pub submitted_ms: u64,
+    /// Time of the newest status change.
+    pub since_ms: u64,
+    /// `uid=name@version` of each operator.
+    pub plugins: Vec<String>,
+}
+
+/// A node of the running job, with its counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OperatorView {
+    pub uid: String,
+    /// `source`, `operator` or `sink`.
+    pub role: String,
+    pub plugin: Option<PluginVersion>,
+    pub parallelism: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Keys with state, by state name, as of the newest checkpoint.
+    pub state_keys: BTreeMap<String, u64>,
+}
+
+/// A completed checkpoint of the current run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckpointView {
+    pub id: u64,
+    pub completed_ms: u64,
+    pub duration_ms: f64,
+    pub alignment_ms: f64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+}
+
+/// `GET /api/jobs/{id}`: the record and the live view of its current run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobDetail {
+    pub job: JobRecord,
+    pub operators: Vec<OperatorView>,
+    /// Completed and failed checkpoints of the current run.
+    pub checkpoints_completed: u64,
+    pub checkpoints_failed: u64,
+    /// The current run's newest checkpoints, oldest first.
+    pub checkpoints: Vec<CheckpointView>,
+}

@@ -1,0 +1,834 @@
+//! The running host, end to end: a real `weir serve` on a random loopback
+//! port with its own data dir, driven by the real `weir` client verbs and by
+//! raw HTTP where the test is about the API's answers. Plugins are the real
+//! components the build script compiled.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weir_tests::plugins::{
+    COUNT_V2_NO_MIGRATE, COUNT_V2_TRAP, FAULTS, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2,
+    WORDCOUNT_SPLIT,
+};
+
+use crate::checkpoints::generator_counts;
+use crate::support::JobDir;
+
+/// A `weir serve` child process. Killed (SIGKILL) when dropped.
+struct Host {
+    child: Option<Child>,
+    url: String,
+    token: Option<PathBuf>,
+}
+
+impl Host {
+    fn start(data: &Path, extra: &[&str]) -> Host {
+        Self::start_with(data, extra, None)
+    }
+
+    fn start_with(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env_remove("WEIR_HOST")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(token) = token {
+            command.arg("--token-file").arg(token);
+        }
+        let mut child = command.spawn().expect("weir serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("weir serve prints where it listens");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Host {
+            child: Some(child),
+            url,
+
+            token: token.map(Path::to_path_buf),
+        }
+    }
+
+    /// Runs a client verb of the real binary against this host.
+    fn weir(&self, args: &[&str], dir: &Path) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("WEIR_HOST", &self.url)
+            .env_remove("RUST_LOG");
+        if let Some(token) = &self.token {
+            command.env("WEIR_TOKEN_FILE", token);
+        }
+        command.output().expect("the weir binary runs")
+    }
+
+    /// A client verb that must succeed; its stdout.
+    fn ok(&self, args: &[&str], dir: &Path) -> String {
+        let output = self.weir(args, dir);
+        assert!(
+            output.status.success(),
+            "weir {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn job(&self, id: &str) -> Value {
+        let (status, body) = http(
+            &self.url,
+            "GET",
+            &format!("/api/jobs/{id}"),
+            self.token_value().as_deref(),
+            &[],
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("job JSON")
+    }
+
+    fn token_value(&self) -> Option<String> {
+        self.token.as_ref().map(|t| {
+            std::fs::read_to_string(t)
+                .expect("token")
+                .trim()
+                .to_string()
+        })
+    }
+
+    /// Waits until the job's status is `status`.
+    fn wait_status(&self, id: &str, status: &str, limit: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let job = self.job(id);
+            if job["job"]["lifecycle"]["status"] == status {
+                return job;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "job {id} did not become {status} in {limit:?}: {job:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the job has completed at least `n` checkpoints in its
+    /// current run.
+    fn wait_checkpoints(&self, id: &str, n: u64, limit: Duration) {
+        let started = Instant::now();
+        while self.job(id)["checkpoints_completed"].as_u64().unwrap_or(0) < n {
+            assert!(
+                started.elapsed() < limit,
+                "job {id}: no {n} checkpoints in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for the host to exit.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let started = Instant::now();
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "weir serve exited with {status}");
+                    return;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "weir serve did not stop"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 request over a plain socket: (status, body).
+fn http(base: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+    let address = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).expect("connect to the host");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if !body.is_empty() && body[0] == b'{' {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    // A host that answers early (413 on Content-Length) may close before
+    // the whole body is sent: its answer is still there to read.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // Chunked bodies: take the JSON between the chunk sizes.
+    let body = match (body.find('{'), body.find('[')) {
+        (Some(a), Some(b)) => &body[a.min(b)..],
+        (Some(a), None) => &body[a..],
+        (None, Some(b)) => &body[b..],
+        (None, None) => body,
+    };
+    let body = body.trim_end().trim_end_matches('0').trim_end();
+    (status, body.to_string())
+}
+
+/// A job directory with the word count's plugins copied in.
+fn plugin_dir() -> JobDir {
+    let dir = JobDir::new();
+    for (name, path) in [
+        ("split.wasm", WORDCOUNT_SPLIT),
+        ("count.wasm", WORDCOUNT_COUNT),
+        ("count-v2.wasm", WORDCOUNT_COUNT_V2),
+        ("count-v2-no-migrate.wasm", COUNT_V2_NO_MIGRATE),
+        ("count-v2-trap.wasm", COUNT_V2_TRAP),
+        ("faults.wasm", FAULTS),
+    ] {
+        std::fs::copy(path, dir.path().join(name)).expect("copy plugin");
+    }
+    dir
+}
+
+/// Generator (`count` records or unbounded, `rate`/s) → split → count →
+/// exactly-once file sink `out/`, checkpoints every `interval`.
+fn wordcount(
+    name: &str,
+    count: Option<u64>,
+    rate: u64,
+    split: &str,
+    counter: &str,
+    interval: &str,
+) -> String {
+    let count = count.map(|c| format!("count = {c}")).unwrap_or_default();
+    format!(
+        r#"
+name = "{name}"
+max_parallelism = 32
+
+[checkpoint]
+interval = "{interval}"
+
+[restart]
+strategy = "fixed-delay"
+attempts = 5
+delay = "200ms"
+
+[[source]]
+uid = "words"
+kind = "generator"
+{count}
+rate = {rate}
+keys = 30
+seed = 7
+
+[[operator]]
+uid = "split"
+plugin = "{split}"
+inputs = ["words"]
+
+[[operator]]
+uid = "count"
+plugin = "{counter}"
+inputs = [{{ from = "split", partition = "key" }}]
+
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out-{name}"
+inputs = ["count"]
+"#
+    )
+}
+
+/// Every word's committed updates are exactly 1..=N, each once. Returns
+/// word → N.
+fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in weir_tests::read_parts(dir) {
+        let (word, count) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad output line {line:?}"));
+        seen.entry(word.to_string())
+            .or_default()
+            .push(count.parse().expect("a count"));
+    }
+    assert!(!seen.is_empty(), "no committed output in {}", dir.display());
+    seen.into_iter()
+        .map(|(word, mut counts)| {
+            counts.sort_unstable();
+            let n = counts.len() as u64;
+            assert_eq!(
+                counts,
+                (1..=n).collect::<Vec<_>>(),
+                "word `{word}`: its updates are not 1..{n} exactly once"
+            );
+            (word, n)
+        })
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn hot_upgrade_refused_rolled_back_and_done_keeps_exactly_once() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let host = Host::start(&data, &[]);
+    // Plugins deployed to the store first; the job names them from there.
+    let added = host.ok(
+        &["plugin", "add", "split.wasm", "count.wasm", "count-v2.wasm"],
+        dir.path(),
+    );
+    assert!(
+        added.contains("count@0.1.0") && added.contains("count@0.2.0"),
+        "{added}"
+    );
+    dir.write(
+        "job.toml",
+        wordcount("upgrade", None, 1500, "split", "count@0.1.0", "400ms"),
+    );
+    let id = host.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    host.wait_status(&id, "running", Duration::from_secs(30));
+    host.wait_checkpoints(&id, 1, Duration::from_secs(30));
+
+    // A v2 that changed the state's schema without a migrate export: refused
+    // before anything stops.
+    let refused = host.weir(
+        &["upgrade", &id, "--plugin", "count=count-v2-no-migrate.wasm"],
+        dir.path(),
+    );
+    assert!(!refused.status.success(), "the upgrade must be refused");
+    let message = stderr(&refused);
+    assert!(message.contains("upgrade refused"), "{message}");
+    assert!(message.contains("no migrate export"), "{message}");
+    let job = host.job(&id);
+    assert_eq!(job["job"]["lifecycle"]["status"], "running");
+    assert_eq!(
+        job["job"]["savepoints"].as_array().map(Vec::len),
+        Some(0),
+        "nothing stopped"
+    );
+    assert_eq!(job["job"]["runs"].as_array().map(Vec::len), Some(1));
+
+    // A v2 that restores, then traps on its 1000th record: rolled back to
+    // v1 from the same savepoint; the command fails naming the error.
+    let rolled = host.weir(
+        &[
+            "upgrade",
+            &id,
+            "--plugin",
+            "count=count-v2-trap.wasm",
+            "--probation",
+            "30s",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !rolled.status.success(),
+        "a rolled-back upgrade exits non-zero"
+    );
+    let message = stderr(&rolled);
+    assert!(message.contains("rolled back"), "{message}");
+    assert!(message.contains("`count`"), "names the operator: {message}");
+    let job = host.wait_status(&id, "running", Duration::from_secs(30));
+    let upgrades = job["job"]["upgrades"].as_array().expect("upgrades");
+    assert_eq!(upgrades[0]["outcome"], "refused");
+    assert_eq!(upgrades[1]["outcome"], "rolled-back");
+    let count = job["operators"]
+        .as_array()
+        .expect("operators")
+        .iter()
+        .find(|o| o["uid"] == "count")
+        .expect("count")
+        .clone();
+    assert_eq!(count["plugin"]["plugin"], "count@0.1.0", "v1 runs again");
+    let history: Vec<&str> = job["job"]["lifecycle"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|t| t["to"].as_str())
+        .collect();
+    assert!(
+        history
+            .windows(3)
+            .any(|w| w == ["upgrading", "rolling-back", "running"]),
+        "{history:?}"
+    );
+    host.wait_checkpoints(&id, 1, Duration::from_secs(30));
+
+    // The real v2, with its migration, while input flows.
+    host.ok(
+        &["upgrade", &id, "--plugin", "count=count@0.2.0"],
+        dir.path(),
+    );
+    let job = host.wait_status(&id, "running", Duration::from_secs(30));
+    let last = job["job"]["upgrades"]
+        .as_array()
+        .expect("upgrades")
+        .last()
+        .cloned()
+        .expect("one");
+    assert_eq!(last["outcome"], "upgraded", "{last:#}");
+    assert!(
+        last["downtime_ms"].as_f64().is_some(),
+        "downtime measured: {last:#}"
+    );
+    host.wait_checkpoints(&id, 2, Duration::from_secs(30));
+
+    // Stop with a savepoint: every word's update stream is 1..N exactly
+    // once across the refused, rolled-back and completed upgrades.
+    let savepoint = host.ok(&["stop", &id], dir.path());
+    assert!(savepoint.trim().contains("savepoint-"), "{savepoint}");
+    host.wait_status(&id, "stopped", Duration::from_secs(30));
+    let counts = check_exactly_once(&dir.path().join("out-upgrade"));
+    assert!(
+        counts.values().sum::<u64>() > 1000,
+        "the job ran across all of it: {counts:?}"
+    );
+    let savepoints: Value = serde_json::from_str(
+        &http(
+            &host.url,
+            "GET",
+            &format!("/api/jobs/{id}/savepoints"),
+            None,
+            &[],
+        )
+        .1,
+    )
+    .expect("JSON");
+    assert_eq!(
+        savepoints.as_array().map(Vec::len),
+        Some(3),
+        "rollback, upgrade, stop: {savepoints:#}"
+    );
+}
+
+#[test]
+fn a_killed_host_resumes_every_running_job_exactly_once() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let mut host = Host::start(&data, &[]);
+    let records = 12_000;
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        dir.write(
+            &format!("{name}.toml"),
+            wordcount(
+                name,
+                Some(records),
+                2500,
+                "split.wasm",
+                "count.wasm",
+                "300ms",
+            ),
+        );
+        ids.push(
+            host.ok(&["run", &format!("{name}.toml")], dir.path())
+                .trim()
+                .to_string(),
+        );
+    }
+    for id in &ids {
+        host.wait_checkpoints(id, 2, Duration::from_secs(30));
+    }
+    host.kill();
+    let host = Host::start(&data, &[]);
+    let mut expected = BTreeMap::new();
+    generator_counts(records, 30, 7, &mut expected);
+    for (id, name) in ids.iter().zip(["first", "second"]) {
+        let job = host.wait_status(id, "finished", Duration::from_secs(90));
+        let runs = job["job"]["runs"].as_array().expect("runs");
+        assert_eq!(runs.len(), 2, "resumed once: {runs:?}");
+        assert!(
+            runs[1]["restored_from"]
+                .as_str()
+                .is_some_and(|p| p.contains("chk-")),
+            "resumed from a checkpoint: {runs:?}"
+        );
+        let counts = check_exactly_once(&dir.path().join(format!("out-{name}")));
+        assert_eq!(counts, expected, "job {name}: final counts");
+    }
+}
+
+#[test]
+fn a_looping_plugin_fails_only_its_own_job() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let host = Host::start(&data, &[]);
+    dir.write(
+        "healthy.toml",
+        wordcount("healthy", None, 1000, "split.wasm", "count.wasm", "200ms"),
+    );
+    dir.write(
+        "looping.toml",
+        r#"
+name = "looping"
+
+[restart]
+strategy = "fixed-delay"
+attempts = 1000
+delay = "100ms"
+
+[[source]]
+uid = "words"
+kind = "generator"
+rate = 100
+keys = 5
+
+[[operator]]
+uid = "spinner"
+plugin = "faults.wasm"
+config = { fault = "loop" }
+limits = { call_timeout = "300ms" }
+inputs = ["words"]
+
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["spinner"]
+"#,
+    );
+    let healthy = host
+        .ok(&["run", "healthy.toml"], dir.path())
+        .trim()
+        .to_string();
+    let looping = host
+        .ok(&["run", "looping.toml"], dir.path())
+        .trim()
+        .to_string();
+    host.wait_checkpoints(&healthy, 2, Duration::from_secs(30));
+    let before = host.job(&healthy)["checkpoints_completed"]
+        .as_u64()
+        .unwrap_or(0);
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(4) {
+        let asked = Instant::now();
+        let (status, _) = http(&host.url, "GET", "/api/jobs", None, &[]);
+        assert_eq!(status, 200);
+        slowest = slowest.max(asked.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the API kept answering (slowest {slowest:?})"
+    );
+    let after = host.job(&healthy);
+    assert_eq!(after["job"]["lifecycle"]["status"], "running");
+    let completed = after["checkpoints_completed"].as_u64().unwrap_or(0);
+    assert!(
+        completed >= before + 5,
+        "healthy checkpoints went on: {before} -> {completed}"
+    );
+    let looping = host.job(&looping);
+    let restarts = looping["job"]["restarts"].as_array().map_or(0, Vec::len);
+    assert!(restarts >= 2, "the looping job restarts: {looping:#}");
+    let error = looping["job"]["last_error"].as_str().unwrap_or("");
+    assert!(error.contains("`spinner`"), "names the operator: {error}");
+}
+
+#[test]
+fn the_watched_directory_adds_good_plugins_and_rejects_bad_ones() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let host = Host::start(&data, &[]);
+    let incoming = data.join("plugins/incoming");
+    std::fs::copy(WORDCOUNT_SPLIT, incoming.join("split.wasm")).expect("drop a plugin");
+    std::fs::write(incoming.join("junk.wasm"), b"this is not wasm").expect("drop junk");
+    let started = Instant::now();
+    let reason = data.join("plugins/rejected/junk.wasm.reason.txt");
+    loop {
+        let list = host.ok(&["plugin", "list"], dir.path());
+        if list.contains("split@") && reason.exists() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not picked up: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let why = std::fs::read_to_string(&reason).expect("reason");
+    assert!(
+        why.contains("junk.wasm") && why.contains("not a valid WebAssembly component"),
+        "{why}"
+    );
+    assert!(data.join("plugins/rejected/junk.wasm").exists());
+    assert!(
+        !incoming.join("split.wasm").exists(),
+        "taken out of incoming/"
+    );
+    assert!(!incoming.join("junk.wasm").exists());
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_say_why() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let token = dir.write("token", "s3cret\n");
+    dir.write("host.toml", "max_plugin_size = \"20MiB\"\n");
+    let host = Host::start_with(
+        &data,
+        &[
+            "--config",
+            &dir.path().join("host.toml").display().to_string(),
+        ],
+        Some(&token),
+    );
+    let auth = Some("s3cret");
+    // 401: no token, wrong token.
+    assert_eq!(http(&host.url, "GET", "/api/jobs", None, &[]).0, 401);
+    assert_eq!(
+        http(&host.url, "GET", "/api/jobs", Some("wrong"), &[]).0,
+        401
+    );
+    // The OpenAPI document is served.
+    let (status, body) = http(&host.url, "GET", "/api/openapi.json", auth, &[]);
+    assert_eq!(status, 200);
+    let document: Value = serde_json::from_str(&body).expect("OpenAPI JSON");
+    assert!(
+        document["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
+        "{document}"
+    );
+    // 404: unknown job and plugin.
+    let (status, body) = http(&host.url, "GET", "/api/jobs/nope", auth, &[]);
+    assert_eq!(status, 404);
+    assert!(body.contains("no job nope"), "{body}");
+    assert_eq!(
+        http(&host.url, "DELETE", "/api/plugins/nope@1.0", auth, &[]).0,
+        404
+    );
+    // 413: over the configured limit, and nothing is left behind.
+    let (status, body) = http(
+        &host.url,
+        "POST",
+        "/api/plugins?file=big.wasm",
+        auth,
+        &vec![0u8; 21 << 20],
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("big.wasm") && body.contains("20 MiB"),
+        "{body}"
+    );
+    // 400: not a component, missing import.
+    let (status, body) = http(
+        &host.url,
+        "POST",
+        "/api/plugins?file=junk.wasm",
+        auth,
+        b"\0asm junk",
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("junk.wasm"), "{body}");
+    let missing = std::fs::read(weir_tests::plugins::MISSING_IMPORT).expect("plugin");
+    let (status, body) = http(
+        &host.url,
+        "POST",
+        "/api/plugins?file=missing.wasm",
+        auth,
+        &missing,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("imports something the host does not offer"),
+        "{body}"
+    );
+    assert!(
+        std::fs::read_dir(data.join("plugins/blobs"))
+            .expect("blobs")
+            .next()
+            .is_none(),
+        "nothing stored"
+    );
+    // 201 then 200 for the same file; 409 for another file under a taken
+    // name@version.
+    let count = std::fs::read(WORDCOUNT_COUNT).expect("plugin");
+    assert_eq!(
+        http(
+            &host.url,
+            "POST",
+            "/api/plugins?file=count.wasm",
+            auth,
+            &count
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        http(
+            &host.url,
+            "POST",
+            "/api/plugins?file=count.wasm",
+            auth,
+            &count
+        )
+        .0,
+        200
+    );
+    let v2 = std::fs::read(WORDCOUNT_COUNT_V2).expect("plugin");
+    assert_eq!(
+        http(
+            &host.url,
+            "POST",
+            "/api/plugins?file=count-v2.wasm",
+            auth,
+            &v2
+        )
+        .0,
+        201
+    );
+    let other = std::fs::read(COUNT_V2_TRAP).expect("plugin");
+    let (status, _) = http(
+        &host.url,
+        "POST",
+        "/api/plugins?file=trap.wasm",
+        auth,
+        &other,
+    );
+    assert_eq!(status, 201, "a new version is fine");
+    // 400: a malformed job file says what `weir run` says.
+    let bad = r#"{"job_file": "name = \"x\"\n[[source]]\nuid = \"s\"\nkind = \"nope\"\n", "base_dir": "/tmp"}"#;
+    let (status, body) = http(&host.url, "POST", "/api/jobs", auth, bad.as_bytes());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("job.toml"), "names the file: {body}");
+    let local = JobDir::new();
+    local.job("name = \"x\"\n[[source]]\nuid = \"s\"\nkind = \"nope\"\n");
+    let embedded = stderr(&crate::support::weir(&["run", "job.toml"], local.path()));
+    let answer: Value = serde_json::from_str(&body).expect("error JSON");
+    let message = answer["error"].as_str().expect("error");
+    let (_, reason) = message.split_once("job.toml").expect("names job.toml");
+    assert!(
+        embedded.contains(reason),
+        "the same message as `weir run`: {embedded} vs {message}"
+    );
+    // 409: removing a plugin a running job uses; a savepoint of an ended job.
+    dir.write(
+        "job.toml",
+        wordcount(
+            "uses-count",
+            Some(200_000),
+            2000,
+            "split.wasm",
+            "count@0.1.0",
+            "1s",
+        ),
+    );
+    let id = host.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    let (status, body) = http(&host.url, "DELETE", "/api/plugins/count@0.1.0", auth, &[]);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(&id), "names the job: {body}");
+    host.ok(&["cancel", &id], dir.path());
+    host.wait_status(&id, "cancelled", Duration::from_secs(30));
+    let (status, body) = http(
+        &host.url,
+        "POST",
+        &format!("/api/jobs/{id}/savepoints"),
+        auth,
+        b"{}",
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("cancelled"), "{body}");
+    assert_eq!(
+        http(&host.url, "DELETE", "/api/plugins/count@0.1.0", auth, &[]).0,
+        200
+    );
+    // A host on a non-loopback address without a token refuses to start.
+    let refused = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .env_remove("WEIR_TOKEN_FILE")
+        .output()
+        .expect("weir runs");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("without a bearer token"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
+fn sigterm_stops_jobs_with_a_savepoint_and_the_next_start_resumes_them() {
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let mut host = Host::start(&data, &[]);
+    let records = 8_000;
+    dir.write(
+        "job.toml",
+        wordcount(
+            "graceful",
+            Some(records),
+            2000,
+            "split.wasm",
+            "count.wasm",
+            "500ms",
+        ),
+    );
+    let id = host.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    host.wait_checkpoints(&id, 1, Duration::from_secs(30));
+    host.terminate();
+    let host = Host::start(&data, &[]);
+    let job = host.wait_status(&id, "finished", Duration::from_secs(60));
+    let history: Vec<&str> = job["job"]["lifecycle"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|t| t["to"].as_str())
+        .collect();
+    assert!(
+        history.windows(2).any(|w| w == ["stopped", "created"]),
+        "{history:?}"
+    );
+    let mut expected = BTreeMap::new();
+    generator_counts(records, 30, 7, &mut expected);
+    assert_eq!(
+        check_exactly_once(&dir.path().join("out-graceful")),
+        expected
+    );
+}

@@ -1,0 +1,56 @@
+//! `wordcount-count-v2` (with its migration from v1) that traps — a Wasm
+//! `unreachable` — on the 1000th record an instance processes: an upgrade
+//! that restores fine and then fails during its probation, so the running
+//! host rolls it back.
+
+include!("../../../../examples/wordcount/count-v2/src/operator.rs");
+
+use weir_sdk::{Migrate, Timer, export_operator, migrate_value, unknown_migration};
+
+/// Records before the trap.
+const TRAP_AT: u64 = 1000;
+
+pub struct CountV2Trap {
+    inner: CountV2,
+    processed: u64,
+}
+
+impl Operator for CountV2Trap {
+    fn metadata() -> Metadata {
+        CountV2::metadata()
+    }
+
+    fn open(config: &Config) -> Result<Self, Error> {
+        Ok(CountV2Trap {
+            inner: CountV2::open(config)?,
+            processed: 0,
+        })
+    }
+
+    fn process(&mut self, ctx: &mut Context, input: u32, record: Record<'_>) -> Result<(), Error> {
+        self.processed += 1;
+        if self.processed == TRAP_AT {
+            // A trap, not an error value: the instance is gone.
+            std::process::abort();
+        }
+        self.inner.process(ctx, input, record)
+    }
+
+    fn on_timer(&mut self, ctx: &mut Context, timer: Timer) -> Result<(), Error> {
+        self.inner.on_timer(ctx, timer)
+    }
+}
+
+impl Migrate for CountV2Trap {
+    fn migrate(state: &str, from_version: u32, value: &[u8]) -> Result<Vec<u8>, Error> {
+        match (state, from_version) {
+            ("count", 1) => migrate_value(value, |count: u64| Counted {
+                count,
+                last_seen: None,
+            }),
+            _ => Err(unknown_migration(state, from_version)),
+        }
+    }
+}
+
+export_operator!(CountV2Trap, migrate);
