@@ -127,14 +127,9 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
-/// `weir run JOB --host`: uploads the job's plugin files, submits the job,
-/// prints its id.
-pub async fn submit(
-    client: &Client,
-    job: &Path,
-    from_savepoint: Option<&Path>,
-    allow_non_restored_state: bool,
-) -> Result<()> {
+/// A job file as the host takes it: its text, where its relative paths
+/// resolve, and its plugin files uploaded to the store first.
+async fn job_request(client: &Client, job: &Path) -> Result<SubmitRequest> {
     let text = std::fs::read_to_string(job)
         .with_context(|| format!("cannot read job file {}", job.display()))?;
     let job = absolute(job)?;
@@ -155,16 +150,31 @@ pub async fn submit(
         );
         plugins.insert(operator.plugin.clone(), stored.digest);
     }
-    let request = SubmitRequest {
+    Ok(SubmitRequest {
         job_file: text,
         file_name: job.file_name().map(|n| n.to_string_lossy().into_owned()),
         base_dir,
         plugins,
+        from_savepoint: None,
+        allow_non_restored_state: false,
+    })
+}
+
+/// `weir run JOB --host`: uploads the job's plugin files, submits the job,
+/// prints its id.
+pub async fn submit(
+    client: &Client,
+    job: &Path,
+    from_savepoint: Option<&Path>,
+    allow_non_restored_state: bool,
+) -> Result<()> {
+    let request = SubmitRequest {
         from_savepoint: from_savepoint
             .map(absolute)
             .transpose()?
             .map(|p| p.display().to_string()),
         allow_non_restored_state,
+        ..job_request(client, job).await?
     };
     let record: JobRecord = client.post("/api/jobs", &request).await?;
     eprintln!("job `{}` submitted, job id {}", record.name, record.id);
@@ -429,27 +439,7 @@ pub async fn upgrade(client: &Client, args: &UpgradeArgs) -> Result<()> {
         request.parallelism.insert(uid.to_string(), n);
     }
     if let Some(file) = &args.job_file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read job file {}", file.display()))?;
-        let file = absolute(file)?;
-        let base_dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let parsed = crate::job::JobFile::parse(&text, &file)?;
-        let mut plugins = BTreeMap::new();
-        for operator in &parsed.operators {
-            let path = base_dir.join(&operator.plugin);
-            if path.is_file() && !plugins.contains_key(&operator.plugin) {
-                let stored = client.add_plugin(&path).await?;
-                plugins.insert(operator.plugin.clone(), stored.digest);
-            }
-        }
-        request.job_file = Some(SubmitRequest {
-            job_file: text,
-            file_name: file.file_name().map(|n| n.to_string_lossy().into_owned()),
-            base_dir,
-            plugins,
-            from_savepoint: None,
-            allow_non_restored_state: false,
-        });
+        request.job_file = Some(job_request(client, file).await?);
     }
     let operation = client
         .post(&format!("/api/jobs/{}/upgrade", args.job_id), &request)

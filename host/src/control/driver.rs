@@ -789,10 +789,25 @@ pub(super) fn detail(ctx: &HostContext, handle: &JobHandle) -> JobDetail {
     let record = handle.record();
     let versions = plugin_versions(ctx, &record.spec);
     let live = handle.live.lock().expect("not poisoned");
-    let latest = live
-        .as_ref()
-        .and_then(|l| l.checkpoints.as_ref())
-        .and_then(|c| c.latest());
+    // Key counts: from the newest restore point that has them (savepoints
+    // count; incremental checkpoints do not scan the state).
+    let counts = |read: &crate::checkpoint::metadata::ReadMetadata| {
+        read.metadata
+            .operators
+            .values()
+            .flat_map(|op| &op.subtasks)
+            .any(|s| !s.state_stats.is_empty())
+    };
+    let latest =
+        live.as_ref()
+            .and_then(|l| l.checkpoints.as_ref())
+            .and_then(|c| c.latest())
+            .filter(counts)
+            .or_else(|| {
+                record.savepoints.last().and_then(|s| {
+                    crate::checkpoint::metadata::read(std::path::Path::new(&s.path)).ok()
+                })
+            });
     let mut operators = Vec::new();
     if let Some(live) = live.as_ref() {
         for (node, metrics) in live.graph.nodes.iter().zip(&live.metrics) {

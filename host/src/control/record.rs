@@ -206,7 +206,9 @@ pub struct OperatorView {
     pub parallelism: u32,
     pub records_in: u64,
     pub records_out: u64,
-    /// Keys with state, by state name, as of the newest checkpoint.
+    /// Keys with state, by state name, as counted by the newest restore
+    /// point that counts them (savepoints do; incremental checkpoints do
+    /// not scan the state); empty when none has.
     pub state_keys: BTreeMap<String, u64>,
 }
 

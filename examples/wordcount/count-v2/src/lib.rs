@@ -4,19 +4,6 @@
 //! with v1 resumes with v2 and the counts carry on.
 
 include!("operator.rs");
+include!("migrate.rs");
 
-use weir_sdk::{Migrate, export_operator, migrate_value, unknown_migration};
-
-impl Migrate for CountV2 {
-    fn migrate(state: &str, from_version: u32, value: &[u8]) -> Result<Vec<u8>, Error> {
-        match (state, from_version) {
-            ("count", 1) => migrate_value(value, |count: u64| Counted {
-                count,
-                last_seen: None,
-            }),
-            _ => Err(unknown_migration(state, from_version)),
-        }
-    }
-}
-
-export_operator!(CountV2, migrate);
+weir_sdk::export_operator!(CountV2, migrate);

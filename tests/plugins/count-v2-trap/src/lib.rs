@@ -5,7 +5,7 @@
 
 include!("../../../../examples/wordcount/count-v2/src/operator.rs");
 
-use weir_sdk::{Migrate, Timer, export_operator, migrate_value, unknown_migration};
+use weir_sdk::{Migrate, Timer, export_operator};
 
 /// Records before the trap.
 const TRAP_AT: u64 = 1000;
@@ -41,15 +41,11 @@ impl Operator for CountV2Trap {
     }
 }
 
+include!("../../../../examples/wordcount/count-v2/src/migrate.rs");
+
 impl Migrate for CountV2Trap {
     fn migrate(state: &str, from_version: u32, value: &[u8]) -> Result<Vec<u8>, Error> {
-        match (state, from_version) {
-            ("count", 1) => migrate_value(value, |count: u64| Counted {
-                count,
-                last_seen: None,
-            }),
-            _ => Err(unknown_migration(state, from_version)),
-        }
+        CountV2::migrate(state, from_version, value)
     }
 }
 
