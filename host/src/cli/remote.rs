@@ -296,6 +296,20 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    for o in &job.operations {
+        println!(
+            "operation {}  {:<9} {:<9} {}{}",
+            o.id,
+            format!("{:?}", o.kind).to_lowercase(),
+            format!("{:?}", o.status).to_lowercase(),
+            time(o.requested_ms),
+            o.error
+                .as_ref()
+                .or(o.outcome.as_ref())
+                .map(|text| format!("  {text}"))
+                .unwrap_or_default()
+        );
+    }
     println!("history");
     for t in &job.lifecycle.history {
         println!("  {}  {:<12} {}", time(t.time_ms), t.to.as_str(), t.cause);

@@ -181,6 +181,22 @@ pub(super) async fn drive(
         plan = run(&ctx, &handle, &mut commands, current).await;
     }
     *handle.live.lock().expect("not poisoned") = None;
+    // An operation the job's end overtook (an upgrade on probation when
+    // the job was cancelled) fails rather than stay open.
+    let open: Vec<String> = handle
+        .record()
+        .operations
+        .iter()
+        .filter(|o| o.status == OperationStatus::Running)
+        .map(|o| o.id.clone())
+        .collect();
+    for operation in open {
+        fail_operation(
+            &handle,
+            &operation,
+            format!("the job ended ({}) first", handle.status()),
+        );
+    }
     // Answer what came in as the job ended.
     commands.close();
     while let Ok(command) = commands.try_recv() {

@@ -331,7 +331,11 @@ pub(super) fn watch_probation(
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tick.tick().await;
-            if *outcome.lock().expect("not poisoned") != ProbationOutcome::Pending {
+            // The run ended (its prepared job, which holds the other end of
+            // the hold, is gone) or the probation was decided elsewhere.
+            if release.is_closed()
+                || *outcome.lock().expect("not poisoned") != ProbationOutcome::Pending
+            {
                 return;
             }
             let completed = checkpoints
