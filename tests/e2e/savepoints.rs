@@ -56,6 +56,19 @@ pub(crate) fn run_and_stop_from(
     target: &Path,
     drain: bool,
 ) -> PathBuf {
+    run_and_stop_as(path, options, after, target, drain, false)
+}
+
+/// [`run_and_stop_from`], the savepoint native (the backend's files) when
+/// `native`.
+fn run_and_stop_as(
+    path: &Path,
+    options: RunOptions,
+    after: u64,
+    target: &Path,
+    drain: bool,
+    native: bool,
+) -> PathBuf {
     let graph = weir::job::JobGraph::load(path).expect("job file");
     let job = runner::prepare_with(engine(), graph, &options).expect("prepare");
     let target = target.to_path_buf();
@@ -76,10 +89,12 @@ pub(crate) fn run_and_stop_from(
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                savepointer
-                    .savepoint(target, Some(drain))
-                    .await
-                    .expect("the savepoint completes");
+                let taken = if native {
+                    savepointer.native_savepoint(target, Some(drain)).await
+                } else {
+                    savepointer.savepoint(target, Some(drain)).await
+                };
+                taken.expect("the savepoint completes");
             });
         }))
         .expect("the job stops");
@@ -203,6 +218,60 @@ fn wordcount_resumes_from_a_savepoint_at_other_parallelism_with_the_straight_out
         assert!(
             sorted(weir_tests::read_parts(&job.path().join(&out))) == golden,
             "stopped at p=2 and resumed at p={p}: the straight run's output"
+        );
+    }
+}
+
+/// A native savepoint (each subtask's RocksDB files, what the running
+/// host's upgrades take) restores file for file at the same parallelism,
+/// cell by cell at another, and migrated into count v2: the straight run's
+/// output every time.
+#[test]
+fn a_native_savepoint_restores_at_any_parallelism_and_migrates() {
+    let job = JobDir::new();
+    let straight = job.write(
+        "straight.toml",
+        wordcount_job(2, "straight", "", WORDCOUNT_COUNT),
+    );
+    run(&straight, RunOptions::default()).expect("straight run");
+    let golden = sorted(weir_tests::read_parts(&job.path().join("straight")));
+    let first = job.write("p2.toml", wordcount_job(2, "p2", "", WORDCOUNT_COUNT));
+    let savepoint = run_and_stop_as(
+        &first,
+        RunOptions::default(),
+        WORDS / 3,
+        &job.path().join("savepoints"),
+        false,
+        true,
+    );
+    let read = metadata::read(&savepoint).expect("a savepoint");
+    let count = &read.metadata.operators["count"];
+    assert!(
+        count
+            .subtasks
+            .iter()
+            .all(|s| s.backend.as_deref() == Some("rocksdb")),
+        "native: the backend's files"
+    );
+    for (p, plugin) in [
+        (2, WORDCOUNT_COUNT),
+        (3, WORDCOUNT_COUNT),
+        (3, WORDCOUNT_COUNT_V2),
+    ] {
+        let out = format!(
+            "native-p{p}-{}",
+            if plugin == WORDCOUNT_COUNT {
+                "v1"
+            } else {
+                "v2"
+            }
+        );
+        copy_dir(&job.path().join("p2"), &job.path().join(&out));
+        let resumed = job.write(&format!("{out}.toml"), wordcount_job(p, &out, "", plugin));
+        run(&resumed, options(Some(&savepoint), false)).expect("resumes");
+        assert!(
+            sorted(weir_tests::read_parts(&job.path().join(&out))) == golden,
+            "{out}: the straight run's output"
         );
     }
 }

@@ -210,6 +210,9 @@ pub struct SavepointRequest {
     /// Stop the job once the savepoint completed (stop-with-savepoint);
     /// `Some(true)`: drain first (every event-time timer fires).
     pub stop: Option<bool>,
+    /// Keep the state in the backend's own files (a native savepoint:
+    /// quick to write and to reopen) instead of the canonical format.
+    pub native: bool,
     /// The savepoint directory, or why there is none.
     pub reply: oneshot::Sender<Result<PathBuf, String>>,
 }
@@ -464,7 +467,7 @@ impl Coordinator {
                 return None;
             }
         };
-        self.savepoints.insert(id, dir.clone());
+        self.savepoints.insert(id, dir.clone(), request.native);
         self.savepoints.progress.start();
         info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
         let mut outcomes = Vec::new();
@@ -916,6 +919,7 @@ mod tests {
             .send(SavepointRequest {
                 target: target.to_path_buf(),
                 stop,
+                native: false,
                 reply,
             })
             .expect("coordinator listens");

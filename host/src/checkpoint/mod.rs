@@ -66,17 +66,19 @@ pub struct StopAfter {
 /// write their part of barrier n instead of checkpoint storage.
 #[derive(Debug, Default)]
 pub struct SavepointTargets {
-    dirs: Mutex<HashMap<u64, PathBuf>>,
+    /// By checkpoint id: the savepoint directory, and whether the state
+    /// goes in native form (the backend's files) instead of canonical.
+    dirs: Mutex<HashMap<u64, (PathBuf, bool)>>,
     /// Keys and bytes written so far (progress).
     pub progress: TransferProgress,
 }
 
 impl SavepointTargets {
-    pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf) {
+    pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf, native: bool) {
         self.dirs
             .lock()
             .expect("not poisoned")
-            .insert(checkpoint.0, dir);
+            .insert(checkpoint.0, (dir, native));
     }
 
     pub fn remove(&self, checkpoint: CheckpointId) {
@@ -86,8 +88,9 @@ impl SavepointTargets {
             .remove(&checkpoint.0);
     }
 
-    /// The savepoint directory of barrier n, if n is a savepoint.
-    pub fn get(&self, checkpoint: CheckpointId) -> Option<PathBuf> {
+    /// The savepoint directory of barrier n, if n is a savepoint, and
+    /// whether it is native.
+    pub fn get(&self, checkpoint: CheckpointId) -> Option<(PathBuf, bool)> {
         self.dirs
             .lock()
             .expect("not poisoned")

@@ -216,7 +216,8 @@ pub struct StateInspection {
     pub name: String,
     pub kind: String,
     pub schema_version: u32,
-    /// None when the snapshot does not record it (a checkpoint).
+    /// None when the snapshot does not record it (a checkpoint, a native
+    /// savepoint).
     pub keys: Option<u64>,
     pub bytes: Option<u64>,
 }
@@ -237,7 +238,12 @@ pub fn inspect(read: &ReadMetadata) -> Inspection {
                         .iter()
                         .flat_map(|s| s.state_stats.iter().filter(|t| t.name == state.name))
                         .collect();
-                    let recorded = m.kind == SnapshotKind::Savepoint;
+                    // Canonical savepoints count keys and bytes; checkpoints
+                    // and native savepoints (backend files) do not.
+                    let recorded = m.kind == SnapshotKind::Savepoint
+                        && op.subtasks.iter().all(|s| {
+                            s.backend.is_none() || s.backend.as_deref() == Some(CANONICAL)
+                        });
                     StateInspection {
                         name: state.name.clone(),
                         kind: state.kind.clone(),

@@ -56,8 +56,14 @@ pub enum Target {
     /// Checkpoint storage: a delta or a base in `shared/`, timers private.
     Checkpoint,
     /// A savepoint directory: the state in canonical form (its tables
-    /// `<uid>/<state>` in order) and the timers.
-    Savepoint { dir: PathBuf, tables: Vec<String> },
+    /// `<uid>/<state>` in order) and the timers; `native`: the backend's
+    /// own files instead (a full base, restored file for file where the
+    /// key-group range is unchanged: what the running host's upgrades use).
+    Savepoint {
+        dir: PathBuf,
+        tables: Vec<String>,
+        native: bool,
+    },
 }
 
 /// What the synchronous part of an operator's snapshot produced.
@@ -117,17 +123,21 @@ impl SubtaskStorage {
     }
 
     /// The savepoint directory of barrier n, if n is a savepoint.
-    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<PathBuf> {
+    /// The savepoint directory of barrier n (if n is a savepoint) and
+    /// whether it is native.
+    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<(PathBuf, bool)> {
         self.savepoints.get(checkpoint)
     }
 
-    /// A savepoint's part: the state in canonical form and the timers, in
-    /// the savepoint directory `dir`. Returns the snapshot and its bytes.
+    /// A savepoint's part: the state in canonical form (or, `native`, the
+    /// backend's files of a full base) and the timers, in the savepoint
+    /// directory `dir`. Returns the snapshot and its bytes.
     fn store_savepoint(
         &self,
         dir: &Path,
         copy: Option<&(PathBuf, String)>,
         tables: &[String],
+        native: bool,
         timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64), CheckpointError> {
         let mut snapshot = SubtaskSnapshot {
@@ -137,7 +147,19 @@ impl SubtaskStorage {
             ..SubtaskSnapshot::default()
         };
         let stem = format!("{}-{}", self.uid, self.subtask);
-        if let Some((copy, format)) = copy {
+        if let Some((copy, format)) = copy.filter(|_| native) {
+            let mut names: Vec<String> = std::fs::read_dir(copy)
+                .map_err(|e| CheckpointError::io(copy, e))?
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for name in names {
+                let file = copy_in(&copy.join(&name), dir, format!("{stem}-{name}"), &name)?;
+                snapshot.files.push(file);
+            }
+            snapshot.backend = Some(format.clone());
+        } else if let Some((copy, format)) = copy {
             let (file, stats) = super::savepoint::write_state(
                 copy,
                 format,
@@ -232,8 +254,12 @@ impl SubtaskStorage {
             let _serial = this.serial.lock().expect("not poisoned");
             let stored = match &target {
                 Target::Checkpoint => this.store(checkpoint, state.as_ref(), &local.timers),
-                Target::Savepoint { dir, tables } => this
-                    .store_savepoint(dir, state.as_ref(), tables, &local.timers)
+                Target::Savepoint {
+                    dir,
+                    tables,
+                    native,
+                } => this
+                    .store_savepoint(dir, state.as_ref(), tables, *native, &local.timers)
                     .map(|(snapshot, bytes)| (snapshot, bytes, bytes)),
             };
             if let Some((dir, _)) = &state {

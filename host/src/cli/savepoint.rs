@@ -93,7 +93,8 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         for state in &op.states {
             let amount = match (state.keys, state.bytes) {
                 (Some(keys), Some(bytes)) => format!("{keys} keys, {}", bytes_human(bytes)),
-                _ => "size not recorded (a checkpoint)".to_string(),
+                _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
+                    .to_string(),
             };
             println!(
                 "  state   {}  {} state, schema version {}  {amount}",

@@ -614,7 +614,7 @@ async fn shutdown(
     let mut stopped = None;
     if let Some(savepointer) = savepointer {
         handle.transition(JobStatus::Stopping, "the host is shutting down");
-        match savepointer.savepoint(target, Some(false)).await {
+        match savepointer.native_savepoint(target, Some(false)).await {
             Ok(path) => stopped = Some(path),
             Err(error) => {
                 warn!(%error, "the shutdown savepoint failed; cancelling (the job resumes from its newest checkpoint)")

@@ -229,7 +229,7 @@ pub(super) async fn stop_for_upgrade(
         format!("upgrade to {} (operation {operation})", describe(&changed)),
     );
     match savepointer
-        .savepoint(ctx.data.join("savepoints"), Some(false))
+        .native_savepoint(ctx.data.join("savepoints"), Some(false))
         .await
     {
         Ok(path) => {

@@ -447,9 +447,10 @@ fn snapshot_operator(
         ..SnapshotStats::default()
     };
     let target = match savepoint {
-        Some(dir) => Target::Savepoint {
+        Some((dir, native)) => Target::Savepoint {
             dir,
             tables: task.state.table_names(),
+            native,
         },
         None => Target::Checkpoint,
     };
