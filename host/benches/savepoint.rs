@@ -79,7 +79,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
     std::fs::create_dir_all(&target).expect("mkdir");
     let targets = Arc::new(SavepointTargets::default());
     let id = CheckpointId(1);
-    targets.insert(id, target.clone());
+    targets.insert(id, target.clone(), false);
     let (reports, mut acks) = mpsc::unbounded_channel();
     let storage = Arc::new(SubtaskStorage::new(
         dir.path().join("checkpoints"),
@@ -105,6 +105,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
             Target::Savepoint {
                 dir: target.clone(),
                 tables: vec![table.clone()],
+                native: false,
             },
         );
     }
