@@ -238,8 +238,10 @@ async fn upgrade_downtime() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     println!();
-    println!("| keys of state | upgrade | downtime | whole operation |");
-    println!("|---:|---|---:|---:|");
+    println!(
+        "| keys of state | upgrade | downtime | of which: stop with savepoint | check + load the new version | whole operation |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|");
     for keys in sizes {
         for (label, request) in [
             (
@@ -276,9 +278,32 @@ async fn upgrade_downtime() {
                 .await;
             let whole = started.elapsed();
             assert_eq!(done["status"], "succeeded", "{done:#}");
+            // Phases from the job record (ms timestamps): the stop ends
+            // when the savepoint is recorded, loading when the run starts.
+            let job = bench.get(&format!("/api/jobs/{id}")).await;
+            let at = |value: &Value| value.as_u64().unwrap_or(0) as i64;
+            let history = job["job"]["lifecycle"]["history"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let upgrading = history
+                .iter()
+                .rev()
+                .find(|t| t["to"] == "upgrading")
+                .map_or(0, |t| at(&t["time_ms"]));
+            let saved = job["job"]["savepoints"]
+                .as_array()
+                .and_then(|s| s.last())
+                .map_or(0, |s| at(&s["time_ms"]));
+            let started = job["job"]["runs"]
+                .as_array()
+                .and_then(|r| r.last())
+                .map_or(0, |r| at(&r["started_ms"]));
             println!(
-                "| {keys} | {label} | {:.0} ms | {} |",
+                "| {keys} | {label} | {:.0} ms | {} ms | {} ms | {} |",
                 done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                saved - upgrading,
+                started - saved,
                 ms(whole)
             );
             bench.host.shutdown().await;

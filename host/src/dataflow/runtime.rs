@@ -139,6 +139,10 @@ pub fn launch(
         .collect();
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
+    // Wire every subtask first (cheap), then create the operator subtasks
+    // (which restore their state: the expensive part) in parallel, then
+    // spawn everything.
+    let mut wired = Vec::new();
     for (node_id, node) in graph.nodes.iter().enumerate() {
         for subtask in 0..node.parallelism {
             let info = TaskInfo {
@@ -170,51 +174,73 @@ pub fn launch(
             inputs.sort_by_key(|(input, _)| *input);
             let gate = InputGate::new(inputs);
             let aligner = Aligner::new(gate.channel_count(), graph.checkpoint.mode);
-            let node_metrics = metrics[node_id].clone();
             subtasks.push((node.uid.clone(), subtask));
-            let handle = match &node.kind {
-                NodeKind::Source(source) => {
-                    let reader = factory.source(node, &info)?;
-                    let watermarks = source.watermark.map(WatermarkGenerator::new);
-                    let (trigger, trigger_receiver) = mpsc::unbounded_channel();
-                    triggers.push(trigger);
-                    tasks.spawn(task::run_source(
-                        info,
-                        reader,
-                        output,
-                        watermarks,
-                        node_metrics,
-                        cancel_rx.clone(),
-                        trigger_receiver,
-                        reports.clone(),
-                    ))
-                }
-                NodeKind::Operator(_) => {
-                    let (operator, storage) = factory.operator(node, info, output, &reports)?;
-                    tasks.spawn(task::run_operator(
-                        operator,
-                        gate,
-                        aligner,
-                        node_metrics,
-                        storage,
-                    ))
-                }
-                NodeKind::Sink(_) => {
-                    let sink = factory.sink(node, &info)?;
-                    sink_subtasks += 1;
-                    tasks.spawn(task::run_sink(
-                        info,
-                        sink,
-                        gate,
-                        aligner,
-                        node_metrics,
-                        reports.clone(),
-                        commit_receiver.clone(),
-                    ))
-                }
-            };
-            names.insert(handle.id(), (node.uid.clone(), subtask));
+            wired.push(Wired {
+                node,
+                node_id,
+                info,
+                output,
+                gate,
+                aligner,
+            });
         }
+    }
+    let mut operators = create_operators(factory, &mut wired, &reports)?;
+    for Wired {
+        node,
+        node_id,
+        info,
+        output,
+        gate,
+        aligner,
+    } in wired
+    {
+        let node_metrics = metrics[node_id].clone();
+        let subtask = info.subtask;
+        let handle = match &node.kind {
+            NodeKind::Source(source) => {
+                let reader = factory.source(node, &info)?;
+                let watermarks = source.watermark.map(WatermarkGenerator::new);
+                let (trigger, trigger_receiver) = mpsc::unbounded_channel();
+                triggers.push(trigger);
+                tasks.spawn(task::run_source(
+                    info,
+                    reader,
+                    output,
+                    watermarks,
+                    node_metrics,
+                    cancel_rx.clone(),
+                    trigger_receiver,
+                    reports.clone(),
+                ))
+            }
+            NodeKind::Operator(_) => {
+                let (operator, storage) = operators
+                    .remove(&(node_id, subtask))
+                    .expect("created above");
+                tasks.spawn(task::run_operator(
+                    operator,
+                    gate,
+                    aligner,
+                    node_metrics,
+                    storage,
+                ))
+            }
+            NodeKind::Sink(_) => {
+                let sink = factory.sink(node, &info)?;
+                sink_subtasks += 1;
+                tasks.spawn(task::run_sink(
+                    info,
+                    sink,
+                    gate,
+                    aligner,
+                    node_metrics,
+                    reports.clone(),
+                    commit_receiver.clone(),
+                ))
+            }
+        };
+        names.insert(handle.id(), (node.uid.clone(), subtask));
     }
     // Only tasks hold senders now: the coordinator ends when they are gone.
     drop(reports);
@@ -246,6 +272,73 @@ pub fn launch(
         savepoints,
         savepoint_targets,
     })
+}
+
+/// A subtask whose channels are wired, before its logic is created.
+struct Wired<'a> {
+    node: &'a Node,
+    node_id: usize,
+    info: TaskInfo,
+    output: Collector,
+    gate: InputGate,
+    aligner: Aligner,
+}
+
+/// Creates every operator subtask (instantiating its plugin, restoring its
+/// state), on up to as many threads as there are cores: restoring is most
+/// of a start's time and subtasks restore independently. The collectors
+/// move into the operators; the first error (in subtask order) wins.
+fn create_operators(
+    factory: &dyn TaskFactory,
+    wired: &mut [Wired<'_>],
+    reports: &Reports,
+) -> Result<HashMap<(usize, u32), OperatorTask>, TaskError> {
+    let work: Vec<(usize, u32, &Node, TaskInfo, Collector)> = wired
+        .iter_mut()
+        .filter(|w| matches!(w.node.kind, NodeKind::Operator(_)))
+        .map(|w| {
+            let output = std::mem::replace(&mut w.output, Collector::new(Vec::new(), 1, u64::MAX));
+            (w.node_id, w.info.subtask, w.node, w.info.clone(), output)
+        })
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(work.len())
+        .max(1);
+    let queue = std::sync::Mutex::new(work.into_iter().enumerate().collect::<Vec<_>>());
+    let runtime = tokio::runtime::Handle::current();
+    let mut created: Vec<(usize, (usize, u32), Result<OperatorTask, TaskError>)> = Vec::new();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let _runtime = runtime.enter();
+                    let mut done = Vec::new();
+                    loop {
+                        let next = queue.lock().expect("not poisoned").pop();
+                        let Some((order, (node_id, subtask, node, info, output))) = next else {
+                            break;
+                        };
+                        let result = factory.operator(node, info, output, reports);
+                        done.push((order, (node_id, subtask), result));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for worker in workers {
+            match worker.join() {
+                Ok(done) => created.extend(done),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    created.sort_by_key(|(order, _, _)| *order);
+    let mut operators = HashMap::new();
+    for (_, key, result) in created {
+        operators.insert(key, result?);
+    }
+    Ok(operators)
 }
 
 impl RunningJob {
