@@ -274,6 +274,10 @@ pub fn launch(
     })
 }
 
+/// An operator subtask created by a worker: (its place in the work list,
+/// (node, subtask), the operator or why it could not be created).
+type Created = (usize, (usize, u32), Result<OperatorTask, TaskError>);
+
 /// A subtask whose channels are wired, before its logic is created.
 struct Wired<'a> {
     node: &'a Node,
@@ -307,7 +311,7 @@ fn create_operators(
         .max(1);
     let queue = std::sync::Mutex::new(work.into_iter().enumerate().collect::<Vec<_>>());
     let runtime = tokio::runtime::Handle::current();
-    let mut created: Vec<(usize, (usize, u32), Result<OperatorTask, TaskError>)> = Vec::new();
+    let mut created: Vec<Created> = Vec::new();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
