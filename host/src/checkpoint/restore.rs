@@ -171,6 +171,9 @@ pub fn whole_files<'a>(
 }
 
 /// Copies a snapshot's state files into `dir`, checking each checksum.
+/// SST files (never written again) are hard-linked instead where the file
+/// system allows and the stored file is a plain file inside the snapshot
+/// (the one opened through its directory handle), then checked by reading.
 pub fn install_files(
     read: &ReadMetadata,
     files: &[FileRef],
@@ -179,10 +182,34 @@ pub fn install_files(
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
     for file in files {
         let source = read.resolve(file);
-        let (size, sha256) = copy_open_hashed(read.open(file)?, &source, &dir.join(&file.name))?;
+        let opened = read.open(file)?;
+        let target = dir.join(&file.name);
+        let (size, sha256) = if file.name.ends_with(".sst")
+            && same_file(&opened, &source)
+            && std::fs::hard_link(&source, &target).is_ok()
+        {
+            super::storage::hash_open(opened, &source)?
+        } else {
+            copy_open_hashed(opened, &source, &target)?
+        };
         file.check(&source, size, &sha256)?;
     }
     Ok(())
+}
+
+/// Whether `path` names the very file `opened` is (no link in between).
+#[cfg(unix)]
+fn same_file(opened: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (opened.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => b.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_opened: &std::fs::File, _path: &Path) -> bool {
+    false
 }
 
 /// Reads a stored file whole, checking its size and sha256.

@@ -155,9 +155,10 @@ impl SubtaskStorage {
                 .collect();
             names.sort();
             for name in names {
-                let file = copy_in(&copy.join(&name), dir, format!("{stem}-{name}"), &name)?;
+                let file = link_in(&copy.join(&name), dir, format!("{stem}-{name}"), &name)?;
                 snapshot.files.push(file);
             }
+            sync_dir(dir)?;
             snapshot.backend = Some(format.clone());
         } else if let Some((copy, format)) = copy {
             let (file, stats) = super::savepoint::write_state(
@@ -350,7 +351,7 @@ impl SubtaskStorage {
                             } else {
                                 format!("{prefix}-{}-{name}", checkpoint.0)
                             };
-                            let file = copy_in(&source, &self.job_dir, rel, &name)?;
+                            let file = link_in(&source, &self.job_dir, rel, &name)?;
                             new_bytes += file.size;
                             if name.ends_with(".sst") {
                                 self.uploaded
@@ -363,6 +364,7 @@ impl SubtaskStorage {
                     };
                     base.push(file);
                 }
+                sync_dir(&shared)?;
                 *chain = Some(Chain {
                     format: format.clone(),
                     base_bytes: base.iter().map(|f| f.size).sum(),
@@ -392,6 +394,47 @@ impl SubtaskStorage {
         );
         Ok((snapshot, bytes, new_bytes))
     }
+}
+
+/// [`copy_in`] for a file that is never written again (a RocksDB SST):
+/// hard-linked instead of copied where the file system allows, hashed by
+/// reading it. Other files are copied.
+fn link_in(
+    source: &Path,
+    base: &Path,
+    rel: String,
+    name: &str,
+) -> Result<FileRef, CheckpointError> {
+    if !name.ends_with(".sst") {
+        return copy_in(source, base, rel, name);
+    }
+    let target = base.join(&rel);
+    if std::fs::hard_link(source, &target).is_err() {
+        return copy_in(source, base, rel, name);
+    }
+    let input = std::fs::File::open(&target).map_err(|e| CheckpointError::io(&target, e))?;
+    let (size, sha256) = hash_open(input, &target)?;
+    Ok(FileRef {
+        path: rel,
+        name: name.to_string(),
+        size,
+        sha256,
+    })
+}
+
+/// Size and sha256 of an open file (`source` names it in errors).
+pub fn hash_open(input: std::fs::File, source: &Path) -> Result<(u64, String), CheckpointError> {
+    let mut reader = Hashing::new(input);
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| CheckpointError::io(source, e))?;
+    let (_, size, sha256) = reader.finish();
+    Ok((size, sha256))
+}
+
+/// Makes the entries of `dir` (new names, hard links) durable.
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CheckpointError::io(dir, e))
 }
 
 /// Copies `source` to `<base>/<rel>` (via a temp name, fsynced), hashing it.
