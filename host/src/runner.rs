@@ -354,7 +354,13 @@ impl Factory<'_> {
         if let Some((read, op)) = restored
             && restored_whole.is_none()
         {
-            let work = self.job.state_dir().join("restore");
+            // Per new subtask: subtasks restore in parallel, several of
+            // them from the same stored subtask when rescaling.
+            let work = self
+                .job
+                .state_dir()
+                .join("restore")
+                .join(format!("{}-{}", node.uid, info.subtask));
             restore::load_cells(read, &node.uid, op, &work, &mut sink)
                 .map_err(|e| Self::restore_error(info, e))?;
         }

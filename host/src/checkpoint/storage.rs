@@ -148,13 +148,7 @@ impl SubtaskStorage {
         };
         let stem = format!("{}-{}", self.uid, self.subtask);
         if let Some((copy, format)) = copy.filter(|_| native) {
-            let mut names: Vec<String> = std::fs::read_dir(copy)
-                .map_err(|e| CheckpointError::io(copy, e))?
-                .filter_map(|entry| entry.ok())
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            for name in names {
+            for name in file_names(copy)? {
                 let file = link_in(&copy.join(&name), dir, format!("{stem}-{name}"), &name)?;
                 snapshot.files.push(file);
             }
@@ -322,14 +316,8 @@ impl SubtaskStorage {
                 current.delta_bytes += delta.size;
                 current.deltas.push(delta);
             } else {
-                let mut names: Vec<String> = std::fs::read_dir(dir)
-                    .map_err(|e| CheckpointError::io(dir, e))?
-                    .filter_map(|entry| entry.ok())
-                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                    .collect();
-                names.sort();
                 let mut base = Vec::new();
-                for name in names {
+                for name in file_names(dir)? {
                     let source = dir.join(&name);
                     let known = name
                         .ends_with(".sst")
@@ -428,6 +416,17 @@ pub fn hash_open(input: std::fs::File, source: &Path) -> Result<(u64, String), C
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| CheckpointError::io(source, e))?;
     let (_, size, sha256) = reader.finish();
     Ok((size, sha256))
+}
+
+/// The names in a local snapshot directory, sorted.
+fn file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| CheckpointError::io(dir, e))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Makes the entries of `dir` (new names, hard links) durable.
