@@ -278,14 +278,10 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
         println!("savepoint {}  {}", time(s.time_ms), s.path);
     }
     for u in &job.upgrades {
-        let to: Vec<String> =
-            u.to.iter()
-                .map(|(uid, p)| format!("{uid}={}", p.plugin))
-                .collect();
         println!(
             "upgrade   {}  {}  {}{}{}",
             time(u.time_ms),
-            to.join(" "),
+            u.change,
             u.outcome,
             u.downtime_ms
                 .map(|d| format!("  downtime {d:.0} ms"))

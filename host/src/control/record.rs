@@ -132,6 +132,9 @@ pub struct PluginVersion {
 pub struct UpgradeRecord {
     pub operation: String,
     pub time_ms: u64,
+    /// What it changes, in a line (plugins, parallelism, the job file).
+    #[serde(default)]
+    pub change: String,
     /// By uid: what ran before and what was to run after.
     pub from: BTreeMap<String, PluginVersion>,
     pub to: BTreeMap<String, PluginVersion>,

@@ -136,12 +136,28 @@ fn update_upgrade(handle: &JobHandle, operation: &str, change: impl FnOnce(&mut 
     });
 }
 
-fn describe(versions: &BTreeMap<String, PluginVersion>) -> String {
-    versions
+/// What an upgrade changes, in a line: the plugins it swaps, the
+/// parallelism it changes, a new job file.
+fn describe(
+    plugins: &BTreeMap<String, PluginVersion>,
+    before: &JobSpec,
+    after: &JobSpec,
+) -> String {
+    let mut parts: Vec<String> = plugins
         .iter()
         .map(|(uid, p)| format!("{uid}={}", p.plugin))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    parts.extend(
+        after
+            .parallelism
+            .iter()
+            .filter(|(uid, n)| before.parallelism.get(*uid) != Some(n))
+            .map(|(uid, n)| format!("{uid} parallelism {n}")),
+    );
+    if before.job_file != after.job_file {
+        parts.push("a new job file".to_string());
+    }
+    parts.join(", ")
 }
 
 /// Steps 1 and 2: checks the new version against the newest checkpoint
@@ -171,6 +187,7 @@ pub(super) async fn stop_for_upgrade(
         record.upgrades.push(UpgradeRecord {
             operation: operation.to_string(),
             time_ms: now_ms(),
+            change: describe(&changed, &current, &upgrade.spec),
             from: from.clone(),
             to: changed.clone(),
             outcome: "checking".to_string(),
@@ -226,7 +243,10 @@ pub(super) async fn stop_for_upgrade(
     };
     handle.transition(
         JobStatus::Upgrading,
-        format!("upgrade to {} (operation {operation})", describe(&changed)),
+        format!(
+            "upgrade: {} (operation {operation})",
+            describe(&changed, &current, &upgrade.spec)
+        ),
     );
     match savepointer
         .native_savepoint(ctx.data.join("savepoints"), Some(false))
@@ -286,7 +306,7 @@ pub(super) fn after_stop(
         .iter()
         .rev()
         .find(|u| u.operation == operation)
-        .map(|u| describe(&u.to))
+        .map(|u| u.change.clone())
         .unwrap_or_default();
     let allow = upgrade.allow_non_restored_state;
     Some(driver::probation_plan(
