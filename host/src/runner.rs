@@ -111,6 +111,14 @@ pub struct PreparedJob {
     /// Savepoint directories are named after this id instead of
     /// `job_id` (the running host: after the job, not the run).
     pub savepoint_job_id: Option<String>,
+    /// Whether operator subtasks count their keys when they end (a flush
+    /// and a full scan, for `weir run`'s summary). The running host turns
+    /// it off: it would hold up every stop and upgrade.
+    pub count_keys_at_end: bool,
+    /// Remove the working state directory at the end on a blocking thread
+    /// without waiting for it (a long-lived process: the running host,
+    /// whose next run must not wait for a large directory to go).
+    pub remove_state_in_background: bool,
 }
 
 impl PreparedJob {
@@ -221,6 +229,8 @@ pub fn prepare_as(
         commit_hold: None,
         discard_runs: Vec::new(),
         savepoint_job_id: None,
+        count_keys_at_end: true,
+        remove_state_in_background: false,
     })
 }
 
@@ -373,7 +383,7 @@ impl Factory<'_> {
                 "migrated state to the plugin's schema versions"
             );
         }
-        Ok(KeyedState::new(
+        let mut keyed = KeyedState::new(
             tables
                 .into_iter()
                 .zip(states.iter().map(|s| s.kind))
@@ -381,7 +391,9 @@ impl Factory<'_> {
             backend,
             info.max_parallelism,
             settings.cache_entries,
-        ))
+        );
+        keyed.set_count_keys(self.job.count_keys_at_end);
+        Ok(keyed)
     }
 }
 
@@ -741,10 +753,17 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
         }
     };
     let dir = job.state_dir();
-    if dir.exists()
-        && let Err(error) = std::fs::remove_dir_all(&dir)
-    {
-        warn!(dir = %dir.display(), %error, "could not remove the job's working state");
+    let remove = move || {
+        if dir.exists()
+            && let Err(error) = std::fs::remove_dir_all(&dir)
+        {
+            warn!(dir = %dir.display(), %error, "could not remove the job's working state");
+        }
+    };
+    if job.remove_state_in_background {
+        tokio::task::spawn_blocking(remove);
+    } else {
+        remove();
     }
     if let Ok(outcome) = &result {
         info!(job = %job.graph.name, cancelled = outcome.cancelled, "job finished");

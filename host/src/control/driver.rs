@@ -260,6 +260,8 @@ async fn run(
     };
     prepared.discard_runs = plan.discard_runs.clone();
     prepared.savepoint_job_id = Some(handle.id.clone());
+    prepared.count_keys_at_end = false;
+    prepared.remove_state_in_background = true;
     let probation = match &plan.phase {
         Phase::Probation(probation) => {
             let (release, hold) = watch::channel(true);

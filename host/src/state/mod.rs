@@ -205,6 +205,10 @@ pub struct KeyedState {
     max_parallelism: u32,
     cache_limit: usize,
     cached: usize,
+    /// Whether [`KeyedState::key_counts`] counts (a flush and a full scan:
+    /// `weir run`'s summary wants it; the running host does not, and a
+    /// stop's downtime would include it).
+    count_keys: bool,
 }
 
 /// The part of a snapshot that runs off the task's thread.
@@ -330,7 +334,14 @@ impl KeyedState {
             max_parallelism,
             cache_limit: cache_limit.max(1),
             cached: 0,
+            count_keys: true,
         }
+    }
+
+    /// Whether [`KeyedState::key_counts`] counts keys (by default it does);
+    /// without, it answers nothing and touches nothing.
+    pub fn set_count_keys(&mut self, count: bool) {
+        self.count_keys = count;
     }
 
     fn backend_lock(&self) -> std::sync::MutexGuard<'_, Box<dyn StateBackend>> {
@@ -664,6 +675,9 @@ impl KeyedState {
 
     /// Number of keys with state in each table, after a flush.
     pub fn key_counts(&mut self) -> Result<Vec<(String, u64)>, StateError> {
+        if !self.count_keys {
+            return Ok(Vec::new());
+        }
         self.flush()?;
         let mut counts = Vec::with_capacity(self.tables.len());
         let backend = self.backend_lock();
