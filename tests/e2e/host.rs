@@ -308,6 +308,16 @@ fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The statuses a job went through, in order (from `GET /api/jobs/{id}`).
+fn statuses(job: &Value) -> Vec<&str> {
+    job["job"]["lifecycle"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|t| t["to"].as_str())
+        .collect()
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -388,12 +398,7 @@ fn hot_upgrade_refused_rolled_back_and_done_keeps_exactly_once() {
         .expect("count")
         .clone();
     assert_eq!(count["plugin"]["plugin"], "count@0.1.0", "v1 runs again");
-    let history: Vec<&str> = job["job"]["lifecycle"]["history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .filter_map(|t| t["to"].as_str())
-        .collect();
+    let history = statuses(&job);
     assert!(
         history
             .windows(3)
@@ -818,12 +823,7 @@ fn sigterm_stops_jobs_with_a_savepoint_and_the_next_start_resumes_them() {
     host.terminate();
     let host = Host::start(&data, &[]);
     let job = host.wait_status(&id, "finished", Duration::from_secs(60));
-    let history: Vec<&str> = job["job"]["lifecycle"]["history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .filter_map(|t| t["to"].as_str())
-        .collect();
+    let history = statuses(&job);
     assert!(
         history.windows(2).any(|w| w == ["stopped", "created"]),
         "{history:?}"

@@ -167,18 +167,23 @@ pub(crate) fn expected_words() -> BTreeMap<String, u64> {
     expected
 }
 
+/// The word count run straight through at p=2 in `job`: its sorted output.
+fn straight_output(job: &JobDir) -> Vec<String> {
+    let straight = job.write(
+        "straight.toml",
+        wordcount_job(2, "straight", "", WORDCOUNT_COUNT),
+    );
+    run(&straight, RunOptions::default()).expect("straight run");
+    sorted(weir_tests::read_parts(&job.path().join("straight")))
+}
+
 /// The golden test: the word count straight through, with checkpoints, and
 /// stopped with a savepoint at p=2 then resumed at p=3 and at p=1: every
 /// run's final output is the straight run's.
 #[test]
 fn wordcount_resumes_from_a_savepoint_at_other_parallelism_with_the_straight_output() {
     let job = JobDir::new();
-    let straight = job.write(
-        "straight.toml",
-        wordcount_job(2, "straight", "", WORDCOUNT_COUNT),
-    );
-    run(&straight, RunOptions::default()).expect("straight run");
-    let golden = sorted(weir_tests::read_parts(&job.path().join("straight")));
+    let golden = straight_output(&job);
     weir_tests::check_exact_updates(&golden, &expected_words()).expect("straight run is exact");
 
     let checkpointed = job.write(
@@ -229,12 +234,7 @@ fn wordcount_resumes_from_a_savepoint_at_other_parallelism_with_the_straight_out
 #[test]
 fn a_native_savepoint_restores_at_any_parallelism_and_migrates() {
     let job = JobDir::new();
-    let straight = job.write(
-        "straight.toml",
-        wordcount_job(2, "straight", "", WORDCOUNT_COUNT),
-    );
-    run(&straight, RunOptions::default()).expect("straight run");
-    let golden = sorted(weir_tests::read_parts(&job.path().join("straight")));
+    let golden = straight_output(&job);
     let first = job.write("p2.toml", wordcount_job(2, "p2", "", WORDCOUNT_COUNT));
     let savepoint = run_and_stop_as(
         &first,

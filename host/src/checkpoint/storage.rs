@@ -430,7 +430,7 @@ fn file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
 }
 
 /// Makes the entries of `dir` (new names, hard links) durable.
-fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| CheckpointError::io(dir, e))

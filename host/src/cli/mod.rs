@@ -235,11 +235,11 @@ pub async fn execute(cli: Cli) -> Result<()> {
             drain,
             detach,
         } => {
-            remote::stop(
+            remote::savepoint(
                 &cli.client()?,
                 job_id,
                 savepoint_path.as_deref(),
-                *drain,
+                Some(*drain),
                 *detach,
             )
             .await
@@ -284,6 +284,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     &cli.client()?,
                     job_id,
                     args.target_dir.as_deref(),
+                    None,
                     args.detach,
                 )
                 .await

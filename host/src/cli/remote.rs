@@ -127,6 +127,14 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
+/// [`absolute`] of an optional path, as the API's requests carry it.
+fn absolute_text(path: Option<&Path>) -> Result<Option<String>> {
+    Ok(path
+        .map(absolute)
+        .transpose()?
+        .map(|p| p.display().to_string()))
+}
+
 /// A job file as the host takes it: its text, where its relative paths
 /// resolve, and its plugin files uploaded to the store first.
 async fn job_request(client: &Client, job: &Path) -> Result<SubmitRequest> {
@@ -169,10 +177,7 @@ pub async fn submit(
     allow_non_restored_state: bool,
 ) -> Result<()> {
     let request = SubmitRequest {
-        from_savepoint: from_savepoint
-            .map(absolute)
-            .transpose()?
-            .map(|p| p.display().to_string()),
+        from_savepoint: absolute_text(from_savepoint)?,
         allow_non_restored_state,
         ..job_request(client, job).await?
     };
@@ -346,41 +351,22 @@ pub async fn follow(client: &Client, job: &str, operation: Operation, detach: bo
     report(&done)
 }
 
+/// `weir savepoint JOB [DIR]` (`stop`: None) and `weir stop JOB`
+/// (`stop`: whether to drain first).
 pub async fn savepoint(
     client: &Client,
     job: &str,
     target: Option<&Path>,
+    stop: Option<bool>,
     detach: bool,
 ) -> Result<()> {
     let request = SavepointRequest {
-        target_dir: target
-            .map(absolute)
-            .transpose()?
-            .map(|p| p.display().to_string()),
-        drain: false,
+        target_dir: absolute_text(target)?,
+        drain: stop.unwrap_or(false),
     };
+    let endpoint = if stop.is_some() { "stop" } else { "savepoints" };
     let operation = client
-        .post(&format!("/api/jobs/{job}/savepoints"), &request)
-        .await?;
-    follow(client, job, operation, detach).await
-}
-
-pub async fn stop(
-    client: &Client,
-    job: &str,
-    target: Option<&Path>,
-    drain: bool,
-    detach: bool,
-) -> Result<()> {
-    let request = SavepointRequest {
-        target_dir: target
-            .map(absolute)
-            .transpose()?
-            .map(|p| p.display().to_string()),
-        drain,
-    };
-    let operation = client
-        .post(&format!("/api/jobs/{job}/stop"), &request)
+        .post(&format!("/api/jobs/{job}/{endpoint}"), &request)
         .await?;
     follow(client, job, operation, detach).await
 }

@@ -158,10 +158,9 @@ impl Sink for FileSink {
     }
 }
 
+/// Best effort: a rename that is not yet durable is redone by recovery.
 fn sync_dir(dir: &Path) {
-    if let Ok(handle) = File::open(dir) {
-        let _ = handle.sync_all();
-    }
+    let _ = crate::checkpoint::storage::sync_dir(dir);
 }
 
 /// Settles a file sink's directory before a restored attempt starts:

@@ -210,13 +210,14 @@ pub struct PluginEntry {
 /// Every plugin in the store.
 #[utoipa::path(get, path = "/api/plugins", responses((status = 200, body = [PluginEntry])))]
 async fn list_plugins(State(api): State<Api>) -> Json<Vec<PluginEntry>> {
+    let mut users = api.jobs.users();
     Json(
         api.ctx
             .store
             .list()
             .into_iter()
             .map(|plugin| PluginEntry {
-                jobs: api.jobs.users_of(&plugin.digest),
+                jobs: users.remove(&plugin.digest).unwrap_or_default(),
                 plugin,
             })
             .collect(),

@@ -381,7 +381,7 @@ async fn run(
             None
         }
         Err(error) => {
-            let message = run_error_message(&error);
+            let message = error.to_string();
             let probation_failed = matches!(
                 *outcome.lock().expect("not poisoned"),
                 ProbationOutcome::Failed
@@ -483,11 +483,6 @@ fn start_failed(handle: &Arc<JobHandle>, plan: RunPlan, error: String) -> Option
     handle.update(|r| r.last_error = Some(error.clone()));
     handle.transition(JobStatus::Failed, format!("cannot start: {error}"));
     None
-}
-
-/// A run error as one line, each cause once.
-pub(super) fn run_error_message(error: &RunError) -> String {
-    error.to_string()
 }
 
 fn live_canceller(handle: &JobHandle) -> Option<watch::Sender<bool>> {

@@ -9,7 +9,7 @@
 //! `jobs/<id>/job.json` (its [`JobRecord`], rewritten atomically on every
 //! change).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -332,8 +332,8 @@ impl JobManager {
         Ok(self.get(id)?.record().savepoints)
     }
 
-    /// Jobs (live ones) that run the plugin `digest`.
-    pub fn users_of(&self, digest: &str) -> Vec<String> {
+    /// The live jobs using each plugin digest.
+    pub fn users(&self) -> HashMap<String, Vec<String>> {
         let jobs: Vec<_> = self
             .jobs
             .lock()
@@ -341,16 +341,25 @@ impl JobManager {
             .values()
             .cloned()
             .collect();
-        jobs.iter()
-            .filter(|handle| {
-                let record = handle.record();
-                !record.status().is_terminal()
-                    && driver::plugin_versions(&self.ctx, &record.spec)
-                        .values()
-                        .any(|p| p.digest == digest)
-            })
-            .map(|handle| handle.id.clone())
-            .collect()
+        let mut users: HashMap<String, Vec<String>> = HashMap::new();
+        for handle in jobs {
+            let record = handle.record();
+            if record.status().is_terminal() {
+                continue;
+            }
+            for version in driver::plugin_versions(&self.ctx, &record.spec).into_values() {
+                let entry = users.entry(version.digest).or_default();
+                if !entry.contains(&record.id) {
+                    entry.push(record.id.clone());
+                }
+            }
+        }
+        users
+    }
+
+    /// The live jobs that run the plugin `digest`.
+    pub fn users_of(&self, digest: &str) -> Vec<String> {
+        self.users().remove(digest).unwrap_or_default()
     }
 
     /// Records a new operation and hands it to the job's driver. 409 while

@@ -291,7 +291,7 @@ pub(super) fn after_stop(
         }
     });
     if let Err(error) = result {
-        let message = driver::run_error_message(&error);
+        let message = error.to_string();
         fail_operation(
             handle,
             &operation,
