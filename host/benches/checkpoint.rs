@@ -40,7 +40,10 @@ fn take(
     let checkpoint = CheckpointId(id);
     let started = Instant::now();
     let job = state
-        .snapshot(storage.local_dir(checkpoint), storage.wants_base())
+        .snapshot(
+            storage.local_dir(checkpoint),
+            storage.wants_base(checkpoint),
+        )
         .expect("snapshot");
     let sync = started.elapsed();
     let _guard = runtime.enter();

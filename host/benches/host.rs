@@ -12,7 +12,7 @@
 //!    keys of state (`WEIR_BENCH_UPGRADE_KEYS`; the job runs until `count`
 //!    took in four records a key, so ~98% of the keys hold state): `count`
 //!    v1 → v2 (every value migrated), and a job-file change that keeps the
-//!    plugins.
+//!    plugins; each `WEIR_BENCH_UPGRADE_RUNS` times (3) on a fresh host.
 //! 4. `api`: latency of `GET /api/jobs/{id}` and `GET /api/jobs` while two
 //!    jobs run flat out.
 
@@ -237,9 +237,14 @@ async fn upgrade_downtime() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let runs: usize = std::env::var("WEIR_BENCH_UPGRADE_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!();
     println!(
-        "| keys of state | upgrade | downtime | of which: stop with savepoint | check + load the new version | whole operation |"
+        "| keys of state | upgrade | downtime, median of {runs} | best | worst | whole operation (median) |"
     );
     println!("|---:|---|---:|---:|---:|---:|");
     for keys in sizes {
@@ -250,65 +255,59 @@ async fn upgrade_downtime() {
             ),
             ("job file changed, same plugins", Value::Null),
         ] {
-            let bench = Bench::start().await;
-            for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2] {
-                bench.add(Path::new(plugin)).await;
+            let mut downtimes = Vec::new();
+            let mut wholes = Vec::new();
+            for _ in 0..runs {
+                let (downtime, whole) = upgrade_once(keys, &request).await;
+                downtimes.push(downtime);
+                wholes.push(whole);
             }
-            let dir = tempfile::tempdir().expect("tempdir");
-            let toml = wordcount(keys, "count@0.1.0", 2, None);
-            let id = bench.submit(dir.path(), &toml).await;
-            // Four records a key: ~98% of the keys hold state.
-            while bench.count_records_in(&id).await < keys * 4 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            let request = if request.is_null() {
-                serde_json::json!({ "job_file": {
-                    "job_file": toml.replace("name = \"bench\"", "name = \"bench-2\""),
-                    "base_dir": dir.path(),
-                } })
-            } else {
-                request
-            };
-            let started = Instant::now();
-            let operation = bench
-                .post(&format!("/api/jobs/{id}/upgrade"), request)
-                .await;
-            let done = bench
-                .wait_operation(&id, operation["id"].as_str().expect("id"))
-                .await;
-            let whole = started.elapsed();
-            assert_eq!(done["status"], "succeeded", "{done:#}");
-            // Phases from the job record (ms timestamps): the stop ends
-            // when the savepoint is recorded, loading when the run starts.
-            let job = bench.get(&format!("/api/jobs/{id}")).await;
-            let at = |value: &Value| value.as_u64().unwrap_or(0) as i64;
-            let history = job["job"]["lifecycle"]["history"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let upgrading = history
-                .iter()
-                .rev()
-                .find(|t| t["to"] == "upgrading")
-                .map_or(0, |t| at(&t["time_ms"]));
-            let saved = job["job"]["savepoints"]
-                .as_array()
-                .and_then(|s| s.last())
-                .map_or(0, |s| at(&s["time_ms"]));
-            let started = job["job"]["runs"]
-                .as_array()
-                .and_then(|r| r.last())
-                .map_or(0, |r| at(&r["started_ms"]));
+            downtimes.sort_by(f64::total_cmp);
+            wholes.sort();
             println!(
-                "| {keys} | {label} | {:.0} ms | {} ms | {} ms | {} |",
-                done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-                saved - upgrading,
-                started - saved,
-                ms(whole)
+                "| {keys} | {label} | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+                downtimes[runs / 2],
+                downtimes[0],
+                downtimes[runs - 1],
+                ms(wholes[runs / 2])
             );
-            bench.host.shutdown().await;
         }
     }
+}
+
+/// One upgrade of a fresh job with `keys` keys of state: its downtime (ms)
+/// and the whole operation's time.
+async fn upgrade_once(keys: u64, request: &Value) -> (f64, Duration) {
+    let bench = Bench::start().await;
+    for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2] {
+        bench.add(Path::new(plugin)).await;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = wordcount(keys, "count@0.1.0", 2, None);
+    let id = bench.submit(dir.path(), &toml).await;
+    // Four records a key: ~98% of the keys hold state.
+    while bench.count_records_in(&id).await < keys * 4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let request = if request.is_null() {
+        serde_json::json!({ "job_file": {
+            "job_file": toml.replace("name = \"bench\"", "name = \"bench-2\""),
+            "base_dir": dir.path(),
+        } })
+    } else {
+        request.clone()
+    };
+    let started = Instant::now();
+    let operation = bench
+        .post(&format!("/api/jobs/{id}/upgrade"), request)
+        .await;
+    let done = bench
+        .wait_operation(&id, operation["id"].as_str().expect("id"))
+        .await;
+    let whole = started.elapsed();
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    bench.host.shutdown().await;
+    (done["downtime_ms"].as_f64().unwrap_or(f64::NAN), whole)
 }
 
 async fn api_latency() {

@@ -258,6 +258,7 @@ inputs = ["count"]
     let options = RunOptions {
         restore: Some(savepoint.clone()),
         allow_non_restored_state: false,
+        ..Default::default()
     };
     let resumed = runner::prepare_with(engine, graph, &options).expect("prepare");
     let first_record = Arc::new(std::sync::Mutex::new(None));

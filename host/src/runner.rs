@@ -36,7 +36,7 @@ use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
 use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
-use crate::state::{KeyedState, StateBackend};
+use crate::state::{KeyedState, StateBackend, Teardown};
 use crate::types::key_group;
 
 /// Errors starting or running a job embedded.
@@ -84,6 +84,14 @@ pub struct RunOptions {
     pub restore: Option<PathBuf>,
     /// Skip state of uids (or state names) the job no longer has.
     pub allow_non_restored_state: bool,
+    /// The restore point is a savepoint this process has just written
+    /// (each file hashed as it was stored): its `_metadata` is read, but
+    /// its files are not read and hashed again. The running host's
+    /// upgrades restore so; anything else is checked in full.
+    pub trusted: bool,
+    /// Plugins already loaded, by file (an upgrade's check loaded the new
+    /// version's before the old one stopped): not loaded again.
+    pub loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
 }
 
 /// A job whose plugins are loaded, ready to launch.
@@ -94,6 +102,9 @@ pub struct PreparedJob {
     pub plugins: HashMap<String, Arc<LoadedPlugin>>,
     /// The checkpoint or savepoint the first attempt restores.
     pub restore: Option<ReadMetadata>,
+    /// `restore` was trusted, not checked file by file (see
+    /// [`RunOptions::trusted`]).
+    pub restore_trusted: bool,
     /// This job's checkpoints (None: checkpointing is off).
     pub checkpoints: Option<Arc<JobCheckpoints>>,
     /// Savepoints in flight (shared by the coordinator and the operator
@@ -115,13 +126,32 @@ pub struct PreparedJob {
     /// and a full scan, for `weir run`'s summary). The running host turns
     /// it off: it would hold up every stop and upgrade.
     pub count_keys_at_end: bool,
-    /// Remove the working state directory at the end on a blocking thread
-    /// without waiting for it (a long-lived process: the running host,
-    /// whose next run must not wait for a large directory to go).
+    /// Close each subtask's keyed state and remove the working state
+    /// directory at the end on background threads, without waiting for
+    /// them (a long-lived process: the running host, whose next run must
+    /// not wait for a large cache to be freed or a directory to go).
     pub remove_state_in_background: bool,
+    /// The keyed state of this job's subtasks closing in the background:
+    /// an attempt, and the removal of the directory, wait for it.
+    pub teardown: Arc<Teardown>,
 }
 
 impl PreparedJob {
+    /// The job's plugins by file (see [`RunOptions::loaded`]).
+    pub fn loaded_plugins(&self) -> HashMap<PathBuf, Arc<LoadedPlugin>> {
+        self.graph
+            .nodes
+            .iter()
+            .filter_map(|node| match &node.kind {
+                NodeKind::Operator(operator) => Some((
+                    operator.plugin.clone(),
+                    self.plugins.get(&node.uid)?.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Where this run keeps its working state.
     pub fn state_dir(&self) -> PathBuf {
         self.graph.state.dir.join(&self.job_id)
@@ -165,7 +195,7 @@ pub fn prepare_as(
     options: &RunOptions,
     job_id: String,
 ) -> Result<PreparedJob, RunError> {
-    let mut by_file: HashMap<PathBuf, Arc<LoadedPlugin>> = HashMap::new();
+    let mut by_file = options.loaded.clone();
     let mut plugins = HashMap::new();
     for node in &graph.nodes {
         if let NodeKind::Operator(operator) = &node.kind {
@@ -189,7 +219,11 @@ pub fn prepare_as(
     let restore = match &options.restore {
         Some(path) => {
             // Every file is read and checked before anything is restored.
-            let read = savepoint::validate(path)?;
+            let read = if options.trusted {
+                crate::checkpoint::metadata::read(path)?
+            } else {
+                savepoint::validate(path)?
+            };
             let declared: HashMap<String, restore::Declared> = plugins
                 .iter()
                 .map(|(uid, p)| {
@@ -222,6 +256,7 @@ pub fn prepare_as(
         graph,
         job_id,
         plugins,
+        restore_trusted: options.trusted && restore.is_some(),
         restore,
         checkpoints,
         savepoints: Arc::default(),
@@ -231,6 +266,7 @@ pub fn prepare_as(
         savepoint_job_id: None,
         count_keys_at_end: true,
         remove_state_in_background: false,
+        teardown: Arc::default(),
     })
 }
 
@@ -337,7 +373,10 @@ impl Factory<'_> {
                 && migrator.is_none()
                 && let Some(whole) = restore::whole_files(op, key_groups, states)
             {
-                restore::install_files(read, &whole.files, &dir)
+                // Only the restore point the job was prepared with may be
+                // trusted, not its own checkpoints (a restart).
+                let trusted = self.job.restore_trusted && !self.restore.is_some_and(|(_, own)| own);
+                restore::install_files(read, &whole.files, &dir, trusted)
                     .map_err(|e| Self::restore_error(info, e))?;
                 if let (Some(storage), Some((_, true))) = (storage, self.restore) {
                     storage.seed(whole.files.iter().cloned());
@@ -393,6 +432,9 @@ impl Factory<'_> {
             settings.cache_entries,
         );
         keyed.set_count_keys(self.job.count_keys_at_end);
+        if self.job.remove_state_in_background {
+            keyed.close_in_background(self.job.teardown.clone());
+        }
         Ok(keyed)
     }
 }
@@ -547,6 +589,8 @@ fn prepare_attempt(
     job: &PreparedJob,
     restore: Option<(&ReadMetadata, bool)>,
 ) -> Result<(), RunError> {
+    // The previous attempt's state may still be closing in its directory.
+    job.teardown.wait();
     let dir = job.state_dir();
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -753,7 +797,9 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
         }
     };
     let dir = job.state_dir();
+    let teardown = job.teardown.clone();
     let remove = move || {
+        teardown.wait();
         if dir.exists()
             && let Err(error) = std::fs::remove_dir_all(&dir)
         {
@@ -761,7 +807,9 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
         }
     };
     if job.remove_state_in_background {
-        tokio::task::spawn_blocking(remove);
+        if !crate::state::in_background("weir-state-remove", remove) {
+            warn!(dir = %job.state_dir().display(), "no thread to remove the job's working state: it stays");
+        }
     } else {
         remove();
     }

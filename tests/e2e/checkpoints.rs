@@ -199,6 +199,7 @@ fn a_checkpoint_restores_at_another_parallelism() {
     let options = RunOptions {
         restore: Some(middle.path.clone()),
         allow_non_restored_state: false,
+        ..Default::default()
     };
     run_with(&path, options).expect("restores at p=3");
     let mut before = BTreeMap::new();
@@ -279,6 +280,7 @@ inputs = ["split"]
     let options = RunOptions {
         restore: Some(chk_dir.clone()),
         allow_non_restored_state: false,
+        ..Default::default()
     };
     let error = run_with(&path, options).expect_err("count's state is not restored");
     let message = error.to_string();
@@ -289,6 +291,7 @@ inputs = ["split"]
     let options = RunOptions {
         restore: Some(newest.clone()),
         allow_non_restored_state: true,
+        ..Default::default()
     };
     run_with(&path, options).expect("with -n the start succeeds");
 
@@ -301,6 +304,7 @@ inputs = ["split"]
         RunOptions {
             restore: Some(chk_dir),
             allow_non_restored_state: true,
+            ..Default::default()
         },
     )
     .expect_err("max_parallelism changed");
@@ -332,6 +336,7 @@ fn a_damaged_checkpoint_file_fails_the_restore_naming_it() {
         RunOptions {
             restore: Some(newest),
             allow_non_restored_state: false,
+            ..Default::default()
         },
     )
     .expect_err("a damaged file is refused");
@@ -356,6 +361,7 @@ fn a_damaged_checkpoint_file_fails_the_restore_naming_it() {
         &RunOptions {
             restore: Some(read.path.clone()),
             allow_non_restored_state: false,
+            ..Default::default()
         },
     )
     .expect_err("size mismatch");

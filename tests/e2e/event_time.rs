@@ -226,6 +226,7 @@ fn open_windows_and_their_timers_resume_from_a_checkpoint() {
     let options = weir::runner::RunOptions {
         restore: Some(latest.path.clone()),
         allow_non_restored_state: false,
+        ..Default::default()
     };
     let prepared = weir::runner::prepare_with(engine(), graph, &options).expect("restores");
     runtime

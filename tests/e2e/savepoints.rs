@@ -31,6 +31,7 @@ pub(crate) fn options(restore: Option<&Path>, allow_non_restored_state: bool) ->
     RunOptions {
         restore: restore.map(Path::to_path_buf),
         allow_non_restored_state,
+        ..Default::default()
     }
 }
 

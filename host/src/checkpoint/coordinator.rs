@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
@@ -213,9 +213,19 @@ pub struct SavepointRequest {
     /// Keep the state in the backend's own files (a native savepoint:
     /// quick to write and to reopen) instead of the canonical format.
     pub native: bool,
+    /// Before the savepoint's barrier, up to this many checkpoints (when
+    /// checkpointing is on) that every operator subtask takes as a base,
+    /// writing its cache to its backend while the job runs on, so the
+    /// savepoint has little left to write: each round has less than the
+    /// one before; they end once one took under [`PREPARED_UNDER`].
+    pub prepare: u32,
     /// The savepoint directory, or why there is none.
     pub reply: oneshot::Sender<Result<PathBuf, String>>,
 }
+
+/// A checkpoint that prepares a savepoint and took less than this (its
+/// slowest subtask's snapshot) is the last one before the savepoint.
+pub const PREPARED_UNDER: Duration = Duration::from_millis(50);
 
 /// What the coordinator needs to know about the job's tasks.
 #[derive(Debug)]
@@ -239,6 +249,32 @@ struct Pending {
     acks: HashMap<(String, u32), (SubtaskSnapshot, SnapshotStats)>,
     /// Set when this barrier is a savepoint.
     savepoint: Option<PendingSavepoint>,
+    /// The savepoint this checkpoint prepares: taken once it is done.
+    then: Option<SavepointRequest>,
+}
+
+impl Pending {
+    fn checkpoint(id: CheckpointId, then: Option<SavepointRequest>) -> Self {
+        Self {
+            id,
+            started: Instant::now(),
+            acks: HashMap::new(),
+            savepoint: None,
+            then,
+        }
+    }
+}
+
+/// A failed checkpoint that prepared a savepoint: the savepoint is taken
+/// anyway, next, without further preparation.
+fn requeue_follow_up(
+    pending: &mut Option<Pending>,
+    queued: &mut std::collections::VecDeque<SavepointRequest>,
+) {
+    if let Some(mut next) = pending.as_mut().and_then(|p| p.then.take()) {
+        next.prepare = 0;
+        queued.push_front(next);
+    }
 }
 
 struct PendingSavepoint {
@@ -301,6 +337,24 @@ impl Coordinator {
                     let _ = request
                         .reply
                         .send(Err("the job's sources have ended: no savepoint".to_string()));
+                } else if request.prepare > 0
+                    && let Some(store) = &self.store
+                {
+                    let id = store.next_id();
+                    self.savepoints.force_base(id);
+                    debug!(
+                        checkpoint = id.0,
+                        rounds_left = request.prepare,
+                        "checkpoint preparing a savepoint"
+                    );
+                    last_trigger = Instant::now();
+                    match self.trigger_checkpoint(id, &wiring.triggers) {
+                        true => pending = Some(Pending::checkpoint(id, Some(request))),
+                        false => {
+                            sources_finished = true;
+                            queued.push_front(request);
+                        }
+                    }
                 } else {
                     let id = match &self.store {
                         Some(store) => store.next_id(),
@@ -347,8 +401,13 @@ impl Coordinator {
                             };
                             p.acks.insert((snapshot.uid.clone(), snapshot.subtask), (*snapshot, stats));
                             if p.acks.len() == wiring.subtasks.len() {
-                                let done = pending.take().expect("pending above");
+                                let mut done = pending.take().expect("pending above");
                                 let is_savepoint = done.savepoint.is_some();
+                                if let Some(mut next) = done.then.take() {
+                                    let slowest = done.acks.values().map(|(_, s)| s.sync + s.asynchronous).max().unwrap_or_default();
+                                    next.prepare = if slowest < PREPARED_UNDER { 0 } else { next.prepare - 1 };
+                                    queued.push_front(next);
+                                }
                                 match self.complete(done).await {
                                     Ok((id, stopped)) => {
                                         if !is_savepoint {
@@ -376,6 +435,7 @@ impl Coordinator {
                             Role::Source => {
                                 sources_finished = true;
                                 if pending.as_ref().is_some_and(|p| !p.acks.contains_key(&(uid.clone(), subtask))) {
+                                    requeue_follow_up(&mut pending, &mut queued);
                                     self.abort(pending.take(), "a source ended before taking part");
                                     last_done = Instant::now();
                                 }
@@ -399,12 +459,8 @@ impl Coordinator {
                     let store = self.store.as_ref().expect("enabled");
                     let id = store.next_id();
                     last_trigger = Instant::now();
-                    let mut delivered = true;
-                    for trigger in &wiring.triggers {
-                        delivered &= trigger.send(Trigger { checkpoint: id, stop: None }).is_ok();
-                    }
-                    if delivered {
-                        pending = Some(Pending { id, started: Instant::now(), acks: HashMap::new(), savepoint: None });
+                    if self.trigger_checkpoint(id, &wiring.triggers) {
+                        pending = Some(Pending::checkpoint(id, None));
                     } else {
                         sources_finished = true;
                     }
@@ -416,6 +472,7 @@ impl Coordinator {
             if let Some(reason) = failed {
                 let id = pending.as_ref().map(|p| p.id.0);
                 let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
+                requeue_follow_up(&mut pending, &mut queued);
                 self.abort(pending.take(), &reason);
                 last_done = Instant::now();
                 if savepoint {
@@ -443,6 +500,25 @@ impl Coordinator {
             ));
         }
         Ok(stopped_with)
+    }
+
+    /// Sends barrier `id` to every source as a checkpoint; false when a
+    /// source has gone.
+    fn trigger_checkpoint(
+        &self,
+        id: CheckpointId,
+        triggers: &[mpsc::UnboundedSender<Trigger>],
+    ) -> bool {
+        let mut delivered = true;
+        for trigger in triggers {
+            delivered &= trigger
+                .send(Trigger {
+                    checkpoint: id,
+                    stop: None,
+                })
+                .is_ok();
+        }
+        delivered
     }
 
     /// Creates the savepoint directory and sends barrier `id` to every
@@ -495,6 +571,7 @@ impl Coordinator {
                 reply: request.reply,
                 outcomes,
             }),
+            then: None,
         };
         if delivered {
             Some(pending)
@@ -692,6 +769,7 @@ mod tests {
         savepoints: mpsc::UnboundedSender<SavepointRequest>,
         run: tokio::task::JoinHandle<Result<Option<PathBuf>, String>>,
         store: Arc<JobCheckpoints>,
+        targets: Arc<SavepointTargets>,
     }
 
     impl Harness {
@@ -727,6 +805,7 @@ mod tests {
         commit_hold: Option<watch::Receiver<bool>>,
     ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
+        let targets = Arc::new(SavepointTargets::default());
         let (trigger, triggers) = mpsc::unbounded_channel();
         let (reports, report_receiver) = mpsc::unbounded_channel();
         let (commit, commit_receiver) = watch::channel(CommitSignal::default());
@@ -752,7 +831,7 @@ mod tests {
                 max_parallelism: 8,
                 operators,
             },
-            savepoints: Arc::default(),
+            savepoints: targets.clone(),
             first_id: 1,
             commit_hold,
             savepoint_job_id: None,
@@ -774,10 +853,21 @@ mod tests {
             savepoints,
             run: tokio::spawn(coordinator.run(wiring)),
             store,
+            targets,
         }
     }
 
     fn ack(reports: &mpsc::UnboundedSender<TaskReport>, id: CheckpointId, uid: &str) {
+        ack_taking(reports, id, uid, Duration::ZERO);
+    }
+
+    /// Acks checkpoint `id` for `uid`, its snapshot having taken `took`.
+    fn ack_taking(
+        reports: &mpsc::UnboundedSender<TaskReport>,
+        id: CheckpointId,
+        uid: &str,
+        took: Duration,
+    ) {
         reports
             .send(TaskReport::Ack {
                 checkpoint: id,
@@ -787,7 +877,10 @@ mod tests {
                     position: (uid == "src").then_some(id.0 * 10),
                     ..SubtaskSnapshot::default()
                 }),
-                stats: SnapshotStats::default(),
+                stats: SnapshotStats {
+                    asynchronous: took,
+                    ..SnapshotStats::default()
+                },
             })
             .expect("coordinator listens");
     }
@@ -914,12 +1007,22 @@ mod tests {
         target: &std::path::Path,
         stop: Option<bool>,
     ) -> oneshot::Receiver<Result<PathBuf, String>> {
+        request_prepared(h, target, stop, 0)
+    }
+
+    fn request_prepared(
+        h: &Harness,
+        target: &std::path::Path,
+        stop: Option<bool>,
+        prepare: u32,
+    ) -> oneshot::Receiver<Result<PathBuf, String>> {
         let (reply, answer) = oneshot::channel();
         h.savepoints
             .send(SavepointRequest {
                 target: target.to_path_buf(),
                 stop,
                 native: false,
+                prepare,
                 reply,
             })
             .expect("coordinator listens");
@@ -1009,5 +1112,57 @@ mod tests {
         again.await.expect("answered").expect("completed");
         drop(h.reports);
         assert_eq!(h.run.await.expect("joins").expect("no failure"), None);
+    }
+
+    #[tokio::test]
+    async fn a_prepared_savepoint_follows_base_checkpoints_until_one_is_quick() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start_with(dir.path(), Duration::from_secs(10), 0, None);
+        let target = dir.path().join("savepoints");
+        let answer = request_prepared(&h, &target, Some(false), 3);
+        // A slow first round, then a quick one: two checkpoints, both bases.
+        for took in [PREPARED_UNDER * 4, PREPARED_UNDER / 5] {
+            let trigger = h.triggers.recv().await.expect("triggered");
+            assert!(trigger.stop.is_none(), "a checkpoint, not the savepoint");
+            assert!(h.targets.base_forced(trigger.checkpoint));
+            assert!(h.targets.get(trigger.checkpoint).is_none());
+            ack_taking(&h.reports, trigger.checkpoint, "src", took);
+            ack_taking(&h.reports, trigger.checkpoint, "out", took);
+        }
+        let trigger = h.triggers.recv().await.expect("triggered");
+        assert!(
+            trigger.stop.is_some(),
+            "then the savepoint, stopping the job"
+        );
+        assert_eq!(trigger.checkpoint, CheckpointId(3));
+        assert!(h.targets.get(trigger.checkpoint).is_some());
+        ack(&h.reports, trigger.checkpoint, "src");
+        ack(&h.reports, trigger.checkpoint, "out");
+        answer.await.expect("answered").expect("completed");
+        // The two rounds are ordinary completed checkpoints.
+        assert_eq!(h.store.metrics.completed.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_preparing_checkpoint_still_leads_to_the_savepoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start_with(dir.path(), Duration::from_secs(10), 5, None);
+        let target = dir.path().join("savepoints");
+        let answer = request_prepared(&h, &target, None, 3);
+        let trigger = h.triggers.recv().await.expect("triggered");
+        assert!(trigger.stop.is_none());
+        h.reports
+            .send(TaskReport::Decline {
+                checkpoint: trigger.checkpoint,
+                uid: "out".into(),
+                subtask: 0,
+                reason: "disk full".into(),
+            })
+            .expect("send");
+        let savepoint = h.next_trigger().await;
+        assert!(h.targets.get(savepoint).is_some(), "no further round");
+        ack(&h.reports, savepoint, "src");
+        ack(&h.reports, savepoint, "out");
+        answer.await.expect("answered").expect("completed");
     }
 }

@@ -69,11 +69,24 @@ pub struct SavepointTargets {
     /// By checkpoint id: the savepoint directory, and whether the state
     /// goes in native form (the backend's files) instead of canonical.
     dirs: Mutex<HashMap<u64, (PathBuf, bool)>>,
+    /// A checkpoint every operator subtask takes as a base (its cache
+    /// written to its backend): one that prepares a savepoint.
+    base: AtomicU64,
     /// Keys and bytes written so far (progress).
     pub progress: TransferProgress,
 }
 
 impl SavepointTargets {
+    /// Checkpoint n is to be a base in every operator subtask.
+    pub fn force_base(&self, checkpoint: CheckpointId) {
+        self.base.store(checkpoint.0, Ordering::Relaxed);
+    }
+
+    /// Whether checkpoint n was asked to be a base.
+    pub fn base_forced(&self, checkpoint: CheckpointId) -> bool {
+        self.base.load(Ordering::Relaxed) == checkpoint.0
+    }
+
     pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf, native: bool) {
         self.dirs
             .lock()

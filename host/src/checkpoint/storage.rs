@@ -149,7 +149,11 @@ impl SubtaskStorage {
         let stem = format!("{}-{}", self.uid, self.subtask);
         if let Some((copy, format)) = copy.filter(|_| native) {
             for name in file_names(copy)? {
-                let file = link_in(&copy.join(&name), dir, format!("{stem}-{name}"), &name)?;
+                let (source, rel) = (copy.join(&name), format!("{stem}-{name}"));
+                let file = match self.known_sst(&name) {
+                    Some(known) => link_known(&source, dir, rel, &known)?,
+                    None => link_in(&source, dir, rel, &name)?,
+                };
                 snapshot.files.push(file);
             }
             sync_dir(dir)?;
@@ -181,6 +185,19 @@ impl SubtaskStorage {
         Ok((snapshot, bytes))
     }
 
+    /// The stored reference of an SST this state instance's checkpoints
+    /// already hold, by its local name.
+    fn known_sst(&self, name: &str) -> Option<FileRef> {
+        if !name.ends_with(".sst") {
+            return None;
+        }
+        self.uploaded
+            .lock()
+            .expect("not poisoned")
+            .get(name)
+            .cloned()
+    }
+
     /// Shared files this state instance already has in storage (restored
     /// from a checkpoint of the same job): they are not uploaded again.
     pub fn seed(&self, files: impl IntoIterator<Item = FileRef>) {
@@ -190,8 +207,12 @@ impl SubtaskStorage {
         }
     }
 
-    /// Whether the next snapshot should be a base rather than a delta.
-    pub fn wants_base(&self) -> bool {
+    /// Whether checkpoint n should be a base rather than a delta: the chain
+    /// is long, or n prepares a savepoint.
+    pub fn wants_base(&self, checkpoint: CheckpointId) -> bool {
+        if self.savepoints.base_forced(checkpoint) {
+            return true;
+        }
         match &*self.chain.lock().expect("not poisoned") {
             None => true,
             Some(chain) => {
@@ -319,17 +340,7 @@ impl SubtaskStorage {
                 let mut base = Vec::new();
                 for name in file_names(dir)? {
                     let source = dir.join(&name);
-                    let known = name
-                        .ends_with(".sst")
-                        .then(|| {
-                            self.uploaded
-                                .lock()
-                                .expect("not poisoned")
-                                .get(&name)
-                                .cloned()
-                        })
-                        .flatten();
-                    let file = match known {
+                    let file = match self.known_sst(&name) {
                         Some(file) => file,
                         None => {
                             // SST names are unique in a database; other
@@ -408,6 +419,29 @@ fn link_in(
         size,
         sha256,
     })
+}
+
+/// Hard-links an SST that checkpoint storage already holds (`known`: its
+/// size and sha256, stored under the same local name, and RocksDB never
+/// rewrites an SST) to `<base>/<rel>` without reading it again. Falls back
+/// to [`link_in`] when the sizes differ or no link can be made.
+fn link_known(
+    source: &Path,
+    base: &Path,
+    rel: String,
+    known: &FileRef,
+) -> Result<FileRef, CheckpointError> {
+    let target = base.join(&rel);
+    let same_size = std::fs::metadata(source).is_ok_and(|m| m.len() == known.size);
+    if same_size && std::fs::hard_link(source, &target).is_ok() {
+        return Ok(FileRef {
+            path: rel,
+            name: known.name.clone(),
+            size: known.size,
+            sha256: known.sha256.clone(),
+        });
+    }
+    link_in(source, base, rel, &known.name)
 }
 
 /// Size and sha256 of an open file (`source` names it in errors).

@@ -324,6 +324,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     let options = runner::RunOptions {
         restore: args.from_savepoint.clone(),
         allow_non_restored_state: args.allow_non_restored_state,
+        ..Default::default()
     };
     let job = runner::prepare_with(&engine, graph, &options)?;
     eprintln!("job `{}` started, job id {}", job.graph.name, job.job_id);

@@ -15,16 +15,29 @@ const SYLLABLES: [&str; 16] = [
 /// The word with index `index`: one syllable per hex digit, so distinct
 /// indexes give distinct words.
 pub fn word(index: u64) -> String {
-    let mut out = String::new();
+    let mut buffer = [0; WORD_MAX];
+    String::from_utf8_lossy(word_into(index, &mut buffer)).into_owned()
+}
+
+/// The longest word: two bytes per hex digit of a u64.
+const WORD_MAX: usize = 32;
+
+/// [`word`] written into `buffer`, without allocating (a source writes
+/// one per record; a table of every word would take a moment to build at
+/// each start with millions of keys).
+fn word_into(index: u64, buffer: &mut [u8; WORD_MAX]) -> &[u8] {
+    let mut len = 0;
     let mut rest = index;
     loop {
-        out.push_str(SYLLABLES[(rest & 0xf) as usize]);
+        let syllable = SYLLABLES[(rest & 0xf) as usize].as_bytes();
+        buffer[len..len + 2].copy_from_slice(syllable);
+        len += 2;
         rest >>= 4;
         if rest == 0 {
             break;
         }
     }
-    out
+    &buffer[..len]
 }
 
 /// Index of the word record `sequence` carries.
@@ -40,7 +53,6 @@ pub struct GeneratorSource {
     seed: u64,
     /// This subtask's share of the rate.
     pace: Pace,
-    words: Vec<String>,
 }
 
 impl GeneratorSource {
@@ -54,11 +66,6 @@ impl GeneratorSource {
         parallelism: u32,
         next: Option<u64>,
     ) -> Self {
-        let words = if keys <= 1 << 20 {
-            (0..keys).map(word).collect()
-        } else {
-            Vec::new()
-        };
         Self {
             next: next.unwrap_or(u64::from(subtask)),
             step: u64::from(parallelism),
@@ -66,7 +73,6 @@ impl GeneratorSource {
             keys,
             seed,
             pace: Pace::new(rate.map(|r| r / f64::from(parallelism))),
-            words,
         }
     }
 
@@ -76,20 +82,14 @@ impl GeneratorSource {
         max: usize,
     ) -> Result<SourceStatus, OperatorError> {
         let max = self.pace.next(max).await;
+        let mut buffer = [0; WORD_MAX];
         for _ in 0..max {
             if self.count.is_some_and(|count| self.next >= count) {
                 return Ok(SourceStatus::Ended);
             }
             let index = word_index(self.next, self.keys, self.seed);
-            let owned;
-            let text: &str = match self.words.get(index as usize) {
-                Some(text) => text,
-                None => {
-                    owned = word(index);
-                    &owned
-                }
-            };
-            batch.push(Some(text.as_bytes()), text.as_bytes(), None);
+            let text = word_into(index, &mut buffer);
+            batch.push(Some(text), text, None);
             self.next += self.step;
             self.pace.produced(1);
         }

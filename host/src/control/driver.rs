@@ -28,6 +28,7 @@ use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
 use crate::dataflow::TaskError;
 use crate::dataflow::runtime::{NodeMetrics, RunningJob, Savepointer};
 use crate::job::{JobGraph, NodeKind, OnCancel};
+use crate::plugin::LoadedPlugin;
 use crate::runner::{self, PreparedJob, RunError, RunObserver, RunOptions};
 
 /// What the API can see of a job's current run.
@@ -73,6 +74,8 @@ pub(super) struct Upgrade {
     pub allow_non_restored_state: bool,
     pub probation: Duration,
     pub probation_checkpoints: u64,
+    /// The new version's plugins, loaded by the check before the stop.
+    pub loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
 }
 
 /// One run to start.
@@ -84,6 +87,8 @@ pub(super) struct RunPlan {
     run_id: String,
     /// Earlier runs whose uncommitted output this run discards.
     discard_runs: Vec<String>,
+    /// Plugins loaded already (see [`RunOptions::loaded`]).
+    loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
     phase: Phase,
 }
 
@@ -105,6 +110,7 @@ impl RunPlan {
             reason: "submitted".to_string(),
             run_id: record.id.clone(),
             discard_runs: Vec::new(),
+            loaded: HashMap::new(),
             phase: Phase::Normal,
         }
     }
@@ -162,6 +168,7 @@ pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> RunPlan {
         reason: cause.to_string(),
         run_id: crate::runner::new_job_id(),
         discard_runs: Vec::new(),
+        loaded: HashMap::new(),
         phase: Phase::Normal,
     }
 }
@@ -248,6 +255,10 @@ async fn run(
         let options = RunOptions {
             restore: plan.restore.clone(),
             allow_non_restored_state: plan.allow_non_restored_state,
+            // The savepoint an upgrade's new version restores was written
+            // by this host a moment ago.
+            trusted: matches!(plan.phase, Phase::Probation(_)),
+            loaded: plan.loaded.clone(),
         };
         tokio::task::spawn_blocking(move || prepare(&ctx, &spec, &options, run_id))
             .await
@@ -318,9 +329,9 @@ async fn run(
                             }
                             cancel_operation = Some(operation);
                         }
-                        Command::Upgrade { operation, upgrade } => {
+                        Command::Upgrade { operation, mut upgrade } => {
                             let last_record = ActivityWatch::start(live_metrics(handle));
-                            match upgrade::stop_for_upgrade(ctx, handle, &plan, &operation, &upgrade).await {
+                            match upgrade::stop_for_upgrade(ctx, handle, &plan, &operation, &mut upgrade).await {
                                 Ok(savepoint) => {
                                     let result = (&mut running).await;
                                     let last = last_record.stop();
@@ -434,6 +445,7 @@ pub(super) fn probation_plan(
     spec: JobSpec,
     restore: PathBuf,
     allow_non_restored_state: bool,
+    loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
     probation: Probation,
 ) -> RunPlan {
     RunPlan {
@@ -443,6 +455,7 @@ pub(super) fn probation_plan(
         reason: format!("upgrade (operation {})", probation.operation),
         run_id: crate::runner::new_job_id(),
         discard_runs: Vec::new(),
+        loaded,
         phase: Phase::Probation(Box::new(probation)),
     }
 }
@@ -462,6 +475,7 @@ pub(super) fn rollback_plan(
         reason: format!("rollback (operation {})", rollback.operation),
         run_id: crate::runner::new_job_id(),
         discard_runs: vec![discard],
+        loaded: HashMap::new(),
         phase: Phase::RollBack(Box::new(rollback)),
     }
 }

@@ -511,6 +511,7 @@ impl JobManager {
             probation_checkpoints: request
                 .probation_checkpoints
                 .unwrap_or(self.ctx.settings.probation_checkpoints),
+            loaded: Default::default(),
         };
         self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
             operation,

@@ -168,7 +168,7 @@ pub(super) async fn stop_for_upgrade(
     handle: &Arc<JobHandle>,
     plan: &RunPlan,
     operation: &str,
-    upgrade: &Upgrade,
+    upgrade: &mut Upgrade,
 ) -> Result<PathBuf, ()> {
     let current = handle.record().spec;
     let before = driver::plugin_versions(ctx, &current);
@@ -209,18 +209,20 @@ pub(super) async fn stop_for_upgrade(
             upgrade.allow_non_restored_state,
         );
         let point = point.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        tokio::task::spawn_blocking(move || {
             let options = RunOptions {
                 restore: point,
                 allow_non_restored_state: allow,
+                ..Default::default()
             };
             driver::prepare(&ctx, &spec, &options, "upgrade-check".to_string())
-                .map(|_| ())
+                .map(|prepared| prepared.loaded_plugins())
                 .map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
+    let check = check.map(|loaded| upgrade.loaded = loaded);
     if let Err(error) = check {
         let error = format!("upgrade refused, the job runs on unchanged: {error}");
         update_upgrade(handle, operation, |u| {
@@ -249,7 +251,7 @@ pub(super) async fn stop_for_upgrade(
         ),
     );
     match savepointer
-        .native_savepoint(ctx.data.join("savepoints"), Some(false))
+        .prepared_stop(ctx.data.join("savepoints"), 3)
         .await
     {
         Ok(path) => {
@@ -313,6 +315,7 @@ pub(super) fn after_stop(
         upgrade.spec,
         savepoint.clone(),
         allow,
+        upgrade.loaded,
         Probation {
             operation,
             previous,

@@ -473,7 +473,7 @@ impl Savepointer {
         target: std::path::PathBuf,
         stop: Option<bool>,
     ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, false).await
+        self.request(target, stop, false, 0).await
     }
 
     /// [`Savepointer::savepoint`] in native form: each subtask's state as
@@ -485,7 +485,20 @@ impl Savepointer {
         target: std::path::PathBuf,
         stop: Option<bool>,
     ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, true).await
+        self.request(target, stop, true, 0).await
+    }
+
+    /// A native stop-with-savepoint (no drain) whose state is written
+    /// ahead while the job runs on: first up to `rounds` checkpoints that
+    /// every operator subtask takes as a base, each with less to write
+    /// than the one before, so the stop itself has little left. What the
+    /// running host's upgrades take: their downtime is the stop's.
+    pub async fn prepared_stop(
+        &self,
+        target: std::path::PathBuf,
+        rounds: u32,
+    ) -> Result<std::path::PathBuf, String> {
+        self.request(target, Some(false), true, rounds).await
     }
 
     async fn request(
@@ -493,6 +506,7 @@ impl Savepointer {
         target: std::path::PathBuf,
         stop: Option<bool>,
         native: bool,
+        prepare: u32,
     ) -> Result<std::path::PathBuf, String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.0
@@ -500,6 +514,7 @@ impl Savepointer {
                 target,
                 stop,
                 native,
+                prepare,
                 reply,
             })
             .map_err(|_| "the job has ended: no savepoint".to_string())?;

@@ -431,7 +431,9 @@ fn snapshot_operator(
     let savepoint = storage.savepoint_dir(checkpoint);
     let state = match savepoint {
         Some(_) => task.state.savepoint(local_dir),
-        None => task.state.snapshot(local_dir, storage.wants_base()),
+        None => task
+            .state
+            .snapshot(local_dir, storage.wants_base(checkpoint)),
     };
     let state = match state {
         Ok(state) => state,

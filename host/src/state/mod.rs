@@ -16,7 +16,7 @@ pub mod rocks;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
@@ -196,7 +196,7 @@ struct Table {
 /// A checkpoint's state is its latest base plus the deltas since, in order.
 pub struct KeyedState {
     tables: Vec<Table>,
-    backend: Arc<Mutex<Box<dyn StateBackend>>>,
+    backend: SharedBackend,
     /// Set while a snapshot job owns the backend; says whether it applied
     /// the changes it took.
     pending: Option<mpsc::Receiver<Result<(), String>>>,
@@ -209,7 +209,45 @@ pub struct KeyedState {
     /// `weir run`'s summary wants it; the running host does not, and a
     /// stop's downtime would include it).
     count_keys: bool,
+    /// Set: dropping this state closes it on a background thread.
+    teardown: Option<Arc<Teardown>>,
 }
+
+/// Closes keyed state on background threads (freeing a cache of millions
+/// of cells and closing RocksDB take a large fraction of a second, which
+/// a stop should not wait for), and lets whoever owns the working
+/// directory wait until every close is done before it reuses or removes
+/// it.
+#[derive(Debug, Default)]
+pub struct Teardown {
+    open: Mutex<usize>,
+    closed: Condvar,
+}
+
+impl Teardown {
+    fn begin(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn end(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        *open -= 1;
+        if *open == 0 {
+            self.closed.notify_all();
+        }
+    }
+
+    /// Blocks until every state handed to this teardown has closed.
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while *open > 0 {
+            open = self.closed.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A subtask's backend, shared with the snapshot job that may own it.
+type SharedBackend = Arc<Mutex<Box<dyn StateBackend>>>;
 
 /// The part of a snapshot that runs off the task's thread.
 pub struct SnapshotJob {
@@ -220,7 +258,7 @@ pub struct SnapshotJob {
 enum JobKind {
     /// Writes the cells the backend lacks, then copies the backend.
     Base {
-        backend: Arc<Mutex<Box<dyn StateBackend>>>,
+        backend: SharedBackend,
         ops: Vec<WriteOp>,
         tables: Vec<String>,
         done: mpsc::Sender<Result<(), String>>,
@@ -335,7 +373,14 @@ impl KeyedState {
             cache_limit: cache_limit.max(1),
             cached: 0,
             count_keys: true,
+            teardown: None,
         }
+    }
+
+    /// When dropped, this state closes on a background thread, tracked by
+    /// `teardown`.
+    pub fn close_in_background(&mut self, teardown: Arc<Teardown>) {
+        self.teardown = Some(teardown);
     }
 
     /// Whether [`KeyedState::key_counts`] counts keys (by default it does);
@@ -614,12 +659,18 @@ impl KeyedState {
             return Ok(None);
         }
         settle(&mut self.pending)?;
-        let delta = self.take_changed();
         if !base {
             return Ok(Some(SnapshotJob {
                 dir,
-                kind: JobKind::Delta(delta),
+                kind: JobKind::Delta(self.take_changed()),
             }));
+        }
+        // A base holds everything: the next delta starts from here.
+        self.carried = None;
+        for table in &mut self.tables {
+            for slot in table.cache.values_mut() {
+                slot.changed = false;
+            }
         }
         Ok(Some(self.base_job(dir)))
     }
@@ -687,6 +738,66 @@ impl KeyedState {
             counts.push((table.name.clone(), count));
         }
         Ok(counts)
+    }
+}
+
+/// State on its way to closing: closed (then counted as closed) when
+/// dropped, on whichever thread that is.
+struct Closing {
+    state: Option<(Vec<Table>, SharedBackend)>,
+    teardown: Arc<Teardown>,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        drop(self.state.take());
+        self.teardown.end();
+    }
+}
+
+impl Drop for KeyedState {
+    fn drop(&mut self) {
+        let Some(teardown) = self.teardown.take() else {
+            return;
+        };
+        teardown.begin();
+        // The backend closes with its last handle: the one `Closing` holds.
+        let backend = std::mem::replace(
+            &mut self.backend,
+            Arc::new(Mutex::new(Box::new(memory::MemoryBackend::new(0)))),
+        );
+        let closing = Closing {
+            state: Some((std::mem::take(&mut self.tables), backend)),
+            teardown,
+        };
+        // If no thread can start, the closure (and the state) drops here.
+        in_background("weir-state-close", move || drop(closing));
+    }
+}
+
+/// Runs `work` on a new thread of the lowest CPU priority, so cleanup
+/// yields to the runs that start meanwhile. Returns false (and `work` is
+/// dropped uncalled) when no thread could start.
+pub fn in_background(name: &str, work: impl FnOnce() + Send + 'static) -> bool {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            lowest_priority();
+            work()
+        })
+        .is_ok()
+}
+
+/// Gives the calling thread the lowest CPU priority (Linux: nice 19, which
+/// applies per thread). Elsewhere it does nothing.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `gettid` takes no arguments and cannot fail; `setpriority`
+    // on the calling thread's id only changes that thread's nice value
+    // (an error, e.g. not permitted, leaves it as it was).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
     }
 }
 
@@ -778,6 +889,28 @@ mod tests {
         .expect("open");
         let mut state = keyed(Box::new(backend), 1);
         exercise(&mut state);
+    }
+
+    #[test]
+    fn state_closed_in_the_background_is_waited_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tables = ["op/v".to_string(), "op/l".to_string(), "op/m".to_string()];
+        let backend = rocks::RocksBackend::open(dir.path(), &tables).expect("open");
+        let mut state = keyed(Box::new(backend), 100);
+        state.value_set(0, b"k", b"v".to_vec()).expect("set");
+        state.flush().expect("flush");
+        let teardown = Arc::new(Teardown::default());
+        state.close_in_background(teardown.clone());
+        drop(state);
+        teardown.wait();
+        // Closed: the database opens again (RocksDB locks an open one) and
+        // holds the flushed cell.
+        let reopened = rocks::RocksBackend::open(dir.path(), &tables).expect("closed");
+        let group = key_group::of_key(b"k", 128);
+        assert_eq!(
+            reopened.get(0, group, b"k").expect("get"),
+            Some(b"v".to_vec())
+        );
     }
 
     #[test]
