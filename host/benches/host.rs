@@ -187,7 +187,7 @@ async fn plugin_add() {
         assert_eq!(status, 200);
         println!(
             "| {label} count | {} | {} | {} |",
-            weir::control::store::bytes(size),
+            weir::human::bytes(size),
             ms(first),
             ms(again)
         );

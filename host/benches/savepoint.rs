@@ -15,7 +15,6 @@
 //!    the resumed start to its first record.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -227,7 +226,7 @@ inputs = ["count"]
                 while metrics
                     .iter()
                     .filter(|m| m.is_source)
-                    .map(|m| m.records_out.load(Ordering::Relaxed))
+                    .map(|m| m.records_out())
                     .sum::<u64>()
                     < records
                 {
@@ -272,7 +271,7 @@ inputs = ["count"]
                 while metrics
                     .iter()
                     .filter(|m| !m.is_source && !m.is_sink)
-                    .map(|m| m.records_in.load(Ordering::Relaxed))
+                    .map(|m| m.records_in())
                     .sum::<u64>()
                     == 0
                 {

@@ -7,6 +7,9 @@
 //!    generator of 10M records over 100k distinct keys, parallelism 1,
 //!    without checkpoints and with exactly-once checkpoints every second
 //!    (alternating, `WEIR_BENCH_REPEATS` times each, default 3; medians).
+//! 3. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
+//!    metrics timing (busy, idle, back-pressured, plugin time) off and on,
+//!    alternating; medians.
 //!
 //! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M); pass
 //! words to run only the benchmarks whose names contain one of them
@@ -194,6 +197,20 @@ inputs = ["count"]
         state = dir.path().join("state").display().to_string(),
         count = weir_tests::plugins::WORDCOUNT_COUNT,
     );
+    // The pairs below run `repeats` times, alternating, and each reports
+    // its median: the machine's noise between runs is larger than the
+    // differences measured.
+    let repeats: usize = std::env::var("WEIR_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let median = |mut runs: Vec<Measurement>| {
+        runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        let times: Vec<String> = runs.iter().map(|m| format!("{:.2}", m.seconds)).collect();
+        eprintln!("{}: {} s", runs[0].name, times.join(", "));
+        runs.swap_remove(runs.len() / 2)
+    };
+    let rate = |m: &Measurement| m.records as f64 / m.seconds;
     if wanted("wordcount") {
         let checkpointed = wordcount.replace(
             "[state]",
@@ -202,13 +219,6 @@ inputs = ["count"]
                 dir.path().join("checkpoints").display().to_string()
             ),
         );
-        // The pair runs `repeats` times, alternating, and each reports its
-        // median: the machine's noise between runs is larger than the
-        // difference measured.
-        let repeats: usize = std::env::var("WEIR_BENCH_REPEATS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
         let mut plain = Vec::new();
         let mut with_checkpoints = Vec::new();
         for _ in 0..repeats {
@@ -229,20 +239,45 @@ inputs = ["count"]
                 records,
             ));
         }
-        let median = |mut runs: Vec<Measurement>| {
-            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-            let times: Vec<String> = runs.iter().map(|m| format!("{:.2}", m.seconds)).collect();
-            eprintln!("{}: {} s", runs[0].name, times.join(", "));
-            runs.swap_remove(runs.len() / 2)
-        };
         results.push(median(plain));
         results.push(median(with_checkpoints));
         let n = results.len();
-        let rate = |m: &Measurement| m.records as f64 / m.seconds;
         println!(
             "checkpointed / unchecked wordcount throughput (medians of {repeats}): {:.3}",
             rate(&results[n - 1]) / rate(&results[n - 2])
         );
+    }
+    if wanted("metrics") {
+        // What timing every task's work (busy, idle, back-pressured, plugin
+        // time) costs: the same job with it off and on. Record counters
+        // are always on.
+        for (label, job) in [
+            ("stateless map, Wasm", map_job(uppercase)),
+            ("wordcount, RocksDB state, p=1", wordcount.clone()),
+        ] {
+            let (mut off, mut on) = (Vec::new(), Vec::new());
+            for _ in 0..repeats {
+                for (timing, runs) in [(false, &mut off), (true, &mut on)] {
+                    weir::dataflow::metrics::set_timing(timing);
+                    let state = if timing { "on" } else { "off" };
+                    runs.push(run(
+                        &engine,
+                        dir.path(),
+                        &format!("{label}, metrics timing {state}"),
+                        &job,
+                        &HashMap::new(),
+                        records,
+                    ));
+                }
+            }
+            let (off, on) = (median(off), median(on));
+            println!(
+                "{label}: metrics timing on / off throughput (medians of {repeats}): {:.3}",
+                rate(&on) / rate(&off)
+            );
+            results.push(off);
+            results.push(on);
+        }
     }
     println!();
     println!("| benchmark | records | seconds | records/s |");

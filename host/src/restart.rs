@@ -235,8 +235,9 @@ impl RestartTracker {
                 if self.recent.len() as u32 > *max_failures {
                     RestartDecision::GiveUp {
                         reason: format!(
-                            "{} failures within {interval:?}; failure-rate allows {max_failures}",
-                            self.recent.len()
+                            "{} failures within {}; failure-rate allows {max_failures}",
+                            self.recent.len(),
+                            crate::human::duration(*interval)
                         ),
                     }
                 } else {

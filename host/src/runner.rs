@@ -25,6 +25,7 @@ use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
+use crate::dataflow::metrics::JobMetrics;
 use crate::dataflow::runtime::{self, RunningJob};
 use crate::dataflow::task::Reports;
 use crate::dataflow::{
@@ -44,26 +45,17 @@ use crate::types::key_group;
 pub enum RunError {
     #[error(transparent)]
     Job(#[from] crate::job::JobError),
-    #[error("operator `{uid}`: {source}")]
-    Plugin {
-        uid: String,
-        #[source]
-        source: PluginError,
-    },
+    #[error("operator `{uid}`: {cause}")]
+    Plugin { uid: String, cause: PluginError },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("job `{job}` failed: {source}")]
-    Task {
-        job: String,
-        #[source]
-        source: TaskError,
-    },
-    #[error("job `{job}` failed for good ({reason}); the last failure: {source}")]
+    #[error("job `{job}` failed: {cause}")]
+    Task { job: String, cause: TaskError },
+    #[error("job `{job}` failed for good ({reason}); the last failure: {cause}")]
     GaveUp {
         job: String,
         reason: String,
-        #[source]
-        source: TaskError,
+        cause: TaskError,
     },
 }
 
@@ -71,7 +63,7 @@ impl RunError {
     /// The task failure behind this error, if it is one.
     pub fn task_error(&self) -> Option<&TaskError> {
         match self {
-            RunError::Task { source, .. } | RunError::GaveUp { source, .. } => Some(source),
+            RunError::Task { cause, .. } | RunError::GaveUp { cause, .. } => Some(cause),
             _ => None,
         }
     }
@@ -134,6 +126,9 @@ pub struct PreparedJob {
     /// The keyed state of this job's subtasks closing in the background:
     /// an attempt, and the removal of the directory, wait for it.
     pub teardown: Arc<Teardown>,
+    /// Restarts and failures across attempts (the running host shares one
+    /// across a job's runs).
+    pub metrics: Arc<JobMetrics>,
 }
 
 impl PreparedJob {
@@ -207,7 +202,7 @@ pub fn prepare_as(
                             .load(&operator.plugin)
                             .map_err(|source| RunError::Plugin {
                                 uid: node.uid.clone(),
-                                source,
+                                cause: source,
                             })?;
                     by_file.insert(operator.plugin.clone(), loaded.clone());
                     loaded
@@ -267,6 +262,7 @@ pub fn prepare_as(
         count_keys_at_end: true,
         remove_state_in_background: false,
         teardown: Arc::default(),
+        metrics: Arc::default(),
     })
 }
 
@@ -619,7 +615,7 @@ fn prepare_attempt(
             recover_file_sink(path, &job_ids, &pending, missing_ok).map_err(|error| {
                 RunError::Task {
                     job: job.graph.name.clone(),
-                    source: TaskError {
+                    cause: TaskError {
                         uid: node.uid.clone(),
                         subtask: 0,
                         error,
@@ -679,7 +675,7 @@ pub fn launch_with_native(
     job.restore_progress.finish();
     launched.map_err(|source| RunError::Task {
         job: job.graph.name.clone(),
-        source,
+        cause: source,
     })
 }
 
@@ -712,7 +708,10 @@ impl RunObserver for HookObserver<'_> {
     }
 
     fn restarting(&mut self, error: &TaskError, attempt: u32, delay: Duration, from: &str) {
-        eprintln!("weir: {error}; restart {attempt} in {delay:?} from {from}");
+        eprintln!(
+            "weir: {error}; restart {attempt} in {} from {from}",
+            crate::human::duration(delay)
+        );
     }
 }
 
@@ -754,18 +753,19 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
                 observer.launched(&running);
                 running.wait().await
             }
-            Err(RunError::Task { source, .. }) => Err(source),
+            Err(RunError::Task { cause, .. }) => Err(cause),
             Err(other) => break Err(other),
         };
         let error = match attempt {
             Ok(outcome) => break Ok(outcome),
             Err(error) => error,
         };
+        job.metrics.failed(&error);
         if let Some(reason) = observer.failed(&error) {
             break Err(RunError::GaveUp {
                 job: job.graph.name.clone(),
                 reason,
-                source: error,
+                cause: error,
             });
         }
         // In [0, 1): 53 random bits.
@@ -785,13 +785,16 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
                     .unwrap_or_else(|| "the beginning (no checkpoint yet)".to_string());
                 warn!(%error, attempt, ?delay, "job failed; restarting from {from}");
                 observer.restarting(&error, attempt, delay, &from);
+                job.metrics
+                    .restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
             }
             RestartDecision::GiveUp { reason } => {
                 break Err(RunError::GaveUp {
                     job: job.graph.name.clone(),
                     reason,
-                    source: error,
+                    cause: error,
                 });
             }
         }

@@ -6,7 +6,8 @@ use weir_tests::plugins::{
     FAULTS, TUMBLING_WINDOW, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT,
 };
 
-use crate::support::{JobDir, toml_path, weir};
+use crate::support::total;
+use crate::support::{JobDir, scrape, toml_path, weir};
 
 /// Copies an example's job file and inputs into a temp dir, with its plugins
 /// in `plugins/` as the demo script puts them.
@@ -186,6 +187,100 @@ inputs = ["op"]
     }
 }
 
+/// Every fault of the test suite's faults plugin ends `weir run` with an
+/// error that names the operator and states its cause once, sizes and
+/// durations as people write them.
+#[test]
+fn every_plugin_fault_states_its_cause_once() {
+    let job = JobDir::new();
+    job.write("input.txt", "boom\n");
+    for (fault, cause) in [
+        ("alloc", "memory limit of 64 MiB"),
+        (
+            "trap",
+            "plugin trapped in process: wasm `unreachable` instruction executed",
+        ),
+        ("panic", "plugin trapped in process"),
+        ("loop", "call timeout of 300 ms"),
+        ("error", "failing on purpose"),
+    ] {
+        job.job(&format!(
+            r#"
+name = "evil"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+[[operator]]
+uid = "evil"
+plugin = {faults}
+inputs = ["lines"]
+config = {{ fault = "{fault}" }}
+limits = {{ call_timeout = "300ms", memory = "64MiB" }}
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["evil"]
+"#,
+            faults = toml_path(FAULTS)
+        ));
+        let output = weir(&["run", "job.toml", "-q"], job.path());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{fault}: {stderr}");
+        // What weir says (a guest's own panic message and the job id
+        // line aside): one line, naming the operator, the cause once.
+        let said: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("job `") && !l.contains("panicked at"))
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(said.len(), 1, "{fault}: one error line: {stderr}");
+        let line = said[0];
+        assert!(line.starts_with("error: "), "{fault}: {line}");
+        assert!(line.contains("`evil` (subtask 0)"), "{fault}: {line}");
+        assert_eq!(
+            line.matches(cause).count(),
+            1,
+            "{fault}: {cause:?} once in {line}"
+        );
+        assert_eq!(line.matches("failed:").count(), 1, "{fault}: {line}");
+    }
+}
+
+#[test]
+fn a_job_file_typo_names_the_key_and_what_is_allowed() {
+    let job = JobDir::new();
+    job.job(&format!(
+        r#"
+name = "typo"
+[[source]]
+uid = "words"
+kind = "generator"
+count = 10
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "words", partition = "keys" }}]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["count"]
+"#,
+        count = toml_path(WORDCOUNT_COUNT)
+    ));
+    let output = weir(&["run", "job.toml"], job.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("job.toml"), "names the file: {stderr}");
+    assert!(
+        stderr.contains(
+            "partition = \"keys\" is not a partitioning; use one of: forward, key, rebalance"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("did not match any variant"), "{stderr}");
+}
+
 #[test]
 fn a_looping_plugin_ends_the_run_with_an_error_naming_the_operator() {
     let job = JobDir::new();
@@ -275,6 +370,61 @@ fn run_then_sigterm(
     seen.push_str(&rest.join().expect("reader"));
     output.stderr = seen.into_bytes();
     output
+}
+
+#[test]
+fn an_embedded_run_serves_its_metrics() {
+    use std::io::BufRead;
+    let job = example(
+        "wordcount",
+        &[
+            ("split.wasm", WORDCOUNT_SPLIT),
+            ("count.wasm", WORDCOUNT_COUNT),
+        ],
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "stream.toml", "--metrics", "127.0.0.1:0"])
+        .current_dir(job.path())
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut url = None;
+    let mut seen = String::new();
+    while url.is_none() {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).expect("read stderr") == 0 {
+            break;
+        }
+        url = line
+            .trim()
+            .strip_prefix("metrics at ")
+            .and_then(|u| u.strip_suffix("/metrics"))
+            .map(str::to_string);
+        seen.push_str(&line);
+    }
+    let url = url.unwrap_or_else(|| panic!("no metrics address in: {seen}"));
+    let started = std::time::Instant::now();
+    let job_label = [("job", "wordstream")];
+    let count = [("job", "wordstream"), ("operator", "count")];
+    loop {
+        let scrape = scrape(&url);
+        let records = total(&scrape, "weir_records_in_total", &count);
+        let checkpoints = total(&scrape, "weir_checkpoints_completed_total", &job_label);
+        if records > 0.0 && checkpoints >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no records and checkpoints at {url}: {records} records, {checkpoints} checkpoints"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The example's upgrade path as its README shows it: the wordcount with

@@ -62,7 +62,7 @@ fn a_plugin_that_loops_forever_hits_its_call_timeout() {
         "loop",
         r#"call_timeout = "300ms""#,
         FailureKind::Timeout,
-        "call timeout of 300ms",
+        "call timeout of 300 ms",
     );
 }
 
@@ -72,7 +72,7 @@ fn a_plugin_that_allocates_without_bound_hits_its_memory_limit() {
         "alloc",
         r#"memory = "32MiB""#,
         FailureKind::Memory,
-        "memory limit of 33554432 bytes",
+        "memory limit of 32 MiB",
     );
 }
 

@@ -17,7 +17,7 @@ use weir_tests::plugins::{
 };
 
 use crate::checkpoints::generator_counts;
-use crate::support::JobDir;
+use crate::support::{JobDir, scrape, total};
 
 /// A `weir serve` child process. Killed (SIGKILL) when dropped.
 struct Host {
@@ -576,6 +576,232 @@ inputs = ["spinner"]
     assert!(restarts >= 2, "the looping job restarts: {looping:#}");
     let error = looping["job"]["last_error"].as_str().unwrap_or("");
     assert!(error.contains("`spinner`"), "names the operator: {error}");
+}
+
+#[test]
+fn metrics_count_records_checkpoints_and_plugin_faults() {
+    let dir = plugin_dir();
+    let host = Host::start(&dir.path().join("data"), &[]);
+    dir.write(
+        "healthy.toml",
+        wordcount("healthy", None, 1000, "split.wasm", "count.wasm", "200ms"),
+    );
+    dir.write(
+        "trapping.toml",
+        r#"
+name = "trapping"
+
+[restart]
+strategy = "fixed-delay"
+attempts = 1000
+delay = "100ms"
+
+[[source]]
+uid = "words"
+kind = "generator"
+rate = 100
+keys = 5
+
+[[operator]]
+uid = "trapper"
+plugin = "faults.wasm"
+config = { fault = "trap" }
+inputs = ["words"]
+
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["trapper"]
+"#,
+    );
+    let healthy = host
+        .ok(&["run", "healthy.toml"], dir.path())
+        .trim()
+        .to_string();
+    let trapping = host
+        .ok(&["run", "trapping.toml"], dir.path())
+        .trim()
+        .to_string();
+    host.wait_checkpoints(&healthy, 2, Duration::from_secs(30));
+    let job = [("job", healthy.as_str())];
+    let count = [("job", healthy.as_str()), ("operator", "count")];
+    let first = scrape(&host.url);
+    let records = total(&first, "weir_records_in_total", &count);
+    let checkpoints = total(&first, "weir_checkpoints_completed_total", &job);
+    assert!(records > 0.0, "count took in records");
+    // Two more checkpoints (200 ms apart) and more records.
+    let done = host.job(&healthy)["checkpoints_completed"]
+        .as_u64()
+        .unwrap_or(0);
+    host.wait_checkpoints(&healthy, done + 2, Duration::from_secs(30));
+    let second = scrape(&host.url);
+    assert!(
+        total(&second, "weir_records_in_total", &count) > records,
+        "records-in grows"
+    );
+    assert!(
+        total(&second, "weir_checkpoints_completed_total", &job) >= checkpoints + 2.0,
+        "the checkpoint counter grows"
+    );
+    // The word count runs at parallelism 1.
+    let subtask = [
+        ("job", healthy.as_str()),
+        ("operator", "count"),
+        ("subtask", "0"),
+    ];
+    assert!(total(&second, "weir_busy_seconds_total", &subtask) > 0.0);
+    assert!(total(&second, "weir_bytes_in_total", &subtask) > 0.0);
+    assert!(
+        total(&second, "weir_state_keys", &subtask) > 0.0,
+        "keys of state"
+    );
+    let faults = [
+        ("job", trapping.as_str()),
+        ("operator", "trapper"),
+        ("kind", "trap"),
+    ];
+    assert!(
+        total(&second, "weir_failures_total", &faults) >= 1.0,
+        "the trapping plugin's faults are counted"
+    );
+    assert!(
+        total(
+            &second,
+            "weir_restarts_total",
+            &[("job", trapping.as_str())]
+        ) >= 1.0
+    );
+    assert!(total(&second, "weir_jobs", &[("status", "running")]) >= 1.0);
+    assert!(
+        total(&second, "weir_plugins", &[]) >= 3.0,
+        "split, count, faults"
+    );
+}
+
+/// The dashboard in headless Chromium: the token asked for and used, the
+/// running job found and opened, its operators drawn, its checkpoint count
+/// rising, "Savepoint" pressed and the savepoint listed. A screenshot of
+/// the job page is left at `target/dashboard-job.png`.
+#[test]
+fn the_dashboard_shows_a_running_job_and_takes_a_savepoint() {
+    let Some(driver) = weir_tests::browser::chromedriver() else {
+        return;
+    };
+    let dir = plugin_dir();
+    let token = dir.write("token", "dashboard-secret\n");
+    let host = Host::start_with(&dir.path().join("data"), &[], Some(&token));
+    dir.write(
+        "healthy.toml",
+        wordcount("healthy", None, 1000, "split.wasm", "count.wasm", "200ms"),
+    );
+    let job = host
+        .ok(&["run", "healthy.toml"], dir.path())
+        .trim()
+        .to_string();
+    host.wait_checkpoints(&job, 1, Duration::from_secs(30));
+    let screenshot = weir_tests::workspace()
+        .join("target")
+        .join("dashboard-job.png");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(drive_dashboard(&driver.url, &host.url, &job, &screenshot));
+}
+
+/// The element `locator` finds, waiting up to 20 s for it.
+async fn wait_for(browser: &fantoccini::Client, locator: String) -> fantoccini::elements::Element {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(fantoccini::Locator::Css(&locator))
+        .await
+        .unwrap_or_else(|e| panic!("the page shows {locator}: {e}"))
+}
+
+async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path) {
+    use fantoccini::{ClientBuilder, Locator};
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut args: Vec<String> = weir_tests::browser::CHROMIUM_ARGS
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.push(format!("--user-data-dir={}", profile.path().display()));
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".to_string(),
+        serde_json::json!({ "binary": "/usr/bin/chromium", "args": args }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let browser = ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(driver)
+        .await
+        .expect("a Chromium session");
+    let wait = |locator: &str| wait_for(&browser, locator.to_string());
+    browser.goto(&format!("{host}/")).await.expect("open /");
+    // The host has a token: the page asks for it.
+    wait("#token-form:not([hidden]) #token")
+        .await
+        .send_keys("dashboard-secret")
+        .await
+        .expect("type the token");
+    browser
+        .find(Locator::Css("#token-form button"))
+        .await
+        .expect("the token button")
+        .click()
+        .await
+        .expect("use the token");
+    wait(&format!("#jobs tr[data-job=\"{job}\"] a"))
+        .await
+        .click()
+        .await
+        .expect("open the job");
+    for uid in ["words", "split", "count", "out"] {
+        wait(&format!("#graph g.operator[data-uid=\"{uid}\"]")).await;
+    }
+    let count = |browser: fantoccini::Client| async move {
+        browser
+            .find(Locator::Css("#checkpoint-count"))
+            .await
+            .expect("the checkpoint count")
+            .text()
+            .await
+            .expect("its text")
+            .trim()
+            .parse::<u64>()
+            .expect("a number")
+    };
+    let first = count(browser.clone()).await;
+    let started = Instant::now();
+    let mut later = first;
+    while later <= first {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the checkpoint count stays at {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        later = count(browser.clone()).await;
+    }
+    // The graph shows rates once two samples were taken.
+    let rate = wait("#graph g.operator[data-uid=\"count\"] text.rate")
+        .await
+        .text()
+        .await
+        .expect("rate text");
+    assert!(rate.starts_with("in "), "{rate}");
+    wait("#savepoint")
+        .await
+        .click()
+        .await
+        .expect("press Savepoint");
+    wait("#savepoints tbody tr td code").await;
+    let message = wait("#message").await.text().await.expect("message");
+    assert!(message.contains("Savepoint requested"), "{message}");
+    let png = browser.screenshot().await.expect("a screenshot");
+    std::fs::write(screenshot, png).expect("write the screenshot");
+    browser.close().await.expect("close the session");
 }
 
 #[test]

@@ -83,7 +83,7 @@ fn run_and_stop_as(
                     let read: u64 = metrics
                         .iter()
                         .filter(|m| m.is_source)
-                        .map(|m| m.records_out.load(std::sync::atomic::Ordering::Relaxed))
+                        .map(|m| m.records_out())
                         .sum();
                     if read >= after {
                         break;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub mod browser;
 pub mod languages;
 
 /// Paths of the built plugins, one constant per guest crate.

@@ -45,6 +45,8 @@ pub struct CoordinatorSettings {
 pub struct CheckpointMetrics {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
+    /// Given up without a fault: the job's sources ended first.
+    pub aborted: AtomicU64,
     /// Id of the newest completed checkpoint (0: none).
     pub latest: AtomicU64,
     /// The newest completed checkpoints, oldest first (at most
@@ -85,6 +87,10 @@ pub struct CheckpointRecord {
     pub duration: Duration,
     /// The longest alignment of any subtask.
     pub alignment: Duration,
+    /// The longest synchronous part of any subtask's snapshot.
+    pub sync: Duration,
+    /// The longest asynchronous part (upload) of any subtask's snapshot.
+    pub asynchronous: Duration,
     /// Bytes the checkpoint references.
     pub bytes: u64,
     /// Bytes written for it (not reused from earlier checkpoints).
@@ -436,7 +442,7 @@ impl Coordinator {
                                 sources_finished = true;
                                 if pending.as_ref().is_some_and(|p| !p.acks.contains_key(&(uid.clone(), subtask))) {
                                     requeue_follow_up(&mut pending, &mut queued);
-                                    self.abort(pending.take(), "a source ended before taking part");
+                                    self.abort(pending.take(), "a source ended before taking part", false);
                                     last_done = Instant::now();
                                 }
                             }
@@ -466,14 +472,14 @@ impl Coordinator {
                     }
                 }
                 _ = sleep_until(deadline) => {
-                    failed = Some(format!("timed out after {:?}", self.settings.timeout));
+                    failed = Some(format!("timed out after {}", crate::human::duration(self.settings.timeout)));
                 }
             }
             if let Some(reason) = failed {
                 let id = pending.as_ref().map(|p| p.id.0);
                 let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
                 requeue_follow_up(&mut pending, &mut queued);
-                self.abort(pending.take(), &reason);
+                self.abort(pending.take(), &reason, true);
                 last_done = Instant::now();
                 if savepoint {
                     // A failed savepoint leaves the job running; it is not a
@@ -492,7 +498,7 @@ impl Coordinator {
         }
         if pending.as_ref().is_some_and(|p| p.savepoint.is_some()) {
             // Its directory holds no `_metadata`: remove it.
-            self.abort(pending.take(), "the job ended before it completed");
+            self.abort(pending.take(), "the job ended before it completed", false);
         }
         for request in queued {
             let _ = request.reply.send(Err(
@@ -577,12 +583,14 @@ impl Coordinator {
             Some(pending)
         } else {
             *sources_finished = true;
-            self.abort(Some(pending), "a source has ended");
+            self.abort(Some(pending), "a source has ended", false);
             None
         }
     }
 
-    fn abort(&self, pending: Option<Pending>, reason: &str) {
+    /// Gives up the pending checkpoint or savepoint; `fault`: it failed
+    /// (else it was aborted: the job's sources ended first).
+    fn abort(&self, pending: Option<Pending>, reason: &str, fault: bool) {
         let Some(pending) = pending else { return };
         if let Some(savepoint) = pending.savepoint {
             warn!(savepoint = pending.id.0, reason, "savepoint aborted");
@@ -602,7 +610,11 @@ impl Coordinator {
         }
         warn!(checkpoint = pending.id.0, reason, "checkpoint aborted");
         if let Some(store) = &self.store {
-            store.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            let counter = match fault {
+                true => &store.metrics.failed,
+                false => &store.metrics.aborted,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let dir = store.job_dir.join(super::checkpoint_dir_name(pending.id));
             tokio::task::spawn_blocking(move || {
                 let _ = std::fs::remove_dir_all(dir);
@@ -652,6 +664,8 @@ impl Coordinator {
             completed_ms: crate::dataflow::now_millis() as u64,
             duration: pending.started.elapsed(),
             alignment: stats.alignment,
+            sync: stats.sync,
+            asynchronous: stats.asynchronous,
             bytes: stats.bytes,
             new_bytes: stats.new_bytes,
         });
@@ -700,6 +714,7 @@ impl Coordinator {
                         ..pending
                     }),
                     &error,
+                    true,
                 );
                 return Err(error);
             }

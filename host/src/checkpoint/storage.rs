@@ -249,6 +249,13 @@ impl SubtaskStorage {
     ) {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _span = tracing::info_span!(
+                "snapshot",
+                uid = %this.uid,
+                subtask = this.subtask,
+                checkpoint = checkpoint.0
+            )
+            .entered();
             let started = Instant::now();
             // A failed checkpoint's changes are in no stored delta: the next
             // checkpoint starts a new base. (Savepoints are not in the chain.)

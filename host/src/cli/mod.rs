@@ -2,6 +2,7 @@
 //! Parsing validates flags; the commands build the run configuration (which
 //! may do I/O) and call the embedded runner.
 
+mod metrics;
 mod progress;
 mod remote;
 mod savepoint;
@@ -30,6 +31,10 @@ pub struct Cli {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines as text for people, or as one JSON object per line (with
+    /// the job, operator, subtask and checkpoint spans) for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Where compiled plugins are cached (default: ~/.cache/weir; WEIR_CACHE_DIR).
     #[arg(long, global = true)]
     pub cache_dir: Option<PathBuf>,
@@ -41,6 +46,13 @@ pub struct Cli {
     pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How `--log-format` writes log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +128,10 @@ pub struct RunArgs {
     /// every event-time timer fires before the savepoint (`stop --drain`).
     #[arg(long, requires = "savepoint_dir")]
     pub drain: bool,
+    /// Serve the job's metrics (Prometheus text format) at
+    /// http://ADDR:PORT/metrics while it runs.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,6 +343,11 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
         ..Default::default()
     };
     let job = runner::prepare_with(&engine, graph, &options)?;
+    let exposed: Arc<Mutex<metrics::Exposed>> = Arc::new(Mutex::new(metrics::Exposed::new(&job)));
+    if let Some(address) = &args.metrics {
+        let url = metrics::serve(address, exposed.clone()).await?;
+        eprintln!("metrics at {url}");
+    }
     eprintln!("job `{}` started, job id {}", job.graph.name, job.job_id);
     // Ctrl-C or SIGTERM stops the running attempt: with a savepoint when
     // asked for one, else by cancelling it (and any attempt after it).
@@ -390,6 +411,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
             savepointer: Some(running.savepointer()),
         };
         metrics = running.metrics().to_vec();
+        exposed.lock().expect("not poisoned").attach(running);
         if let Some(progress) = &progress {
             progress.attach(running);
         }

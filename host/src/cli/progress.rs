@@ -31,12 +31,12 @@ fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
     let read = metrics
         .iter()
         .filter(|m| m.is_source)
-        .map(|m| m.records_out.load(Ordering::Relaxed))
+        .map(|m| m.records_out())
         .sum();
     let written = metrics
         .iter()
         .filter(|m| m.is_sink)
-        .map(|m| m.records_in.load(Ordering::Relaxed))
+        .map(|m| m.records_in())
         .sum();
     (read, written)
 }
@@ -61,10 +61,16 @@ impl Progress {
                 std::thread::sleep(Duration::from_millis(200));
                 let attempt = thread_attempt.lock().expect("not poisoned");
                 let message = if let Some((keys, bytes)) = restore.snapshot() {
-                    format!("restoring state: {keys} keys, {}", bytes_human(bytes))
+                    format!(
+                        "restoring state: {keys} keys, {}",
+                        crate::human::bytes(bytes)
+                    )
                 } else if let Some(attempt) = attempt.as_ref() {
                     if let Some((keys, bytes)) = attempt.savepoints.progress.snapshot() {
-                        format!("writing the savepoint: {keys} keys, {}", bytes_human(bytes))
+                        format!(
+                            "writing the savepoint: {keys} keys, {}",
+                            crate::human::bytes(bytes)
+                        )
                     } else {
                         let (read, written) = totals(&attempt.metrics);
                         let now = Instant::now();
@@ -120,20 +126,6 @@ impl Progress {
     }
 }
 
-/// Bytes in KiB/MiB/GiB.
-pub fn bytes_human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1024.0 * 1024.0 * 1024.0 {
-        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
-    } else if b >= 1024.0 * 1024.0 {
-        format!("{:.1} MiB", b / (1024.0 * 1024.0))
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 fn human(rate: f64) -> String {
     if rate >= 1e6 {
         format!("{:.2}M", rate / 1e6)
@@ -185,10 +177,10 @@ pub fn print_summary(
         };
         let mut line = format!("  {:<12} {role:<8} p={}", node.uid, node.parallelism);
         if !m.is_source {
-            line.push_str(&format!("  in {}", m.records_in.load(Ordering::Relaxed)));
+            line.push_str(&format!("  in {}", m.records_in()));
         }
         if !m.is_sink {
-            line.push_str(&format!("  out {}", m.records_out.load(Ordering::Relaxed)));
+            line.push_str(&format!("  out {}", m.records_out()));
         }
         if let Some(plugin) = job.plugins.get(&node.uid) {
             line.push_str(&format!(

@@ -270,7 +270,7 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
             time(c.completed_ms),
             c.duration_ms,
             c.alignment_ms,
-            super::progress::bytes_human(c.bytes)
+            crate::human::bytes(c.bytes)
         );
     }
     if !job.restarts.is_empty() {
@@ -450,7 +450,7 @@ pub async fn plugin_add(client: &Client, files: &[PathBuf]) -> Result<()> {
             "{}  sha256 {}  {}  compiled in {:.0} ms",
             stored.reference(),
             stored.digest,
-            crate::control::store::bytes(stored.size),
+            crate::human::bytes(stored.size),
             stored.compile_ms
         );
     }
@@ -477,7 +477,7 @@ pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
             "{:<24} {}  {:>9}  compiled {:>5.0} ms  states: {}  jobs: {}",
             p.reference(),
             &p.digest[..12],
-            crate::control::store::bytes(p.size),
+            crate::human::bytes(p.size),
             p.compile_ms,
             if states.is_empty() {
                 "none".to_string()

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::progress::bytes_human;
 use crate::checkpoint::{metadata, savepoint};
 
 #[derive(Debug, clap::Args)]
@@ -76,7 +75,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     );
     println!(
         "size      {} in {} files, max_parallelism {}",
-        bytes_human(inspection.bytes),
+        crate::human::bytes(inspection.bytes),
         read.metadata.files().count(),
         inspection.max_parallelism
     );
@@ -92,7 +91,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         println!("{line}");
         for state in &op.states {
             let amount = match (state.keys, state.bytes) {
-                (Some(keys), Some(bytes)) => format!("{keys} keys, {}", bytes_human(bytes)),
+                (Some(keys), Some(bytes)) => format!("{keys} keys, {}", crate::human::bytes(bytes)),
                 _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
                     .to_string(),
             };
@@ -102,7 +101,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             );
         }
         if op.timer_bytes > 0 {
-            println!("  timers  {}", bytes_human(op.timer_bytes));
+            println!("  timers  {}", crate::human::bytes(op.timer_bytes));
         }
         if !op.positions.is_empty() {
             let positions: Vec<String> = op.positions.iter().map(u64::to_string).collect();

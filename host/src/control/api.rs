@@ -18,10 +18,12 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
+use super::dashboard;
 use super::jobs::{JobManager, SavepointRequest, SubmitRequest, UpgradeRequest};
 use super::record::*;
-use super::store::{StoreError, StoredPlugin, bytes};
+use super::store::{StoreError, StoredPlugin};
 use super::{ControlError, HostContext};
+use crate::human::bytes;
 
 #[derive(Clone)]
 struct Api {
@@ -97,6 +99,9 @@ pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
         )
         .route("/api/jobs/{id}/upgrade", post(upgrade_job))
         .route("/api/jobs/{id}/operations/{operation}", get(operation))
+        .route("/metrics", get(metrics))
+        .route("/", get(dashboard::index))
+        .route("/dashboard/{asset}", get(dashboard::asset))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
@@ -113,7 +118,11 @@ async fn not_found(request: Request) -> ControlError {
 
 /// Checks `Authorization: Bearer <token>` when the host has a token.
 async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
-    if let Some(token) = &api.ctx.settings.token {
+    // The dashboard's page and assets hold no data; the page then asks
+    // the API with the token.
+    let path = request.uri().path();
+    let open = path == "/" || path.starts_with("/dashboard/");
+    if let Some(token) = api.ctx.settings.token.as_ref().filter(|_| !open) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -140,6 +149,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     ),
     paths(
         health,
+        metrics,
         list_plugins,
         add_plugin,
         remove_plugin,
@@ -186,6 +196,25 @@ pub struct Health {
     pub version: String,
     pub jobs: usize,
     pub plugins: usize,
+}
+
+/// Every job's and the host's metrics in the Prometheus (OpenMetrics)
+/// text format: records and bytes, busy/idle/back-pressured time, plugin
+/// time, watermarks, keyed state, checkpoints, restarts and failures by
+/// kind, upgrades and rollbacks, jobs by status, plugins.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, content_type = "application/openmetrics-text", body = String))
+)]
+async fn metrics(State(api): State<Api>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::prometheus::CONTENT_TYPE,
+        )],
+        api.jobs.prometheus(),
+    )
 }
 
 /// The host is up.
@@ -479,6 +508,7 @@ mod tests {
             "/api/jobs/{id}/upgrade",
             "/api/jobs/{id}/savepoints",
             "/api/jobs/{id}/operations/{operation}",
+            "/metrics",
         ] {
             assert!(paths.contains_key(path), "{path} missing");
         }

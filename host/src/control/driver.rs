@@ -273,6 +273,7 @@ async fn run(
     prepared.savepoint_job_id = Some(handle.id.clone());
     prepared.count_keys_at_end = false;
     prepared.remove_state_in_background = true;
+    prepared.metrics = handle.metrics.clone();
     let probation = match &plan.phase {
         Phase::Probation(probation) => {
             let (release, hold) = watch::channel(true);
@@ -812,6 +813,17 @@ pub(super) fn plugin_versions(
 }
 
 /// The record plus the live view of the current run.
+/// A time counter (ns) summed over subtasks, in milliseconds.
+fn total_ms(
+    subtasks: &[crate::dataflow::metrics::SubtaskMetrics],
+    counter: impl Fn(&crate::dataflow::metrics::SubtaskMetrics) -> &std::sync::atomic::AtomicU64,
+) -> f64 {
+    subtasks
+        .iter()
+        .map(|s| counter(s).load(Ordering::Relaxed) as f64 / 1e6)
+        .sum()
+}
+
 pub(super) fn detail(ctx: &HostContext, handle: &JobHandle) -> JobDetail {
     let record = handle.record();
     let versions = plugin_versions(ctx, &record.spec);
@@ -837,16 +849,23 @@ pub(super) fn detail(ctx: &HostContext, handle: &JobHandle) -> JobDetail {
             });
     let mut operators = Vec::new();
     if let Some(live) = live.as_ref() {
-        for (node, metrics) in live.graph.nodes.iter().zip(&live.metrics) {
+        for (node_id, (node, metrics)) in live.graph.nodes.iter().zip(&live.metrics).enumerate() {
             let role = match node.kind {
                 NodeKind::Source(_) => "source",
                 NodeKind::Operator(_) => "operator",
                 NodeKind::Sink(_) => "sink",
             };
             let mut state_keys = BTreeMap::new();
-            if let Some(op) = latest
-                .as_ref()
-                .and_then(|l| l.metadata.operators.get(&node.uid))
+            for subtask in &metrics.subtasks {
+                for table in subtask.state.lock().expect("not poisoned").iter() {
+                    let name = table.table.rsplit('/').next().unwrap_or(&table.table);
+                    *state_keys.entry(name.to_string()).or_insert(0) += table.keys;
+                }
+            }
+            if state_keys.is_empty()
+                && let Some(op) = latest
+                    .as_ref()
+                    .and_then(|l| l.metadata.operators.get(&node.uid))
             {
                 for subtask in &op.subtasks {
                     for stats in &subtask.state_stats {
@@ -859,8 +878,18 @@ pub(super) fn detail(ctx: &HostContext, handle: &JobHandle) -> JobDetail {
                 role: role.to_string(),
                 plugin: versions.get(&node.uid).cloned(),
                 parallelism: node.parallelism,
-                records_in: metrics.records_in.load(Ordering::Relaxed),
-                records_out: metrics.records_out.load(Ordering::Relaxed),
+                inputs: live
+                    .graph
+                    .edges
+                    .iter()
+                    .filter(|e| e.to == node_id)
+                    .map(|e| live.graph.nodes[e.from].uid.clone())
+                    .collect(),
+                records_in: metrics.records_in(),
+                records_out: metrics.records_out(),
+                busy_ms: total_ms(&metrics.subtasks, |s| &s.busy_ns),
+                idle_ms: total_ms(&metrics.subtasks, |s| &s.idle_ns),
+                backpressured_ms: total_ms(&metrics.subtasks, |s| &s.backpressured_ns),
                 state_keys,
             });
         }

@@ -12,11 +12,10 @@ use cap_std::fs::Dir;
 
 /// An I/O error on a file of the data dir, naming it.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
+#[error("{path}: {cause}")]
 pub struct DurableError {
     pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 /// The host's data dir.
@@ -31,7 +30,7 @@ impl DataDir {
     pub fn open(root: &Path) -> Result<Self, DurableError> {
         let error = |source| DurableError {
             path: root.to_path_buf(),
-            source,
+            cause: source,
         };
         std::fs::create_dir_all(root).map_err(error)?;
         let root = root.canonicalize().map_err(error)?;
@@ -55,7 +54,7 @@ impl DataDir {
         let path = self.root.join(relative);
         move |source| DurableError {
             path: path.clone(),
-            source,
+            cause: source,
         }
     }
 

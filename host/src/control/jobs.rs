@@ -22,7 +22,9 @@ use super::driver::{self, Command, RunPlan};
 use super::lifecycle::{JobStatus, Lifecycle};
 use super::record::*;
 use super::{ControlError, HostContext, now_ms};
+use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
+use crate::prometheus::{HostSample, JobSample};
 
 /// `POST /api/jobs`: a job file to run.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -87,6 +89,8 @@ pub struct JobHandle {
     pub id: String,
     record: Mutex<JobRecord>,
     pub(super) live: Mutex<Option<driver::Live>>,
+    /// Restarts and failures across the job's runs (for `/metrics`).
+    pub(super) metrics: Arc<JobMetrics>,
     commands: mpsc::UnboundedSender<Command>,
     ctx: Arc<HostContext>,
 }
@@ -218,6 +222,7 @@ impl JobManager {
             id: record.id.clone(),
             record: Mutex::new(record),
             live: Mutex::default(),
+            metrics: Arc::default(),
             commands,
             ctx: self.ctx.clone(),
         });
@@ -280,6 +285,55 @@ impl JobManager {
     }
 
     /// Every job, newest first.
+    /// The Prometheus exposition of every job and the host.
+    pub fn prometheus(&self) -> String {
+        let handles: Vec<_> = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+        let mut views = Vec::new();
+        for handle in &handles {
+            let record = handle.record();
+            *by_status.entry(record.status().to_string()).or_default() += 1;
+            let count = |outcome: &str| {
+                record
+                    .upgrades
+                    .iter()
+                    .filter(|u| u.outcome == outcome)
+                    .count() as u64
+            };
+            let (upgrades, rollbacks) = (count("upgraded"), count("rolled-back"));
+            let live = handle.live.lock().expect("not poisoned");
+            let (nodes, checkpoints) = live
+                .as_ref()
+                .map(|l| (l.metrics.clone(), l.checkpoint_metrics.clone()))
+                .unwrap_or_default();
+            views.push((handle, nodes, checkpoints, upgrades, rollbacks));
+        }
+        let samples: Vec<JobSample<'_>> = views
+            .iter()
+            .map(
+                |(handle, nodes, checkpoints, upgrades, rollbacks)| JobSample {
+                    job: &handle.id,
+                    nodes,
+                    checkpoints: checkpoints.as_deref(),
+                    metrics: &handle.metrics,
+                    upgrades: *upgrades,
+                    rollbacks: *rollbacks,
+                },
+            )
+            .collect();
+        let host = HostSample {
+            jobs: by_status,
+            plugins: self.ctx.store.list().len() as u64,
+        };
+        crate::prometheus::encode_samples(Some(&host), &samples)
+    }
+
     pub fn list(&self) -> Vec<JobSummary> {
         let jobs: Vec<_> = self
             .jobs

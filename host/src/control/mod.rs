@@ -22,6 +22,7 @@
 //! `checkpoints/<run id>/`, `savepoints/`, `state/` (working state).
 
 pub mod api;
+pub mod dashboard;
 pub mod driver;
 pub mod durable;
 pub mod jobs;
@@ -75,11 +76,10 @@ pub enum ServeError {
         "refusing to listen on {0} without a bearer token: anyone who can reach it could run code; give --token-file (or `token_file` in the config)"
     )]
     TokenRequired(SocketAddr),
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {cause}")]
     Listen {
         address: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("data dir: {0}")]
     DataDir(#[from] durable::DurableError),
@@ -241,11 +241,11 @@ impl RunningHost {
             .await
             .map_err(|source| ServeError::Listen {
                 address: settings.listen,
-                source,
+                cause: source,
             })?;
         let address = listener.local_addr().map_err(|source| ServeError::Listen {
             address: settings.listen,
-            source,
+            cause: source,
         })?;
         let context = Arc::new(HostContext {
             data,

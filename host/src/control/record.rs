@@ -207,11 +207,18 @@ pub struct OperatorView {
     pub role: String,
     pub plugin: Option<PluginVersion>,
     pub parallelism: u32,
+    /// The uids it reads from.
+    pub inputs: Vec<String>,
     pub records_in: u64,
     pub records_out: u64,
-    /// Keys with state, by state name, as counted by the newest restore
-    /// point that counts them (savepoints do; incremental checkpoints do
-    /// not scan the state); empty when none has.
+    /// Time its subtasks spent processing, waiting for input and waiting
+    /// for room downstream, summed over them, since the run started.
+    pub busy_ms: f64,
+    pub idle_ms: f64,
+    pub backpressured_ms: f64,
+    /// Keys with state, by state name: the running subtasks' estimates as
+    /// of their latest barrier, else as counted by the newest restore
+    /// point that counts them (savepoints do); empty when neither has.
     pub state_keys: BTreeMap<String, u64>,
 }
 

@@ -63,7 +63,7 @@ impl StoredPlugin {
 /// Errors of the store. Each names the plugin or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{file}: {size} exceeds the plugin size limit of {limit}", size = bytes(*.size), limit = bytes(*.limit))]
+    #[error("{file}: {size} exceeds the plugin size limit of {limit}", size = crate::human::bytes(*.size), limit = crate::human::bytes(*.limit))]
     TooLarge { file: String, size: u64, limit: u64 },
     #[error(transparent)]
     Invalid(#[from] PluginError),
@@ -86,22 +86,6 @@ pub enum StoreError {
     Storage(#[from] DurableError),
     #[error("plugin store index {INDEX} is damaged: {0}")]
     Index(String),
-}
-
-/// Sizes as people write them.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if n >= size {
-            let value = n as f64 / size as f64;
-            return if n.is_multiple_of(size) {
-                format!("{} {unit}", n / size)
-            } else {
-                format!("{value:.1} {unit}")
-            };
-        }
-    }
-    format!("{n} bytes")
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -342,13 +326,6 @@ mod tests {
         assert_eq!(compare_versions("1.0", "1.0.0"), Less);
         assert_eq!(compare_versions("2.0.0", "2.0.0"), Equal);
         assert_eq!(compare_versions("1.0.0-beta", "1.0.0-alpha"), Greater);
-    }
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(bytes(DEFAULT_MAX_PLUGIN_BYTES), "256 MiB");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(12), "12 bytes");
     }
 
     #[test]

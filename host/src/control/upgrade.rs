@@ -75,7 +75,7 @@ fn records_in(metrics: &[Arc<NodeMetrics>]) -> u64 {
     metrics
         .iter()
         .filter(|m| !m.is_source)
-        .map(|m| m.records_in.load(Ordering::Relaxed))
+        .map(|m| m.records_in())
         .sum()
 }
 

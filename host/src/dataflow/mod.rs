@@ -10,6 +10,7 @@
 //! - [`alignment`]: barrier alignment as a pure state machine ([`Aligner`]).
 //! - [`timers`]: event-time and processing-time timers per key.
 //! - [`task`]: the loops of source, operator and sink subtasks.
+//! - [`metrics`]: their live counters, per node and subtask.
 //! - [`runtime`]: builds channels and tasks from a job graph and runs them.
 //!
 //! Invariant: this module never names wasmtime or RocksDB; it speaks the
@@ -17,6 +18,7 @@
 
 pub mod alignment;
 pub mod input;
+pub mod metrics;
 pub mod operator;
 pub mod output;
 pub mod runtime;

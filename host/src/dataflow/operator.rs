@@ -45,6 +45,23 @@ pub enum FailureKind {
     Checkpoint,
 }
 
+impl FailureKind {
+    /// Its name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Plugin => "error",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::State => "state",
+            FailureKind::Connector => "connector",
+            FailureKind::Disconnected => "disconnected",
+            FailureKind::Panic => "panic",
+            FailureKind::Checkpoint => "checkpoint",
+        }
+    }
+}
+
 /// An error from an operator, source or sink call.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -74,7 +91,6 @@ impl From<crate::state::StateError> for OperatorError {
 pub struct TaskError {
     pub uid: String,
     pub subtask: u32,
-    #[source]
     pub error: OperatorError,
 }
 

@@ -83,6 +83,7 @@ pub struct Collector {
     max_parallelism: u32,
     max_record_bytes: u64,
     emitted: u64,
+    emitted_bytes: u64,
     /// Set when some pending batch reached [`BATCH_RECORDS`].
     full: bool,
 }
@@ -94,6 +95,7 @@ impl Collector {
             max_parallelism,
             max_record_bytes,
             emitted: 0,
+            emitted_bytes: 0,
             full: false,
         }
     }
@@ -101,6 +103,11 @@ impl Collector {
     /// Records emitted so far (to every output, counted once per emit).
     pub fn emitted(&self) -> u64 {
         self.emitted
+    }
+
+    /// Bytes of key and value of the records emitted so far.
+    pub fn emitted_bytes(&self) -> u64 {
+        self.emitted_bytes
     }
 
     /// Emits to the main output (`side_output = None`) or a named side output.
@@ -114,12 +121,14 @@ impl Collector {
             return Err(OperatorError::new(
                 FailureKind::Plugin,
                 format!(
-                    "emitted a record of {size} bytes, over the limit of {} bytes",
-                    self.max_record_bytes
+                    "emitted a record of {}, over the limit of {}",
+                    crate::human::bytes(size),
+                    crate::human::bytes(self.max_record_bytes)
                 ),
             ));
         }
         self.emitted += 1;
+        self.emitted_bytes += size;
         for edge in &mut self.edges {
             if edge.side_output.as_deref() != side_output {
                 continue;
@@ -153,6 +162,7 @@ impl Collector {
                 return self.emit(None, record);
             }
             self.emitted += batch.len() as u64;
+            self.emitted_bytes += batch.data_len() as u64;
             self.full |= batch.len() >= BATCH_RECORDS;
             self.edges[0].targets[0].pending = batch;
             return Ok(());

@@ -8,11 +8,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::alignment::Aligner;
 use super::input::InputGate;
@@ -33,17 +32,7 @@ type InputChannels = Vec<(u32, mpsc::Receiver<StreamEvent>)>;
 /// Batches a channel buffers before its sender waits (backpressure).
 pub const CHANNEL_CAPACITY: usize = 8;
 
-/// Live counters of one node (all its subtasks).
-#[derive(Debug, Default)]
-pub struct NodeMetrics {
-    pub uid: String,
-    pub is_source: bool,
-    pub is_sink: bool,
-    pub records_in: AtomicU64,
-    pub records_out: AtomicU64,
-    /// Sum of the sources' positions (bytes read, records generated).
-    pub position: AtomicU64,
-}
+pub use super::metrics::NodeMetrics;
 
 /// An operator subtask and where its snapshots go (None: checkpointing is off).
 pub type OperatorTask = (Box<dyn Operator>, Option<Arc<SubtaskStorage>>);
@@ -129,12 +118,12 @@ pub fn launch(
         .nodes
         .iter()
         .map(|node| {
-            Arc::new(NodeMetrics {
-                uid: node.uid.clone(),
-                is_source: matches!(node.kind, NodeKind::Source(_)),
-                is_sink: matches!(node.kind, NodeKind::Sink(_)),
-                ..NodeMetrics::default()
-            })
+            Arc::new(NodeMetrics::new(
+                &node.uid,
+                matches!(node.kind, NodeKind::Source(_)),
+                matches!(node.kind, NodeKind::Sink(_)),
+                node.parallelism,
+            ))
         })
         .collect();
     let mut tasks = JoinSet::new();
@@ -432,7 +421,7 @@ impl RunningJob {
                 Ok(summary) => summaries.push(summary),
                 Err(error) => {
                     if errors.is_empty() {
-                        warn!(%error, "task failed; cancelling the job");
+                        debug!(%error, "task failed; cancelling the job");
                         self.tasks.abort_all();
                     }
                     errors.push(error);

@@ -10,6 +10,7 @@ use tracing::{Instrument, debug};
 
 use super::alignment::{Aligner, Alignment};
 use super::input::{Delivery, InputGate};
+use super::metrics::{Stopwatch, SubtaskMetrics};
 use super::operator::{
     FailureKind, Operator, OperatorError, Sink, Source, SourceStatus, TaskError, TaskInfo,
 };
@@ -114,7 +115,8 @@ pub async fn run_source(
     mut triggers: mpsc::UnboundedReceiver<Trigger>,
     reports: Reports,
 ) -> Result<TaskSummary, TaskError> {
-    let span = tracing::info_span!("source", uid = %info.uid, subtask = info.subtask);
+    let span =
+        tracing::info_span!("source", job = %info.job, uid = %info.uid, subtask = info.subtask);
     async move {
         let fail = fail(&info);
         let mut batch = RecordBatch::with_capacity(BATCH_RECORDS, 64 * BATCH_RECORDS);
@@ -126,8 +128,11 @@ pub async fn run_source(
         };
         let mut triggers_open = true;
         let mut stopped = false;
+        let mine = metrics.subtask(info.subtask);
         while !cancelled {
             let mut barrier = None;
+            let waiting = Stopwatch::start();
+            let mut reading = Duration::ZERO;
             let status = tokio::select! {
                 biased;
                 _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
@@ -138,17 +143,21 @@ pub async fn run_source(
                     }
                     SourceStatus::More
                 }
-                status = source.next_batch(&mut batch, max) => status.map_err(&fail)?,
+                status = Polled::new(source.next_batch(&mut batch, max), &mut reading) => status.map_err(&fail)?,
             };
+            // Reading is busy while the source computes, idle while it
+            // waits (for data, or for its rate).
+            mine.busy(reading);
+            mine.idle(waiting.elapsed().saturating_sub(reading));
             if !batch.is_empty() {
-                metrics
-                    .records_out
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                mine.emitted(batch.len() as u64, batch.data_len() as u64);
                 if let Some(generator) = &mut watermarks {
                     generator.observe(batch.max_timestamp());
                 }
                 output.emit_batch(batch.take()).map_err(&fail)?;
+                let flushing = Stopwatch::start();
                 output.flush().await.map_err(&fail)?;
+                mine.backpressured(flushing.elapsed());
                 if let Some(watermark) = watermarks.as_mut().and_then(WatermarkGenerator::advance) {
                     output
                         .broadcast(StreamEvent::Watermark(watermark))
@@ -156,7 +165,7 @@ pub async fn run_source(
                         .map_err(&fail)?;
                 }
             }
-            metrics.position.store(source.position(), Ordering::Relaxed);
+            mine.position.store(source.position(), Ordering::Relaxed);
             if let Some(trigger) = barrier {
                 source_barrier(&info, source.position(), &mut output, &reports, &trigger)
                     .await
@@ -255,22 +264,32 @@ pub async fn run_operator(
     storage: Option<Arc<SubtaskStorage>>,
 ) -> Result<TaskSummary, TaskError> {
     let info = operator.task().info.clone();
-    let span = tracing::info_span!("operator", uid = %info.uid, subtask = info.subtask);
+    let span =
+        tracing::info_span!("operator", job = %info.job, uid = %info.uid, subtask = info.subtask);
     async move {
         let fail = fail(&info);
         operator.open().map_err(&fail)?;
         flush_output(operator.as_mut()).await.map_err(&fail)?;
         let mut alignment = AlignmentClock::default();
+        let mine = metrics.subtask(info.subtask);
         loop {
             let next_timer = operator.task().timers.next_processing_time();
+            let waiting = Stopwatch::start();
             let delivery = tokio::select! {
                 delivery = gate.next() => delivery,
                 _ = sleep_until_millis(next_timer) => {
+                    mine.idle(waiting.elapsed());
+                    let started = Stopwatch::start();
+                    let before = emitted(operator.as_mut());
                     fire_processing_timers(operator.as_mut()).map_err(&fail)?;
+                    account(mine, operator.as_mut(), before, started.elapsed());
+                    let flushing = Stopwatch::start();
                     flush_output(operator.as_mut()).await.map_err(&fail)?;
+                    mine.backpressured(flushing.elapsed());
                     continue;
                 }
             };
+            mine.idle(waiting.elapsed());
             let Some(Delivery {
                 channel,
                 input,
@@ -281,42 +300,59 @@ pub async fn run_operator(
             };
             match event {
                 StreamEvent::Records(batch) => {
-                    metrics
-                        .records_in
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    let before = operator.task().output.emitted();
+                    let started = Stopwatch::start();
+                    mine.took_in(batch.len(), batch.data_len());
+                    let before = emitted(operator.as_mut());
                     operator.process_batch(input, batch).map_err(&fail)?;
-                    let after = operator.task().output.emitted();
-                    metrics
-                        .records_out
-                        .fetch_add(after - before, Ordering::Relaxed);
-                    operator
-                        .task()
-                        .state
-                        .maybe_evict()
-                        .map_err(|e| fail(e.into()))?;
+                    account(mine, operator.as_mut(), before, started.elapsed());
+                    let state = &mut operator.task().state;
+                    state.maybe_evict().map_err(|e| fail(e.into()))?;
+                    let (hits, misses) = state.take_cache_counts();
+                    mine.cache_hits.fetch_add(hits, Ordering::Relaxed);
+                    mine.cache_misses.fetch_add(misses, Ordering::Relaxed);
+                    mine.busy(started.elapsed());
+                    let flushing = Stopwatch::start();
                     flush_output(operator.as_mut()).await.map_err(&fail)?;
+                    mine.backpressured(flushing.elapsed());
                 }
                 StreamEvent::Watermark(watermark) => {
                     if let Some(advanced) = gate.advance_watermark(channel, watermark) {
-                        advance_watermark(operator.as_mut(), advanced, &metrics)
+                        let started = Stopwatch::start();
+                        let before = emitted(operator.as_mut());
+                        advance_watermark(operator.as_mut(), advanced)
                             .await
                             .map_err(&fail)?;
+                        account(mine, operator.as_mut(), before, started.elapsed());
+                        mine.watermark.store(advanced, Ordering::Relaxed);
                     }
                 }
                 StreamEvent::Barrier(checkpoint) => {
                     alignment.barrier(checkpoint);
                     let outcome = aligner.on_barrier(channel, checkpoint);
-                    forward_aligned(operator.as_mut(), outcome, &mut gate, &storage, &alignment)
-                        .await
-                        .map_err(&fail)?;
+                    forward_aligned(
+                        operator.as_mut(),
+                        outcome,
+                        &mut gate,
+                        &storage,
+                        &alignment,
+                        mine,
+                    )
+                    .await
+                    .map_err(&fail)?;
                 }
                 StreamEvent::EndOfInput => {
                     gate.end(channel);
                     let outcome = aligner.on_end_of_input(channel);
-                    forward_aligned(operator.as_mut(), outcome, &mut gate, &storage, &alignment)
-                        .await
-                        .map_err(&fail)?;
+                    forward_aligned(
+                        operator.as_mut(),
+                        outcome,
+                        &mut gate,
+                        &storage,
+                        &alignment,
+                        mine,
+                    )
+                    .await
+                    .map_err(&fail)?;
                 }
             }
         }
@@ -404,9 +440,15 @@ async fn forward_aligned(
     gate: &mut InputGate,
     storage: &Option<Arc<SubtaskStorage>>,
     alignment: &AlignmentClock,
+    metrics: &SubtaskMetrics,
 ) -> Result<(), OperatorError> {
     match apply_alignment(outcome, gate) {
         Some(aligned) => {
+            // The state's size as of this barrier (before a snapshot job
+            // takes the backend).
+            if let Some(tables) = operator.task().state.table_metrics() {
+                *metrics.state.lock().unwrap_or_else(|p| p.into_inner()) = tables;
+            }
             if let Some(storage) = storage {
                 snapshot_operator(operator, storage, aligned, alignment.elapsed(aligned));
             }
@@ -425,6 +467,7 @@ fn snapshot_operator(
     checkpoint: CheckpointId,
     alignment: Duration,
 ) {
+    let _span = tracing::info_span!("checkpoint", id = checkpoint.0).entered();
     let started = Instant::now();
     let task = operator.task();
     let local_dir = storage.local_dir(checkpoint);
@@ -463,13 +506,57 @@ async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> 
     operator.task().output.flush().await
 }
 
+/// A future that adds the time spent polling it (working, not waiting)
+/// to `spent`.
+struct Polled<'a, F> {
+    inner: F,
+    spent: &'a mut Duration,
+}
+
+impl<'a, F: std::future::Future + Unpin> Polled<'a, F> {
+    fn new(inner: F, spent: &'a mut Duration) -> Self {
+        Self { inner, spent }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Polled<'_, F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let started = Stopwatch::start();
+        let polled = std::pin::Pin::new(&mut self.inner).poll(cx);
+        *self.spent += started.elapsed();
+        polled
+    }
+}
+
+/// Records and bytes the operator emitted so far.
+fn emitted(operator: &mut dyn Operator) -> (u64, u64) {
+    let output = &operator.task().output;
+    (output.emitted(), output.emitted_bytes())
+}
+
+/// Counts what the operator emitted since `before` and the time its
+/// plugin took.
+fn account(
+    metrics: &SubtaskMetrics,
+    operator: &mut dyn Operator,
+    before: (u64, u64),
+    took: Duration,
+) {
+    let (records, bytes) = emitted(operator);
+    metrics.emitted(records - before.0, bytes - before.1);
+    metrics.in_plugin(took);
+}
+
 async fn advance_watermark(
     operator: &mut dyn Operator,
     watermark: Timestamp,
-    metrics: &NodeMetrics,
 ) -> Result<(), OperatorError> {
     operator.task().watermark = watermark;
-    let before = operator.task().output.emitted();
     while let Some(timer) = operator
         .task()
         .timers
@@ -481,10 +568,6 @@ async fn advance_watermark(
             operator.task().output.flush().await?;
         }
     }
-    let after = operator.task().output.emitted();
-    metrics
-        .records_out
-        .fetch_add(after - before, Ordering::Relaxed);
     operator
         .task()
         .output
@@ -529,21 +612,25 @@ pub async fn run_sink(
     reports: Reports,
     mut commit: watch::Receiver<CommitSignal>,
 ) -> Result<TaskSummary, TaskError> {
-    let span = tracing::info_span!("sink", uid = %info.uid, subtask = info.subtask);
+    let span =
+        tracing::info_span!("sink", job = %info.job, uid = %info.uid, subtask = info.subtask);
     async move {
         let fail = fail(&info);
         let mut committed = 0u64;
         let mut coordinator = true;
+        let mine = metrics.subtask(info.subtask);
         loop {
+            let waiting = Stopwatch::start();
             tokio::select! {
                 delivery = gate.next() => {
+                    mine.idle(waiting.elapsed());
                     let Some(Delivery { channel, event, .. }) = delivery else { break };
                     let aligned = match event {
                         StreamEvent::Records(batch) => {
+                            let started = Stopwatch::start();
                             sink.write(&batch).map_err(&fail)?;
-                            metrics
-                                .records_in
-                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            mine.took_in(batch.len(), batch.data_len());
+                            mine.busy(started.elapsed());
                             None
                         }
                         StreamEvent::Barrier(checkpoint) => {
@@ -701,7 +788,7 @@ mod tests {
             operator,
             InputGate::new(vec![(0, receiver)]),
             Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
-            Arc::new(NodeMetrics::default()),
+            Arc::new(NodeMetrics::new("op", false, false, 1)),
             None,
         ));
         let mut batch = RecordBatch::new();

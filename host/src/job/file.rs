@@ -381,11 +381,37 @@ pub enum SinkKind {
 }
 
 /// An input edge: `"uid"`, `"uid:side-output"` or a table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum InputSpec {
     Name(String),
     Table(InputTable),
+}
+
+/// A string or a table, each with its own errors (an untagged enum would
+/// answer any mistake inside the table with "did not match any variant").
+impl<'de> Deserialize<'de> for InputSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = InputSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an input: \"uid\", \"uid:side-output\" or { from, partition, side_output }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<InputSpec, E> {
+                Ok(InputSpec::Name(value.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<InputSpec, A::Error> {
+                InputTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(InputSpec::Table)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -396,8 +422,7 @@ pub struct InputTable {
     pub side_output: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Partition {
     /// Subtask i feeds subtask i (equal parallelism).
     Forward,
@@ -405,6 +430,29 @@ pub enum Partition {
     Key,
     /// Round-robin over the downstream subtasks.
     Rebalance,
+}
+
+impl std::str::FromStr for Partition {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "forward" => Ok(Partition::Forward),
+            "key" => Ok(Partition::Key),
+            "rebalance" => Ok(Partition::Rebalance),
+            other => Err(format!(
+                "partition = {other:?} is not a partitioning; use one of: forward, key, rebalance"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Partition {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl InputSpec {
@@ -430,7 +478,7 @@ impl JobFile {
     pub fn load(path: &Path) -> Result<Self, JobError> {
         let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
             file: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Self::parse(&text, path)
     }

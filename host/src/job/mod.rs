@@ -23,11 +23,10 @@ use crate::types::key_group::MAX_MAX_PARALLELISM;
 /// lists every problem found, each naming the uid and key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("cannot read job file {file}: {source}")]
+    #[error("cannot read job file {file}: {cause}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("job file {file} is not valid TOML for a job: {message}")]
     Parse { file: PathBuf, message: String },

@@ -145,7 +145,7 @@ impl PluginEngine {
         let started = Instant::now();
         let bytes = std::fs::read(file).map_err(|source| PluginError::Read {
             file: file.to_path_buf(),
-            source,
+            cause: source,
         })?;
         self.load_bytes(file, &bytes, started)
     }

@@ -34,11 +34,10 @@ pub use operator::WasmOperator;
 /// Errors loading a plugin file. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("cannot read plugin file {file}: {source}")]
+    #[error("cannot read plugin file {file}: {cause}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("plugin file {file} is not a valid WebAssembly component: {message}")]
     NotAComponent { file: PathBuf, message: String },

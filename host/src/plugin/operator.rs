@@ -123,7 +123,8 @@ fn classify(
         return OperatorError::new(
             FailureKind::Timeout,
             format!(
-                "call to {what} ran longer than the call timeout of {call_timeout:?} and was stopped (epoch deadline)"
+                "call to {what} ran longer than the call timeout of {} and was stopped (epoch deadline)",
+                crate::human::duration(call_timeout)
             ),
         );
     }
@@ -131,13 +132,25 @@ fn classify(
     if detail.contains("forcing trap when growing memory") {
         return OperatorError::new(
             FailureKind::Memory,
-            format!("plugin exceeded its memory limit of {memory_bytes} bytes in {what}"),
+            format!(
+                "plugin exceeded its memory limit of {} in {what}",
+                crate::human::bytes(memory_bytes)
+            ),
         );
     }
-    let first_line = format!("{error:#}");
+    // The trap itself (e.g. "wasm `unreachable` instruction executed"),
+    // not the guest backtrace wasmtime wraps it in: that goes to the log.
+    let cause = match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap
+            .to_string()
+            .trim_start_matches("wasm trap: ")
+            .to_string(),
+        None => error.root_cause().to_string(),
+    };
+    tracing::debug!(%what, "plugin trapped: {error:?}");
     OperatorError::new(
         FailureKind::Trap,
-        format!("plugin trapped in {what}: {first_line}"),
+        format!("plugin trapped in {what}: {cause}"),
     )
 }
 

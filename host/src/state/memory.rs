@@ -12,12 +12,15 @@ type Table = BTreeMap<(u16, Vec<u8>), Vec<u8>>;
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
     tables: Vec<Table>,
+    /// Bytes of keys and cells per table.
+    bytes: Vec<u64>,
 }
 
 impl MemoryBackend {
     pub fn new(tables: usize) -> Self {
         Self {
             tables: (0..tables).map(|_| BTreeMap::new()).collect(),
+            bytes: vec![0; tables],
         }
     }
 }
@@ -41,14 +44,24 @@ impl StateBackend for MemoryBackend {
                     key,
                     value,
                 } => {
-                    self.tables[table].insert((key_group, key), value);
+                    let (key_len, value_len) = (key.len() as u64, value.len() as u64);
+                    let bytes = &mut self.bytes[table];
+                    match self.tables[table].insert((key_group, key), value) {
+                        // The key was there: only the cell changed.
+                        Some(old) => *bytes = (*bytes + value_len).saturating_sub(old.len() as u64),
+                        None => *bytes += key_len + value_len,
+                    }
                 }
                 WriteOp::Delete {
                     table,
                     key_group,
                     key,
                 } => {
-                    self.tables[table].remove(&(key_group, key));
+                    let len = key.len() as u64;
+                    if let Some(old) = self.tables[table].remove(&(key_group, key)) {
+                        let bytes = &mut self.bytes[table];
+                        *bytes = bytes.saturating_sub(len + old.len() as u64);
+                    }
                 }
             }
         }
@@ -71,6 +84,14 @@ impl StateBackend for MemoryBackend {
 
     fn describe(&self) -> String {
         "memory".to_string()
+    }
+
+    fn table_sizes(&self) -> Vec<(u64, u64)> {
+        self.tables
+            .iter()
+            .zip(&self.bytes)
+            .map(|(table, bytes)| (table.len() as u64, *bytes))
+            .collect()
     }
 
     fn checkpoint(&mut self, dir: &Path, tables: &[String]) -> Result<String, StateError> {

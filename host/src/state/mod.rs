@@ -68,11 +68,10 @@ pub enum StateError {
     Open { dir: PathBuf, message: String },
     #[error("state backend I/O on `{table}`: {message}")]
     Io { table: String, message: String },
-    #[error("state `{table}` holds a corrupt cell: {source}")]
+    #[error("state `{table}` holds a corrupt cell: {cause}")]
     Corrupt {
         table: String,
-        #[source]
-        source: codec::CodecError,
+        cause: codec::CodecError,
     },
     #[error("writing a snapshot's changes to the state backend failed: {0}")]
     Snapshot(String),
@@ -138,6 +137,9 @@ pub trait StateBackend: Send {
     /// snapshot. Returns the format: `rocksdb` (a RocksDB checkpoint, SST
     /// files hard-linked) or `memory` (one [`dump`]).
     fn checkpoint(&mut self, dir: &Path, tables: &[String]) -> Result<String, StateError>;
+    /// (keys, bytes) of each table, in table order: cheap estimates (for
+    /// metrics), not a scan.
+    fn table_sizes(&self) -> Vec<(u64, u64)>;
 }
 
 /// Backend key: key group big-endian, then the key.
@@ -211,6 +213,9 @@ pub struct KeyedState {
     count_keys: bool,
     /// Set: dropping this state closes it on a background thread.
     teardown: Option<Arc<Teardown>>,
+    /// Cache lookups since [`KeyedState::take_cache_counts`].
+    hits: u64,
+    misses: u64,
 }
 
 /// Closes keyed state on background threads (freeing a cache of millions
@@ -244,6 +249,18 @@ impl Teardown {
             open = self.closed.wait(open).unwrap_or_else(|p| p.into_inner());
         }
     }
+}
+
+/// The size of one table of a subtask's keyed state (for metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableMetrics {
+    /// `<uid>/<state>`.
+    pub table: String,
+    /// Keys with state in the backend (RocksDB: its estimate).
+    pub keys: u64,
+    /// Bytes the table takes in the backend (RocksDB: live SST data plus
+    /// memtables).
+    pub bytes: u64,
 }
 
 /// A subtask's backend, shared with the snapshot job that may own it.
@@ -374,6 +391,8 @@ impl KeyedState {
             cached: 0,
             count_keys: true,
             teardown: None,
+            hits: 0,
+            misses: 0,
         }
     }
 
@@ -415,12 +434,18 @@ impl KeyedState {
             pending,
             max_parallelism,
             cached,
+            hits,
+            misses,
             ..
         } = self;
         let Table { name, kind, cache } = &mut tables[table];
         match cache.entry_ref(key) {
-            EntryRef::Occupied(occupied) => Ok(occupied.into_mut()),
+            EntryRef::Occupied(occupied) => {
+                *hits += 1;
+                Ok(occupied.into_mut())
+            }
             EntryRef::Vacant(vacant) => {
+                *misses += 1;
                 settle(pending)?;
                 let group = key_group::of_key(key, *max_parallelism);
                 let cell = backend
@@ -431,7 +456,7 @@ impl KeyedState {
                     .transpose()
                     .map_err(|source| StateError::Corrupt {
                         table: name.clone(),
-                        source,
+                        cause: source,
                     })?;
                 *cached += 1;
                 Ok(vacant.insert(Slot {
@@ -702,6 +727,32 @@ impl KeyedState {
         }
         settle(&mut self.pending)?;
         Ok(Some(self.base_job(dir)))
+    }
+
+    /// Cache hits and misses since the last call.
+    pub fn take_cache_counts(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.hits),
+            std::mem::take(&mut self.misses),
+        )
+    }
+
+    /// Keys and bytes of each table in the backend (estimates; cells
+    /// only in the cache are not counted), or None while a snapshot job
+    /// holds the backend.
+    pub fn table_metrics(&self) -> Option<Vec<TableMetrics>> {
+        let backend = self.backend.try_lock().ok()?;
+        Some(
+            self.tables
+                .iter()
+                .zip(backend.table_sizes())
+                .map(|(table, (keys, bytes))| TableMetrics {
+                    table: table.name.clone(),
+                    keys,
+                    bytes,
+                })
+                .collect(),
+        )
     }
 
     /// Table names, in table order.

@@ -161,6 +161,26 @@ impl StateBackend for RocksBackend {
         format!("rocksdb at {}", self.dir.display())
     }
 
+    fn table_sizes(&self) -> Vec<(u64, u64)> {
+        let property = |cf: &rocksdb::ColumnFamily, name: &str| {
+            self.db
+                .property_int_value_cf(cf, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        (0..self.tables.len())
+            .map(|table| match self.cf(table) {
+                Ok(cf) => (
+                    property(cf, "rocksdb.estimate-num-keys"),
+                    property(cf, "rocksdb.estimate-live-data-size")
+                        + property(cf, "rocksdb.cur-size-all-mem-tables"),
+                ),
+                Err(_) => (0, 0),
+            })
+            .collect()
+    }
+
     /// A RocksDB checkpoint: flushes the memtables (writes skip the WAL),
     /// hard-links the live SST files and copies MANIFEST, CURRENT, OPTIONS.
     fn checkpoint(&mut self, dir: &Path, _tables: &[String]) -> Result<String, StateError> {
