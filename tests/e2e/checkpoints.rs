@@ -159,6 +159,46 @@ fn periodic_checkpoints_commit_exactly_once_and_retain_the_newest() {
     }
 }
 
+/// The final checkpoint (taken once every source's input ended) covers the
+/// whole output: resuming a finished job from its newest checkpoint replays
+/// nothing and commits nothing twice.
+#[test]
+fn a_finished_job_resumed_from_its_newest_checkpoint_commits_nothing_twice() {
+    let job = JobDir::new();
+    let path = job.job(&union_count_job(3000, 30000, "1s", ""));
+    run_with(&path, RunOptions::default()).expect("the job runs");
+    let out = job.path().join("out");
+    let expected = union_expected(3000);
+    weir_tests::check_exact_updates(&weir_tests::read_parts(&out), &expected)
+        .expect("exactly once");
+    let newest = completed_checkpoints(&job.path().join("checkpoints"))
+        .pop()
+        .expect("the final checkpoint");
+    let read = weir::checkpoint::metadata::read(&newest).expect("reads");
+    for source in ["left", "right"] {
+        assert_eq!(
+            read.metadata.operators[source].subtasks[0].position,
+            Some(3000),
+            "the final checkpoint is at the end of {source}'s input"
+        );
+    }
+    for _ in 0..2 {
+        let newest = completed_checkpoints(&job.path().join("checkpoints"))
+            .pop()
+            .expect("a checkpoint");
+        run_with(
+            &path,
+            RunOptions {
+                restore: Some(newest),
+                ..Default::default()
+            },
+        )
+        .expect("the finished job resumes");
+        weir_tests::check_exact_updates(&weir_tests::read_parts(&out), &expected)
+            .expect("still exactly once after resuming the finished job");
+    }
+}
+
 /// State restored at another parallelism is redistributed by key group:
 /// the count resumes at p=3 from a checkpoint taken at p=2.
 #[test]

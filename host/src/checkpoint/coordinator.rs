@@ -329,6 +329,9 @@ impl Coordinator {
         let mut last_trigger = Instant::now();
         let mut last_done = Instant::now();
         let mut sources_finished = false;
+        // Sources whose input ended (they wait for the final checkpoint).
+        let mut inputs_ended: std::collections::HashSet<(String, u32)> = Default::default();
+        let mut final_sent = false;
         let mut sinks_finished = 0usize;
         let mut failures_in_a_row = 0u32;
         let enabled = self.store.is_some() && self.settings.interval.is_some();
@@ -354,7 +357,7 @@ impl Coordinator {
                         "checkpoint preparing a savepoint"
                     );
                     last_trigger = Instant::now();
-                    match self.trigger_checkpoint(id, &wiring.triggers) {
+                    match self.trigger_checkpoint(id, &wiring.triggers, false) {
                         true => pending = Some(Pending::checkpoint(id, Some(request))),
                         false => {
                             sources_finished = true;
@@ -379,8 +382,39 @@ impl Coordinator {
                 }
                 continue;
             }
+            // Every source's input ended: the final checkpoint covers the
+            // whole output (FLIP-147), then the sources end. Without
+            // checkpoints they end at once.
+            if pending.is_none()
+                && !final_sent
+                && !sources_finished
+                && !wiring.triggers.is_empty()
+                && inputs_ended.len() == wiring.triggers.len()
+            {
+                final_sent = true;
+                match &self.store {
+                    Some(store) if enabled => {
+                        let id = store.next_id();
+                        last_trigger = Instant::now();
+                        if self.trigger_checkpoint(id, &wiring.triggers, true) {
+                            info!(
+                                checkpoint = id.0,
+                                "the sources' input ended: final checkpoint"
+                            );
+                            pending = Some(Pending::checkpoint(id, None));
+                        } else {
+                            sources_finished = true;
+                        }
+                    }
+                    _ => {
+                        wiring.triggers.clear();
+                        sources_finished = true;
+                    }
+                }
+                continue;
+            }
             let next_trigger = match (&pending, self.settings.interval) {
-                (None, Some(interval)) if enabled && !sources_finished => {
+                (None, Some(interval)) if enabled && !sources_finished && !final_sent => {
                     Some((last_trigger + interval).max(last_done + self.settings.min_pause))
                 }
                 _ => None,
@@ -437,6 +471,9 @@ impl Coordinator {
                                 failed = Some(format!("`{uid}` (subtask {subtask}) declined: {reason}"));
                             }
                         }
+                        TaskReport::InputEnded { uid, subtask } => {
+                            inputs_ended.insert((uid, subtask));
+                        }
                         TaskReport::Finished { uid, subtask, role } => match role {
                             Role::Source => {
                                 sources_finished = true;
@@ -465,7 +502,7 @@ impl Coordinator {
                     let store = self.store.as_ref().expect("enabled");
                     let id = store.next_id();
                     last_trigger = Instant::now();
-                    if self.trigger_checkpoint(id, &wiring.triggers) {
+                    if self.trigger_checkpoint(id, &wiring.triggers, false) {
                         pending = Some(Pending::checkpoint(id, None));
                     } else {
                         sources_finished = true;
@@ -514,6 +551,7 @@ impl Coordinator {
         &self,
         id: CheckpointId,
         triggers: &[mpsc::UnboundedSender<Trigger>],
+        last: bool,
     ) -> bool {
         let mut delivered = true;
         for trigger in triggers {
@@ -521,6 +559,7 @@ impl Coordinator {
                 .send(Trigger {
                     checkpoint: id,
                     stop: None,
+                    last,
                 })
                 .is_ok();
         }
@@ -564,6 +603,7 @@ impl Coordinator {
                 .send(Trigger {
                     checkpoint: id,
                     stop,
+                    last: false,
                 })
                 .is_ok();
         }

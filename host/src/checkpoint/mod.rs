@@ -50,6 +50,10 @@ pub struct Trigger {
     /// Set for stop-with-savepoint: the source stops after the barrier
     /// once the savepoint completed (and reads on if it failed).
     pub stop: Option<StopAfter>,
+    /// The final checkpoint, taken once every source's input ended: it
+    /// covers the job's whole output, and the source ends after its
+    /// barrier.
+    pub last: bool,
 }
 
 /// How a source stops after a savepoint's barrier.
@@ -164,8 +168,12 @@ pub enum TaskReport {
         subtask: u32,
         reason: String,
     },
-    /// The subtask reached the end of its input (a source: its input ended;
-    /// a sink: every upstream task has finished). It takes no further
+    /// A source's input ended; it still takes part in checkpoints until
+    /// the final one (or the job's end).
+    InputEnded { uid: String, subtask: u32 },
+    /// The subtask reached the end of its input (a source: after the final
+    /// checkpoint's barrier, or its input ended without checkpoints; a
+    /// sink: every upstream task has finished). It takes no further
     /// checkpoints.
     Finished {
         uid: String,

@@ -237,8 +237,12 @@ fn read_verified(
     Ok((path, bytes))
 }
 
-/// Writes made to the backend at a time while loading a dump.
+/// Writes made to the backend at a time while applying a delta.
 const LOAD_CHUNK: usize = 64 * 1024;
+
+/// Cells handed to the backend at a time while loading a base in bulk (a
+/// RocksDB table file each).
+const BULK_CHUNK: usize = 256 * 1024;
 
 /// Rewrites the stored cells of states whose schema version changed (the
 /// plugin's migrate export, called per value).
@@ -271,8 +275,14 @@ impl CellSink<'_> {
     }
 
     /// Migrates (where needed) and writes `ops`; `path` names the file they
-    /// came from in errors.
-    fn write(&mut self, mut ops: Vec<WriteOp>, path: &Path) -> Result<(), CheckpointError> {
+    /// came from in errors. `bulk`: they are a base's cells, loaded in
+    /// bulk ([`StateBackend::load`]); else a delta's changes, written.
+    fn write(
+        &mut self,
+        mut ops: Vec<WriteOp>,
+        path: &Path,
+        bulk: bool,
+    ) -> Result<(), CheckpointError> {
         if let Some(migrate) = self.migrate.as_deref_mut() {
             for op in &mut ops {
                 if let WriteOp::Put { table, value, .. } = op
@@ -284,9 +294,11 @@ impl CellSink<'_> {
                 }
             }
         }
-        self.backend
-            .write(ops)
-            .map_err(|e| CheckpointError::io(path, e))
+        match bulk {
+            true => self.backend.load(ops),
+            false => self.backend.write(ops),
+        }
+        .map_err(|e| CheckpointError::io(path, e))
     }
 }
 
@@ -299,7 +311,9 @@ fn load_dump(
     file: &FileRef,
     range: &Range<u32>,
     sink: &mut CellSink<'_>,
+    bulk: bool,
 ) -> Result<u64, CheckpointError> {
+    let chunk = if bulk { BULK_CHUNK } else { LOAD_CHUNK };
     let path = read.resolve(file);
     let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
     let index_of = sink.index();
@@ -329,9 +343,9 @@ fn load_dump(
                 key,
             },
         });
-        if ops.len() >= LOAD_CHUNK {
+        if ops.len() >= chunk {
             loaded += ops.len() as u64;
-            if let Err(error) = sink.write(std::mem::take(&mut ops), &path) {
+            if let Err(error) = sink.write(std::mem::take(&mut ops), &path, bulk) {
                 failed = Some(error);
             }
         }
@@ -341,7 +355,7 @@ fn load_dump(
         return Err(error);
     }
     loaded += ops.len() as u64;
-    sink.write(ops, &path)?;
+    sink.write(ops, &path, bulk)?;
     let (_, size, sha256) = reader.finish();
     file.check(&path, size, &sha256)?;
     Ok(loaded)
@@ -400,12 +414,17 @@ pub fn load_cells(
                                 });
                             })
                             .map_err(state_error)?;
-                        loaded += ops.len() as u64;
-                        sink.progress.add(ops.len() as u64, 0);
-                        sink.write(std::mem::take(&mut ops), &scratch)?;
+                        if ops.len() >= BULK_CHUNK {
+                            loaded += ops.len() as u64;
+                            sink.progress.add(ops.len() as u64, 0);
+                            sink.write(std::mem::take(&mut ops), &scratch, true)?;
+                        }
                         group = chunk.end;
                     }
                 }
+                loaded += ops.len() as u64;
+                sink.progress.add(ops.len() as u64, 0);
+                sink.write(std::mem::take(&mut ops), &scratch, true)?;
                 drop(source);
                 let _ = std::fs::remove_dir_all(&scratch);
             }
@@ -413,7 +432,7 @@ pub fn load_cells(
             // backend's copy), streamed from storage.
             Some(CANONICAL | "memory") => {
                 for file in &subtask.files {
-                    loaded += load_dump(read, file, &overlap, sink)?;
+                    loaded += load_dump(read, file, &overlap, sink, true)?;
                 }
             }
             other => {
@@ -443,7 +462,7 @@ pub fn apply_deltas(
     let mut applied = 0u64;
     let range = range.start.max(sink.range.start)..range.end.min(sink.range.end);
     for delta in &subtask.deltas {
-        applied += load_dump(read, delta, &range, sink)?;
+        applied += load_dump(read, delta, &range, sink, false)?;
     }
     Ok(applied)
 }

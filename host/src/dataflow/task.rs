@@ -170,7 +170,7 @@ pub async fn run_source(
                 source_barrier(&info, source.position(), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
-                let Trigger { checkpoint, stop } = trigger;
+                let Trigger { checkpoint, stop, .. } = trigger;
                 if let Some(StopAfter { outcome, .. }) = stop {
                     let completed = tokio::select! {
                         biased;
@@ -204,6 +204,35 @@ pub async fn run_source(
                 .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
                 .await
                 .map_err(&fail)?;
+            // Stay in the checkpoint protocol until the final checkpoint,
+            // which covers everything the job emitted (or until the
+            // coordinator lets go: checkpointing is off, the job ends).
+            let _ = reports.send(TaskReport::InputEnded {
+                uid: info.uid.to_string(),
+                subtask: info.subtask,
+            });
+            while triggers_open {
+                let trigger = tokio::select! {
+                    biased;
+                    _ = cancel.changed() => break,
+                    trigger = triggers.recv() => trigger,
+                };
+                let Some(trigger) = trigger else {
+                    triggers_open = false;
+                    continue;
+                };
+                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                    .await
+                    .map_err(&fail)?;
+                if trigger.last {
+                    break;
+                }
+                if let Some(StopAfter { outcome, .. }) = trigger.stop
+                    && outcome.await.unwrap_or(false)
+                {
+                    break;
+                }
+            }
         }
         report_finished(&reports, &info, Role::Source);
         output

@@ -10,8 +10,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType,
+    IngestExternalFileOptions, Options, SstFileWriter, WriteBatch, WriteOptions,
 };
 
 use super::{CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key};
@@ -21,6 +21,11 @@ pub struct RocksBackend {
     dir: PathBuf,
     tables: Vec<String>,
     write_options: WriteOptions,
+    /// The column families' options (table files for bulk loads are
+    /// written with them).
+    cf_options: Options,
+    /// Table files written for bulk loads so far (their names).
+    loaded_files: u64,
 }
 
 impl RocksBackend {
@@ -50,9 +55,10 @@ impl RocksBackend {
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
-        let descriptors = tables
+        let descriptors: Vec<_> = tables
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()))
+            .collect();
         let db = DB::open_cf_descriptors(&db_options, dir, descriptors)
             .map_err(|e| open_error(e.to_string()))?;
         let mut write_options = WriteOptions::default();
@@ -62,6 +68,8 @@ impl RocksBackend {
             dir: dir.to_path_buf(),
             tables: tables.to_vec(),
             write_options,
+            cf_options,
+            loaded_files: 0,
         })
     }
 
@@ -78,6 +86,44 @@ impl RocksBackend {
             table: self.tables[table].clone(),
             message: error.to_string(),
         }
+    }
+}
+
+impl RocksBackend {
+    /// Writes `puts` (of one table, sorted, one per key) as a table file
+    /// and ingests it.
+    fn ingest(&mut self, table: TableId, puts: &[WriteOp]) -> Result<(), StateError> {
+        let path = self.dir.join(format!("load-{}.sst", self.loaded_files));
+        self.loaded_files += 1;
+        let error = |e: rocksdb::Error| StateError::Io {
+            table: self.tables[table].clone(),
+            message: format!("bulk load: {e}"),
+        };
+        let mut writer = SstFileWriter::create(&self.cf_options);
+        writer.open(&path).map_err(error)?;
+        for op in puts {
+            if let WriteOp::Put {
+                key_group,
+                key,
+                value,
+                ..
+            } = op
+            {
+                writer
+                    .put(backend_key(*key_group, key), value)
+                    .map_err(error)?;
+            }
+        }
+        writer.finish().map_err(error)?;
+        let mut options = IngestExternalFileOptions::default();
+        options.set_move_files(true);
+        let cf = self.cf(table)?;
+        let ingested = self
+            .db
+            .ingest_external_file_cf_opts(cf, &options, vec![&path])
+            .map_err(error);
+        let _ = std::fs::remove_file(&path);
+        ingested
     }
 }
 
@@ -125,6 +171,32 @@ impl StateBackend for RocksBackend {
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.io_error(first_table, e))
+    }
+
+    /// One sorted table file per table, ingested whole (moved into the
+    /// database, placed at the lowest level it does not overlap): no
+    /// memtable, no flush, no compaction of what a restore loads.
+    fn load(&mut self, mut ops: Vec<WriteOp>) -> Result<(), StateError> {
+        if ops.iter().any(|op| matches!(op, WriteOp::Delete { .. })) {
+            return self.write(ops);
+        }
+        // Stable: of two puts of one key the later stays.
+        ops.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        ops.dedup_by(|later, earlier| {
+            let same = later.sort_key() == earlier.sort_key();
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        let mut start = 0;
+        while start < ops.len() {
+            let table = ops[start].sort_key().0;
+            let end = start + ops[start..].partition_point(|op| op.sort_key().0 == table);
+            self.ingest(table, &ops[start..end])?;
+            start = end;
+        }
+        Ok(())
     }
 
     fn scan(
