@@ -281,6 +281,39 @@ inputs = ["count"]
     )
 }
 
+/// A job whose operator `uid` (the faults plugin) fails with `fault` on
+/// every attempt, restarted every 100 ms (call timeout 300 ms).
+fn faulty(name: &str, uid: &str, fault: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+
+[restart]
+strategy = "fixed-delay"
+attempts = 1000
+delay = "100ms"
+
+[[source]]
+uid = "words"
+kind = "generator"
+rate = 100
+keys = 5
+
+[[operator]]
+uid = "{uid}"
+plugin = "faults.wasm"
+config = {{ fault = "{fault}" }}
+limits = {{ call_timeout = "300ms" }}
+inputs = ["words"]
+
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["{uid}"]
+"#
+    )
+}
+
 /// Every word's committed updates are exactly 1..=N, each once. Returns
 /// word → N.
 fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
@@ -510,35 +543,7 @@ fn a_looping_plugin_fails_only_its_own_job() {
         "healthy.toml",
         wordcount("healthy", None, 1000, "split.wasm", "count.wasm", "200ms"),
     );
-    dir.write(
-        "looping.toml",
-        r#"
-name = "looping"
-
-[restart]
-strategy = "fixed-delay"
-attempts = 1000
-delay = "100ms"
-
-[[source]]
-uid = "words"
-kind = "generator"
-rate = 100
-keys = 5
-
-[[operator]]
-uid = "spinner"
-plugin = "faults.wasm"
-config = { fault = "loop" }
-limits = { call_timeout = "300ms" }
-inputs = ["words"]
-
-[[sink]]
-uid = "out"
-kind = "blackhole"
-inputs = ["spinner"]
-"#,
-    );
+    dir.write("looping.toml", faulty("looping", "spinner", "loop"));
     let healthy = host
         .ok(&["run", "healthy.toml"], dir.path())
         .trim()
@@ -586,34 +591,7 @@ fn metrics_count_records_checkpoints_and_plugin_faults() {
         "healthy.toml",
         wordcount("healthy", None, 1000, "split.wasm", "count.wasm", "200ms"),
     );
-    dir.write(
-        "trapping.toml",
-        r#"
-name = "trapping"
-
-[restart]
-strategy = "fixed-delay"
-attempts = 1000
-delay = "100ms"
-
-[[source]]
-uid = "words"
-kind = "generator"
-rate = 100
-keys = 5
-
-[[operator]]
-uid = "trapper"
-plugin = "faults.wasm"
-config = { fault = "trap" }
-inputs = ["words"]
-
-[[sink]]
-uid = "out"
-kind = "blackhole"
-inputs = ["trapper"]
-"#,
-    );
+    dir.write("trapping.toml", faulty("trapping", "trapper", "trap"));
     let healthy = host
         .ok(&["run", "healthy.toml"], dir.path())
         .trim()

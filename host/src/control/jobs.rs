@@ -284,16 +284,19 @@ impl JobManager {
         Ok(record)
     }
 
-    /// Every job, newest first.
-    /// The Prometheus exposition of every job and the host.
-    pub fn prometheus(&self) -> String {
-        let handles: Vec<_> = self
-            .jobs
+    /// A snapshot of every job's handle (the lock is not held after).
+    fn handles(&self) -> Vec<Arc<JobHandle>> {
+        self.jobs
             .lock()
             .expect("not poisoned")
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// The Prometheus exposition of every job and the host.
+    pub fn prometheus(&self) -> String {
+        let handles = self.handles();
         let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
         let mut views = Vec::new();
         for handle in &handles {
@@ -334,14 +337,9 @@ impl JobManager {
         crate::prometheus::encode_samples(Some(&host), &samples)
     }
 
+    /// Every job, newest first.
     pub fn list(&self) -> Vec<JobSummary> {
-        let jobs: Vec<_> = self
-            .jobs
-            .lock()
-            .expect("not poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let jobs = self.handles();
         let mut list: Vec<JobSummary> = jobs
             .iter()
             .map(|handle| {
@@ -388,13 +386,7 @@ impl JobManager {
 
     /// The live jobs using each plugin digest.
     pub fn users(&self) -> HashMap<String, Vec<String>> {
-        let jobs: Vec<_> = self
-            .jobs
-            .lock()
-            .expect("not poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let jobs = self.handles();
         let mut users: HashMap<String, Vec<String>> = HashMap::new();
         for handle in jobs {
             let record = handle.record();
