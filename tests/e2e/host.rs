@@ -458,6 +458,24 @@ fn hot_upgrade_refused_rolled_back_and_done_keeps_exactly_once() {
         "downtime measured: {last:#}"
     );
     host.wait_checkpoints(&id, 2, Duration::from_secs(30));
+    // The upgraded run has its own checkpoints: the earlier runs' go.
+    let runs: Vec<String> = job["job"]["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| r["run_id"].as_str().expect("run id").to_string())
+        .collect();
+    let checkpoints = dir.path().join("data").join("checkpoints");
+    let (current, earlier) = runs.split_last().expect("runs");
+    let started = Instant::now();
+    while earlier.iter().any(|run| checkpoints.join(run).exists()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "earlier runs' checkpoints stay: {earlier:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(checkpoints.join(current).exists(), "the current run's stay");
 
     // Stop with a savepoint: every word's update stream is 1..N exactly
     // once across the refused, rolled-back and completed upgrades.

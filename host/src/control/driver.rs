@@ -304,6 +304,7 @@ async fn run(
             probation: probation.map(|(p, release)| (p.as_ref(), release)),
             outcome: outcome.clone(),
             launched: false,
+            run_id: plan.run_id.clone(),
         };
         let native = HashMap::new();
         let running = runner::run_observed(&prepared, &native, &mut observer);
@@ -686,6 +687,57 @@ struct Observer<'a> {
     probation: Option<(&'a Probation, watch::Sender<bool>)>,
     outcome: Arc<Mutex<ProbationOutcome>>,
     launched: bool,
+    run_id: String,
+}
+
+/// Once this run has completed a checkpoint (and, on probation, passed
+/// it), the checkpoints of the job's earlier runs can restore nothing newer
+/// (savepoints live apart): their directories are removed, in the
+/// background.
+fn retire_earlier_runs(
+    handle: &Arc<JobHandle>,
+    run_id: String,
+    checkpoints: Arc<CheckpointMetrics>,
+    probation: Option<Arc<Mutex<ProbationOutcome>>>,
+) {
+    let handle = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            // Only this task still holds the counters: the run has ended.
+            if Arc::strong_count(&checkpoints) == 1 {
+                return;
+            }
+            let outcome = probation.as_ref().map(|o| *o.lock().expect("not poisoned"));
+            if outcome == Some(ProbationOutcome::Failed) {
+                return;
+            }
+            let decided = outcome.is_none_or(|o| o == ProbationOutcome::Passed);
+            if decided && checkpoints.completed.load(Ordering::Relaxed) >= 1 {
+                break;
+            }
+        }
+        let earlier: Vec<String> = handle
+            .record()
+            .runs
+            .iter()
+            .map(|r| r.run_id.clone())
+            .filter(|id| *id != run_id)
+            .collect();
+        let root = handle.ctx.data.join("checkpoints");
+        let job = handle.id.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in earlier {
+                let dir = root.join(&id);
+                if dir.exists()
+                    && let Err(error) = std::fs::remove_dir_all(&dir)
+                {
+                    warn!(%job, dir = %dir.display(), %error, "could not remove an earlier run's checkpoints");
+                }
+            }
+        });
+    });
 }
 
 impl RunObserver for Observer<'_> {
@@ -700,6 +752,10 @@ impl RunObserver for Observer<'_> {
         });
         let first = !self.launched;
         self.launched = true;
+        if first && let Some(checkpoints) = running.checkpoint_metrics() {
+            let probation = matches!(self.phase, Phase::Probation(_)).then(|| self.outcome.clone());
+            retire_earlier_runs(&self.handle, self.run_id.clone(), checkpoints, probation);
+        }
         let status = self.handle.status();
         if status == JobStatus::Cancelling {
             running.cancel();

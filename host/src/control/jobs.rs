@@ -92,7 +92,7 @@ pub struct JobHandle {
     /// Restarts and failures across the job's runs (for `/metrics`).
     pub(super) metrics: Arc<JobMetrics>,
     commands: mpsc::UnboundedSender<Command>,
-    ctx: Arc<HostContext>,
+    pub(super) ctx: Arc<HostContext>,
 }
 
 impl std::fmt::Debug for JobHandle {
