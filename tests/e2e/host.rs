@@ -4,8 +4,7 @@
 //! components the build script compiled.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use weir_tests::plugins::{
 };
 
 use crate::checkpoints::generator_counts;
-use crate::support::{JobDir, scrape, total};
+use crate::support::{JobDir, http_raw, scrape, total};
 
 /// A `weir serve` child process. Killed (SIGKILL) when dropped.
 struct Host {
@@ -174,35 +173,8 @@ impl Drop for Host {
 
 /// One HTTP/1.1 request over a plain socket: (status, body).
 fn http(base: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
-    let address = base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(address).expect("connect to the host");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    if !body.is_empty() && body[0] == b'{' {
-        request.push_str("Content-Type: application/json\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send");
-    // A host that answers early (413 on Content-Length) may close before
-    // the whole body is sent: its answer is still there to read.
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let (status, _, body) = http_raw(base, method, path, token, body);
+    let body = body.as_str();
     // Chunked bodies: take the JSON between the chunk sizes.
     let body = match (body.find('{'), body.find('[')) {
         (Some(a), Some(b)) => &body[a.min(b)..],

@@ -75,19 +75,50 @@ pub fn toml_path(path: &str) -> String {
     format!("{path:?}")
 }
 
-/// `GET /metrics`, parsed by a Prometheus text-format parser.
-pub(crate) fn scrape(base: &str) -> prometheus_parse::Scrape {
+/// One HTTP/1.1 request over a plain socket: (status, head, body as sent).
+pub(crate) fn http_raw(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
     let address = base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(address).expect("connect to the host");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if !body.is_empty() && body[0] == b'{' {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    // A host that answers early (413 on Content-Length) may close before
+    // the whole body is sent: its answer is still there to read.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// `GET /metrics`, parsed by a Prometheus text-format parser.
+pub(crate) fn scrape(base: &str) -> prometheus_parse::Scrape {
+    let (status, head, body) = http_raw(base, "GET", "/metrics", None, &[]);
+    assert_eq!(status, 200, "{head}");
     assert!(head.contains("openmetrics-text"), "{head}");
     let lines = body.lines().map(|l| Ok(l.to_string()));
     prometheus_parse::Scrape::parse(lines).expect("Prometheus text format")

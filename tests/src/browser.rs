@@ -38,7 +38,8 @@ pub const CHROMIUM_ARGS: [&str; 9] = [
     "--window-size=1280,1600",
 ];
 
-/// Installs the browser if needed and starts ChromeDriver; None (after a
+/// Installs the browser if needed and starts ChromeDriver (it listens on
+/// loopback only by default); None (after a
 /// loud message) when it cannot be installed outside CI.
 pub fn chromedriver() -> Option<ChromeDriver> {
     let script = workspace().join("scripts").join("browser.sh");
@@ -64,7 +65,6 @@ pub fn chromedriver() -> Option<ChromeDriver> {
         .port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
-        .arg("--allowed-ips=127.0.0.1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

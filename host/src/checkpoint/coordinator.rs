@@ -916,6 +916,23 @@ mod tests {
         ack_taking(reports, id, uid, Duration::ZERO);
     }
 
+    /// `uid` declines checkpoint `id`.
+    fn decline(
+        reports: &mpsc::UnboundedSender<TaskReport>,
+        id: CheckpointId,
+        uid: &str,
+        reason: &str,
+    ) {
+        reports
+            .send(TaskReport::Decline {
+                checkpoint: id,
+                uid: uid.into(),
+                subtask: 0,
+                reason: reason.into(),
+            })
+            .expect("coordinator listens");
+    }
+
     /// Acks checkpoint `id` for `uid`, its snapshot having taken `took`.
     fn ack_taking(
         reports: &mpsc::UnboundedSender<TaskReport>,
@@ -1036,14 +1053,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut h = start(dir.path(), Duration::from_secs(10), 1);
         let first = h.next_trigger().await;
-        h.reports
-            .send(TaskReport::Decline {
-                checkpoint: first,
-                uid: "out".into(),
-                subtask: 0,
-                reason: "disk full".into(),
-            })
-            .expect("send");
+        decline(&h.reports, first, "out", "disk full");
         let second = h.next_trigger().await;
         ack(&h.reports, second, "src");
         ack(&h.reports, second, "out");
@@ -1138,14 +1148,7 @@ mod tests {
         let target = dir.path().join("savepoints");
         let answer = request(&h, &target, Some(false));
         let trigger = h.triggers.recv().await.expect("triggered");
-        h.reports
-            .send(TaskReport::Decline {
-                checkpoint: trigger.checkpoint,
-                uid: "out".into(),
-                subtask: 0,
-                reason: "disk full".into(),
-            })
-            .expect("send");
+        decline(&h.reports, trigger.checkpoint, "out", "disk full");
         let error = answer.await.expect("answered").expect_err("failed");
         assert!(error.contains("disk full"), "{error}");
         let stop = trigger.stop.expect("a stop");
@@ -1206,14 +1209,7 @@ mod tests {
         let answer = request_prepared(&h, &target, None, 3);
         let trigger = h.triggers.recv().await.expect("triggered");
         assert!(trigger.stop.is_none());
-        h.reports
-            .send(TaskReport::Decline {
-                checkpoint: trigger.checkpoint,
-                uid: "out".into(),
-                subtask: 0,
-                reason: "disk full".into(),
-            })
-            .expect("send");
+        decline(&h.reports, trigger.checkpoint, "out", "disk full");
         let savepoint = h.next_trigger().await;
         assert!(h.targets.get(savepoint).is_some(), "no further round");
         ack(&h.reports, savepoint, "src");

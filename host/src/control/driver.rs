@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use super::upgrade::{self, ActivityWatch, Probation, ProbationOutcome};
 use super::{ControlError, HostContext, now_ms};
 use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
 use crate::dataflow::TaskError;
+use crate::dataflow::metrics::SubtaskMetrics;
 use crate::dataflow::runtime::{NodeMetrics, RunningJob, Savepointer};
 use crate::job::{JobGraph, NodeKind, OnCancel};
 use crate::plugin::LoadedPlugin;
@@ -870,10 +871,7 @@ pub(super) fn plugin_versions(
 
 /// The record plus the live view of the current run.
 /// A time counter (ns) summed over subtasks, in milliseconds.
-fn total_ms(
-    subtasks: &[crate::dataflow::metrics::SubtaskMetrics],
-    counter: impl Fn(&crate::dataflow::metrics::SubtaskMetrics) -> &std::sync::atomic::AtomicU64,
-) -> f64 {
+fn total_ms(subtasks: &[SubtaskMetrics], counter: impl Fn(&SubtaskMetrics) -> &AtomicU64) -> f64 {
     subtasks
         .iter()
         .map(|s| counter(s).load(Ordering::Relaxed) as f64 / 1e6)

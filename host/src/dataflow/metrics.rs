@@ -78,11 +78,6 @@ impl NodeMetrics {
     pub fn records_out(&self) -> u64 {
         self.sum(|s| &s.records_out)
     }
-
-    /// Sum of the sources' positions (bytes read, records generated).
-    pub fn position(&self) -> u64 {
-        self.sum(|s| &s.position)
-    }
 }
 
 pub use crate::state::TableMetrics;
@@ -94,8 +89,6 @@ pub struct SubtaskMetrics {
     pub records_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    /// A source's position (bytes read, records generated).
-    pub position: AtomicU64,
     pub busy_ns: AtomicU64,
     pub idle_ns: AtomicU64,
     pub backpressured_ns: AtomicU64,
@@ -116,7 +109,6 @@ impl Default for SubtaskMetrics {
             records_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            position: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             idle_ns: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),

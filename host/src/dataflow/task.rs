@@ -165,7 +165,6 @@ pub async fn run_source(
                         .map_err(&fail)?;
                 }
             }
-            mine.position.store(source.position(), Ordering::Relaxed);
             if let Some(trigger) = barrier {
                 source_barrier(&info, source.position(), &mut output, &reports, &trigger)
                     .await
