@@ -52,6 +52,19 @@ pub enum RestartDecision {
 }
 
 impl RestartStrategy {
+    /// The longest a restart may wait (what a sink's de-duplication must
+    /// outlast).
+    pub fn longest_delay(&self) -> Duration {
+        match self {
+            RestartStrategy::None => Duration::ZERO,
+            RestartStrategy::FixedDelay { delay, .. }
+            | RestartStrategy::FailureRate { delay, .. } => *delay,
+            RestartStrategy::ExponentialDelay {
+                max_delay, jitter, ..
+            } => max_delay.mul_f64(1.0 + jitter),
+        }
+    }
+
     /// Builds the strategy from the job file's `[restart]`, naming any key
     /// that does not apply to the chosen strategy or has a bad value.
     pub fn from_settings(settings: &RestartSettings) -> Result<Self, Vec<String>> {

@@ -23,6 +23,7 @@ use crate::checkpoint::{
 };
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
+use crate::connectors::nats::{NatsSink, NatsSource};
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
 use crate::dataflow::metrics::JobMetrics;
@@ -51,6 +52,8 @@ pub enum RunError {
     Checkpoint(#[from] CheckpointError),
     #[error("job `{job}` failed: {cause}")]
     Task { job: String, cause: TaskError },
+    #[error("job `{job}` cannot start:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Connectors { job: String, problems: Vec<String> },
     #[error("job `{job}` failed for good ({reason}); the last failure: {cause}")]
     GaveUp {
         job: String,
@@ -129,6 +132,8 @@ pub struct PreparedJob {
     /// Restarts and failures across attempts (the running host shares one
     /// across a job's runs).
     pub metrics: Arc<JobMetrics>,
+    /// [`check_connectors`] passed (the first run checks, once).
+    pub connectors_checked: std::sync::atomic::AtomicBool,
 }
 
 impl PreparedJob {
@@ -263,6 +268,7 @@ pub fn prepare_as(
         remove_state_in_background: false,
         teardown: Arc::default(),
         metrics: Arc::default(),
+        connectors_checked: Default::default(),
     })
 }
 
@@ -468,6 +474,19 @@ impl TaskFactory for Factory<'_> {
             SourceKind::Socket { address } => {
                 Box::new(SocketSource::new(address.clone(), source.format.clone()))
             }
+            SourceKind::Nats(nats) => {
+                let restored = self
+                    .restore
+                    .map(|(read, _)| restore::source_partitions(read, &node.uid))
+                    .unwrap_or_default();
+                Box::new(NatsSource::new(
+                    nats.clone(),
+                    source.format.clone(),
+                    info.subtask,
+                    info.parallelism,
+                    &restored,
+                ))
+            }
         })
     }
 
@@ -530,6 +549,35 @@ impl TaskFactory for Factory<'_> {
                     .map_err(|e| Self::task_error(info, e))?,
             ),
             SinkKind::Blackhole => Box::new(BlackholeSink::default()),
+            SinkKind::Nats(nats) => {
+                // The restored checkpoint's unpublished epochs: a stored
+                // subtask's go to the new subtask it maps to.
+                let recover = self
+                    .restore
+                    .and_then(|(read, _)| {
+                        let op = read.metadata.operators.get(&node.uid)?;
+                        Some(
+                            op.subtasks
+                                .iter()
+                                .filter(|s| s.subtask % info.parallelism == info.subtask)
+                                .flat_map(|s| s.pending.iter().map(|p| read.base.join(p)))
+                                .collect(),
+                        )
+                    })
+                    .unwrap_or_default();
+                Box::new(
+                    NatsSink::create(
+                        nats.clone(),
+                        &self.job.job_id,
+                        &node.uid,
+                        info.subtask,
+                        &checkpoint_root(&self.job.graph).join(&self.job.job_id),
+                        first,
+                        recover,
+                    )
+                    .map_err(|e| Self::task_error(info, e))?,
+                )
+            }
         })
     }
 }
@@ -593,6 +641,28 @@ fn prepare_attempt(
     }
     if let Some(checkpoints) = &job.checkpoints {
         checkpoints.collect_garbage();
+    }
+    if job
+        .graph
+        .nodes
+        .iter()
+        .any(|n| matches!(n.kind, NodeKind::Sink(SinkKind::Nats(_))))
+    {
+        // Spool files the restored checkpoint does not list were written
+        // after it: the attempt replays them.
+        let job_dir = checkpoint_root(&job.graph).join(&job.job_id);
+        let keep: Vec<String> = restore
+            .filter(|(read, _)| read.base == job_dir)
+            .map(|(read, _)| {
+                read.metadata
+                    .operators
+                    .values()
+                    .flat_map(|op| &op.subtasks)
+                    .flat_map(|s| s.pending.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        crate::connectors::nats::settle_spool(&job_dir, &keep);
     }
     for node in &job.graph.nodes {
         let NodeKind::Sink(SinkKind::File { path }) = &node.kind else {
@@ -746,6 +816,7 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
             problems,
         }
     })?;
+    check_connectors(job).await?;
     let mut tracker = RestartTracker::new(strategy);
     let result = loop {
         let attempt = match launch_with_native(job, native) {
@@ -820,6 +891,30 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
         info!(job = %job.graph.name, cancelled = outcome.cancelled, "job finished");
     }
     result
+}
+
+/// Checks the job's external connectors before anything is written: the
+/// servers answer, their streams exist, settings they keep (a stream's
+/// duplicate window) suit the job's. Once per prepared job.
+pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
+    use std::sync::atomic::Ordering;
+    if job.connectors_checked.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let strategy = RestartStrategy::from_settings(&job.graph.restart).map_err(|problems| {
+        crate::job::JobError::Invalid {
+            file: job.graph.file.clone(),
+            problems,
+        }
+    })?;
+    crate::connectors::nats::check(&job.graph, strategy.longest_delay())
+        .await
+        .map_err(|problems| RunError::Connectors {
+            job: job.graph.name.clone(),
+            problems,
+        })?;
+    job.connectors_checked.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Loads, launches and runs a job file to its end: the library form of

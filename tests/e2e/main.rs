@@ -9,6 +9,7 @@ mod event_time;
 mod faults;
 mod host;
 mod languages;
+mod nats;
 mod savepoints;
 mod support;
 mod wordcount;

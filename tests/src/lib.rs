@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub mod browser;
 pub mod languages;
+pub mod nats;
 
 /// Paths of the built plugins, one constant per guest crate.
 pub mod plugins {

@@ -123,6 +123,10 @@ pub struct SubtaskSnapshot {
     /// A source's position (byte offset, next sequence number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u64>,
+    /// A partitioned source's position: partition → the last sequence
+    /// number emitted from it (a restore reads on after it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<u32, u64>,
     /// A sink's written but uncommitted files, committed once this
     /// checkpoint is complete (names relative to the sink's directory).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

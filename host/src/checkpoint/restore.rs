@@ -17,7 +17,7 @@
 //!   changed role, or a source whose parallelism changed: the start fails,
 //!   naming the uid and state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,7 @@ fn has_state(op: &OperatorSnapshot) -> bool {
             || !s.deltas.is_empty()
             || s.timers.is_some()
             || s.position.is_some()
+            || !s.partitions.is_empty()
             || !s.pending.is_empty()
     })
 }
@@ -487,6 +488,18 @@ pub fn load_timers(
             .map_err(|message| CheckpointError::Corrupt { path, message })?;
     }
     Ok(())
+}
+
+/// The restored positions of a partitioned source: every stored
+/// subtask's partitions (a new subtask takes the ones it now reads).
+pub fn source_partitions(read: &ReadMetadata, uid: &str) -> BTreeMap<u32, u64> {
+    read.metadata
+        .operators
+        .get(uid)
+        .into_iter()
+        .flat_map(|op| &op.subtasks)
+        .flat_map(|s| s.partitions.iter().map(|(&p, &seq)| (p, seq)))
+        .collect()
 }
 
 /// The restored position of a source subtask.

@@ -343,6 +343,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
         ..Default::default()
     };
     let job = runner::prepare_with(&engine, graph, &options)?;
+    runner::check_connectors(&job).await?;
     let exposed: Arc<Mutex<metrics::Exposed>> = Arc::new(Mutex::new(metrics::Exposed::new(&job)));
     if let Some(address) = &args.metrics {
         let url = metrics::serve(address, exposed.clone()).await?;

@@ -8,6 +8,9 @@
 //! | `stdout` sink | — | at-least-once: prints as records arrive, so a restart reprints what followed the last checkpoint |
 //! | `file` sink | pending part files | exactly-once: two-phase commit, files renamed into place when the checkpoint covering them completes |
 //! | `blackhole` sink | — | discards, counts |
+//! | `nats` source | per partition, the last stream sequence emitted | replayable: exactly-once, at any parallelism (partitions are reassigned on restore) |
+//! | `nats` sink, `delivery = "exactly-once"` | pending spool files | exactly-once: an epoch is published when its checkpoint completes, each message with a deterministic `Nats-Msg-Id`; a recovery republishes the restored checkpoint's epochs and JetStream drops what it stored already. Holds while the stream's `duplicate_window` exceeds the time from a commit's first publish to the recovery's republish: the start fails when it is not longer than the restart delay (a resume by hand must come within it) |
+//! | `nats` sink, `delivery = "at-least-once"` | — | at-least-once: publishes as records arrive, every publish acknowledged before the checkpoint's ack |
 //!
 //! Sources are interrupted by checkpoint triggers in the middle of
 //! `next_batch`; each keeps its position consistent with the records it has
@@ -15,6 +18,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod nats;
 pub mod sinks;
 pub mod socket;
 
@@ -75,8 +79,21 @@ pub fn push_line(
     format: Option<&LineFormat>,
     describe: impl Fn() -> String,
 ) -> Result<(), OperatorError> {
+    push_fields(batch, line, format, None, None, describe)
+}
+
+/// [`push_line`] with a key and timestamp for the record where `format`
+/// takes none from its fields (a message's key and time).
+pub fn push_fields(
+    batch: &mut RecordBatch,
+    line: &[u8],
+    format: Option<&LineFormat>,
+    key: Option<&[u8]>,
+    timestamp: Option<i64>,
+    describe: impl Fn() -> String,
+) -> Result<(), OperatorError> {
     let Some(format) = format else {
-        batch.push(None, line, None);
+        batch.push(key, line, timestamp);
         return Ok(());
     };
     if line.is_empty() {
@@ -101,7 +118,7 @@ pub fn push_line(
             )
         })
     };
-    let key = format.key.map(|i| field(i, "key")).transpose()?;
+    let field_key = format.key.map(|i| field(i, "key")).transpose()?;
     let timestamp = format
         .timestamp
         .map(|i| {
@@ -116,8 +133,9 @@ pub fn push_line(
                 )
             })
         })
-        .transpose()?;
-    batch.push(key.map(str::as_bytes), line, timestamp);
+        .transpose()?
+        .or(timestamp);
+    batch.push(field_key.map(str::as_bytes).or(key), line, timestamp);
     Ok(())
 }
 

@@ -185,6 +185,12 @@ pub trait Source: Send {
     /// Where the source stands (byte offset, sequence number), for display
     /// and for checkpoints.
     fn position(&self) -> u64;
+    /// A partitioned source's position instead: per partition it reads,
+    /// the last sequence number it emitted. Partitions are redistributed
+    /// when the source's parallelism changes, so `position` is not used.
+    fn partitions(&self) -> Option<std::collections::BTreeMap<u32, u64>> {
+        None
+    }
 }
 
 /// A sink subtask's writer. Exactly-once sinks implement the two-phase

@@ -166,7 +166,7 @@ pub async fn run_source(
                 }
             }
             if let Some(trigger) = barrier {
-                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
                 let Trigger { checkpoint, stop, .. } = trigger;
@@ -194,7 +194,7 @@ pub async fn run_source(
             // Triggers that arrived with the last batch still take part (a
             // stop changes nothing: the input ended anyway).
             while let Ok(trigger) = triggers.try_recv() {
-                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
             }
@@ -220,7 +220,7 @@ pub async fn run_source(
                     triggers_open = false;
                     continue;
                 };
-                source_barrier(&info, source.position(), &mut output, &reports, &trigger)
+                source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
                 if trigger.last {
@@ -249,12 +249,33 @@ pub async fn run_source(
     .await
 }
 
+/// Where a source stands, taken before its barrier goes out.
+struct SourceAt {
+    position: Option<u64>,
+    partitions: std::collections::BTreeMap<u32, u64>,
+}
+
+impl SourceAt {
+    fn of(source: &dyn Source) -> Self {
+        match source.partitions() {
+            Some(partitions) => Self {
+                position: None,
+                partitions,
+            },
+            None => Self {
+                position: Some(source.position()),
+                partitions: Default::default(),
+            },
+        }
+    }
+}
+
 /// Acks a source's position for the triggered checkpoint n and sends
 /// barrier n; a drained stop sends the maximum watermark first (every
 /// event-time timer fires before the snapshot).
 async fn source_barrier(
     info: &TaskInfo,
-    position: u64,
+    at: SourceAt,
     output: &mut Collector,
     reports: &Reports,
     trigger: &Trigger,
@@ -270,7 +291,8 @@ async fn source_barrier(
         snapshot: Box::new(SubtaskSnapshot {
             uid: info.uid.to_string(),
             subtask: info.subtask,
-            position: Some(position),
+            position: at.position,
+            partitions: at.partitions,
             ..SubtaskSnapshot::default()
         }),
         stats: SnapshotStats::default(),

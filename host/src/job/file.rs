@@ -262,12 +262,26 @@ pub struct SourceSpec {
     pub address: Option<String>,
     /// generator: number of records (omit for unbounded).
     pub count: Option<u64>,
-    /// generator: records per second (omit for as fast as possible).
+    /// generator, file, nats: records per second (omit for as fast as possible).
     pub rate: Option<f64>,
     /// generator: number of distinct words.
     pub keys: Option<u64>,
     /// generator: seed of the word choice.
     pub seed: Option<u64>,
+    /// nats: the server, `nats://host:port`.
+    pub url: Option<String>,
+    /// nats: the JetStream stream read.
+    pub stream: Option<String>,
+    /// nats: the subject prefix; partition p is `<subject>.<p>.>`.
+    pub subject: Option<String>,
+    /// nats: how many partitions the subjects are split into.
+    pub partitions: Option<u32>,
+    /// nats: the record key is this token of the subject (0-based).
+    pub key_token: Option<usize>,
+    /// nats: the record key is this header's value.
+    pub key_header: Option<String>,
+    /// nats: end at the end of the stream as of the start.
+    pub bounded: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -276,6 +290,7 @@ pub enum SourceKindName {
     File,
     Generator,
     Socket,
+    Nats,
 }
 
 /// A validated source kind with its settings.
@@ -293,6 +308,56 @@ pub enum SourceKind {
     },
     /// Text lines read from a TCP server (like `nc -lk PORT`).
     Socket { address: String },
+    /// Messages of a partitioned JetStream stream.
+    Nats(NatsSource),
+}
+
+/// A `nats` source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsSource {
+    pub url: String,
+    pub stream: String,
+    /// Partition p is the subjects `<subject>.<p>.>`.
+    pub subject: String,
+    pub partitions: u32,
+    pub key: NatsKey,
+    /// End at the stream's end as of the subtask's start.
+    pub bounded: bool,
+    /// Messages per second per subtask at most (omit for as fast as possible).
+    pub rate: Option<f64>,
+}
+
+/// Where a `nats` source takes a record's key from (a `format` may take it
+/// from a field instead).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NatsKey {
+    None,
+    /// This token of the subject (0-based).
+    Token(usize),
+    Header(String),
+}
+
+/// A `nats` sink's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsSink {
+    pub url: String,
+    /// The stream the subject belongs to (checked at the start, with its
+    /// duplicate window).
+    pub stream: String,
+    pub subject: String,
+    pub delivery: Delivery,
+}
+
+/// A sink's guarantee where it has a choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Published when the checkpoint covering it completes, de-duplicated
+    /// by message id on a republish.
+    ExactlyOnce,
+    /// Published as records arrive; a restart republishes what followed
+    /// the last checkpoint.
+    AtLeastOnce,
 }
 
 /// How a text line becomes a keyed, timestamped record.
@@ -359,6 +424,14 @@ pub struct SinkSpec {
     pub parallelism: Option<u32>,
     /// file: the output directory, relative to the job file.
     pub path: Option<PathBuf>,
+    /// nats: the server, `nats://host:port`.
+    pub url: Option<String>,
+    /// nats: the JetStream stream that stores `subject`.
+    pub stream: Option<String>,
+    /// nats: the subject published to.
+    pub subject: Option<String>,
+    /// nats: `exactly-once` (default) or `at-least-once`.
+    pub delivery: Option<Delivery>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -367,6 +440,7 @@ pub enum SinkKindName {
     Stdout,
     File,
     Blackhole,
+    Nats,
 }
 
 /// A validated sink kind with its settings.
@@ -378,6 +452,8 @@ pub enum SinkKind {
     File { path: PathBuf },
     /// Discards and counts.
     Blackhole,
+    /// Publishes each record's value to a JetStream subject.
+    Nats(NatsSink),
 }
 
 /// An input edge: `"uid"`, `"uid:side-output"` or a table.

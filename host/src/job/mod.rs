@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use file::{
-    BackendKind, CheckpointSettings, JobFile, LimitSettings, LineFormat, OnCancel, Partition,
-    RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
+    BackendKind, CheckpointSettings, Delivery, JobFile, LimitSettings, LineFormat, NatsKey,
+    NatsSink, NatsSource, OnCancel, Partition, RestartSettings, SinkKind, SourceKind,
+    StateSettings, WasiGrant, WatermarkSpec,
 };
 use file::{SinkKindName, SourceKindName};
 
@@ -220,8 +221,16 @@ impl JobGraph {
             check_uid(&source.uid, "source", &mut problems);
             let parallelism = source.parallelism.unwrap_or(1);
             let kind = source_kind(source, &base, &mut problems);
+            if let Some(SourceKind::Nats(nats)) = &kind
+                && parallelism > nats.partitions
+            {
+                problems.push(format!(
+                    "source `{}`: parallelism = {parallelism} exceeds partitions = {} (a subtask reads whole partitions)",
+                    source.uid, nats.partitions
+                ));
+            }
             if let Some(kind) = &kind
-                && !matches!(kind, SourceKind::Generator { .. })
+                && !matches!(kind, SourceKind::Generator { .. } | SourceKind::Nats(_))
                 && parallelism != 1
             {
                 problems.push(format!(
@@ -476,7 +485,70 @@ fn source_kind(
             ));
         }
     };
+    if source.kind != SourceKindName::Nats {
+        stray("url", source.url.is_some());
+        stray("stream", source.stream.is_some());
+        stray("subject", source.subject.is_some());
+        stray("partitions", source.partitions.is_some());
+        stray("key_token", source.key_token.is_some());
+        stray("key_header", source.key_header.is_some());
+        stray("bounded", source.bounded.is_some());
+    }
     match source.kind {
+        SourceKindName::Nats => {
+            stray("path", source.path.is_some());
+            stray("address", source.address.is_some());
+            stray("count", source.count.is_some());
+            stray("keys", source.keys.is_some());
+            stray("seed", source.seed.is_some());
+            check_rate(uid, source.rate, problems);
+            let mut need = |key: &str, value: &Option<String>| match value {
+                Some(v) if !v.is_empty() => Some(v.clone()),
+                _ => {
+                    problems.push(format!("source `{uid}`: a nats source needs `{key}`"));
+                    None
+                }
+            };
+            let url = need("url", &source.url);
+            let stream = need("stream", &source.stream);
+            let subject = need("subject", &source.subject);
+            if let Some(subject) = &subject
+                && !nats_subject_ok(subject)
+            {
+                problems.push(format!(
+                    "source `{uid}`: subject {subject:?} must be dot-separated tokens without wildcards or spaces"
+                ));
+            }
+            let partitions = source.partitions.unwrap_or(1);
+            if partitions == 0 {
+                problems.push(format!("source `{uid}`: partitions must be at least 1"));
+            }
+            let key = match (&source.key_token, &source.key_header) {
+                (Some(_), Some(_)) => {
+                    problems.push(format!(
+                        "source `{uid}`: set key_token or key_header, not both"
+                    ));
+                    NatsKey::None
+                }
+                (Some(token), None) => NatsKey::Token(*token),
+                (None, Some(header)) => NatsKey::Header(header.clone()),
+                (None, None) => NatsKey::None,
+            };
+            if key != NatsKey::None && source.format.as_ref().is_some_and(|f| f.key.is_some()) {
+                problems.push(format!(
+                    "source `{uid}`: the key comes from format.key or from key_token/key_header, not both"
+                ));
+            }
+            Some(SourceKind::Nats(NatsSource {
+                url: url?,
+                stream: stream?,
+                subject: subject?,
+                partitions,
+                key,
+                bounded: source.bounded.unwrap_or(false),
+                rate: source.rate,
+            }))
+        }
         SourceKindName::File => {
             stray("address", source.address.is_some());
             stray("count", source.count.is_some());
@@ -531,7 +603,53 @@ fn source_kind(
 }
 
 fn sink_kind(sink: &file::SinkSpec, base: &Path, problems: &mut Vec<String>) -> Option<SinkKind> {
+    let uid = &sink.uid;
+    if sink.kind != SinkKindName::Nats {
+        for (key, present) in [
+            ("url", sink.url.is_some()),
+            ("stream", sink.stream.is_some()),
+            ("subject", sink.subject.is_some()),
+            ("delivery", sink.delivery.is_some()),
+        ] {
+            if present {
+                problems.push(format!(
+                    "sink `{uid}`: key `{key}` does not apply to a {:?} sink",
+                    sink.kind
+                ));
+            }
+        }
+    }
     match sink.kind {
+        SinkKindName::Nats => {
+            if sink.path.is_some() {
+                problems.push(format!(
+                    "sink `{uid}`: key `path` does not apply to a Nats sink"
+                ));
+            }
+            let mut need = |key: &str, value: &Option<String>| match value {
+                Some(v) if !v.is_empty() => Some(v.clone()),
+                _ => {
+                    problems.push(format!("sink `{uid}`: a nats sink needs `{key}`"));
+                    None
+                }
+            };
+            let url = need("url", &sink.url);
+            let stream = need("stream", &sink.stream);
+            let subject = need("subject", &sink.subject);
+            if let Some(subject) = &subject
+                && !nats_subject_ok(subject)
+            {
+                problems.push(format!(
+                    "sink `{uid}`: subject {subject:?} must be dot-separated tokens without wildcards or spaces"
+                ));
+            }
+            Some(SinkKind::Nats(NatsSink {
+                url: url?,
+                stream: stream?,
+                subject: subject?,
+                delivery: sink.delivery.unwrap_or(Delivery::ExactlyOnce),
+            }))
+        }
         SinkKindName::Stdout | SinkKindName::Blackhole => {
             if sink.path.is_some() {
                 problems.push(format!(
@@ -555,6 +673,16 @@ fn sink_kind(sink: &file::SinkSpec, base: &Path, problems: &mut Vec<String>) -> 
             }
         },
     }
+}
+
+/// A literal NATS subject: non-empty tokens, no wildcards or whitespace.
+fn nats_subject_ok(subject: &str) -> bool {
+    subject.split('.').all(|token| {
+        !token.is_empty()
+            && !token
+                .chars()
+                .any(|c| c == '*' || c == '>' || c.is_whitespace())
+    })
 }
 
 fn topological_order(nodes: &[Node], edges: &[Edge]) -> Vec<NodeId> {
@@ -646,6 +774,64 @@ inputs = ["count"]
             error.contains("uid `gen` is used more than once"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn nats_connectors_validate_their_keys() {
+        let text = r#"
+name = "nats"
+[[source]]
+uid = "in"
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+stream = "s"
+subject = "lines"
+partitions = 4
+parallelism = 2
+key_token = 3
+[[sink]]
+uid = "out"
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+stream = "o"
+subject = "out.counts"
+delivery = "at-least-once"
+inputs = ["in"]
+"#;
+        let job = validate(text).expect("valid");
+        let NodeKind::Source(SourceNode {
+            kind: SourceKind::Nats(source),
+            ..
+        }) = &job.nodes[0].kind
+        else {
+            panic!("a nats source");
+        };
+        assert_eq!((source.partitions, &source.key), (4, &NatsKey::Token(3)));
+        assert!(matches!(
+            &job.nodes[1].kind,
+            NodeKind::Sink(SinkKind::Nats(NatsSink {
+                delivery: Delivery::AtLeastOnce,
+                ..
+            }))
+        ));
+        let bad = text
+            .replace("parallelism = 2", "parallelism = 5\npath = \"x\"")
+            .replace("subject = \"out.counts\"", "subject = \"out.*\"");
+        let error = validate(&bad).expect_err("invalid").to_string();
+        let missing = validate(&text.replace("stream = \"s\"\n", "")).expect_err("invalid");
+        assert!(
+            missing
+                .to_string()
+                .contains("source `in`: a nats source needs `stream`"),
+            "{missing}"
+        );
+        for wanted in [
+            "source `in`: key `path` does not apply",
+            "source `in`: parallelism = 5 exceeds partitions = 4",
+            "sink `out`: subject \"out.*\" must be dot-separated tokens",
+        ] {
+            assert!(error.contains(wanted), "`{wanted}` in {error}");
+        }
     }
 
     #[test]

@@ -1,0 +1,479 @@
+//! The `nats` connectors against a real nats-server with JetStream
+//! (`weir_tests::nats`, one server for the test binary): the SIGKILL crash
+//! test with JetStream in and out, a finished job resumed once more, a
+//! restore at another source parallelism, and the start's checks of bad
+//! connector settings.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, Context, consumer, stream};
+use futures::StreamExt;
+use weir::connectors::generator::{word, word_index};
+use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+
+use crate::support::{JobDir, toml_path, weir};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The shared server's URL; None when the server cannot be had outside CI.
+fn server() -> Option<String> {
+    weir_tests::nats::server().map(|s| s.url.clone())
+}
+
+async fn context(url: &str) -> Context {
+    let client = async_nats::connect(url)
+        .await
+        .expect("connects to the test server");
+    jetstream::new(client)
+}
+
+/// (Re)creates stream `name` over `subjects`.
+async fn fresh_stream(js: &Context, name: &str, subjects: &[String], window: Duration) {
+    let _ = js.delete_stream(name).await;
+    js.create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: subjects.to_vec(),
+        duplicate_window: window,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("creating stream {name}: {e}"));
+}
+
+/// `lines` published round-robin over `<prefix>.<p>.<i>`, p < partitions.
+async fn publish_lines(js: &Context, prefix: &str, partitions: usize, lines: &[String]) {
+    let mut acks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let subject = format!("{prefix}.{}.{i}", i % partitions);
+        acks.push(
+            js.publish(subject, line.clone().into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() >= 1000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("acknowledged");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("acknowledged");
+    }
+}
+
+/// Every message payload of stream `name`, in stream order.
+async fn read_stream(js: &Context, name: &str) -> Vec<String> {
+    let stream = js.get_stream(name).await.expect("the output stream");
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .expect("a consumer");
+    let total = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while (out.len() as u64) < total {
+        let message = messages
+            .next()
+            .await
+            .expect("more messages")
+            .expect("a message");
+        out.push(String::from_utf8_lossy(&message.payload).into_owned());
+    }
+    out
+}
+
+/// `n` lines of four generator words each (60 distinct words).
+fn input_lines(n: u64, seed: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            (0..4)
+                .map(|j| word(word_index(i * 4 + j, 60, seed)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// JetStream `<name>-in` (6 partitions) → split → count → `<name>-out`.
+fn count_job(url: &str, name: &str, parallelism: u32, rate: u32, extra: &str) -> String {
+    format!(
+        r#"
+name = "nats-count"
+max_parallelism = 32
+
+[checkpoint]
+interval = "150ms"
+dir = "checkpoints"
+retained = 2
+{extra}
+
+[[source]]
+uid = "lines"
+kind = "nats"
+url = "{url}"
+stream = "{name}-in"
+subject = "{name}.in"
+partitions = 6
+parallelism = {parallelism}
+bounded = true
+rate = {rate}
+
+[[operator]]
+uid = "split"
+plugin = {split}
+inputs = ["lines"]
+parallelism = 2
+
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "split", partition = "key" }}]
+parallelism = 2
+
+[[sink]]
+uid = "out"
+kind = "nats"
+url = "{url}"
+stream = "{name}-out"
+subject = "{name}.out"
+inputs = ["count"]
+"#,
+        split = toml_path(WORDCOUNT_SPLIT),
+        count = toml_path(WORDCOUNT_COUNT),
+    )
+}
+
+/// Creates `<name>-in` holding `lines` and an empty `<name>-out`.
+fn prepare_streams(url: &str, name: &str, lines: &[String]) {
+    runtime().block_on(async {
+        let js = context(url).await;
+        fresh_stream(
+            &js,
+            &format!("{name}-in"),
+            &[format!("{name}.in.>")],
+            Duration::from_secs(120),
+        )
+        .await;
+        fresh_stream(
+            &js,
+            &format!("{name}-out"),
+            &[format!("{name}.out")],
+            Duration::from_secs(120),
+        )
+        .await;
+        publish_lines(&js, &format!("{name}.in"), 6, lines).await;
+    });
+}
+
+fn output(url: &str, name: &str) -> Vec<String> {
+    runtime().block_on(async { read_stream(&context(url).await, &format!("{name}-out")).await })
+}
+
+/// The newest completed checkpoint's directory under `root`.
+fn newest_checkpoint(root: &Path) -> Option<PathBuf> {
+    let mut found: Vec<(i64, u64, PathBuf)> = Vec::new();
+    for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for chk in std::fs::read_dir(job.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let metadata = chk.path().join("_metadata");
+            if let Ok(read) = weir::checkpoint::metadata::read(&metadata) {
+                found.push((
+                    read.metadata.completed_ms,
+                    read.metadata.checkpoint,
+                    chk.path(),
+                ));
+            }
+        }
+    }
+    found.sort();
+    found.pop().map(|(_, _, path)| path)
+}
+
+/// `weir run` of the job in `dir`, resumed from the newest checkpoint.
+fn run_args(job: &Path, checkpoints: &Path) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        job.to_string_lossy().into_owned(),
+        "-q".into(),
+    ];
+    if let Some(newest) = newest_checkpoint(checkpoints) {
+        args.push("-s".into());
+        args.push(newest.to_string_lossy().into_owned());
+    }
+    args
+}
+
+fn delays(seed: u64) -> impl Iterator<Item = Duration> {
+    (0u64..).map(move |i| {
+        let r = xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed);
+        Duration::from_millis(150 + r % 700)
+    })
+}
+
+#[test]
+fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
+    let Some(url) = server() else { return };
+    let job = JobDir::new();
+    let name = "crash";
+    // Two subtasks at 1500 lines/s each for 10 s: 20 runs of 150–850 ms do
+    // not finish it, the last run does.
+    let lines = input_lines(30_000, 3);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    prepare_streams(&url, name, &lines);
+    let path = job.job(&count_job(&url, name, 2, 1500, ""));
+    let seed = std::env::var("WEIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("nats crash test seed {seed} (WEIR_CRASH_SEED to repeat)");
+    let checkpoints = job.path().join("checkpoints");
+    let mut restores = 0;
+    for (kill, delay) in delays(seed).take(20).enumerate() {
+        let args = run_args(&path, &checkpoints);
+        restores += usize::from(args.len() > 3);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(&args)
+            .current_dir(job.path())
+            .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("weir starts");
+        std::thread::sleep(delay);
+        let ended_by_itself = child.try_wait().expect("wait").is_some();
+        child.kill().ok(); // SIGKILL
+        let output = child.wait_with_output().expect("reaped");
+        assert!(
+            !ended_by_itself || output.status.success(),
+            "run {kill} failed on its own: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if ended_by_itself {
+            break;
+        }
+    }
+    assert!(
+        restores >= 10,
+        "most runs resumed from a checkpoint ({restores})"
+    );
+    let args = run_args(&path, &checkpoints);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let finished = weir(&args, job.path());
+    assert!(
+        finished.status.success(),
+        "the final run ends well: {}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    weir_tests::check_exact_updates(&output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    // The finished job resumed from its newest (final) checkpoint publishes
+    // nothing again.
+    let args = run_args(&path, &checkpoints);
+    assert!(args.len() > 3, "the finished job left a checkpoint");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let again = weir(&args, job.path());
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    weir_tests::check_exact_updates(&output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("seed {seed}, resumed after the end: {e}"));
+}
+
+#[test]
+fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() {
+    let Some(url) = server() else { return };
+    let job = JobDir::new();
+    let name = "rescale";
+    let lines = input_lines(9_000, 5);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    prepare_streams(&url, name, &lines);
+    // Two subtasks at 1500 lines/s: stopped with a savepoint after ~1 s.
+    let path = job.job(&count_job(&url, name, 2, 1500, ""));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "job.toml", "-q", "--savepoint-dir", "savepoints"])
+        .current_dir(job.path())
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let stopped = child.wait_with_output().expect("reaped");
+    assert!(
+        stopped.status.success(),
+        "stop with a savepoint: {}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    let savepoint = std::fs::read_dir(job.path().join("savepoints"))
+        .expect("the savepoint directory")
+        .flatten()
+        .next()
+        .expect("one savepoint")
+        .path();
+    let read = weir::checkpoint::metadata::read(&savepoint.join("_metadata"))
+        .expect("the savepoint reads");
+    let positions: BTreeMap<u32, u64> = read.metadata.operators["lines"]
+        .subtasks
+        .iter()
+        .flat_map(|s| s.partitions.clone())
+        .collect();
+    assert_eq!(
+        positions.len(),
+        6,
+        "every partition's position: {positions:?}"
+    );
+    let published = output(&url, name).len();
+    assert!(
+        published > 0 && published < expected.values().sum::<u64>() as usize,
+        "stopped midway ({published} updates)"
+    );
+    // Three subtasks now: partitions 0..6 reassigned.
+    std::fs::write(&path, count_job(&url, name, 3, 100_000, "")).expect("rewrite");
+    let savepoint = savepoint.to_string_lossy().into_owned();
+    let resumed = weir(&["run", "job.toml", "-q", "-s", &savepoint], job.path());
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    weir_tests::check_exact_updates(&output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("after the restore at parallelism 3: {e}"));
+}
+
+#[test]
+fn bad_nats_settings_fail_the_start_naming_the_connector() {
+    let Some(url) = server() else { return };
+    runtime().block_on(async {
+        let js = context(&url).await;
+        fresh_stream(
+            &js,
+            "bad-in",
+            &["bad.in.>".into()],
+            Duration::from_secs(120),
+        )
+        .await;
+        // Keeps message ids for 1 s only.
+        fresh_stream(&js, "bad-out", &["bad.out".into()], Duration::from_secs(1)).await;
+    });
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let source = |url: &str, stream: &str| {
+        format!(
+            "[[source]]\nuid = \"lines\"\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"{stream}\"\nsubject = \"bad.in\"\npartitions = 2\n"
+        )
+    };
+    let sink = |url: &str, stream: &str, subject: &str| {
+        format!(
+            "[[sink]]\nuid = \"out\"\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"{stream}\"\nsubject = \"{subject}\"\ninputs = [\"lines\"]\n"
+        )
+    };
+    let header = "name = \"bad\"\n[checkpoint]\ninterval = \"1s\"\ndir = \"checkpoints\"\n[restart]\nstrategy = \"fixed-delay\"\nattempts = 3\ndelay = \"5s\"\n";
+    let unreachable = format!("nats://127.0.0.1:{closed}");
+    let cases = [
+        (
+            format!(
+                "{header}{}{}",
+                source(&unreachable, "bad-in"),
+                sink(&url, "bad-out", "bad.out")
+            ),
+            vec![
+                "source `lines`".to_string(),
+                format!("cannot connect to {unreachable}"),
+            ],
+        ),
+        (
+            format!(
+                "{header}{}{}",
+                source(&url, "nowhere"),
+                sink(&url, "bad-out", "bad.out")
+            ),
+            vec![
+                "source `lines`".into(),
+                "stream `nowhere` does not exist".into(),
+            ],
+        ),
+        (
+            format!(
+                "{header}{}{}",
+                source(&url, "bad-in"),
+                sink(&url, "bad-out", "bad.elsewhere")
+            ),
+            vec![
+                "sink `out`".into(),
+                "does not store subject `bad.elsewhere`".into(),
+            ],
+        ),
+        (
+            format!(
+                "{header}{}{}",
+                source(&url, "bad-in"),
+                sink(&url, "bad-out", "bad.out")
+            ),
+            vec![
+                "sink `out`".into(),
+                "duplicate_window".into(),
+                "restart delay of 5 s".into(),
+            ],
+        ),
+    ];
+    let mut cases = cases.to_vec();
+    if let Some(secured) = weir_tests::nats::secured() {
+        let wrong = secured.url.replace("nats://", "nats://weir:wrong@");
+        cases.push((
+            format!(
+                "{header}{}{}",
+                source(&wrong, "bad-in"),
+                sink(&url, "bad-out", "bad.out")
+            ),
+            vec![
+                "source `lines`".into(),
+                "cannot connect to nats://weir:***@".into(),
+            ],
+        ));
+    }
+    for (toml, wanted) in cases {
+        let job = JobDir::new();
+        job.job(&toml);
+        let run = weir(&["run", "job.toml", "-q"], job.path());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "the start fails: {toml}");
+        for part in &wanted {
+            assert!(stderr.contains(part.as_str()), "`{part}` in: {stderr}");
+        }
+        assert!(!stderr.contains("wrong"), "no password shown: {stderr}");
+        assert_eq!(
+            stderr.matches(wanted[1].as_str()).count(),
+            1,
+            "stated once: {stderr}"
+        );
+        assert!(
+            !job.path().join("checkpoints").exists(),
+            "nothing written: {stderr}"
+        );
+        assert!(!stderr.contains("started"), "not started: {stderr}");
+    }
+}
