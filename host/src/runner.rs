@@ -17,6 +17,7 @@ use crate::checkpoint::coordinator::{Coordinator, CoordinatorSettings, JobCheckp
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
 };
+use crate::checkpoint::remote;
 use crate::checkpoint::storage::SubtaskStorage;
 use crate::checkpoint::{
     CheckpointError, Role, SavepointTargets, SnapshotKind, TransferProgress, restore, savepoint,
@@ -216,7 +217,18 @@ pub fn prepare_as(
             plugins.insert(node.uid.clone(), loaded);
         }
     }
-    let restore = match &options.restore {
+    let downloaded;
+    let restore_path = match &options.restore {
+        Some(path) if remote::is_remote(path) => {
+            // Downloaded, then checked like a local restore point.
+            let into = downloads_dir(&graph, &job_id);
+            let _ = std::fs::remove_dir_all(&into);
+            downloaded = remote::block_on(remote::fetch(&path.to_string_lossy(), &into))?;
+            Some(&downloaded)
+        }
+        other => other.as_ref(),
+    };
+    let restore = match restore_path {
         Some(path) => {
             // Every file is read and checked before anything is restored.
             let read = if options.trusted {
@@ -244,13 +256,21 @@ pub fn prepare_as(
         }
         None => None,
     };
+    let remote = checkpoint_remote(&graph)
+        .map(|url| remote::Remote::open(&url).map(|r| r.join(&job_id)))
+        .transpose()
+        .map_err(CheckpointError::from)?;
     let checkpoints = graph.checkpoint.interval.map(|_| {
         let first = restore.as_ref().map_or(1, |r| r.metadata.checkpoint + 1);
-        Arc::new(JobCheckpoints::new(
+        let checkpoints = JobCheckpoints::new(
             checkpoint_root(&graph).join(&job_id),
             graph.checkpoint.retained as usize,
             first,
-        ))
+        );
+        Arc::new(match remote {
+            Some(remote) => checkpoints.with_remote(remote),
+            None => checkpoints,
+        })
     });
     Ok(PreparedJob {
         graph,
@@ -272,8 +292,25 @@ pub fn prepare_as(
     })
 }
 
-/// `[checkpoint] dir`, by default `weir-data/checkpoints` beside the job file.
+/// Where a restore point on object storage is downloaded to.
+fn downloads_dir(graph: &JobGraph, job_id: &str) -> PathBuf {
+    graph.state.dir.join("downloads").join(job_id)
+}
+
+/// `[checkpoint] dir` when it is on object storage (`s3://bucket/prefix`).
+pub fn checkpoint_remote(graph: &JobGraph) -> Option<String> {
+    let dir = graph.checkpoint.dir.as_ref()?;
+    remote::is_remote(dir).then(|| dir.to_string_lossy().into_owned())
+}
+
+/// `[checkpoint] dir`, by default `weir-data/checkpoints` beside the job
+/// file; for a dir on object storage, the local staging directory its
+/// checkpoints are written to before they are mirrored
+/// (`<state dir>/checkpoint-staging`).
 pub fn checkpoint_root(graph: &JobGraph) -> PathBuf {
+    if checkpoint_remote(graph).is_some() {
+        return graph.state.dir.join("checkpoint-staging");
+    }
     graph.checkpoint.dir.clone().unwrap_or_else(|| {
         graph
             .file
@@ -872,7 +909,17 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
     };
     let dir = job.state_dir();
     let teardown = job.teardown.clone();
+    let staging =
+        checkpoint_remote(&job.graph).map(|_| checkpoint_root(&job.graph).join(&job.job_id));
+    let downloads = downloads_dir(&job.graph, &job.job_id);
     let remove = move || {
+        // Durable copies are remote: the local staging of checkpoints and
+        // a downloaded restore point go.
+        for local in staging.iter().chain([&downloads]) {
+            if local.exists() {
+                let _ = std::fs::remove_dir_all(local);
+            }
+        }
         teardown.wait();
         if dir.exists()
             && let Err(error) = std::fs::remove_dir_all(&dir)
@@ -907,12 +954,25 @@ pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
             problems,
         }
     })?;
-    crate::connectors::nats::check(&job.graph, strategy.longest_delay())
+    let mut problems = crate::connectors::nats::check(&job.graph, strategy.longest_delay())
         .await
-        .map_err(|problems| RunError::Connectors {
+        .err()
+        .unwrap_or_default();
+    if let Some(url) = checkpoint_remote(&job.graph) {
+        let checked = match remote::Remote::open(&url) {
+            Ok(remote) => remote.check().await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = checked {
+            problems.push(format!("[checkpoint] dir {error}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(RunError::Connectors {
             job: job.graph.name.clone(),
             problems,
-        })?;
+        });
+    }
     job.connectors_checked.store(true, Ordering::Relaxed);
     Ok(())
 }

@@ -10,6 +10,7 @@ mod faults;
 mod host;
 mod languages;
 mod nats;
+mod s3;
 mod savepoints;
 mod support;
 mod wordcount;

@@ -1,11 +1,11 @@
 //! The `nats` connectors against a real nats-server with JetStream
 //! (`weir_tests::nats`, one server for the test binary): the SIGKILL crash
-//! test with JetStream in and out, a finished job resumed once more, a
+//! test with JetStream in and out and checkpoints on S3 (SeaweedFS), a finished job resumed once more, a
 //! restore at another source parallelism, and the start's checks of bad
 //! connector settings.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, Context, consumer, stream};
@@ -103,7 +103,7 @@ fn input_lines(n: u64, seed: u64) -> Vec<String> {
 }
 
 /// JetStream `<name>-in` (6 partitions) → split → count → `<name>-out`.
-fn count_job(url: &str, name: &str, parallelism: u32, rate: u32, extra: &str) -> String {
+fn count_job(url: &str, name: &str, parallelism: u32, rate: u32, checkpoints: &str) -> String {
     format!(
         r#"
 name = "nats-count"
@@ -111,9 +111,8 @@ max_parallelism = 32
 
 [checkpoint]
 interval = "150ms"
-dir = "checkpoints"
+dir = "{checkpoints}"
 retained = 2
-{extra}
 
 [[source]]
 uid = "lines"
@@ -177,41 +176,29 @@ fn output(url: &str, name: &str) -> Vec<String> {
     runtime().block_on(async { read_stream(&context(url).await, &format!("{name}-out")).await })
 }
 
-/// The newest completed checkpoint's directory under `root`.
-fn newest_checkpoint(root: &Path) -> Option<PathBuf> {
-    let mut found: Vec<(i64, u64, PathBuf)> = Vec::new();
-    for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for chk in std::fs::read_dir(job.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let metadata = chk.path().join("_metadata");
-            if let Ok(read) = weir::checkpoint::metadata::read(&metadata) {
-                found.push((
-                    read.metadata.completed_ms,
-                    read.metadata.checkpoint,
-                    chk.path(),
-                ));
-            }
-        }
-    }
-    found.sort();
-    found.pop().map(|(_, _, path)| path)
-}
-
-/// `weir run` of the job in `dir`, resumed from the newest checkpoint.
-fn run_args(job: &Path, checkpoints: &Path) -> Vec<String> {
+/// `weir run` of the job, resumed from `newest` if there is one.
+fn run_args(job: &Path, newest: Option<String>) -> Vec<String> {
     let mut args = vec![
         "run".to_string(),
         job.to_string_lossy().into_owned(),
         "-q".into(),
     ];
-    if let Some(newest) = newest_checkpoint(checkpoints) {
+    if let Some(newest) = newest {
         args.push("-s".into());
-        args.push(newest.to_string_lossy().into_owned());
+        args.push(newest);
     }
     args
+}
+
+/// The `weir` binary with extra environment.
+fn weir_with_env(args: &[&str], dir: &Path, env: &[(&str, String)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("the weir binary runs")
 }
 
 fn delays(seed: u64) -> impl Iterator<Item = Duration> {
@@ -224,14 +211,25 @@ fn delays(seed: u64) -> impl Iterator<Item = Duration> {
 #[test]
 fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     let Some(url) = server() else { return };
+    let Some(s3) = crate::s3::server() else {
+        return;
+    };
     let job = JobDir::new();
     let name = "crash";
+    let prefix = crate::s3::prefix("nats-crash");
+    let newest = || crate::s3::newest_checkpoint(s3, &prefix);
     // Two subtasks at 1500 lines/s each for 10 s: 20 runs of 150–850 ms do
     // not finish it, the last run does.
     let lines = input_lines(30_000, 3);
     let expected = weir_tests::count_words(&lines.join("\n"));
     prepare_streams(&url, name, &lines);
-    let path = job.job(&count_job(&url, name, 2, 1500, ""));
+    let path = job.job(&count_job(
+        &url,
+        name,
+        2,
+        1500,
+        &format!("s3://{}/{prefix}", crate::s3::BUCKET),
+    ));
     let seed = std::env::var("WEIR_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -242,15 +240,15 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
                 .unwrap_or(7)
         });
     eprintln!("nats crash test seed {seed} (WEIR_CRASH_SEED to repeat)");
-    let checkpoints = job.path().join("checkpoints");
     let mut restores = 0;
     for (kill, delay) in delays(seed).take(20).enumerate() {
-        let args = run_args(&path, &checkpoints);
+        let args = run_args(&path, newest());
         restores += usize::from(args.len() > 3);
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(&args)
             .current_dir(job.path())
             .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+            .envs(s3.env())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -272,9 +270,9 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
         restores >= 10,
         "most runs resumed from a checkpoint ({restores})"
     );
-    let args = run_args(&path, &checkpoints);
+    let args = run_args(&path, newest());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let finished = weir(&args, job.path());
+    let finished = weir_with_env(&args, job.path(), &s3.env());
     assert!(
         finished.status.success(),
         "the final run ends well: {}",
@@ -284,10 +282,10 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     // The finished job resumed from its newest (final) checkpoint publishes
     // nothing again.
-    let args = run_args(&path, &checkpoints);
+    let args = run_args(&path, newest());
     assert!(args.len() > 3, "the finished job left a checkpoint");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let again = weir(&args, job.path());
+    let again = weir_with_env(&args, job.path(), &s3.env());
     assert!(
         again.status.success(),
         "{}",
@@ -306,7 +304,7 @@ fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() 
     let expected = weir_tests::count_words(&lines.join("\n"));
     prepare_streams(&url, name, &lines);
     // Two subtasks at 1500 lines/s: stopped with a savepoint after ~1 s.
-    let path = job.job(&count_job(&url, name, 2, 1500, ""));
+    let path = job.job(&count_job(&url, name, 2, 1500, "checkpoints"));
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["run", "job.toml", "-q", "--savepoint-dir", "savepoints"])
         .current_dir(job.path())
@@ -350,7 +348,7 @@ fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() 
         "stopped midway ({published} updates)"
     );
     // Three subtasks now: partitions 0..6 reassigned.
-    std::fs::write(&path, count_job(&url, name, 3, 100_000, "")).expect("rewrite");
+    std::fs::write(&path, count_job(&url, name, 3, 100_000, "checkpoints")).expect("rewrite");
     let savepoint = savepoint.to_string_lossy().into_owned();
     let resumed = weir(&["run", "job.toml", "-q", "-s", &savepoint], job.path());
     assert!(

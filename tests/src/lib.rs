@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub mod browser;
 pub mod languages;
 pub mod nats;
+pub mod s3;
+pub mod servers;
 
 /// Paths of the built plugins, one constant per guest crate.
 pub mod plugins {

@@ -102,14 +102,19 @@ struct Inner {
     next_id: u64,
     registry: SharedRegistry,
     latest: Option<ReadMetadata>,
+    /// Mirrored: shared files and spool files already on the remote.
+    uploaded: std::collections::HashSet<String>,
 }
 
-/// The checkpoints of one job: `<checkpoint dir>/<job id>`.
+/// The checkpoints of one job: `<checkpoint dir>/<job id>`, mirrored to
+/// object storage when the checkpoint dir is remote (then `job_dir` is
+/// the local staging directory).
 #[derive(Debug)]
 pub struct JobCheckpoints {
     pub job_dir: PathBuf,
     inner: Mutex<Inner>,
     pub metrics: Arc<CheckpointMetrics>,
+    remote: Option<super::remote::Remote>,
 }
 
 impl JobCheckpoints {
@@ -122,9 +127,92 @@ impl JobCheckpoints {
                 next_id: first_id.max(1),
                 registry: SharedRegistry::new(retained),
                 latest: None,
+                uploaded: Default::default(),
             }),
             metrics: Arc::default(),
+            remote: None,
         }
+    }
+
+    /// Mirrors every completed checkpoint to `remote` (the job's directory
+    /// on object storage).
+    pub fn with_remote(mut self, remote: super::remote::Remote) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// Where the job's checkpoints are, for messages: the remote location
+    /// or the local directory.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(remote) => remote.url.clone(),
+            None => self.job_dir.display().to_string(),
+        }
+    }
+
+    /// Uploads what checkpoint `metadata` references and the remote lacks,
+    /// then its `_metadata` (written locally already) with a put that
+    /// never overwrites. Spool files the checkpoint no longer lists are
+    /// deleted remotely (published).
+    fn mirror(
+        &self,
+        remote: &super::remote::Remote,
+        metadata: &CheckpointMetadata,
+        chk: &str,
+    ) -> Result<(), CheckpointError> {
+        let mut uploads = Vec::new();
+        let mut spooled = std::collections::HashSet::new();
+        let uploaded = self.lock().uploaded.clone();
+        for subtask in metadata.operators.values().flat_map(|op| &op.subtasks) {
+            let files = subtask
+                .files
+                .iter()
+                .chain(&subtask.deltas)
+                .chain(&subtask.timers);
+            for file in files {
+                if !(file.is_shared() && uploaded.contains(&file.path)) {
+                    uploads.push(file.path.clone());
+                }
+            }
+            for name in subtask.pending.iter().filter(|p| p.starts_with("pending/")) {
+                spooled.insert(name.clone());
+                if !uploaded.contains(name) && self.job_dir.join(name).is_file() {
+                    uploads.push(name.clone());
+                }
+            }
+        }
+        uploads.sort();
+        uploads.dedup();
+        let files = uploads
+            .iter()
+            .map(|p| (self.job_dir.join(p), p.clone()))
+            .collect();
+        let metadata_name = format!("{chk}/{}", metadata::METADATA_FILE);
+        let bytes = std::fs::read(self.job_dir.join(&metadata_name))
+            .map_err(|e| CheckpointError::io(self.job_dir.join(&metadata_name), e))?;
+        let published: Vec<String> = uploaded
+            .iter()
+            .filter(|p| p.starts_with("pending/") && !spooled.contains(*p))
+            .cloned()
+            .collect();
+        super::remote::block_on(async {
+            remote.upload_all(files).await?;
+            remote.put_new(&metadata_name, bytes).await?;
+            for name in &published {
+                remote.delete(name).await?;
+            }
+            Ok::<_, super::remote::RemoteError>(())
+        })?;
+        let mut inner = self.lock();
+        inner.uploaded.extend(
+            uploads
+                .into_iter()
+                .filter(|p| p.starts_with("shared/") || p.starts_with("pending/")),
+        );
+        for name in &published {
+            inner.uploaded.remove(name);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -151,6 +239,14 @@ impl JobCheckpoints {
         )));
         std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
         let path = metadata::write(&dir, &metadata)?;
+        if let Some(remote) = &self.remote {
+            let chk = super::checkpoint_dir_name(CheckpointId(metadata.checkpoint));
+            if let Err(error) = self.mirror(remote, &metadata, &chk) {
+                // Not complete anywhere: the local copy goes too.
+                let _ = std::fs::remove_file(&path);
+                return Err(error);
+            }
+        }
         let read = ReadMetadata {
             path,
             base: self.job_dir.clone(),
@@ -162,7 +258,7 @@ impl JobCheckpoints {
             .complete(read.metadata.checkpoint, read.metadata.shared_files());
         inner.latest = Some(read.clone());
         drop(inner);
-        for id in retired.checkpoints {
+        for &id in &retired.checkpoints {
             let old = self
                 .job_dir
                 .join(super::checkpoint_dir_name(CheckpointId(id)));
@@ -170,8 +266,30 @@ impl JobCheckpoints {
                 warn!(dir = %old.display(), %error, "cannot remove a retired checkpoint");
             }
         }
-        for file in retired.shared {
+        for file in &retired.shared {
             let _ = std::fs::remove_file(self.job_dir.join(file));
+        }
+        if let Some(remote) = &self.remote {
+            {
+                let mut inner = self.lock();
+                for file in &retired.shared {
+                    inner.uploaded.remove(file);
+                }
+            }
+            let removed = super::remote::block_on(async {
+                for &id in &retired.checkpoints {
+                    remote
+                        .delete_all(&super::checkpoint_dir_name(CheckpointId(id)))
+                        .await?;
+                }
+                for file in &retired.shared {
+                    remote.delete(file).await?;
+                }
+                Ok::<_, super::remote::RemoteError>(())
+            });
+            if let Err(error) = removed {
+                warn!(%error, "cannot remove a retired checkpoint remotely");
+            }
         }
         Ok(read)
     }

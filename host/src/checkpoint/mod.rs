@@ -26,6 +26,7 @@
 
 pub mod coordinator;
 pub mod metadata;
+pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod savepoint;
@@ -232,6 +233,8 @@ pub enum CheckpointError {
         path: PathBuf,
         problems: Vec<String>,
     },
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
 impl CheckpointError {

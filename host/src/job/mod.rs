@@ -402,7 +402,14 @@ impl JobGraph {
         let mut state = job.state;
         state.dir = base.join(&state.dir);
         let mut checkpoint = job.checkpoint;
-        checkpoint.dir = checkpoint.dir.map(|dir| base.join(dir));
+        // `s3://bucket/prefix` stays as it is; a path is relative to the job file.
+        checkpoint.dir = checkpoint.dir.map(|dir| {
+            if crate::checkpoint::remote::is_remote(&dir) {
+                dir
+            } else {
+                base.join(dir)
+            }
+        });
         Ok(JobGraph {
             name: job.name,
             file: path.to_path_buf(),

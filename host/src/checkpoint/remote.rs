@@ -1,0 +1,367 @@
+//! Checkpoints on object storage: a `[checkpoint] dir` (or restore point)
+//! of the form `s3://bucket/prefix`, through the `object_store` crate.
+//! The endpoint, region and credentials come from the environment as the
+//! AWS tools read them (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...); an `http://`
+//! endpoint is allowed (a store on loopback).
+//!
+//! The local checkpoint code is unchanged: a job writes its checkpoints
+//! into a local *staging* directory with the layout of the remote one, and
+//! [`JobCheckpoints`](super::coordinator::JobCheckpoints) mirrors each
+//! completed checkpoint: every file it references that is not there yet
+//! (shared files once), then `_metadata` with a conditional put that never
+//! overwrites; retention deletes remotely what it deletes locally. A
+//! restore from `s3://…` downloads `_metadata` and the files it references
+//! into a local directory ([`fetch`]), where they are checked as any
+//! restore's files are.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::metadata::{self, SnapshotKind};
+
+/// Uploads and downloads in flight at once.
+const PARALLEL: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{url}: not an s3://bucket/prefix location")]
+    Location { url: String },
+    #[error("{url}: {cause}")]
+    Store { url: String, cause: String },
+    #[error("{url}: {path} is already there (a checkpoint is never overwritten)")]
+    Exists { url: String, path: String },
+    #[error("{path}: {cause}")]
+    Local {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+/// Whether `location` names object storage rather than a local path.
+pub fn is_remote(location: &Path) -> bool {
+    location.to_str().is_some_and(|s| s.starts_with("s3://"))
+}
+
+/// An `s3://bucket/prefix` location.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    /// `s3://bucket/prefix`, without a trailing slash.
+    pub url: String,
+    prefix: ObjectPath,
+}
+
+impl Remote {
+    /// Opens `url` (`s3://bucket[/prefix]`) with the environment's settings.
+    pub fn open(url: &str) -> Result<Self, RemoteError> {
+        let bad = || RemoteError::Location {
+            url: url.to_string(),
+        };
+        let rest = url.strip_prefix("s3://").ok_or_else(bad)?;
+        let rest = rest.trim_end_matches('/');
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad());
+        }
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+            .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .ok();
+        if endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+        {
+            builder = builder.with_allow_http(true);
+        }
+        if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
+            builder = builder.with_region("us-east-1");
+        }
+        let store = builder.build().map_err(|e| RemoteError::Store {
+            url: url.to_string(),
+            cause: e.to_string(),
+        })?;
+        Ok(Self {
+            store: Arc::new(store),
+            url: format!("s3://{rest}"),
+            prefix: ObjectPath::from(prefix),
+        })
+    }
+
+    /// The location `relative` below this one.
+    pub fn join(&self, relative: &str) -> Self {
+        let mut joined = self.clone();
+        joined.url = format!("{}/{}", self.url, relative.trim_matches('/'));
+        joined.prefix = self.object(relative);
+        joined
+    }
+
+    fn object(&self, relative: &str) -> ObjectPath {
+        let mut path = self.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    fn store_error(&self, error: impl std::fmt::Display) -> RemoteError {
+        RemoteError::Store {
+            url: self.url.clone(),
+            cause: describe(&error.to_string()),
+        }
+    }
+
+    /// Checks that the bucket exists and the credentials are accepted.
+    pub async fn check(&self) -> Result<(), RemoteError> {
+        let mut listing = self.store.list(Some(&self.prefix));
+        match listing.next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Uploads the local file `local` as `relative`.
+    pub async fn upload(&self, local: &Path, relative: &str) -> Result<(), RemoteError> {
+        let bytes = tokio::fs::read(local)
+            .await
+            .map_err(|cause| RemoteError::Local {
+                path: local.to_path_buf(),
+                cause,
+            })?;
+        self.store
+            .put(&self.object(relative), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// Uploads local files (`(local, relative)`), several at once.
+    pub async fn upload_all(&self, files: Vec<(PathBuf, String)>) -> Result<(), RemoteError> {
+        futures::stream::iter(files)
+            .map(|(local, relative)| async move { self.upload(&local, &relative).await })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes `relative` only if it does not exist yet.
+    pub async fn put_new(&self, relative: &str, bytes: Vec<u8>) -> Result<(), RemoteError> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.object(relative), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(RemoteError::Exists {
+                url: self.url.clone(),
+                path: relative.to_string(),
+            }),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Downloads `relative` into the local file `local`.
+    pub async fn download(&self, relative: &str, local: &Path) -> Result<(), RemoteError> {
+        let bytes = self
+            .store
+            .get(&self.object(relative))
+            .await
+            .map_err(|e| self.store_error(format!("{relative}: {e}")))?
+            .bytes()
+            .await
+            .map_err(|e| self.store_error(format!("{relative}: {e}")))?;
+        let io = |cause| RemoteError::Local {
+            path: local.to_path_buf(),
+            cause,
+        };
+        if let Some(parent) = local.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io)?;
+        }
+        tokio::fs::write(local, &bytes).await.map_err(io)
+    }
+
+    /// Deletes `relative` (a missing object is not an error).
+    pub async fn delete(&self, relative: &str) -> Result<(), RemoteError> {
+        match self.store.delete(&self.object(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Every object below `relative`, as paths relative to this location.
+    pub async fn list(&self, relative: &str) -> Result<Vec<String>, RemoteError> {
+        let below = self.object(relative);
+        let found: Vec<_> = self
+            .store
+            .list(Some(&below))
+            .try_collect()
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let prefix = format!("{}/", self.prefix.as_ref());
+        Ok(found
+            .into_iter()
+            .map(|meta| {
+                let full = meta.location.as_ref();
+                full.strip_prefix(&prefix)
+                    .or_else(|| self.prefix.as_ref().is_empty().then_some(full))
+                    .unwrap_or(full)
+                    .to_string()
+            })
+            .collect())
+    }
+
+    /// Deletes every object below `relative`.
+    pub async fn delete_all(&self, relative: &str) -> Result<(), RemoteError> {
+        for object in self.list(relative).await? {
+            self.delete(&object).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The cause of a store error in a few words where it is a common one.
+fn describe(error: &str) -> String {
+    if error.contains("NoSuchBucket") {
+        format!("the bucket does not exist ({})", first_line(error))
+    } else if error.contains("InvalidAccessKeyId")
+        || error.contains("SignatureDoesNotMatch")
+        || error.contains("AccessDenied")
+        || error.contains("403")
+    {
+        format!("the credentials were refused ({})", first_line(error))
+    } else {
+        first_line(error)
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or(text)
+        .chars()
+        .take(300)
+        .collect()
+}
+
+/// Runs `work` to completion from synchronous code: on the current tokio
+/// runtime (from a thread that may block), or on a runtime of its own.
+pub fn block_on<T: Send>(work: impl Future<Output = T> + Send) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(work))
+        }
+        Ok(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(|| own_runtime().block_on(work))
+                .join()
+                .expect("the download thread does not panic")
+        }),
+        Err(_) => own_runtime().block_on(work),
+    }
+}
+
+fn own_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Downloads the checkpoint or savepoint at `url` (its directory, or its
+/// `_metadata`) into `into`: `_metadata` and every file it references
+/// (and a `nats` sink's spool files). Returns the local `_metadata`, laid
+/// out so that its relative paths resolve as they did remotely.
+pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointError> {
+    let url = url.trim_end_matches('/').trim_end_matches("/_metadata");
+    let dir = Remote::open(url)?;
+    let local_metadata = into.join("_metadata.download");
+    dir.download("_metadata", &local_metadata).await?;
+    let read = metadata::read(&local_metadata)?;
+    let _ = std::fs::remove_file(&local_metadata);
+    // A checkpoint's paths are relative to its job's directory (the parent
+    // of chk-<n>), a savepoint's to its own directory.
+    let (base, local_base, local_dir) = match read.metadata.kind {
+        SnapshotKind::Savepoint => (dir.clone(), into.to_path_buf(), into.to_path_buf()),
+        _ => {
+            let (parent, name) = url.rsplit_once('/').ok_or_else(|| RemoteError::Location {
+                url: url.to_string(),
+            })?;
+            (Remote::open(parent)?, into.to_path_buf(), into.join(name))
+        }
+    };
+    let mut wanted: Vec<String> = read
+        .metadata
+        .operators
+        .values()
+        .flat_map(|op| &op.subtasks)
+        .flat_map(|s| {
+            s.files
+                .iter()
+                .chain(&s.deltas)
+                .chain(&s.timers)
+                .map(|f| f.path.clone())
+                .chain(
+                    s.pending
+                        .iter()
+                        .filter(|p| p.starts_with("pending/"))
+                        .cloned(),
+                )
+        })
+        .filter(|p| metadata::is_inside(p))
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    futures::stream::iter(wanted)
+        .map(|relative| {
+            let (base, local_base) = (&base, &local_base);
+            async move {
+                let local = local_base.join(&relative);
+                match base.download(&relative, &local).await {
+                    // A spool file is deleted once published.
+                    Err(_) if relative.starts_with("pending/") => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let path = local_dir.join("_metadata");
+    dir.download("_metadata", &path).await?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_into_bucket_and_prefix() {
+        let remote = Remote::open("s3://bucket/a/b/").expect("parses");
+        assert_eq!(remote.url, "s3://bucket/a/b");
+        assert_eq!(
+            remote.object("chk-1/_metadata").as_ref(),
+            "a/b/chk-1/_metadata"
+        );
+        assert_eq!(remote.join("job").url, "s3://bucket/a/b/job");
+        assert!(matches!(
+            Remote::open("s3:///x"),
+            Err(RemoteError::Location { .. })
+        ));
+        assert!(is_remote(Path::new("s3://b/p")));
+        assert!(!is_remote(Path::new("/tmp/s3")));
+    }
+}

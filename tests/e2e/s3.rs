@@ -1,0 +1,263 @@
+//! Checkpoints on object storage against a real S3 endpoint (SeaweedFS,
+//! `weir_tests::s3`): the helpers the other tests use (a bucket, the
+//! newest checkpoint under a prefix) and the start's checks of a bad
+//! bucket or bad credentials.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::support::{JobDir, toml_path};
+use weir_tests::plugins::WORDCOUNT_COUNT;
+use weir_tests::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+
+/// The bucket the tests use (created on first use).
+pub const BUCKET: &str = "weir-tests";
+
+fn store(server: &S3Server, bucket: &str) -> impl ObjectStore {
+    AmazonS3Builder::new()
+        .with_endpoint(&server.endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key(SECRET_KEY)
+        .with_bucket_name(bucket)
+        .build()
+        .expect("an S3 client")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The S3 server with [`BUCKET`] in it; None when the server cannot be had
+/// outside CI.
+pub fn server() -> Option<&'static S3Server> {
+    let server = weir_tests::s3::server()?;
+    // The gateway listens before its filer is ready: the first put retries.
+    let store = store(server, BUCKET);
+    let since = Instant::now();
+    runtime().block_on(async {
+        loop {
+            match store
+                .put(
+                    &ObjectPath::from(".weir-tests"),
+                    PutPayload::from_static(b"ok"),
+                )
+                .await
+            {
+                Ok(_) => break,
+                Err(error) => {
+                    assert!(
+                        since.elapsed() < Duration::from_secs(60),
+                        "the S3 server does not take a put: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    Some(server)
+}
+
+/// The newest completed checkpoint under `s3://BUCKET/<prefix>` (as an
+/// `s3://` location of its directory), by completion time.
+pub fn newest_checkpoint(server: &S3Server, prefix: &str) -> Option<String> {
+    let store = store(server, BUCKET);
+    runtime().block_on(async {
+        let objects: Vec<_> = store
+            .list(Some(&ObjectPath::from(prefix)))
+            .try_collect()
+            .await
+            .expect("listing the checkpoints");
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let mut found = Vec::new();
+        for object in objects {
+            let path = object.location.to_string();
+            if !path.ends_with("/_metadata") {
+                continue;
+            }
+            let bytes = store
+                .get(&object.location)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes");
+            let local = scratch.path().join("_metadata");
+            std::fs::write(&local, &bytes).expect("write");
+            let read = weir::checkpoint::metadata::read(&local).expect("a checkpoint's metadata");
+            let dir = path.trim_end_matches("/_metadata").to_string();
+            found.push((read.metadata.completed_ms, read.metadata.checkpoint, dir));
+        }
+        found.sort();
+        found
+            .pop()
+            .map(|(_, _, dir)| format!("s3://{BUCKET}/{dir}"))
+    })
+}
+
+/// Every object key under `s3://BUCKET/<prefix>`.
+pub fn objects(server: &S3Server, prefix: &str) -> Vec<String> {
+    let store = store(server, BUCKET);
+    runtime().block_on(async {
+        let listed: Vec<_> = store
+            .list(Some(&ObjectPath::from(prefix)))
+            .try_collect()
+            .await
+            .expect("listing");
+        listed.into_iter().map(|o| o.location.to_string()).collect()
+    })
+}
+
+/// A unique prefix for one test's objects.
+pub fn prefix(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        weir::runner::new_job_id()
+    )
+}
+
+fn run_with_env(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("the weir binary runs")
+}
+
+/// A generator → count → file job checkpointing to `dir`.
+fn count_job(dir: &str) -> String {
+    format!(
+        r#"
+name = "s3-count"
+max_parallelism = 32
+
+[checkpoint]
+interval = "100ms"
+dir = "{dir}"
+retained = 2
+
+[[source]]
+uid = "words"
+kind = "generator"
+count = 3000
+rate = 3000
+keys = 50
+
+[[operator]]
+uid = "count"
+plugin = {plugin}
+inputs = [{{ from = "words", partition = "key" }}]
+parallelism = 2
+
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out"
+inputs = ["count"]
+"#,
+        plugin = toml_path(WORDCOUNT_COUNT),
+    )
+}
+
+#[test]
+fn checkpoints_on_s3_are_mirrored_retained_and_restore_a_job() {
+    let Some(server) = server() else { return };
+    let job = JobDir::new();
+    let prefix = prefix("mirror");
+    job.job(&count_job(&format!("s3://{BUCKET}/{prefix}")));
+    let env = server.env();
+    let run = run_with_env(job.path(), &["run", "job.toml", "-q"], &env);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stored = objects(server, &prefix);
+    let metadata: Vec<&String> = stored
+        .iter()
+        .filter(|o| o.ends_with("/_metadata"))
+        .collect();
+    assert_eq!(metadata.len(), 2, "retained = 2 on S3: {stored:?}");
+    assert!(
+        stored.iter().any(|o| o.contains("/shared/")),
+        "shared state files on S3: {stored:?}"
+    );
+    let staging: PathBuf = job.path().join("weir-data/state/checkpoint-staging");
+    assert!(
+        !staging.read_dir().is_ok_and(|mut d| d.next().is_some()),
+        "the local staging is removed at the end"
+    );
+    // The finished job's newest checkpoint restores from S3 and commits
+    // nothing twice.
+    let before = weir_tests::read_parts(&job.path().join("out"));
+    let newest = newest_checkpoint(server, &prefix).expect("a checkpoint on S3");
+    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &newest], &env);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(weir_tests::read_parts(&job.path().join("out")), before);
+    let mut expected = std::collections::BTreeMap::new();
+    crate::checkpoints::generator_counts(3000, 50, 0, &mut expected);
+    weir_tests::check_exact_updates(&before, &expected).expect("every update once");
+}
+
+#[test]
+fn a_missing_bucket_or_refused_credentials_fail_the_start() {
+    let Some(server) = server() else { return };
+    let cases = [
+        (
+            format!("s3://no-such-bucket-{}/x", std::process::id()),
+            server.env(),
+            "the bucket does not exist",
+        ),
+        (
+            format!("s3://{BUCKET}/x"),
+            server
+                .env()
+                .into_iter()
+                .map(|(k, v)| {
+                    if k == "AWS_SECRET_ACCESS_KEY" {
+                        (k, "wrong".to_string())
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+            "the credentials were refused",
+        ),
+    ];
+    for (dir, env, wanted) in cases {
+        let job = JobDir::new();
+        job.job(&count_job(&dir));
+        let run = run_with_env(job.path(), &["run", "job.toml", "-q"], &env);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{dir}: the start fails");
+        assert!(
+            stderr.contains(&format!("[checkpoint] dir {dir}")) && stderr.contains(wanted),
+            "{dir}: `{wanted}` in {stderr}"
+        );
+        assert!(!stderr.contains("started"), "{stderr}");
+        assert!(
+            !job.path().join("out").exists(),
+            "nothing written: {stderr}"
+        );
+    }
+}
