@@ -292,6 +292,16 @@ pub fn prepare_as(
     })
 }
 
+/// Where savepoints for object storage are written before they are
+/// uploaded (removed when the run ends).
+fn savepoint_staging(job: &PreparedJob) -> PathBuf {
+    job.graph
+        .state
+        .dir
+        .join("savepoint-staging")
+        .join(&job.job_id)
+}
+
 /// Where a restore point on object storage is downloaded to.
 fn downloads_dir(graph: &JobGraph, job_id: &str) -> PathBuf {
     graph.state.dir.join("downloads").join(job_id)
@@ -777,6 +787,7 @@ pub fn launch_with_native(
             .map_or(1, |r| r.metadata.checkpoint + 1),
         commit_hold: job.commit_hold.clone(),
         savepoint_job_id: job.savepoint_job_id.clone(),
+        savepoint_staging: savepoint_staging(job),
     };
     let launched = runtime::launch(&job.graph, &job.job_id, &factory, coordinator);
     job.restore_progress.finish();
@@ -912,10 +923,11 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
     let staging =
         checkpoint_remote(&job.graph).map(|_| checkpoint_root(&job.graph).join(&job.job_id));
     let downloads = downloads_dir(&job.graph, &job.job_id);
+    let savepoints = savepoint_staging(job);
     let remove = move || {
         // Durable copies are remote: the local staging of checkpoints and
-        // a downloaded restore point go.
-        for local in staging.iter().chain([&downloads]) {
+        // savepoints and a downloaded restore point go.
+        for local in staging.iter().chain([&downloads, &savepoints]) {
             if local.exists() {
                 let _ = std::fs::remove_dir_all(local);
             }

@@ -142,6 +142,11 @@ fn run_with_env(
 
 /// A generator → count → file job checkpointing to `dir`.
 fn count_job(dir: &str) -> String {
+    count_job_at(dir, 3000)
+}
+
+/// [`count_job`] with the generator at `rate` records per second.
+fn count_job_at(dir: &str, rate: u32) -> String {
     format!(
         r#"
 name = "s3-count"
@@ -156,7 +161,7 @@ retained = 2
 uid = "words"
 kind = "generator"
 count = 3000
-rate = 3000
+rate = {rate}
 keys = 50
 
 [[operator]]
@@ -260,4 +265,111 @@ fn a_missing_bucket_or_refused_credentials_fail_the_start() {
             "nothing written: {stderr}"
         );
     }
+}
+
+/// Runs the job in `dir` for `for_ms`, then stops it with a savepoint in
+/// `target` (SIGTERM); returns the savepoint's location as printed.
+fn stop_with_savepoint(
+    dir: &std::path::Path,
+    target: &str,
+    for_ms: u64,
+    env: &[(&str, String)],
+) -> String {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "job.toml", "-q", "--savepoint-dir", target])
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    std::thread::sleep(Duration::from_millis(for_ms));
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let output = child.wait_with_output().expect("reaped");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stop with a savepoint: {stderr}");
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        !printed.is_empty(),
+        "the savepoint's location is printed: {stderr}"
+    );
+    printed
+}
+
+#[test]
+fn savepoints_move_between_s3_and_the_local_disk() {
+    let Some(server) = server() else { return };
+    let env = server.env();
+    let mut expected = std::collections::BTreeMap::new();
+    crate::checkpoints::generator_counts(3000, 50, 0, &mut expected);
+
+    // Local checkpoints, a savepoint on S3, restored into a local run.
+    let job = JobDir::new();
+    let prefix = prefix("savepoints");
+    job.job(&count_job_at("checkpoints", 1000));
+    let on_s3 = stop_with_savepoint(job.path(), &format!("s3://{BUCKET}/{prefix}"), 1200, &env);
+    assert!(
+        on_s3.starts_with(&format!("s3://{BUCKET}/{prefix}/savepoint-")),
+        "{on_s3}"
+    );
+    let inspect = run_with_env(
+        job.path(),
+        &["savepoint", "inspect", &on_s3, "--json"],
+        &env,
+    );
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("JSON");
+    assert_eq!(shown["kind"], "savepoint", "{shown}");
+    assert_eq!(shown["path"], on_s3.as_str(), "{shown}");
+    job.job(&count_job_at("checkpoints", 100_000));
+    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &on_s3], &env);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    weir_tests::check_exact_updates(&weir_tests::read_parts(&job.path().join("out")), &expected)
+        .expect("every update once, across S3 → local");
+    let disposed = run_with_env(job.path(), &["savepoint", "--dispose", &on_s3], &env);
+    assert!(
+        disposed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&disposed.stderr)
+    );
+    let savepoint_key = on_s3.trim_start_matches(&format!("s3://{BUCKET}/"));
+    assert!(
+        objects(server, savepoint_key).is_empty(),
+        "disposed of on S3"
+    );
+
+    // A local savepoint restored into a run checkpointing to S3.
+    let job = JobDir::new();
+    job.job(&count_job_at("checkpoints", 1000));
+    let local = stop_with_savepoint(job.path(), "savepoints", 1200, &env);
+    job.job(&count_job_at(
+        &format!("s3://{BUCKET}/{prefix}/checkpoints"),
+        100_000,
+    ));
+    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &local], &env);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    weir_tests::check_exact_updates(&weir_tests::read_parts(&job.path().join("out")), &expected)
+        .expect("every update once, across local → S3");
+    assert!(
+        objects(server, &format!("{prefix}/checkpoints"))
+            .iter()
+            .any(|o| o.ends_with("/_metadata")),
+        "the resumed run checkpointed to S3"
+    );
 }

@@ -141,12 +141,17 @@ impl JobCheckpoints {
         self
     }
 
-    /// Where the job's checkpoints are, for messages: the remote location
-    /// or the local directory.
-    pub fn location(&self) -> String {
+    /// Where a completed checkpoint of this job is, for messages: its
+    /// `_metadata` on the remote, or locally.
+    pub fn shown(&self, read: &ReadMetadata) -> String {
         match &self.remote {
-            Some(remote) => remote.url.clone(),
-            None => self.job_dir.display().to_string(),
+            Some(remote) => format!(
+                "{}/{}/{}",
+                remote.url,
+                super::checkpoint_dir_name(CheckpointId(read.metadata.checkpoint)),
+                metadata::METADATA_FILE
+            ),
+            None => read.path.display().to_string(),
         }
     }
 
@@ -403,6 +408,9 @@ fn requeue_follow_up(
 
 struct PendingSavepoint {
     dir: PathBuf,
+    /// A savepoint for object storage: `dir` is its local staging copy,
+    /// uploaded here once complete.
+    remote: Option<super::remote::Remote>,
     stop: bool,
     reply: oneshot::Sender<Result<PathBuf, String>>,
     /// Tells each stopping source whether the savepoint completed.
@@ -432,6 +440,9 @@ pub struct Coordinator {
     /// (`savepoint-<first 6>-…`), when it is not the template's: the
     /// running host names them after the job, not the run.
     pub savepoint_job_id: Option<String>,
+    /// Where savepoints for object storage are staged before they are
+    /// uploaded.
+    pub savepoint_staging: PathBuf,
 }
 
 impl Coordinator {
@@ -694,8 +705,23 @@ impl Coordinator {
         triggers: &[mpsc::UnboundedSender<Trigger>],
         sources_finished: &mut bool,
     ) -> Option<Pending> {
+        let remote = if super::remote::is_remote(&request.target) {
+            match super::remote::Remote::open(&request.target.to_string_lossy()) {
+                Ok(remote) => Some(remote),
+                Err(error) => {
+                    let _ = request.reply.send(Err(error.to_string()));
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let local_target = match &remote {
+            Some(_) => &self.savepoint_staging,
+            None => &request.target,
+        };
         let dir = match super::savepoint::create_dir(
-            &request.target,
+            local_target,
             self.savepoint_job_id
                 .as_deref()
                 .unwrap_or(&self.template.job_id),
@@ -706,6 +732,14 @@ impl Coordinator {
                 return None;
             }
         };
+        // Remotely: `<target>/<the directory's name>`.
+        let remote = remote.map(|r| {
+            r.join(
+                &dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )
+        });
         self.savepoints.insert(id, dir.clone(), request.native);
         self.savepoints.progress.start();
         info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
@@ -731,6 +765,7 @@ impl Coordinator {
             acks: HashMap::new(),
             savepoint: Some(PendingSavepoint {
                 dir,
+                remote,
                 stop: request.stop.is_some(),
                 reply: request.reply,
                 outcomes,
@@ -853,12 +888,21 @@ impl Coordinator {
     ) -> Result<(u64, Option<PathBuf>), String> {
         metadata.kind = SnapshotKind::Savepoint;
         let dir = savepoint.dir.clone();
+        let remote = savepoint.remote.clone();
         let written = tokio::task::spawn_blocking(move || {
-            metadata::write(&dir, &metadata).map(|path| ReadMetadata {
+            let read = metadata::write(&dir, &metadata).map(|path| ReadMetadata {
                 path,
-                base: dir,
+                base: dir.clone(),
                 metadata,
-            })
+            })?;
+            if let Some(remote) = &remote
+                && let Err(error) = super::remote::block_on(upload_savepoint(remote, &dir))
+            {
+                // Not complete anywhere: the local copy goes too.
+                let _ = std::fs::remove_file(&read.path);
+                return Err(error.into());
+            }
+            Ok::<_, CheckpointError>(read)
         })
         .await
         .map_err(|e| format!("writing _metadata: {e}"))
@@ -892,9 +936,50 @@ impl Coordinator {
         for outcome in savepoint.outcomes {
             let _ = outcome.send(true);
         }
-        let _ = savepoint.reply.send(Ok(savepoint.dir.clone()));
-        Ok((pending.id.0, savepoint.stop.then_some(savepoint.dir)))
+        // Where it is for the user: the remote location, if any (the local
+        // staging copy stays the restore point of this run).
+        let location = match &savepoint.remote {
+            Some(remote) => PathBuf::from(&remote.url),
+            None => savepoint.dir.clone(),
+        };
+        let _ = savepoint.reply.send(Ok(location.clone()));
+        Ok((pending.id.0, savepoint.stop.then_some(location)))
     }
+}
+
+/// Uploads a completed savepoint directory: every file, then `_metadata`
+/// with a put that never overwrites.
+async fn upload_savepoint(
+    remote: &super::remote::Remote,
+    dir: &std::path::Path,
+) -> Result<(), super::remote::RemoteError> {
+    fn walk(
+        dir: &std::path::Path,
+        prefix: &str,
+        into: &mut Vec<(PathBuf, String)>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if entry.file_type()?.is_dir() {
+                walk(&entry.path(), &format!("{name}/"), into)?;
+            } else if name != metadata::METADATA_FILE {
+                into.push((entry.path(), name));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, "", &mut files).map_err(|cause| super::remote::RemoteError::Local {
+        path: dir.to_path_buf(),
+        cause,
+    })?;
+    remote.upload_all(files).await?;
+    let path = dir.join(metadata::METADATA_FILE);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|cause| super::remote::RemoteError::Local { path, cause })?;
+    remote.put_new(metadata::METADATA_FILE, bytes).await
 }
 
 /// Resolves when a commit hold ends: `true` once it reads `false` (commit
@@ -1008,6 +1093,7 @@ mod tests {
             first_id: 1,
             commit_hold,
             savepoint_job_id: None,
+            savepoint_staging: dir.join("savepoint-staging"),
         };
         let wiring = CoordinatorWiring {
             triggers: vec![trigger],

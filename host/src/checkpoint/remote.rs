@@ -115,7 +115,7 @@ impl Remote {
     fn store_error(&self, error: impl std::fmt::Display) -> RemoteError {
         RemoteError::Store {
             url: self.url.clone(),
-            cause: describe(&error.to_string()),
+            cause: first_line(&error.to_string()),
         }
     }
 
@@ -124,7 +124,20 @@ impl Remote {
         let mut listing = self.store.list(Some(&self.prefix));
         match listing.next().await {
             None | Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(self.store_error(e)),
+            Some(Err(e)) => {
+                let text = e.to_string();
+                let cause = if text.contains("NoSuchBucket") || text.contains("404 Not Found") {
+                    "the bucket does not exist (HTTP 404 when listing it)".to_string()
+                } else if text.contains("403 Forbidden") {
+                    "the credentials were refused (HTTP 403 when listing the bucket)".to_string()
+                } else {
+                    first_line(&text)
+                };
+                Err(RemoteError::Store {
+                    url: self.url.clone(),
+                    cause,
+                })
+            }
         }
     }
 
@@ -232,21 +245,6 @@ impl Remote {
     }
 }
 
-/// The cause of a store error in a few words where it is a common one.
-fn describe(error: &str) -> String {
-    if error.contains("NoSuchBucket") {
-        format!("the bucket does not exist ({})", first_line(error))
-    } else if error.contains("InvalidAccessKeyId")
-        || error.contains("SignatureDoesNotMatch")
-        || error.contains("AccessDenied")
-        || error.contains("403")
-    {
-        format!("the credentials were refused ({})", first_line(error))
-    } else {
-        first_line(error)
-    }
-}
-
 fn first_line(text: &str) -> String {
     text.lines()
         .next()
@@ -342,6 +340,39 @@ pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointE
     let path = local_dir.join("_metadata");
     dir.download("_metadata", &path).await?;
     Ok(path)
+}
+
+/// Reads the `_metadata` of the checkpoint or savepoint at `url` (its
+/// directory or `_metadata`), through a copy in `scratch`.
+pub async fn read_metadata(
+    url: &str,
+    scratch: &Path,
+) -> Result<(Remote, metadata::ReadMetadata), super::CheckpointError> {
+    let url = url.trim_end_matches('/').trim_end_matches("/_metadata");
+    let dir = Remote::open(url)?;
+    let local = scratch.join(metadata::METADATA_FILE);
+    dir.download(metadata::METADATA_FILE, &local).await?;
+    Ok((dir, metadata::read(&local)?))
+}
+
+/// Deletes the savepoint at `url` after checking it is one: its files,
+/// then `_metadata`. Returns its location.
+pub async fn dispose(url: &str, scratch: &Path) -> Result<String, super::CheckpointError> {
+    let (dir, read) = read_metadata(url, scratch).await?;
+    if read.metadata.kind != SnapshotKind::Savepoint {
+        return Err(super::CheckpointError::Corrupt {
+            path: PathBuf::from(&dir.url),
+            message: "this is a checkpoint, not a savepoint; the host retires checkpoints itself"
+                .to_string(),
+        });
+    }
+    for file in read.metadata.files() {
+        if metadata::is_inside(&file.path) {
+            dir.delete(&file.path).await?;
+        }
+    }
+    dir.delete(metadata::METADATA_FILE).await?;
+    Ok(dir.url)
 }
 
 #[cfg(test)]

@@ -436,6 +436,19 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
             })?;
             eprintln!("  checkpoints deleted ([checkpoint] on_cancel = \"delete\")");
         }
+        if let Some(url) = runner::checkpoint_remote(&job.graph) {
+            let remote = crate::checkpoint::remote::Remote::open(&url)?.join(&job.job_id);
+            crate::checkpoint::remote::block_on(remote.delete_all("")).with_context(|| {
+                format!(
+                    "[checkpoint] on_cancel = \"delete\": cannot delete {}",
+                    remote.url
+                )
+            })?;
+            eprintln!(
+                "  checkpoints deleted from {} ([checkpoint] on_cancel = \"delete\")",
+                remote.url
+            );
+        }
     }
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
     if let Some(path) = &outcome.savepoint {

@@ -163,7 +163,7 @@ pub fn print_summary(
         let failed = checkpoints.metrics.failed.load(Ordering::Relaxed);
         let latest = checkpoints
             .latest()
-            .map(|read| format!(", latest {}", read.path.display()))
+            .map(|read| format!(", latest {}", checkpoints.shown(&read)))
             .unwrap_or_default();
         eprintln!("  checkpoints: {completed} completed, {failed} aborted{latest}");
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::checkpoint::{metadata, savepoint};
+use crate::checkpoint::{metadata, remote, savepoint};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -43,6 +43,12 @@ pub enum SavepointCommand {
 pub fn execute(args: &SavepointArgs) -> Result<()> {
     match (&args.command, &args.dispose, &args.job_id) {
         (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
+        (None, Some(path), None) if remote::is_remote(path) => {
+            let scratch = tempfile_dir()?;
+            let url = remote::block_on(remote::dispose(&path.to_string_lossy(), scratch.path()))?;
+            eprintln!("disposed of the savepoint {url}");
+            Ok(())
+        }
         (None, Some(path), None) => {
             let dir = savepoint::dispose(path)?;
             eprintln!("disposed of the savepoint {}", dir.display());
@@ -56,9 +62,47 @@ pub fn execute(args: &SavepointArgs) -> Result<()> {
     }
 }
 
+/// A scratch directory for a remote `_metadata`, removed when dropped.
+fn tempfile_dir() -> Result<ScratchDir> {
+    let dir = std::env::temp_dir().join(format!(
+        "weir-savepoint-{}-{}",
+        std::process::id(),
+        crate::checkpoint::storage::random_u64()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(ScratchDir(dir))
+}
+
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn inspect(path: &Path, json: bool) -> Result<()> {
-    let read = metadata::read(path)?;
-    let inspection = savepoint::inspect(&read);
+    let scratch;
+    let (read, shown) = if remote::is_remote(path) {
+        scratch = tempfile_dir()?;
+        let (dir, read) = remote::block_on(remote::read_metadata(
+            &path.to_string_lossy(),
+            scratch.path(),
+        ))?;
+        (read, PathBuf::from(dir.url))
+    } else {
+        let read = metadata::read(path)?;
+        let shown = read.base.clone();
+        (read, shown)
+    };
+    let mut inspection = savepoint::inspect(&read);
+    inspection.path = shown;
     if json {
         println!("{}", serde_json::to_string_pretty(&inspection)?);
         return Ok(());
