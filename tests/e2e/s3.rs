@@ -4,30 +4,21 @@
 //! bucket or bad credentials.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::support::{JobDir, toml_path};
 use weir_tests::plugins::WORDCOUNT_COUNT;
-use weir_tests::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+use weir_tests::s3::S3Server;
 
 /// The bucket the tests use (created on first use).
 pub const BUCKET: &str = "weir-tests";
 
 fn store(server: &S3Server, bucket: &str) -> impl ObjectStore {
-    AmazonS3Builder::new()
-        .with_endpoint(&server.endpoint)
-        .with_allow_http(true)
-        .with_region("us-east-1")
-        .with_access_key_id(ACCESS_KEY)
-        .with_secret_access_key(SECRET_KEY)
-        .with_bucket_name(bucket)
-        .build()
-        .expect("an S3 client")
+    server.client(bucket)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -41,29 +32,8 @@ fn runtime() -> tokio::runtime::Runtime {
 /// outside CI.
 pub fn server() -> Option<&'static S3Server> {
     let server = weir_tests::s3::server()?;
-    // The gateway listens before its filer is ready: the first put retries.
-    let store = store(server, BUCKET);
-    let since = Instant::now();
-    runtime().block_on(async {
-        loop {
-            match store
-                .put(
-                    &ObjectPath::from(".weir-tests"),
-                    PutPayload::from_static(b"ok"),
-                )
-                .await
-            {
-                Ok(_) => break,
-                Err(error) => {
-                    assert!(
-                        since.elapsed() < Duration::from_secs(60),
-                        "the S3 server does not take a put: {error}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
+    static BUCKET_MADE: std::sync::Once = std::sync::Once::new();
+    BUCKET_MADE.call_once(|| server.bucket(BUCKET));
     Some(server)
 }
 

@@ -33,6 +33,48 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// A client of `bucket` with the test identity.
+    pub fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_bucket_name(bucket)
+            .build()
+            .expect("an S3 client")
+    }
+
+    /// Makes sure `bucket` exists: the first put creates it (the gateway
+    /// listens before its filer is ready, so it retries for a while).
+    pub fn bucket(&self, bucket: &str) {
+        use object_store::ObjectStoreExt;
+        let store = self.client(bucket);
+        let since = std::time::Instant::now();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            loop {
+                let marker = object_store::path::Path::from(".weir-tests");
+                match store.put(&marker, b"ok".to_vec().into()).await {
+                    Ok(_) => break,
+                    Err(error) => {
+                        assert!(
+                            since.elapsed() < Duration::from_secs(60),
+                            "the S3 server does not take a put: {error}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// The server, started on first use; None (after a loud message) when it
 /// cannot be installed outside CI.
 pub fn server() -> Option<&'static S3Server> {

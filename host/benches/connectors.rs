@@ -1,0 +1,228 @@
+//! Real streams and shared storage, printed as tables (run:
+//! `cargo bench -p weir --bench connectors`; it installs and starts
+//! nats-server and SeaweedFS on loopback as the tests do).
+//!
+//! 1. `nats`: the word count's `count` component (RocksDB state,
+//!    exactly-once checkpoints every second, parallelism 2) over
+//!    `WEIR_BENCH_RECORDS` words (default 1M) of 100k distinct ones:
+//!    JetStream in (6 partitions, keyed by a subject token) → count →
+//!    JetStream out (exactly-once), against the same words from a file
+//!    into the file sink. Whole runs, start to end; alternating,
+//!    `WEIR_BENCH_REPEATS` times each (default 3), medians.
+//! 2. `s3`: checkpoints of a count over `WEIR_BENCH_KEYS` keys (default
+//!    1M): every checkpoint of the run on the local disk against the same
+//!    job with `[checkpoint] dir` on S3 (SeaweedFS on loopback): the first
+//!    (a full base) and the median of the rest, end to end (trigger to
+//!    `_metadata` on S3).
+//!
+//! Pass words to run only some (`cargo bench -p weir --bench connectors -- s3`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use weir::connectors::generator::{word, word_index};
+use weir::job::JobGraph;
+use weir::plugin::PluginEngine;
+use weir::runner;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Runs a job file to its end; returns the prepared job (for its
+/// checkpoint records) and the wall time.
+fn run(engine: &PluginEngine, path: &Path) -> (runner::PreparedJob, Duration) {
+    let graph = JobGraph::load(path).expect("a valid job");
+    let job = runner::prepare(engine, graph).expect("prepared");
+    let started = Instant::now();
+    runtime()
+        .block_on(runner::run(&job, &mut |_| {}))
+        .expect("the job runs");
+    (job, started.elapsed())
+}
+
+const COUNT_JOB_TAIL: &str = r#"
+[[operator]]
+uid = "count"
+plugin = "{count}"
+inputs = [{ from = "in", partition = "key" }]
+parallelism = 2
+"#;
+
+fn nats(engine: &PluginEngine, records: u64, repeats: u64) {
+    let Some(server) = weir_tests::nats::server() else {
+        panic!("nats-server is needed for this benchmark");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let words: Vec<String> = (0..records)
+        .map(|i| word(word_index(i, 100_000, 9)))
+        .collect();
+    std::fs::write(dir.path().join("words.txt"), words.join("\n") + "\n").expect("input");
+    let url = &server.url;
+    runtime().block_on(async {
+        let js = jetstream::new(async_nats::connect(url).await.expect("connects"));
+        for (name, subjects) in [("bench-in", "bench.in.>"), ("bench-out", "bench.out")] {
+            let _ = js.delete_stream(name).await;
+            js.create_stream(jetstream::stream::Config {
+                name: name.into(),
+                subjects: vec![subjects.into()],
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .expect("a stream");
+        }
+        let mut acks = Vec::new();
+        for (i, w) in words.iter().enumerate() {
+            let subject = format!("bench.in.{}.{w}", i % 6);
+            acks.push(
+                js.publish(subject, w.clone().into())
+                    .await
+                    .expect("publish"),
+            );
+            if acks.len() >= 4096 {
+                for ack in acks.drain(..) {
+                    ack.await.expect("acknowledged");
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.expect("acknowledged");
+        }
+    });
+    let count = weir_tests::plugins::WORDCOUNT_COUNT;
+    let tail = COUNT_JOB_TAIL.replace("{count}", count);
+    let head = |name: &str| {
+        format!(
+            "name = \"{name}\"\nmax_parallelism = 128\n[checkpoint]\ninterval = \"1s\"\ndir = \"checkpoints\"\n[state]\nbackend = \"rocksdb\"\n"
+        )
+    };
+    let nats_job = format!(
+        "{}[[source]]\nuid = \"in\"\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"bench-in\"\nsubject = \"bench.in\"\npartitions = 6\nparallelism = 2\nkey_token = 3\nbounded = true\n{tail}[[sink]]\nuid = \"out\"\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"bench-out\"\nsubject = \"bench.out\"\ninputs = [\"count\"]\n",
+        head("nats")
+    );
+    let file_job = format!(
+        "{}[[source]]\nuid = \"in\"\nkind = \"file\"\npath = \"words.txt\"\nformat = {{ key = 0 }}\n{tail}[[sink]]\nuid = \"out\"\nkind = \"file\"\npath = \"out\"\ninputs = [\"count\"]\n",
+        head("files")
+    );
+    let nats_path = dir.path().join("nats.toml");
+    let file_path = dir.path().join("files.toml");
+    std::fs::write(&nats_path, nats_job).expect("job");
+    std::fs::write(&file_path, file_job).expect("job");
+    let (mut on_nats, mut on_files) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (_, took) = run(engine, &nats_path);
+        on_nats.push(records as f64 / took.as_secs_f64());
+        let (_, took) = run(engine, &file_path);
+        on_files.push(records as f64 / took.as_secs_f64());
+        let _ = std::fs::remove_dir_all(dir.path().join("out"));
+    }
+    let (n, f) = (median(on_nats), median(on_files));
+    println!(
+        "\nword count, {records} words, 100k keys, p=2, exactly-once checkpoints every 1 s ({repeats} runs each, medians)"
+    );
+    println!("| in → count → out | records/s | vs files |");
+    println!("|---|---:|---:|");
+    println!("| JetStream → count → JetStream | {n:.0} | {:.2}× |", n / f);
+    println!("| file → count → file | {f:.0} | 1.00× |");
+}
+
+fn s3(engine: &PluginEngine, keys: u64) {
+    let Some(server) = weir_tests::s3::server() else {
+        panic!("SeaweedFS is needed for this benchmark");
+    };
+    server.bucket("weir-bench");
+    for (name, value) in server.env() {
+        // SAFETY: set before this benchmark starts any job thread.
+        unsafe { std::env::set_var(name, value) };
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let count = weir_tests::plugins::WORDCOUNT_COUNT;
+    let job = |checkpoints: &str| {
+        format!(
+            "name = \"ckpt\"\nmax_parallelism = 128\n[checkpoint]\ninterval = \"2s\"\ndir = \"{checkpoints}\"\nretained = 2\n[state]\nbackend = \"rocksdb\"\n[[source]]\nuid = \"in\"\nkind = \"generator\"\ncount = {}\nkeys = {keys}\nrate = {}\n{}[[sink]]\nuid = \"out\"\nkind = \"blackhole\"\ninputs = [\"count\"]\n",
+            keys * 3,
+            keys * 3 / 8,
+            COUNT_JOB_TAIL.replace("{count}", count)
+        )
+    };
+    println!(
+        "\ncheckpoints of a count over {keys} keys (RocksDB, p=2, one every 2 s over ~8 s of input)"
+    );
+    println!(
+        "| checkpoint dir | first (base) | median of the rest | checkpoints | bytes referenced (last) |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (label, location) in [
+        ("local disk", "checkpoints".to_string()),
+        (
+            "S3 (SeaweedFS, loopback)",
+            format!("s3://weir-bench/{}", runner::new_job_id()),
+        ),
+    ] {
+        let path = dir.path().join("ckpt.toml");
+        std::fs::write(&path, job(&location)).expect("job");
+        let (prepared, _) = run(engine, &path);
+        let records = prepared
+            .checkpoints
+            .as_ref()
+            .expect("checkpointing is on")
+            .metrics
+            .recent();
+        let first = records
+            .first()
+            .map_or(0.0, |r| r.duration.as_secs_f64() * 1e3);
+        let rest: Vec<f64> = records
+            .iter()
+            .skip(1)
+            .map(|r| r.duration.as_secs_f64() * 1e3)
+            .collect();
+        let rest = if rest.is_empty() { 0.0 } else { median(rest) };
+        let bytes = records.last().map_or(0, |r| r.bytes);
+        println!(
+            "| {label} | {first:.0} ms | {rest:.0} ms | {} | {} |",
+            records.len(),
+            weir::human::bytes(bytes)
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let engine = PluginEngine::new(Some(weir_tests::compile_cache())).expect("engine");
+    if wanted("nats") {
+        nats(
+            &engine,
+            env_or("WEIR_BENCH_RECORDS", 1_000_000),
+            env_or("WEIR_BENCH_REPEATS", 3),
+        );
+    }
+    if wanted("s3") {
+        s3(&engine, env_or("WEIR_BENCH_KEYS", 1_000_000));
+    }
+}
