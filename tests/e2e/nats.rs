@@ -342,6 +342,25 @@ fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() 
         6,
         "every partition's position: {positions:?}"
     );
+    let inspect = weir(
+        &[
+            "savepoint",
+            "inspect",
+            &savepoint.to_string_lossy(),
+            "--json",
+        ],
+        job.path(),
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("JSON");
+    let lines = shown["operators"]
+        .as_array()
+        .and_then(|ops| ops.iter().find(|op| op["uid"] == "lines"))
+        .unwrap_or_else(|| panic!("the source in {shown}"));
+    assert_eq!(
+        lines["partitions"].as_object().map(|p| p.len()),
+        Some(6),
+        "inspect shows each partition's position: {lines}"
+    );
     let published = output(&url, name).len();
     assert!(
         published > 0 && published < expected.values().sum::<u64>() as usize,

@@ -206,6 +206,9 @@ pub struct OperatorInspection {
     /// A source's position per subtask (byte offset or sequence number).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub positions: Vec<u64>,
+    /// A partitioned source's position: partition → last sequence emitted.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub partitions: std::collections::BTreeMap<u32, u64>,
     /// Event-time and processing-time timers stored, in bytes.
     pub timer_bytes: u64,
     pub bytes: u64,
@@ -264,6 +267,11 @@ pub fn inspect(read: &ReadMetadata) -> Inspection {
                 plugin: op.plugin.clone(),
                 states,
                 positions: op.subtasks.iter().filter_map(|s| s.position).collect(),
+                partitions: op
+                    .subtasks
+                    .iter()
+                    .flat_map(|s| s.partitions.iter().map(|(&p, &seq)| (p, seq)))
+                    .collect(),
                 timer_bytes: op
                     .subtasks
                     .iter()

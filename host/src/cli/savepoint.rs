@@ -151,6 +151,14 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             let positions: Vec<String> = op.positions.iter().map(u64::to_string).collect();
             println!("  position per subtask  {}", positions.join(", "));
         }
+        if !op.partitions.is_empty() {
+            let partitions: Vec<String> = op
+                .partitions
+                .iter()
+                .map(|(p, seq)| format!("{p}: {seq}"))
+                .collect();
+            println!("  last sequence per partition  {}", partitions.join(", "));
+        }
     }
     Ok(())
 }
