@@ -494,3 +494,92 @@ fn bad_nats_settings_fail_the_start_naming_the_connector() {
         assert!(!stderr.contains("started"), "not started: {stderr}");
     }
 }
+
+#[test]
+fn header_keys_and_the_at_least_once_sink_deliver_every_update() {
+    let Some(url) = server() else { return };
+    let job = JobDir::new();
+    // One word per message, its key in a header; no partition tokens needed
+    // beyond `<subject>.<p>.<n>`.
+    let words: Vec<String> = (0..2000).map(|i| word(word_index(i, 40, 11))).collect();
+    let mut expected = BTreeMap::new();
+    for w in &words {
+        *expected.entry(w.clone()).or_insert(0u64) += 1;
+    }
+    runtime().block_on(async {
+        let js = context(&url).await;
+        fresh_stream(
+            &js,
+            "keys-in",
+            &["keys.in.>".into()],
+            Duration::from_secs(120),
+        )
+        .await;
+        fresh_stream(
+            &js,
+            "keys-out",
+            &["keys.out".into()],
+            Duration::from_secs(120),
+        )
+        .await;
+        let mut acks = Vec::new();
+        for (i, w) in words.iter().enumerate() {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Word", w.as_str());
+            acks.push(
+                js.publish_with_headers(
+                    format!("keys.in.{}.{i}", i % 2),
+                    headers,
+                    w.clone().into(),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("acknowledged");
+        }
+    });
+    job.job(&format!(
+        r#"
+name = "header-keys"
+[checkpoint]
+interval = "200ms"
+dir = "checkpoints"
+
+[[source]]
+uid = "words"
+kind = "nats"
+url = "{url}"
+stream = "keys-in"
+subject = "keys.in"
+partitions = 2
+parallelism = 2
+key_header = "Word"
+bounded = true
+
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "words", partition = "key" }}]
+
+[[sink]]
+uid = "out"
+kind = "nats"
+url = "{url}"
+stream = "keys-out"
+subject = "keys.out"
+delivery = "at-least-once"
+inputs = ["count"]
+"#,
+        count = toml_path(WORDCOUNT_COUNT),
+    ));
+    let run = weir(&["run", "job.toml", "-q"], job.path());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines = runtime().block_on(async { read_stream(&context(&url).await, "keys-out").await });
+    weir_tests::check_exact_updates(&lines, &expected).expect("every update, keyed by the header");
+}
