@@ -176,6 +176,23 @@ fn output(url: &str, name: &str) -> Vec<String> {
     runtime().block_on(async { read_stream(&context(url).await, &format!("{name}-out")).await })
 }
 
+/// The consumers of stream `<name>-in`: (name, messages not yet delivered).
+fn input_consumers(url: &str, name: &str) -> Vec<(String, u64)> {
+    runtime().block_on(async {
+        let js = context(url).await;
+        let stream = js
+            .get_stream(format!("{name}-in"))
+            .await
+            .expect("the input stream");
+        stream
+            .consumers()
+            .filter_map(|info| async move { info.ok() })
+            .map(|info| (info.name, info.num_pending))
+            .collect()
+            .await
+    })
+}
+
 /// `weir run` of the job, resumed from `newest` if there is one.
 fn run_args(job: &Path, newest: Option<String>) -> Vec<String> {
     let mut args = vec![
@@ -270,6 +287,66 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
         restores >= 10,
         "most runs resumed from a checkpoint ({restores})"
     );
+    // Then near the end of the input, unpaced (a source emits what its
+    // consumer delivered at once): each run killed once the consumers
+    // delivered everything (the sources are ending), 0–400 ms later:
+    // before, during or after the final checkpoint and its commit.
+    std::fs::write(
+        &path,
+        count_job(
+            &url,
+            name,
+            2,
+            1_000_000,
+            &format!("s3://{}/{prefix}", crate::s3::BUCKET),
+        ),
+    )
+    .expect("rewrite");
+    for (round, extra) in delays(seed ^ 0xE4D).take(3).enumerate() {
+        let extra = Duration::from_millis(extra.as_millis() as u64 % 400);
+        let before: Vec<String> = input_consumers(&url, name)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(run_args(&path, newest()))
+            .current_dir(job.path())
+            .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+            .envs(s3.env())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("weir starts");
+        let since = std::time::Instant::now();
+        loop {
+            let mine: Vec<u64> = input_consumers(&url, name)
+                .into_iter()
+                .filter(|(n, _)| !before.contains(n))
+                .map(|(_, pending)| pending)
+                .collect();
+            let drained = !mine.is_empty() && mine.iter().all(|&p| p == 0);
+            if drained
+                || child.try_wait().expect("wait").is_some()
+                || since.elapsed() > Duration::from_secs(60)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let drained_after = since.elapsed();
+        std::thread::sleep(extra);
+        let ended_by_itself = child.try_wait().expect("wait").is_some();
+        child.kill().ok(); // SIGKILL
+        eprintln!(
+            "end-phase run {round}: input delivered after {drained_after:?}, killed {extra:?} later (had ended by itself: {ended_by_itself})"
+        );
+        let output = child.wait_with_output().expect("reaped");
+        assert!(
+            !ended_by_itself || output.status.success(),
+            "end-phase run {round} failed on its own: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     let args = run_args(&path, newest());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let finished = weir_with_env(&args, job.path(), &s3.env());
