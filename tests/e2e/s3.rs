@@ -3,7 +3,7 @@
 //! newest checkpoint under a prefix) and the start's checks of a bad
 //! bucket or bad credentials.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -342,4 +342,62 @@ fn savepoints_move_between_s3_and_the_local_disk() {
             .any(|o| o.ends_with("/_metadata")),
         "the resumed run checkpointed to S3"
     );
+
+    // The local savepoint copied to S3 as it is restores from there.
+    let copied = format!("{prefix}/copied");
+    upload_dir(server, &job.path().join(&local), &copied);
+    std::fs::remove_dir_all(job.path().join("out")).expect("clear the output");
+    job.job(&count_job_at("checkpoints", 100_000));
+    let from_s3 = format!("s3://{BUCKET}/{copied}");
+    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &from_s3], &env);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let lines = weir_tests::read_parts(&job.path().join("out"));
+    let mut after = std::collections::BTreeMap::new();
+    for line in &lines {
+        let (word, n) = line.rsplit_once(' ').expect("word count");
+        let n: u64 = n.parse().expect("a count");
+        let newest = after.entry(word.to_string()).or_insert(0);
+        *newest = (*newest).max(n);
+    }
+    assert_eq!(
+        after, expected,
+        "the counts carry on from the copied savepoint"
+    );
+}
+
+/// Uploads every file under `local` to `s3://BUCKET/<prefix>/…`.
+fn upload_dir(server: &S3Server, local: &Path, prefix: &str) {
+    fn walk(dir: &Path, into: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("readable").flatten() {
+            if entry.path().is_dir() {
+                walk(&entry.path(), into);
+            } else {
+                into.push(entry.path());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(local, &mut files);
+    let store = store(server, BUCKET);
+    runtime().block_on(async {
+        for file in files {
+            let relative = file
+                .strip_prefix(local)
+                .expect("below")
+                .to_string_lossy()
+                .into_owned();
+            let bytes = std::fs::read(&file).expect("read");
+            store
+                .put(
+                    &ObjectPath::from(format!("{prefix}/{relative}")),
+                    bytes.into(),
+                )
+                .await
+                .expect("put");
+        }
+    });
 }
