@@ -784,7 +784,11 @@ fn the_watched_directory_adds_good_plugins_and_rejects_bad_ones() {
     let reason = data.join("plugins/rejected/junk.wasm.reason.txt");
     loop {
         let list = host.ok(&["plugin", "list"], dir.path());
-        if list.contains("split@") && reason.exists() {
+        // The rejected file and the reason beside it land one after the other.
+        if list.contains("split@")
+            && reason.exists()
+            && data.join("plugins/rejected/junk.wasm").exists()
+        {
             break;
         }
         assert!(
