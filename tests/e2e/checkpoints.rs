@@ -13,7 +13,7 @@ use weir::connectors::generator::{word, word_index};
 use weir::runner::{self, RunError, RunOptions};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
-use crate::support::{JobDir, engine, toml_path, weir};
+use crate::support::{JobDir, engine, runtime, toml_path, weir};
 
 /// The counts a generator source produces (`count` records, `keys`, `seed`).
 pub(crate) fn generator_counts(count: u64, keys: u64, seed: u64, into: &mut BTreeMap<String, u64>) {
@@ -72,14 +72,6 @@ fn union_expected(count: u64) -> BTreeMap<String, u64> {
     generator_counts(count, 40, 1, &mut expected);
     generator_counts(count, 40, 2, &mut expected);
     expected
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn run_with(path: &Path, options: RunOptions) -> Result<weir::dataflow::JobOutcome, RunError> {
@@ -527,7 +519,7 @@ inputs = ["count"]
 }
 
 /// A tiny deterministic generator of kill delays.
-fn delays(seed: u64) -> impl Iterator<Item = Duration> {
+pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
     (0u64..).map(move |i| {
         let r = xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed);
         Duration::from_millis(150 + r % 700)

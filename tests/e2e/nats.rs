@@ -13,15 +13,8 @@ use futures::StreamExt;
 use weir::connectors::generator::{word, word_index};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
-use crate::support::{JobDir, toml_path, weir};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::checkpoints::delays;
+use crate::support::{JobDir, runtime, toml_path, weir, weir_env};
 
 /// The shared server's URL; None when the server cannot be had outside CI.
 fn server() -> Option<String> {
@@ -207,24 +200,6 @@ fn run_args(job: &Path, newest: Option<String>) -> Vec<String> {
     args
 }
 
-/// The `weir` binary with extra environment.
-fn weir_with_env(args: &[&str], dir: &Path, env: &[(&str, String)]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(args)
-        .current_dir(dir)
-        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("the weir binary runs")
-}
-
-fn delays(seed: u64) -> impl Iterator<Item = Duration> {
-    (0u64..).map(move |i| {
-        let r = xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed);
-        Duration::from_millis(150 + r % 700)
-    })
-}
-
 #[test]
 fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     let Some(url) = server() else { return };
@@ -349,7 +324,7 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     }
     let args = run_args(&path, newest());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let finished = weir_with_env(&args, job.path(), &s3.env());
+    let finished = weir_env(&args, job.path(), &s3.env());
     assert!(
         finished.status.success(),
         "the final run ends well: {}",
@@ -362,7 +337,7 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     let args = run_args(&path, newest());
     assert!(args.len() > 3, "the finished job left a checkpoint");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let again = weir_with_env(&args, job.path(), &s3.env());
+    let again = weir_env(&args, job.path(), &s3.env());
     assert!(
         again.status.success(),
         "{}",

@@ -10,7 +10,7 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::support::{JobDir, toml_path};
+use crate::support::{JobDir, toml_path, weir_env};
 use weir_tests::plugins::WORDCOUNT_COUNT;
 use weir_tests::s3::S3Server;
 
@@ -96,20 +96,6 @@ pub fn prefix(name: &str) -> String {
     )
 }
 
-fn run_with_env(
-    dir: &std::path::Path,
-    args: &[&str],
-    env: &[(&str, String)],
-) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(args)
-        .current_dir(dir)
-        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("the weir binary runs")
-}
-
 /// A generator → count → file job checkpointing to `dir`.
 fn count_job(dir: &str) -> String {
     count_job_at(dir, 3000)
@@ -157,7 +143,7 @@ fn checkpoints_on_s3_are_mirrored_retained_and_restore_a_job() {
     let prefix = prefix("mirror");
     job.job(&count_job(&format!("s3://{BUCKET}/{prefix}")));
     let env = server.env();
-    let run = run_with_env(job.path(), &["run", "job.toml", "-q"], &env);
+    let run = weir_env(&["run", "job.toml", "-q"], job.path(), &env);
     assert!(
         run.status.success(),
         "{}",
@@ -182,7 +168,7 @@ fn checkpoints_on_s3_are_mirrored_retained_and_restore_a_job() {
     // nothing twice.
     let before = weir_tests::read_parts(&job.path().join("out"));
     let newest = newest_checkpoint(server, &prefix).expect("a checkpoint on S3");
-    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &newest], &env);
+    let resumed = weir_env(&["run", "job.toml", "-q", "-s", &newest], job.path(), &env);
     assert!(
         resumed.status.success(),
         "{}",
@@ -222,7 +208,7 @@ fn a_missing_bucket_or_refused_credentials_fail_the_start() {
     for (dir, env, wanted) in cases {
         let job = JobDir::new();
         job.job(&count_job(&dir));
-        let run = run_with_env(job.path(), &["run", "job.toml", "-q"], &env);
+        let run = weir_env(&["run", "job.toml", "-q"], job.path(), &env);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{dir}: the start fails");
         assert!(
@@ -286,9 +272,9 @@ fn savepoints_move_between_s3_and_the_local_disk() {
         on_s3.starts_with(&format!("s3://{BUCKET}/{prefix}/savepoint-")),
         "{on_s3}"
     );
-    let inspect = run_with_env(
-        job.path(),
+    let inspect = weir_env(
         &["savepoint", "inspect", &on_s3, "--json"],
+        job.path(),
         &env,
     );
     assert!(
@@ -300,7 +286,7 @@ fn savepoints_move_between_s3_and_the_local_disk() {
     assert_eq!(shown["kind"], "savepoint", "{shown}");
     assert_eq!(shown["path"], on_s3.as_str(), "{shown}");
     job.job(&count_job_at("checkpoints", 100_000));
-    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &on_s3], &env);
+    let resumed = weir_env(&["run", "job.toml", "-q", "-s", &on_s3], job.path(), &env);
     assert!(
         resumed.status.success(),
         "{}",
@@ -308,7 +294,7 @@ fn savepoints_move_between_s3_and_the_local_disk() {
     );
     weir_tests::check_exact_updates(&weir_tests::read_parts(&job.path().join("out")), &expected)
         .expect("every update once, across S3 → local");
-    let disposed = run_with_env(job.path(), &["savepoint", "--dispose", &on_s3], &env);
+    let disposed = weir_env(&["savepoint", "--dispose", &on_s3], job.path(), &env);
     assert!(
         disposed.status.success(),
         "{}",
@@ -328,7 +314,7 @@ fn savepoints_move_between_s3_and_the_local_disk() {
         &format!("s3://{BUCKET}/{prefix}/checkpoints"),
         100_000,
     ));
-    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &local], &env);
+    let resumed = weir_env(&["run", "job.toml", "-q", "-s", &local], job.path(), &env);
     assert!(
         resumed.status.success(),
         "{}",
@@ -349,7 +335,7 @@ fn savepoints_move_between_s3_and_the_local_disk() {
     std::fs::remove_dir_all(job.path().join("out")).expect("clear the output");
     job.job(&count_job_at("checkpoints", 100_000));
     let from_s3 = format!("s3://{BUCKET}/{copied}");
-    let resumed = run_with_env(job.path(), &["run", "job.toml", "-q", "-s", &from_s3], &env);
+    let resumed = weir_env(&["run", "job.toml", "-q", "-s", &from_s3], job.path(), &env);
     assert!(
         resumed.status.success(),
         "{}",

@@ -17,15 +17,7 @@ use weir_tests::plugins::{
 
 use crate::checkpoints::generator_counts;
 use crate::event_time::{check_windows, events, window_job};
-use crate::support::{JobDir, engine, toml_path};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::support::{JobDir, engine, runtime, toml_path};
 
 pub(crate) fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions {
     RunOptions {

@@ -50,23 +50,33 @@ impl JobDir {
     }
 }
 
-/// Runs a job file embedded, to its end, on a fresh multi-threaded runtime.
-pub fn run(job: &Path) -> Result<JobOutcome, RunError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A fresh multi-threaded runtime of two workers (the machine's cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(weir::runner::run_file(engine(), job))
+        .expect("runtime")
+}
+
+/// Runs a job file embedded, to its end, on a fresh multi-threaded runtime.
+pub fn run(job: &Path) -> Result<JobOutcome, RunError> {
+    runtime().block_on(weir::runner::run_file(engine(), job))
 }
 
 /// Runs the real `weir` binary with the shared compile cache.
 pub fn weir(args: &[&str], dir: &Path) -> Output {
+    weir_env(args, dir, &[])
+}
+
+/// [`weir`] with extra environment (an S3 endpoint and credentials).
+pub fn weir_env(args: &[&str], dir: &Path, env: &[(&str, String)]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(args)
         .current_dir(dir)
         .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
         .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("the weir binary runs")
 }

@@ -509,23 +509,12 @@ fn source_kind(
             stray("keys", source.keys.is_some());
             stray("seed", source.seed.is_some());
             check_rate(uid, source.rate, problems);
-            let mut need = |key: &str, value: &Option<String>| match value {
-                Some(v) if !v.is_empty() => Some(v.clone()),
-                _ => {
-                    problems.push(format!("source `{uid}`: a nats source needs `{key}`"));
-                    None
-                }
-            };
-            let url = need("url", &source.url);
-            let stream = need("stream", &source.stream);
-            let subject = need("subject", &source.subject);
-            if let Some(subject) = &subject
-                && !nats_subject_ok(subject)
-            {
-                problems.push(format!(
-                    "source `{uid}`: subject {subject:?} must be dot-separated tokens without wildcards or spaces"
-                ));
-            }
+            let endpoint = nats_endpoint(
+                "source",
+                uid,
+                [&source.url, &source.stream, &source.subject],
+                problems,
+            );
             let partitions = source.partitions.unwrap_or(1);
             if partitions == 0 {
                 problems.push(format!("source `{uid}`: partitions must be at least 1"));
@@ -546,10 +535,11 @@ fn source_kind(
                     "source `{uid}`: the key comes from format.key or from key_token/key_header, not both"
                 ));
             }
+            let (url, stream, subject) = endpoint?;
             Some(SourceKind::Nats(NatsSource {
-                url: url?,
-                stream: stream?,
-                subject: subject?,
+                url,
+                stream,
+                subject,
                 partitions,
                 key,
                 bounded: source.bounded.unwrap_or(false),
@@ -633,27 +623,17 @@ fn sink_kind(sink: &file::SinkSpec, base: &Path, problems: &mut Vec<String>) -> 
                     "sink `{uid}`: key `path` does not apply to a Nats sink"
                 ));
             }
-            let mut need = |key: &str, value: &Option<String>| match value {
-                Some(v) if !v.is_empty() => Some(v.clone()),
-                _ => {
-                    problems.push(format!("sink `{uid}`: a nats sink needs `{key}`"));
-                    None
-                }
-            };
-            let url = need("url", &sink.url);
-            let stream = need("stream", &sink.stream);
-            let subject = need("subject", &sink.subject);
-            if let Some(subject) = &subject
-                && !nats_subject_ok(subject)
-            {
-                problems.push(format!(
-                    "sink `{uid}`: subject {subject:?} must be dot-separated tokens without wildcards or spaces"
-                ));
-            }
+            let endpoint = nats_endpoint(
+                "sink",
+                uid,
+                [&sink.url, &sink.stream, &sink.subject],
+                problems,
+            );
+            let (url, stream, subject) = endpoint?;
             Some(SinkKind::Nats(NatsSink {
-                url: url?,
-                stream: stream?,
-                subject: subject?,
+                url,
+                stream,
+                subject,
                 delivery: sink.delivery.unwrap_or(Delivery::ExactlyOnce),
             }))
         }
@@ -680,6 +660,36 @@ fn sink_kind(sink: &file::SinkSpec, base: &Path, problems: &mut Vec<String>) -> 
             }
         },
     }
+}
+
+/// A nats connector's `url`, `stream` and `subject`: each required, the
+/// subject literal. `role` is `source` or `sink`.
+fn nats_endpoint(
+    role: &str,
+    uid: &str,
+    [url, stream, subject]: [&Option<String>; 3],
+    problems: &mut Vec<String>,
+) -> Option<(String, String, String)> {
+    let mut need = |key: &str, value: &Option<String>| match value {
+        Some(v) if !v.is_empty() => Some(v.clone()),
+        _ => {
+            problems.push(format!("{role} `{uid}`: a nats {role} needs `{key}`"));
+            None
+        }
+    };
+    let (url, stream, subject) = (
+        need("url", url),
+        need("stream", stream),
+        need("subject", subject),
+    );
+    if let Some(subject) = &subject
+        && !nats_subject_ok(subject)
+    {
+        problems.push(format!(
+            "{role} `{uid}`: subject {subject:?} must be dot-separated tokens without wildcards or spaces"
+        ));
+    }
+    Some((url?, stream?, subject?))
 }
 
 /// A literal NATS subject: non-empty tokens, no wildcards or whitespace.
