@@ -461,6 +461,12 @@ impl Coordinator {
         // Sources whose input ended (they wait for the final checkpoint).
         let mut inputs_ended: std::collections::HashSet<(String, u32)> = Default::default();
         let mut final_sent = false;
+        // The final checkpoint while it runs: the sinks' end waits for it
+        // (it carries their last commit); its failure fails the job.
+        let mut final_id: Option<CheckpointId> = None;
+        // Every sink finished before the final checkpoint completed: their
+        // end, sent once it did.
+        let mut end_deferred: Option<bool> = None;
         let mut sinks_finished = 0usize;
         let mut failures_in_a_row = 0u32;
         let enabled = self.store.is_some() && self.settings.interval.is_some();
@@ -530,6 +536,7 @@ impl Coordinator {
                                 checkpoint = id.0,
                                 "the sources' input ended: final checkpoint"
                             );
+                            final_id = Some(id);
                             pending = Some(Pending::checkpoint(id, None));
                         } else {
                             sources_finished = true;
@@ -589,6 +596,12 @@ impl Coordinator {
                                         } else {
                                             wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
                                         }
+                                        if final_id.is_some_and(|f| f.0 == id) {
+                                            final_id = None;
+                                            if let Some(commit) = end_deferred.take() {
+                                                wiring.commit.send_modify(|s| s.end = Some(commit));
+                                            }
+                                        }
                                     }
                                     Err(error) if is_savepoint => warn!(%error, "savepoint failed"),
                                     Err(error) => failed = Some(error),
@@ -620,7 +633,12 @@ impl Coordinator {
                                     if !commit {
                                         info!("job cancelled: output after the latest checkpoint is discarded; resume from that checkpoint");
                                     }
-                                    wiring.commit.send_modify(|s| s.end = Some(commit));
+                                    if commit && final_id.is_some() {
+                                        // Committed by the final checkpoint, not before.
+                                        end_deferred = Some(commit);
+                                    } else {
+                                        wiring.commit.send_modify(|s| s.end = Some(commit));
+                                    }
                                 }
                             }
                             Role::Operator => {}
@@ -643,6 +661,15 @@ impl Coordinator {
             }
             if let Some(reason) = failed {
                 let id = pending.as_ref().map(|p| p.id.0);
+                if let Some(last) =
+                    final_id.filter(|f| pending.as_ref().is_some_and(|p| p.id == *f))
+                {
+                    // The sources have ended: no later checkpoint can cover
+                    // the output, so the job fails and resumes from its
+                    // latest checkpoint rather than commit it uncovered.
+                    self.abort(pending.take(), &reason, true);
+                    return Err(format!("the final checkpoint {} failed ({reason})", last.0));
+                }
                 let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
                 requeue_follow_up(&mut pending, &mut queued);
                 self.abort(pending.take(), &reason, true);
@@ -1250,6 +1277,75 @@ mod tests {
         assert!(h.store.latest().is_none());
         assert_eq!(h.commit.borrow().completed, 0, "nothing committed");
         assert!(!dir.path().join("job/chk-1/_metadata").exists());
+    }
+
+    /// The source's input ends: returns the final checkpoint's id (the
+    /// regular one in flight, if any, is acked first).
+    async fn end_input(h: &mut Harness) -> CheckpointId {
+        h.reports
+            .send(TaskReport::InputEnded {
+                uid: "src".into(),
+                subtask: 0,
+            })
+            .expect("send");
+        loop {
+            let trigger = h.triggers.recv().await.expect("triggered");
+            if trigger.last {
+                return trigger.checkpoint;
+            }
+            ack(&h.reports, trigger.checkpoint, "src");
+            ack(&h.reports, trigger.checkpoint, "out");
+        }
+    }
+
+    fn sink_finished(h: &Harness) {
+        h.reports
+            .send(TaskReport::Finished {
+                uid: "out".into(),
+                subtask: 0,
+                role: Role::Sink,
+            })
+            .expect("send");
+    }
+
+    #[tokio::test]
+    async fn the_sinks_end_waits_for_the_final_checkpoint_an_operator_acks_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start(dir.path(), Duration::from_secs(10), 0);
+        let last = end_input(&mut h).await;
+        // The sink acked and finished while an upstream snapshot was still
+        // being written (operators ack from a blocking thread).
+        ack(&h.reports, last, "out");
+        sink_finished(&h);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(h.commit.borrow().end, None, "nothing commits uncovered");
+        ack(&h.reports, last, "src");
+        let signal = *h
+            .commit
+            .wait_for(|s| s.end.is_some())
+            .await
+            .expect("the end follows the final checkpoint");
+        assert_eq!(signal.completed, last.0);
+        assert_eq!(signal.end, Some(true));
+        drop(h.reports);
+        h.run.await.expect("joins").expect("no failure");
+    }
+
+    #[tokio::test]
+    async fn a_failed_final_checkpoint_fails_the_job_whatever_the_tolerance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start(dir.path(), Duration::from_secs(10), 5);
+        let last = end_input(&mut h).await;
+        ack(&h.reports, last, "src");
+        sink_finished(&h);
+        decline(&h.reports, last, "out", "disk full");
+        let error = h.run.await.expect("joins").expect_err("fails");
+        assert!(
+            error.contains(&format!("final checkpoint {}", last.0)),
+            "{error}"
+        );
+        assert!(error.contains("disk full"), "{error}");
+        assert_eq!(h.commit.borrow().end, None, "nothing committed at the end");
     }
 
     #[tokio::test]

@@ -34,6 +34,8 @@ pub enum RemoteError {
     Location { url: String },
     #[error("{url}: {cause}")]
     Store { url: String, cause: String },
+    #[error("{url}: {path} is not there")]
+    Missing { url: String, path: String },
     #[error("{url}: {path} is already there (a checkpoint is never overwritten)")]
     Exists { url: String, path: String },
     #[error("{path}: {cause}")]
@@ -166,36 +168,53 @@ impl Remote {
             .map(|_| ())
     }
 
-    /// Writes `relative` only if it does not exist yet.
+    /// Writes `relative` only if it does not exist yet. An object already
+    /// there with exactly these bytes is this put's own, landed by an
+    /// attempt the client retried after a lost answer.
     pub async fn put_new(&self, relative: &str, bytes: Vec<u8>) -> Result<(), RemoteError> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let object = self.object(relative);
         match self
             .store
-            .put_opts(&self.object(relative), PutPayload::from(bytes), options)
+            .put_opts(&object, PutPayload::from(bytes.clone()), options)
             .await
         {
             Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(RemoteError::Exists {
-                url: self.url.clone(),
-                path: relative.to_string(),
-            }),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let there = match self.store.get(&object).await {
+                    Ok(found) => found.bytes().await.ok(),
+                    Err(_) => None,
+                };
+                match there {
+                    Some(there) if there.as_ref() == bytes.as_slice() => Ok(()),
+                    _ => Err(RemoteError::Exists {
+                        url: self.url.clone(),
+                        path: relative.to_string(),
+                    }),
+                }
+            }
             Err(e) => Err(self.store_error(e)),
         }
     }
 
     /// Downloads `relative` into the local file `local`.
     pub async fn download(&self, relative: &str, local: &Path) -> Result<(), RemoteError> {
-        let bytes = self
-            .store
-            .get(&self.object(relative))
-            .await
-            .map_err(|e| self.store_error(format!("{relative}: {e}")))?
-            .bytes()
-            .await
-            .map_err(|e| self.store_error(format!("{relative}: {e}")))?;
+        let bytes = match self.store.get(&self.object(relative)).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(RemoteError::Missing {
+                    url: self.url.clone(),
+                    path: relative.to_string(),
+                });
+            }
+            Err(e) => return Err(self.store_error(format!("{relative}: {e}"))),
+        }
+        .bytes()
+        .await
+        .map_err(|e| self.store_error(format!("{relative}: {e}")))?;
         let io = |cause| RemoteError::Local {
             path: local.to_path_buf(),
             cause,
@@ -329,7 +348,7 @@ pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointE
                 let local = local_base.join(&relative);
                 match base.download(&relative, &local).await {
                     // A spool file is deleted once published.
-                    Err(_) if relative.starts_with("pending/") => Ok(()),
+                    Err(RemoteError::Missing { .. }) if relative.starts_with("pending/") => Ok(()),
                     other => other,
                 }
             }
