@@ -126,9 +126,22 @@ fn nats(engine: &PluginEngine, records: u64, repeats: u64) {
     let file_path = dir.path().join("files.toml");
     std::fs::write(&nats_path, nats_job).expect("job");
     std::fs::write(&file_path, file_job).expect("job");
+    let published = || {
+        runtime().block_on(async {
+            let js = jetstream::new(async_nats::connect(url).await.expect("connects"));
+            let mut out = js.get_stream("bench-out").await.expect("the output stream");
+            out.info().await.expect("its state").state.messages
+        })
+    };
     let (mut on_nats, mut on_files) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
+        let before = published();
         let (_, took) = run(engine, &nats_path);
+        assert_eq!(
+            published() - before,
+            records,
+            "every update reaches the output stream once"
+        );
         on_nats.push(records as f64 / took.as_secs_f64());
         let (_, took) = run(engine, &file_path);
         on_files.push(records as f64 / took.as_secs_f64());
