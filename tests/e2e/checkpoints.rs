@@ -526,6 +526,60 @@ pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
     })
 }
 
+/// Runs `weir` with `args` in `dir` (info logs on stderr), SIGKILLs it
+/// `extra` after it logged that its sources' input ended (or after 60 s):
+/// whether the input had ended, and how the run ended. Panics if the run
+/// failed on its own.
+pub(crate) fn kill_after_input_ended(
+    args: &[String],
+    dir: &Path,
+    extra: Duration,
+) -> (bool, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(dir)
+        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
+        .env("RUST_LOG", "weir=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts");
+    let stderr = child.stderr.take().expect("piped");
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    // Drains stderr to the end (the child must never block on it).
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("input ended: final checkpoint") {
+                let _ = ended_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let ended = ended_rx.recv_timeout(Duration::from_secs(60)).is_ok();
+    std::thread::sleep(extra);
+    let exited = child.try_wait().expect("wait");
+    child.kill().ok(); // SIGKILL
+    let status = child.wait().expect("reaped");
+    let log = reader.join().expect("the reader ends");
+    assert!(
+        exited.is_none() || status.success(),
+        "a run failed on its own: {log}"
+    );
+    let outcome = if exited.is_some() {
+        "had ended by itself"
+    } else {
+        "killed"
+    };
+    (ended, outcome.to_string())
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let job = JobDir::new();
@@ -584,6 +638,31 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         restores >= 10,
         "most runs resumed from a checkpoint ({restores})"
     );
+    // Then near the end, unpaced: each run killed 0–100 ms after it said
+    // its sources' input ended (a run ends ~100 ms after: before, during
+    // or after the final checkpoint and the sinks' last commit).
+    std::fs::write(
+        job.path().join("job.toml"),
+        union_count_job(count, 1_000_000, "150ms", ""),
+    )
+    .expect("rewrite");
+    for (round, extra) in delays(seed ^ 0xE4D).take(3).enumerate() {
+        let extra = Duration::from_millis(extra.as_millis() as u64 % 100);
+        let mut args = vec!["run".to_string(), path.clone(), "-q".to_string()];
+        if let Some(newest) = completed_checkpoints(&checkpoints).pop() {
+            args.push("-s".into());
+            args.push(
+                newest
+                    .parent()
+                    .expect("chk dir")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        let (ended, outcome) = kill_after_input_ended(&args, job.path(), extra);
+        assert!(ended, "end-phase run {round} said its input ended");
+        eprintln!("end-phase run {round}: {outcome} {extra:?} after its input ended");
+    }
     // The last run goes to the end.
     let mut args = vec!["run", path.as_str(), "-q"];
     let newest = completed_checkpoints(&checkpoints).pop();
