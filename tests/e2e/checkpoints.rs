@@ -530,7 +530,7 @@ pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
 /// `extra` after it logged that its sources' input ended (or after 60 s):
 /// whether the input had ended, and how the run ended. Panics if the run
 /// failed on its own.
-pub(crate) fn kill_after_input_ended(
+fn kill_after_input_ended(
     args: &[String],
     dir: &Path,
     extra: Duration,
