@@ -52,6 +52,7 @@ fn take(
         LocalSnapshot {
             state: job,
             timers: Vec::new(),
+            finished: false,
         },
         SnapshotStats::default(),
         Target::Checkpoint,

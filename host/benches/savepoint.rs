@@ -99,6 +99,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
             LocalSnapshot {
                 state: job,
                 timers: Vec::new(),
+                finished: false,
             },
             SnapshotStats::default(),
             Target::Savepoint {

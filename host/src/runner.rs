@@ -576,6 +576,9 @@ impl TaskFactory for Factory<'_> {
         if let Some((read, op)) = self.restored(&node.uid) {
             restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
                 .map_err(|e| Self::restore_error(&info, e))?;
+            // Restored from a final checkpoint: its input had ended and
+            // `close` ran before it.
+            task.closed = op.subtasks.iter().any(|s| s.finished);
         }
         let wasm = WasmOperator::instantiate(plugin, task, operator)
             .map_err(|e| Self::task_error(&info, e))?;

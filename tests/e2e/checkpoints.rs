@@ -191,6 +191,73 @@ fn a_finished_job_resumed_from_its_newest_checkpoint_commits_nothing_twice() {
     }
 }
 
+/// What an operator emits in `close` is covered by the final checkpoint:
+/// the operators close when they align it, the snapshot says so, and a
+/// finished job resumed from it does not close (nor emit) again.
+#[test]
+fn what_close_emits_is_committed_once_by_the_final_checkpoint() {
+    let job = JobDir::new();
+    let path = job.job(&format!(
+        r#"
+name = "closing"
+[checkpoint]
+interval = "1s"
+dir = "checkpoints"
+[[source]]
+uid = "in"
+kind = "generator"
+count = 2000
+keys = 10
+[[operator]]
+uid = "pass"
+plugin = {faults}
+inputs = [{{ from = "in", partition = "key" }}]
+parallelism = 2
+config = {{ closing = "closed" }}
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out"
+inputs = ["pass"]
+"#,
+        faults = toml_path(weir_tests::plugins::FAULTS)
+    ));
+    let out = job.path().join("out");
+    let check = |when: &str| {
+        let lines = weir_tests::read_parts(&out);
+        let closed = lines.iter().filter(|l| l.ends_with("closed")).count();
+        assert_eq!(closed, 2, "{when}: each subtask's close emitted once");
+        assert_eq!(lines.len(), 2002, "{when}: every record once");
+    };
+    run_with(&path, RunOptions::default()).expect("the job runs");
+    check("the first run");
+    let newest = completed_checkpoints(&job.path().join("checkpoints"))
+        .pop()
+        .expect("the final checkpoint");
+    let read = weir::checkpoint::metadata::read(&newest).expect("reads");
+    assert!(
+        read.metadata.operators["pass"]
+            .subtasks
+            .iter()
+            .all(|s| s.finished),
+        "the final checkpoint records the closed operator"
+    );
+    for round in 0..2 {
+        let newest = completed_checkpoints(&job.path().join("checkpoints"))
+            .pop()
+            .expect("a checkpoint");
+        run_with(
+            &path,
+            RunOptions {
+                restore: Some(newest),
+                ..Default::default()
+            },
+        )
+        .expect("the finished job resumes");
+        check(&format!("resumed after the end ({round})"));
+    }
+}
+
 /// State restored at another parallelism is redistributed by key group:
 /// the count resumes at p=3 from a checkpoint taken at p=2.
 #[test]
@@ -530,11 +597,7 @@ pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
 /// `extra` after it logged that its sources' input ended (or after 60 s):
 /// whether the input had ended, and how the run ended. Panics if the run
 /// failed on its own.
-fn kill_after_input_ended(
-    args: &[String],
-    dir: &Path,
-    extra: Duration,
-) -> (bool, String) {
+fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(args)

@@ -531,6 +531,7 @@ impl Coordinator {
                     Some(store) if enabled => {
                         let id = store.next_id();
                         last_trigger = Instant::now();
+                        self.savepoints.set_final(id);
                         if self.trigger_checkpoint(id, &wiring.triggers, true) {
                             info!(
                                 checkpoint = id.0,

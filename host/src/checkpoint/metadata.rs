@@ -134,6 +134,10 @@ pub struct SubtaskSnapshot {
     /// Per declared state: keys and bytes in `files` (savepoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub state_stats: Vec<StateStats>,
+    /// An operator subtask that had closed (its input ended: the final
+    /// checkpoint); restored, it is not closed again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finished: bool,
 }
 
 /// How much of one state a savepoint's subtask file holds.

@@ -77,11 +77,24 @@ pub struct SavepointTargets {
     /// A checkpoint every operator subtask takes as a base (its cache
     /// written to its backend): one that prepares a savepoint.
     base: AtomicU64,
+    /// The final checkpoint (0: none yet).
+    last: AtomicU64,
     /// Keys and bytes written so far (progress).
     pub progress: TransferProgress,
 }
 
 impl SavepointTargets {
+    /// Checkpoint n is the final one: every operator subtask closes when
+    /// it aligns it, before its snapshot.
+    pub fn set_final(&self, checkpoint: CheckpointId) {
+        self.last.store(checkpoint.0, Ordering::Relaxed);
+    }
+
+    /// Whether checkpoint n is the final one.
+    pub fn is_final(&self, checkpoint: CheckpointId) -> bool {
+        self.last.load(Ordering::Relaxed) == checkpoint.0
+    }
+
     /// Checkpoint n is to be a base in every operator subtask.
     pub fn force_base(&self, checkpoint: CheckpointId) {
         self.base.store(checkpoint.0, Ordering::Relaxed);

@@ -73,6 +73,8 @@ pub struct LocalSnapshot {
     pub state: Option<SnapshotJob>,
     /// Encoded timers (empty: none).
     pub timers: Vec<u8>,
+    /// The operator had closed (the final checkpoint).
+    pub finished: bool,
 }
 
 /// One operator subtask's access to checkpoint storage.
@@ -222,6 +224,11 @@ impl SubtaskStorage {
         }
     }
 
+    /// Whether checkpoint n is the final one (the operator closes first).
+    pub fn is_final(&self, checkpoint: CheckpointId) -> bool {
+        self.savepoints.is_final(checkpoint)
+    }
+
     /// Where the synchronous part of checkpoint n puts its copy.
     pub fn local_dir(&self, checkpoint: CheckpointId) -> PathBuf {
         self.local_root.join(format!("chk-{}", checkpoint.0))
@@ -291,7 +298,10 @@ impl SubtaskStorage {
             let report = match stored {
                 Ok((snapshot, bytes, new_bytes)) => TaskReport::Ack {
                     checkpoint,
-                    snapshot: Box::new(snapshot),
+                    snapshot: Box::new(SubtaskSnapshot {
+                        finished: local.finished,
+                        ..snapshot
+                    }),
                     stats: SnapshotStats {
                         asynchronous: started.elapsed(),
                         bytes,

@@ -116,6 +116,9 @@ pub struct TaskContext {
     pub watermark: Timestamp,
     /// The batch being processed, for `select-record`.
     pub current_batch: RecordBatch,
+    /// `close` ran (at the final checkpoint, or before the restored one):
+    /// it does not run again.
+    pub closed: bool,
 }
 
 impl TaskContext {
@@ -129,6 +132,7 @@ impl TaskContext {
             current_timestamp: None,
             watermark: MIN_WATERMARK,
             current_batch: RecordBatch::new(),
+            closed: false,
         }
     }
 

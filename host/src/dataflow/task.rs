@@ -406,7 +406,10 @@ pub async fn run_operator(
                 }
             }
         }
-        operator.close().map_err(&fail)?;
+        if !operator.task().closed {
+            operator.task().closed = true;
+            operator.close().map_err(&fail)?;
+        }
         let task = operator.task();
         task.output
             .broadcast(StreamEvent::EndOfInput)
@@ -494,6 +497,17 @@ async fn forward_aligned(
 ) -> Result<(), OperatorError> {
     match apply_alignment(outcome, gate) {
         Some(aligned) => {
+            // The final checkpoint follows the end of every input: the
+            // operator closes first, so what `close` emits and changes is
+            // covered by it (and a restore of it does not close again).
+            if let Some(storage) = storage
+                && storage.is_final(aligned)
+                && !operator.task().closed
+            {
+                operator.task().closed = true;
+                operator.close()?;
+                flush_output(operator).await?;
+            }
             // The state's size as of this barrier (before a snapshot job
             // takes the backend).
             if let Some(tables) = operator.task().state.table_metrics() {
@@ -535,6 +549,7 @@ fn snapshot_operator(
     let local = LocalSnapshot {
         state,
         timers: task.timers.encode(),
+        finished: task.closed,
     };
     let stats = SnapshotStats {
         alignment,

@@ -6,6 +6,7 @@
 //! (returns `err`), `panic` (a Rust panic: its message goes to WASI stderr),
 //! `none`, or the sandbox probes `clock` (emits the WASI wall clock in ms) and
 //! `fs` (emits what reading the file named by the record's value gave).
+//! Config `closing`: a value emitted (unkeyed) when the operator closes.
 //! Every keyed record also writes value state
 //! `seen`, so per-record state calls are exercised.
 
@@ -37,6 +38,8 @@ struct Settings {
     fault: Fault,
     /// Only records with this value trigger the fault; `None`: every record.
     on: Option<Vec<u8>>,
+    /// Emitted by `close`.
+    closing: Option<Vec<u8>>,
 }
 
 thread_local! {
@@ -70,7 +73,11 @@ fn parse_config(config: &str) -> Result<Settings, String> {
         .get("on")
         .and_then(|on| on.as_str())
         .map(|on| on.as_bytes().to_vec());
-    Ok(Settings { fault, on })
+    let closing = value
+        .get("closing")
+        .and_then(|c| c.as_str())
+        .map(|c| c.as_bytes().to_vec());
+    Ok(Settings { fault, on, closing })
 }
 
 fn spin_forever() -> ! {
@@ -173,6 +180,14 @@ impl operator::Guest for Faults {
     }
 
     fn close() -> Result<(), String> {
+        let closing = SETTINGS.with(|s| s.borrow().as_ref().and_then(|s| s.closing.clone()));
+        if let Some(value) = closing {
+            output::emit(&Record {
+                key: None,
+                value,
+                timestamp: None,
+            });
+        }
         Ok(())
     }
 }
