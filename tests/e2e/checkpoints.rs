@@ -13,7 +13,7 @@ use weir::connectors::generator::{word, word_index};
 use weir::runner::{self, RunError, RunOptions};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
-use crate::support::{JobDir, engine, runtime, toml_path, weir};
+use crate::support::{JobDir, engine, runtime, spawn_weir, toml_path, weir};
 
 /// The counts a generator source produces (`count` records, `keys`, `seed`).
 pub(crate) fn generator_counts(count: u64, keys: u64, seed: u64, into: &mut BTreeMap<String, u64>) {
@@ -175,20 +175,26 @@ fn a_finished_job_resumed_from_its_newest_checkpoint_commits_nothing_twice() {
         );
     }
     for _ in 0..2 {
-        let newest = completed_checkpoints(&job.path().join("checkpoints"))
-            .pop()
-            .expect("a checkpoint");
-        run_with(
-            &path,
-            RunOptions {
-                restore: Some(newest),
-                ..Default::default()
-            },
-        )
-        .expect("the finished job resumes");
+        resume_from_newest(&job, &path);
         weir_tests::check_exact_updates(&weir_tests::read_parts(&out), &expected)
             .expect("still exactly once after resuming the finished job");
     }
+}
+
+/// Runs the (finished) job at `path` again, restored from its newest
+/// completed checkpoint.
+fn resume_from_newest(job: &JobDir, path: &Path) {
+    let newest = completed_checkpoints(&job.path().join("checkpoints"))
+        .pop()
+        .expect("a checkpoint");
+    run_with(
+        path,
+        RunOptions {
+            restore: Some(newest),
+            ..Default::default()
+        },
+    )
+    .expect("the finished job resumes");
 }
 
 /// What an operator emits in `close` is covered by the final checkpoint:
@@ -243,17 +249,7 @@ inputs = ["pass"]
         "the final checkpoint records the closed operator"
     );
     for round in 0..2 {
-        let newest = completed_checkpoints(&job.path().join("checkpoints"))
-            .pop()
-            .expect("a checkpoint");
-        run_with(
-            &path,
-            RunOptions {
-                restore: Some(newest),
-                ..Default::default()
-            },
-        )
-        .expect("the finished job resumes");
+        resume_from_newest(&job, &path);
         check(&format!("resumed after the end ({round})"));
     }
 }
@@ -595,19 +591,11 @@ pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
 
 /// Runs `weir` with `args` in `dir` (info logs on stderr), SIGKILLs it
 /// `extra` after it logged that its sources' input ended (or after 60 s):
-/// whether the input had ended, and how the run ended. Panics if the run
-/// failed on its own.
-fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool, String) {
+/// whether the input had ended, and whether the run had ended by itself.
+/// Panics if the run failed on its own.
+fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool, bool) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(args)
-        .current_dir(dir)
-        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-        .env("RUST_LOG", "weir=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("weir starts");
+    let mut child = spawn_weir(args, dir, &[("RUST_LOG", "weir=info".to_string())]);
     let stderr = child.stderr.take().expect("piped");
     let (ended_tx, ended_rx) = std::sync::mpsc::channel();
     // Drains stderr to the end (the child must never block on it).
@@ -635,12 +623,7 @@ fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool
         exited.is_none() || status.success(),
         "a run failed on its own: {log}"
     );
-    let outcome = if exited.is_some() {
-        "had ended by itself"
-    } else {
-        "killed"
-    };
-    (ended, outcome.to_string())
+    (ended, exited.is_some())
 }
 
 #[test]
@@ -676,14 +659,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             );
             restores += 1;
         }
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(&args)
-            .current_dir(job.path())
-            .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("weir starts");
+        let mut child = spawn_weir(&args, job.path(), &[]);
         std::thread::sleep(delay);
         let ended_by_itself = child.try_wait().expect("wait").is_some();
         child.kill().ok(); // SIGKILL
@@ -722,8 +698,13 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
                     .into_owned(),
             );
         }
-        let (ended, outcome) = kill_after_input_ended(&args, job.path(), extra);
+        let (ended, by_itself) = kill_after_input_ended(&args, job.path(), extra);
         assert!(ended, "end-phase run {round} said its input ended");
+        let outcome = if by_itself {
+            "had ended by itself"
+        } else {
+            "killed"
+        };
         eprintln!("end-phase run {round}: {outcome} {extra:?} after its input ended");
     }
     // The last run goes to the end.

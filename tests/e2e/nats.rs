@@ -14,7 +14,7 @@ use weir::connectors::generator::{word, word_index};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::checkpoints::delays;
-use crate::support::{JobDir, runtime, toml_path, weir, weir_env};
+use crate::support::{JobDir, runtime, spawn_weir, toml_path, weir, weir_env};
 
 /// The shared server's URL; None when the server cannot be had outside CI.
 fn server() -> Option<String> {
@@ -236,15 +236,7 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     for (kill, delay) in delays(seed).take(20).enumerate() {
         let args = run_args(&path, newest());
         restores += usize::from(args.len() > 3);
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(&args)
-            .current_dir(job.path())
-            .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-            .envs(s3.env())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("weir starts");
+        let mut child = spawn_weir(&args, job.path(), &s3.env());
         std::thread::sleep(delay);
         let ended_by_itself = child.try_wait().expect("wait").is_some();
         child.kill().ok(); // SIGKILL
@@ -283,15 +275,7 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(run_args(&path, newest()))
-            .current_dir(job.path())
-            .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-            .envs(s3.env())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("weir starts");
+        let mut child = spawn_weir(&run_args(&path, newest()), job.path(), &s3.env());
         let since = std::time::Instant::now();
         loop {
             let mine: Vec<u64> = input_consumers(&url, name)
@@ -357,14 +341,11 @@ fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() 
     prepare_streams(&url, name, &lines);
     // Two subtasks at 1500 lines/s: stopped with a savepoint after ~1 s.
     let path = job.job(&count_job(&url, name, 2, 1500, "checkpoints"));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "job.toml", "-q", "--savepoint-dir", "savepoints"])
-        .current_dir(job.path())
-        .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("weir starts");
+    let child = spawn_weir(
+        &["run", "job.toml", "-q", "--savepoint-dir", "savepoints"],
+        job.path(),
+        &[],
+    );
     std::thread::sleep(Duration::from_millis(1200));
     // SAFETY: signalling our own child process.
     unsafe {

@@ -71,14 +71,38 @@ pub fn weir(args: &[&str], dir: &Path) -> Output {
 
 /// [`weir`] with extra environment (an S3 endpoint and credentials).
 pub fn weir_env(args: &[&str], dir: &Path, env: &[(&str, String)]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+    weir_command(args, dir, env)
+        .output()
+        .expect("the weir binary runs")
+}
+
+/// The `weir` binary started in the background (stdout dropped, stderr
+/// piped), for a test to signal or kill.
+pub fn spawn_weir<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    dir: &Path,
+    env: &[(&str, String)],
+) -> std::process::Child {
+    weir_command(args, dir, env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weir starts")
+}
+
+fn weir_command<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    dir: &Path,
+    env: &[(&str, String)],
+) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+    command
         .args(args)
         .current_dir(dir)
         .env("WEIR_CACHE_DIR", weir_tests::compile_cache())
         .env_remove("RUST_LOG")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("the weir binary runs")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command
 }
 
 pub fn toml_path(path: &str) -> String {

@@ -461,12 +461,9 @@ impl Coordinator {
         // Sources whose input ended (they wait for the final checkpoint).
         let mut inputs_ended: std::collections::HashSet<(String, u32)> = Default::default();
         let mut final_sent = false;
-        // The final checkpoint while it runs: the sinks' end waits for it
-        // (it carries their last commit); its failure fails the job.
-        let mut final_id: Option<CheckpointId> = None;
-        // Every sink finished before the final checkpoint completed: their
-        // end, sent once it did.
-        let mut end_deferred: Option<bool> = None;
+        // Every sink finished (to commit) before the final checkpoint
+        // completed: their end is sent once it did.
+        let mut end_deferred = false;
         let mut sinks_finished = 0usize;
         let mut failures_in_a_row = 0u32;
         let enabled = self.store.is_some() && self.settings.interval.is_some();
@@ -537,7 +534,6 @@ impl Coordinator {
                                 checkpoint = id.0,
                                 "the sources' input ended: final checkpoint"
                             );
-                            final_id = Some(id);
                             pending = Some(Pending::checkpoint(id, None));
                         } else {
                             sources_finished = true;
@@ -597,11 +593,9 @@ impl Coordinator {
                                         } else {
                                             wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
                                         }
-                                        if final_id.is_some_and(|f| f.0 == id) {
-                                            final_id = None;
-                                            if let Some(commit) = end_deferred.take() {
-                                                wiring.commit.send_modify(|s| s.end = Some(commit));
-                                            }
+                                        if end_deferred && self.savepoints.is_final(CheckpointId(id)) {
+                                            end_deferred = false;
+                                            wiring.commit.send_modify(|s| s.end = Some(true));
                                         }
                                     }
                                     Err(error) if is_savepoint => warn!(%error, "savepoint failed"),
@@ -634,9 +628,9 @@ impl Coordinator {
                                     if !commit {
                                         info!("job cancelled: output after the latest checkpoint is discarded; resume from that checkpoint");
                                     }
-                                    if commit && final_id.is_some() {
+                                    if commit && self.final_pending(&pending) {
                                         // Committed by the final checkpoint, not before.
-                                        end_deferred = Some(commit);
+                                        end_deferred = true;
                                     } else {
                                         wiring.commit.send_modify(|s| s.end = Some(commit));
                                     }
@@ -662,14 +656,15 @@ impl Coordinator {
             }
             if let Some(reason) = failed {
                 let id = pending.as_ref().map(|p| p.id.0);
-                if let Some(last) =
-                    final_id.filter(|f| pending.as_ref().is_some_and(|p| p.id == *f))
-                {
+                if self.final_pending(&pending) {
                     // The sources have ended: no later checkpoint can cover
                     // the output, so the job fails and resumes from its
                     // latest checkpoint rather than commit it uncovered.
                     self.abort(pending.take(), &reason, true);
-                    return Err(format!("the final checkpoint {} failed ({reason})", last.0));
+                    return Err(format!(
+                        "the final checkpoint {} failed ({reason})",
+                        id.unwrap_or(0)
+                    ));
                 }
                 let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
                 requeue_follow_up(&mut pending, &mut queued);
@@ -700,6 +695,13 @@ impl Coordinator {
             ));
         }
         Ok(stopped_with)
+    }
+
+    /// Whether the checkpoint in flight is the final one.
+    fn final_pending(&self, pending: &Option<Pending>) -> bool {
+        pending
+            .as_ref()
+            .is_some_and(|p| self.savepoints.is_final(p.id))
     }
 
     /// Sends barrier `id` to every source as a checkpoint; false when a
@@ -1247,13 +1249,7 @@ mod tests {
         assert!(!dir.path().join("job/chk-1").exists(), "retained = 2");
         assert!(dir.path().join("job/chk-2/_metadata").is_file());
         // The sink finishes: the job's end is committed.
-        h.reports
-            .send(TaskReport::Finished {
-                uid: "out".into(),
-                subtask: 0,
-                role: Role::Sink,
-            })
-            .expect("send");
+        sink_finished(&h);
         h.commit
             .wait_for(|s| s.end == Some(true))
             .await
@@ -1430,13 +1426,7 @@ mod tests {
         // later failure restores from it.
         assert!(!dir.path().join("job").join("chk-1").exists());
         assert_eq!(h.store.latest().expect("latest").path, read.path);
-        h.reports
-            .send(TaskReport::Finished {
-                uid: "out".into(),
-                subtask: 0,
-                role: Role::Sink,
-            })
-            .expect("send");
+        sink_finished(&h);
         drop(h.reports);
         let stopped = h.run.await.expect("joins").expect("no failure");
         assert_eq!(stopped, Some(path));

@@ -185,9 +185,9 @@ pub struct NatsSource {
     read: u64,
     items: Option<mpsc::Receiver<Item>>,
     reader: Option<tokio::task::JoinHandle<()>>,
-    /// Partitions read to their end (bounded).
+    /// Partitions read to their end (bounded): all of them, the source
+    /// ended.
     partitions_ended: usize,
-    ended: bool,
     pace: Pace,
 }
 
@@ -214,7 +214,6 @@ impl NatsSource {
             items: None,
             reader: None,
             partitions_ended: 0,
-            ended: false,
             pace,
         }
     }
@@ -229,6 +228,11 @@ impl NatsSource {
             }
         }));
         self.items = Some(rx);
+    }
+
+    /// Every partition read to its end (none owned: at once).
+    fn ended(&self) -> bool {
+        self.partitions_ended == self.last.len()
     }
 
     /// Appends one item; `Ok(false)` once the input ended.
@@ -269,8 +273,7 @@ impl NatsSource {
             }
             Item::End => {
                 self.partitions_ended += 1;
-                self.ended = self.partitions_ended == self.last.len();
-                Ok(!self.ended)
+                Ok(!self.ended())
             }
             Item::Failed(error) => Err(connector_error(error)),
         }
@@ -281,7 +284,7 @@ impl NatsSource {
         batch: &mut RecordBatch,
         max: usize,
     ) -> Result<SourceStatus, OperatorError> {
-        if self.ended || self.last.is_empty() {
+        if self.ended() {
             return Ok(SourceStatus::Ended);
         }
         if self.items.is_none() {

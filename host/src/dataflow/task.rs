@@ -406,10 +406,7 @@ pub async fn run_operator(
                 }
             }
         }
-        if !operator.task().closed {
-            operator.task().closed = true;
-            operator.close().map_err(&fail)?;
-        }
+        close_once(operator.as_mut()).map_err(&fail)?;
         let task = operator.task();
         task.output
             .broadcast(StreamEvent::EndOfInput)
@@ -502,10 +499,8 @@ async fn forward_aligned(
             // covered by it (and a restore of it does not close again).
             if let Some(storage) = storage
                 && storage.is_final(aligned)
-                && !operator.task().closed
             {
-                operator.task().closed = true;
-                operator.close()?;
+                close_once(operator)?;
                 flush_output(operator).await?;
             }
             // The state's size as of this barrier (before a snapshot job
@@ -521,6 +516,16 @@ async fn forward_aligned(
         }
         None => Ok(()),
     }
+}
+
+/// Calls the operator's `close` unless it ran already (at the final
+/// checkpoint, or before the checkpoint it was restored from).
+fn close_once(operator: &mut dyn Operator) -> Result<(), OperatorError> {
+    if operator.task().closed {
+        return Ok(());
+    }
+    operator.task().closed = true;
+    operator.close()
 }
 
 /// The synchronous part of an operator's snapshot; hands the copy to
