@@ -13,6 +13,8 @@
 //!    took in four records a key, so ~98% of the keys hold state): `count`
 //!    v1 → v2 (every value migrated), and a job-file change that keeps the
 //!    plugins; each `WEIR_BENCH_UPGRADE_RUNS` times (3) on a fresh host.
+//!    The job runs flat out unless `WEIR_BENCH_UPGRADE_RATE` caps its
+//!    source at that many records a second (per source subtask).
 //! 4. `api`: latency of `GET /api/jobs/{id}` and `GET /api/jobs` while two
 //!    jobs run flat out.
 
@@ -283,7 +285,11 @@ async fn upgrade_once(keys: u64, request: &Value) -> (f64, Duration) {
         bench.add(Path::new(plugin)).await;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = wordcount(keys, "count@0.1.0", 2, None);
+    let rate = std::env::var("WEIR_BENCH_UPGRADE_RATE").ok().map(|r| {
+        r.parse()
+            .expect("WEIR_BENCH_UPGRADE_RATE: records a second")
+    });
+    let toml = wordcount(keys, "count@0.1.0", 2, rate);
     let id = bench.submit(dir.path(), &toml).await;
     // Four records a key: ~98% of the keys hold state.
     while bench.count_records_in(&id).await < keys * 4 {
@@ -306,6 +312,10 @@ async fn upgrade_once(keys: u64, request: &Value) -> (f64, Duration) {
         .await;
     let whole = started.elapsed();
     assert_eq!(done["status"], "succeeded", "{done:#}");
+    let job = bench.get(&format!("/api/jobs/{id}")).await;
+    if let Some(standby) = job["job"]["upgrades"][0]["standby"].as_str() {
+        eprintln!("{keys} keys: {standby}");
+    }
     bench.host.shutdown().await;
     (done["downtime_ms"].as_f64().unwrap_or(f64::NAN), whole)
 }
@@ -350,6 +360,11 @@ async fn api_latency() {
 }
 
 fn main() {
+    // RUST_LOG=weir=info shows the host's log on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

@@ -23,7 +23,7 @@ use weir::checkpoint::metadata::{self, CheckpointMetadata, SnapshotKind, StateRe
 use weir::checkpoint::restore::{self, CellSink};
 use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use weir::checkpoint::{
-    Role, SavepointTargets, SnapshotStats, TaskReport, TransferProgress, savepoint,
+    Role, SavepointForm, SavepointTargets, SnapshotStats, TaskReport, TransferProgress, savepoint,
 };
 use weir::job::JobGraph;
 use weir::plugin::PluginEngine;
@@ -78,7 +78,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
     std::fs::create_dir_all(&target).expect("mkdir");
     let targets = Arc::new(SavepointTargets::default());
     let id = CheckpointId(1);
-    targets.insert(id, target.clone(), false);
+    targets.insert(id, target.clone(), SavepointForm::Canonical);
     let (reports, mut acks) = mpsc::unbounded_channel();
     let storage = Arc::new(SubtaskStorage::new(
         dir.path().join("checkpoints"),
@@ -105,7 +105,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
             Target::Savepoint {
                 dir: target.clone(),
                 tables: vec![table.clone()],
-                native: false,
+                form: SavepointForm::Canonical,
             },
         );
     }

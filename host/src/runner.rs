@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::coordinator::{Coordinator, CoordinatorSettings, JobCheckpoints};
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
 };
 use crate::checkpoint::remote;
+use crate::checkpoint::standby::Standby;
 use crate::checkpoint::storage::SubtaskStorage;
 use crate::checkpoint::{
     CheckpointError, Role, SavepointTargets, SnapshotKind, TransferProgress, restore, savepoint,
@@ -34,7 +35,7 @@ use crate::dataflow::{
     Collector, Operator, OperatorError, Sink, Source, TaskContext, TaskError, TaskFactory, TaskInfo,
 };
 use crate::job::{BackendKind, JobGraph, Node, NodeKind, SinkKind, SourceKind};
-use crate::plugin::migrate::{Migrator, StateMigration};
+use crate::plugin::migrate::Migrator;
 use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
 use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
@@ -112,6 +113,9 @@ pub struct PreparedJob {
     /// the sinks (see [`Coordinator::commit_hold`]); set by the running
     /// host during an upgrade's probation.
     pub commit_hold: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The new version's state restored ahead by an upgrade (see
+    /// [`Standby`]): subtasks it follows take their state from it.
+    pub standby: Option<Arc<Standby>>,
     /// Ids of earlier runs whose uncommitted sink files this job discards
     /// when it starts (a version that failed its probation).
     pub discard_runs: Vec<String>,
@@ -282,6 +286,7 @@ pub fn prepare_as(
         savepoints: Arc::default(),
         restore_progress: Arc::default(),
         commit_hold: None,
+        standby: None,
         discard_runs: Vec::new(),
         savepoint_job_id: None,
         count_keys_at_end: true,
@@ -389,34 +394,30 @@ impl Factory<'_> {
         let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
         let key_groups = [range.start, range.end];
         let restored = self.restored(&node.uid);
-        let changed =
-            restored.map_or_else(Vec::new, |(_, op)| restore::changed_schemas(op, states));
-        let mut migrator = if changed.is_empty() {
-            None
-        } else {
-            let migrations = changed
-                .iter()
-                .map(|&(table, from_version)| StateMigration {
-                    table,
-                    name: states[table].name.clone(),
-                    kind: states[table].kind,
-                    from_version,
-                })
-                .collect();
-            Some(
-                Migrator::new(&node.uid, plugin.clone(), limits, migrations)
-                    .map_err(|e| Self::restore_error(info, e))?,
-            )
+        let mut migrator = match restored {
+            Some((_, op)) => Migrator::for_restore(&node.uid, plugin, limits, op)
+                .map_err(|e| Self::restore_error(info, e))?,
+            None => None,
         };
         let dir = self
             .job
             .state_dir()
             .join(format!("{}-{}", node.uid, info.subtask));
-        let mut restored_whole = None;
+        // The stored subtask restored file for file (or taken from the
+        // standby), and how many of its deltas that state holds already.
+        let mut restored_from = None;
         let mut backend: Box<dyn StateBackend> = if states.is_empty()
             || settings.backend == BackendKind::Memory
         {
             Box::new(MemoryBackend::new(states.len()))
+        } else if let (Some((_, op)), Some(standby)) = (restored, &self.job.standby)
+            && let Some((backend, stored, applied)) = standby
+                .take(&node.uid, op, key_groups, &dir)
+                .map_err(|e| Self::restore_error(info, e))?
+        {
+            debug!(uid = %node.uid, subtask = info.subtask, "state taken from the upgrade's standby");
+            restored_from = Some((stored, applied));
+            Box::new(backend)
         } else {
             if let Some((read, op)) = restored
                 && migrator.is_none()
@@ -430,7 +431,7 @@ impl Factory<'_> {
                 if let (Some(storage), Some((_, true))) = (storage, self.restore) {
                     storage.seed(whole.files.iter().cloned());
                 }
-                restored_whole = Some(whole);
+                restored_from = Some((whole, 0));
             }
             Box::new(
                 RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(info, e.into()))?,
@@ -445,12 +446,12 @@ impl Factory<'_> {
                 .as_mut()
                 .map(|m| m as &mut dyn restore::MigrateCells),
         };
-        if let (Some((read, _)), Some(whole)) = (restored, restored_whole) {
-            restore::apply_deltas(read, whole, range.clone(), &mut sink)
+        if let (Some((read, _)), Some((stored, applied))) = (restored, restored_from) {
+            restore::apply_delta_files(read, &stored.deltas[applied..], &mut sink)
                 .map_err(|e| Self::restore_error(info, e))?;
         }
         if let Some((read, op)) = restored
-            && restored_whole.is_none()
+            && restored_from.is_none()
         {
             // Per new subtask: subtasks restore in parallel, several of
             // them from the same stored subtask when rescaling.
@@ -467,7 +468,7 @@ impl Factory<'_> {
                 uid = %node.uid,
                 subtask = info.subtask,
                 values = migrator.migrated,
-                states = ?changed.iter().map(|&(t, v)| format!("{} from v{v}", states[t].name)).collect::<Vec<_>>(),
+                states = ?migrator.describe(),
                 "migrated state to the plugin's schema versions"
             );
         }
@@ -870,7 +871,12 @@ pub async fn run_observed<O: RunObserver + ?Sized>(
     check_connectors(job).await?;
     let mut tracker = RestartTracker::new(strategy);
     let result = loop {
-        let attempt = match launch_with_native(job, native) {
+        let launched = launch_with_native(job, native);
+        if let Some(standby) = &job.standby {
+            // Its state went to the first attempt's subtasks, if anywhere.
+            standby.release();
+        }
+        let attempt = match launched {
             Ok(running) => {
                 observer.launched(&running);
                 running.wait().await

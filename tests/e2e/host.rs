@@ -429,6 +429,13 @@ fn hot_upgrade_refused_rolled_back_and_done_keeps_exactly_once() {
         last["downtime_ms"].as_f64().is_some(),
         "downtime measured: {last:#}"
     );
+    // The migration ran ahead, on standby, while v1 ran on.
+    assert!(
+        last["standby"]
+            .as_str()
+            .is_some_and(|s| s.contains("restored on standby")),
+        "a migrating upgrade prepares its state on standby: {last:#}"
+    );
     host.wait_checkpoints(&id, 2, Duration::from_secs(30));
     // The upgraded run has its own checkpoints: the earlier runs' go.
     let runs: Vec<String> = job["job"]["runs"]

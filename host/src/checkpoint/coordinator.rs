@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
 use super::{
-    CheckpointError, CommitSignal, Role, SavepointTargets, SnapshotStats, StopAfter,
+    CheckpointError, CommitSignal, Role, SavepointForm, SavepointTargets, SnapshotStats, StopAfter,
     SubtaskSnapshot, TaskReport, Trigger,
 };
 use crate::types::CheckpointId;
@@ -339,9 +339,8 @@ pub struct SavepointRequest {
     /// Stop the job once the savepoint completed (stop-with-savepoint);
     /// `Some(true)`: drain first (every event-time timer fires).
     pub stop: Option<bool>,
-    /// Keep the state in the backend's own files (a native savepoint:
-    /// quick to write and to reopen) instead of the canonical format.
-    pub native: bool,
+    /// The form of the savepoint's state.
+    pub form: SavepointForm,
     /// Before the savepoint's barrier, up to this many checkpoints (when
     /// checkpointing is on) that every operator subtask takes as a base,
     /// writing its cache to its backend while the job runs on, so the
@@ -350,6 +349,18 @@ pub struct SavepointRequest {
     pub prepare: u32,
     /// The savepoint directory, or why there is none.
     pub reply: oneshot::Sender<Result<PathBuf, String>>,
+}
+
+/// What the coordinator of a running attempt is asked for.
+#[derive(Debug)]
+pub enum Request {
+    Savepoint(SavepointRequest),
+    /// A checkpoint now (as soon as nothing is in flight), answered with
+    /// it once it completed, or why it did not.
+    Checkpoint(oneshot::Sender<Result<ReadMetadata, String>>),
+    /// Hold (or stop holding) new bases: checkpoints are deltas of the
+    /// current chain ([`SavepointTargets::hold_bases`]).
+    HoldBases(bool),
 }
 
 /// A checkpoint that prepares a savepoint and took less than this (its
@@ -365,8 +376,8 @@ pub struct CoordinatorWiring {
     pub commit: watch::Sender<CommitSignal>,
     /// Set when the job is cancelled.
     pub cancelled: watch::Receiver<bool>,
-    /// Savepoints the user asks for.
-    pub savepoints: mpsc::UnboundedReceiver<SavepointRequest>,
+    /// Savepoints and checkpoints asked for.
+    pub requests: mpsc::UnboundedReceiver<Request>,
     /// Every subtask that acks a checkpoint: (uid, subtask).
     pub subtasks: Vec<(String, u32)>,
     pub sink_subtasks: usize,
@@ -380,6 +391,8 @@ struct Pending {
     savepoint: Option<PendingSavepoint>,
     /// The savepoint this checkpoint prepares: taken once it is done.
     then: Option<SavepointRequest>,
+    /// Asked for this checkpoint (see [`Request::Checkpoint`]).
+    waiters: Vec<oneshot::Sender<Result<ReadMetadata, String>>>,
 }
 
 impl Pending {
@@ -390,6 +403,7 @@ impl Pending {
             acks: HashMap::new(),
             savepoint: None,
             then,
+            waiters: Vec::new(),
         }
     }
 }
@@ -415,6 +429,15 @@ struct PendingSavepoint {
     reply: oneshot::Sender<Result<PathBuf, String>>,
     /// Tells each stopping source whether the savepoint completed.
     outcomes: Vec<oneshot::Sender<bool>>,
+}
+
+/// Stops holding bases when dropped.
+struct ReleaseBases<'a>(&'a SavepointTargets);
+
+impl Drop for ReleaseBases<'_> {
+    fn drop(&mut self) {
+        self.0.hold_bases(false);
+    }
 }
 
 /// The coordinator of one attempt.
@@ -452,6 +475,10 @@ impl Coordinator {
     pub async fn run(self, mut wiring: CoordinatorWiring) -> Result<Option<PathBuf>, String> {
         let mut pending: Option<Pending> = None;
         let mut queued: std::collections::VecDeque<SavepointRequest> = Default::default();
+        // Asked for a checkpoint: the next one triggered answers them.
+        let mut waiters: Vec<oneshot::Sender<Result<ReadMetadata, String>>> = Vec::new();
+        // Bases held by a request end with this attempt, however it ends.
+        let _bases = ReleaseBases(&self.savepoints);
         let mut requests_open = true;
         let mut next_local_id = self.first_id.max(1);
         let mut stopped_with: Option<PathBuf> = None;
@@ -546,7 +573,16 @@ impl Coordinator {
                 }
                 continue;
             }
+            if !waiters.is_empty() && (!enabled || sources_finished || final_sent) {
+                for waiter in waiters.drain(..) {
+                    let _ = waiter.send(Err(match enabled {
+                        false => "checkpointing is off".to_string(),
+                        true => "the job's sources have ended".to_string(),
+                    }));
+                }
+            }
             let next_trigger = match (&pending, self.settings.interval) {
+                (None, _) if !waiters.is_empty() => Some(Instant::now()),
                 (None, Some(interval)) if enabled && !sources_finished && !final_sent => {
                     Some((last_trigger + interval).max(last_done + self.settings.min_pause))
                 }
@@ -561,8 +597,10 @@ impl Coordinator {
                     }
                     hold = None;
                 }
-                request = wiring.savepoints.recv(), if requests_open => match request {
-                    Some(request) => queued.push_back(request),
+                request = wiring.requests.recv(), if requests_open => match request {
+                    Some(Request::Savepoint(request)) => queued.push_back(request),
+                    Some(Request::Checkpoint(waiter)) => waiters.push(waiter),
+                    Some(Request::HoldBases(held)) => self.savepoints.hold_bases(held),
                     None => requests_open = false,
                 },
                 report = wiring.reports.recv() => {
@@ -645,7 +683,9 @@ impl Coordinator {
                     let id = store.next_id();
                     last_trigger = Instant::now();
                     if self.trigger_checkpoint(id, &wiring.triggers, false) {
-                        pending = Some(Pending::checkpoint(id, None));
+                        let mut checkpoint = Pending::checkpoint(id, None);
+                        checkpoint.waiters = std::mem::take(&mut waiters);
+                        pending = Some(checkpoint);
                     } else {
                         sources_finished = true;
                     }
@@ -693,6 +733,9 @@ impl Coordinator {
             let _ = request.reply.send(Err(
                 "the job ended before the savepoint was taken".to_string()
             ));
+        }
+        for waiter in waiters {
+            let _ = waiter.send(Err("the job ended before the checkpoint".to_string()));
         }
         Ok(stopped_with)
     }
@@ -770,7 +813,7 @@ impl Coordinator {
                     .unwrap_or_default(),
             )
         });
-        self.savepoints.insert(id, dir.clone(), request.native);
+        self.savepoints.insert(id, dir.clone(), request.form);
         self.savepoints.progress.start();
         info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
         let mut outcomes = Vec::new();
@@ -801,6 +844,7 @@ impl Coordinator {
                 outcomes,
             }),
             then: None,
+            waiters: Vec::new(),
         };
         if delivered {
             Some(pending)
@@ -832,6 +876,9 @@ impl Coordinator {
             return;
         }
         warn!(checkpoint = pending.id.0, reason, "checkpoint aborted");
+        for waiter in pending.waiters {
+            let _ = waiter.send(Err(format!("checkpoint {} failed: {reason}", pending.id.0)));
+        }
         if let Some(store) = &self.store {
             let counter = match fault {
                 true => &store.metrics.failed,
@@ -876,10 +923,22 @@ impl Coordinator {
             .clone()
             .expect("only enabled coordinators trigger");
         let writer = store.clone();
-        tokio::task::spawn_blocking(move || writer.complete(metadata))
+        let written = tokio::task::spawn_blocking(move || writer.complete(metadata))
             .await
-            .map_err(|e| format!("writing _metadata: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("writing _metadata: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let read = match written {
+            Ok(read) => read,
+            Err(error) => {
+                for waiter in std::mem::take(&mut pending.waiters) {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+                return Err(error);
+            }
+        };
+        for waiter in std::mem::take(&mut pending.waiters) {
+            let _ = waiter.send(Ok(read.clone()));
+        }
         store.metrics.completed.fetch_add(1, Ordering::Relaxed);
         store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
         store.metrics.record(CheckpointRecord {
@@ -1054,7 +1113,7 @@ mod tests {
         reports: mpsc::UnboundedSender<TaskReport>,
         commit: watch::Receiver<CommitSignal>,
         _cancel: watch::Sender<bool>,
-        savepoints: mpsc::UnboundedSender<SavepointRequest>,
+        savepoints: mpsc::UnboundedSender<Request>,
         run: tokio::task::JoinHandle<Result<Option<PathBuf>, String>>,
         store: Arc<JobCheckpoints>,
         targets: Arc<SavepointTargets>,
@@ -1130,7 +1189,7 @@ mod tests {
             reports: report_receiver,
             commit,
             cancelled,
-            savepoints: savepoint_requests,
+            requests: savepoint_requests,
             subtasks: vec![("src".into(), 0), ("out".into(), 0)],
             sink_subtasks: 1,
         };
@@ -1364,6 +1423,37 @@ mod tests {
         assert_eq!(h.store.metrics.failed.load(Ordering::Relaxed), 1);
     }
 
+    #[tokio::test]
+    async fn a_checkpoint_asked_for_is_taken_at_once_and_answered_when_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Periodic checkpoints a minute apart: the one seen is the one asked.
+        let mut h = start_with(
+            dir.path(),
+            Duration::from_secs(10),
+            0,
+            Some(Duration::from_secs(60)),
+        );
+        let (reply, answer) = oneshot::channel();
+        h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
+        h.savepoints.send(Request::HoldBases(true)).expect("sent");
+        let id = tokio::time::timeout(Duration::from_secs(5), h.next_trigger())
+            .await
+            .expect("triggered at once");
+        ack(&h.reports, id, "src");
+        ack(&h.reports, id, "out");
+        let read = answer.await.expect("answered").expect("completed");
+        assert_eq!(read.metadata.checkpoint, id.0);
+        assert!(read.path.exists(), "its _metadata is written");
+        assert!(h.targets.bases_held(), "bases are held as asked");
+        // A failed one answers with why.
+        let (reply, answer) = oneshot::channel();
+        h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
+        let id = h.next_trigger().await;
+        decline(&h.reports, id, "out", "disk full");
+        let error = answer.await.expect("answered").expect_err("failed");
+        assert!(error.contains("disk full"), "{error}");
+    }
+
     fn request(
         h: &Harness,
         target: &std::path::Path,
@@ -1380,13 +1470,13 @@ mod tests {
     ) -> oneshot::Receiver<Result<PathBuf, String>> {
         let (reply, answer) = oneshot::channel();
         h.savepoints
-            .send(SavepointRequest {
+            .send(Request::Savepoint(SavepointRequest {
                 target: target.to_path_buf(),
                 stop,
-                native: false,
+                form: SavepointForm::Canonical,
                 prepare,
                 reply,
-            })
+            }))
             .expect("coordinator listens");
         answer
     }

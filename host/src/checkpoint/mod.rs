@@ -30,6 +30,7 @@ pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod savepoint;
+pub mod standby;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -67,13 +68,35 @@ pub struct StopAfter {
     pub outcome: tokio::sync::oneshot::Receiver<bool>,
 }
 
+/// The form a savepoint's keyed state takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SavepointForm {
+    /// One canonical `.state` dump per subtask: relocatable, readable at
+    /// any parallelism and by any backend.
+    #[default]
+    Canonical,
+    /// The backend's own files of a full base: quick to write and to
+    /// reopen file for file where the key-group range is unchanged.
+    Native,
+    /// The subtask's checkpoint chain (its latest base and the deltas
+    /// since, linked in) plus one delta of the changes since its last
+    /// checkpoint: the least to write at the barrier, and a restore that
+    /// already holds the chain's state (an upgrade's
+    /// [`standby`](standby)) applies only the new
+    /// deltas. A subtask without a chain writes [`SavepointForm::Native`].
+    Incremental,
+}
+
 /// The savepoints in flight, by checkpoint id: where operator subtasks
 /// write their part of barrier n instead of checkpoint storage.
 #[derive(Debug, Default)]
 pub struct SavepointTargets {
-    /// By checkpoint id: the savepoint directory, and whether the state
-    /// goes in native form (the backend's files) instead of canonical.
-    dirs: Mutex<HashMap<u64, (PathBuf, bool)>>,
+    /// By checkpoint id: the savepoint directory and the form its state
+    /// takes.
+    dirs: Mutex<HashMap<u64, (PathBuf, SavepointForm)>>,
+    /// While set, checkpoints are deltas (unless a subtask has no base or
+    /// one is forced): an upgrade's standby follows the chain's deltas.
+    bases_held: std::sync::atomic::AtomicBool,
     /// A checkpoint every operator subtask takes as a base (its cache
     /// written to its backend): one that prepares a savepoint.
     base: AtomicU64,
@@ -105,11 +128,21 @@ impl SavepointTargets {
         self.base.load(Ordering::Relaxed) == checkpoint.0
     }
 
-    pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf, native: bool) {
+    /// While `held`, subtasks with a base take deltas only (see
+    /// [`SubtaskStorage::wants_base`](storage::SubtaskStorage::wants_base)).
+    pub fn hold_bases(&self, held: bool) {
+        self.bases_held.store(held, Ordering::Relaxed);
+    }
+
+    pub fn bases_held(&self) -> bool {
+        self.bases_held.load(Ordering::Relaxed)
+    }
+
+    pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf, form: SavepointForm) {
         self.dirs
             .lock()
             .expect("not poisoned")
-            .insert(checkpoint.0, (dir, native));
+            .insert(checkpoint.0, (dir, form));
     }
 
     pub fn remove(&self, checkpoint: CheckpointId) {
@@ -119,9 +152,9 @@ impl SavepointTargets {
             .remove(&checkpoint.0);
     }
 
-    /// The savepoint directory of barrier n, if n is a savepoint, and
-    /// whether it is native.
-    pub fn get(&self, checkpoint: CheckpointId) -> Option<(PathBuf, bool)> {
+    /// The savepoint directory of barrier n, if n is a savepoint, and the
+    /// form of its state.
+    pub fn get(&self, checkpoint: CheckpointId) -> Option<(PathBuf, SavepointForm)> {
         self.dirs
             .lock()
             .expect("not poisoned")

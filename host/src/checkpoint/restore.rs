@@ -303,23 +303,21 @@ impl CellSink<'_> {
     }
 }
 
-/// Applies to `sink` the cells a stored dump (a memory base, a savepoint
-/// `.state` file or a delta) holds for its tables and key groups, streaming
-/// it and writing in chunks; the file's size and sha256 are checked as it
-/// is read. Returns the number of cells.
-fn load_dump(
+/// Streams to `visit`, as writes, the cells a stored dump (a memory base,
+/// a savepoint `.state` file or a delta) holds for `sink`'s tables and
+/// the key groups `range`; the file's size and sha256 are checked as it is
+/// read. Returns the file's path (for errors) and the number of cells.
+fn read_dump(
     read: &ReadMetadata,
     file: &FileRef,
     range: &Range<u32>,
     sink: &mut CellSink<'_>,
-    bulk: bool,
-) -> Result<u64, CheckpointError> {
-    let chunk = if bulk { BULK_CHUNK } else { LOAD_CHUNK };
+    mut visit: impl FnMut(&mut CellSink<'_>, WriteOp, &Path) -> Result<(), CheckpointError>,
+) -> Result<(PathBuf, u64), CheckpointError> {
     let path = read.resolve(file);
     let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
     let index_of = sink.index();
-    let mut ops = Vec::new();
-    let mut loaded = 0u64;
+    let mut cells = 0u64;
     let mut failed: Option<CheckpointError> = None;
     dump::decode_from(&mut reader, &path, |name, key_group, key, value| {
         let Some(&table) = index_of.get(name) else {
@@ -331,7 +329,8 @@ fn load_dump(
         let key = key.to_vec();
         sink.progress
             .add(1, (key.len() + value.map_or(0, <[u8]>::len)) as u64);
-        ops.push(match value {
+        cells += 1;
+        let op = match value {
             Some(value) => WriteOp::Put {
                 table,
                 key_group,
@@ -343,23 +342,93 @@ fn load_dump(
                 key_group,
                 key,
             },
-        });
-        if ops.len() >= chunk {
-            loaded += ops.len() as u64;
-            if let Err(error) = sink.write(std::mem::take(&mut ops), &path, bulk) {
-                failed = Some(error);
-            }
+        };
+        if let Err(error) = visit(sink, op, &path) {
+            failed = Some(error);
         }
     })
     .map_err(|e| CheckpointError::io(&path, e))?;
     if let Some(error) = failed {
         return Err(error);
     }
-    loaded += ops.len() as u64;
-    sink.write(ops, &path, bulk)?;
     let (_, size, sha256) = reader.finish();
     file.check(&path, size, &sha256)?;
-    Ok(loaded)
+    Ok((path, cells))
+}
+
+/// Applies to `sink` the cells a stored dump holds for its tables and key
+/// groups (see [`read_dump`]), writing in chunks. Returns the number of
+/// cells.
+fn load_dump(
+    read: &ReadMetadata,
+    file: &FileRef,
+    range: &Range<u32>,
+    sink: &mut CellSink<'_>,
+    bulk: bool,
+) -> Result<u64, CheckpointError> {
+    let chunk = if bulk { BULK_CHUNK } else { LOAD_CHUNK };
+    let mut ops = Vec::new();
+    let (path, cells) = read_dump(read, file, range, sink, |sink, op, path| {
+        ops.push(op);
+        if ops.len() >= chunk {
+            sink.write(std::mem::take(&mut ops), path, bulk)?;
+        }
+        Ok(())
+    })?;
+    sink.write(ops, &path, bulk)?;
+    Ok(cells)
+}
+
+/// Changes merged from deltas before they are written (past it, the
+/// merged changes are written and merging starts again).
+const MERGE_LIMIT: usize = 1 << 20;
+
+/// The latest change of each cell, from deltas applied in order.
+#[derive(Default)]
+struct Merged(HashMap<(usize, u16, Vec<u8>), Option<Vec<u8>>>);
+
+impl Merged {
+    fn add(&mut self, op: WriteOp) {
+        match op {
+            WriteOp::Put {
+                table,
+                key_group,
+                key,
+                value,
+            } => self.0.insert((table, key_group, key), Some(value)),
+            WriteOp::Delete {
+                table,
+                key_group,
+                key,
+            } => self.0.insert((table, key_group, key), None),
+        };
+    }
+
+    /// Migrates (where needed) and writes the merged changes, each cell
+    /// once: the puts sorted (in bulk, as table files, when there are
+    /// many), then the deletions.
+    fn write(&mut self, sink: &mut CellSink<'_>, path: &Path) -> Result<(), CheckpointError> {
+        let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+        for ((table, key_group, key), value) in self.0.drain() {
+            match value {
+                Some(value) => puts.push(WriteOp::Put {
+                    table,
+                    key_group,
+                    key,
+                    value,
+                }),
+                None => deletes.push(WriteOp::Delete {
+                    table,
+                    key_group,
+                    key,
+                }),
+            }
+        }
+        puts.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        let bulk = puts.len() >= LOAD_CHUNK;
+        sink.write(puts, path, bulk)?;
+        sink.write(deletes, path, false)
+    }
 }
 
 /// Loads into `sink` the cells of its key groups from every snapshot
@@ -460,11 +529,44 @@ pub fn apply_deltas(
     range: Range<u32>,
     sink: &mut CellSink<'_>,
 ) -> Result<u64, CheckpointError> {
-    let mut applied = 0u64;
     let range = range.start.max(sink.range.start)..range.end.min(sink.range.end);
-    for delta in &subtask.deltas {
-        applied += load_dump(read, delta, &range, sink, false)?;
+    apply_in(read, &subtask.deltas, &range, sink)
+}
+
+/// Applies `deltas` (stored files of one subtask, in order) to `sink`:
+/// the cells of its key groups. Returns the number of changes applied.
+pub fn apply_delta_files(
+    read: &ReadMetadata,
+    deltas: &[FileRef],
+    sink: &mut CellSink<'_>,
+) -> Result<u64, CheckpointError> {
+    let range = sink.range.clone();
+    apply_in(read, deltas, &range, sink)
+}
+
+/// Applies `deltas` merged: a cell changed in several of them is
+/// migrated and written once, with its latest change.
+fn apply_in(
+    read: &ReadMetadata,
+    deltas: &[FileRef],
+    range: &Range<u32>,
+    sink: &mut CellSink<'_>,
+) -> Result<u64, CheckpointError> {
+    let mut applied = 0u64;
+    let mut merged = Merged::default();
+    let mut last = read.path.clone();
+    for delta in deltas {
+        let (path, cells) = read_dump(read, delta, range, sink, |sink, op, path| {
+            merged.add(op);
+            if merged.0.len() >= MERGE_LIMIT {
+                merged.write(sink, path)?;
+            }
+            Ok(())
+        })?;
+        applied += cells;
+        last = path;
     }
+    merged.write(sink, &last)?;
     Ok(applied)
 }
 

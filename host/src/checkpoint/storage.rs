@@ -29,7 +29,8 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{
-    CheckpointError, FileRef, SavepointTargets, SnapshotStats, SubtaskSnapshot, TaskReport,
+    CheckpointError, FileRef, SavepointForm, SavepointTargets, SnapshotStats, SubtaskSnapshot,
+    TaskReport,
 };
 use crate::state::{DELTA_FORMAT, SnapshotJob};
 use crate::types::CheckpointId;
@@ -55,14 +56,12 @@ struct Chain {
 pub enum Target {
     /// Checkpoint storage: a delta or a base in `shared/`, timers private.
     Checkpoint,
-    /// A savepoint directory: the state in canonical form (its tables
-    /// `<uid>/<state>` in order) and the timers; `native`: the backend's
-    /// own files instead (a full base, restored file for file where the
-    /// key-group range is unchanged: what the running host's upgrades use).
+    /// A savepoint directory: the state in the `form` asked for (its
+    /// tables `<uid>/<state>` in order) and the timers.
     Savepoint {
         dir: PathBuf,
         tables: Vec<String>,
-        native: bool,
+        form: SavepointForm,
     },
 }
 
@@ -124,22 +123,28 @@ impl SubtaskStorage {
         }
     }
 
-    /// The savepoint directory of barrier n, if n is a savepoint.
-    /// The savepoint directory of barrier n (if n is a savepoint) and
-    /// whether it is native.
-    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<(PathBuf, bool)> {
+    /// The savepoint directory of barrier n (if n is a savepoint) and the
+    /// form of its state.
+    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<(PathBuf, SavepointForm)> {
         self.savepoints.get(checkpoint)
     }
 
-    /// A savepoint's part: the state in canonical form (or, `native`, the
-    /// backend's files of a full base) and the timers, in the savepoint
-    /// directory `dir`. Returns the snapshot and its bytes.
+    /// Whether this subtask has a stored base its next snapshot can be a
+    /// delta of (what a [`SavepointForm::Incremental`] savepoint extends).
+    pub fn has_chain(&self) -> bool {
+        self.chain.lock().expect("not poisoned").is_some()
+    }
+
+    /// A savepoint's part, in the savepoint directory `dir`: the state in
+    /// canonical form, or the backend's files of a full base (`native`),
+    /// or (`copy` is a delta) the checkpoint chain linked in plus that
+    /// delta; and the timers. Returns the snapshot and its bytes.
     fn store_savepoint(
         &self,
         dir: &Path,
         copy: Option<&(PathBuf, String)>,
         tables: &[String],
-        native: bool,
+        form: SavepointForm,
         timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64), CheckpointError> {
         let mut snapshot = SubtaskSnapshot {
@@ -149,7 +154,34 @@ impl SubtaskStorage {
             ..SubtaskSnapshot::default()
         };
         let stem = format!("{}-{}", self.uid, self.subtask);
-        if let Some((copy, format)) = copy.filter(|_| native) {
+        let native = form != SavepointForm::Canonical;
+        if let Some((copy, _)) = copy.filter(|(_, format)| format == DELTA_FORMAT) {
+            let chain = self.chain.lock().expect("not poisoned").clone();
+            let Some(chain) = chain else {
+                return Err(CheckpointError::io(
+                    copy,
+                    "the checkpoint chain this savepoint extends is gone (a checkpoint failed meanwhile)",
+                ));
+            };
+            let link = |file: &FileRef| {
+                let rel = format!(
+                    "{stem}-{}",
+                    file.path.rsplit('/').next().unwrap_or(&file.name)
+                );
+                link_known(&self.job_dir.join(&file.path), dir, rel, file)
+            };
+            snapshot.files = chain.base.iter().map(link).collect::<Result<_, _>>()?;
+            snapshot.deltas = chain.deltas.iter().map(link).collect::<Result<_, _>>()?;
+            let source = copy.join(crate::state::dump::DELTA_FILE);
+            snapshot.deltas.push(copy_in(
+                &source,
+                dir,
+                format!("{stem}-savepoint.delta"),
+                "delta",
+            )?);
+            sync_dir(dir)?;
+            snapshot.backend = Some(chain.format);
+        } else if let Some((copy, format)) = copy.filter(|_| native) {
             for name in file_names(copy)? {
                 let (source, rel) = (copy.join(&name), format!("{stem}-{name}"));
                 let file = match self.known_sst(&name) {
@@ -209,14 +241,16 @@ impl SubtaskStorage {
         }
     }
 
-    /// Whether checkpoint n should be a base rather than a delta: the chain
-    /// is long, or n prepares a savepoint.
+    /// Whether checkpoint n should be a base rather than a delta: there is
+    /// no base, or n prepares a savepoint, or (unless bases are held, see
+    /// [`SavepointTargets::hold_bases`]) the chain is long.
     pub fn wants_base(&self, checkpoint: CheckpointId) -> bool {
         if self.savepoints.base_forced(checkpoint) {
             return true;
         }
         match &*self.chain.lock().expect("not poisoned") {
             None => true,
+            Some(_) if self.savepoints.bases_held() => false,
             Some(chain) => {
                 chain.deltas.len() >= MAX_DELTAS
                     || chain.delta_bytes > chain.base_bytes.max(1 << 20)
@@ -284,12 +318,8 @@ impl SubtaskStorage {
             let _serial = this.serial.lock().expect("not poisoned");
             let stored = match &target {
                 Target::Checkpoint => this.store(checkpoint, state.as_ref(), &local.timers),
-                Target::Savepoint {
-                    dir,
-                    tables,
-                    native,
-                } => this
-                    .store_savepoint(dir, state.as_ref(), tables, *native, &local.timers)
+                Target::Savepoint { dir, tables, form } => this
+                    .store_savepoint(dir, state.as_ref(), tables, *form, &local.timers)
                     .map(|(snapshot, bytes)| (snapshot, bytes, bytes)),
             };
             if let Some((dir, _)) = &state {

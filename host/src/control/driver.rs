@@ -25,6 +25,7 @@ use super::record::*;
 use super::upgrade::{self, ActivityWatch, Probation, ProbationOutcome};
 use super::{ControlError, HostContext, now_ms};
 use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
+use crate::checkpoint::standby::Standby;
 use crate::dataflow::TaskError;
 use crate::dataflow::metrics::SubtaskMetrics;
 use crate::dataflow::runtime::{NodeMetrics, RunningJob, Savepointer};
@@ -77,6 +78,8 @@ pub(super) struct Upgrade {
     pub probation_checkpoints: u64,
     /// The new version's plugins, loaded by the check before the stop.
     pub loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
+    /// The new version's state, restored ahead (a migrating upgrade).
+    pub standby: Option<Arc<Standby>>,
 }
 
 /// One run to start.
@@ -90,6 +93,8 @@ pub(super) struct RunPlan {
     discard_runs: Vec<String>,
     /// Plugins loaded already (see [`RunOptions::loaded`]).
     loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
+    /// State restored ahead for this run (see [`PreparedJob::standby`]).
+    standby: Option<Arc<Standby>>,
     phase: Phase,
 }
 
@@ -112,6 +117,7 @@ impl RunPlan {
             run_id: record.id.clone(),
             discard_runs: Vec::new(),
             loaded: HashMap::new(),
+            standby: None,
             phase: Phase::Normal,
         }
     }
@@ -170,6 +176,7 @@ pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> RunPlan {
         run_id: crate::runner::new_job_id(),
         discard_runs: Vec::new(),
         loaded: HashMap::new(),
+        standby: None,
         phase: Phase::Normal,
     }
 }
@@ -271,6 +278,7 @@ async fn run(
         Err(error) => return start_failed(handle, plan, error.to_string()),
     };
     prepared.discard_runs = plan.discard_runs.clone();
+    prepared.standby = plan.standby.clone();
     prepared.savepoint_job_id = Some(handle.id.clone());
     prepared.count_keys_at_end = false;
     prepared.remove_state_in_background = true;
@@ -449,6 +457,7 @@ pub(super) fn probation_plan(
     restore: PathBuf,
     allow_non_restored_state: bool,
     loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
+    standby: Option<Arc<Standby>>,
     probation: Probation,
 ) -> RunPlan {
     RunPlan {
@@ -459,6 +468,7 @@ pub(super) fn probation_plan(
         run_id: crate::runner::new_job_id(),
         discard_runs: Vec::new(),
         loaded,
+        standby,
         phase: Phase::Probation(Box::new(probation)),
     }
 }
@@ -479,6 +489,7 @@ pub(super) fn rollback_plan(
         run_id: crate::runner::new_job_id(),
         discard_runs: vec![discard],
         loaded: HashMap::new(),
+        standby: None,
         phase: Phase::RollBack(Box::new(rollback)),
     }
 }

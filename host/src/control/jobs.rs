@@ -558,6 +558,7 @@ impl JobManager {
                 .probation_checkpoints
                 .unwrap_or(self.ctx.settings.probation_checkpoints),
             loaded: Default::default(),
+            standby: None,
         };
         self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
             operation,

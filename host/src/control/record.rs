@@ -143,6 +143,11 @@ pub struct UpgradeRecord {
     pub savepoint: Option<String>,
     pub downtime_ms: Option<f64>,
     pub error: Option<String>,
+    /// A migrating upgrade: how the new version's state was made ready
+    /// before the stop (restored and migrated on standby, then caught up
+    /// with the job's checkpoints), in a line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
 }
 
 /// Everything the host keeps about a job.

@@ -5,7 +5,13 @@
 //!    checkpoint: restore rules, schema versions, a migrate export where a
 //!    version changed. A refused upgrade leaves the job running, untouched.
 //! 2. **Stop with a savepoint** (no drain), then swap the plugins: the only
-//!    point at which a job's plugin code changes ([`after_stop`]).
+//!    point at which a job's plugin code changes ([`after_stop`]). An
+//!    upgrade that migrates state first restores and migrates the new
+//!    version's state on a [`Standby`] and catches it up with checkpoints
+//!    taken one after the other ([`follow_on_standby`]), then stops with
+//!    an incremental savepoint: only the changes since the last catch-up
+//!    are migrated while the job is down. Otherwise the stop is prepared
+//!    by base checkpoints ([`Savepointer::prepared_stop`]).
 //! 3. **Probation** ([`watch_probation`]): the new version restores from the
 //!    savepoint and runs with its sinks' commits held back until it has
 //!    completed `probation_checkpoints` checkpoints (or the probation time
@@ -32,8 +38,12 @@ use super::jobs::JobHandle;
 use super::lifecycle::JobStatus;
 use super::record::*;
 use super::{HostContext, now_ms};
-use crate::dataflow::runtime::{JobOutcome, NodeMetrics, RunningJob};
-use crate::runner::{RunError, RunOptions};
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::coordinator::PREPARED_UNDER;
+use crate::checkpoint::standby::Standby;
+use crate::dataflow::runtime::{JobOutcome, NodeMetrics, RunningJob, Savepointer};
+use crate::runner::{PreparedJob, RunError, RunOptions};
 
 /// How an upgrade's probation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +204,7 @@ pub(super) async fn stop_for_upgrade(
             savepoint: None,
             downtime_ms: None,
             error: None,
+            standby: None,
         });
     });
     // The restore point to check against: the newest completed checkpoint,
@@ -216,22 +227,27 @@ pub(super) async fn stop_for_upgrade(
                 ..Default::default()
             };
             driver::prepare(&ctx, &spec, &options, "upgrade-check".to_string())
-                .map(|prepared| prepared.loaded_plugins())
                 .map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
-    let check = check.map(|loaded| upgrade.loaded = loaded);
-    if let Err(error) = check {
+    let refuse = |error: String| {
         let error = format!("upgrade refused, the job runs on unchanged: {error}");
         update_upgrade(handle, operation, |u| {
             u.outcome = "refused".to_string();
             u.error = Some(error.clone());
         });
         fail_operation(handle, operation, error);
-        return Err(());
-    }
+    };
+    let checked = match check {
+        Ok(checked) => checked,
+        Err(error) => {
+            refuse(error);
+            return Err(());
+        }
+    };
+    upgrade.loaded = checked.loaded_plugins();
     let Some(savepointer) = handle
         .live
         .lock()
@@ -250,10 +266,41 @@ pub(super) async fn stop_for_upgrade(
             describe(&changed, &current, &upgrade.spec)
         ),
     );
-    match savepointer
-        .prepared_stop(ctx.data.join("savepoints"), 3)
-        .await
-    {
+    // A migrating upgrade restores and migrates the new version's state
+    // ahead, while the old version runs on; the stop then leaves only the
+    // changes since its last catch-up to migrate.
+    if checked.checkpoints.is_some() && Standby::worth_it(&checked) {
+        let root = checked
+            .graph
+            .state
+            .dir
+            .join("standby")
+            .join(format!("{}-{operation}", handle.id));
+        match follow_on_standby(&savepointer, checked, root).await {
+            Ok((standby, summary)) => {
+                info!(job = %handle.id, operation, "{summary}");
+                update_upgrade(handle, operation, |u| u.standby = Some(summary));
+                upgrade.standby = Some(standby);
+            }
+            Err(StandbyError::Refused(error)) => {
+                savepointer.hold_bases(false);
+                refuse(error);
+                handle.transition(JobStatus::Running, "the upgrade was refused");
+                return Err(());
+            }
+            // The stop restores (and migrates) everything as usual.
+            Err(StandbyError::Skipped(reason)) => {
+                warn!(job = %handle.id, operation, %reason, "no standby for the upgrade");
+            }
+        }
+    }
+    let target = ctx.data.join("savepoints");
+    let stopped = match upgrade.standby {
+        Some(_) => savepointer.incremental_stop(target).await,
+        None => savepointer.prepared_stop(target, 3).await,
+    };
+    savepointer.hold_bases(false);
+    match stopped {
         Ok(path) => {
             update_upgrade(handle, operation, |u| {
                 u.savepoint = Some(path.display().to_string());
@@ -273,6 +320,87 @@ pub(super) async fn stop_for_upgrade(
             Err(())
         }
     }
+}
+
+/// Catch-up rounds at most before the stop.
+const CATCH_UP_ROUNDS: u32 = 6;
+
+/// Why an upgrade has no standby.
+enum StandbyError {
+    /// The new version cannot restore the job's state (a migration
+    /// failed): the upgrade is refused.
+    Refused(String),
+    /// No checkpoint to follow (one failed, the job is ending): the
+    /// upgrade goes on without.
+    Skipped(String),
+}
+
+/// Restores the new version's state (`job`, prepared against the running
+/// job's newest checkpoint) under `root` from a checkpoint taken now, with
+/// the job's bases held, then catches it up with further checkpoints
+/// taken one after the other until one round took under
+/// [`PREPARED_UNDER`]. Returns the standby and a line saying what it did.
+async fn follow_on_standby(
+    savepointer: &Savepointer,
+    job: PreparedJob,
+    root: PathBuf,
+) -> Result<(Arc<Standby>, String), StandbyError> {
+    let started = Instant::now();
+    savepointer.hold_bases(true);
+    let read = savepointer
+        .checkpoint()
+        .await
+        .map_err(StandbyError::Skipped)?;
+    let from = read.metadata.checkpoint;
+    let standby = tokio::task::spawn_blocking(move || Standby::build(&job, &read, root))
+        .await
+        .map_err(|e| StandbyError::Refused(e.to_string()))?
+        .map_err(|e| StandbyError::Refused(e.to_string()))?;
+    let standby = Arc::new(standby);
+    let restored = started.elapsed();
+    let (mut rounds, mut last, mut previous) = (0, (0u64, Duration::ZERO), u64::MAX);
+    while rounds < CATCH_UP_ROUNDS && !standby.is_empty() {
+        let asked = Instant::now();
+        let read = savepointer
+            .checkpoint()
+            .await
+            .map_err(StandbyError::Skipped)?;
+        let round = Instant::now();
+        let following = standby.clone();
+        let applied = tokio::task::spawn_blocking(move || following.catch_up(&read))
+            .await
+            .map_err(|e| StandbyError::Refused(e.to_string()))?
+            .map_err(|e| StandbyError::Refused(e.to_string()))?;
+        rounds += 1;
+        last = (applied, round.elapsed());
+        debug!(
+            round = rounds,
+            checkpoint_ms = (round - asked).as_millis() as u64,
+            applied,
+            took_ms = last.1.as_millis() as u64,
+            "standby caught up"
+        );
+        // Quick enough, or not converging (the job changes state about as
+        // fast as the standby migrates it): more rounds would not shrink
+        // what is left for the stop.
+        if last.1 < PREPARED_UNDER || applied * 4 > previous * 3 {
+            break;
+        }
+        previous = applied;
+    }
+    if standby.is_empty() {
+        return Err(StandbyError::Skipped(
+            "no subtask kept its key-group range on RocksDB".to_string(),
+        ));
+    }
+    let summary = format!(
+        "{} subtasks restored on standby from checkpoint {from} in {} ms, then {rounds} catch-up rounds, the last applying {} changes in {} ms",
+        standby.len(),
+        restored.as_millis(),
+        last.0,
+        last.1.as_millis(),
+    );
+    Ok((standby, summary))
 }
 
 /// The old version has stopped with the savepoint: the new version's plan.
@@ -316,6 +444,7 @@ pub(super) fn after_stop(
         savepoint.clone(),
         allow,
         upgrade.loaded,
+        upgrade.standby,
         Probation {
             operation,
             previous,

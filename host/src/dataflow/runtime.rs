@@ -18,11 +18,11 @@ use super::input::InputGate;
 use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
 use super::task::{self, Reports, TaskSummary, WatermarkGenerator};
-use crate::checkpoint::CommitSignal;
 use crate::checkpoint::coordinator::{
-    CheckpointMetrics, Coordinator, CoordinatorWiring, SavepointRequest,
+    CheckpointMetrics, Coordinator, CoordinatorWiring, Request, SavepointRequest,
 };
 use crate::checkpoint::storage::SubtaskStorage;
+use crate::checkpoint::{CommitSignal, SavepointForm};
 use crate::job::{JobGraph, Node, NodeKind};
 use crate::types::StreamEvent;
 
@@ -70,7 +70,7 @@ pub struct RunningJob {
     cancel: watch::Sender<bool>,
     coordinator: JoinHandle<Result<Option<std::path::PathBuf>, String>>,
     checkpoints: Option<Arc<CheckpointMetrics>>,
-    savepoints: mpsc::UnboundedSender<SavepointRequest>,
+    savepoints: mpsc::UnboundedSender<Request>,
     savepoint_targets: Arc<crate::checkpoint::SavepointTargets>,
 }
 
@@ -241,7 +241,7 @@ pub fn launch(
         reports: report_receiver,
         commit,
         cancelled: cancel_rx,
-        savepoints: savepoint_receiver,
+        requests: savepoint_receiver,
         subtasks,
         sink_subtasks,
     };
@@ -450,9 +450,9 @@ impl RunningJob {
     }
 }
 
-/// Asks a running attempt for savepoints.
+/// Asks a running attempt for savepoints (and checkpoints).
 #[derive(Debug, Clone)]
-pub struct Savepointer(mpsc::UnboundedSender<SavepointRequest>);
+pub struct Savepointer(mpsc::UnboundedSender<Request>);
 
 impl Savepointer {
     /// Takes a savepoint under `target`; with `stop`, the job then stops
@@ -462,19 +462,20 @@ impl Savepointer {
         target: std::path::PathBuf,
         stop: Option<bool>,
     ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, false, 0).await
+        self.request(target, stop, SavepointForm::Canonical, 0)
+            .await
     }
 
     /// [`Savepointer::savepoint`] in native form: each subtask's state as
     /// its backend's files (a full base), restored file for file where the
     /// key-group range is unchanged. Quick to write and to reopen; the
-    /// running host's upgrades take these.
+    /// running host's shutdown takes these.
     pub async fn native_savepoint(
         &self,
         target: std::path::PathBuf,
         stop: Option<bool>,
     ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, true, 0).await
+        self.request(target, stop, SavepointForm::Native, 0).await
     }
 
     /// A native stop-with-savepoint (no drain) whose state is written
@@ -487,25 +488,56 @@ impl Savepointer {
         target: std::path::PathBuf,
         rounds: u32,
     ) -> Result<std::path::PathBuf, String> {
-        self.request(target, Some(false), true, rounds).await
+        self.request(target, Some(false), SavepointForm::Native, rounds)
+            .await
+    }
+
+    /// A stop-with-savepoint (no drain) in [`SavepointForm::Incremental`]
+    /// form: each subtask's checkpoint chain plus the changes since its
+    /// last checkpoint. What an upgrade whose standby follows the chain
+    /// takes.
+    pub async fn incremental_stop(
+        &self,
+        target: std::path::PathBuf,
+    ) -> Result<std::path::PathBuf, String> {
+        self.request(target, Some(false), SavepointForm::Incremental, 0)
+            .await
+    }
+
+    /// Takes a checkpoint now (as soon as none is in flight); resolves to
+    /// it once it completed.
+    pub async fn checkpoint(&self) -> Result<crate::checkpoint::metadata::ReadMetadata, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0
+            .send(Request::Checkpoint(reply))
+            .map_err(|_| "the job has ended: no checkpoint".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the job ended before the checkpoint completed".to_string())?
+    }
+
+    /// While `held`, checkpoints are deltas of each subtask's current base
+    /// (see [`SavepointTargets::hold_bases`](crate::checkpoint::SavepointTargets::hold_bases)).
+    pub fn hold_bases(&self, held: bool) {
+        let _ = self.0.send(Request::HoldBases(held));
     }
 
     async fn request(
         &self,
         target: std::path::PathBuf,
         stop: Option<bool>,
-        native: bool,
+        form: SavepointForm,
         prepare: u32,
     ) -> Result<std::path::PathBuf, String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.0
-            .send(SavepointRequest {
+            .send(Request::Savepoint(SavepointRequest {
                 target,
                 stop,
-                native,
+                form,
                 prepare,
                 reply,
-            })
+            }))
             .map_err(|_| "the job has ended: no savepoint".to_string())?;
         answer
             .await

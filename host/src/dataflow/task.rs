@@ -19,7 +19,8 @@ use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
 use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use crate::checkpoint::{
-    CommitSignal, Role, SnapshotStats, StopAfter, SubtaskSnapshot, TaskReport, Trigger,
+    CommitSignal, Role, SavepointForm, SnapshotStats, StopAfter, SubtaskSnapshot, TaskReport,
+    Trigger,
 };
 use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
 
@@ -542,6 +543,9 @@ fn snapshot_operator(
     let local_dir = storage.local_dir(checkpoint);
     let savepoint = storage.savepoint_dir(checkpoint);
     let state = match savepoint {
+        Some((_, SavepointForm::Incremental)) if storage.has_chain() => {
+            task.state.savepoint_delta(local_dir)
+        }
         Some(_) => task.state.savepoint(local_dir),
         None => task
             .state
@@ -562,10 +566,10 @@ fn snapshot_operator(
         ..SnapshotStats::default()
     };
     let target = match savepoint {
-        Some((dir, native)) => Target::Savepoint {
+        Some((dir, form)) => Target::Savepoint {
             dir,
             tables: task.state.table_names(),
-            native,
+            form,
         },
         None => Target::Checkpoint,
     };

@@ -12,7 +12,8 @@ use wasmtime::component::{Component, ComponentExportIndex, TypedFunc};
 
 use super::engine::{LoadedPlugin, ticks};
 use super::host::HostState;
-use crate::checkpoint::restore::MigrateCells;
+use crate::checkpoint::metadata::OperatorSnapshot;
+use crate::checkpoint::restore::{MigrateCells, changed_schemas};
 use crate::job::Limits;
 use crate::state::{StateKind, codec};
 
@@ -102,6 +103,39 @@ impl Migrator {
             states: by_table,
             migrated: 0,
         })
+    }
+
+    /// The migrator that restoring `op`'s stored state for `plugin` (as
+    /// operator `uid`) needs: None when no state's schema version changed.
+    pub fn for_restore(
+        uid: &str,
+        plugin: &Arc<LoadedPlugin>,
+        limits: &Limits,
+        op: &OperatorSnapshot,
+    ) -> Result<Option<Self>, String> {
+        let states = &plugin.info.states;
+        let migrations: Vec<StateMigration> = changed_schemas(op, states)
+            .into_iter()
+            .map(|(table, from_version)| StateMigration {
+                table,
+                name: states[table].name.clone(),
+                kind: states[table].kind,
+                from_version,
+            })
+            .collect();
+        if migrations.is_empty() {
+            return Ok(None);
+        }
+        Self::new(uid, plugin.clone(), limits, migrations).map(Some)
+    }
+
+    /// The states it migrates, e.g. `counts from v1`.
+    pub fn describe(&self) -> Vec<String> {
+        self.states
+            .iter()
+            .flatten()
+            .map(|s| format!("{} from v{}", s.name, s.from_version))
+            .collect()
     }
 
     fn call(&mut self, state: &StateMigration, value: Vec<u8>) -> Result<Vec<u8>, String> {

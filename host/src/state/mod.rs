@@ -95,7 +95,7 @@ pub enum WriteOp {
 
 impl WriteOp {
     /// (table, key group, key): the order of backend keys within a table.
-    fn sort_key(&self) -> (TableId, u16, &[u8]) {
+    pub fn sort_key(&self) -> (TableId, u16, &[u8]) {
         match self {
             WriteOp::Put {
                 table,
@@ -650,11 +650,18 @@ impl KeyedState {
     /// Takes every cell changed since the last snapshot (including those
     /// evicted meanwhile) as a delta.
     fn take_changed(&mut self) -> DumpBuffer {
+        self.changed_cells(true)
+    }
+
+    /// Every cell changed since the last snapshot (including those evicted
+    /// meanwhile) as a delta; `reset`: they are no longer marked changed.
+    fn changed_cells(&mut self, reset: bool) -> DumpBuffer {
         let names = self.table_names();
-        let mut delta = self
-            .carried
-            .take()
-            .unwrap_or_else(|| DumpBuffer::new(&names));
+        let carried = match reset {
+            true => self.carried.take(),
+            false => self.carried.clone(),
+        };
+        let mut delta = carried.unwrap_or_else(|| DumpBuffer::new(&names));
         let mut scratch = Vec::new();
         for (table_id, table) in self.tables.iter_mut().enumerate() {
             for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.changed) {
@@ -664,7 +671,7 @@ impl KeyedState {
                     scratch.as_slice()
                 });
                 delta.push(table_id as u32, key_group, key, value);
-                slot.changed = false;
+                slot.changed = !reset;
             }
         }
         delta
@@ -734,6 +741,22 @@ impl KeyedState {
         }
         settle(&mut self.pending)?;
         Ok(Some(self.base_job(dir)))
+    }
+
+    /// The synchronous part of an incremental savepoint: a *delta* of the
+    /// cells changed since the last snapshot, copied: the changes stay
+    /// marked, so the next checkpoint's delta still holds them. None
+    /// without tables.
+    pub fn savepoint_delta(&mut self, dir: PathBuf) -> Result<Option<SnapshotJob>, StateError> {
+        if self.tables.is_empty() {
+            return Ok(None);
+        }
+        settle(&mut self.pending)?;
+        let delta = self.changed_cells(false);
+        Ok(Some(SnapshotJob {
+            dir,
+            kind: JobKind::Delta(delta),
+        }))
     }
 
     /// Cache hits and misses since the last call.
@@ -1069,6 +1092,68 @@ mod tests {
         let mut count = 0;
         dump::read(&path.join(dump::DELTA_FILE), |_, _, _, _| count += 1).expect("read");
         assert_eq!(count, 0);
+    }
+
+    /// The cells of a delta file, as (key, value or None), in order.
+    fn delta_cells(job: SnapshotJob) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let (path, format) = job.run().expect("delta");
+        assert_eq!(format, DELTA_FORMAT);
+        let mut seen = Vec::new();
+        dump::read(&path.join(dump::DELTA_FILE), |_, _, key, value| {
+            seen.push((key.to_vec(), value.map(<[u8]>::to_vec)))
+        })
+        .expect("read");
+        seen
+    }
+
+    #[test]
+    fn an_incremental_savepoint_copies_the_changes_and_the_next_delta_still_has_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = KeyedState::new(
+            vec![("op/v".into(), StateKind::Value)],
+            Box::new(memory::MemoryBackend::new(1)),
+            128,
+            2,
+        );
+        state.value_set(0, b"a", b"1".to_vec()).expect("set");
+        let base = state
+            .snapshot(dir.path().join("base"), true)
+            .expect("snapshot")
+            .expect("tables");
+        base.run().expect("base");
+        state.value_set(0, b"a", b"2".to_vec()).expect("set");
+        state.value_set(0, b"b", b"1".to_vec()).expect("set");
+        state.value_set(0, b"c", b"1".to_vec()).expect("set");
+        // `a` and `b` evicted: carried, not in the cache.
+        state.maybe_evict().expect("evicts");
+        state.clear(0, b"c").expect("clear");
+        let savepoint = state
+            .savepoint_delta(dir.path().join("savepoint"))
+            .expect("savepoint")
+            .expect("tables");
+        let mut expected = vec![
+            (b"a".to_vec(), Some(b"2".to_vec())),
+            (b"b".to_vec(), Some(b"1".to_vec())),
+            (b"c".to_vec(), None),
+        ];
+        let sorted = |mut cells: Vec<(Vec<u8>, Option<Vec<u8>>)>| {
+            // The last change of each key, by key.
+            cells.reverse();
+            cells.sort_by(|a, b| a.0.cmp(&b.0));
+            cells.dedup_by(|a, b| a.0 == b.0);
+            cells
+        };
+        expected.sort();
+        assert_eq!(sorted(delta_cells(savepoint)), expected);
+        let delta = state
+            .snapshot(dir.path().join("delta"), false)
+            .expect("snapshot")
+            .expect("tables");
+        assert_eq!(
+            sorted(delta_cells(delta)),
+            expected,
+            "the checkpoint after the savepoint still holds its changes"
+        );
     }
 
     #[test]

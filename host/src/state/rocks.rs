@@ -73,6 +73,11 @@ impl RocksBackend {
         })
     }
 
+    /// The directory the database lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn cf(&self, table: TableId) -> Result<&rocksdb::ColumnFamily, StateError> {
         let name = &self.tables[table];
         self.db.cf_handle(name).ok_or_else(|| StateError::Io {
