@@ -746,10 +746,20 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path)
             .expect("its text")
             .trim()
             .parse::<u64>()
-            .expect("a number")
+            .ok()
     };
-    let first = count(browser.clone()).await;
+    // Until the job's first answer arrived the count shows a placeholder.
     let started = Instant::now();
+    let first = loop {
+        if let Some(first) = count(browser.clone()).await {
+            break first;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the checkpoint count never shows a number"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let mut later = first;
     while later <= first {
         assert!(
@@ -757,7 +767,7 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path)
             "the checkpoint count stays at {first}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        later = count(browser.clone()).await;
+        later = count(browser.clone()).await.unwrap_or(first);
     }
     // The graph shows rates once two samples were taken.
     let rate = wait("#graph g.operator[data-uid=\"count\"] text.rate")

@@ -361,6 +361,9 @@ pub enum Request {
     /// Hold (or stop holding) new bases: checkpoints are deltas of the
     /// current chain ([`SavepointTargets::hold_bases`]).
     HoldBases(bool),
+    /// Sources read at this percentage of their speed
+    /// ([`SavepointTargets::pace_sources`]).
+    PaceSources(u32),
 }
 
 /// A checkpoint that prepares a savepoint and took less than this (its
@@ -431,12 +434,13 @@ struct PendingSavepoint {
     outcomes: Vec<oneshot::Sender<bool>>,
 }
 
-/// Stops holding bases when dropped.
-struct ReleaseBases<'a>(&'a SavepointTargets);
+/// Stops holding bases and slowing sources when dropped.
+struct ReleaseHolds<'a>(&'a SavepointTargets);
 
-impl Drop for ReleaseBases<'_> {
+impl Drop for ReleaseHolds<'_> {
     fn drop(&mut self) {
         self.0.hold_bases(false);
+        self.0.pace_sources(100);
     }
 }
 
@@ -477,8 +481,9 @@ impl Coordinator {
         let mut queued: std::collections::VecDeque<SavepointRequest> = Default::default();
         // Asked for a checkpoint: the next one triggered answers them.
         let mut waiters: Vec<oneshot::Sender<Result<ReadMetadata, String>>> = Vec::new();
-        // Bases held by a request end with this attempt, however it ends.
-        let _bases = ReleaseBases(&self.savepoints);
+        // Held bases and slowed sources end with this attempt, however it
+        // ends.
+        let _holds = ReleaseHolds(&self.savepoints);
         let mut requests_open = true;
         let mut next_local_id = self.first_id.max(1);
         let mut stopped_with: Option<PathBuf> = None;
@@ -601,6 +606,7 @@ impl Coordinator {
                     Some(Request::Savepoint(request)) => queued.push_back(request),
                     Some(Request::Checkpoint(waiter)) => waiters.push(waiter),
                     Some(Request::HoldBases(held)) => self.savepoints.hold_bases(held),
+                    Some(Request::PaceSources(percent)) => self.savepoints.pace_sources(percent),
                     None => requests_open = false,
                 },
                 report = wiring.reports.recv() => {
@@ -1436,6 +1442,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
         h.savepoints.send(Request::HoldBases(true)).expect("sent");
+        h.savepoints.send(Request::PaceSources(50)).expect("sent");
         let id = tokio::time::timeout(Duration::from_secs(5), h.next_trigger())
             .await
             .expect("triggered at once");
@@ -1445,6 +1452,7 @@ mod tests {
         assert_eq!(read.metadata.checkpoint, id.0);
         assert!(read.path.exists(), "its _metadata is written");
         assert!(h.targets.bases_held(), "bases are held as asked");
+        assert_eq!(h.targets.source_pace(), 50, "sources paced as asked");
         // A failed one answers with why.
         let (reply, answer) = oneshot::channel();
         h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
@@ -1452,6 +1460,10 @@ mod tests {
         decline(&h.reports, id, "out", "disk full");
         let error = answer.await.expect("answered").expect_err("failed");
         assert!(error.contains("disk full"), "{error}");
+        // The attempt ended (no tolerance left): holds and pace end with it.
+        let _ = h.run.await.expect("coordinator ended");
+        assert!(!h.targets.bases_held());
+        assert_eq!(h.targets.source_pace(), 100);
     }
 
     fn request(

@@ -97,6 +97,10 @@ pub struct SavepointTargets {
     /// While set, checkpoints are deltas (unless a subtask has no base or
     /// one is forced): an upgrade's standby follows the chain's deltas.
     bases_held: std::sync::atomic::AtomicBool,
+    /// The speed sources read at, in percent of their own (100: not
+    /// slowed): an upgrade's standby that cannot keep up with the job's
+    /// changes slows the input until it does.
+    source_pace: std::sync::atomic::AtomicU32,
     /// A checkpoint every operator subtask takes as a base (its cache
     /// written to its backend): one that prepares a savepoint.
     base: AtomicU64,
@@ -136,6 +140,21 @@ impl SavepointTargets {
 
     pub fn bases_held(&self) -> bool {
         self.bases_held.load(Ordering::Relaxed)
+    }
+
+    /// Sources read at `percent` (1–100) of the rate they read at before
+    /// (see `dataflow::task::Pacer`).
+    pub fn pace_sources(&self, percent: u32) {
+        self.source_pace
+            .store(percent.clamp(1, 100), Ordering::Relaxed);
+    }
+
+    /// The pace sources read at, in percent (100: as fast as they can).
+    pub fn source_pace(&self) -> u32 {
+        match self.source_pace.load(Ordering::Relaxed) {
+            0 => 100,
+            percent => percent,
+        }
     }
 
     pub fn insert(&self, checkpoint: CheckpointId, dir: PathBuf, form: SavepointForm) {

@@ -8,9 +8,10 @@
 //!    point at which a job's plugin code changes ([`after_stop`]). An
 //!    upgrade that migrates state first restores and migrates the new
 //!    version's state on a [`Standby`] and catches it up with checkpoints
-//!    taken one after the other ([`follow_on_standby`]), then stops with
-//!    an incremental savepoint: only the changes since the last catch-up
-//!    are migrated while the job is down. Otherwise the stop is prepared
+//!    taken one after the other ([`follow_on_standby`]; rounds that do
+//!    not converge slow the sources down), then stops with an incremental
+//!    savepoint: only the changes since the last catch-up are migrated
+//!    while the job is down. Otherwise the stop is prepared
 //!    by base checkpoints ([`Savepointer::prepared_stop`]).
 //! 3. **Probation** ([`watch_probation`]): the new version restores from the
 //!    savepoint and runs with its sinks' commits held back until it has
@@ -284,6 +285,7 @@ pub(super) async fn stop_for_upgrade(
             }
             Err(StandbyError::Refused(error)) => {
                 savepointer.hold_bases(false);
+                savepointer.pace_sources(100);
                 refuse(error);
                 handle.transition(JobStatus::Running, "the upgrade was refused");
                 return Err(());
@@ -299,7 +301,9 @@ pub(super) async fn stop_for_upgrade(
         Some(_) => savepointer.incremental_stop(target).await,
         None => savepointer.prepared_stop(target, 3).await,
     };
+    // The job runs on if the savepoint failed: as before.
     savepointer.hold_bases(false);
+    savepointer.pace_sources(100);
     match stopped {
         Ok(path) => {
             update_upgrade(handle, operation, |u| {
@@ -323,7 +327,11 @@ pub(super) async fn stop_for_upgrade(
 }
 
 /// Catch-up rounds at most before the stop.
-const CATCH_UP_ROUNDS: u32 = 6;
+const CATCH_UP_ROUNDS: u32 = 8;
+
+/// The slowest the sources are paced to (percent of their speed) while a
+/// standby catches up.
+const MIN_PACE: u32 = 25;
 
 /// Why an upgrade has no standby.
 enum StandbyError {
@@ -359,6 +367,7 @@ async fn follow_on_standby(
     let standby = Arc::new(standby);
     let restored = started.elapsed();
     let (mut rounds, mut last, mut previous) = (0, (0u64, Duration::ZERO), u64::MAX);
+    let (mut pace, mut paced_since) = (100u32, None);
     while rounds < CATCH_UP_ROUNDS && !standby.is_empty() {
         let asked = Instant::now();
         let read = savepointer
@@ -378,13 +387,20 @@ async fn follow_on_standby(
             checkpoint_ms = (round - asked).as_millis() as u64,
             applied,
             took_ms = last.1.as_millis() as u64,
+            pace,
             "standby caught up"
         );
-        // Quick enough, or not converging (the job changes state about as
-        // fast as the standby migrates it): more rounds would not shrink
-        // what is left for the stop.
-        if last.1 < PREPARED_UNDER || applied * 4 > previous * 3 {
+        if last.1 < PREPARED_UNDER {
             break;
+        }
+        // Not converging (the job changes state about as fast as the
+        // standby migrates it): the sources slow down, as a live
+        // migration throttles a guest whose memory changes faster than it
+        // is copied, until a round is quick.
+        if applied * 4 > previous * 3 && pace > MIN_PACE {
+            pace = (pace / 2).max(MIN_PACE);
+            savepointer.pace_sources(pace);
+            paced_since.get_or_insert_with(Instant::now);
         }
         previous = applied;
     }
@@ -393,13 +409,19 @@ async fn follow_on_standby(
             "no subtask kept its key-group range on RocksDB".to_string(),
         ));
     }
-    let summary = format!(
+    let mut summary = format!(
         "{} subtasks restored on standby from checkpoint {from} in {} ms, then {rounds} catch-up rounds, the last applying {} changes in {} ms",
         standby.len(),
         restored.as_millis(),
         last.0,
         last.1.as_millis(),
     );
+    if let Some(since) = paced_since {
+        summary.push_str(&format!(
+            "; sources slowed down to {pace}% for the last {} ms",
+            since.elapsed().as_millis()
+        ));
+    }
     Ok((standby, summary))
 }
 

@@ -201,6 +201,7 @@ pub fn launch(
                     cancel_rx.clone(),
                     trigger_receiver,
                     reports.clone(),
+                    coordinator.savepoints.clone(),
                 ))
             }
             NodeKind::Operator(_) => {
@@ -514,6 +515,12 @@ impl Savepointer {
         answer
             .await
             .map_err(|_| "the job ended before the checkpoint completed".to_string())?
+    }
+
+    /// Sources read at `percent` of their speed (100: as fast as they
+    /// can); back to full speed when the attempt ends.
+    pub fn pace_sources(&self, percent: u32) {
+        let _ = self.0.send(Request::PaceSources(percent));
     }
 
     /// While `held`, checkpoints are deltas of each subtask's current base

@@ -19,8 +19,8 @@ use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
 use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
 use crate::checkpoint::{
-    CommitSignal, Role, SavepointForm, SnapshotStats, StopAfter, SubtaskSnapshot, TaskReport,
-    Trigger,
+    CommitSignal, Role, SavepointForm, SavepointTargets, SnapshotStats, StopAfter, SubtaskSnapshot,
+    TaskReport, Trigger,
 };
 use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
 
@@ -115,6 +115,7 @@ pub async fn run_source(
     mut cancel: watch::Receiver<bool>,
     mut triggers: mpsc::UnboundedReceiver<Trigger>,
     reports: Reports,
+    pace: Arc<SavepointTargets>,
 ) -> Result<TaskSummary, TaskError> {
     let span =
         tracing::info_span!("source", job = %info.job, uid = %info.uid, subtask = info.subtask);
@@ -130,6 +131,7 @@ pub async fn run_source(
         let mut triggers_open = true;
         let mut stopped = false;
         let mine = metrics.subtask(info.subtask);
+        let mut pacer = Pacer::new(pace);
         while !cancelled {
             let mut barrier = None;
             let waiting = Stopwatch::start();
@@ -151,7 +153,8 @@ pub async fn run_source(
             mine.busy(reading);
             mine.idle(waiting.elapsed().saturating_sub(reading));
             if !batch.is_empty() {
-                mine.emitted(batch.len() as u64, batch.data_len() as u64);
+                let batch_records = batch.len() as u64;
+                mine.emitted(batch_records, batch.data_len() as u64);
                 if let Some(generator) = &mut watermarks {
                     generator.observe(batch.max_timestamp());
                 }
@@ -159,6 +162,9 @@ pub async fn run_source(
                 let flushing = Stopwatch::start();
                 output.flush().await.map_err(&fail)?;
                 mine.backpressured(flushing.elapsed());
+                if let Some(pause) = pacer.after(batch_records) {
+                    tokio::time::sleep(pause).await;
+                }
                 if let Some(watermark) = watermarks.as_mut().and_then(WatermarkGenerator::advance) {
                     output
                         .broadcast(StreamEvent::Watermark(watermark))
@@ -248,6 +254,64 @@ pub async fn run_source(
     }
     .instrument(span)
     .await
+}
+
+/// Slows a source, when asked ([`SavepointTargets::pace_sources`]), to a
+/// share of the rate it read at before: the rate is measured over windows
+/// of [`Pacer::WINDOW`] while the source runs free, and a paced source
+/// pauses after a batch until its records since the pace was set are not
+/// ahead of that share.
+struct Pacer {
+    targets: Arc<SavepointTargets>,
+    window: Instant,
+    window_records: u64,
+    /// Records a second before the pace was set.
+    rate: f64,
+    /// The pace in force, since when, and the records read since.
+    paced: Option<(u32, Instant, u64)>,
+}
+
+impl Pacer {
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    fn new(targets: Arc<SavepointTargets>) -> Self {
+        Self {
+            targets,
+            window: Instant::now(),
+            window_records: 0,
+            rate: 0.0,
+            paced: None,
+        }
+    }
+
+    /// After a batch of `records`: how long to pause, if at all.
+    fn after(&mut self, records: u64) -> Option<Duration> {
+        let percent = self.targets.source_pace();
+        if percent >= 100 {
+            if self.paced.take().is_some() {
+                // The rate while paced says nothing of the source's own.
+                (self.window, self.window_records) = (Instant::now(), 0);
+            }
+            self.window_records += records;
+            let elapsed = self.window.elapsed();
+            if elapsed >= Self::WINDOW {
+                self.rate = self.window_records as f64 / elapsed.as_secs_f64();
+                self.window = Instant::now();
+                self.window_records = 0;
+            }
+            return None;
+        }
+        let allowed = self.rate * f64::from(percent) / 100.0;
+        if allowed <= 0.0 {
+            return None;
+        }
+        let (pace, since, count) = self.paced.get_or_insert((percent, Instant::now(), 0));
+        if *pace != percent {
+            (*pace, *since, *count) = (percent, Instant::now(), 0);
+        }
+        *count += records;
+        Duration::from_secs_f64(*count as f64 / allowed).checked_sub(since.elapsed())
+    }
 }
 
 /// Where a source stands, taken before its barrier goes out.
@@ -795,6 +859,29 @@ mod tests {
     use crate::state::KeyedState;
     use crate::state::memory::MemoryBackend;
     use tokio::sync::mpsc;
+
+    #[test]
+    fn a_paced_source_pauses_to_read_at_its_share_of_the_rate_before() {
+        let targets = Arc::new(SavepointTargets::default());
+        let mut pacer = Pacer::new(targets.clone());
+        assert_eq!(pacer.after(100), None, "not paced: no pause");
+        pacer.rate = 1000.0;
+        targets.pace_sources(50);
+        // 100 records at 500 a second are due 200 ms after the pace began.
+        let pause = pacer.after(100).expect("paced");
+        assert!(
+            pause > Duration::from_millis(180) && pause <= Duration::from_millis(200),
+            "{pause:?}"
+        );
+        let pause = pacer.after(100).expect("paced");
+        assert!(pause > Duration::from_millis(380), "cumulative: {pause:?}");
+        // A new pace counts from when it was set.
+        targets.pace_sources(25);
+        let pause = pacer.after(50).expect("paced");
+        assert!(pause > Duration::from_millis(180), "{pause:?}");
+        targets.pace_sources(100);
+        assert_eq!(pacer.after(100), None, "full speed again");
+    }
 
     /// Registers a processing-time timer 20 ms ahead per record; emits the
     /// key when it fires.
