@@ -247,7 +247,7 @@ const BULK_CHUNK: usize = 256 * 1024;
 
 /// Rewrites the stored cells of states whose schema version changed (the
 /// plugin's migrate export, called per value).
-pub trait MigrateCells {
+pub trait MigrateCells: Send {
     /// Whether cells of `table` (in the new table order) need migrating.
     fn needs(&self, table: usize) -> bool;
     /// The cell in the encoding the plugin declares now. The error names
@@ -304,19 +304,20 @@ impl CellSink<'_> {
 }
 
 /// Streams to `visit`, as writes, the cells a stored dump (a memory base,
-/// a savepoint `.state` file or a delta) holds for `sink`'s tables and
-/// the key groups `range`; the file's size and sha256 are checked as it is
-/// read. Returns the file's path (for errors) and the number of cells.
+/// a savepoint `.state` file or a delta) holds for the tables `index_of`
+/// names (by their index) and the key groups `range`; the file's size and
+/// sha256 are checked as it is read. Returns the file's path (for errors)
+/// and the number of cells.
 fn read_dump(
     read: &ReadMetadata,
     file: &FileRef,
     range: &Range<u32>,
-    sink: &mut CellSink<'_>,
-    mut visit: impl FnMut(&mut CellSink<'_>, WriteOp, &Path) -> Result<(), CheckpointError>,
+    index_of: &HashMap<String, usize>,
+    progress: &TransferProgress,
+    mut visit: impl FnMut(WriteOp, &Path) -> Result<(), CheckpointError>,
 ) -> Result<(PathBuf, u64), CheckpointError> {
     let path = read.resolve(file);
     let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
-    let index_of = sink.index();
     let mut cells = 0u64;
     let mut failed: Option<CheckpointError> = None;
     dump::decode_from(&mut reader, &path, |name, key_group, key, value| {
@@ -326,24 +327,10 @@ fn read_dump(
         if failed.is_some() || !range.contains(&u32::from(key_group)) {
             return;
         }
-        let key = key.to_vec();
-        sink.progress
-            .add(1, (key.len() + value.map_or(0, <[u8]>::len)) as u64);
+        progress.add(1, (key.len() + value.map_or(0, <[u8]>::len)) as u64);
         cells += 1;
-        let op = match value {
-            Some(value) => WriteOp::Put {
-                table,
-                key_group,
-                key,
-                value: value.to_vec(),
-            },
-            None => WriteOp::Delete {
-                table,
-                key_group,
-                key,
-            },
-        };
-        if let Err(error) = visit(sink, op, &path) {
+        let op = WriteOp::of_cell(table, key_group, key.to_vec(), value.map(<[u8]>::to_vec));
+        if let Err(error) = visit(op, &path) {
             failed = Some(error);
         }
     })
@@ -357,8 +344,9 @@ fn read_dump(
 }
 
 /// Applies to `sink` the cells a stored dump holds for its tables and key
-/// groups (see [`read_dump`]), writing in chunks. Returns the number of
-/// cells.
+/// groups (see [`read_dump`]), writing in chunks. `bulk` (a base's cells):
+/// the file is decoded on this thread while another migrates and loads
+/// the chunk before, in bulk. Returns the number of cells.
 fn load_dump(
     read: &ReadMetadata,
     file: &FileRef,
@@ -366,17 +354,48 @@ fn load_dump(
     sink: &mut CellSink<'_>,
     bulk: bool,
 ) -> Result<u64, CheckpointError> {
-    let chunk = if bulk { BULK_CHUNK } else { LOAD_CHUNK };
-    let mut ops = Vec::new();
-    let (path, cells) = read_dump(read, file, range, sink, |sink, op, path| {
-        ops.push(op);
-        if ops.len() >= chunk {
-            sink.write(std::mem::take(&mut ops), path, bulk)?;
-        }
-        Ok(())
-    })?;
-    sink.write(ops, &path, bulk)?;
-    Ok(cells)
+    let (index_of, progress) = (sink.index(), sink.progress);
+    if !bulk {
+        let mut ops = Vec::new();
+        let (path, cells) = read_dump(read, file, range, &index_of, progress, |op, path| {
+            ops.push(op);
+            if ops.len() >= LOAD_CHUNK {
+                sink.write(std::mem::take(&mut ops), path, false)?;
+            }
+            Ok(())
+        })?;
+        sink.write(ops, &path, false)?;
+        return Ok(cells);
+    }
+    let source = read.resolve(file);
+    std::thread::scope(|scope| {
+        let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<WriteOp>>(1);
+        let writer = std::thread::Builder::new()
+            .name("restore-load".to_string())
+            .spawn_scoped(scope, || {
+                for ops in received {
+                    sink.write(ops, &source, true)?;
+                }
+                Ok::<_, CheckpointError>(())
+            })
+            .map_err(|e| CheckpointError::io(&source, e))?;
+        let mut ops = Vec::with_capacity(BULK_CHUNK);
+        let decoded = read_dump(read, file, range, &index_of, progress, |op, path| {
+            ops.push(op);
+            if ops.len() >= BULK_CHUNK {
+                let full = std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK));
+                // Closed: the writer failed (its error is the one returned).
+                chunks
+                    .send(full)
+                    .map_err(|_| CheckpointError::io(path, "the restore's writer stopped"))?;
+            }
+            Ok(())
+        });
+        let _ = chunks.send(ops);
+        drop(chunks);
+        writer.join().expect("the restore writer panicked")?;
+        Ok(decoded?.1)
+    })
 }
 
 /// Changes merged from deltas before they are written (past it, the
@@ -389,19 +408,8 @@ struct Merged(HashMap<(usize, u16, Vec<u8>), Option<Vec<u8>>>);
 
 impl Merged {
     fn add(&mut self, op: WriteOp) {
-        match op {
-            WriteOp::Put {
-                table,
-                key_group,
-                key,
-                value,
-            } => self.0.insert((table, key_group, key), Some(value)),
-            WriteOp::Delete {
-                table,
-                key_group,
-                key,
-            } => self.0.insert((table, key_group, key), None),
-        };
+        let (table, key_group, key, value) = op.into_cell();
+        self.0.insert((table, key_group, key), value);
     }
 
     /// Migrates (where needed) and writes the merged changes, each cell
@@ -410,19 +418,12 @@ impl Merged {
     fn write(&mut self, sink: &mut CellSink<'_>, path: &Path) -> Result<(), CheckpointError> {
         let (mut puts, mut deletes) = (Vec::new(), Vec::new());
         for ((table, key_group, key), value) in self.0.drain() {
-            match value {
-                Some(value) => puts.push(WriteOp::Put {
-                    table,
-                    key_group,
-                    key,
-                    value,
-                }),
-                None => deletes.push(WriteOp::Delete {
-                    table,
-                    key_group,
-                    key,
-                }),
-            }
+            let into = if value.is_some() {
+                &mut puts
+            } else {
+                &mut deletes
+            };
+            into.push(WriteOp::of_cell(table, key_group, key, value));
         }
         puts.sort_unstable_by(|a, b| a.sort_key().cmp(&b.sort_key()));
         let bulk = puts.len() >= LOAD_CHUNK;
@@ -555,8 +556,9 @@ fn apply_in(
     let mut applied = 0u64;
     let mut merged = Merged::default();
     let mut last = read.path.clone();
+    let (index_of, progress) = (sink.index(), sink.progress);
     for delta in deltas {
-        let (path, cells) = read_dump(read, delta, range, sink, |sink, op, path| {
+        let (path, cells) = read_dump(read, delta, range, &index_of, progress, |op, path| {
             merged.add(op);
             if merged.0.len() >= MERGE_LIMIT {
                 merged.write(sink, path)?;

@@ -94,6 +94,40 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    /// The write of a cell: its value, or (None) its deletion.
+    pub fn of_cell(table: TableId, key_group: u16, key: Vec<u8>, value: Option<Vec<u8>>) -> Self {
+        match value {
+            Some(value) => WriteOp::Put {
+                table,
+                key_group,
+                key,
+                value,
+            },
+            None => WriteOp::Delete {
+                table,
+                key_group,
+                key,
+            },
+        }
+    }
+
+    /// The cell it writes: (table, key group, key, value or None).
+    pub fn into_cell(self) -> (TableId, u16, Vec<u8>, Option<Vec<u8>>) {
+        match self {
+            WriteOp::Put {
+                table,
+                key_group,
+                key,
+                value,
+            } => (table, key_group, key, Some(value)),
+            WriteOp::Delete {
+                table,
+                key_group,
+                key,
+            } => (table, key_group, key, None),
+        }
+    }
+
     /// (table, key group, key): the order of backend keys within a table.
     pub fn sort_key(&self) -> (TableId, u16, &[u8]) {
         match self {
@@ -152,9 +186,15 @@ pub trait StateBackend: Send {
 /// Backend key: key group big-endian, then the key.
 pub fn backend_key(key_group: u16, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + key.len());
+    backend_key_into(&mut out, key_group, key);
+    out
+}
+
+/// [`backend_key`] into `out` (cleared first), reusing its allocation.
+pub fn backend_key_into(out: &mut Vec<u8>, key_group: u16, key: &[u8]) {
+    out.clear();
     out.extend_from_slice(&key_group.to_be_bytes());
     out.extend_from_slice(key);
-    out
 }
 
 /// Decoded contents of one (state, key).
@@ -910,6 +950,17 @@ fn encode_cell(cell: &Cell) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// One value state `op/v` in memory behind a cache of 2 keys (a
+    /// third evicts).
+    fn two_key_cache() -> KeyedState {
+        KeyedState::new(
+            vec![("op/v".into(), StateKind::Value)],
+            Box::new(memory::MemoryBackend::new(1)),
+            128,
+            2,
+        )
+    }
+
     fn keyed(backend: Box<dyn StateBackend>, cache: usize) -> KeyedState {
         KeyedState::new(
             vec![
@@ -1042,12 +1093,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // A cache of 2 keys: the third key evicts, and evicted changes must
         // still reach the delta.
-        let mut state = KeyedState::new(
-            vec![("op/v".into(), StateKind::Value)],
-            Box::new(memory::MemoryBackend::new(1)),
-            128,
-            2,
-        );
+        let mut state = two_key_cache();
         state.value_set(0, b"a", b"1".to_vec()).expect("set");
         state.value_set(0, b"b", b"1".to_vec()).expect("set");
         let base = state
@@ -1109,12 +1155,7 @@ mod tests {
     #[test]
     fn an_incremental_savepoint_copies_the_changes_and_the_next_delta_still_has_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut state = KeyedState::new(
-            vec![("op/v".into(), StateKind::Value)],
-            Box::new(memory::MemoryBackend::new(1)),
-            128,
-            2,
-        );
+        let mut state = two_key_cache();
         state.value_set(0, b"a", b"1".to_vec()).expect("set");
         let base = state
             .snapshot(dir.path().join("base"), true)

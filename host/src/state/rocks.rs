@@ -14,7 +14,9 @@ use rocksdb::{
     IngestExternalFileOptions, Options, SstFileWriter, WriteBatch, WriteOptions,
 };
 
-use super::{CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key};
+use super::{
+    CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key, backend_key_into,
+};
 
 pub struct RocksBackend {
     db: DB,
@@ -106,6 +108,7 @@ impl RocksBackend {
         };
         let mut writer = SstFileWriter::create(&self.cf_options);
         writer.open(&path).map_err(error)?;
+        let mut backend_key = Vec::new();
         for op in puts {
             if let WriteOp::Put {
                 key_group,
@@ -114,9 +117,8 @@ impl RocksBackend {
                 ..
             } = op
             {
-                writer
-                    .put(backend_key(*key_group, key), value)
-                    .map_err(error)?;
+                backend_key_into(&mut backend_key, *key_group, key);
+                writer.put(&backend_key, value).map_err(error)?;
             }
         }
         writer.finish().map_err(error)?;
@@ -185,15 +187,18 @@ impl StateBackend for RocksBackend {
         if ops.iter().any(|op| matches!(op, WriteOp::Delete { .. })) {
             return self.write(ops);
         }
-        // Stable: of two puts of one key the later stays.
-        ops.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        ops.dedup_by(|later, earlier| {
-            let same = later.sort_key() == earlier.sort_key();
-            if same {
-                std::mem::swap(later, earlier);
-            }
-            same
-        });
+        // A canonical dump or a database scan comes sorted, one put a key.
+        if !ops.is_sorted_by(|a, b| a.sort_key() < b.sort_key()) {
+            // Stable: of two puts of one key the later stays.
+            ops.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+            ops.dedup_by(|later, earlier| {
+                let same = later.sort_key() == earlier.sort_key();
+                if same {
+                    std::mem::swap(later, earlier);
+                }
+                same
+            });
+        }
         let mut start = 0;
         while start < ops.len() {
             let table = ops[start].sort_key().0;
