@@ -4,12 +4,15 @@
 //! cannot be installed fails the test; elsewhere it is skipped loudly.
 
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::workspace;
 
-/// A running ChromeDriver; killed when dropped.
+/// A running ChromeDriver in a process group of its own; the group (the
+/// driver and the Chromium it started, even for a session a failed test
+/// never closed) is killed when dropped.
 #[derive(Debug)]
 pub struct ChromeDriver {
     child: Child,
@@ -19,6 +22,10 @@ pub struct ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -64,6 +71,7 @@ pub fn chromedriver() -> Option<ChromeDriver> {
         .expect("a free port")
         .port();
     let child = Command::new("chromedriver")
+        .process_group(0)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

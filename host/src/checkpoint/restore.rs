@@ -238,7 +238,8 @@ fn read_verified(
     Ok((path, bytes))
 }
 
-/// Writes made to the backend at a time while applying a delta.
+/// Merged delta changes past which the puts are loaded in bulk (as table
+/// files) rather than written.
 const LOAD_CHUNK: usize = 64 * 1024;
 
 /// Cells handed to the backend at a time while loading a base in bulk (a
@@ -343,58 +344,63 @@ fn read_dump(
     Ok((path, cells))
 }
 
-/// Applies to `sink` the cells a stored dump holds for its tables and key
-/// groups (see [`read_dump`]), writing in chunks. `bulk` (a base's cells):
-/// the file is decoded on this thread while another migrates and loads
-/// the chunk before, in bulk. Returns the number of cells.
+/// Loads into `sink`, in bulk, the cells a stored base dump (a savepoint's
+/// canonical file, a memory backend's copy) holds for its tables and key
+/// groups (see [`read_dump`]): decoded here while another thread loads
+/// the chunk before. Returns the number of cells.
 fn load_dump(
     read: &ReadMetadata,
     file: &FileRef,
     range: &Range<u32>,
     sink: &mut CellSink<'_>,
-    bulk: bool,
 ) -> Result<u64, CheckpointError> {
     let (index_of, progress) = (sink.index(), sink.progress);
-    if !bulk {
-        let mut ops = Vec::new();
-        let (path, cells) = read_dump(read, file, range, &index_of, progress, |op, path| {
+    let path = read.resolve(file);
+    load_pipelined(sink, &path, |queue| {
+        let mut ops = Vec::with_capacity(BULK_CHUNK);
+        let (_, cells) = read_dump(read, file, range, &index_of, progress, |op, _| {
             ops.push(op);
-            if ops.len() >= LOAD_CHUNK {
-                sink.write(std::mem::take(&mut ops), path, false)?;
+            if ops.len() >= BULK_CHUNK {
+                queue(std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK)))?;
             }
             Ok(())
         })?;
-        sink.write(ops, &path, false)?;
-        return Ok(cells);
-    }
-    let source = read.resolve(file);
+        queue(ops)?;
+        Ok(cells)
+    })
+}
+
+/// Runs `produce` here, handing it a queue of chunks of a base's cells
+/// that another thread migrates and loads in bulk meanwhile (decoding or
+/// scanning the next chunk overlaps loading the one before). `path` names
+/// the source in errors. A writer's error is returned first.
+fn load_pipelined<T>(
+    sink: &mut CellSink<'_>,
+    path: &Path,
+    produce: impl FnOnce(
+        &mut dyn FnMut(Vec<WriteOp>) -> Result<(), CheckpointError>,
+    ) -> Result<T, CheckpointError>,
+) -> Result<T, CheckpointError> {
     std::thread::scope(|scope| {
         let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<WriteOp>>(1);
         let writer = std::thread::Builder::new()
             .name("restore-load".to_string())
             .spawn_scoped(scope, || {
                 for ops in received {
-                    sink.write(ops, &source, true)?;
+                    sink.write(ops, path, true)?;
                 }
                 Ok::<_, CheckpointError>(())
             })
-            .map_err(|e| CheckpointError::io(&source, e))?;
-        let mut ops = Vec::with_capacity(BULK_CHUNK);
-        let decoded = read_dump(read, file, range, &index_of, progress, |op, path| {
-            ops.push(op);
-            if ops.len() >= BULK_CHUNK {
-                let full = std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK));
-                // Closed: the writer failed (its error is the one returned).
-                chunks
-                    .send(full)
-                    .map_err(|_| CheckpointError::io(path, "the restore's writer stopped"))?;
-            }
-            Ok(())
+            .map_err(|e| CheckpointError::io(path, e))?;
+        let produced = produce(&mut |ops| {
+            // Closed: the writer failed (its error is the one returned).
+            chunks
+                .send(ops)
+                .map_err(|_| CheckpointError::io(path, "the restore's writer stopped"))
         });
-        let _ = chunks.send(ops);
         drop(chunks);
         writer.join().expect("the restore writer panicked")?;
-        Ok(decoded?.1)
+        produced
     })
 }
 
@@ -466,36 +472,40 @@ pub fn load_cells(
                     .map(|s| format!("{uid}/{}", s.name))
                     .collect();
                 let source = RocksBackend::open(&scratch, &old_tables).map_err(state_error)?;
-                let mut ops = Vec::new();
-                for (old_index, name) in old_tables.iter().enumerate() {
-                    let Some(&table) = index_of.get(name.as_str()) else {
-                        continue;
-                    };
-                    // A few key groups at a time bounds the memory used.
-                    let mut group = overlap.start;
-                    while group < overlap.end {
-                        let chunk = group..(group + 4).min(overlap.end);
-                        source
-                            .scan(old_index, chunk.clone(), &mut |key_group, key, value| {
-                                ops.push(WriteOp::Put {
-                                    table,
-                                    key_group,
-                                    key: key.to_vec(),
-                                    value: value.to_vec(),
-                                });
-                            })
-                            .map_err(state_error)?;
-                        if ops.len() >= BULK_CHUNK {
-                            loaded += ops.len() as u64;
-                            sink.progress.add(ops.len() as u64, 0);
-                            sink.write(std::mem::take(&mut ops), &scratch, true)?;
+                let progress = sink.progress;
+                loaded += load_pipelined(sink, &scratch, |queue| {
+                    let (mut ops, mut scanned) = (Vec::with_capacity(BULK_CHUNK), 0u64);
+                    for (old_index, name) in old_tables.iter().enumerate() {
+                        let Some(&table) = index_of.get(name.as_str()) else {
+                            continue;
+                        };
+                        // A few key groups at a time bounds the memory used.
+                        let mut group = overlap.start;
+                        while group < overlap.end {
+                            let chunk = group..(group + 4).min(overlap.end);
+                            source
+                                .scan(old_index, chunk.clone(), &mut |key_group, key, value| {
+                                    ops.push(WriteOp::Put {
+                                        table,
+                                        key_group,
+                                        key: key.to_vec(),
+                                        value: value.to_vec(),
+                                    });
+                                })
+                                .map_err(state_error)?;
+                            if ops.len() >= BULK_CHUNK {
+                                scanned += ops.len() as u64;
+                                progress.add(ops.len() as u64, 0);
+                                queue(std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK)))?;
+                            }
+                            group = chunk.end;
                         }
-                        group = chunk.end;
                     }
-                }
-                loaded += ops.len() as u64;
-                sink.progress.add(ops.len() as u64, 0);
-                sink.write(std::mem::take(&mut ops), &scratch, true)?;
+                    scanned += ops.len() as u64;
+                    progress.add(ops.len() as u64, 0);
+                    queue(ops)?;
+                    Ok(scanned)
+                })?;
                 drop(source);
                 let _ = std::fs::remove_dir_all(&scratch);
             }
@@ -503,7 +513,7 @@ pub fn load_cells(
             // backend's copy), streamed from storage.
             Some(CANONICAL | "memory") => {
                 for file in &subtask.files {
-                    loaded += load_dump(read, file, &overlap, sink, true)?;
+                    loaded += load_dump(read, file, &overlap, sink)?;
                 }
             }
             other => {
