@@ -30,7 +30,7 @@ use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
 use crate::dataflow::TimerService;
 use crate::job::{JobGraph, NodeKind};
 use crate::state::rocks::RocksBackend;
-use crate::state::{StateBackend, StateDescriptor, WriteOp, dump};
+use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump};
 use crate::types::key_group;
 
 /// Whether a node snapshot holds anything to restore.
@@ -276,6 +276,21 @@ impl CellSink<'_> {
             .collect()
     }
 
+    /// Loads a base's `chunk` in bulk; cells of a state that migrates go
+    /// through [`CellSink::write`]. `path` names the source in errors.
+    fn load_chunk(&mut self, chunk: CellChunk, path: &Path) -> Result<(), CheckpointError> {
+        let migrates = self
+            .migrate
+            .as_deref()
+            .is_some_and(|m| chunk.iter().any(|(table, ..)| m.needs(table)));
+        if migrates {
+            return self.write(chunk.to_ops(), path, true);
+        }
+        self.backend
+            .load_chunk(&chunk)
+            .map_err(|e| CheckpointError::io(path, e))
+    }
+
     /// Migrates (where needed) and writes `ops`; `path` names the file they
     /// came from in errors. `bulk`: they are a base's cells, loaded in
     /// bulk ([`StateBackend::load`]); else a delta's changes, written.
@@ -304,7 +319,7 @@ impl CellSink<'_> {
     }
 }
 
-/// Streams to `visit`, as writes, the cells a stored dump (a memory base,
+/// Streams to `visit` the cells a stored dump (a memory base,
 /// a savepoint `.state` file or a delta) holds for the tables `index_of`
 /// names (by their index) and the key groups `range`; the file's size and
 /// sha256 are checked as it is read. Returns the file's path (for errors)
@@ -315,7 +330,7 @@ fn read_dump(
     range: &Range<u32>,
     index_of: &HashMap<String, usize>,
     progress: &TransferProgress,
-    mut visit: impl FnMut(WriteOp, &Path) -> Result<(), CheckpointError>,
+    mut visit: impl FnMut(TableId, u16, &[u8], Option<&[u8]>, &Path) -> Result<(), CheckpointError>,
 ) -> Result<(PathBuf, u64), CheckpointError> {
     let path = read.resolve(file);
     let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, read.open(file)?));
@@ -330,8 +345,7 @@ fn read_dump(
         }
         progress.add(1, (key.len() + value.map_or(0, <[u8]>::len)) as u64);
         cells += 1;
-        let op = WriteOp::of_cell(table, key_group, key.to_vec(), value.map(<[u8]>::to_vec));
-        if let Err(error) = visit(op, &path) {
+        if let Err(error) = visit(table, key_group, key, value, &path) {
             failed = Some(error);
         }
     })
@@ -357,15 +371,29 @@ fn load_dump(
     let (index_of, progress) = (sink.index(), sink.progress);
     let path = read.resolve(file);
     load_pipelined(sink, &path, |queue| {
-        let mut ops = Vec::with_capacity(BULK_CHUNK);
-        let (_, cells) = read_dump(read, file, range, &index_of, progress, |op, _| {
-            ops.push(op);
-            if ops.len() >= BULK_CHUNK {
-                queue(std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK)))?;
-            }
-            Ok(())
-        })?;
-        queue(ops)?;
+        let mut chunk = CellChunk::with_capacity(BULK_CHUNK);
+        let (_, cells) = read_dump(
+            read,
+            file,
+            range,
+            &index_of,
+            progress,
+            |table, group, key, value, _| {
+                // A base holds live cells only; a deletion in one would have
+                // nothing to delete in the new backend.
+                if let Some(value) = value {
+                    chunk.push(table, group, key, value);
+                }
+                if chunk.len() >= BULK_CHUNK {
+                    queue(std::mem::replace(
+                        &mut chunk,
+                        CellChunk::with_capacity(BULK_CHUNK),
+                    ))?;
+                }
+                Ok(())
+            },
+        )?;
+        queue(chunk)?;
         Ok(cells)
     })
 }
@@ -378,24 +406,24 @@ fn load_pipelined<T>(
     sink: &mut CellSink<'_>,
     path: &Path,
     produce: impl FnOnce(
-        &mut dyn FnMut(Vec<WriteOp>) -> Result<(), CheckpointError>,
+        &mut dyn FnMut(CellChunk) -> Result<(), CheckpointError>,
     ) -> Result<T, CheckpointError>,
 ) -> Result<T, CheckpointError> {
     std::thread::scope(|scope| {
-        let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<WriteOp>>(1);
+        let (chunks, received) = std::sync::mpsc::sync_channel::<CellChunk>(1);
         let writer = std::thread::Builder::new()
             .name("restore-load".to_string())
             .spawn_scoped(scope, || {
-                for ops in received {
-                    sink.write(ops, path, true)?;
+                for chunk in received {
+                    sink.load_chunk(chunk, path)?;
                 }
                 Ok::<_, CheckpointError>(())
             })
             .map_err(|e| CheckpointError::io(path, e))?;
-        let produced = produce(&mut |ops| {
+        let produced = produce(&mut |chunk| {
             // Closed: the writer failed (its error is the one returned).
             chunks
-                .send(ops)
+                .send(chunk)
                 .map_err(|_| CheckpointError::io(path, "the restore's writer stopped"))
         });
         drop(chunks);
@@ -474,7 +502,7 @@ pub fn load_cells(
                 let source = RocksBackend::open(&scratch, &old_tables).map_err(state_error)?;
                 let progress = sink.progress;
                 loaded += load_pipelined(sink, &scratch, |queue| {
-                    let (mut ops, mut scanned) = (Vec::with_capacity(BULK_CHUNK), 0u64);
+                    let (mut chunk, mut scanned) = (CellChunk::with_capacity(BULK_CHUNK), 0u64);
                     for (old_index, name) in old_tables.iter().enumerate() {
                         let Some(&table) = index_of.get(name.as_str()) else {
                             continue;
@@ -482,28 +510,26 @@ pub fn load_cells(
                         // A few key groups at a time bounds the memory used.
                         let mut group = overlap.start;
                         while group < overlap.end {
-                            let chunk = group..(group + 4).min(overlap.end);
+                            let groups = group..(group + 4).min(overlap.end);
                             source
-                                .scan(old_index, chunk.clone(), &mut |key_group, key, value| {
-                                    ops.push(WriteOp::Put {
-                                        table,
-                                        key_group,
-                                        key: key.to_vec(),
-                                        value: value.to_vec(),
-                                    });
+                                .scan(old_index, groups.clone(), &mut |key_group, key, value| {
+                                    chunk.push(table, key_group, key, value);
                                 })
                                 .map_err(state_error)?;
-                            if ops.len() >= BULK_CHUNK {
-                                scanned += ops.len() as u64;
-                                progress.add(ops.len() as u64, 0);
-                                queue(std::mem::replace(&mut ops, Vec::with_capacity(BULK_CHUNK)))?;
+                            if chunk.len() >= BULK_CHUNK {
+                                scanned += chunk.len() as u64;
+                                progress.add(chunk.len() as u64, 0);
+                                queue(std::mem::replace(
+                                    &mut chunk,
+                                    CellChunk::with_capacity(BULK_CHUNK),
+                                ))?;
                             }
-                            group = chunk.end;
+                            group = groups.end;
                         }
                     }
-                    scanned += ops.len() as u64;
-                    progress.add(ops.len() as u64, 0);
-                    queue(ops)?;
+                    scanned += chunk.len() as u64;
+                    progress.add(chunk.len() as u64, 0);
+                    queue(chunk)?;
                     Ok(scanned)
                 })?;
                 drop(source);
@@ -568,13 +594,25 @@ fn apply_in(
     let mut last = read.path.clone();
     let (index_of, progress) = (sink.index(), sink.progress);
     for delta in deltas {
-        let (path, cells) = read_dump(read, delta, range, &index_of, progress, |op, path| {
-            merged.add(op);
-            if merged.0.len() >= MERGE_LIMIT {
-                merged.write(sink, path)?;
-            }
-            Ok(())
-        })?;
+        let (path, cells) = read_dump(
+            read,
+            delta,
+            range,
+            &index_of,
+            progress,
+            |table, group, key, value, path| {
+                merged.add(WriteOp::of_cell(
+                    table,
+                    group,
+                    key.to_vec(),
+                    value.map(<[u8]>::to_vec),
+                ));
+                if merged.0.len() >= MERGE_LIMIT {
+                    merged.write(sink, path)?;
+                }
+                Ok(())
+            },
+        )?;
         applied += cells;
         last = path;
     }

@@ -15,7 +15,8 @@ use rocksdb::{
 };
 
 use super::{
-    CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key, backend_key_into,
+    CellChunk, CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key,
+    backend_key_into,
 };
 
 pub struct RocksBackend {
@@ -99,7 +100,11 @@ impl RocksBackend {
 impl RocksBackend {
     /// Writes `puts` (of one table, sorted, one per key) as a table file
     /// and ingests it.
-    fn ingest(&mut self, table: TableId, puts: &[WriteOp]) -> Result<(), StateError> {
+    fn ingest<'c>(
+        &mut self,
+        table: TableId,
+        puts: impl Iterator<Item = (u16, &'c [u8], &'c [u8])>,
+    ) -> Result<(), StateError> {
         let path = self.dir.join(format!("load-{}.sst", self.loaded_files));
         self.loaded_files += 1;
         let error = |e: rocksdb::Error| StateError::Io {
@@ -109,17 +114,9 @@ impl RocksBackend {
         let mut writer = SstFileWriter::create(&self.cf_options);
         writer.open(&path).map_err(error)?;
         let mut backend_key = Vec::new();
-        for op in puts {
-            if let WriteOp::Put {
-                key_group,
-                key,
-                value,
-                ..
-            } = op
-            {
-                backend_key_into(&mut backend_key, *key_group, key);
-                writer.put(&backend_key, value).map_err(error)?;
-            }
+        for (key_group, key, value) in puts {
+            backend_key_into(&mut backend_key, key_group, key);
+            writer.put(&backend_key, value).map_err(error)?;
         }
         writer.finish().map_err(error)?;
         let mut options = IngestExternalFileOptions::default();
@@ -203,8 +200,33 @@ impl StateBackend for RocksBackend {
         while start < ops.len() {
             let table = ops[start].sort_key().0;
             let end = start + ops[start..].partition_point(|op| op.sort_key().0 == table);
-            self.ingest(table, &ops[start..end])?;
+            self.ingest(
+                table,
+                ops[start..end].iter().filter_map(|op| match op {
+                    WriteOp::Put {
+                        key_group,
+                        key,
+                        value,
+                        ..
+                    } => Some((*key_group, key.as_slice(), value.as_slice())),
+                    WriteOp::Delete { .. } => None,
+                }),
+            )?;
             start = end;
+        }
+        Ok(())
+    }
+
+    fn load_chunk(&mut self, chunk: &CellChunk) -> Result<(), StateError> {
+        if !chunk.is_sorted() {
+            return self.load(chunk.to_ops());
+        }
+        // Sorted by table first: one table file a run of a table's cells.
+        let mut cells = chunk.iter().peekable();
+        while let Some(&(table, ..)) = cells.peek() {
+            let mut run = std::iter::from_fn(|| cells.next_if(|c| c.0 == table))
+                .map(|(_, group, key, value)| (group, key, value));
+            self.ingest(table, &mut run)?;
         }
         Ok(())
     }
