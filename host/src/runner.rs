@@ -387,10 +387,7 @@ impl Factory<'_> {
     ) -> Result<KeyedState, TaskError> {
         let states = plugin.info.states.as_slice();
         let settings = &self.job.graph.state;
-        let tables: Vec<String> = states
-            .iter()
-            .map(|s| format!("{}/{}", node.uid, s.name))
-            .collect();
+        let tables = crate::state::table_names(&node.uid, states.iter().map(|s| s.name.as_str()));
         let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
         let key_groups = [range.start, range.end];
         let restored = self.restored(&node.uid);

@@ -395,7 +395,7 @@ struct Pending {
     /// The savepoint this checkpoint prepares: taken once it is done.
     then: Option<SavepointRequest>,
     /// Asked for this checkpoint (see [`Request::Checkpoint`]).
-    waiters: Vec<oneshot::Sender<Result<ReadMetadata, String>>>,
+    waiters: Waiters,
 }
 
 impl Pending {
@@ -432,6 +432,16 @@ struct PendingSavepoint {
     reply: oneshot::Sender<Result<PathBuf, String>>,
     /// Tells each stopping source whether the savepoint completed.
     outcomes: Vec<oneshot::Sender<bool>>,
+}
+
+/// Those who asked for a checkpoint ([`Request::Checkpoint`]).
+type Waiters = Vec<oneshot::Sender<Result<ReadMetadata, String>>>;
+
+/// Tells each waiter how its checkpoint ended.
+fn answer(waiters: Waiters, outcome: &Result<ReadMetadata, String>) {
+    for waiter in waiters {
+        let _ = waiter.send(outcome.clone());
+    }
 }
 
 /// Stops holding bases and slowing sources when dropped.
@@ -480,7 +490,7 @@ impl Coordinator {
         let mut pending: Option<Pending> = None;
         let mut queued: std::collections::VecDeque<SavepointRequest> = Default::default();
         // Asked for a checkpoint: the next one triggered answers them.
-        let mut waiters: Vec<oneshot::Sender<Result<ReadMetadata, String>>> = Vec::new();
+        let mut waiters = Waiters::new();
         // Held bases and slowed sources end with this attempt, however it
         // ends.
         let _holds = ReleaseHolds(&self.savepoints);
@@ -579,12 +589,11 @@ impl Coordinator {
                 continue;
             }
             if !waiters.is_empty() && (!enabled || sources_finished || final_sent) {
-                for waiter in waiters.drain(..) {
-                    let _ = waiter.send(Err(match enabled {
-                        false => "checkpointing is off".to_string(),
-                        true => "the job's sources have ended".to_string(),
-                    }));
-                }
+                let why = match enabled {
+                    false => "checkpointing is off",
+                    true => "the job's sources have ended",
+                };
+                answer(std::mem::take(&mut waiters), &Err(why.to_string()));
             }
             let next_trigger = match (&pending, self.settings.interval) {
                 (None, _) if !waiters.is_empty() => Some(Instant::now()),
@@ -740,9 +749,10 @@ impl Coordinator {
                 "the job ended before the savepoint was taken".to_string()
             ));
         }
-        for waiter in waiters {
-            let _ = waiter.send(Err("the job ended before the checkpoint".to_string()));
-        }
+        answer(
+            waiters,
+            &Err("the job ended before the checkpoint".to_string()),
+        );
         Ok(stopped_with)
     }
 
@@ -882,9 +892,10 @@ impl Coordinator {
             return;
         }
         warn!(checkpoint = pending.id.0, reason, "checkpoint aborted");
-        for waiter in pending.waiters {
-            let _ = waiter.send(Err(format!("checkpoint {} failed: {reason}", pending.id.0)));
-        }
+        answer(
+            pending.waiters,
+            &Err(format!("checkpoint {} failed: {reason}", pending.id.0)),
+        );
         if let Some(store) = &self.store {
             let counter = match fault {
                 true => &store.metrics.failed,
@@ -933,18 +944,8 @@ impl Coordinator {
             .await
             .map_err(|e| format!("writing _metadata: {e}"))
             .and_then(|r| r.map_err(|e| e.to_string()));
-        let read = match written {
-            Ok(read) => read,
-            Err(error) => {
-                for waiter in std::mem::take(&mut pending.waiters) {
-                    let _ = waiter.send(Err(error.clone()));
-                }
-                return Err(error);
-            }
-        };
-        for waiter in std::mem::take(&mut pending.waiters) {
-            let _ = waiter.send(Ok(read.clone()));
-        }
+        answer(std::mem::take(&mut pending.waiters), &written);
+        written?;
         store.metrics.completed.fetch_add(1, Ordering::Relaxed);
         store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
         store.metrics.record(CheckpointRecord {

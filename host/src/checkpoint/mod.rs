@@ -149,7 +149,8 @@ impl SavepointTargets {
             .store(percent.clamp(1, 100), Ordering::Relaxed);
     }
 
-    /// The pace sources read at, in percent (100: as fast as they can).
+    /// The pace sources read at, in percent (100: as fast as they can; 0
+    /// is the default, never set).
     pub fn source_pace(&self) -> u32 {
         match self.source_pace.load(Ordering::Relaxed) {
             0 => 100,

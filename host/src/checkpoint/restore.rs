@@ -30,7 +30,7 @@ use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
 use crate::dataflow::TimerService;
 use crate::job::{JobGraph, NodeKind};
 use crate::state::rocks::RocksBackend;
-use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump};
+use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump, table_names};
 use crate::types::key_group;
 
 /// Whether a node snapshot holds anything to restore.
@@ -384,18 +384,30 @@ fn load_dump(
                 if let Some(value) = value {
                     chunk.push(table, group, key, value);
                 }
-                if chunk.len() >= BULK_CHUNK {
-                    queue(std::mem::replace(
-                        &mut chunk,
-                        CellChunk::with_capacity(BULK_CHUNK),
-                    ))?;
-                }
-                Ok(())
+                queue_if_full(&mut chunk, queue).map(drop)
             },
         )?;
         queue(chunk)?;
         Ok(cells)
     })
+}
+
+/// The queue [`load_pipelined`] hands its producer.
+type ChunkQueue<'q> = dyn FnMut(CellChunk) -> Result<(), CheckpointError> + 'q;
+
+/// Hands `chunk` to `queue` once it holds [`BULK_CHUNK`] cells (a new one
+/// takes its place). Returns how many cells it handed.
+fn queue_if_full(
+    chunk: &mut CellChunk,
+    queue: &mut ChunkQueue<'_>,
+) -> Result<u64, CheckpointError> {
+    if chunk.len() < BULK_CHUNK {
+        return Ok(0);
+    }
+    let full = std::mem::replace(chunk, CellChunk::with_capacity(BULK_CHUNK));
+    let cells = full.len() as u64;
+    queue(full)?;
+    Ok(cells)
 }
 
 /// Runs `produce` here, handing it a queue of chunks of a base's cells
@@ -405,9 +417,7 @@ fn load_dump(
 fn load_pipelined<T>(
     sink: &mut CellSink<'_>,
     path: &Path,
-    produce: impl FnOnce(
-        &mut dyn FnMut(CellChunk) -> Result<(), CheckpointError>,
-    ) -> Result<T, CheckpointError>,
+    produce: impl FnOnce(&mut ChunkQueue<'_>) -> Result<T, CheckpointError>,
 ) -> Result<T, CheckpointError> {
     std::thread::scope(|scope| {
         let (chunks, received) = std::sync::mpsc::sync_channel::<CellChunk>(1);
@@ -441,9 +451,9 @@ const MERGE_LIMIT: usize = 1 << 20;
 struct Merged(HashMap<(usize, u16, Vec<u8>), Option<Vec<u8>>>);
 
 impl Merged {
-    fn add(&mut self, op: WriteOp) {
-        let (table, key_group, key, value) = op.into_cell();
-        self.0.insert((table, key_group, key), value);
+    fn add(&mut self, table: TableId, key_group: u16, key: &[u8], value: Option<&[u8]>) {
+        self.0
+            .insert((table, key_group, key.to_vec()), value.map(<[u8]>::to_vec));
     }
 
     /// Migrates (where needed) and writes the merged changes, each cell
@@ -494,11 +504,7 @@ pub fn load_cells(
             Some("rocksdb") => {
                 let _ = std::fs::remove_dir_all(&scratch);
                 install_files(read, &subtask.files, &scratch, false)?;
-                let old_tables: Vec<String> = op
-                    .states
-                    .iter()
-                    .map(|s| format!("{uid}/{}", s.name))
-                    .collect();
+                let old_tables = table_names(uid, op.states.iter().map(|s| s.name.as_str()));
                 let source = RocksBackend::open(&scratch, &old_tables).map_err(state_error)?;
                 let progress = sink.progress;
                 loaded += load_pipelined(sink, &scratch, |queue| {
@@ -516,14 +522,9 @@ pub fn load_cells(
                                     chunk.push(table, key_group, key, value);
                                 })
                                 .map_err(state_error)?;
-                            if chunk.len() >= BULK_CHUNK {
-                                scanned += chunk.len() as u64;
-                                progress.add(chunk.len() as u64, 0);
-                                queue(std::mem::replace(
-                                    &mut chunk,
-                                    CellChunk::with_capacity(BULK_CHUNK),
-                                ))?;
-                            }
+                            let handed = queue_if_full(&mut chunk, queue)?;
+                            scanned += handed;
+                            progress.add(handed, 0);
                             group = groups.end;
                         }
                     }
@@ -601,12 +602,7 @@ fn apply_in(
             &index_of,
             progress,
             |table, group, key, value, path| {
-                merged.add(WriteOp::of_cell(
-                    table,
-                    group,
-                    key.to_vec(),
-                    value.map(<[u8]>::to_vec),
-                ));
+                merged.add(table, group, key, value);
                 if merged.0.len() >= MERGE_LIMIT {
                     merged.write(sink, path)?;
                 }

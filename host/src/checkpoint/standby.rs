@@ -31,7 +31,7 @@ use crate::plugin::LoadedPlugin;
 use crate::plugin::migrate::Migrator;
 use crate::runner::PreparedJob;
 use crate::state::rocks::RocksBackend;
-use crate::state::{StateBackend, in_background};
+use crate::state::{StateBackend, in_background, table_names};
 use crate::types::key_group;
 
 /// One operator subtask's state on standby.
@@ -101,12 +101,7 @@ impl Follower {
         let name = format!("{uid}-{subtask}");
         let dir = root.join(&name);
         let fail = |e: String| CheckpointError::io(&dir, e);
-        let tables: Vec<String> = plugin
-            .info
-            .states
-            .iter()
-            .map(|s| format!("{uid}/{}", s.name))
-            .collect();
+        let tables = table_names(uid, plugin.info.states.iter().map(|s| s.name.as_str()));
         let mut migrator = Migrator::for_restore(uid, plugin, limits, op).map_err(fail)?;
         let mut backend = RocksBackend::open(&dir, &tables).map_err(|e| fail(e.to_string()))?;
         let mut sink = CellSink {

@@ -33,14 +33,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 use super::driver::{self, PlanParts, RunPlan, Upgrade, fail_operation, live_checkpoints};
 use super::jobs::JobHandle;
 use super::lifecycle::JobStatus;
 use super::record::*;
 use super::{HostContext, now_ms};
-use tracing::{debug, info, warn};
-
 use crate::checkpoint::coordinator::PREPARED_UNDER;
 use crate::checkpoint::standby::Standby;
 use crate::dataflow::runtime::{JobOutcome, NodeMetrics, RunningJob, Savepointer};
@@ -284,8 +283,7 @@ pub(super) async fn stop_for_upgrade(
                 upgrade.standby = Some(standby);
             }
             Err(StandbyError::Refused(error)) => {
-                savepointer.hold_bases(false);
-                savepointer.pace_sources(100);
+                savepointer.release_holds();
                 refuse(error);
                 handle.transition(JobStatus::Running, "the upgrade was refused");
                 return Err(());
@@ -302,8 +300,7 @@ pub(super) async fn stop_for_upgrade(
         None => savepointer.prepared_stop(target, 3).await,
     };
     // The job runs on if the savepoint failed: as before.
-    savepointer.hold_bases(false);
-    savepointer.pace_sources(100);
+    savepointer.release_holds();
     match stopped {
         Ok(path) => {
             update_upgrade(handle, operation, |u| {

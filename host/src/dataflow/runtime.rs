@@ -523,6 +523,13 @@ impl Savepointer {
         let _ = self.0.send(Request::PaceSources(percent));
     }
 
+    /// Bases no longer held, sources at full speed again (what the end of
+    /// the attempt does anyway).
+    pub fn release_holds(&self) {
+        self.hold_bases(false);
+        self.pace_sources(100);
+    }
+
     /// While `held`, checkpoints are deltas of each subtask's current base
     /// (see [`SavepointTargets::hold_bases`](crate::checkpoint::SavepointTargets::hold_bases)).
     pub fn hold_bases(&self, held: bool) {

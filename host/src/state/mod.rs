@@ -62,6 +62,14 @@ pub struct StateDescriptor {
     pub schema_version: u32,
 }
 
+/// The backend tables of operator `uid`'s states, in order: `<uid>/<state>`.
+pub fn table_names<'a>(uid: &str, states: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    states
+        .into_iter()
+        .map(|state| format!("{uid}/{state}"))
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot open state backend at {dir}: {message}")]
@@ -108,23 +116,6 @@ impl WriteOp {
                 key_group,
                 key,
             },
-        }
-    }
-
-    /// The cell it writes: (table, key group, key, value or None).
-    pub fn into_cell(self) -> (TableId, u16, Vec<u8>, Option<Vec<u8>>) {
-        match self {
-            WriteOp::Put {
-                table,
-                key_group,
-                key,
-                value,
-            } => (table, key_group, key, Some(value)),
-            WriteOp::Delete {
-                table,
-                key_group,
-                key,
-            } => (table, key_group, key, None),
         }
     }
 
