@@ -7,7 +7,10 @@
 //!    generator of 10M records over 100k distinct keys, parallelism 1,
 //!    without checkpoints and with exactly-once checkpoints every second
 //!    (alternating, `WEIR_BENCH_REPEATS` times each, default 3; medians).
-//! 3. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
+//! 3. `chain`: three Wasm maps in a row, chained (one task per subtask,
+//!    the default) and unchained (`chain = false`), beside one map;
+//!    alternating, medians.
+//! 4. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
 //!    metrics timing (busy, idle, back-pressured, plugin time) off and on,
 //!    alternating; medians.
 //!
@@ -68,6 +71,24 @@ struct Measurement {
     name: String,
     records: u64,
     seconds: f64,
+    /// User + system CPU time of the whole process during the run.
+    cpu_seconds: f64,
+}
+
+/// CPU time (user + system, every thread) this process has used so far,
+/// from `/proc/self/stat` (clock ticks of 10 ms).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields[i].parse::<f64>().expect("ticks");
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn run(
@@ -87,6 +108,7 @@ fn run(
     let graph = JobGraph::load(&path).expect("valid job");
     let job = runner::prepare(engine, graph).expect("plugins load");
     let started = Instant::now();
+    let cpu = cpu_seconds();
     runtime.block_on(async {
         runner::run_with_native(&job, native, &mut |_| {})
             .await
@@ -96,6 +118,7 @@ fn run(
         name: name.to_string(),
         records,
         seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds() - cpu,
     }
 }
 
@@ -247,6 +270,56 @@ inputs = ["count"]
             rate(&results[n - 1]) / rate(&results[n - 2])
         );
     }
+    if wanted("chain") {
+        // map → map2 → map3 → blackhole; `chain = false` on map2 breaks
+        // both links.
+        let three_maps = |chain: bool| {
+            let mut job = map_job(uppercase).replace(
+                "uid = \"out\"\nkind = \"blackhole\"\ninputs = [\"map\"]",
+                "uid = \"out\"\nkind = \"blackhole\"\ninputs = [\"map3\"]",
+            );
+            for (uid, input, opt_out) in [("map2", "map", !chain), ("map3", "map2", false)] {
+                job.push_str(&format!(
+                    "[[operator]]\nuid = \"{uid}\"\nplugin = {uppercase:?}\ninputs = [\"{input}\"]\nchain = {}\n",
+                    !opt_out
+                ));
+            }
+            job
+        };
+        // The same at parallelism 2 (the generator rebalances to the maps).
+        let at_p2 =
+            |job: String| job.replacen("name = \"map\"", "name = \"map\"\nparallelism = 2", 1);
+        let jobs = [
+            ("one Wasm map", map_job(uppercase)),
+            ("three Wasm maps, chained", three_maps(true)),
+            ("three Wasm maps, unchained", three_maps(false)),
+            ("three Wasm maps, chained, p=2", at_p2(three_maps(true))),
+            ("three Wasm maps, unchained, p=2", at_p2(three_maps(false))),
+        ];
+        let mut runs: Vec<Vec<Measurement>> = jobs.iter().map(|_| Vec::new()).collect();
+        for _ in 0..repeats {
+            for ((name, job), runs) in jobs.iter().zip(&mut runs) {
+                runs.push(run(
+                    &engine,
+                    dir.path(),
+                    name,
+                    job,
+                    &HashMap::new(),
+                    records,
+                ));
+            }
+        }
+        let medians: Vec<Measurement> = runs.into_iter().map(median).collect();
+        let per_cpu = |m: &Measurement| m.records as f64 / m.cpu_seconds.max(0.01);
+        println!(
+            "three maps chained / unchained (medians of {repeats}): throughput {:.2} (p=2: {:.2}), records per CPU-second {:.2} (p=2: {:.2})",
+            rate(&medians[1]) / rate(&medians[2]),
+            rate(&medians[3]) / rate(&medians[4]),
+            per_cpu(&medians[1]) / per_cpu(&medians[2]),
+            per_cpu(&medians[3]) / per_cpu(&medians[4]),
+        );
+        results.extend(medians);
+    }
     if wanted("metrics") {
         // What timing every task's work (busy, idle, back-pressured, plugin
         // time) costs: the same job with it off and on. Record counters
@@ -280,15 +353,17 @@ inputs = ["count"]
         }
     }
     println!();
-    println!("| benchmark | records | seconds | records/s |");
-    println!("|---|---:|---:|---:|");
+    println!("| benchmark | records | seconds | records/s | CPU s | records per CPU-second |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for m in &results {
         println!(
-            "| {} | {} | {:.2} | {:.0} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.0} |",
             m.name,
             m.records,
             m.seconds,
-            m.records as f64 / m.seconds
+            m.records as f64 / m.seconds,
+            m.cpu_seconds,
+            m.records as f64 / m.cpu_seconds.max(0.01)
         );
     }
     if wanted("map") {

@@ -81,7 +81,7 @@ fn run_with(path: &Path, options: RunOptions) -> Result<weir::dataflow::JobOutco
 }
 
 /// Every completed checkpoint (`_metadata`) under a checkpoint root, oldest first.
-fn completed_checkpoints(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn completed_checkpoints(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for job in std::fs::read_dir(root).into_iter().flatten().flatten() {
         for chk in std::fs::read_dir(job.path())

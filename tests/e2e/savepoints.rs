@@ -37,7 +37,7 @@ pub(crate) fn run(path: &Path, options: RunOptions) -> Result<JobOutcome, RunErr
 /// Runs a job and stops it with a savepoint under `target` once its sources
 /// have emitted `after` records (drained first with `drain`). Returns the
 /// savepoint directory.
-fn run_and_stop(path: &Path, after: u64, target: &Path, drain: bool) -> PathBuf {
+pub(crate) fn run_and_stop(path: &Path, after: u64, target: &Path, drain: bool) -> PathBuf {
     run_and_stop_from(path, RunOptions::default(), after, target, drain)
 }
 
@@ -98,7 +98,7 @@ fn run_and_stop_as(
 
 /// Copies every file of `from` into `to` (a sink's committed output going
 /// along with a savepoint).
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir").flatten() {
         if entry.path().is_file() {
@@ -107,7 +107,7 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn sorted(mut lines: Vec<String>) -> Vec<String> {
+pub(crate) fn sorted(mut lines: Vec<String>) -> Vec<String> {
     lines.sort();
     lines
 }

@@ -211,4 +211,7 @@ pub fn print_summary(
         }
         eprintln!("{line}");
     }
+    for chain in job.graph.chain_names() {
+        eprintln!("  chained: {chain} (one task per subtask)");
+    }
 }

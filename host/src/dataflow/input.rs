@@ -1,6 +1,8 @@
 //! The [`InputGate`]: a subtask's input channels read fairly (round-robin),
 //! any of which can be blocked (barrier alignment stops reading a channel),
 //! with the task's watermark kept as the minimum over its live channels.
+//! A chained operator's gate has one channel and no receiver: the chain's
+//! task hands it what the operator before it sent.
 
 use std::future::poll_fn;
 use std::task::Poll;
@@ -12,7 +14,8 @@ use crate::types::{MIN_WATERMARK, StreamEvent, Timestamp};
 #[derive(Debug)]
 struct Channel {
     input: u32,
-    receiver: Receiver<StreamEvent>,
+    /// `None`: fed by the chain's task, never read here.
+    receiver: Option<Receiver<StreamEvent>>,
     blocked: bool,
     ended: bool,
     watermark: Timestamp,
@@ -42,7 +45,7 @@ impl InputGate {
                 .into_iter()
                 .map(|(input, receiver)| Channel {
                     input,
-                    receiver,
+                    receiver: Some(receiver),
                     blocked: false,
                     ended: false,
                     watermark: MIN_WATERMARK,
@@ -51,6 +54,27 @@ impl InputGate {
             next: 0,
             watermark: MIN_WATERMARK,
         }
+    }
+
+    /// The gate of an operator chained to the one before it: one channel,
+    /// of input edge `input`.
+    pub fn chained(input: u32) -> Self {
+        Self {
+            channels: vec![Channel {
+                input,
+                receiver: None,
+                blocked: false,
+                ended: false,
+                watermark: MIN_WATERMARK,
+            }],
+            next: 0,
+            watermark: MIN_WATERMARK,
+        }
+    }
+
+    /// The input edge index of `channel`.
+    pub fn input_of(&self, channel: usize) -> u32 {
+        self.channels[channel].input
     }
 
     pub fn channel_count(&self) -> usize {
@@ -70,10 +94,10 @@ impl InputGate {
                     continue;
                 }
                 live = true;
-                if channel.blocked {
+                let Some(receiver) = channel.receiver.as_mut().filter(|_| !channel.blocked) else {
                     continue;
-                }
-                match channel.receiver.poll_recv(cx) {
+                };
+                match receiver.poll_recv(cx) {
                     Poll::Ready(Some(event)) => {
                         self.next = (index + 1) % count;
                         return Poll::Ready(Some(Delivery {

@@ -3,6 +3,10 @@
 //! edge's channels (forward, by key group, or round-robin) into per-channel
 //! batches, and sends them when the task flushes (after each call), so a
 //! slow consumer backpressures the producer through the bounded channels.
+//! An edge to the next operator of a chain has no channel: what it sends
+//! is queued in the collector, and the chain's task hands it over.
+
+use std::collections::VecDeque;
 
 use tokio::sync::mpsc::Sender;
 
@@ -26,7 +30,8 @@ pub struct OutputEdge {
 
 #[derive(Debug)]
 struct Target {
-    sender: Sender<StreamEvent>,
+    /// `None`: the next operator of the chain (see [`Collector::next_chained`]).
+    sender: Option<Sender<StreamEvent>>,
     pending: RecordBatch,
 }
 
@@ -46,10 +51,24 @@ impl OutputEdge {
             targets: senders
                 .into_iter()
                 .map(|sender| Target {
-                    sender,
+                    sender: Some(sender),
                     pending: RecordBatch::new(),
                 })
                 .collect(),
+            next_target: 0,
+        }
+    }
+
+    /// The edge to the next operator of this subtask's chain.
+    pub fn chained() -> Self {
+        Self {
+            side_output: None,
+            partition: Partition::Forward,
+            downstream_parallelism: 1,
+            targets: vec![Target {
+                sender: None,
+                pending: RecordBatch::new(),
+            }],
             next_target: 0,
         }
     }
@@ -86,6 +105,8 @@ pub struct Collector {
     emitted_bytes: u64,
     /// Set when some pending batch reached [`BATCH_RECORDS`].
     full: bool,
+    /// What was sent to the next operator of the chain, in order.
+    chained: VecDeque<StreamEvent>,
 }
 
 impl Collector {
@@ -97,6 +118,7 @@ impl Collector {
             emitted: 0,
             emitted_bytes: 0,
             full: false,
+            chained: VecDeque::new(),
         }
     }
 
@@ -185,8 +207,11 @@ impl Collector {
                 if target.pending.is_empty() {
                     continue;
                 }
-                let batch = target.pending.take();
-                send(&target.sender, StreamEvent::Records(batch)).await?;
+                let batch = StreamEvent::Records(target.pending.take());
+                match &target.sender {
+                    Some(sender) => send(sender, batch).await?,
+                    None => self.chained.push_back(batch),
+                }
             }
         }
         self.full = false;
@@ -199,10 +224,18 @@ impl Collector {
         self.flush().await?;
         for edge in &self.edges {
             for target in &edge.targets {
-                send(&target.sender, event.clone()).await?;
+                match &target.sender {
+                    Some(sender) => send(sender, event.clone()).await?,
+                    None => self.chained.push_back(event.clone()),
+                }
             }
         }
         Ok(())
+    }
+
+    /// The next event sent to the next operator of the chain, oldest first.
+    pub fn next_chained(&mut self) -> Option<StreamEvent> {
+        self.chained.pop_front()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Builds a running dataflow from a [`JobGraph`]: one bounded channel per
 //! connected (upstream subtask, downstream subtask) pair of every edge, one
-//! tokio task per subtask, and a [`RunningJob`] handle to watch, cancel and
+//! tokio task per subtask (per subtask of a chain of operators, see
+//! [`JobGraph::chains`]), and a [`RunningJob`] handle to watch, cancel and
 //! await it. The first task failure cancels every other task; the error
 //! reported is the cause, not the disconnections it led to. Each launch
 //! also runs the attempt's checkpoint [`Coordinator`], wired to the source
@@ -17,7 +18,7 @@ use super::alignment::Aligner;
 use super::input::InputGate;
 use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
-use super::task::{self, Reports, TaskSummary, WatermarkGenerator};
+use super::task::{self, ChainLink, Reports, TaskSummary, WatermarkGenerator};
 use crate::checkpoint::coordinator::{
     CheckpointMetrics, Coordinator, CoordinatorWiring, Request, SavepointRequest,
 };
@@ -64,7 +65,7 @@ pub struct JobOutcome {
 
 /// A job whose tasks are running.
 pub struct RunningJob {
-    tasks: JoinSet<Result<TaskSummary, TaskError>>,
+    tasks: JoinSet<Result<Vec<TaskSummary>, TaskError>>,
     names: HashMap<tokio::task::Id, (String, u32)>,
     metrics: Vec<Arc<NodeMetrics>>,
     cancel: watch::Sender<bool>,
@@ -99,7 +100,14 @@ pub fn launch(
     // Channels: senders per (edge, upstream subtask), receivers per (node, subtask).
     let mut senders: HashMap<(usize, u32), Vec<mpsc::Sender<StreamEvent>>> = HashMap::new();
     let mut receivers: HashMap<(usize, u32), InputChannels> = HashMap::new();
+    let chained: Vec<Option<usize>> = (0..graph.nodes.len())
+        .map(|node| graph.chained_edge(node))
+        .collect();
+    let is_chained = |edge_id: usize| chained[graph.edges[edge_id].from] == Some(edge_id);
     for (edge_id, edge) in graph.edges.iter().enumerate() {
+        if is_chained(edge_id) {
+            continue;
+        }
         let (p_from, p_to) = (
             graph.nodes[edge.from].parallelism,
             graph.nodes[edge.to].parallelism,
@@ -150,6 +158,9 @@ pub fn launch(
                 .iter()
                 .map(|&edge_id| {
                     let edge = &graph.edges[edge_id];
+                    if is_chained(edge_id) {
+                        return OutputEdge::chained();
+                    }
                     OutputEdge::new(
                         edge.side_output.clone(),
                         edge.partition,
@@ -159,9 +170,15 @@ pub fn launch(
                 })
                 .collect();
             let output = Collector::new(edges, graph.max_parallelism, max_record_bytes);
-            let mut inputs = receivers.remove(&(node_id, subtask)).unwrap_or_default();
-            inputs.sort_by_key(|(input, _)| *input);
-            let gate = InputGate::new(inputs);
+            let chained_input = node.inputs.iter().find(|&&edge| is_chained(edge));
+            let gate = match chained_input {
+                Some(&edge) => InputGate::chained(graph.edges[edge].input_index),
+                None => {
+                    let mut inputs = receivers.remove(&(node_id, subtask)).unwrap_or_default();
+                    inputs.sort_by_key(|(input, _)| *input);
+                    InputGate::new(inputs)
+                }
+            };
             let aligner = Aligner::new(gate.channel_count(), graph.checkpoint.mode);
             subtasks.push((node.uid.clone(), subtask));
             wired.push(Wired {
@@ -175,6 +192,7 @@ pub fn launch(
         }
     }
     let mut operators = create_operators(factory, &mut wired, &reports)?;
+    let mut links: HashMap<(usize, u32), ChainLink> = HashMap::new();
     for Wired {
         node,
         node_id,
@@ -192,7 +210,7 @@ pub fn launch(
                 let watermarks = source.watermark.map(WatermarkGenerator::new);
                 let (trigger, trigger_receiver) = mpsc::unbounded_channel();
                 triggers.push(trigger);
-                tasks.spawn(task::run_source(
+                tasks.spawn(alone(task::run_source(
                     info,
                     reader,
                     output,
@@ -202,24 +220,26 @@ pub fn launch(
                     trigger_receiver,
                     reports.clone(),
                     coordinator.savepoints.clone(),
-                ))
+                )))
             }
             NodeKind::Operator(_) => {
                 let (operator, storage) = operators
                     .remove(&(node_id, subtask))
                     .expect("created above");
-                tasks.spawn(task::run_operator(
+                let link = ChainLink {
                     operator,
                     gate,
                     aligner,
-                    node_metrics,
+                    metrics: node_metrics,
                     storage,
-                ))
+                };
+                links.insert((node_id, subtask), link);
+                continue;
             }
             NodeKind::Sink(_) => {
                 let sink = factory.sink(node, &info)?;
                 sink_subtasks += 1;
-                tasks.spawn(task::run_sink(
+                tasks.spawn(alone(task::run_sink(
                     info,
                     sink,
                     gate,
@@ -227,10 +247,24 @@ pub fn launch(
                     node_metrics,
                     reports.clone(),
                     commit_receiver.clone(),
-                ))
+                )))
             }
         };
         names.insert(handle.id(), (node.uid.clone(), subtask));
+    }
+    for chain in graph.chains() {
+        let uids: Vec<&str> = chain
+            .iter()
+            .map(|&id| graph.nodes[id].uid.as_str())
+            .collect();
+        for subtask in 0..graph.nodes[chain[0]].parallelism {
+            let chain_links = chain
+                .iter()
+                .map(|&id| links.remove(&(id, subtask)).expect("wired above"))
+                .collect();
+            let handle = tasks.spawn(task::run_chain(chain_links));
+            names.insert(handle.id(), (uids.join(" → "), subtask));
+        }
     }
     // Only tasks hold senders now: the coordinator ends when they are gone.
     drop(reports);
@@ -262,6 +296,13 @@ pub fn launch(
         savepoints,
         savepoint_targets,
     })
+}
+
+/// A task of one subtask (a source or sink) as the job's tasks are awaited.
+async fn alone(
+    task: impl std::future::Future<Output = Result<TaskSummary, TaskError>>,
+) -> Result<Vec<TaskSummary>, TaskError> {
+    task.await.map(|summary| vec![summary])
 }
 
 /// An operator subtask created by a worker: (its place in the work list,
@@ -419,7 +460,7 @@ impl RunningJob {
                 }
             };
             match result {
-                Ok(summary) => summaries.push(summary),
+                Ok(ended) => summaries.extend(ended),
                 Err(error) => {
                     if errors.is_empty() {
                         debug!(%error, "task failed; cancelling the job");

@@ -365,129 +365,278 @@ async fn source_barrier(
     output.broadcast(StreamEvent::Barrier(checkpoint)).await
 }
 
-/// An operator subtask: processes batches in arrival order, fires timers as
-/// the watermark and the clock advance, forwards watermarks and end of input.
-///
-/// Once checkpoint n is aligned, the operator takes its snapshot: the
-/// synchronous part here (flush, a consistent copy of the state, timers),
-/// the copy to storage on a blocking thread; then barrier n goes on.
-pub async fn run_operator(
-    mut operator: Box<dyn Operator>,
-    mut gate: InputGate,
-    mut aligner: Aligner,
+/// One operator subtask of a chain, with what its loop needs.
+pub struct ChainLink {
+    pub operator: Box<dyn Operator>,
+    /// The head's channels; for a later link, [`InputGate::chained`].
+    pub gate: InputGate,
+    pub aligner: Aligner,
+    pub metrics: Arc<NodeMetrics>,
+    pub storage: Option<Arc<SubtaskStorage>>,
+}
+
+/// A chain's operator subtask while it runs.
+struct Link {
+    operator: Box<dyn Operator>,
+    gate: InputGate,
+    aligner: Aligner,
     metrics: Arc<NodeMetrics>,
     storage: Option<Arc<SubtaskStorage>>,
-) -> Result<TaskSummary, TaskError> {
-    let info = operator.task().info.clone();
-    let span =
-        tracing::info_span!("operator", job = %info.job, uid = %info.uid, subtask = info.subtask);
-    async move {
-        let fail = fail(&info);
-        operator.open().map_err(&fail)?;
-        flush_output(operator.as_mut()).await.map_err(&fail)?;
-        let mut alignment = AlignmentClock::default();
-        let mine = metrics.subtask(info.subtask);
-        loop {
-            let next_timer = operator.task().timers.next_processing_time();
-            let waiting = Stopwatch::start();
-            let delivery = tokio::select! {
-                delivery = gate.next() => delivery,
-                _ = sleep_until_millis(next_timer) => {
-                    mine.idle(waiting.elapsed());
-                    let started = Stopwatch::start();
-                    let before = emitted(operator.as_mut());
-                    fire_processing_timers(operator.as_mut()).map_err(&fail)?;
-                    account(mine, operator.as_mut(), before, started.elapsed());
-                    let flushing = Stopwatch::start();
-                    flush_output(operator.as_mut()).await.map_err(&fail)?;
-                    mine.backpressured(flushing.elapsed());
-                    continue;
-                }
-            };
-            mine.idle(waiting.elapsed());
-            let Some(Delivery {
-                channel,
-                input,
-                event,
-            }) = delivery
-            else {
-                break;
-            };
-            match event {
-                StreamEvent::Records(batch) => {
-                    let started = Stopwatch::start();
-                    mine.took_in(batch.len(), batch.data_len());
-                    let before = emitted(operator.as_mut());
-                    operator.process_batch(input, batch).map_err(&fail)?;
-                    account(mine, operator.as_mut(), before, started.elapsed());
-                    let state = &mut operator.task().state;
-                    state.maybe_evict().map_err(|e| fail(e.into()))?;
-                    let (hits, misses) = state.take_cache_counts();
-                    mine.cache_hits.fetch_add(hits, Ordering::Relaxed);
-                    mine.cache_misses.fetch_add(misses, Ordering::Relaxed);
-                    mine.busy(started.elapsed());
-                    let flushing = Stopwatch::start();
-                    flush_output(operator.as_mut()).await.map_err(&fail)?;
-                    mine.backpressured(flushing.elapsed());
-                }
-                StreamEvent::Watermark(watermark) => {
-                    if let Some(advanced) = gate.advance_watermark(channel, watermark) {
-                        let started = Stopwatch::start();
-                        let before = emitted(operator.as_mut());
-                        advance_watermark(operator.as_mut(), advanced)
-                            .await
-                            .map_err(&fail)?;
-                        account(mine, operator.as_mut(), before, started.elapsed());
-                        mine.watermark.store(advanced, Ordering::Relaxed);
-                    }
-                }
-                StreamEvent::Barrier(checkpoint) => {
-                    alignment.barrier(checkpoint);
-                    let outcome = aligner.on_barrier(channel, checkpoint);
-                    forward_aligned(
-                        operator.as_mut(),
-                        outcome,
-                        &mut gate,
-                        &storage,
-                        &alignment,
-                        mine,
-                    )
-                    .await
-                    .map_err(&fail)?;
-                }
-                StreamEvent::EndOfInput => {
-                    gate.end(channel);
-                    let outcome = aligner.on_end_of_input(channel);
-                    forward_aligned(
-                        operator.as_mut(),
-                        outcome,
-                        &mut gate,
-                        &storage,
-                        &alignment,
-                        mine,
-                    )
-                    .await
-                    .map_err(&fail)?;
+    info: TaskInfo,
+    alignment: AlignmentClock,
+    span: tracing::Span,
+    /// Set once it closed and sent end of input on.
+    summary: Option<TaskSummary>,
+}
+
+/// What woke a chain's task.
+enum Woken {
+    Input(Option<Delivery>),
+    Clock,
+}
+
+/// The operator subtasks of one chain (a single operator is a chain of
+/// one), in one tokio task: the head reads its channels; what each
+/// operator sends to the next is handed over in order, without a channel,
+/// before the head reads again. Each operator processes batches in arrival
+/// order, fires timers as the watermark and the clock advance, and
+/// forwards watermarks and end of input, exactly as if it ran alone.
+///
+/// Once checkpoint n is aligned, an operator takes its snapshot: the
+/// synchronous part here (flush, a consistent copy of the state, timers),
+/// the copy to storage on a blocking thread; then barrier n goes on (to
+/// the next operator of the chain, which is aligned by it at once).
+pub async fn run_chain(chain: Vec<ChainLink>) -> Result<Vec<TaskSummary>, TaskError> {
+    let mut links: Vec<Link> = chain.into_iter().map(Link::new).collect();
+    for link in &mut links {
+        link.open().await?;
+    }
+    cascade(&mut links, 0).await?;
+    loop {
+        let next_timer = links
+            .iter_mut()
+            .filter_map(|link| link.operator.task().timers.next_processing_time())
+            .min();
+        let waiting = Stopwatch::start();
+        let woken = tokio::select! {
+            delivery = links[0].gate.next() => Woken::Input(delivery),
+            _ = sleep_until_millis(next_timer) => Woken::Clock,
+        };
+        let waited = waiting.elapsed();
+        for link in &links {
+            link.mine().idle(waited);
+        }
+        match woken {
+            Woken::Input(Some(delivery)) => {
+                links[0].handle(delivery).await?;
+                cascade(&mut links, 0).await?;
+            }
+            Woken::Input(None) => break,
+            Woken::Clock => {
+                for at in 0..links.len() {
+                    links[at].fire_processing_timers().await?;
+                    cascade(&mut links, at).await?;
                 }
             }
         }
-        close_once(operator.as_mut()).map_err(&fail)?;
-        let task = operator.task();
-        task.output
-            .broadcast(StreamEvent::EndOfInput)
+    }
+    // The head's channels went away without end of input (a neighbour
+    // failed or was cancelled): end the chain all the same.
+    if links[0].summary.is_none() {
+        links[0].finish().await?;
+        cascade(&mut links, 0).await?;
+    }
+    Ok(links.into_iter().filter_map(|link| link.summary).collect())
+}
+
+/// Hands what operator `from` of the chain sent on to the next one, and so
+/// on to the chain's end.
+async fn cascade(links: &mut [Link], from: usize) -> Result<(), TaskError> {
+    for at in from..links.len().saturating_sub(1) {
+        while let Some(event) = links[at].operator.task().output.next_chained() {
+            let next = &mut links[at + 1];
+            let delivery = Delivery {
+                channel: 0,
+                input: next.gate.input_of(0),
+                event,
+            };
+            next.handle(delivery).await?;
+        }
+    }
+    Ok(())
+}
+
+impl Link {
+    fn new(link: ChainLink) -> Self {
+        let ChainLink {
+            mut operator,
+            gate,
+            aligner,
+            metrics,
+            storage,
+        } = link;
+        let info = operator.task().info.clone();
+        let span = tracing::info_span!("operator", job = %info.job, uid = %info.uid, subtask = info.subtask);
+        Self {
+            operator,
+            gate,
+            aligner,
+            metrics,
+            storage,
+            info,
+            alignment: AlignmentClock::default(),
+            span,
+            summary: None,
+        }
+    }
+
+    fn mine(&self) -> &SubtaskMetrics {
+        self.metrics.subtask(self.info.subtask)
+    }
+
+    fn fail(&self, error: OperatorError) -> TaskError {
+        fail(&self.info)(error)
+    }
+
+    async fn open(&mut self) -> Result<(), TaskError> {
+        let span = self.span.clone();
+        async {
+            self.operator.open()?;
+            flush_output(self.operator.as_mut()).await
+        }
+        .instrument(span)
+        .await
+        .map_err(|e| self.fail(e))
+    }
+
+    async fn fire_processing_timers(&mut self) -> Result<(), TaskError> {
+        if self
+            .operator
+            .task()
+            .timers
+            .next_processing_time()
+            .is_none_or(|due| due > now_millis())
+        {
+            return Ok(());
+        }
+        let span = self.span.clone();
+        let operator = self.operator.as_mut();
+        let mine = self.metrics.subtask(self.info.subtask);
+        async {
+            let started = Stopwatch::start();
+            let before = emitted(operator);
+            fire_processing_timers(operator)?;
+            account(mine, operator, before, started.elapsed());
+            let flushing = Stopwatch::start();
+            flush_output(operator).await?;
+            mine.backpressured(flushing.elapsed());
+            Ok(())
+        }
+        .instrument(span)
+        .await
+        .map_err(|e| self.fail(e))
+    }
+
+    /// Handles one event from the gate.
+    async fn handle(&mut self, delivery: Delivery) -> Result<(), TaskError> {
+        let span = self.span.clone();
+        self.handle_event(delivery)
+            .instrument(span)
             .await
-            .map_err(&fail)?;
-        let state_keys = task.state.key_counts().map_err(|e| fail(e.into()))?;
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn handle_event(&mut self, delivery: Delivery) -> Result<(), OperatorError> {
+        let Delivery {
+            channel,
+            input,
+            event,
+        } = delivery;
+        let operator = self.operator.as_mut();
+        let mine = self.metrics.subtask(self.info.subtask);
+        match event {
+            StreamEvent::Records(batch) => {
+                let started = Stopwatch::start();
+                mine.took_in(batch.len(), batch.data_len());
+                let before = emitted(operator);
+                operator.process_batch(input, batch)?;
+                account(mine, operator, before, started.elapsed());
+                let state = &mut operator.task().state;
+                state.maybe_evict()?;
+                let (hits, misses) = state.take_cache_counts();
+                mine.cache_hits.fetch_add(hits, Ordering::Relaxed);
+                mine.cache_misses.fetch_add(misses, Ordering::Relaxed);
+                mine.busy(started.elapsed());
+                let flushing = Stopwatch::start();
+                flush_output(operator).await?;
+                mine.backpressured(flushing.elapsed());
+            }
+            StreamEvent::Watermark(watermark) => {
+                if let Some(advanced) = self.gate.advance_watermark(channel, watermark) {
+                    let started = Stopwatch::start();
+                    let before = emitted(operator);
+                    advance_watermark(operator, advanced).await?;
+                    account(mine, operator, before, started.elapsed());
+                    mine.watermark.store(advanced, Ordering::Relaxed);
+                }
+            }
+            StreamEvent::Barrier(checkpoint) => {
+                self.alignment.barrier(checkpoint);
+                let outcome = self.aligner.on_barrier(channel, checkpoint);
+                forward_aligned(
+                    operator,
+                    outcome,
+                    &mut self.gate,
+                    &self.storage,
+                    &self.alignment,
+                    mine,
+                )
+                .await?;
+            }
+            StreamEvent::EndOfInput => {
+                self.gate.end(channel);
+                let outcome = self.aligner.on_end_of_input(channel);
+                forward_aligned(
+                    operator,
+                    outcome,
+                    &mut self.gate,
+                    &self.storage,
+                    &self.alignment,
+                    mine,
+                )
+                .await?;
+                if self.gate.live_channels() == 0 {
+                    self.finish_operator().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every input ended: close (unless it ran already) and send end of
+    /// input on.
+    async fn finish(&mut self) -> Result<(), TaskError> {
+        let span = self.span.clone();
+        self.finish_operator()
+            .instrument(span)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn finish_operator(&mut self) -> Result<(), OperatorError> {
+        close_once(self.operator.as_mut())?;
+        let task = self.operator.task();
+        task.output.broadcast(StreamEvent::EndOfInput).await?;
+        let state_keys = task.state.key_counts()?;
         debug!("operator finished");
-        Ok(TaskSummary {
-            uid: info.uid.to_string(),
-            subtask: info.subtask,
+        self.summary = Some(TaskSummary {
+            uid: self.info.uid.to_string(),
+            subtask: self.info.subtask,
             state_backend: (task.state.table_count() > 0).then(|| task.state.describe_backend()),
             state_keys,
-        })
+        });
+        Ok(())
     }
-    .instrument(span)
-    .await
 }
 
 /// Applies the aligner's answer to the gate; returns the checkpoint that is
@@ -925,33 +1074,46 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn processing_time_timers_fire_from_the_clock_without_input() {
-        let (input, receiver) = mpsc::channel(4);
-        let (sender, mut output) = mpsc::channel(16);
+    fn ticker(uid: &str, output: OutputEdge) -> ChainLink {
         let info = TaskInfo {
             job: Arc::from("test"),
-            uid: Arc::from("ticker"),
+            uid: Arc::from(uid),
             subtask: 0,
             parallelism: 1,
             max_parallelism: 128,
         };
-        let collector = Collector::new(
-            vec![OutputEdge::new(None, Partition::Forward, 1, vec![sender])],
-            128,
-            1 << 20,
-        );
+        let collector = Collector::new(vec![output], 128, 1 << 20);
         let state = KeyedState::new(Vec::new(), Box::new(MemoryBackend::new(0)), 128, 1);
-        let operator = Box::new(Ticker {
-            task: TaskContext::new(info, state, collector),
-        });
-        let task = tokio::spawn(run_operator(
-            operator,
-            InputGate::new(vec![(0, receiver)]),
-            Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
-            Arc::new(NodeMetrics::new("op", false, false, 1)),
-            None,
-        ));
+        ChainLink {
+            operator: Box::new(Ticker {
+                task: TaskContext::new(info, state, collector),
+            }),
+            gate: InputGate::chained(0),
+            aligner: Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
+            metrics: Arc::new(NodeMetrics::new(uid, false, false, 1)),
+            storage: None,
+        }
+    }
+
+    /// Feeds records keyed `a` and `b` to a chain of `length` tickers, each
+    /// of which re-emits a key once its timer fired; the chain's end must
+    /// see both keys without further input, then end with every operator.
+    async fn timers_fire_along_a_chain(length: usize) {
+        let (input, receiver) = mpsc::channel(4);
+        let (sender, mut output) = mpsc::channel(16);
+        let mut chain: Vec<ChainLink> = (0..length)
+            .map(|at| {
+                let edge = if at + 1 == length {
+                    OutputEdge::new(None, Partition::Forward, 1, vec![sender.clone()])
+                } else {
+                    OutputEdge::chained()
+                };
+                ticker(&format!("ticker-{at}"), edge)
+            })
+            .collect();
+        drop(sender);
+        chain[0].gate = InputGate::new(vec![(0, receiver)]);
+        let task = tokio::spawn(run_chain(chain));
         let mut batch = RecordBatch::new();
         batch.push(Some(b"a"), b"1", None);
         batch.push(Some(b"b"), b"2", None);
@@ -969,7 +1131,24 @@ mod tests {
         fired.sort();
         assert_eq!(fired, vec![b"a".to_vec(), b"b".to_vec()]);
         input.send(StreamEvent::EndOfInput).await.expect("send");
-        task.await.expect("joins").expect("operator ends well");
+        let summaries = task.await.expect("joins").expect("operators end well");
+        let uids: Vec<String> = summaries.iter().map(|s| s.uid.clone()).collect();
+        let expected: Vec<String> = (0..length).map(|at| format!("ticker-{at}")).collect();
+        assert_eq!(uids, expected);
+        assert!(
+            matches!(output.recv().await, Some(StreamEvent::EndOfInput)),
+            "end of input reaches the chain's end"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn processing_time_timers_fire_from_the_clock_without_input() {
+        timers_fire_along_a_chain(1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chained_operator_gets_what_the_one_before_sent_and_fires_its_own_timers() {
+        timers_fire_along_a_chain(3).await;
     }
 
     #[test]

@@ -400,6 +400,14 @@ pub struct OperatorSpec {
     /// WASI capabilities granted to this plugin (none by default).
     #[serde(default)]
     pub wasi: Vec<WasiGrant>,
+    /// `false`: never run this operator in one task with its neighbours
+    /// (see [`JobGraph::chains`](super::JobGraph::chains)).
+    #[serde(default = "chained_by_default")]
+    pub chain: bool,
+}
+
+fn chained_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -87,6 +87,8 @@ pub struct OperatorNode {
     pub config: String,
     pub limits: Limits,
     pub wasi: Vec<WasiGrant>,
+    /// May run in one task with its neighbours (`chain = false`: never).
+    pub chain: bool,
 }
 
 /// Effective limits of one plugin instance.
@@ -156,6 +158,67 @@ impl JobGraph {
     /// Directory relative paths of the job file are resolved against.
     pub fn base_dir(&self) -> PathBuf {
         base_dir(&self.file)
+    }
+
+    /// The edge out of `node` that joins it to the next operator of its
+    /// chain, if any. Operators are chained (run in one task per subtask,
+    /// records handed over without a channel) along a `forward` edge of
+    /// the main output (so equal parallelism) into an operator that has no
+    /// other input, unless either says `chain = false`. An operator chains
+    /// to one successor at most: the first such edge.
+    pub fn chained_edge(&self, node: NodeId) -> Option<usize> {
+        let chains = |id: NodeId| matches!(&self.nodes[id].kind, NodeKind::Operator(o) if o.chain);
+        if !chains(node) {
+            return None;
+        }
+        self.nodes[node].outputs.iter().copied().find(|&edge_id| {
+            let edge = &self.edges[edge_id];
+            edge.partition == Partition::Forward
+                && edge.side_output.is_none()
+                && chains(edge.to)
+                && self.nodes[edge.to].inputs.len() == 1
+        })
+    }
+
+    /// Every operator, grouped into chains (each a path of
+    /// [`JobGraph::chained_edge`]s, head first), in topological order of
+    /// their heads. An operator that chains with nothing is a chain of one.
+    pub fn chains(&self) -> Vec<Vec<NodeId>> {
+        let next: Vec<Option<NodeId>> = (0..self.nodes.len())
+            .map(|id| self.chained_edge(id).map(|edge| self.edges[edge].to))
+            .collect();
+        let mut chained_into = vec![false; self.nodes.len()];
+        for to in next.iter().flatten() {
+            chained_into[*to] = true;
+        }
+        let mut chains = Vec::new();
+        for (head, node) in self.nodes.iter().enumerate() {
+            if !matches!(node.kind, NodeKind::Operator(_)) || chained_into[head] {
+                continue;
+            }
+            let mut chain = vec![head];
+            while let Some(to) = next[*chain.last().expect("not empty")] {
+                chain.push(to);
+            }
+            chains.push(chain);
+        }
+        chains
+    }
+
+    /// The chains of more than one operator, as `a → b → c` (what a job's
+    /// summary shows).
+    pub fn chain_names(&self) -> Vec<String> {
+        self.chains()
+            .into_iter()
+            .filter(|chain| chain.len() > 1)
+            .map(|chain| {
+                chain
+                    .iter()
+                    .map(|&id| self.nodes[id].uid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" → ")
+            })
+            .collect()
     }
 
     /// Checks everything the runtime relies on and resolves paths; reports
@@ -290,6 +353,7 @@ impl JobGraph {
                     config: file::config_json(operator.config.as_ref()),
                     limits,
                     wasi: operator.wasi.clone(),
+                    chain: operator.chain,
                 }),
                 inputs: Vec::new(),
                 outputs: Vec::new(),
@@ -886,5 +950,69 @@ inputs = ["b"]
             "{error}"
         );
         assert!(error.contains("key `path` does not apply"), "{error}");
+    }
+
+    #[test]
+    fn operators_chain_along_forward_edges_into_single_input_operators() {
+        let text = r#"
+name = "chains"
+parallelism = 2
+[[source]]
+uid = "gen"
+kind = "generator"
+count = 10
+[[operator]]
+uid = "a"
+plugin = "p.wasm"
+inputs = ["gen"]
+[[operator]]
+uid = "b"
+plugin = "p.wasm"
+inputs = ["a"]
+[[operator]]
+uid = "c"
+plugin = "p.wasm"
+inputs = [{ from = "b", partition = "key" }]
+[[operator]]
+uid = "d"
+plugin = "p.wasm"
+inputs = ["c"]
+[[operator]]
+uid = "e"
+plugin = "p.wasm"
+inputs = ["d"]
+chain = false
+[[operator]]
+uid = "f"
+plugin = "p.wasm"
+inputs = ["c:late"]
+[[operator]]
+uid = "g"
+plugin = "p.wasm"
+inputs = ["e", "f"]
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["g"]
+"#;
+        let job = validate(text).expect("valid");
+        let names = |chain: &Vec<usize>| -> Vec<&str> {
+            chain.iter().map(|&id| job.nodes[id].uid.as_str()).collect()
+        };
+        let chains: Vec<Vec<&str>> = job.chains().iter().map(names).collect();
+        // gen → a: sources are not chained; a → b: forward; b → c: keyed;
+        // c → d: forward main output; d → e: e opts out; c:late → f: a
+        // side output; e, f → g: two inputs.
+        assert_eq!(
+            chains,
+            vec![
+                vec!["a", "b"],
+                vec!["c", "d"],
+                vec!["f"],
+                vec!["e"],
+                vec!["g"]
+            ]
+        );
+        assert_eq!(job.chain_names(), ["a → b", "c → d"]);
     }
 }
