@@ -583,34 +583,30 @@ impl Link {
             StreamEvent::Barrier(checkpoint) => {
                 self.alignment.barrier(checkpoint);
                 let outcome = self.aligner.on_barrier(channel, checkpoint);
-                forward_aligned(
-                    operator,
-                    outcome,
-                    &mut self.gate,
-                    &self.storage,
-                    &self.alignment,
-                    mine,
-                )
-                .await?;
+                self.forward_aligned(outcome).await?;
             }
             StreamEvent::EndOfInput => {
                 self.gate.end(channel);
                 let outcome = self.aligner.on_end_of_input(channel);
-                forward_aligned(
-                    operator,
-                    outcome,
-                    &mut self.gate,
-                    &self.storage,
-                    &self.alignment,
-                    mine,
-                )
-                .await?;
+                self.forward_aligned(outcome).await?;
                 if self.gate.live_channels() == 0 {
                     self.finish_operator().await?;
                 }
             }
         }
         Ok(())
+    }
+
+    async fn forward_aligned(&mut self, outcome: Alignment) -> Result<(), OperatorError> {
+        forward_aligned(
+            self.operator.as_mut(),
+            outcome,
+            &mut self.gate,
+            &self.storage,
+            &self.alignment,
+            self.metrics.subtask(self.info.subtask),
+        )
+        .await
     }
 
     /// Every input ended: close (unless it ran already) and send end of
