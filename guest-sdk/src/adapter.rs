@@ -5,8 +5,8 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use crate::batch::decode_entry;
-use crate::bindings::exports::weir::operator::{metadata, operator};
+use crate::batch::{WORDS, decode_entry, decode_flat};
+use crate::bindings::exports::weir::operator::{flat_operator, metadata, operator};
 use crate::bindings::weir::operator::types::{self as wit, PluginInfo};
 use crate::cursor;
 use crate::{Config, Context, Error, Operator, Record, TimeDomain, Timer};
@@ -78,19 +78,9 @@ impl<O: Operator> operator::Guest for Adapter<O> {
     }
 
     fn process_batch(input: u32, batch: wit::RecordBatch) -> Result<(), String> {
-        cursor::begin_batch();
-        let result = with_operator::<O>(|op, ctx| {
-            for (i, entry) in batch.entries.iter().enumerate() {
-                let record = decode_entry(&batch.data, entry, i)?;
-                let index = u32::try_from(i).map_err(|_| Error::msg("batch too large"))?;
-                cursor::want(index);
-                ctx.set_default_timestamp(record.timestamp());
-                op.process(ctx, input, record)?;
-            }
-            Ok(())
-        });
-        cursor::end_batch();
-        result
+        process_records::<O>(input, batch.entries.len(), |i| {
+            decode_entry(&batch.data, &batch.entries[i], i)
+        })
     }
 
     fn on_timer(timer: wit::Timer) -> Result<(), String> {
@@ -128,6 +118,42 @@ impl<O: Operator> operator::Guest for Adapter<O> {
         });
         result
     }
+}
+
+impl<O: Operator> flat_operator::Guest for Adapter<O> {
+    fn process_flat(input: u32, data: Vec<u8>, entries: Vec<u32>) -> Result<(), String> {
+        if !entries.len().is_multiple_of(WORDS) {
+            return Err(format!(
+                "malformed record batch: {} entry words is not a multiple of {WORDS}",
+                entries.len()
+            ));
+        }
+        process_records::<O>(input, entries.len() / WORDS, |i| {
+            decode_flat(&data, &entries[i * WORDS..(i + 1) * WORDS], i)
+        })
+    }
+}
+
+/// Runs `process` for records `0..count` of a batch in order, each made
+/// the record keyed calls are scoped to before it is processed.
+fn process_records<'a, O: Operator>(
+    input: u32,
+    count: usize,
+    record: impl Fn(usize) -> Result<Record<'a>, Error>,
+) -> Result<(), String> {
+    cursor::begin_batch();
+    let result = with_operator::<O>(|op, ctx| {
+        for i in 0..count {
+            let record = record(i)?;
+            let index = u32::try_from(i).map_err(|_| Error::msg("batch too large"))?;
+            cursor::want(index);
+            ctx.set_default_timestamp(record.timestamp());
+            op.process(ctx, input, record)?;
+        }
+        Ok(())
+    });
+    cursor::end_batch();
+    result
 }
 
 impl<O: Operator> metadata::Guest for Adapter<O> {

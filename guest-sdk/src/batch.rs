@@ -1,8 +1,19 @@
-//! The flat `record-batch` encoding, both ways. Pure code (no host calls), so
-//! it is unit-tested natively.
+//! The batch encodings, both ways: the `record-batch` of `process-batch`
+//! and the flat layout of `process-flat` and `emit-flat` (eight u32 words
+//! per record, see `wit/operator.wit`). Pure code (no host calls), so it is
+//! unit-tested natively.
 
-use crate::bindings::weir::operator::types::{BatchEntry, RecordBatch};
+use crate::bindings::weir::operator::types::BatchEntry;
 use crate::{Error, Record};
+
+/// u32 words per record in the flat layout.
+pub(crate) const WORDS: usize = 8;
+
+/// Key length word of a record without a key.
+const NO_KEY: u32 = u32::MAX;
+
+/// Flag bit: the record has a timestamp.
+const HAS_TIMESTAMP: u32 = 1;
 
 /// Main-output records are flushed to the host once the buffer holds this
 /// many bytes, even in the middle of a batch.
@@ -12,10 +23,38 @@ pub(crate) const FLUSH_BYTES: usize = 1 << 20;
 /// does not pin its memory for the life of the instance.
 const KEEP_CAPACITY: usize = 4 * FLUSH_BYTES;
 
-/// Decodes entry `index` of a batch into a record borrowing `data`.
+/// Decodes entry `index` of a `record-batch` into a record borrowing `data`.
 pub(crate) fn decode_entry<'a>(
     data: &'a [u8],
     entry: &BatchEntry,
+    index: usize,
+) -> Result<Record<'a>, Error> {
+    let key_length = match entry.key_length {
+        -1 => NO_KEY,
+        length => u32::try_from(length).map_err(|_| {
+            Error::msg(format_args!(
+                "malformed record batch: entry {index} has key length {length}"
+            ))
+        })?,
+    };
+    let words = [
+        entry.key_offset,
+        key_length,
+        entry.value_offset,
+        entry.value_length,
+        u32::from(entry.has_timestamp) * HAS_TIMESTAMP,
+        0,
+        entry.timestamp as u64 as u32,
+        (entry.timestamp as u64 >> 32) as u32,
+    ];
+    decode_flat(data, &words, index)
+}
+
+/// Decodes record `index` of a flat batch, whose eight words are `words`,
+/// into a record borrowing `data`.
+pub(crate) fn decode_flat<'a>(
+    data: &'a [u8],
+    words: &[u32],
     index: usize,
 ) -> Result<Record<'a>, Error> {
     let slice = |what: &str, offset: u32, length: u32| {
@@ -30,82 +69,100 @@ pub(crate) fn decode_entry<'a>(
                 ))
             })
     };
-    let key = match entry.key_length {
-        -1 => None,
-        length => {
-            let length = u32::try_from(length).map_err(|_| {
-                Error::msg(format_args!(
-                    "malformed record batch: entry {index} has key length {length}"
-                ))
-            })?;
-            Some(slice("key", entry.key_offset, length)?)
-        }
+    let &[
+        key_offset,
+        key_length,
+        value_offset,
+        value_length,
+        flags,
+        _,
+        low,
+        high,
+    ] = words
+    else {
+        return Err(Error::msg(format_args!(
+            "malformed record batch: entry {index} has {} words, not {WORDS}",
+            words.len()
+        )));
     };
-    let value = slice("value", entry.value_offset, entry.value_length)?;
-    let timestamp = entry.has_timestamp.then_some(entry.timestamp);
+    let key = match key_length {
+        NO_KEY => None,
+        length if length > i32::MAX as u32 => {
+            return Err(Error::msg(format_args!(
+                "malformed record batch: entry {index} has key length {length}"
+            )));
+        }
+        length => Some(slice("key", key_offset, length)?),
+    };
+    let value = slice("value", value_offset, value_length)?;
+    let timestamp =
+        (flags & HAS_TIMESTAMP != 0).then_some((u64::from(high) << 32 | u64::from(low)) as i64);
     Ok(Record::new(key, value, timestamp))
 }
 
-/// An SDK-owned `record-batch` that main-output emits are appended to; its
-/// allocation is reused from one call to the next.
+/// An SDK-owned flat batch that main-output emits are appended to; its
+/// allocations are reused from one call to the next.
 pub(crate) struct EmitBuffer {
-    batch: RecordBatch,
+    data: Vec<u8>,
+    entries: Vec<u32>,
 }
 
 impl EmitBuffer {
     pub(crate) const fn new() -> Self {
         Self {
-            batch: RecordBatch {
-                data: Vec::new(),
-                entries: Vec::new(),
-            },
+            data: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
     /// Appends one record: its key bytes (if any) then its value bytes.
     pub(crate) fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: Option<i64>) {
-        let data = &mut self.batch.data;
+        let data = &mut self.data;
         let (key_offset, key_length) = match key {
             Some(key) => {
                 let offset = offset_of(data);
                 data.extend_from_slice(key);
                 let length = i32::try_from(key.len()).expect("a record key is under 2 GiB");
-                (offset, length)
+                (offset, length as u32)
             }
-            None => (offset_of(data), -1),
+            None => (offset_of(data), NO_KEY),
         };
         let value_offset = offset_of(data);
         data.extend_from_slice(value);
         let value_length = u32::try_from(value.len()).expect("a record value is under 4 GiB");
-        self.batch.entries.push(BatchEntry {
+        let stamp = timestamp.unwrap_or(0) as u64;
+        self.entries.extend_from_slice(&[
             key_offset,
             key_length,
             value_offset,
             value_length,
-            timestamp: timestamp.unwrap_or(0),
-            has_timestamp: timestamp.is_some(),
-        });
+            u32::from(timestamp.is_some()) * HAS_TIMESTAMP,
+            0,
+            stamp as u32,
+            (stamp >> 32) as u32,
+        ]);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.batch.entries.is_empty()
+        self.entries.is_empty()
     }
 
     /// Whether the buffer has reached the mid-batch flush threshold.
     pub(crate) fn is_full(&self) -> bool {
-        self.batch.data.len() >= FLUSH_BYTES
+        self.data.len() >= FLUSH_BYTES
     }
 
-    pub(crate) fn batch(&self) -> &RecordBatch {
-        &self.batch
+    /// The buffered records: (data, flat entries).
+    pub(crate) fn parts(&self) -> (&[u8], &[u32]) {
+        (&self.data, &self.entries)
     }
 
     /// Empties the buffer, keeping (a bounded amount of) its allocation.
     pub(crate) fn clear(&mut self) {
-        self.batch.data.clear();
-        self.batch.entries.clear();
-        if self.batch.data.capacity() > KEEP_CAPACITY {
-            self.batch.data.shrink_to(FLUSH_BYTES);
+        self.data.clear();
+        self.entries.clear();
+        if self.data.capacity() > KEEP_CAPACITY {
+            self.data.shrink_to(FLUSH_BYTES);
         }
     }
 }
@@ -120,12 +177,12 @@ fn offset_of(data: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
-    fn records(batch: &RecordBatch) -> Vec<Record<'_>> {
-        batch
-            .entries
-            .iter()
+    fn records(buf: &EmitBuffer) -> Vec<Record<'_>> {
+        let (data, entries) = buf.parts();
+        entries
+            .chunks(WORDS)
             .enumerate()
-            .map(|(i, e)| decode_entry(&batch.data, e, i))
+            .map(|(i, words)| decode_flat(data, words, i))
             .collect::<Result<_, _>>()
             .expect("valid batch")
     }
@@ -138,12 +195,12 @@ mod tests {
         buf.push(None, b"", None);
         buf.push(Some(b""), b"v", Some(-7));
         assert!(!buf.is_empty());
-        assert_eq!(buf.batch().data, b"k1hellov");
-        let e = buf.batch().entries[1];
-        assert_eq!((e.key_length, e.value_offset, e.value_length), (-1, 7, 0));
-        assert!(!e.has_timestamp);
+        assert_eq!(buf.parts().0, b"k1hellov");
+        let e = &buf.parts().1[WORDS..2 * WORDS];
+        assert_eq!((e[1], e[2], e[3]), (NO_KEY, 7, 0));
+        assert_eq!(e[4] & HAS_TIMESTAMP, 0);
         assert_eq!(
-            records(buf.batch()),
+            records(&buf),
             [
                 Record::new(Some(b"k1"), b"hello", Some(42)),
                 Record::new(None, b"", None),
@@ -156,11 +213,11 @@ mod tests {
     fn clear_keeps_allocation() {
         let mut buf = EmitBuffer::new();
         buf.push(Some(b"key"), &[7; 1000], None);
-        let cap = buf.batch().data.capacity();
+        let cap = buf.data.capacity();
         buf.clear();
         assert!(buf.is_empty());
-        assert!(buf.batch().data.is_empty());
-        assert_eq!(buf.batch().data.capacity(), cap);
+        assert!(buf.parts().0.is_empty());
+        assert_eq!(buf.data.capacity(), cap);
     }
 
     #[test]
@@ -172,7 +229,7 @@ mod tests {
         assert!(buf.is_full());
         buf.push(None, &vec![0; KEEP_CAPACITY], None);
         buf.clear();
-        assert!(buf.batch().data.capacity() <= KEEP_CAPACITY);
+        assert!(buf.data.capacity() <= KEEP_CAPACITY);
     }
 
     #[test]

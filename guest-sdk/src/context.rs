@@ -12,7 +12,7 @@ use crate::{Error, OutRecord};
 /// by the host to the key of the record (or timer) being processed.
 ///
 /// Main-output records are buffered by the SDK and handed to the host in one
-/// `emit-batch` call when the callback returns (or once ~1 MiB accumulates);
+/// `emit-flat` call when the callback returns (or once ~1 MiB accumulates);
 /// side-output records go to the host immediately.
 pub struct Context {
     out: EmitBuffer,
@@ -35,7 +35,8 @@ impl Context {
     /// Sends the buffered main-output records to the host.
     pub(crate) fn flush(&mut self) {
         if !self.out.is_empty() {
-            output::emit_batch(self.out.batch());
+            let (data, entries) = self.out.parts();
+            output::emit_flat(data, entries);
             self.out.clear();
         }
     }

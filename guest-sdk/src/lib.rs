@@ -46,8 +46,10 @@
 //! Records reach the SDK in batches (the plugin reports `batch-input`); the
 //! SDK calls `process` for each record in order and makes that record the
 //! host's current record first, so state and timer calls are scoped to its
-//! key and records of one key see each other's updates. Main-output emits
-//! are buffered and handed to the host once per batch.
+//! key and records of one key see each other's updates. Batches cross the
+//! boundary in the flat layout (`flat-operator`, `emit-flat`: two copies a
+//! batch); main-output emits are buffered and handed to the host once per
+//! batch.
 //!
 //! # State encoding (a cross-language contract)
 //!
@@ -97,7 +99,7 @@ extern crate self as weir_sdk;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "operator-plugin",
+        world: "flat-operator-plugin",
         pub_export_macro: true,
         default_bindings_module: "weir_sdk::bindings",
         export_macro_name: "__export_operator_plugin",

@@ -7,10 +7,12 @@
 //!    generator of 10M records over 100k distinct keys, parallelism 1,
 //!    without checkpoints and with exactly-once checkpoints every second
 //!    (alternating, `WEIR_BENCH_REPEATS` times each, default 3; medians).
-//! 3. `chain`: three Wasm maps in a row, chained (one task per subtask,
+//! 3. `state`: the word count with `memory` and with `rocksdb` state, no
+//!    checkpoints (medians).
+//! 4. `chain`: three Wasm maps in a row, chained (one task per subtask,
 //!    the default) and unchained (`chain = false`), beside one map;
 //!    alternating, medians.
-//! 4. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
+//! 5. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
 //!    metrics timing (busy, idle, back-pressured, plugin time) off and on,
 //!    alternating; medians.
 //!
@@ -269,6 +271,27 @@ inputs = ["count"]
             "checkpointed / unchecked wordcount throughput (medians of {repeats}): {:.3}",
             rate(&results[n - 1]) / rate(&results[n - 2])
         );
+    }
+    if wanted("state") {
+        // The word count's record path with each backend, no checkpoints:
+        // what reaching state costs besides storage.
+        for backend in ["memory", "rocksdb"] {
+            let job =
+                wordcount.replace("backend = \"rocksdb\"", &format!("backend = \"{backend}\""));
+            let runs = (0..repeats)
+                .map(|_| {
+                    run(
+                        &engine,
+                        dir.path(),
+                        &format!("wordcount, {backend} state, p=1"),
+                        &job,
+                        &HashMap::new(),
+                        records,
+                    )
+                })
+                .collect();
+            results.push(median(runs));
+        }
     }
     if wanted("chain") {
         // map → map2 → map3 → blackhole; `chain = false` on map2 breaks

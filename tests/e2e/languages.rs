@@ -10,7 +10,7 @@ use weir_tests::languages::{C, JAVASCRIPT, Language, PYTHON, PYTHON_V2, ZIG};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::savepoints::{WORDS, expected_words, options, run, run_and_stop_from, wordcount_job};
-use crate::support::{JobDir, toml_path};
+use crate::support::{JobDir, engine, toml_path};
 
 /// A file of text → `split` (Rust, p=2) → `count` (the given plugin, p=2)
 /// → file sink; returns the sorted output lines.
@@ -65,6 +65,20 @@ fn same_output_as_rust(language: Language) {
     let rust = file_wordcount(&job, Path::new(WORDCOUNT_COUNT), "rust");
     weir_tests::check_exact_updates(&rust, &weir_tests::count_words(&text))
         .expect("the Rust job is exact");
+    // The Rust SDK's plugin takes the flat path; the other languages'
+    // (built against the contract's first edition, Zig's by hand with its
+    // `@0.1.0` names) cross as `record-batch` and still load and run.
+    assert!(
+        engine()
+            .load(Path::new(WORDCOUNT_COUNT))
+            .expect("loads")
+            .takes_flat_batches()
+    );
+    assert!(
+        !engine().load(&plugin).expect("loads").takes_flat_batches(),
+        "{} takes record batches",
+        language.name
+    );
     let other = file_wordcount(&job, &plugin, "other");
     assert!(
         other == rust,

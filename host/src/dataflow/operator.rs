@@ -114,8 +114,9 @@ pub struct TaskContext {
     /// Timestamp of the record or timer being processed.
     pub current_timestamp: Option<Timestamp>,
     pub watermark: Timestamp,
-    /// The batch being processed, for `select-record`.
-    pub current_batch: RecordBatch,
+    /// The batch being processed, for `select-record` (shared with the
+    /// call that hands its bytes to the plugin).
+    pub current_batch: Arc<RecordBatch>,
     /// `close` ran (at the final checkpoint, or before the restored one):
     /// it does not run again.
     pub closed: bool,
@@ -131,7 +132,7 @@ impl TaskContext {
             current_key: None,
             current_timestamp: None,
             watermark: MIN_WATERMARK,
-            current_batch: RecordBatch::new(),
+            current_batch: Arc::new(RecordBatch::new()),
             closed: false,
         }
     }

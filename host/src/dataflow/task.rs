@@ -1043,7 +1043,7 @@ mod tests {
         }
         fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
             let count = batch.len();
-            self.task.current_batch = batch;
+            self.task.current_batch = Arc::new(batch);
             for index in 0..count {
                 self.task.select_record(index);
                 let key = self.task.current_key.clone().expect("keyed");

@@ -43,6 +43,8 @@ pub struct LoadedPlugin {
     pub(crate) engine: Engine,
     /// The `migrate` function of the optional migration export.
     pub(crate) migrate: Option<wasmtime::component::ComponentExportIndex>,
+    /// The `process-flat` function of the optional flat export.
+    pub(crate) flat: Option<wasmtime::component::ComponentExportIndex>,
     /// How long compiling (or loading the cached artifact) took.
     pub load_time: Duration,
     pub from_cache: bool,
@@ -52,6 +54,12 @@ impl LoadedPlugin {
     /// Whether the plugin exports schema migration.
     pub fn can_migrate(&self) -> bool {
         self.migrate.is_some()
+    }
+
+    /// Whether batches reach it through the flat export (`process-flat`)
+    /// rather than `process-batch` or `process`.
+    pub fn takes_flat_batches(&self) -> bool {
+        self.flat.is_some() && self.info.batch_input
     }
 }
 
@@ -174,6 +182,7 @@ impl PluginEngine {
         })?;
         let info = describe(&self.engine, &pre, file)?;
         let migrate = super::migrate::find(&component);
+        let flat = super::flat::find(&component);
         let load_time = started.elapsed();
         info!(
             plugin = %info.name,
@@ -190,6 +199,7 @@ impl PluginEngine {
             pre,
             engine: self.engine.clone(),
             migrate,
+            flat,
             load_time,
             from_cache,
         }))

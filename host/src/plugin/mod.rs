@@ -21,6 +21,7 @@
 
 pub mod bindings;
 pub mod engine;
+pub mod flat;
 pub mod host;
 pub mod migrate;
 pub mod operator;

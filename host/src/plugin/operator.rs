@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::Store;
+use wasmtime::component::{Func, TypedFunc};
 
 use super::bindings::{
     OperatorPlugin, WitBatchEntry, WitRecord, WitRecordBatch, WitTimeDomain, WitTimer,
@@ -18,9 +19,21 @@ use crate::job::OperatorNode;
 use crate::state::StateError;
 use crate::types::RecordBatch;
 
+/// What an operator export returns.
+type CallResult = (Result<(), String>,);
+
+/// `process-flat(input, data, entries)`.
+type ProcessFlat<'a> = TypedFunc<(u32, &'a [u8], &'a [u32]), CallResult>;
+
 pub struct WasmOperator {
     store: Store<HostState>,
     plugin: OperatorPlugin,
+    /// The flat export's `process-flat`, when the plugin has it (and takes
+    /// batches): used instead of `process-batch`.
+    process_flat: Option<Func>,
+    /// The entries of the batch being handed over, in the flat layout
+    /// (allocation reused from batch to batch).
+    flat_entries: Vec<u32>,
     loaded: Arc<LoadedPlugin>,
     config: String,
     call_timeout: Duration,
@@ -40,17 +53,46 @@ impl WasmOperator {
         let mut store = Store::new(&loaded.engine, host);
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(ticks(node.limits.call_timeout));
-        let plugin = loaded.pre.instantiate(&mut store).map_err(|e| {
+        let failed = |e| {
             classify(
                 e,
                 "instantiate",
                 node.limits.call_timeout,
                 node.limits.memory_bytes,
             )
-        })?;
+        };
+        let instance = loaded
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .map_err(failed)?;
+        let plugin = OperatorPlugin::new(&mut store, &instance).map_err(failed)?;
+        let process_flat = match loaded.flat.filter(|_| loaded.info.batch_input) {
+            Some(index) => {
+                let func = instance.get_func(&mut store, index).ok_or_else(|| {
+                    OperatorError::new(FailureKind::Trap, "the flat export has no process-flat")
+                })?;
+                // Checked once here, so calls can skip the check.
+                func.typed::<(u32, &[u8], &[u32]), CallResult>(&store)
+                    .map_err(|e| {
+                        OperatorError::new(
+                            FailureKind::Trap,
+                            format!(
+                                "plugin `{}`: its {} export has the wrong type: {e:#}",
+                                loaded.info.name,
+                                super::flat::FLAT_INTERFACE
+                            ),
+                        )
+                    })?;
+                Some(func)
+            }
+            None => None,
+        };
         Ok(Self {
             store,
             plugin,
+            process_flat,
+            flat_entries: Vec::new(),
             loaded,
             config: node.config.clone(),
             call_timeout: node.limits.call_timeout,
@@ -163,6 +205,28 @@ impl WasmOperator {
     }
 
     fn process_batch_inner(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
+        if let Some(func) = self.process_flat {
+            // The batch goes into the task (for `select-record`) and its
+            // bytes, shared, to the call.
+            let batch = Arc::new(batch);
+            super::flat::encode(batch.entries(), &mut self.flat_entries);
+            let task = &mut self.store.data_mut().task;
+            task.current_batch = batch.clone();
+            task.current_key = None;
+            task.current_timestamp = None;
+            let entries = std::mem::take(&mut self.flat_entries);
+            let result = self.call("process-flat", |_, store| {
+                // SAFETY: `func`'s type was checked against this one when
+                // the operator was instantiated.
+                let typed: ProcessFlat<'_> = unsafe { TypedFunc::new_unchecked(func) };
+                typed
+                    .call(store, (input, batch.data(), &entries))
+                    .map(|(result,)| result)
+            });
+            self.flat_entries = entries;
+            self.store.data_mut().task.current_key = None;
+            return result;
+        }
         if self.loaded.info.batch_input {
             let wit = WitRecordBatch {
                 data: batch.data().to_vec(),
@@ -180,7 +244,7 @@ impl WasmOperator {
                     .collect(),
             };
             let task = &mut self.store.data_mut().task;
-            task.current_batch = batch;
+            task.current_batch = Arc::new(batch);
             task.current_key = None;
             task.current_timestamp = None;
             let result = self.call("process-batch", |plugin, store| {
@@ -199,7 +263,7 @@ impl WasmOperator {
                     timestamp: r.timestamp,
                 })
                 .collect();
-            self.store.data_mut().task.current_batch = batch;
+            self.store.data_mut().task.current_batch = Arc::new(batch);
             for (index, record) in records.iter().enumerate() {
                 self.store.data_mut().task.select_record(index);
                 self.call("process", |plugin, store| {

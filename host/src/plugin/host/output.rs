@@ -4,6 +4,7 @@
 use super::{HostState, trap};
 use crate::plugin::bindings::weir::operator::output::Host;
 use crate::plugin::bindings::{WitRecord, WitRecordBatch};
+use crate::plugin::flat;
 use crate::types::{BatchEntry, RecordBatch, RecordRef};
 
 impl Host for HostState {
@@ -35,6 +36,16 @@ impl Host for HostState {
             .collect();
         let batch = RecordBatch::from_parts(batch.data, entries)
             .map_err(|message| trap(format!("emit-batch: {message}")))?;
+        self.task
+            .output
+            .emit_batch(batch)
+            .map_err(|e| trap(e.message))
+    }
+
+    fn emit_flat(&mut self, data: Vec<u8>, entries: Vec<u32>) -> wasmtime::Result<()> {
+        let batch = flat::decode(&entries)
+            .and_then(|entries| RecordBatch::from_parts(data, entries))
+            .map_err(|message| trap(format!("emit-flat: {message}")))?;
         self.task
             .output
             .emit_batch(batch)
