@@ -20,6 +20,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("uppercase-plugin", "UPPERCASE"),
     ("faults-plugin", "FAULTS"),
     ("missing-import-plugin", "MISSING_IMPORT"),
+    ("sparse-count-plugin", "SPARSE_COUNT"),
 ];
 
 fn main() {

@@ -8,8 +8,8 @@ use std::marker::PhantomData;
 use crate::batch::{WORDS, decode_entry, decode_flat};
 use crate::bindings::exports::weir::operator::{flat_operator, metadata, operator};
 use crate::bindings::weir::operator::types::{self as wit, PluginInfo};
-use crate::cursor;
 use crate::{Config, Context, Error, Operator, Record, TimeDomain, Timer};
+use crate::{batch_state, cursor};
 
 /// The instance's operator (downcast to the exported type) and its context.
 struct Slot {
@@ -59,6 +59,8 @@ impl<O: Operator> operator::Guest for Adapter<O> {
     fn open(config: String) -> Result<(), String> {
         let config = Config::from_json(&config)?;
         let op = O::open(&config)?;
+        let names = O::metadata().state_names();
+        batch_state::declare(names);
         SLOT.with(|slot| {
             let mut slot = slot
                 .try_borrow_mut()
@@ -128,9 +130,13 @@ impl<O: Operator> flat_operator::Guest for Adapter<O> {
                 entries.len()
             ));
         }
-        process_records::<O>(input, entries.len() / WORDS, |i| {
+        let records = entries.len() / WORDS;
+        batch_state::begin(records);
+        let result = process_records::<O>(input, records, |i| {
             decode_flat(&data, &entries[i * WORDS..(i + 1) * WORDS], i)
-        })
+        });
+        batch_state::end(result.is_ok());
+        result
     }
 }
 

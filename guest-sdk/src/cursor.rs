@@ -25,6 +25,11 @@ pub(crate) fn want(index: u32) {
     WANTED.set(Some(index));
 }
 
+/// The batch entry being processed, if in a batch.
+pub(crate) fn current() -> Option<u32> {
+    WANTED.get()
+}
+
 /// Outside a batch (per-record calls, timers) the host scopes calls itself.
 pub(crate) fn end_batch() {
     begin_batch();

@@ -73,6 +73,7 @@
 
 mod adapter;
 mod batch;
+mod batch_state;
 mod config;
 mod context;
 mod cursor;

@@ -47,6 +47,12 @@ impl Metadata {
         self
     }
 
+    /// The declared states' names, in declaration order (their indexes in
+    /// the batched state calls).
+    pub(crate) fn state_names(&self) -> Vec<String> {
+        self.states.iter().map(|s| s.name.clone()).collect()
+    }
+
     /// The WIT `plugin-info`; SDK operators always take batch input.
     pub(crate) fn into_plugin_info(self) -> PluginInfo {
         PluginInfo {

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::Error;
+use crate::batch_state::{self, Outcome};
 use crate::bindings::weir::operator::state as host;
 
 /// Encodes a state value or map key: compact JSON as `serde_json` writes it.
@@ -87,6 +88,10 @@ handle_common!(MapState<K, V>);
 impl<T: Serialize + DeserializeOwned> ValueState<T> {
     /// The current key's value, if set.
     pub fn get(&self) -> Result<Option<T>, Error> {
+        let read = |bytes: Option<&[u8]>| bytes.map(|b| decode(&self.name, b)).transpose();
+        if let Outcome::Done(value) = batch_state::get(&self.name, read) {
+            return value;
+        }
         crate::cursor::sync();
         host::value_get(&self.name)
             .map(|bytes| decode(&self.name, &bytes))
@@ -95,15 +100,20 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
 
     /// Replaces the current key's value.
     pub fn set(&self, value: &T) -> Result<(), Error> {
-        crate::cursor::sync();
-        host::value_set(&self.name, &encode(&self.name, value)?);
+        let bytes = encode(&self.name, value)?;
+        if let Err(Some(bytes)) = batch_state::put(&self.name, Some(bytes)) {
+            crate::cursor::sync();
+            host::value_set(&self.name, &bytes);
+        }
         Ok(())
     }
 
     /// Removes the current key's value.
     pub fn clear(&self) {
-        crate::cursor::sync();
-        host::value_clear(&self.name);
+        if batch_state::put(&self.name, None).is_err() {
+            crate::cursor::sync();
+            host::value_clear(&self.name);
+        }
     }
 }
 

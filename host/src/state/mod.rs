@@ -591,6 +591,14 @@ impl KeyedState {
         }
     }
 
+    /// [`KeyedState::value_get`], lent instead of copied.
+    pub fn value_ref(&mut self, table: TableId, key: &[u8]) -> Result<Option<&[u8]>, StateError> {
+        Ok(match &self.slot(table, key)?.cell {
+            Some(Cell::Value(value)) => Some(value.as_slice()),
+            _ => None,
+        })
+    }
+
     pub fn value_get(&mut self, table: TableId, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         Ok(match &self.slot(table, key)?.cell {
             Some(Cell::Value(value)) => Some(value.clone()),

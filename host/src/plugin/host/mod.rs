@@ -96,6 +96,17 @@ impl HostState {
         Ok(index)
     }
 
+    /// The table of declared state number `index`, checked to be of `kind`.
+    fn table_at(&self, index: u32, kind: StateKind) -> wasmtime::Result<TableId> {
+        let Some(state) = self.states.get(index as usize) else {
+            return Err(trap(format!(
+                "state index {index} is not declared (the plugin declares {} states)",
+                self.states.len()
+            )));
+        };
+        self.table(&state.name, kind)
+    }
+
     /// The keyed state and the current key, or a trap if there is no key.
     fn keyed(
         &mut self,

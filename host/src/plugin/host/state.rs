@@ -5,6 +5,9 @@ use super::{HostState, state_trap, trap};
 use crate::plugin::bindings::weir::operator::state::Host;
 use crate::state::StateKind;
 
+/// "None" in the batched calls' words: no key, no value, clear.
+const NONE: u32 = u32::MAX;
+
 impl Host for HostState {
     fn select_record(&mut self, index: u32) -> wasmtime::Result<()> {
         if self.task.select_record(index as usize) {
@@ -15,6 +18,86 @@ impl Host for HostState {
                 self.task.current_batch.len()
             )))
         }
+    }
+
+    fn value_read_batch(&mut self, state: u32) -> wasmtime::Result<(Vec<u8>, Vec<u32>)> {
+        let table = self.table_at(state, StateKind::Value)?;
+        let task = &mut self.task;
+        let batch = &task.current_batch;
+        let mut data = Vec::new();
+        let mut words = Vec::with_capacity(batch.len() * 3);
+        let mut slots: hashbrown::HashMap<&[u8], u32> =
+            hashbrown::HashMap::with_capacity(batch.len());
+        for (index, record) in batch.iter().enumerate() {
+            let Some(key) = record.key else {
+                words.extend_from_slice(&[NONE, 0, NONE]);
+                continue;
+            };
+            let index = index as u32;
+            let slot = *slots.entry(key).or_insert(index);
+            if slot != index {
+                let first = slot as usize * 3;
+                let (offset, length) = (words[first + 1], words[first + 2]);
+                words.extend_from_slice(&[slot, offset, length]);
+                continue;
+            }
+            let offset = data.len() as u32;
+            let length = match task.state.value_ref(table, key).map_err(state_trap)? {
+                Some(value) => {
+                    data.extend_from_slice(value);
+                    value.len() as u32
+                }
+                None => NONE,
+            };
+            words.extend_from_slice(&[slot, offset, length]);
+        }
+        Ok((data, words))
+    }
+
+    fn value_write_batch(
+        &mut self,
+        state: u32,
+        data: Vec<u8>,
+        writes: Vec<u32>,
+    ) -> wasmtime::Result<()> {
+        let table = self.table_at(state, StateKind::Value)?;
+        if !writes.len().is_multiple_of(3) {
+            return Err(trap(format!(
+                "value-write-batch: {} words is not a multiple of 3",
+                writes.len()
+            )));
+        }
+        let task = &mut self.task;
+        for write in writes.chunks_exact(3) {
+            let (slot, offset, length) = (write[0], write[1], write[2]);
+            let key = task
+                .current_batch
+                .get(slot as usize)
+                .and_then(|record| record.key)
+                .ok_or_else(|| {
+                    trap(format!(
+                        "value-write-batch: slot {slot} is no keyed record of the batch of {}",
+                        task.current_batch.len()
+                    ))
+                })?;
+            if length == NONE {
+                task.state.clear(table, key).map_err(state_trap)?;
+                continue;
+            }
+            let value = (offset as usize)
+                .checked_add(length as usize)
+                .and_then(|end| data.get(offset as usize..end))
+                .ok_or_else(|| {
+                    trap(format!(
+                        "value-write-batch: value {offset}+{length} exceeds the {} data bytes",
+                        data.len()
+                    ))
+                })?;
+            task.state
+                .value_set(table, key, value.to_vec())
+                .map_err(state_trap)?;
+        }
+        Ok(())
     }
 
     fn value_get(&mut self, state: String) -> wasmtime::Result<Option<Vec<u8>>> {
