@@ -117,6 +117,16 @@ impl EmitBuffer {
 
     /// Appends one record: its key bytes (if any) then its value bytes.
     pub(crate) fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: Option<i64>) {
+        self.push_with(key, timestamp, |data| data.extend_from_slice(value));
+    }
+
+    /// Appends one record whose value `write` appends to the buffer.
+    pub(crate) fn push_with(
+        &mut self,
+        key: Option<&[u8]>,
+        timestamp: Option<i64>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
         let data = &mut self.data;
         let (key_offset, key_length) = match key {
             Some(key) => {
@@ -128,8 +138,9 @@ impl EmitBuffer {
             None => (offset_of(data), NO_KEY),
         };
         let value_offset = offset_of(data);
-        data.extend_from_slice(value);
-        let value_length = u32::try_from(value.len()).expect("a record value is under 4 GiB");
+        write(data);
+        let value_length = u32::try_from(data.len() - value_offset as usize)
+            .expect("a record value is under 4 GiB");
         let stamp = timestamp.unwrap_or(0) as u64;
         self.entries.extend_from_slice(&[
             key_offset,
@@ -205,6 +216,24 @@ mod tests {
                 Record::new(Some(b"k1"), b"hello", Some(42)),
                 Record::new(None, b"", None),
                 Record::new(Some(b""), b"v", Some(-7)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_value_written_in_place_is_one_record() {
+        let mut buf = EmitBuffer::new();
+        buf.push(Some(b"a"), b"x", None);
+        buf.push_with(Some(b"word"), Some(5), |data| {
+            use std::io::Write;
+            let (word, count) = ("word", 42);
+            write!(data, "{word} {count}").expect("writes");
+        });
+        assert_eq!(
+            records(&buf),
+            [
+                Record::new(Some(b"a"), b"x", None),
+                Record::new(Some(b"word"), b"word 42", Some(5)),
             ]
         );
     }

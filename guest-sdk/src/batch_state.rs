@@ -16,12 +16,23 @@ use crate::bindings::weir::operator::state as host;
 /// "None" in the batched calls' words: no key, no value, clear.
 const NONE: u32 = u32::MAX;
 
+/// A slot's write in this batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Not,
+    Cleared,
+    /// Offset and length in the state's `arena`.
+    Value(u32, u32),
+}
+
 #[derive(Default)]
 struct StateBatch {
     /// This batch's read (data, three words a record), once fetched.
     read: Option<(Vec<u8>, Vec<u32>)>,
-    /// Written in this batch, by slot: `Some(None)` is a clear.
-    written: Vec<Option<Option<Vec<u8>>>>,
+    /// Values written in this batch, back to back (what goes to the host).
+    arena: Vec<u8>,
+    /// Written in this batch, by slot.
+    written: Vec<Written>,
     /// Slots written, in first-write order.
     dirty: Vec<u32>,
     /// Calls on the state in this batch.
@@ -71,27 +82,22 @@ pub(crate) fn end(keep: bool) {
         let records = batched.records.take().unwrap_or(0);
         for (index, state) in batched.states.iter_mut().enumerate() {
             if keep && !state.dirty.is_empty() {
-                let mut data = Vec::new();
                 let mut writes = Vec::with_capacity(state.dirty.len() * 3);
                 for &slot in &state.dirty {
-                    match state.written[slot as usize].take().flatten() {
-                        Some(value) => {
-                            writes.extend_from_slice(&[
-                                slot,
-                                data.len() as u32,
-                                value.len() as u32,
-                            ]);
-                            data.extend_from_slice(&value);
+                    match state.written[slot as usize] {
+                        Written::Value(offset, length) => {
+                            writes.extend_from_slice(&[slot, offset, length])
                         }
-                        None => writes.extend_from_slice(&[slot, 0, NONE]),
+                        _ => writes.extend_from_slice(&[slot, 0, NONE]),
                     }
                 }
-                host::value_write_batch(index as u32, &data, &writes);
+                host::value_write_batch(index as u32, &state.arena, &writes);
             }
             if state.used > 0 {
                 state.fetch = state.used * 2 >= records;
             }
             state.read = None;
+            state.arena.clear();
             state.written.clear();
             state.dirty.clear();
             state.used = 0;
@@ -129,7 +135,7 @@ fn with_slot<T>(
         }
         if state.read.is_none() {
             state.read = Some(host::value_read_batch(position as u32));
-            state.written.resize(records, None);
+            state.written.resize(records, Written::Not);
         }
         let words = &state.read.as_ref().expect("fetched").1;
         let Some(&slot) = words.get(index as usize * 3) else {
@@ -151,8 +157,14 @@ pub(crate) fn get<T>(
     read: impl FnOnce(Option<&[u8]>) -> Result<T, Error>,
 ) -> Outcome<T> {
     with_slot(name, |state, index, slot| {
-        if let Some(written) = &state.written[slot as usize] {
-            return read(written.as_deref());
+        match state.written[slot as usize] {
+            Written::Not => {}
+            Written::Cleared => return read(None),
+            Written::Value(offset, length) => {
+                return read(Some(
+                    &state.arena[offset as usize..(offset + length) as usize],
+                ));
+            }
         }
         let (data, words) = state.read.as_ref().expect("fetched");
         let (offset, length) = (words[index * 3 + 1] as usize, words[index * 3 + 2]);
@@ -168,20 +180,36 @@ pub(crate) fn get<T>(
     })
 }
 
-/// Sets (`Some`) or clears (`None`) the current record's value of `name`;
-/// hands `value` back when the state is not batched now.
-pub(crate) fn put(name: &str, value: Option<Vec<u8>>) -> Result<(), Option<Vec<u8>>> {
-    let mut value = Some(value);
-    let outcome = with_slot(name, |state, _, slot| {
-        let written = &mut state.written[slot as usize];
-        if written.is_none() {
-            state.dirty.push(slot);
+/// Sets the current record's value of `name` to what `encode` appends to
+/// the buffer it is given.
+pub(crate) fn set(
+    name: &str,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<(), Error>,
+) -> Outcome<()> {
+    with_slot(name, |state, _, slot| {
+        let offset = state.arena.len();
+        if let Err(error) = encode(&mut state.arena) {
+            state.arena.truncate(offset);
+            return Err(error);
         }
-        *written = value.take();
+        let length = state.arena.len() - offset;
+        write(state, slot, Written::Value(offset as u32, length as u32));
         Ok(())
-    });
-    match outcome {
-        Outcome::Done(_) => Ok(()),
-        Outcome::PerRecord => Err(value.take().flatten()),
+    })
+}
+
+/// Clears the current record's value of `name`.
+pub(crate) fn clear(name: &str) -> Outcome<()> {
+    with_slot(name, |state, _, slot| {
+        write(state, slot, Written::Cleared);
+        Ok(())
+    })
+}
+
+fn write(state: &mut StateBatch, slot: u32, written: Written) {
+    let entry = &mut state.written[slot as usize];
+    if *entry == Written::Not {
+        state.dirty.push(slot);
     }
+    *entry = written;
 }

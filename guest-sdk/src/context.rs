@@ -52,6 +52,20 @@ impl Context {
         self.push(key, value.as_ref(), None);
     }
 
+    /// Emits a record whose value is formatted straight into the output
+    /// buffer, without a `String` per record:
+    /// `ctx.emit_fmt(record.key(), format_args!("{word} {count}"))`.
+    pub fn emit_fmt(&mut self, key: Option<&[u8]>, value: std::fmt::Arguments<'_>) {
+        self.out.push_with(key, self.default_timestamp, |data| {
+            use std::io::Write;
+            // Writing into a Vec cannot fail.
+            let _ = data.write_fmt(value);
+        });
+        if self.out.is_full() {
+            self.flush();
+        }
+    }
+
     /// Emits a record built with [`OutRecord`] to the main output.
     pub fn emit_record(&mut self, record: OutRecord) {
         self.push(record.key.as_deref(), &record.value, record.timestamp);

@@ -17,6 +17,16 @@ pub(crate) fn encode<T: Serialize + ?Sized>(state: &str, value: &T) -> Result<Ve
         .map_err(|e| Error::msg(format_args!("state `{state}`: cannot encode as JSON: {e}")))
 }
 
+/// [`encode`], appended to `buffer`.
+pub(crate) fn encode_into<T: Serialize + ?Sized>(
+    state: &str,
+    value: &T,
+    buffer: &mut Vec<u8>,
+) -> Result<(), Error> {
+    serde_json::to_writer(buffer, value)
+        .map_err(|e| Error::msg(format_args!("state `{state}`: cannot encode as JSON: {e}")))
+}
+
 /// Decodes bytes the host stored under state `state`.
 pub(crate) fn decode<T: DeserializeOwned>(state: &str, bytes: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -100,17 +110,18 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
 
     /// Replaces the current key's value.
     pub fn set(&self, value: &T) -> Result<(), Error> {
-        let bytes = encode(&self.name, value)?;
-        if let Err(Some(bytes)) = batch_state::put(&self.name, Some(bytes)) {
-            crate::cursor::sync();
-            host::value_set(&self.name, &bytes);
+        let in_place = |buffer: &mut Vec<u8>| encode_into(&self.name, value, buffer);
+        if let Outcome::Done(done) = batch_state::set(&self.name, in_place) {
+            return done;
         }
+        crate::cursor::sync();
+        host::value_set(&self.name, &encode(&self.name, value)?);
         Ok(())
     }
 
     /// Removes the current key's value.
     pub fn clear(&self) {
-        if batch_state::put(&self.name, None).is_err() {
+        if let Outcome::PerRecord = batch_state::clear(&self.name) {
             crate::cursor::sync();
             host::value_clear(&self.name);
         }

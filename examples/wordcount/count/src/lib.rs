@@ -34,7 +34,7 @@ impl Operator for Count {
             Some(key) => std::str::from_utf8(key)?,
             None => record.value_str()?,
         };
-        ctx.emit(record.key(), format!("{word} {count}"));
+        ctx.emit_fmt(record.key(), format_args!("{word} {count}"));
         Ok(())
     }
 }
