@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod dump;
+mod key;
 pub mod memory;
 pub mod rocks;
 
@@ -23,6 +24,7 @@ use hashbrown::hash_map::EntryRef;
 
 use crate::types::key_group;
 use dump::DumpBuffer;
+use key::CacheKey;
 
 /// Index of a table in the backend (the order tables were opened in).
 pub type TableId = usize;
@@ -301,7 +303,7 @@ impl Slot {
 struct Table {
     name: String,
     kind: StateKind,
-    cache: HashMap<Box<[u8]>, Slot>,
+    cache: HashMap<CacheKey, Slot>,
 }
 
 /// The keyed state of one operator subtask: every declared state, a
@@ -614,6 +616,26 @@ impl KeyedState {
     ) -> Result<(), StateError> {
         let slot = self.slot(table, key)?;
         slot.cell = Some(Cell::Value(value));
+        slot.touch();
+        Ok(())
+    }
+
+    /// [`KeyedState::value_set`] from borrowed bytes: the cell's buffer is
+    /// reused when it has one.
+    pub fn value_set_from(
+        &mut self,
+        table: TableId,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), StateError> {
+        let slot = self.slot(table, key)?;
+        match &mut slot.cell {
+            Some(Cell::Value(buffer)) => {
+                buffer.clear();
+                buffer.extend_from_slice(value);
+            }
+            cell => *cell = Some(Cell::Value(value.to_vec())),
+        }
         slot.touch();
         Ok(())
     }

@@ -94,7 +94,7 @@ impl Host for HostState {
                     ))
                 })?;
             task.state
-                .value_set(table, key, value.to_vec())
+                .value_set_from(table, key, value)
                 .map_err(state_trap)?;
         }
         Ok(())
