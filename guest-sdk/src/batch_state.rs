@@ -8,7 +8,7 @@
 //! its records is not fetched whole: it takes the per-record calls, which
 //! read only the keys used.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::Error;
 use crate::bindings::weir::operator::state as host;
@@ -114,8 +114,12 @@ pub(crate) enum Outcome<T> {
 
 /// Runs `f` on the current record's slot of value state `name` in this
 /// batch: (the batch's read, the slot's writes, the record's words).
+/// `hint`: the handle's remembered index of `name` among the declared
+/// states (`u32::MAX` until found; the declared states do not change while
+/// the operator is open).
 fn with_slot<T>(
     name: &str,
+    hint: &Cell<u32>,
     f: impl FnOnce(&mut StateBatch, usize, u32) -> Result<T, Error>,
 ) -> Outcome<T> {
     let Some(index) = crate::cursor::current() else {
@@ -125,8 +129,15 @@ fn with_slot<T>(
         let Some(records) = batched.records else {
             return Outcome::PerRecord;
         };
-        let Some(position) = batched.names.iter().position(|n| n == name) else {
-            return Outcome::PerRecord;
+        let position = match hint.get() as usize {
+            known if known < batched.names.len() => known,
+            _ => match batched.names.iter().position(|n| n == name) {
+                Some(found) => {
+                    hint.set(found as u32);
+                    found
+                }
+                None => return Outcome::PerRecord,
+            },
         };
         let state = &mut batched.states[position];
         state.used += 1;
@@ -154,9 +165,10 @@ fn with_slot<T>(
 /// The current record's value of state `name`, handed to `read`.
 pub(crate) fn get<T>(
     name: &str,
+    hint: &Cell<u32>,
     read: impl FnOnce(Option<&[u8]>) -> Result<T, Error>,
 ) -> Outcome<T> {
-    with_slot(name, |state, index, slot| {
+    with_slot(name, hint, |state, index, slot| {
         match state.written[slot as usize] {
             Written::Not => {}
             Written::Cleared => return read(None),
@@ -184,9 +196,10 @@ pub(crate) fn get<T>(
 /// the buffer it is given.
 pub(crate) fn set(
     name: &str,
+    hint: &Cell<u32>,
     encode: impl FnOnce(&mut Vec<u8>) -> Result<(), Error>,
 ) -> Outcome<()> {
-    with_slot(name, |state, _, slot| {
+    with_slot(name, hint, |state, _, slot| {
         let offset = state.arena.len();
         if let Err(error) = encode(&mut state.arena) {
             state.arena.truncate(offset);
@@ -199,8 +212,8 @@ pub(crate) fn set(
 }
 
 /// Clears the current record's value of `name`.
-pub(crate) fn clear(name: &str) -> Outcome<()> {
-    with_slot(name, |state, _, slot| {
+pub(crate) fn clear(name: &str, hint: &Cell<u32>) -> Outcome<()> {
+    with_slot(name, hint, |state, _, slot| {
         write(state, slot, Written::Cleared);
         Ok(())
     })

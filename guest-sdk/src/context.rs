@@ -57,9 +57,8 @@ impl Context {
     /// `ctx.emit_fmt(record.key(), format_args!("{word} {count}"))`.
     pub fn emit_fmt(&mut self, key: Option<&[u8]>, value: std::fmt::Arguments<'_>) {
         self.out.push_with(key, self.default_timestamp, |data| {
-            use std::io::Write;
             // Writing into a Vec cannot fail.
-            let _ = data.write_fmt(value);
+            let _ = std::fmt::write(&mut Bytes(data), value);
         });
         if self.out.is_full() {
             self.flush();
@@ -149,5 +148,15 @@ impl Context {
     /// Logs at debug level through the host's logger.
     pub fn log_debug(&self, message: impl AsRef<str>) {
         log::log(log::Level::Debug, message.as_ref());
+    }
+}
+
+/// `fmt::Write` straight into a byte buffer.
+struct Bytes<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Bytes<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }

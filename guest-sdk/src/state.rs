@@ -1,6 +1,7 @@
 //! Typed handles on the host's keyed state. Values and map keys are encoded
 //! as JSON (see the crate docs for the exact cross-language contract).
 
+use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -45,6 +46,8 @@ pub(crate) fn decode<T: DeserializeOwned>(state: &str, bytes: &[u8]) -> Result<T
 /// ```
 pub struct ValueState<T> {
     name: String,
+    /// Its index among the declared states, once looked up.
+    index: Cell<u32>,
     _type: PhantomData<fn() -> T>,
 }
 
@@ -91,15 +94,44 @@ macro_rules! handle_common {
         }
     };
 }
-handle_common!(ValueState<T>);
 handle_common!(ListState<T>);
 handle_common!(MapState<K, V>);
+
+impl<T> ValueState<T> {
+    /// A handle on the state declared in
+    /// [`Operator::metadata`](crate::Operator::metadata) as `name`.
+    /// Handles are cheap; create them once, e.g. in `open`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            index: Cell::new(u32::MAX),
+            _type: PhantomData,
+        }
+    }
+
+    /// The declared state name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl<T> fmt::Debug for ValueState<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ValueState").field(&self.name).finish()
+    }
+}
+
+impl<T> Clone for ValueState<T> {
+    fn clone(&self) -> Self {
+        Self::new(self.name.clone())
+    }
+}
 
 impl<T: Serialize + DeserializeOwned> ValueState<T> {
     /// The current key's value, if set.
     pub fn get(&self) -> Result<Option<T>, Error> {
         let read = |bytes: Option<&[u8]>| bytes.map(|b| decode(&self.name, b)).transpose();
-        if let Outcome::Done(value) = batch_state::get(&self.name, read) {
+        if let Outcome::Done(value) = batch_state::get(&self.name, &self.index, read) {
             return value;
         }
         crate::cursor::sync();
@@ -111,7 +143,7 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
     /// Replaces the current key's value.
     pub fn set(&self, value: &T) -> Result<(), Error> {
         let in_place = |buffer: &mut Vec<u8>| encode_into(&self.name, value, buffer);
-        if let Outcome::Done(done) = batch_state::set(&self.name, in_place) {
+        if let Outcome::Done(done) = batch_state::set(&self.name, &self.index, in_place) {
             return done;
         }
         crate::cursor::sync();
@@ -121,7 +153,7 @@ impl<T: Serialize + DeserializeOwned> ValueState<T> {
 
     /// Removes the current key's value.
     pub fn clear(&self) {
-        if let Outcome::PerRecord = batch_state::clear(&self.name) {
+        if let Outcome::PerRecord = batch_state::clear(&self.name, &self.index) {
             crate::cursor::sync();
             host::value_clear(&self.name);
         }

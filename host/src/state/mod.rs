@@ -10,9 +10,9 @@
 
 pub mod codec;
 pub mod dump;
-mod key;
 pub mod memory;
 pub mod rocks;
+mod small;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -24,7 +24,7 @@ use hashbrown::hash_map::EntryRef;
 
 use crate::types::key_group;
 use dump::DumpBuffer;
-use key::CacheKey;
+use small::SmallBytes;
 
 /// Index of a table in the backend (the order tables were opened in).
 pub type TableId = usize;
@@ -278,7 +278,7 @@ pub fn backend_key_into(out: &mut Vec<u8>, key_group: u16, key: &[u8]) {
 /// Decoded contents of one (state, key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Cell {
-    Value(Vec<u8>),
+    Value(SmallBytes),
     List(Vec<Vec<u8>>),
     Map(MapCell),
 }
@@ -303,7 +303,7 @@ impl Slot {
 struct Table {
     name: String,
     kind: StateKind,
-    cache: HashMap<CacheKey, Slot>,
+    cache: HashMap<SmallBytes, Slot>,
 }
 
 /// The keyed state of one operator subtask: every declared state, a
@@ -596,14 +596,14 @@ impl KeyedState {
     /// [`KeyedState::value_get`], lent instead of copied.
     pub fn value_ref(&mut self, table: TableId, key: &[u8]) -> Result<Option<&[u8]>, StateError> {
         Ok(match &self.slot(table, key)?.cell {
-            Some(Cell::Value(value)) => Some(value.as_slice()),
+            Some(Cell::Value(value)) => Some(value),
             _ => None,
         })
     }
 
     pub fn value_get(&mut self, table: TableId, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         Ok(match &self.slot(table, key)?.cell {
-            Some(Cell::Value(value)) => Some(value.clone()),
+            Some(Cell::Value(value)) => Some(value.to_vec()),
             _ => None,
         })
     }
@@ -615,7 +615,7 @@ impl KeyedState {
         value: Vec<u8>,
     ) -> Result<(), StateError> {
         let slot = self.slot(table, key)?;
-        slot.cell = Some(Cell::Value(value));
+        slot.cell = Some(Cell::Value(SmallBytes::from(value.as_slice())));
         slot.touch();
         Ok(())
     }
@@ -630,11 +630,8 @@ impl KeyedState {
     ) -> Result<(), StateError> {
         let slot = self.slot(table, key)?;
         match &mut slot.cell {
-            Some(Cell::Value(buffer)) => {
-                buffer.clear();
-                buffer.extend_from_slice(value);
-            }
-            cell => *cell = Some(Cell::Value(value.to_vec())),
+            Some(Cell::Value(buffer)) => buffer.set(value),
+            cell => *cell = Some(Cell::Value(SmallBytes::from(value))),
         }
         slot.touch();
         Ok(())
@@ -1030,7 +1027,7 @@ fn lowest_priority() {
 
 fn decode_cell(kind: StateKind, bytes: Vec<u8>) -> Result<Cell, codec::CodecError> {
     Ok(match kind {
-        StateKind::Value => Cell::Value(bytes),
+        StateKind::Value => Cell::Value(SmallBytes::from(bytes.as_slice())),
         StateKind::List => Cell::List(codec::decode_list(&bytes)?),
         StateKind::Map => Cell::Map(codec::decode_map(&bytes)?),
     })
@@ -1046,7 +1043,7 @@ fn encode_cell_into(cell: &Cell, out: &mut Vec<u8>) {
 
 fn encode_cell(cell: &Cell) -> Vec<u8> {
     match cell {
-        Cell::Value(value) => value.clone(),
+        Cell::Value(value) => value.to_vec(),
         Cell::List(items) => codec::encode_list(items),
         Cell::Map(map) => codec::encode_map(map),
     }
