@@ -65,6 +65,15 @@ impl Context {
         }
     }
 
+    /// Emits a record whose value `write` appends to the buffer it is
+    /// given (the output buffer itself: no copy, no allocation per record).
+    pub fn emit_with(&mut self, key: Option<&[u8]>, write: impl FnOnce(&mut Vec<u8>)) {
+        self.out.push_with(key, self.default_timestamp, write);
+        if self.out.is_full() {
+            self.flush();
+        }
+    }
+
     /// Emits a record built with [`OutRecord`] to the main output.
     pub fn emit_record(&mut self, record: OutRecord) {
         self.push(record.key.as_deref(), &record.value, record.timestamp);

@@ -34,7 +34,12 @@ impl Operator for Count {
             Some(key) => std::str::from_utf8(key)?,
             None => record.value_str()?,
         };
-        ctx.emit_fmt(record.key(), format_args!("{word} {count}"));
+        // `word count`, written straight into the output buffer.
+        ctx.emit_with(record.key(), |value| {
+            value.extend_from_slice(word.as_bytes());
+            value.push(b' ');
+            value.extend_from_slice(itoa::Buffer::new().format(count).as_bytes());
+        });
         Ok(())
     }
 }
