@@ -41,7 +41,9 @@ impl Host for HostState {
                 words.extend_from_slice(&[slot, offset, length]);
                 continue;
             }
-            let offset = data.len() as u32;
+            let offset = u32::try_from(data.len()).map_err(|_| {
+                trap("value-read-batch: the batch's values exceed 4 GiB".to_string())
+            })?;
             let length = match task.state.value_ref(table, key).map_err(state_trap)? {
                 Some(value) => {
                     data.extend_from_slice(value);
