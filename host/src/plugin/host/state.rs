@@ -174,3 +174,103 @@ impl Host for HostState {
         keyed.clear(table, key).map_err(state_trap)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::dataflow::output::Collector;
+    use crate::dataflow::{TaskContext, TaskInfo};
+    use crate::job::Limits;
+    use crate::state::memory::MemoryBackend;
+    use crate::state::{KeyedState, StateDescriptor};
+    use crate::types::RecordBatch;
+
+    fn host() -> HostState {
+        let info = TaskInfo {
+            job: Arc::from("test"),
+            uid: Arc::from("count"),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let tables = vec![
+            ("count/count".to_string(), StateKind::Value),
+            ("count/seen".to_string(), StateKind::List),
+        ];
+        let state = KeyedState::new(tables, Box::new(MemoryBackend::new(2)), 128, 1);
+        let task = TaskContext::new(info, state, Collector::new(Vec::new(), 128, 1 << 20));
+        let states: Arc<[StateDescriptor]> = Arc::from(vec![
+            StateDescriptor {
+                name: "count".into(),
+                kind: StateKind::Value,
+                schema_version: 1,
+            },
+            StateDescriptor {
+                name: "seen".into(),
+                kind: StateKind::List,
+                schema_version: 1,
+            },
+        ]);
+        HostState::new(task, states, &Limits::default(), &[])
+    }
+
+    fn batch(keys: &[Option<&[u8]>]) -> Arc<RecordBatch> {
+        let mut batch = RecordBatch::new();
+        for key in keys {
+            batch.push(*key, b"v", None);
+        }
+        Arc::new(batch)
+    }
+
+    #[test]
+    fn batched_value_state_shares_a_slot_per_key_and_writes_back_by_record() {
+        let mut host = host();
+        host.task.current_batch = batch(&[Some(b"a"), Some(b"b"), Some(b"a"), None]);
+        let (data, words) = host.value_read_batch(0).expect("reads");
+        assert!(data.is_empty());
+        assert_eq!(
+            words,
+            [0, 0, NONE, 1, 0, NONE, 0, 0, NONE, NONE, 0, NONE],
+            "records 0 and 2 share slot 0; record 3 has no key"
+        );
+        // "a" := 12, "b" cleared.
+        host.value_write_batch(0, b"12".to_vec(), vec![0, 0, 2, 1, 0, NONE])
+            .expect("writes");
+        host.task.current_batch = batch(&[Some(b"b"), Some(b"a")]);
+        let (data, words) = host.value_read_batch(0).expect("reads");
+        assert_eq!(words, [0, 0, NONE, 1, 0, 2]);
+        assert_eq!(data, b"12");
+        // Per-record calls see the same cell.
+        host.task.select_record(1);
+        assert_eq!(
+            host.value_get("count".into()).expect("gets"),
+            Some(b"12".to_vec())
+        );
+    }
+
+    #[test]
+    fn malformed_batched_calls_trap_naming_what_is_wrong() {
+        let mut host = host();
+        host.task.current_batch = batch(&[Some(b"a"), None]);
+        let message = |error: wasmtime::Error| error.to_string();
+        let cases: [(u32, Vec<u8>, Vec<u32>, &str); 4] = [
+            (0, Vec::new(), vec![0, 0], "not a multiple of 3"),
+            (0, Vec::new(), vec![1, 0, 0], "slot 1 is no keyed record"),
+            (0, Vec::new(), vec![7, 0, 0], "slot 7 is no keyed record"),
+            (0, b"x".to_vec(), vec![0, 0, 2], "exceeds the 1 data bytes"),
+        ];
+        for (state, data, writes, expected) in cases {
+            let error = message(
+                host.value_write_batch(state, data, writes)
+                    .expect_err("traps"),
+            );
+            assert!(error.contains(expected), "{error}");
+        }
+        let error = message(host.value_read_batch(1).expect_err("a list state"));
+        assert!(error.contains("declared as list state"), "{error}");
+        let error = message(host.value_read_batch(2).expect_err("no such state"));
+        assert!(error.contains("state index 2 is not declared"), "{error}");
+    }
+}
