@@ -7,7 +7,9 @@
 //!    as a savepoint the way the operator task does it (flush, RocksDB
 //!    checkpoint by hard links, then the canonical `.state` file); then
 //!    restored the way `weir run -s` does it: every file checksummed first,
-//!    then the cells loaded into a fresh RocksDB at parallelism 1.
+//!    then the cells loaded into a fresh RocksDB at parallelism 1; and
+//!    rescaled: loaded into two new subtasks (each half of the key groups,
+//!    each scanning the stored file for its range) in parallel.
 //! 2. Downtime: the word-count job (generator -> `count` component at p=2
 //!    -> blackhole) runs until its state holds about `WEIR_BENCH_DOWNTIME_KEYS`
 //!    keys (default 1M), is stopped with a savepoint, and resumed from it:
@@ -165,9 +167,52 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         .scan(0, 0..MAX_PARALLELISM, &mut |_, _, _| counted += 1)
         .expect("scan");
     assert_eq!(counted, keys);
+    drop(fresh);
+
+    // Rescaled: the same savepoint into two new subtasks (key groups split
+    // in halves), each streaming the cells of its range from the stored
+    // file, in parallel as a job's start creates its subtasks.
+    let started = Instant::now();
+    let halves = [0..MAX_PARALLELISM / 2, MAX_PARALLELISM / 2..MAX_PARALLELISM];
+    let rescaled: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = halves
+            .iter()
+            .enumerate()
+            .map(|(subtask, range)| {
+                let (read, tables, dir) = (&read, &tables, dir.path());
+                scope.spawn(move || {
+                    let mut backend =
+                        RocksBackend::open(&dir.join(format!("rescaled-{subtask}")), tables)
+                            .expect("open");
+                    let progress = TransferProgress::default();
+                    let mut sink = CellSink {
+                        range: range.clone(),
+                        tables,
+                        backend: &mut backend,
+                        progress: &progress,
+                        migrate: None,
+                    };
+                    restore::load_cells(
+                        read,
+                        "count",
+                        &read.metadata.operators["count"],
+                        &dir.join(format!("work-{subtask}")),
+                        &mut sink,
+                    )
+                    .expect("load")
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("restores"))
+            .sum()
+    });
+    let rescaled_in = started.elapsed();
+    assert_eq!(rescaled, keys, "every key restored once across the two");
     let secs = |d: Duration| d.as_secs_f64();
     println!(
-        "| {keys} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2}M | {:.2} | {:.2} | {:.0} | {:.2}M |",
+        "| {keys} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2}M | {:.2} | {:.2} | {:.0} | {:.2}M | {:.2} | {:.2}M |",
         mib(bytes),
         sync.as_secs_f64() * 1000.0,
         secs(written),
@@ -177,6 +222,8 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         secs(restored),
         mib(bytes) / secs(restored),
         keys as f64 / secs(restored) / 1e6,
+        secs(rescaled_in),
+        keys as f64 / secs(rescaled_in) / 1e6,
     );
 }
 
@@ -311,9 +358,9 @@ fn main() {
     if wanted("state") {
         println!();
         println!(
-            "| keys | savepoint MiB | sync ms | write s | write MiB/s | write keys/s | restore: verify s | restore s (incl. verify) | restore MiB/s | restore keys/s |"
+            "| keys | savepoint MiB | sync ms | write s | write MiB/s | write keys/s | restore: verify s | restore s (incl. verify) | restore MiB/s | restore keys/s | restore at p=2 s | at p=2 keys/s |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for keys in sizes("WEIR_BENCH_KEYS", "1000000,10000000") {
             state_round_trip(&runtime, keys);
         }
