@@ -66,13 +66,13 @@ pub struct MapState<K, V> {
 }
 
 macro_rules! handle_common {
-    ($ty:ident < $($p:ident),+ >) => {
+    ($ty:ident < $($p:ident),+ > $(, $field:ident: $init:expr)*) => {
         impl<$($p),+> $ty<$($p),+> {
             /// A handle on the state declared in
             /// [`Operator::metadata`](crate::Operator::metadata) as `name`.
             /// Handles are cheap; create them once, e.g. in `open`.
             pub fn new(name: impl Into<String>) -> Self {
-                Self { name: name.into(), _type: PhantomData }
+                Self { name: name.into(), $($field: $init,)* _type: PhantomData }
             }
 
             /// The declared state name.
@@ -94,38 +94,9 @@ macro_rules! handle_common {
         }
     };
 }
+handle_common!(ValueState<T>, index: Cell::new(u32::MAX));
 handle_common!(ListState<T>);
 handle_common!(MapState<K, V>);
-
-impl<T> ValueState<T> {
-    /// A handle on the state declared in
-    /// [`Operator::metadata`](crate::Operator::metadata) as `name`.
-    /// Handles are cheap; create them once, e.g. in `open`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            index: Cell::new(u32::MAX),
-            _type: PhantomData,
-        }
-    }
-
-    /// The declared state name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl<T> fmt::Debug for ValueState<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ValueState").field(&self.name).finish()
-    }
-}
-
-impl<T> Clone for ValueState<T> {
-    fn clone(&self) -> Self {
-        Self::new(self.name.clone())
-    }
-}
 
 impl<T: Serialize + DeserializeOwned> ValueState<T> {
     /// The current key's value, if set.

@@ -208,10 +208,7 @@ impl Collector {
                     continue;
                 }
                 let batch = StreamEvent::Records(target.pending.take());
-                match &target.sender {
-                    Some(sender) => send(sender, batch).await?,
-                    None => self.chained.push_back(batch),
-                }
+                deliver(&target.sender, &mut self.chained, batch).await?;
             }
         }
         self.full = false;
@@ -224,10 +221,7 @@ impl Collector {
         self.flush().await?;
         for edge in &self.edges {
             for target in &edge.targets {
-                match &target.sender {
-                    Some(sender) => send(sender, event.clone()).await?,
-                    None => self.chained.push_back(event.clone()),
-                }
+                deliver(&target.sender, &mut self.chained, event.clone()).await?;
             }
         }
         Ok(())
@@ -242,6 +236,22 @@ impl Collector {
 /// Key plus value bytes of a record (what `max_record_size` limits).
 fn record_size(record: RecordRef<'_>) -> u64 {
     (record.key.map_or(0, <[u8]>::len) + record.value.len()) as u64
+}
+
+/// Sends `event` on a target's channel, or queues it for the next operator
+/// of the chain when the target has none.
+async fn deliver(
+    sender: &Option<Sender<StreamEvent>>,
+    chained: &mut VecDeque<StreamEvent>,
+    event: StreamEvent,
+) -> Result<(), OperatorError> {
+    match sender {
+        Some(sender) => send(sender, event).await,
+        None => {
+            chained.push_back(event);
+            Ok(())
+        }
+    }
 }
 
 async fn send(sender: &Sender<StreamEvent>, event: StreamEvent) -> Result<(), OperatorError> {

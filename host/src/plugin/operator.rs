@@ -204,16 +204,22 @@ impl WasmOperator {
         })
     }
 
+    /// Makes `batch` the one `select-record` picks from, with no record
+    /// selected yet.
+    fn make_current(&mut self, batch: Arc<RecordBatch>) {
+        let task = &mut self.store.data_mut().task;
+        task.current_batch = batch;
+        task.current_key = None;
+        task.current_timestamp = None;
+    }
+
     fn process_batch_inner(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
         if let Some(func) = self.process_flat {
             // The batch goes into the task (for `select-record`) and its
             // bytes, shared, to the call.
             let batch = Arc::new(batch);
             super::flat::encode(batch.entries(), &mut self.flat_entries);
-            let task = &mut self.store.data_mut().task;
-            task.current_batch = batch.clone();
-            task.current_key = None;
-            task.current_timestamp = None;
+            self.make_current(batch.clone());
             let entries = std::mem::take(&mut self.flat_entries);
             let result = self.call("process-flat", |_, store| {
                 // SAFETY: `func`'s type was checked against this one when
@@ -243,10 +249,7 @@ impl WasmOperator {
                     })
                     .collect(),
             };
-            let task = &mut self.store.data_mut().task;
-            task.current_batch = Arc::new(batch);
-            task.current_key = None;
-            task.current_timestamp = None;
+            self.make_current(Arc::new(batch));
             let result = self.call("process-batch", |plugin, store| {
                 plugin
                     .weir_operator_operator()

@@ -602,10 +602,7 @@ impl KeyedState {
     }
 
     pub fn value_get(&mut self, table: TableId, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(match &self.slot(table, key)?.cell {
-            Some(Cell::Value(value)) => Some(value.to_vec()),
-            _ => None,
-        })
+        Ok(self.value_ref(table, key)?.map(<[u8]>::to_vec))
     }
 
     pub fn value_set(

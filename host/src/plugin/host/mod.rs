@@ -87,24 +87,30 @@ impl HostState {
                 "state `{name}` is not declared in the plugin's metadata (declared: {declared:?})"
             )));
         };
-        let declared = self.states[index].kind;
-        if declared != kind {
-            return Err(trap(format!(
-                "state `{name}` is declared as {declared} state but used as {kind} state"
-            )));
-        }
-        Ok(index)
+        self.of_kind(index, kind)
     }
 
     /// The table of declared state number `index`, checked to be of `kind`.
     fn table_at(&self, index: u32, kind: StateKind) -> wasmtime::Result<TableId> {
-        let Some(state) = self.states.get(index as usize) else {
+        if index as usize >= self.states.len() {
             return Err(trap(format!(
                 "state index {index} is not declared (the plugin declares {} states)",
                 self.states.len()
             )));
-        };
-        self.table(&state.name, kind)
+        }
+        self.of_kind(index as usize, kind)
+    }
+
+    /// Declared state `index` as a table, if it is of `kind`.
+    fn of_kind(&self, index: usize, kind: StateKind) -> wasmtime::Result<TableId> {
+        let state = &self.states[index];
+        if state.kind != kind {
+            return Err(trap(format!(
+                "state `{}` is declared as {} state but used as {kind} state",
+                state.name, state.kind
+            )));
+        }
+        Ok(index)
     }
 
     /// The keyed state and the current key, or a trap if there is no key.

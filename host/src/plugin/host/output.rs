@@ -34,18 +34,26 @@ impl Host for HostState {
                 timestamp: e.has_timestamp.then_some(e.timestamp),
             })
             .collect();
-        let batch = RecordBatch::from_parts(batch.data, entries)
-            .map_err(|message| trap(format!("emit-batch: {message}")))?;
-        self.task
-            .output
-            .emit_batch(batch)
-            .map_err(|e| trap(e.message))
+        self.emit_parts("emit-batch", batch.data, Ok(entries))
     }
 
     fn emit_flat(&mut self, data: Vec<u8>, entries: Vec<u32>) -> wasmtime::Result<()> {
-        let batch = flat::decode(&entries)
+        self.emit_parts("emit-flat", data, flat::decode(&entries))
+    }
+}
+
+impl HostState {
+    /// Emits the records of a batch a plugin handed over through `call`,
+    /// once its entries are checked against its data.
+    fn emit_parts(
+        &mut self,
+        call: &str,
+        data: Vec<u8>,
+        entries: Result<Vec<BatchEntry>, String>,
+    ) -> wasmtime::Result<()> {
+        let batch = entries
             .and_then(|entries| RecordBatch::from_parts(data, entries))
-            .map_err(|message| trap(format!("emit-flat: {message}")))?;
+            .map_err(|message| trap(format!("{call}: {message}")))?;
         self.task
             .output
             .emit_batch(batch)
