@@ -7,6 +7,7 @@ use std::marker::PhantomData;
 
 use crate::batch::{WORDS, decode_entry, decode_flat};
 use crate::bindings::exports::weir::operator::{flat_operator, metadata, operator};
+use crate::bindings::weir::operator::output;
 use crate::bindings::weir::operator::types::{self as wit, PluginInfo};
 use crate::{Config, Context, Error, Operator, Record, TimeDomain, Timer};
 use crate::{batch_state, cursor};
@@ -129,6 +130,22 @@ impl<O: Operator> flat_operator::Guest for Adapter<O> {
                 "malformed record batch: {} entry words is not a multiple of {WORDS}",
                 entries.len()
             ));
+        }
+        let mut data = data;
+        let mut in_place = false;
+        with_operator::<O>(|op, _| match op.map_batch_in_place(&mut data, &entries) {
+            Some(result) => {
+                in_place = true;
+                result
+            }
+            None => Ok(()),
+        })?;
+        if in_place {
+            // The same records, their values rewritten where they lie.
+            if !entries.is_empty() {
+                output::emit_flat(&data, &entries);
+            }
+            return Ok(());
         }
         let records = entries.len() / WORDS;
         batch_state::begin(records);

@@ -78,6 +78,7 @@ mod config;
 mod context;
 mod cursor;
 mod error;
+mod map;
 mod metadata;
 mod migrate;
 mod record;
@@ -87,6 +88,9 @@ pub use adapter::Adapter;
 pub use config::Config;
 pub use context::Context;
 pub use error::Error;
+#[doc(hidden)]
+pub use map::InPlace;
+pub use map::MapInPlace;
 pub use metadata::Metadata;
 pub use migrate::{Migrate, migrate_value, unknown_migration};
 pub use record::{OutRecord, Record, TimeDomain, Timer};
@@ -147,6 +151,32 @@ pub trait Operator: Sized + 'static {
         let _ = ctx;
         Ok(())
     }
+
+    /// Not part of the API: a [`MapInPlace`]'s batch pass, which the SDK
+    /// runs instead of `process` per record when it returns `Some`.
+    #[doc(hidden)]
+    fn map_batch_in_place(
+        &mut self,
+        data: &mut [u8],
+        entries: &[u32],
+    ) -> Option<Result<(), Error>> {
+        let _ = (data, entries);
+        None
+    }
+}
+
+/// Exports a type implementing [`MapInPlace`] as the component's
+/// `weir:operator` implementation. Use it once per plugin crate, at the top
+/// level.
+#[macro_export]
+macro_rules! export_map_in_place {
+    ($map:ty) => {
+        const _: fn() = || {
+            fn assert_map<T: $crate::MapInPlace>() {}
+            assert_map::<$map>();
+        };
+        $crate::export_operator!($crate::InPlace<$map>);
+    };
 }
 
 /// Exports a type implementing [`Operator`] as the component's

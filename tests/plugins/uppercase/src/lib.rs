@@ -1,32 +1,24 @@
 //! `uppercase-plugin`: a test plugin built on weir-sdk; a stateless map that
-//! ASCII-uppercases each record's value, keeping its key and timestamp.
+//! ASCII-uppercases each record's value in place, keeping its key and
+//! timestamp.
 
-use weir_sdk::{Config, Context, Error, Metadata, Operator, Record, export_operator};
+use weir_sdk::{Config, Error, MapInPlace, Metadata, export_map_in_place};
 
-struct Uppercase {
-    /// Reused for every record, as the native twin in the throughput
-    /// benchmark does.
-    scratch: Vec<u8>,
-}
+struct Uppercase;
 
-impl Operator for Uppercase {
+impl MapInPlace for Uppercase {
     fn metadata() -> Metadata {
         Metadata::new("uppercase", env!("CARGO_PKG_VERSION"))
     }
 
     fn open(_config: &Config) -> Result<Self, Error> {
-        Ok(Uppercase {
-            scratch: Vec::new(),
-        })
+        Ok(Uppercase)
     }
 
-    fn process(&mut self, ctx: &mut Context, _input: u32, record: Record<'_>) -> Result<(), Error> {
-        self.scratch.clear();
-        self.scratch
-            .extend(record.value().iter().map(u8::to_ascii_uppercase));
-        ctx.emit(record.key(), &self.scratch);
+    fn map_in_place(&mut self, _key: Option<&[u8]>, value: &mut [u8]) -> Result<(), Error> {
+        value.make_ascii_uppercase();
         Ok(())
     }
 }
 
-export_operator!(Uppercase);
+export_map_in_place!(Uppercase);
