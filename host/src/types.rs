@@ -17,15 +17,113 @@ pub const MAX_WATERMARK: Timestamp = i64::MAX;
 pub struct CheckpointId(pub u64);
 
 /// One record of a batch, as offsets into the batch's `data` buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Its memory layout is the flat layout of `weir:operator` (`wit/operator.wit`:
+/// eight u32 per record), so a batch's entries cross the Wasm boundary as
+/// they lie, without encoding ([`BatchEntry::as_words`],
+/// [`BatchEntry::from_words`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
 pub struct BatchEntry {
     pub key_offset: u32,
-    /// `-1` when the record has no key.
+    /// `-1` when the record has no key (`u32::MAX` as a flat word).
     pub key_length: i32,
     pub value_offset: u32,
     pub value_length: u32,
-    pub timestamp: Option<Timestamp>,
+    /// Bit 0: the record has a timestamp. Other bits are ignored.
+    flags: u32,
+    reserved: u32,
+    timestamp_low: u32,
+    timestamp_high: u32,
 }
+
+/// u32 words per [`BatchEntry`].
+pub const ENTRY_WORDS: usize = 8;
+
+const _: () = assert!(std::mem::size_of::<BatchEntry>() == ENTRY_WORDS * 4);
+const _: () = assert!(std::mem::align_of::<BatchEntry>() == 4);
+
+/// `BatchEntry::flags` bit: the record has a timestamp.
+const HAS_TIMESTAMP: u32 = 1;
+
+impl BatchEntry {
+    pub fn new(
+        key_offset: u32,
+        key_length: i32,
+        value_offset: u32,
+        value_length: u32,
+        timestamp: Option<Timestamp>,
+    ) -> Self {
+        let stamp = timestamp.unwrap_or(0) as u64;
+        Self {
+            key_offset,
+            key_length,
+            value_offset,
+            value_length,
+            flags: u32::from(timestamp.is_some()) * HAS_TIMESTAMP,
+            reserved: 0,
+            timestamp_low: stamp as u32,
+            timestamp_high: (stamp >> 32) as u32,
+        }
+    }
+
+    pub fn timestamp(&self) -> Option<Timestamp> {
+        (self.flags & HAS_TIMESTAMP != 0).then_some(
+            (u64::from(self.timestamp_high) << 32 | u64::from(self.timestamp_low)) as i64,
+        )
+    }
+
+    /// The entries as flat words, in place.
+    pub fn as_words(entries: &[BatchEntry]) -> &[u32] {
+        // SAFETY: `BatchEntry` is `repr(C)`, eight 4-byte integers with no
+        // padding (asserted above), so its memory is `ENTRY_WORDS` u32s.
+        unsafe {
+            std::slice::from_raw_parts(entries.as_ptr().cast::<u32>(), entries.len() * ENTRY_WORDS)
+        }
+    }
+
+    /// Entries from flat words (a multiple of [`ENTRY_WORDS`]), in place.
+    /// Offsets are checked by [`RecordBatch::from_parts`].
+    pub fn from_words(words: &[u32]) -> Result<&[BatchEntry], String> {
+        if !words.len().is_multiple_of(ENTRY_WORDS) {
+            return Err(format!(
+                "{} entry words is not a multiple of {ENTRY_WORDS}",
+                words.len()
+            ));
+        }
+        // SAFETY: u32s are 4-aligned, as `BatchEntry` is; any bit pattern
+        // is a valid `BatchEntry` (integers only); the length is whole
+        // entries.
+        Ok(unsafe {
+            std::slice::from_raw_parts(
+                words.as_ptr().cast::<BatchEntry>(),
+                words.len() / ENTRY_WORDS,
+            )
+        })
+    }
+}
+
+/// Entries are equal when the records they describe are: unused bits and
+/// the timestamp words of a record without one do not count.
+impl PartialEq for BatchEntry {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            self.key_offset,
+            self.key_length,
+            self.value_offset,
+            self.value_length,
+            self.timestamp(),
+        ) == (
+            other.key_offset,
+            other.key_length,
+            other.value_offset,
+            other.value_length,
+            other.timestamp(),
+        )
+    }
+}
+
+impl Eq for BatchEntry {}
 
 /// A borrowed view of one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +161,13 @@ impl RecordBatch {
                     .checked_add(length as usize)
                     .is_some_and(|end| end <= data.len())
             };
-            if entry.key_length < -1
-                || (entry.key_length >= 0 && !in_bounds(entry.key_offset, entry.key_length as u32))
+            if entry.key_length < -1 {
+                return Err(format!(
+                    "batch entry {index} has key length {}",
+                    entry.key_length
+                ));
+            }
+            if (entry.key_length >= 0 && !in_bounds(entry.key_offset, entry.key_length as u32))
                 || !in_bounds(entry.value_offset, entry.value_length)
             {
                 return Err(format!(
@@ -74,6 +177,12 @@ impl RecordBatch {
             }
         }
         Ok(Self { data, entries })
+    }
+
+    /// The data buffer and the entries (what [`RecordBatch::from_parts`]
+    /// takes), e.g. to rewrite values in place.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<BatchEntry>) {
+        (self.data, self.entries)
     }
 
     pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: Option<Timestamp>) {
@@ -87,13 +196,13 @@ impl RecordBatch {
         };
         let value_offset = self.data.len() as u32;
         self.data.extend_from_slice(value);
-        self.entries.push(BatchEntry {
+        self.entries.push(BatchEntry::new(
             key_offset,
             key_length,
             value_offset,
-            value_length: value.len() as u32,
+            value.len() as u32,
             timestamp,
-        });
+        ));
     }
 
     pub fn push_record(&mut self, record: RecordRef<'_>) {
@@ -143,7 +252,7 @@ impl RecordBatch {
         RecordRef {
             key: self.entry_key(entry),
             value: &self.data[start..start + entry.value_length as usize],
-            timestamp: entry.timestamp,
+            timestamp: entry.timestamp(),
         }
     }
 
@@ -153,10 +262,7 @@ impl RecordBatch {
 
     /// The largest timestamp in the batch, if any record has one.
     pub fn max_timestamp(&self) -> Option<Timestamp> {
-        self.entries
-            .iter()
-            .filter_map(|entry| entry.timestamp)
-            .max()
+        self.entries.iter().filter_map(BatchEntry::timestamp).max()
     }
 
     pub fn clear(&mut self) {
@@ -269,13 +375,7 @@ mod tests {
 
     #[test]
     fn from_parts_rejects_out_of_bounds_entries() {
-        let entry = BatchEntry {
-            key_offset: 0,
-            key_length: 4,
-            value_offset: 0,
-            value_length: 1,
-            timestamp: None,
-        };
+        let entry = BatchEntry::new(0, 4, 0, 1, None);
         assert!(RecordBatch::from_parts(vec![0; 2], vec![entry]).is_err());
     }
 }

@@ -10,6 +10,7 @@
 //! - [`alignment`]: barrier alignment as a pure state machine ([`Aligner`]).
 //! - [`timers`]: event-time and processing-time timers per key.
 //! - [`task`]: the loops of source, operator and sink subtasks.
+//! - [`chain_thread`]: the thread each operator chain subtask runs on.
 //! - [`metrics`]: their live counters, per node and subtask.
 //! - [`runtime`]: builds channels and tasks from a job graph and runs them.
 //!
@@ -17,6 +18,7 @@
 //! plain types of [`crate::types`] and the traits defined here.
 
 pub mod alignment;
+pub mod chain_thread;
 pub mod input;
 pub mod metrics;
 pub mod operator;

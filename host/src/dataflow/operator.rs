@@ -171,6 +171,12 @@ pub trait Operator: Send {
     fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError>;
     fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError>;
     fn close(&mut self) -> Result<(), OperatorError>;
+    /// Whether its calls may block on the tokio runtime (WASI's synchronous
+    /// imports do), so that its chain runs on a thread of its own (see
+    /// [`chain_thread`](super::chain_thread)) instead of a worker.
+    fn blocks_on_runtime(&self) -> bool {
+        false
+    }
 }
 
 /// Whether a source has more to read.

@@ -1,7 +1,7 @@
 //! Builds a running dataflow from a [`JobGraph`]: one bounded channel per
 //! connected (upstream subtask, downstream subtask) pair of every edge, one
-//! tokio task per subtask (per subtask of a chain of operators, see
-//! [`JobGraph::chains`]), and a [`RunningJob`] handle to watch, cancel and
+//! tokio task per source and sink subtask, one thread per subtask of a
+//! chain of operators (see [`JobGraph::chains`] and [`ChainThread`]), and a [`RunningJob`] handle to watch, cancel and
 //! await it. The first task failure cancels every other task; the error
 //! reported is the cause, not the disconnections it led to. Each launch
 //! also runs the attempt's checkpoint [`Coordinator`], wired to the source
@@ -15,8 +15,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{Instrument, debug, info, warn};
 
 use super::alignment::Aligner;
+use super::chain_thread::ChainThread;
 use super::input::InputGate;
-use super::operator::{FailureKind, Operator, Sink, Source, TaskError, TaskInfo};
+use super::operator::{FailureKind, Operator, OperatorError, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
 use super::task::{self, ChainLink, Reports, TaskSummary, WatermarkGenerator};
 use crate::checkpoint::coordinator::{
@@ -66,6 +67,8 @@ pub struct JobOutcome {
 /// A job whose tasks are running.
 pub struct RunningJob {
     tasks: JoinSet<Result<Vec<TaskSummary>, TaskError>>,
+    /// The threads operator chains run on (see [`ChainThread`]).
+    threads: Vec<ChainThread>,
     names: HashMap<tokio::task::Id, (String, u32)>,
     metrics: Vec<Arc<NodeMetrics>>,
     cancel: watch::Sender<bool>,
@@ -252,6 +255,7 @@ pub fn launch(
         };
         names.insert(handle.id(), (node.uid.clone(), subtask));
     }
+    let mut threads = Vec::new();
     for chain in graph.chains() {
         let uids: Vec<&str> = chain
             .iter()
@@ -262,7 +266,18 @@ pub fn launch(
                 .iter()
                 .map(|&id| links.remove(&(id, subtask)).expect("wired above"))
                 .collect();
-            let handle = tasks.spawn(task::run_chain(chain_links));
+            let name = format!("weir-{}-{subtask}", graph.nodes[chain[0]].uid);
+            let (thread, chain_task) =
+                ChainThread::spawn(name.clone(), chain_links).map_err(|e| TaskError {
+                    uid: graph.nodes[chain[0]].uid.clone(),
+                    subtask,
+                    error: OperatorError::new(
+                        FailureKind::Panic,
+                        format!("could not start its thread {name}: {e}"),
+                    ),
+                })?;
+            threads.extend(thread);
+            let handle = tasks.spawn(chain_task);
             names.insert(handle.id(), (uids.join(" → "), subtask));
         }
     }
@@ -288,6 +303,7 @@ pub fn launch(
     info!(job = %job_id, tasks = names.len(), "job launched");
     Ok(RunningJob {
         tasks,
+        threads,
         names,
         metrics,
         cancel,
@@ -469,6 +485,14 @@ impl RunningJob {
                     errors.push(error);
                 }
             }
+        }
+        // Aborted chains close their operators on their threads.
+        let threads = std::mem::take(&mut self.threads);
+        if !threads.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                threads.into_iter().for_each(ChainThread::join)
+            })
+            .await;
         }
         if coordinator_running {
             match (&mut self.coordinator).await {

@@ -17,7 +17,7 @@ use super::host::{HostState, HostTrap};
 use crate::dataflow::{FailureKind, FiredTimer, Operator, OperatorError, TaskContext, TimeDomain};
 use crate::job::OperatorNode;
 use crate::state::StateError;
-use crate::types::RecordBatch;
+use crate::types::{BatchEntry, RecordBatch};
 
 /// What an operator export returns.
 type CallResult = (Result<(), String>,);
@@ -31,9 +31,6 @@ pub struct WasmOperator {
     /// The flat export's `process-flat`, when the plugin has it (and takes
     /// batches): used instead of `process-batch`.
     process_flat: Option<Func>,
-    /// The entries of the batch being handed over, in the flat layout
-    /// (allocation reused from batch to batch).
-    flat_entries: Vec<u32>,
     loaded: Arc<LoadedPlugin>,
     config: String,
     call_timeout: Duration,
@@ -92,7 +89,6 @@ impl WasmOperator {
             store,
             plugin,
             process_flat,
-            flat_entries: Vec::new(),
             loaded,
             config: node.config.clone(),
             call_timeout: node.limits.call_timeout,
@@ -130,9 +126,11 @@ impl WasmOperator {
 }
 
 /// Runs Wasm calls in `block_in_place` on a multi-threaded runtime: WASI's
-/// synchronous imports block on tokio internally, which a plain worker
-/// thread does not allow. Once per operator call (a whole batch), not per
-/// record.
+/// synchronous imports block on tokio internally, which the runtime allows
+/// only outside it. A Wasm operator's chain runs on a thread of its own
+/// (`dataflow::chain_thread`), where this only marks the thread as outside
+/// the runtime for the call; on a worker thread (should an operator be
+/// called there) it would hand the worker's core to another thread.
 fn in_place<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -218,18 +216,16 @@ impl WasmOperator {
             // The batch goes into the task (for `select-record`) and its
             // bytes, shared, to the call.
             let batch = Arc::new(batch);
-            super::flat::encode(batch.entries(), &mut self.flat_entries);
             self.make_current(batch.clone());
-            let entries = std::mem::take(&mut self.flat_entries);
+            let entries = BatchEntry::as_words(batch.entries());
             let result = self.call("process-flat", |_, store| {
                 // SAFETY: `func`'s type was checked against this one when
                 // the operator was instantiated.
                 let typed: ProcessFlat<'_> = unsafe { TypedFunc::new_unchecked(func) };
                 typed
-                    .call(store, (input, batch.data(), &entries))
+                    .call(store, (input, batch.data(), entries))
                     .map(|(result,)| result)
             });
-            self.flat_entries = entries;
             self.store.data_mut().task.current_key = None;
             return result;
         }
@@ -244,8 +240,8 @@ impl WasmOperator {
                         key_length: e.key_length,
                         value_offset: e.value_offset,
                         value_length: e.value_length,
-                        timestamp: e.timestamp.unwrap_or(0),
-                        has_timestamp: e.timestamp.is_some(),
+                        timestamp: e.timestamp().unwrap_or(0),
+                        has_timestamp: e.timestamp().is_some(),
                     })
                     .collect(),
             };
@@ -322,5 +318,9 @@ impl Operator for WasmOperator {
 
     fn close(&mut self) -> Result<(), OperatorError> {
         in_place(|| self.close_inner())
+    }
+
+    fn blocks_on_runtime(&self) -> bool {
+        true
     }
 }

@@ -4,7 +4,6 @@
 use super::{HostState, trap};
 use crate::plugin::bindings::weir::operator::output::Host;
 use crate::plugin::bindings::{WitRecord, WitRecordBatch};
-use crate::plugin::flat;
 use crate::types::{BatchEntry, RecordBatch, RecordRef};
 
 impl Host for HostState {
@@ -26,19 +25,25 @@ impl Host for HostState {
         let entries = batch
             .entries
             .iter()
-            .map(|e| BatchEntry {
-                key_offset: e.key_offset,
-                key_length: e.key_length,
-                value_offset: e.value_offset,
-                value_length: e.value_length,
-                timestamp: e.has_timestamp.then_some(e.timestamp),
+            .map(|e| {
+                BatchEntry::new(
+                    e.key_offset,
+                    e.key_length,
+                    e.value_offset,
+                    e.value_length,
+                    e.has_timestamp.then_some(e.timestamp),
+                )
             })
             .collect();
         self.emit_parts("emit-batch", batch.data, Ok(entries))
     }
 
     fn emit_flat(&mut self, data: Vec<u8>, entries: Vec<u32>) -> wasmtime::Result<()> {
-        self.emit_parts("emit-flat", data, flat::decode(&entries))
+        self.emit_parts(
+            "emit-flat",
+            data,
+            BatchEntry::from_words(&entries).map(<[_]>::to_vec),
+        )
     }
 }
 
