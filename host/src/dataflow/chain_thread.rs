@@ -39,9 +39,10 @@ pub struct ChainThread {
 
 impl ChainThread {
     /// Starts `chain` on a thread named `name` when one of its operators
-    /// blocks on the runtime ([`Operator::blocks_on_runtime`](super::operator::Operator::blocks_on_runtime): the Wasm
-    /// ones) and the runtime is multi-threaded, and returns the thread and
-    /// the task the job awaits. Otherwise (native operators, a test's
+    /// blocks on the runtime (the Wasm ones: see
+    /// [`Operator::blocks_on_runtime`](super::operator::Operator::blocks_on_runtime))
+    /// and the runtime is multi-threaded, and returns the thread and the
+    /// task the job awaits. Otherwise (native operators, a test's
     /// current-thread runtime) the chain is the task itself.
     pub fn spawn(
         name: String,
