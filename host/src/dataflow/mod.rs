@@ -1,5 +1,6 @@
-//! The dataflow runtime: one tokio task per subtask, bounded channels between
-//! them (backpressure), key partitioning, watermarks and timers.
+//! The dataflow runtime: one tokio task per subtask (a thread for a chain
+//! with a Wasm operator), bounded channels between them (backpressure), key
+//! partitioning, watermarks and timers.
 //!
 //! - [`operator`]: the [`Operator`] trait every operator implements (Wasm
 //!   plugins and native ones alike) and the [`TaskContext`] it owns.

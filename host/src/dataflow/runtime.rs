@@ -1,8 +1,9 @@
 //! Builds a running dataflow from a [`JobGraph`]: one bounded channel per
 //! connected (upstream subtask, downstream subtask) pair of every edge, one
-//! tokio task per source and sink subtask, one thread per subtask of a
-//! chain of operators (see [`JobGraph::chains`] and [`ChainThread`]), and a [`RunningJob`] handle to watch, cancel and
-//! await it. The first task failure cancels every other task; the error
+//! tokio task per subtask (per subtask of a chain of operators, see
+//! [`JobGraph::chains`]; a chain with a Wasm operator runs on a thread of
+//! its own, see [`ChainThread`]), and a [`RunningJob`] handle to watch,
+//! cancel and await it. The first task failure cancels every other task; the error
 //! reported is the cause, not the disconnections it led to. Each launch
 //! also runs the attempt's checkpoint [`Coordinator`], wired to the source
 //! subtasks (triggers), every subtask (reports) and the sinks (commits).
