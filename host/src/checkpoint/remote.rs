@@ -161,7 +161,20 @@ impl Remote {
     /// Uploads local files (`(local, relative)`), several at once.
     pub async fn upload_all(&self, files: Vec<(PathBuf, String)>) -> Result<(), RemoteError> {
         futures::stream::iter(files)
-            .map(|(local, relative)| async move { self.upload(&local, &relative).await })
+            .map(|(local, relative)| async move {
+                match self.upload(&local, &relative).await {
+                    // A sink's spool file is deleted once its records were
+                    // published, which may happen while a checkpoint that
+                    // lists it uploads: then no restore needs it.
+                    Err(RemoteError::Local { cause, .. })
+                        if relative.starts_with("pending/")
+                            && cause.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                }
+            })
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<()>>()
             .await

@@ -9,7 +9,7 @@
 //! | `file` sink | pending part files | exactly-once: two-phase commit, files renamed into place when the checkpoint covering them completes |
 //! | `blackhole` sink | — | discards, counts |
 //! | `nats` source | per partition, the last stream sequence emitted | replayable: exactly-once, at any parallelism (partitions are reassigned on restore) |
-//! | `nats` sink, `delivery = "exactly-once"` | pending spool files | exactly-once: an epoch is published when its checkpoint completes, each message with a deterministic `Nats-Msg-Id`; a recovery republishes the restored checkpoint's epochs and JetStream drops what it stored already. Holds while the stream's `duplicate_window` exceeds the time from a commit's first publish to the recovery's republish: the start fails when it is not longer than the restart delay (a resume by hand must come within it) |
+//! | `nats` sink, `delivery = "exactly-once"` | pending spool files | exactly-once: an epoch is published when its checkpoint completes (in the background, while the next epoch is spooled), each message with a deterministic `Nats-Msg-Id`; a recovery republishes the restored checkpoint's epochs and JetStream drops what it stored already. Holds while the stream's `duplicate_window` exceeds the time from a commit's first publish to the recovery's republish: the start fails when it is not longer than the restart delay (a resume by hand must come within it) |
 //! | `nats` sink, `delivery = "at-least-once"` | — | at-least-once: publishes as records arrive, every publish acknowledged before the checkpoint's ack |
 //!
 //! Sources are interrupted by checkpoint triggers in the middle of

@@ -18,7 +18,11 @@
 //! directory; at the barrier it is fsynced and acked as pending. When the
 //! checkpoint completes, the epoch is published, each message with the id
 //! `<job>:<uid>:<subtask>:<epoch>:<index>` (`Nats-Msg-Id`), and the file is
-//! deleted once every publish was acknowledged. A restored attempt
+//! deleted once every publish was acknowledged. The publishing runs in the
+//! background while the sink takes the next epoch's records, one
+//! publication at a time in epoch order: the next commit (and the end)
+//! waits for the one before, and until it has ended its files stay listed
+//! as pending in the checkpoints taken meanwhile. A restored attempt
 //! republishes the restored checkpoint's pending epochs first: JetStream
 //! drops what it already stored, as long as the stream's duplicate window
 //! covers the time since the first publish ([`check`] refuses a window
@@ -26,11 +30,11 @@
 //! records arrive and waits for the acknowledgements at each barrier.
 //!
 //! The [`Sink`] hooks are synchronous: the sink runs its publishes on the
-//! tokio runtime it was created on, inside `block_in_place`.
+//! tokio runtime it was created on, spawned or inside `block_in_place`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -448,6 +452,8 @@ pub struct NatsSink {
     pending: Vec<(u64, PathBuf)>,
     /// Spool files of the restored checkpoint, republished first.
     recover: Vec<PathBuf>,
+    /// Committed epochs being published in the background.
+    publishing: Option<Publishing>,
     /// At-least-once: publishes not yet acknowledged.
     in_flight: VecDeque<jetstream::context::PublishAckFuture>,
 }
@@ -479,6 +485,7 @@ impl NatsSink {
             current: None,
             pending: Vec::new(),
             recover,
+            publishing: None,
             in_flight: VecDeque::new(),
         })
     }
@@ -498,7 +505,11 @@ impl NatsSink {
         for file in std::mem::take(&mut self.recover) {
             match File::open(&file) {
                 Ok(_) => {
-                    let published = self.publish_spool(&file)?;
+                    let published = self.block_on(publish_spool(
+                        self.js().clone(),
+                        self.config.subject.clone(),
+                        file.clone(),
+                    ))?;
                     tracing::info!(file = %file.display(), published, "republished a restored checkpoint's pending records");
                     let _ = std::fs::remove_file(&file);
                 }
@@ -517,55 +528,6 @@ impl NatsSink {
 
     fn js(&self) -> &Context {
         self.js.as_ref().expect("connected by ready()")
-    }
-
-    /// Publishes a spool file's records with their message ids and waits
-    /// for every acknowledgement. Returns how many were published.
-    fn publish_spool(&self, path: &Path) -> Result<u64, OperatorError> {
-        let bad = |what: &str| connector_error(format!("spool file {}: {what}", path.display()));
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| bad(&e.to_string()))?;
-        let newline = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad("truncated header"))?;
-        let (header, body) = (&bytes[..newline], &bytes[newline + 1..]);
-        let id_prefix = std::str::from_utf8(header)
-            .ok()
-            .and_then(|h| h.strip_prefix(SPOOL_HEADER))
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| bad("not a nats sink spool file"))?
-            .to_string();
-        let records = decode_records(body).map_err(|e| bad(&e))?;
-        let subject = self.config.subject.clone();
-        let js = self.js().clone();
-        self.block_on(async move {
-            let mut acks = VecDeque::new();
-            let mut published = 0u64;
-            for (index, (key, value)) in records.into_iter().enumerate() {
-                let mut message = jetstream::message::PublishMessage::build()
-                    .payload(value.into())
-                    .message_id(format!("{id_prefix}:{index}"));
-                if let Some(key) = key {
-                    message = message.header(KEY_HEADER, String::from_utf8_lossy(&key).as_ref());
-                }
-                let ack = js
-                    .send_publish(subject.clone(), message)
-                    .await
-                    .map_err(|e| connector_error(format!("cannot publish to `{subject}`: {e}")))?;
-                acks.push_back(ack);
-                if acks.len() >= IN_FLIGHT {
-                    await_ack(acks.pop_front().expect("non-empty"), &subject).await?;
-                }
-                published += 1;
-            }
-            for ack in acks {
-                await_ack(ack, &subject).await?;
-            }
-            Ok(published)
-        })
     }
 
     fn open_current(&mut self) -> Result<&mut BufWriter<File>, OperatorError> {
@@ -595,16 +557,43 @@ impl NatsSink {
         Ok(())
     }
 
+    /// Starts publishing the pending epochs up to `epoch` in the
+    /// background, once the publication before has ended.
     fn publish_through(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        self.settle_publishing(true)?;
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|(n, _)| *n <= epoch);
         self.pending = rest;
-        for (_, path) in due {
-            self.publish_spool(&path)?;
-            let _ = std::fs::remove_file(&path);
+        if due.is_empty() {
+            return Ok(());
         }
+        let (js, subject) = (self.js().clone(), self.config.subject.clone());
+        let files: Vec<PathBuf> = due.iter().map(|(_, path)| path.clone()).collect();
+        let task = self.runtime.spawn(async move {
+            for path in files {
+                publish_spool(js.clone(), subject.clone(), path.clone()).await?;
+                let _ = std::fs::remove_file(&path);
+            }
+            Ok(())
+        });
+        self.publishing = Some(Publishing { epochs: due, task });
         Ok(())
+    }
+
+    /// Ends the background publication once it has ended, or (`wait`)
+    /// waits for it; either way its error, if any, is the sink's.
+    fn settle_publishing(&mut self, wait: bool) -> Result<(), OperatorError> {
+        let Some(publishing) = self.publishing.take_if(|p| wait || p.task.is_finished()) else {
+            return Ok(());
+        };
+        match self.block_on(publishing.task) {
+            Ok(result) => result,
+            Err(e) => Err(connector_error(format!(
+                "publishing to `{}` failed: {e}",
+                self.config.subject
+            ))),
+        }
     }
 
     fn await_in_flight(&mut self) -> Result<(), OperatorError> {
@@ -617,6 +606,66 @@ impl NatsSink {
             Ok(())
         })
     }
+}
+
+/// Committed epochs being published, in order, by a spawned task.
+struct Publishing {
+    /// (epoch, spool file), listed as pending until the task has ended.
+    epochs: Vec<(u64, PathBuf)>,
+    task: tokio::task::JoinHandle<Result<(), OperatorError>>,
+}
+
+impl Drop for NatsSink {
+    fn drop(&mut self) {
+        // A failing attempt: what is left unpublished stays in its spool
+        // file, which the checkpoint restored next lists.
+        if let Some(publishing) = &self.publishing {
+            publishing.task.abort();
+        }
+    }
+}
+
+/// Publishes a spool file's records with their message ids and waits for
+/// every acknowledgement. Returns how many were published.
+async fn publish_spool(js: Context, subject: String, path: PathBuf) -> Result<u64, OperatorError> {
+    let bad = |what: &str| connector_error(format!("spool file {}: {what}", path.display()));
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| bad(&e.to_string()))?;
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| bad("truncated header"))?;
+    let (header, body) = (&bytes[..newline], &bytes[newline + 1..]);
+    let id_prefix = std::str::from_utf8(header)
+        .ok()
+        .and_then(|h| h.strip_prefix(SPOOL_HEADER))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("not a nats sink spool file"))?;
+    let records = decode_records(body).map_err(|e| bad(&e))?;
+    let mut acks = VecDeque::new();
+    let mut published = 0u64;
+    for (index, (key, value)) in records.into_iter().enumerate() {
+        let mut message = jetstream::message::PublishMessage::build()
+            .payload(value.into())
+            .message_id(format!("{id_prefix}:{index}"));
+        if let Some(key) = key {
+            message = message.header(KEY_HEADER, String::from_utf8_lossy(&key).as_ref());
+        }
+        let ack = js
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(|e| connector_error(format!("cannot publish to `{subject}`: {e}")))?;
+        acks.push_back(ack);
+        if acks.len() >= IN_FLIGHT {
+            await_ack(acks.pop_front().expect("non-empty"), &subject).await?;
+        }
+        published += 1;
+    }
+    for ack in acks {
+        await_ack(ack, &subject).await?;
+    }
+    Ok(published)
 }
 
 async fn await_ack(
@@ -721,11 +770,14 @@ impl Sink for NatsSink {
                 Ok(Vec::new())
             }
             Delivery::ExactlyOnce => {
+                self.settle_publishing(false)?;
                 self.close_current(checkpoint.0)?;
                 self.next = checkpoint.0 + 1;
-                Ok(self
-                    .pending
-                    .iter()
+                // Epochs still being published too: a restore from this
+                // checkpoint republishes what they had not delivered.
+                let publishing = self.publishing.iter().flat_map(|p| &p.epochs);
+                Ok(publishing
+                    .chain(&self.pending)
                     .map(|(n, _)| spool_name(&self.uid, self.subtask, *n))
                     .collect())
             }
@@ -747,13 +799,14 @@ impl Sink for NatsSink {
     fn end(&mut self, commit: bool) -> Result<(), OperatorError> {
         if commit {
             self.ready()?;
-            self.publish_through(u64::MAX)
+            self.publish_through(u64::MAX)?;
         } else {
             for (_, path) in std::mem::take(&mut self.pending) {
                 let _ = std::fs::remove_file(path);
             }
-            Ok(())
         }
+        // What was committed is published before the sink ends.
+        self.settle_publishing(true)
     }
 }
 
