@@ -27,7 +27,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use weir::dataflow::FiredTimer;
 use weir::dataflow::{Operator, OperatorError, TaskContext};
 use weir::job::JobGraph;
 use weir::plugin::PluginEngine;
@@ -43,9 +42,6 @@ struct NativeUppercase {
 impl Operator for NativeUppercase {
     fn task(&mut self) -> &mut TaskContext {
         &mut self.task
-    }
-    fn open(&mut self) -> Result<(), OperatorError> {
-        Ok(())
     }
     fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
         for record in batch.iter() {
@@ -63,12 +59,6 @@ impl Operator for NativeUppercase {
         }
         Ok(())
     }
-    fn on_timer(&mut self, _timer: &FiredTimer) -> Result<(), OperatorError> {
-        Ok(())
-    }
-    fn close(&mut self) -> Result<(), OperatorError> {
-        Ok(())
-    }
 }
 
 /// The native twin of `tests/plugins/uppercase` as it runs in Wasm: each
@@ -81,9 +71,6 @@ impl Operator for NativeUppercaseInPlace {
     fn task(&mut self) -> &mut TaskContext {
         &mut self.task
     }
-    fn open(&mut self) -> Result<(), OperatorError> {
-        Ok(())
-    }
     fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
         let (mut data, entries) = batch.into_parts();
         for entry in &entries {
@@ -93,12 +80,6 @@ impl Operator for NativeUppercaseInPlace {
         let batch = RecordBatch::from_parts(data, entries)
             .map_err(|e| OperatorError::new(weir::dataflow::FailureKind::Plugin, e))?;
         self.task.output.emit_batch(batch)
-    }
-    fn on_timer(&mut self, _timer: &FiredTimer) -> Result<(), OperatorError> {
-        Ok(())
-    }
-    fn close(&mut self) -> Result<(), OperatorError> {
-        Ok(())
     }
 }
 

@@ -100,7 +100,7 @@ mod tests {
     use crate::dataflow::input::InputGate;
     use crate::dataflow::metrics::NodeMetrics;
     use crate::dataflow::output::{Collector, OutputEdge};
-    use crate::dataflow::{FiredTimer, Operator, OperatorError, TaskContext, TaskInfo};
+    use crate::dataflow::{Operator, OperatorError, TaskContext, TaskInfo};
     use crate::job::Partition;
     use crate::state::KeyedState;
     use crate::state::memory::MemoryBackend;
@@ -119,21 +119,12 @@ mod tests {
         fn task(&mut self) -> &mut TaskContext {
             &mut self.task
         }
-        fn open(&mut self) -> Result<(), OperatorError> {
-            Ok(())
-        }
         fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
             let name = std::thread::current().name().unwrap_or("").to_string();
             self.threads.lock().expect("not poisoned").push(name);
             tokio::task::block_in_place(|| Handle::current().block_on(tokio::task::yield_now()));
             assert!(batch.iter().all(|r| r.value != b"panic"), "told to panic");
             self.task.output.emit_batch(batch)
-        }
-        fn on_timer(&mut self, _timer: &FiredTimer) -> Result<(), OperatorError> {
-            Ok(())
-        }
-        fn close(&mut self) -> Result<(), OperatorError> {
-            Ok(())
         }
         fn blocks_on_runtime(&self) -> bool {
             true

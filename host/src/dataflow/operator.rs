@@ -165,12 +165,23 @@ impl TaskContext {
 pub trait Operator: Send {
     /// The context this operator owns (the "view" of its host state).
     fn task(&mut self) -> &mut TaskContext;
-    fn open(&mut self) -> Result<(), OperatorError>;
+    /// Runs once before the first batch (nothing by default).
+    fn open(&mut self) -> Result<(), OperatorError> {
+        Ok(())
+    }
     /// Processes a batch from input edge `input`. Records are processed in
     /// order and see each other's state updates.
     fn process_batch(&mut self, input: u32, batch: RecordBatch) -> Result<(), OperatorError>;
-    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError>;
-    fn close(&mut self) -> Result<(), OperatorError>;
+    /// A timer of the current key fired (an operator that registers no
+    /// timers keeps the default, which does nothing).
+    fn on_timer(&mut self, timer: &FiredTimer) -> Result<(), OperatorError> {
+        let _ = timer;
+        Ok(())
+    }
+    /// Runs once after the last batch (nothing by default).
+    fn close(&mut self) -> Result<(), OperatorError> {
+        Ok(())
+    }
     /// Whether its calls may block on the tokio runtime (WASI's synchronous
     /// imports do), so that its chain runs on a thread of its own (see
     /// [`chain_thread`](super::chain_thread)) instead of a worker.

@@ -1038,9 +1038,6 @@ mod tests {
         fn task(&mut self) -> &mut TaskContext {
             &mut self.task
         }
-        fn open(&mut self) -> Result<(), OperatorError> {
-            Ok(())
-        }
         fn process_batch(&mut self, _input: u32, batch: RecordBatch) -> Result<(), OperatorError> {
             let count = batch.len();
             self.task.current_batch = Arc::new(batch);
@@ -1064,9 +1061,6 @@ mod tests {
                     timestamp: None,
                 },
             )
-        }
-        fn close(&mut self) -> Result<(), OperatorError> {
-            Ok(())
         }
     }
 
