@@ -505,11 +505,8 @@ impl NatsSink {
         for file in std::mem::take(&mut self.recover) {
             match File::open(&file) {
                 Ok(_) => {
-                    let published = self.block_on(publish_spool(
-                        self.js().clone(),
-                        self.config.subject.clone(),
-                        file.clone(),
-                    ))?;
+                    let published =
+                        self.block_on(publish_spool(self.js(), &self.config.subject, &file))?;
                     tracing::info!(file = %file.display(), published, "republished a restored checkpoint's pending records");
                     let _ = std::fs::remove_file(&file);
                 }
@@ -572,7 +569,7 @@ impl NatsSink {
         let files: Vec<PathBuf> = due.iter().map(|(_, path)| path.clone()).collect();
         let task = self.runtime.spawn(async move {
             for path in files {
-                publish_spool(js.clone(), subject.clone(), path.clone()).await?;
+                publish_spool(&js, &subject, &path).await?;
                 let _ = std::fs::remove_file(&path);
             }
             Ok(())
@@ -627,9 +624,9 @@ impl Drop for NatsSink {
 
 /// Publishes a spool file's records with their message ids and waits for
 /// every acknowledgement. Returns how many were published.
-async fn publish_spool(js: Context, subject: String, path: PathBuf) -> Result<u64, OperatorError> {
+async fn publish_spool(js: &Context, subject: &str, path: &Path) -> Result<u64, OperatorError> {
     let bad = |what: &str| connector_error(format!("spool file {}: {what}", path.display()));
-    let bytes = tokio::fs::read(&path)
+    let bytes = tokio::fs::read(path)
         .await
         .map_err(|e| bad(&e.to_string()))?;
     let newline = bytes
@@ -653,17 +650,17 @@ async fn publish_spool(js: Context, subject: String, path: PathBuf) -> Result<u6
             message = message.header(KEY_HEADER, String::from_utf8_lossy(&key).as_ref());
         }
         let ack = js
-            .send_publish(subject.clone(), message)
+            .send_publish(subject.to_string(), message)
             .await
             .map_err(|e| connector_error(format!("cannot publish to `{subject}`: {e}")))?;
         acks.push_back(ack);
         if acks.len() >= IN_FLIGHT {
-            await_ack(acks.pop_front().expect("non-empty"), &subject).await?;
+            await_ack(acks.pop_front().expect("non-empty"), subject).await?;
         }
         published += 1;
     }
     for ack in acks {
-        await_ack(ack, &subject).await?;
+        await_ack(ack, subject).await?;
     }
     Ok(published)
 }
