@@ -10,7 +10,7 @@ use crate::{Error, Record};
 pub(crate) const WORDS: usize = 8;
 
 /// Key length word of a record without a key.
-const NO_KEY: u32 = u32::MAX;
+pub(crate) const NO_KEY: u32 = u32::MAX;
 
 /// Flag bit: the record has a timestamp.
 const HAS_TIMESTAMP: u32 = 1;

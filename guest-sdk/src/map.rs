@@ -2,11 +2,8 @@
 //! value where it lies in the batch the host handed over, and hands the
 //! same buffer back: no copy, decode or emit per record.
 
-use crate::batch::WORDS;
+use crate::batch::{NO_KEY, WORDS};
 use crate::{Config, Context, Error, Metadata, Operator, Record};
-
-/// Key length word of a record without a key (the flat layout's).
-const NO_KEY: u32 = u32::MAX;
 
 /// A stateless map that keeps every record's key, timestamp and value
 /// length, and rewrites the value's bytes in place (ASCII case, masking,
@@ -74,7 +71,9 @@ impl<M: MapInPlace> Operator for InPlace<M> {
 }
 
 /// Calls `map` on the value of every record of a flat batch, where it lies
-/// in `data`.
+/// in `data`. It checks the entries itself rather than through
+/// `batch::decode_flat`'s checks: sharing them (returning ranges) made the
+/// map benchmark ~30% slower (0.37 s → 0.5 s for 10M records, session 11).
 fn map_batch<M: MapInPlace>(map: &mut M, data: &mut [u8], entries: &[u32]) -> Result<(), Error> {
     // A key copied out of `data`: only when it overlaps its value (a
     // hand-built batch may share bytes; `&` and `&mut` must not alias).
