@@ -3,20 +3,28 @@
 //! in one place ([`IntoResponse`] below). Every request passes the bearer
 //! token check when the host has a token. The OpenAPI document is derived
 //! from the handlers' annotations and the types at `/api/openapi.json`, so
-//! it cannot drift from the code.
+//! it cannot drift from the code: each operation lists every status its
+//! handler answers and the constraints it checks (patterns, bounds), and a
+//! host with a token adds the bearer requirement and its 401s. Whatever a
+//! request gets wrong, including a path, query or body the extractors
+//! cannot read and a method the route lacks, is answered with an
+//! [`ErrorBody`] (tests/e2e/api_fuzz.rs fuzzes the API from the document).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
+use utoipa::openapi::{KnownFormat, ObjectBuilder, RefOr, Schema, SchemaFormat, Type};
 
 use super::dashboard;
 use super::jobs::{JobManager, SavepointRequest, SubmitRequest, UpgradeRequest};
@@ -34,7 +42,11 @@ struct Api {
 /// The body of every error answer.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// What is wrong, naming the job, plugin, field or value at fault.
+    #[schema(min_length = 1)]
     pub error: String,
+    /// The HTTP status, repeated.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
 }
 
@@ -44,6 +56,7 @@ impl ControlError {
             ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ControlError::Unauthorized => StatusCode::UNAUTHORIZED,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -81,6 +94,49 @@ impl IntoResponse for ControlError {
 
 type Answer<T> = Result<T, ControlError>;
 
+/// A path parameter; one the router cannot read (not UTF-8) is a 400 with
+/// an [`ErrorBody`] like every other bad request.
+struct Param<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Param<T> {
+    type Rejection = ControlError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Answer<Self> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ControlError::BadRequest(e.body_text()))?;
+        Ok(Param(value))
+    }
+}
+
+/// The query string, as [`Param`].
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ControlError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Answer<Self> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ControlError::BadRequest(e.body_text()))?;
+        Ok(Params(value))
+    }
+}
+
+/// A JSON request body (`Content-Type: application/json`), as [`Param`].
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ControlError;
+
+    async fn from_request(request: Request, state: &S) -> Answer<Self> {
+        let Json(value) = Json::<T>::from_request(request, state)
+            .await
+            .map_err(|e| ControlError::BadRequest(e.body_text()))?;
+        Ok(JsonBody(value))
+    }
+}
+
 /// The API's routes, token-checked.
 pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
     let api = Api { ctx, jobs };
@@ -103,6 +159,7 @@ pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
         .route("/", get(dashboard::index))
         .route("/dashboard/{asset}", get(dashboard::asset))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
@@ -111,6 +168,15 @@ pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
 async fn not_found(request: Request) -> ControlError {
     ControlError::NotFound(format!(
         "no such endpoint: {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// A method the route does not have (axum adds the `Allow` header).
+async fn method_not_allowed(request: Request) -> ControlError {
+    ControlError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
         request.method(),
         request.uri().path()
     ))
@@ -181,14 +247,70 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The OpenAPI 3 document of this API.
+/// The OpenAPI 3 document of this API, for a host without a token.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi_document())
+/// The document of a host with a token: every operation requires the
+/// bearer token and may answer 401.
+pub fn openapi_document_with_token() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::SecurityRequirement;
+    use utoipa::openapi::{ContentBuilder, HttpMethod, ResponseBuilder};
+    let mut document = openapi_document();
+    document.security = Some(vec![SecurityRequirement::new(
+        "bearer",
+        Vec::<String>::new(),
+    )]);
+    let unauthorized = ResponseBuilder::new()
+        .description("missing or wrong bearer token")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "ErrorBody",
+                ))))
+                .build(),
+        )
+        .build();
+    for item in document.paths.paths.values_mut() {
+        for method in [HttpMethod::Get, HttpMethod::Post, HttpMethod::Delete] {
+            let operation = match method {
+                HttpMethod::Get => item.get.as_mut(),
+                HttpMethod::Post => item.post.as_mut(),
+                _ => item.delete.as_mut(),
+            };
+            if let Some(operation) = operation {
+                operation
+                    .responses
+                    .responses
+                    .insert("401".to_string(), unauthorized.clone().into());
+            }
+        }
+    }
+    document
 }
+
+async fn openapi(State(api): State<Api>) -> Json<utoipa::openapi::OpenApi> {
+    Json(match api.ctx.settings.token {
+        Some(_) => openapi_document_with_token(),
+        None => openapi_document(),
+    })
+}
+
+/// A plugin file in a request body: the component's bytes.
+struct ComponentFile;
+
+impl utoipa::PartialSchema for ComponentFile {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ComponentFile {}
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
@@ -254,29 +376,34 @@ async fn list_plugins(State(api): State<Api>) -> Json<Vec<PluginEntry>> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct UploadQuery {
     /// The file's name, for messages.
     file: Option<String>,
 }
 
-/// Uploads a component (the request body): validated, precompiled,
-/// stored. 201 when new, 200 when the same file was there already.
+/// Uploads a component (the request body, whatever its content type):
+/// validated, precompiled, stored. 201 when new, 200 when the same file
+/// was there already.
 #[utoipa::path(
     post,
     path = "/api/plugins",
     params(UploadQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    request_body(content(
+        (inline(ComponentFile) = "application/wasm"),
+        (inline(ComponentFile) = "application/octet-stream")
+    )),
     responses(
         (status = 201, body = StoredPlugin),
         (status = 200, body = StoredPlugin),
-        (status = 400, body = ErrorBody, description = "not a valid plugin"),
+        (status = 400, body = ErrorBody, description = "not a valid plugin (or an unreadable query)"),
         (status = 409, body = ErrorBody, description = "another file under this name@version"),
         (status = 413, body = ErrorBody, description = "larger than the limit"),
     )
 )]
 async fn add_plugin(
     State(api): State<Api>,
-    Query(query): Query<UploadQuery>,
+    Params(query): Params<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Answer<(StatusCode, Json<StoredPlugin>)> {
@@ -320,16 +447,17 @@ async fn add_plugin(
 #[utoipa::path(
     delete,
     path = "/api/plugins/{reference}",
-    params(("reference" = String, Path, description = "NAME@VERSION")),
+    params(("reference" = String, Path, description = "NAME@VERSION", pattern = "@")),
     responses(
         (status = 200, body = StoredPlugin),
+        (status = 400, body = ErrorBody, description = "not NAME@VERSION"),
         (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "a job uses it"),
     )
 )]
 async fn remove_plugin(
     State(api): State<Api>,
-    Path(reference): Path<String>,
+    Param(reference): Param<String>,
 ) -> Answer<Json<StoredPlugin>> {
     if !reference.contains('@') {
         return Err(ControlError::BadRequest(format!(
@@ -357,14 +485,13 @@ async fn list_jobs(State(api): State<Api>) -> Json<Vec<JobSummary>> {
     request_body = SubmitRequest,
     responses(
         (status = 201, body = JobRecord),
-        (status = 400, body = ErrorBody, description = "the job file is invalid"),
+        (status = 400, body = ErrorBody, description = "not a request of this shape, or the job file is invalid (its TOML, its settings, plugins missing from the store, a savepoint it cannot restore)"),
     )
 )]
 async fn submit_job(
     State(api): State<Api>,
-    request: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+    JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Answer<(StatusCode, Json<JobRecord>)> {
-    let Json(request) = request.map_err(|e| ControlError::BadRequest(e.body_text()))?;
     Ok((StatusCode::CREATED, Json(api.jobs.submit(request).await?)))
 }
 
@@ -374,9 +501,13 @@ async fn submit_job(
     get,
     path = "/api/jobs/{id}",
     params(("id" = String, Path)),
-    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = JobDetail),
+        (status = 400, body = ErrorBody, description = "an unreadable path"),
+        (status = 404, body = ErrorBody),
+    )
 )]
-async fn job_detail(State(api): State<Api>, Path(id): Path<String>) -> Answer<Json<JobDetail>> {
+async fn job_detail(State(api): State<Api>, Param(id): Param<String>) -> Answer<Json<JobDetail>> {
     Ok(Json(api.jobs.detail(&id)?))
 }
 
@@ -384,14 +515,16 @@ fn accepted(operation: Operation) -> (StatusCode, Json<Operation>) {
     (StatusCode::ACCEPTED, Json(operation))
 }
 
-/// An optional JSON body: empty means the defaults.
-fn body<T: Default + serde::de::DeserializeOwned>(bytes: &[u8]) -> Answer<T> {
+/// An optional JSON body: empty or `null` means the defaults.
+fn body<T: Default + DeserializeOwned>(bytes: &[u8]) -> Answer<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ControlError::BadRequest(format!("the request body is not valid JSON for it: {e}"))
-    })
+    serde_json::from_slice::<Option<T>>(bytes)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| {
+            ControlError::BadRequest(format!("the request body is not valid JSON for it: {e}"))
+        })
 }
 
 /// Cancels a job (202; follow the operation).
@@ -399,11 +532,16 @@ fn body<T: Default + serde::de::DeserializeOwned>(bytes: &[u8]) -> Answer<T> {
     post,
     path = "/api/jobs/{id}/cancel",
     params(("id" = String, Path)),
-    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody, description = "an unreadable path"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job ended or another operation runs"),
+    )
 )]
 async fn cancel_job(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    Param(id): Param<String>,
 ) -> Answer<(StatusCode, Json<Operation>)> {
     Ok(accepted(api.jobs.cancel(&id)?))
 }
@@ -413,12 +551,17 @@ async fn cancel_job(
     post,
     path = "/api/jobs/{id}/stop",
     params(("id" = String, Path)),
-    request_body = SavepointRequest,
-    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+    request_body(content = Option<SavepointRequest>, description = "optional: empty means the defaults"),
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody, description = "the body is not JSON of this shape"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job is not running or another operation runs"),
+    )
 )]
 async fn stop_job(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    Param(id): Param<String>,
     request: axum::body::Bytes,
 ) -> Answer<(StatusCode, Json<Operation>)> {
     Ok(accepted(api.jobs.stop(&id, &body(&request)?)?))
@@ -429,12 +572,17 @@ async fn stop_job(
     post,
     path = "/api/jobs/{id}/savepoints",
     params(("id" = String, Path)),
-    request_body = SavepointRequest,
-    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+    request_body(content = Option<SavepointRequest>, description = "optional: empty means the defaults"),
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody, description = "the body is not JSON of this shape"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job is not running or another operation runs"),
+    )
 )]
 async fn trigger_savepoint(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    Param(id): Param<String>,
     request: axum::body::Bytes,
 ) -> Answer<(StatusCode, Json<Operation>)> {
     Ok(accepted(api.jobs.savepoint(&id, &body(&request)?)?))
@@ -445,11 +593,15 @@ async fn trigger_savepoint(
     get,
     path = "/api/jobs/{id}/savepoints",
     params(("id" = String, Path)),
-    responses((status = 200, body = [SavepointRecord]), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = [SavepointRecord]),
+        (status = 400, body = ErrorBody, description = "an unreadable path"),
+        (status = 404, body = ErrorBody),
+    )
 )]
 async fn list_savepoints(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    Param(id): Param<String>,
 ) -> Answer<Json<Vec<SavepointRecord>>> {
     Ok(Json(api.jobs.savepoints(&id)?))
 }
@@ -464,17 +616,16 @@ async fn list_savepoints(
     request_body = UpgradeRequest,
     responses(
         (status = 202, body = Operation),
-        (status = 400, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "not a request of this shape, or one the job cannot take (unknown uids, a parallelism above max_parallelism, plugins missing from the store, nothing changes)"),
         (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "another operation runs"),
+        (status = 409, body = ErrorBody, description = "the job is not running or another operation runs"),
     )
 )]
 async fn upgrade_job(
     State(api): State<Api>,
-    Path(id): Path<String>,
-    request: Result<Json<UpgradeRequest>, axum::extract::rejection::JsonRejection>,
+    Param(id): Param<String>,
+    JsonBody(request): JsonBody<UpgradeRequest>,
 ) -> Answer<(StatusCode, Json<Operation>)> {
-    let Json(request) = request.map_err(|e| ControlError::BadRequest(e.body_text()))?;
     Ok(accepted(api.jobs.upgrade(&id, request)?))
 }
 
@@ -483,11 +634,15 @@ async fn upgrade_job(
     get,
     path = "/api/jobs/{id}/operations/{operation}",
     params(("id" = String, Path), ("operation" = String, Path)),
-    responses((status = 200, body = Operation), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = Operation),
+        (status = 400, body = ErrorBody, description = "an unreadable path"),
+        (status = 404, body = ErrorBody),
+    )
 )]
 async fn operation(
     State(api): State<Api>,
-    Path((id, operation)): Path<(String, String)>,
+    Param((id, operation)): Param<(String, String)>,
 ) -> Answer<Json<Operation>> {
     Ok(Json(api.jobs.operation(&id, &operation)?))
 }
@@ -516,6 +671,55 @@ mod tests {
             document["components"]["schemas"]["JobStatus"].is_object(),
             "schemas are derived from the types"
         );
+    }
+
+    #[test]
+    fn a_host_with_a_token_documents_it_on_every_operation() {
+        let without = serde_json::to_value(openapi_document()).expect("serialize");
+        assert!(without.get("security").is_none(), "{}", without["security"]);
+        let with = serde_json::to_value(openapi_document_with_token()).expect("serialize");
+        assert_eq!(with["security"], serde_json::json!([{"bearer": []}]));
+        let mut operations = 0;
+        for (path, item) in with["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("path item") {
+                operations += 1;
+                assert!(
+                    operation["responses"]["401"].is_object(),
+                    "{method} {path} lacks its 401"
+                );
+                assert!(
+                    without["paths"][path][method]["responses"]
+                        .get("401")
+                        .is_none(),
+                    "{method} {path}: a host without a token never answers 401"
+                );
+            }
+        }
+        assert_eq!(operations, 14, "every operation");
+    }
+
+    #[test]
+    fn the_document_states_what_the_handlers_check() {
+        let document = serde_json::to_value(openapi_document()).expect("serialize");
+        let remove = &document["paths"]["/api/plugins/{reference}"]["delete"];
+        assert_eq!(remove["parameters"][0]["schema"]["pattern"], "@");
+        assert!(remove["responses"]["400"].is_object());
+        let upload = &document["paths"]["/api/plugins"]["post"];
+        assert_eq!(upload["parameters"][0]["in"], "query", "{upload}");
+        let schemas = &document["components"]["schemas"];
+        assert_eq!(
+            schemas["SubmitRequest"]["properties"]["base_dir"]["pattern"],
+            "^/"
+        );
+        let parallelism = &schemas["UpgradeRequest"]["properties"]["parallelism"];
+        assert_eq!(
+            parallelism["additionalProperties"]["minimum"], 1,
+            "{parallelism}"
+        );
+        for path in ["/api/jobs/{id}/stop", "/api/jobs/{id}/savepoints"] {
+            let body = &document["paths"][path]["post"]["requestBody"];
+            assert_ne!(body["required"], true, "{path}: the body is optional");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct SubmitRequest {
     #[serde(default)]
     pub file_name: Option<String>,
     /// The directory its relative paths resolve against (absolute).
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^/")]
     pub base_dir: PathBuf,
     /// `plugin` values that are files the client uploaded first → their
     /// sha256. Other values are `NAME[@VERSION]` from the store.
@@ -56,7 +56,8 @@ pub struct UpgradeRequest {
     #[serde(default)]
     pub plugins: BTreeMap<String, String>,
     /// uid → new parallelism.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::parallelism")]
+    #[schema(schema_with = super::json::parallelism_schema)]
     pub parallelism: BTreeMap<String, u32>,
     /// A new job file (its plugins resolve as on submission).
     #[serde(default)]
@@ -66,8 +67,11 @@ pub struct UpgradeRequest {
     /// How long the new version is on probation at most (e.g. "60s");
     /// it passes earlier once it completed `probation_checkpoints`.
     #[serde(default)]
+    #[schema(
+        pattern = r"^\s*[0-9]+(\.[0-9]+)?\s*[a-zA-Zµ]+(\s*[0-9]+(\.[0-9]+)?\s*[a-zA-Zµ]+)*\s*$"
+    )]
     pub probation: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::count")]
     pub probation_checkpoints: Option<u64>,
 }
 

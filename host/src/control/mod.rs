@@ -16,6 +16,8 @@
 //!   probation, rollback).
 //! - [`record`]: what is persisted per job (also the API's answers).
 //! - [`durable`]: the data dir as a cap-std handle; atomic, durable writes.
+//! - [`json`]: what the API's request types need beyond serde's and
+//!   utoipa's derives (whole numbers written `2.0`, bounds on map values).
 //!
 //! Data dir layout: `plugins/` (`blobs/`, `index.json`, `compiled/`,
 //! `incoming/`, `rejected/`), `jobs/<job id>/` (`job.toml`, `job.json`),
@@ -26,6 +28,7 @@ pub mod dashboard;
 pub mod driver;
 pub mod durable;
 pub mod jobs;
+pub mod json;
 pub mod lifecycle;
 pub mod record;
 pub mod store;
@@ -56,6 +59,9 @@ pub enum ControlError {
     /// 404: no such job, plugin or operation.
     #[error("{0}")]
     NotFound(String),
+    /// 405: the route has no such method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 409: the job is busy or in the wrong status; a plugin is in use.
     #[error("{0}")]
     Conflict(String),
