@@ -19,9 +19,9 @@ use crate::checkpoints::generator_counts;
 use crate::support::{JobDir, http_raw, scrape, total};
 
 /// A `weir serve` child process. Killed (SIGKILL) when dropped.
-struct Host {
+pub(crate) struct Host {
     child: Option<Child>,
-    url: String,
+    pub(crate) url: String,
     token: Option<PathBuf>,
 }
 
@@ -30,7 +30,7 @@ impl Host {
         Self::start_with(data, extra, None)
     }
 
-    fn start_with(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
+    pub(crate) fn start_with(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

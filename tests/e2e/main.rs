@@ -3,6 +3,7 @@
 //! and through the `weir` binary. One integration test binary for the whole
 //! workspace keeps link time down.
 
+mod api_fuzz;
 mod build_sharing;
 mod chaining;
 mod checkpoints;
