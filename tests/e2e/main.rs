@@ -16,4 +16,5 @@ mod nats;
 mod s3;
 mod savepoints;
 mod support;
+mod upgrades;
 mod wordcount;

@@ -424,18 +424,30 @@ impl RunningJob {
     }
 
     /// Waits for every task. On the first failure the other tasks are
-    /// aborted and the causing error is returned.
+    /// aborted and the causing error is returned. A disconnection (a task
+    /// whose neighbour went away) is a consequence: the neighbour's own
+    /// error is on its way, so the others are aborted once it arrived (or
+    /// after [`DISCONNECTED_GRACE`] without one), and it is the one
+    /// reported.
     pub async fn wait(mut self) -> Result<JobOutcome, TaskError> {
         let mut summaries = Vec::new();
         let mut errors: Vec<TaskError> = Vec::new();
         let mut coordinator_running = true;
         let mut savepoint = None;
+        let mut aborted = false;
+        let mut grace: Option<tokio::time::Instant> = None;
         loop {
             let joined = tokio::select! {
                 joined = self.tasks.join_next_with_id() => match joined {
                     Some(joined) => joined,
                     None => break,
                 },
+                _ = sleep_until(grace), if !aborted => {
+                    debug!("only disconnections so far; cancelling the job");
+                    self.tasks.abort_all();
+                    aborted = true;
+                    continue;
+                }
                 result = &mut self.coordinator, if coordinator_running => {
                     coordinator_running = false;
                     let message = match result {
@@ -446,9 +458,10 @@ impl RunningJob {
                         Ok(Err(message)) => message,
                         Err(join_error) => format!("checkpoint coordinator stopped: {join_error}"),
                     };
-                    if errors.is_empty() {
+                    if !aborted {
                         warn!(%message, "checkpointing failed; cancelling the job");
                         self.tasks.abort_all();
+                        aborted = true;
                     }
                     errors.push(coordinator_error(message));
                     continue;
@@ -479,9 +492,16 @@ impl RunningJob {
             match result {
                 Ok(ended) => summaries.extend(ended),
                 Err(error) => {
-                    if errors.is_empty() {
-                        debug!(%error, "task failed; cancelling the job");
-                        self.tasks.abort_all();
+                    if !aborted {
+                        if error.kind() == FailureKind::Disconnected {
+                            grace.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + DISCONNECTED_GRACE
+                            });
+                        } else {
+                            debug!(%error, "task failed; cancelling the job");
+                            self.tasks.abort_all();
+                            aborted = true;
+                        }
                     }
                     errors.push(error);
                 }
@@ -514,6 +534,17 @@ impl RunningJob {
             cancelled: *self.cancel.borrow(),
             savepoint,
         })
+    }
+}
+
+/// How long a failing job's tasks may go on after the first disconnection
+/// while the error that caused it is on its way (see [`RunningJob::wait`]).
+pub const DISCONNECTED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -419,7 +419,9 @@ pub async fn run_chain(chain: Vec<ChainLink>) -> Result<Vec<TaskSummary>, TaskEr
             .min();
         let waiting = Stopwatch::start();
         let woken = tokio::select! {
-            delivery = links[0].gate.next() => Woken::Input(delivery),
+            delivery = links[0].gate.next() => {
+                Woken::Input(delivery.map_err(|e| links[0].fail(e))?)
+            }
             _ = sleep_until_millis(next_timer) => Woken::Clock,
         };
         let waited = waiting.elapsed();
@@ -440,12 +442,8 @@ pub async fn run_chain(chain: Vec<ChainLink>) -> Result<Vec<TaskSummary>, TaskEr
             }
         }
     }
-    // The head's channels went away without end of input (a neighbour
-    // failed or was cancelled): end the chain all the same.
-    if links[0].summary.is_none() {
-        links[0].finish().await?;
-        cascade(&mut links, 0).await?;
-    }
+    // Every channel delivered end of input, so the head finished (and
+    // the chain after it, through the cascade).
     Ok(links.into_iter().filter_map(|link| link.summary).collect())
 }
 
@@ -607,16 +605,6 @@ impl Link {
             self.metrics.subtask(self.info.subtask),
         )
         .await
-    }
-
-    /// Every input ended: close (unless it ran already) and send end of
-    /// input on.
-    async fn finish(&mut self) -> Result<(), TaskError> {
-        let span = self.span.clone();
-        self.finish_operator()
-            .instrument(span)
-            .await
-            .map_err(|e| self.fail(e))
     }
 
     async fn finish_operator(&mut self) -> Result<(), OperatorError> {
@@ -907,7 +895,9 @@ pub async fn run_sink(
             tokio::select! {
                 delivery = gate.next() => {
                     mine.idle(waiting.elapsed());
-                    let Some(Delivery { channel, event, .. }) = delivery else { break };
+                    // A disconnection fails the sink before it finishes:
+                    // only a real end of input commits the rest.
+                    let Some(Delivery { channel, event, .. }) = delivery.map_err(&fail)? else { break };
                     let aligned = match event {
                         StreamEvent::Records(batch) => {
                             let started = Stopwatch::start();
@@ -1139,6 +1129,109 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chained_operator_gets_what_the_one_before_sent_and_fires_its_own_timers() {
         timers_fire_along_a_chain(3).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chain_whose_upstream_vanished_fails_and_sends_no_end_of_input() {
+        let (input, receiver) = mpsc::channel(4);
+        let (sender, mut output) = mpsc::channel(16);
+        let mut chain = vec![ticker(
+            "ticker",
+            OutputEdge::new(None, Partition::Forward, 1, vec![sender]),
+        )];
+        chain[0].gate = InputGate::new(vec![(0, receiver)]);
+        let task = tokio::spawn(run_chain(chain));
+        drop(input);
+        let error = task.await.expect("joins").expect_err("a disconnection");
+        assert_eq!(error.error.kind, FailureKind::Disconnected, "{error}");
+        while let Some(event) = output.recv().await {
+            assert!(
+                !matches!(event, StreamEvent::EndOfInput),
+                "a failed upstream is not an end of input"
+            );
+        }
+    }
+
+    /// What a sink was asked to do.
+    struct Recording(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Sink for Recording {
+        fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("write {}", batch.len()));
+            Ok(())
+        }
+        fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("commit {}", checkpoint.0));
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), OperatorError> {
+            self.0.lock().expect("not poisoned").push("finish".into());
+            Ok(())
+        }
+        fn end(&mut self, commit: bool) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("end {commit}"));
+            Ok(())
+        }
+    }
+
+    /// The duplicate a rolled-back upgrade once committed under load: the
+    /// task upstream of a sink failed, the sink took the closed channel
+    /// for its end of input, reported itself finished, and the coordinator
+    /// (still running) told it to commit the rest, held epochs included,
+    /// which the restarted attempt then wrote again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_whose_upstream_vanished_fails_without_finishing_or_committing() {
+        let (input, receiver) = mpsc::channel(4);
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (reports, mut reported) = mpsc::unbounded_channel();
+        let (commit, committed) = watch::channel(CommitSignal::default());
+        let info = TaskInfo {
+            job: Arc::from("test"),
+            uid: Arc::from("out"),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let sink = tokio::spawn(run_sink(
+            info,
+            Box::new(Recording(calls.clone())),
+            InputGate::new(vec![(0, receiver)]),
+            Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
+            Arc::new(NodeMetrics::new("out", false, true, 1)),
+            reports,
+            committed,
+        ));
+        let mut batch = RecordBatch::new();
+        batch.push(Some(b"a"), b"1", None);
+        input.send(StreamEvent::Records(batch)).await.expect("send");
+        // The coordinator stand-in: would end the job with a commit as
+        // soon as the sink says it finished.
+        let coordinator = tokio::spawn(async move {
+            while let Some(report) = reported.recv().await {
+                if let TaskReport::Finished { .. } = report {
+                    commit.send_modify(|s| s.end = Some(true));
+                    return true;
+                }
+            }
+            false
+        });
+        drop(input);
+        let error = sink.await.expect("joins").expect_err("a disconnection");
+        assert_eq!(error.error.kind, FailureKind::Disconnected, "{error}");
+        assert!(
+            !coordinator.await.expect("joins"),
+            "the sink did not report itself finished"
+        );
+        assert_eq!(*calls.lock().expect("not poisoned"), ["write 1"]);
     }
 
     #[test]
