@@ -256,7 +256,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// bearer token and may answer 401.
 pub fn openapi_document_with_token() -> utoipa::openapi::OpenApi {
     use utoipa::openapi::security::SecurityRequirement;
-    use utoipa::openapi::{ContentBuilder, HttpMethod, ResponseBuilder};
+    use utoipa::openapi::{ContentBuilder, ResponseBuilder};
     let mut document = openapi_document();
     document.security = Some(vec![SecurityRequirement::new(
         "bearer",
@@ -274,18 +274,18 @@ pub fn openapi_document_with_token() -> utoipa::openapi::OpenApi {
         )
         .build();
     for item in document.paths.paths.values_mut() {
-        for method in [HttpMethod::Get, HttpMethod::Post, HttpMethod::Delete] {
-            let operation = match method {
-                HttpMethod::Get => item.get.as_mut(),
-                HttpMethod::Post => item.post.as_mut(),
-                _ => item.delete.as_mut(),
-            };
-            if let Some(operation) = operation {
-                operation
-                    .responses
-                    .responses
-                    .insert("401".to_string(), unauthorized.clone().into());
-            }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .insert("401".to_string(), unauthorized.clone().into());
         }
     }
     document
