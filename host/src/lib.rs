@@ -11,6 +11,7 @@
 //! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
 //! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
 //! - [`connectors`]: sources and sinks.
+//! - [`protocol`]: what travels between subtasks and the checkpoint coordinator.
 //! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
 //! - [`runner`]: the embedded runner behind `weir run`.
@@ -26,6 +27,7 @@ pub mod human;
 pub mod job;
 pub mod plugin;
 pub mod prometheus;
+pub mod protocol;
 pub mod restart;
 pub mod runner;
 pub mod state;

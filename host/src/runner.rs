@@ -11,25 +11,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::coordinator::{Coordinator, CoordinatorSettings, JobCheckpoints};
+use crate::checkpoint::coordinator::{
+    CheckpointMetrics, Coordinator, CoordinatorSettings, JobCheckpoints, Savepointer,
+};
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
 };
 use crate::checkpoint::remote;
 use crate::checkpoint::standby::Standby;
 use crate::checkpoint::storage::SubtaskStorage;
-use crate::checkpoint::{
-    CheckpointError, Role, SavepointTargets, SnapshotKind, TransferProgress, restore, savepoint,
-};
+use crate::checkpoint::{CheckpointError, SnapshotKind, restore, savepoint};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
 use crate::connectors::nats::{NatsSink, NatsSource};
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
 use crate::dataflow::metrics::JobMetrics;
-use crate::dataflow::runtime::{self, RunningJob};
+use crate::dataflow::runtime::{self, JobOutcome, NodeMetrics, RunningJob};
 use crate::dataflow::task::Reports;
 use crate::dataflow::{
     Collector, Operator, OperatorError, Sink, Source, TaskContext, TaskError, TaskFactory, TaskInfo,
@@ -37,6 +37,7 @@ use crate::dataflow::{
 use crate::job::{BackendKind, JobGraph, Node, NodeKind, SinkKind, SourceKind};
 use crate::plugin::migrate::Migrator;
 use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
+use crate::protocol::{Role, SnapshotStore, SourcePace, TransferProgress};
 use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
@@ -104,9 +105,11 @@ pub struct PreparedJob {
     pub restore_trusted: bool,
     /// This job's checkpoints (None: checkpointing is off).
     pub checkpoints: Option<Arc<JobCheckpoints>>,
-    /// Savepoints in flight (shared by the coordinator and the operator
-    /// subtasks of every attempt) and their progress.
-    pub savepoints: Arc<SavepointTargets>,
+    /// The pace sources read at (shared by every attempt's coordinator
+    /// and sources; slowed while an upgrade's standby catches up).
+    pub pace: Arc<SourcePace>,
+    /// Keys and bytes of the savepoint being written (progress).
+    pub savepoint_progress: Arc<TransferProgress>,
     /// Keys and bytes restored so far (progress).
     pub restore_progress: Arc<TransferProgress>,
     /// While it reads `true`, completed checkpoints are not committed by
@@ -283,7 +286,8 @@ pub fn prepare_as(
         restore_trusted: options.trusted && restore.is_some(),
         restore,
         checkpoints,
-        savepoints: Arc::default(),
+        pace: Arc::default(),
+        savepoint_progress: Arc::default(),
         restore_progress: Arc::default(),
         commit_hold: None,
         standby: None,
@@ -567,20 +571,28 @@ impl TaskFactory for Factory<'_> {
                 .join("snapshots")
                 .join(format!("{}-{}", node.uid, info.subtask)),
             reports.clone(),
-            self.job.savepoints.clone(),
+            self.job.savepoint_progress.clone(),
         ));
         let keyed = self.open_state(node, &info, &plugin, &operator.limits, Some(&storage))?;
         let mut task = TaskContext::new(info.clone(), keyed, output);
         if let Some((read, op)) = self.restored(&node.uid) {
-            restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
-                .map_err(|e| Self::restore_error(&info, e))?;
+            let max_parallelism = info.max_parallelism;
+            restore::load_timers(read, op, |bytes| {
+                task.timers.restore(bytes, |key| {
+                    range.contains(&u32::from(key_group::of_key(key, max_parallelism)))
+                })
+            })
+            .map_err(|e| Self::restore_error(&info, e))?;
             // Restored from a final checkpoint: its input had ended and
             // `close` ran before it.
             task.closed = op.subtasks.iter().any(|s| s.finished);
         }
         let wasm = WasmOperator::instantiate(plugin, task, operator)
             .map_err(|e| Self::task_error(&info, e))?;
-        Ok((Box::new(wasm), Some(storage)))
+        Ok((
+            Box::new(wasm),
+            Some(Box::new(storage) as Box<dyn SnapshotStore>),
+        ))
     }
 
     fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError> {
@@ -747,10 +759,58 @@ fn prepare_attempt(
     Ok(())
 }
 
+/// A running attempt of a prepared job: its tasks, and the handles the
+/// embedded CLI and the running host use while it runs (its coordinator's
+/// [`Savepointer`], its checkpoint counters).
+#[derive(Debug)]
+pub struct Attempt {
+    running: RunningJob,
+    savepointer: Savepointer,
+    checkpoints: Option<Arc<CheckpointMetrics>>,
+    savepoint_progress: Arc<TransferProgress>,
+}
+
+impl Attempt {
+    /// Live counters per node.
+    pub fn metrics(&self) -> &[Arc<NodeMetrics>] {
+        self.running.metrics()
+    }
+
+    /// Checkpoint counters (None: checkpointing is off).
+    pub fn checkpoint_metrics(&self) -> Option<Arc<CheckpointMetrics>> {
+        self.checkpoints.clone()
+    }
+
+    /// Keys and bytes of the savepoint being written (progress).
+    pub fn savepoint_progress(&self) -> Arc<TransferProgress> {
+        self.savepoint_progress.clone()
+    }
+
+    /// A handle that asks the attempt's coordinator for savepoints.
+    pub fn savepointer(&self) -> Savepointer {
+        self.savepointer.clone()
+    }
+
+    /// Asks the sources to stop; the rest of the job drains and ends.
+    pub fn cancel(&self) {
+        self.running.cancel();
+    }
+
+    /// A handle that can cancel the attempt from elsewhere.
+    pub fn canceller(&self) -> tokio::sync::watch::Sender<bool> {
+        self.running.canceller()
+    }
+
+    /// Waits for every task (see [`RunningJob::wait`]).
+    pub async fn wait(self) -> Result<JobOutcome, TaskError> {
+        self.running.wait().await
+    }
+}
+
 /// Creates every subtask and starts the job on the current tokio runtime,
 /// restored from the latest completed checkpoint of this job, else from the
 /// restore point it was prepared with.
-pub fn launch(job: &PreparedJob) -> Result<RunningJob, RunError> {
+pub fn launch(job: &PreparedJob) -> Result<Attempt, RunError> {
     launch_with_native(job, &HashMap::new())
 }
 
@@ -759,7 +819,7 @@ pub fn launch(job: &PreparedJob) -> Result<RunningJob, RunError> {
 pub fn launch_with_native(
     job: &PreparedJob,
     native: &HashMap<String, NativeOperator>,
-) -> Result<RunningJob, RunError> {
+) -> Result<Attempt, RunError> {
     let point = job.restore_point();
     let restore = point.as_ref().map(|(read, own)| (read, *own));
     prepare_attempt(job, restore)?;
@@ -781,7 +841,8 @@ pub fn launch_with_native(
         },
         store: job.checkpoints.clone(),
         template: metadata_template(job),
-        savepoints: job.savepoints.clone(),
+        pace: job.pace.clone(),
+        savepoint_progress: job.savepoint_progress.clone(),
         first_id: job
             .restore
             .as_ref()
@@ -790,24 +851,37 @@ pub fn launch_with_native(
         savepoint_job_id: job.savepoint_job_id.clone(),
         savepoint_staging: savepoint_staging(job),
     };
-    let launched = runtime::launch(&job.graph, &job.job_id, &factory, coordinator);
+    let (savepointer, requests) = Savepointer::channel();
+    let checkpoints = job.checkpoints.as_ref().map(|c| c.metrics.clone());
+    let span = tracing::info_span!("coordinator", job = %job.job_id);
+    let launched = runtime::launch(
+        &job.graph,
+        &job.job_id,
+        &factory,
+        job.pace.clone(),
+        move |wiring| tokio::spawn(coordinator.run(wiring, requests).instrument(span)),
+    );
     job.restore_progress.finish();
-    launched.map_err(|source| RunError::Task {
+    let running = launched.map_err(|source| RunError::Task {
         job: job.graph.name.clone(),
         cause: source,
+    })?;
+    Ok(Attempt {
+        running,
+        savepointer,
+        checkpoints,
+        savepoint_progress: job.savepoint_progress.clone(),
     })
 }
 
-pub use crate::dataflow::runtime::Savepointer;
-
 /// Called with each running attempt (e.g. to show progress or wire Ctrl-C).
-pub type AttemptHook<'a> = &'a mut dyn FnMut(&RunningJob);
+pub type AttemptHook<'a> = &'a mut dyn FnMut(&Attempt);
 
 /// Watches a run's attempts: told of each launch, asked at each failure
 /// whether the restart strategy may decide, told of each restart.
 pub trait RunObserver {
     /// An attempt is running.
-    fn launched(&mut self, running: &RunningJob);
+    fn launched(&mut self, attempt: &Attempt);
     /// An attempt failed (or could not start). `Some(reason)`: do not
     /// restart; the run ends with this error. `None`: the restart strategy
     /// decides.
@@ -822,8 +896,8 @@ pub trait RunObserver {
 struct HookObserver<'a>(AttemptHook<'a>);
 
 impl RunObserver for HookObserver<'_> {
-    fn launched(&mut self, running: &RunningJob) {
-        (self.0)(running)
+    fn launched(&mut self, attempt: &Attempt) {
+        (self.0)(attempt)
     }
 
     fn restarting(&mut self, error: &TaskError, attempt: u32, delay: Duration, from: &str) {

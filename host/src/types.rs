@@ -1,5 +1,7 @@
 //! Plain data types shared by every layer: records, record batches, stream
-//! events, key groups and checkpoint ids.
+//! events (among them the checkpoint [`Barrier`], which says what it asks
+//! of the subtasks it passes), key groups, checkpoint ids and the wall
+//! clock.
 //!
 //! This module is a leaf: it depends on neither wasmtime nor RocksDB, and the
 //! dataflow layer speaks only these types.
@@ -15,6 +17,91 @@ pub const MAX_WATERMARK: Timestamp = i64::MAX;
 /// Id of a checkpoint or savepoint, increasing per job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CheckpointId(pub u64);
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_millis() -> Timestamp {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Timestamp)
+        .unwrap_or(0)
+}
+
+/// A checkpoint barrier: which checkpoint, and what it asks of every
+/// subtask it passes. Barriers travel in-band (a [`StreamEvent`]), so what
+/// a barrier means travels with it: no subtask looks it up elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Barrier {
+    pub id: CheckpointId,
+    pub kind: BarrierKind,
+}
+
+impl Barrier {
+    /// A periodic checkpoint's barrier.
+    pub fn checkpoint(id: CheckpointId, base: BaseRule) -> Self {
+        Self {
+            id,
+            kind: BarrierKind::Checkpoint { base },
+        }
+    }
+}
+
+/// What a barrier asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BarrierKind {
+    /// A checkpoint, for failure recovery: each operator subtask stores a
+    /// delta of its keyed state or a base, as `base` says.
+    Checkpoint { base: BaseRule },
+    /// A savepoint: each operator subtask writes its state into the
+    /// target's directory, in the target's form.
+    Savepoint(std::sync::Arc<SavepointTarget>),
+    /// The final checkpoint, taken once every source's input ended
+    /// (FLIP-147): each operator closes before its snapshot, so the
+    /// checkpoint covers the job's whole output.
+    Final,
+}
+
+/// Whether an operator subtask's checkpoint is a base (its state's files)
+/// or a delta (the cells changed since the last one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseRule {
+    /// As the subtask's chain says: a base when it has none or its deltas
+    /// grew long.
+    Chain,
+    /// A base in every operator subtask (its cache written to its
+    /// backend): a checkpoint that prepares a savepoint.
+    Forced,
+    /// A delta wherever there is a chain to extend: an upgrade's standby
+    /// follows the chain's deltas.
+    Held,
+}
+
+/// Where a savepoint's state goes, and in which form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavepointTarget {
+    /// The savepoint directory (local: a savepoint for object storage is
+    /// staged here and uploaded once complete).
+    pub dir: std::path::PathBuf,
+    pub form: SavepointForm,
+}
+
+/// The form a savepoint's keyed state takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SavepointForm {
+    /// One canonical `.state` dump per subtask: relocatable, readable at
+    /// any parallelism and by any backend.
+    #[default]
+    Canonical,
+    /// The backend's own files of a full base: quick to write and to
+    /// reopen file for file where the key-group range is unchanged.
+    Native,
+    /// The subtask's checkpoint chain (its latest base and the deltas
+    /// since, linked in) plus one delta of the changes since its last
+    /// checkpoint: the least to write at the barrier, and a restore that
+    /// already holds the chain's state (an upgrade's standby) applies only
+    /// the new deltas. A subtask without a chain writes
+    /// [`SavepointForm::Native`].
+    Incremental,
+}
 
 /// One record of a batch, as offsets into the batch's `data` buffer.
 ///
@@ -285,7 +372,7 @@ impl RecordBatch {
 pub enum StreamEvent {
     Records(RecordBatch),
     Watermark(Timestamp),
-    Barrier(CheckpointId),
+    Barrier(Barrier),
     EndOfInput,
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use weir::checkpoint::metadata::{self, SnapshotKind};
 use weir::checkpoint::savepoint;
-use weir::dataflow::runtime::{JobOutcome, RunningJob};
+use weir::dataflow::runtime::JobOutcome;
+use weir::runner::Attempt;
 use weir::runner::{self, RunError, RunOptions};
 use weir_tests::plugins::{
     COUNT_V2_NO_MIGRATE, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT,
@@ -66,7 +67,7 @@ fn run_and_stop_as(
     let job = runner::prepare_with(engine(), graph, &options).expect("prepare");
     let target = target.to_path_buf();
     let outcome = runtime()
-        .block_on(runner::run(&job, &mut |running: &RunningJob| {
+        .block_on(runner::run(&job, &mut |running: &Attempt| {
             let metrics = running.metrics().to_vec();
             let savepointer = running.savepointer();
             let target = target.clone();

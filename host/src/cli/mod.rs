@@ -330,7 +330,7 @@ pub(crate) async fn stop_signal() {
 #[derive(Default)]
 struct Attempt {
     cancel: Option<tokio::sync::watch::Sender<bool>>,
-    savepointer: Option<runner::Savepointer>,
+    savepointer: Option<crate::checkpoint::coordinator::Savepointer>,
 }
 
 async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {

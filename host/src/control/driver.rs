@@ -24,13 +24,15 @@ use super::lifecycle::JobStatus;
 use super::record::*;
 use super::upgrade::{self, ActivityWatch, Probation, ProbationOutcome};
 use super::{ControlError, HostContext, now_ms};
+use crate::checkpoint::coordinator::Savepointer;
 use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
 use crate::checkpoint::standby::Standby;
 use crate::dataflow::TaskError;
 use crate::dataflow::metrics::SubtaskMetrics;
-use crate::dataflow::runtime::{NodeMetrics, RunningJob, Savepointer};
+use crate::dataflow::runtime::NodeMetrics;
 use crate::job::{JobGraph, NodeKind, OnCancel};
 use crate::plugin::LoadedPlugin;
+use crate::runner::Attempt;
 use crate::runner::{self, PreparedJob, RunError, RunObserver, RunOptions};
 
 /// What the API can see of a job's current run.
@@ -753,7 +755,7 @@ fn retire_earlier_runs(
 }
 
 impl RunObserver for Observer<'_> {
-    fn launched(&mut self, running: &RunningJob) {
+    fn launched(&mut self, running: &Attempt) {
         *self.handle.live.lock().expect("not poisoned") = Some(Live {
             graph: self.graph.clone(),
             metrics: running.metrics().to_vec(),

@@ -41,8 +41,10 @@ use super::lifecycle::JobStatus;
 use super::record::*;
 use super::{HostContext, now_ms};
 use crate::checkpoint::coordinator::PREPARED_UNDER;
+use crate::checkpoint::coordinator::Savepointer;
 use crate::checkpoint::standby::Standby;
-use crate::dataflow::runtime::{JobOutcome, NodeMetrics, RunningJob, Savepointer};
+use crate::dataflow::runtime::{JobOutcome, NodeMetrics};
+use crate::runner::Attempt as RunningJob;
 use crate::runner::{PreparedJob, RunError, RunOptions};
 
 /// How an upgrade's probation ended.
