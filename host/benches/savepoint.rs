@@ -293,7 +293,10 @@ inputs = ["count"]
         }))
         .expect("stops");
     let stopped_at = Instant::now();
-    let savepoint = outcome.savepoint.expect("a savepoint");
+    let savepoint = outcome
+        .savepoint
+        .and_then(|s| s.local().map(std::path::Path::to_path_buf))
+        .expect("a local savepoint");
     let stop = *stop_took.lock().expect("lock") + stopped_at.elapsed();
     let inspection = savepoint::inspect(&metadata::read(&savepoint).expect("reads"));
     let saved_keys: u64 = inspection
@@ -306,7 +309,7 @@ inputs = ["count"]
     let started = Instant::now();
     let graph = JobGraph::load(&path).expect("job");
     let options = RunOptions {
-        restore: Some(savepoint.clone()),
+        restore: Some(savepoint.clone().into()),
         allow_non_restored_state: false,
         ..Default::default()
     };

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::state::SnapshotJob;
-use crate::types::{Barrier, BarrierKind, CheckpointId};
+use crate::types::{Barrier, BarrierKind, CheckpointId, Location};
 
 /// What the coordinator asks of a source subtask: to record its position
 /// and send `barrier` into every output channel.
@@ -312,6 +312,6 @@ pub enum CoordinatorError {
     },
 }
 
-/// How an attempt's coordinator ended: `Some(dir)` when the job was
-/// stopped with the savepoint `dir`.
-pub type CoordinatorOutcome = Result<Option<PathBuf>, CoordinatorError>;
+/// How an attempt's coordinator ended: `Some(savepoint)` when the job was
+/// stopped with that savepoint.
+pub type CoordinatorOutcome = Result<Option<Location>, CoordinatorError>;

@@ -42,7 +42,7 @@ use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
 use crate::state::{KeyedState, StateBackend, Teardown};
-use crate::types::key_group;
+use crate::types::{Location, S3Url, key_group};
 
 /// Errors starting or running a job embedded.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ impl RunError {
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// A checkpoint or savepoint to restore (its directory or `_metadata`).
-    pub restore: Option<PathBuf>,
+    pub restore: Option<Location>,
     /// Skip state of uids (or state names) the job no longer has.
     pub allow_non_restored_state: bool,
     /// The restore point is a savepoint this process has just written
@@ -226,14 +226,15 @@ pub fn prepare_as(
     }
     let downloaded;
     let restore_path = match &options.restore {
-        Some(path) if remote::is_remote(path) => {
+        Some(Location::S3(url)) => {
             // Downloaded, then checked like a local restore point.
             let into = downloads_dir(&graph, &job_id);
             let _ = std::fs::remove_dir_all(&into);
-            downloaded = remote::block_on(remote::fetch(&path.to_string_lossy(), &into))?;
-            Some(&downloaded)
+            downloaded = remote::block_on(remote::fetch(url, &into))?;
+            Some(downloaded.as_path())
         }
-        other => other.as_ref(),
+        Some(Location::Local(path)) => Some(path.as_path()),
+        None => None,
     };
     let restore = match restore_path {
         Some(path) => {
@@ -264,7 +265,7 @@ pub fn prepare_as(
         None => None,
     };
     let remote = checkpoint_remote(&graph)
-        .map(|url| remote::Remote::open(&url).map(|r| r.join(&job_id)))
+        .map(|url| remote::Remote::open(url).map(|r| r.join(&job_id)))
         .transpose()
         .map_err(CheckpointError::from)?;
     let checkpoints = graph.checkpoint.interval.map(|_| {
@@ -317,9 +318,11 @@ fn downloads_dir(graph: &JobGraph, job_id: &str) -> PathBuf {
 }
 
 /// `[checkpoint] dir` when it is on object storage (`s3://bucket/prefix`).
-pub fn checkpoint_remote(graph: &JobGraph) -> Option<String> {
-    let dir = graph.checkpoint.dir.as_ref()?;
-    remote::is_remote(dir).then(|| dir.to_string_lossy().into_owned())
+pub fn checkpoint_remote(graph: &JobGraph) -> Option<&S3Url> {
+    match graph.checkpoint.dir.as_ref()? {
+        Location::S3(url) => Some(url),
+        Location::Local(_) => None,
+    }
 }
 
 /// `[checkpoint] dir`, by default `weir-data/checkpoints` beside the job
@@ -330,7 +333,8 @@ pub fn checkpoint_root(graph: &JobGraph) -> PathBuf {
     if checkpoint_remote(graph).is_some() {
         return graph.state.dir.join("checkpoint-staging");
     }
-    graph.checkpoint.dir.clone().unwrap_or_else(|| {
+    let local = graph.checkpoint.dir.as_ref().and_then(Location::local);
+    local.map(Path::to_path_buf).unwrap_or_else(|| {
         graph
             .file
             .parent()
@@ -1051,7 +1055,7 @@ pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
         .err()
         .unwrap_or_default();
     if let Some(url) = checkpoint_remote(&job.graph) {
-        let checked = match remote::Remote::open(&url) {
+        let checked = match remote::Remote::open(url) {
             Ok(remote) => remote.check().await,
             Err(error) => Err(error),
         };

@@ -22,7 +22,7 @@ use crate::support::{JobDir, engine, runtime, toml_path};
 
 pub(crate) fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions {
     RunOptions {
-        restore: restore.map(Path::to_path_buf),
+        restore: restore.map(|p| p.to_path_buf().into()),
         allow_non_restored_state,
         ..Default::default()
     }
@@ -94,7 +94,7 @@ fn run_and_stop_as(
         .expect("the job stops");
     let dir = outcome.savepoint.expect("stopped with a savepoint");
     assert!(!outcome.cancelled);
-    dir
+    dir.local().expect("a local savepoint").to_path_buf()
 }
 
 /// Copies every file of `from` into `to` (a sink's committed output going

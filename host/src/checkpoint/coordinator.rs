@@ -25,10 +25,12 @@ use super::CheckpointError;
 use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
 use crate::protocol::{
-    CoordinatorError, CoordinatorWiring, Role, SnapshotStats, SourcePace, StopAfter,
-    SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
+    CoordinatorError, CoordinatorOutcome, CoordinatorWiring, Role, SnapshotStats, SourcePace,
+    StopAfter, SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
 };
-use crate::types::{Barrier, BarrierKind, BaseRule, CheckpointId, SavepointForm, SavepointTarget};
+use crate::types::{
+    Barrier, BarrierKind, BaseRule, CheckpointId, Location, S3Url, SavepointForm, SavepointTarget,
+};
 
 /// Checkpoint settings as the coordinator uses them.
 #[derive(Debug, Clone)]
@@ -335,8 +337,8 @@ impl JobCheckpoints {
 /// A user's request for a savepoint of the running attempt.
 #[derive(Debug)]
 pub struct SavepointRequest {
-    /// The directory the savepoint directory is created in.
-    pub target: PathBuf,
+    /// Where the savepoint directory is created.
+    pub target: Location,
     /// Stop the job once the savepoint completed (stop-with-savepoint);
     /// `Some(true)`: drain first (every event-time timer fires).
     pub stop: Option<bool>,
@@ -348,8 +350,8 @@ pub struct SavepointRequest {
     /// savepoint has little left to write: each round has less than the
     /// one before; they end once one took under [`PREPARED_UNDER`].
     pub prepare: u32,
-    /// The savepoint directory, or why there is none.
-    pub reply: oneshot::Sender<Result<PathBuf, String>>,
+    /// Where the savepoint is, or why there is none.
+    pub reply: oneshot::Sender<Result<Location, String>>,
 }
 
 /// What the coordinator of a running attempt is asked for.
@@ -411,9 +413,9 @@ struct PendingSavepoint {
     dir: PathBuf,
     /// A savepoint for object storage: `dir` is its local staging copy,
     /// uploaded here once complete.
-    remote: Option<super::remote::Remote>,
+    remote: Option<(super::remote::Remote, S3Url)>,
     stop: bool,
-    reply: oneshot::Sender<Result<PathBuf, String>>,
+    reply: oneshot::Sender<Result<Location, String>>,
     /// Tells each stopping source whether the savepoint completed.
     outcomes: Vec<oneshot::Sender<bool>>,
 }
@@ -482,7 +484,7 @@ struct Checkpointing<'c> {
     /// Asked for a checkpoint: the next one triggered answers them.
     waiters: Waiters,
     next_local_id: u64,
-    stopped_with: Option<PathBuf>,
+    stopped_with: Option<Location>,
     last_trigger: Instant,
     last_done: Instant,
     /// A source has gone: nothing more can be triggered.
@@ -526,7 +528,7 @@ impl Coordinator {
         self,
         wiring: CoordinatorWiring,
         requests: mpsc::UnboundedReceiver<Request>,
-    ) -> Result<Option<PathBuf>, CoordinatorError> {
+    ) -> CoordinatorOutcome {
         let _pace = ResetPace(&self.pace);
         let mut run = Checkpointing {
             coordinator: &self,
@@ -836,7 +838,7 @@ impl Checkpointing<'_> {
 
     /// Checkpoint (or savepoint) `id` completed: sinks hear of it unless
     /// commits are held.
-    fn completed(&mut self, id: u64, stopped: Option<PathBuf>, is_savepoint: bool) {
+    fn completed(&mut self, id: u64, stopped: Option<Location>, is_savepoint: bool) {
         if !is_savepoint {
             self.failures_in_a_row = 0;
         }
@@ -943,7 +945,7 @@ impl Checkpointing<'_> {
     }
 
     /// Every task has gone: what is in flight or queued is answered.
-    fn finish(mut self) -> Option<PathBuf> {
+    fn finish(mut self) -> Option<Location> {
         if self.pending.as_ref().is_some_and(|p| p.savepoint.is_some()) {
             // Its directory holds no `_metadata`: remove it.
             self.coordinator.abort(
@@ -1024,20 +1026,15 @@ impl Coordinator {
         triggers: &[mpsc::UnboundedSender<Trigger>],
         sources_finished: &mut bool,
     ) -> Option<Pending> {
-        let remote = if super::remote::is_remote(&request.target) {
-            match super::remote::Remote::open(&request.target.to_string_lossy()) {
-                Ok(remote) => Some(remote),
+        let (remote, local_target) = match &request.target {
+            Location::S3(url) => match super::remote::Remote::open(url) {
+                Ok(remote) => (Some((remote, url.clone())), &self.savepoint_staging),
                 Err(error) => {
                     let _ = request.reply.send(Err(error.to_string()));
                     return None;
                 }
-            }
-        } else {
-            None
-        };
-        let local_target = match &remote {
-            Some(_) => &self.savepoint_staging,
-            None => &request.target,
+            },
+            Location::Local(dir) => (None, dir),
         };
         let dir = match super::savepoint::create_dir(
             local_target,
@@ -1052,12 +1049,12 @@ impl Coordinator {
             }
         };
         // Remotely: `<target>/<the directory's name>`.
-        let remote = remote.map(|r| {
-            r.join(
-                &dir.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )
+        let remote = remote.map(|(r, url)| {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (r.join(&name), url.join(&name))
         });
         self.savepoint_progress.start();
         info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
@@ -1146,7 +1143,7 @@ impl Coordinator {
     /// Writes `_metadata` (on a blocking thread, which finishes even if the
     /// attempt is torn down meanwhile) and logs the checkpoint. Returns its
     /// id and, for a stop-with-savepoint, the savepoint directory.
-    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<PathBuf>), String> {
+    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<Location>), String> {
         let mut metadata = self.template.clone();
         metadata.checkpoint = pending.id.0;
         metadata.completed_ms = crate::types::now_millis();
@@ -1215,10 +1212,10 @@ impl Coordinator {
         savepoint: PendingSavepoint,
         mut metadata: CheckpointMetadata,
         stats: SnapshotStats,
-    ) -> Result<(u64, Option<PathBuf>), String> {
+    ) -> Result<(u64, Option<Location>), String> {
         metadata.kind = SnapshotKind::Savepoint;
         let dir = savepoint.dir.clone();
-        let remote = savepoint.remote.clone();
+        let remote = savepoint.remote.as_ref().map(|(remote, _)| remote.clone());
         let written = tokio::task::spawn_blocking(move || {
             let read = metadata::write(&dir, &metadata).map(|path| ReadMetadata {
                 path,
@@ -1268,8 +1265,8 @@ impl Coordinator {
         // Where it is for the user: the remote location, if any (the local
         // staging copy stays the restore point of this run).
         let location = match &savepoint.remote {
-            Some(remote) => PathBuf::from(&remote.url),
-            None => savepoint.dir.clone(),
+            Some((_, url)) => Location::S3(url.clone()),
+            None => Location::Local(savepoint.dir.clone()),
         };
         let _ = savepoint.reply.send(Ok(location.clone()));
         Ok((pending.id.0, savepoint.stop.then_some(location)))
@@ -1295,10 +1292,10 @@ impl Savepointer {
     /// (`Some(true)`: drained first). Resolves to the savepoint directory.
     pub async fn savepoint(
         &self,
-        target: std::path::PathBuf,
+        target: impl Into<Location>,
         stop: Option<bool>,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, SavepointForm::Canonical, 0)
+    ) -> Result<Location, String> {
+        self.request(target.into(), stop, SavepointForm::Canonical, 0)
             .await
     }
 
@@ -1308,10 +1305,11 @@ impl Savepointer {
     /// running host's shutdown takes these.
     pub async fn native_savepoint(
         &self,
-        target: std::path::PathBuf,
+        target: impl Into<Location>,
         stop: Option<bool>,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, SavepointForm::Native, 0).await
+    ) -> Result<Location, String> {
+        self.request(target.into(), stop, SavepointForm::Native, 0)
+            .await
     }
 
     /// A native stop-with-savepoint (no drain) whose state is written
@@ -1321,10 +1319,10 @@ impl Savepointer {
     /// running host's upgrades take: their downtime is the stop's.
     pub async fn prepared_stop(
         &self,
-        target: std::path::PathBuf,
+        target: impl Into<Location>,
         rounds: u32,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, Some(false), SavepointForm::Native, rounds)
+    ) -> Result<Location, String> {
+        self.request(target.into(), Some(false), SavepointForm::Native, rounds)
             .await
     }
 
@@ -1332,11 +1330,8 @@ impl Savepointer {
     /// form: each subtask's checkpoint chain plus the changes since its
     /// last checkpoint. What an upgrade whose standby follows the chain
     /// takes.
-    pub async fn incremental_stop(
-        &self,
-        target: std::path::PathBuf,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, Some(false), SavepointForm::Incremental, 0)
+    pub async fn incremental_stop(&self, target: impl Into<Location>) -> Result<Location, String> {
+        self.request(target.into(), Some(false), SavepointForm::Incremental, 0)
             .await
     }
 
@@ -1373,11 +1368,11 @@ impl Savepointer {
 
     async fn request(
         &self,
-        target: std::path::PathBuf,
+        target: Location,
         stop: Option<bool>,
         form: SavepointForm,
         prepare: u32,
-    ) -> Result<std::path::PathBuf, String> {
+    ) -> Result<Location, String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.0
             .send(Request::Savepoint(SavepointRequest {
@@ -1464,7 +1459,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{CommitSignal, CoordinatorOutcome};
+    use crate::protocol::CommitSignal;
     use std::collections::BTreeMap;
 
     struct Harness {
@@ -1838,7 +1833,7 @@ mod tests {
         h: &Harness,
         target: &std::path::Path,
         stop: Option<bool>,
-    ) -> oneshot::Receiver<Result<PathBuf, String>> {
+    ) -> oneshot::Receiver<Result<Location, String>> {
         request_prepared(h, target, stop, 0)
     }
 
@@ -1847,12 +1842,12 @@ mod tests {
         target: &std::path::Path,
         stop: Option<bool>,
         prepare: u32,
-    ) -> oneshot::Receiver<Result<PathBuf, String>> {
+    ) -> oneshot::Receiver<Result<Location, String>> {
         let (reply, answer) = oneshot::channel();
         h.savepoints
             .0
             .send(Request::Savepoint(SavepointRequest {
-                target: target.to_path_buf(),
+                target: Location::Local(target.to_path_buf()),
                 stop,
                 form: SavepointForm::Canonical,
                 prepare,
@@ -1873,7 +1868,8 @@ mod tests {
         assert!(stop.drain);
         ack(&h.reports, trigger.barrier.id, "src");
         ack(&h.reports, trigger.barrier.id, "out");
-        let path = answer.await.expect("answered").expect("completed");
+        let location = answer.await.expect("answered").expect("completed");
+        let path = location.local().expect("local").to_path_buf();
         assert!(stop.outcome.await.expect("told"), "the source may stop");
         assert_eq!(path.parent(), Some(target.as_path()));
         let name = path
@@ -1900,7 +1896,7 @@ mod tests {
         sink_finished(&h);
         drop(h.reports);
         let stopped = h.run.await.expect("joins").expect("no failure");
-        assert_eq!(stopped, Some(path));
+        assert_eq!(stopped, Some(location));
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ use super::{ControlError, HostContext, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
+use crate::types::Location;
 
 /// `POST /api/jobs`: a job file to run.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -460,9 +461,14 @@ impl JobManager {
         Ok(operation)
     }
 
-    fn target(&self, dir: Option<&str>) -> PathBuf {
-        dir.map(PathBuf::from)
-            .unwrap_or_else(|| self.ctx.data.join("savepoints"))
+    /// Where a savepoint goes: the request's `target_dir`, else the data
+    /// dir's `savepoints/`.
+    fn target(&self, dir: Option<&str>) -> Result<Location, ControlError> {
+        match dir {
+            Some(text) => Location::parse(text)
+                .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}"))),
+            None => Ok(Location::Local(self.ctx.data.join("savepoints"))),
+        }
     }
 
     pub fn savepoint(
@@ -470,14 +476,14 @@ impl JobManager {
         id: &str,
         request: &SavepointRequest,
     ) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         self.start_operation(id, OperationKind::Savepoint, |operation| {
             Command::Savepoint { operation, target }
         })
     }
 
     pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         let drain = request.drain;
         self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
             operation,
@@ -583,7 +589,7 @@ impl JobManager {
                 .commands
                 .send(Command::Shutdown {
                     savepoint: with_savepoint,
-                    target: self.ctx.data.join("savepoints"),
+                    target: Location::Local(self.ctx.data.join("savepoints")),
                     done,
                 })
                 .is_ok()
@@ -725,7 +731,7 @@ pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph,
         resolved: &spec.resolved,
     };
     let mut graph = JobGraph::validate_with(file, &path, &resolver).map_err(bad_request)?;
-    graph.checkpoint.dir = Some(ctx.data.join("checkpoints"));
+    graph.checkpoint.dir = Some(Location::Local(ctx.data.join("checkpoints")));
     graph.state.dir = ctx.data.join("state");
     Ok(graph)
 }

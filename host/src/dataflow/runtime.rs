@@ -63,7 +63,7 @@ pub struct JobOutcome {
     pub summaries: Vec<TaskSummary>,
     pub cancelled: bool,
     /// Set when the job was stopped with this savepoint.
-    pub savepoint: Option<std::path::PathBuf>,
+    pub savepoint: Option<crate::types::Location>,
 }
 
 /// A job whose tasks are running.
