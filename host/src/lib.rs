@@ -23,6 +23,7 @@ pub mod cli;
 pub mod connectors;
 pub mod control;
 pub mod dataflow;
+pub mod failpoints;
 pub mod human;
 pub mod job;
 pub mod plugin;

@@ -50,16 +50,27 @@ pub struct StopAfter {
 }
 
 /// Counters of a long state transfer (a savepoint being written, a
-/// restore), for the progress line.
+/// restore), for the progress line; and a way to abandon it (an upgrade's
+/// standby dropped: the restore stops at its next chunk).
 #[derive(Debug, Default)]
 pub struct TransferProgress {
     pub keys: AtomicU64,
     pub bytes: AtomicU64,
     /// Set while a transfer runs.
     pub active: std::sync::atomic::AtomicBool,
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl TransferProgress {
+    /// Asks the transfer to stop: it fails at its next chunk.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     pub fn add(&self, keys: u64, bytes: u64) {
         self.keys.fetch_add(keys, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);

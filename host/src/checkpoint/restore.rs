@@ -267,6 +267,14 @@ pub struct CellSink<'a> {
 }
 
 impl CellSink<'_> {
+    /// A transfer abandoned (an upgrade's standby dropped) stops here.
+    fn check_abandoned(&self, path: &Path) -> Result<(), CheckpointError> {
+        match self.progress.is_abandoned() {
+            true => Err(CheckpointError::io(path, "the restore was abandoned")),
+            false => Ok(()),
+        }
+    }
+
     fn index(&self) -> HashMap<String, usize> {
         self.tables
             .iter()
@@ -278,6 +286,7 @@ impl CellSink<'_> {
     /// Loads a base's `chunk` in bulk; cells of a state that migrates go
     /// through [`CellSink::write`]. `path` names the source in errors.
     fn load_chunk(&mut self, chunk: CellChunk, path: &Path) -> Result<(), CheckpointError> {
+        self.check_abandoned(path)?;
         let migrates = self
             .migrate
             .as_deref()
@@ -299,6 +308,7 @@ impl CellSink<'_> {
         path: &Path,
         bulk: bool,
     ) -> Result<(), CheckpointError> {
+        self.check_abandoned(path)?;
         if let Some(migrate) = self.migrate.as_deref_mut() {
             for op in &mut ops {
                 if let WriteOp::Put { table, value, .. } = op

@@ -229,10 +229,10 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
     println!("job       {} ({})", job.name, job.id);
     println!(
         "status    {} since {}",
-        job.lifecycle.status,
+        job.lifecycle.status(),
         time(
             job.lifecycle
-                .history
+                .history()
                 .last()
                 .map_or(job.submitted_ms, |t| t.time_ms)
         )
@@ -318,7 +318,7 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
         );
     }
     println!("history");
-    for t in &job.lifecycle.history {
+    for t in job.lifecycle.history() {
         println!("  {}  {:<12} {}", time(t.time_ms), t.to.as_str(), t.cause);
     }
     Ok(())

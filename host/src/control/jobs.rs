@@ -16,11 +16,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, warn};
+use tracing::Instrument;
 
-use super::driver::{self, Command, RunPlan};
-use super::lifecycle::{JobStatus, Lifecycle};
+use super::driver::{self, Command};
+use super::lifecycle::{JobStatus, Lifecycle, TransitionError};
 use super::record::*;
+use super::run::RunPlan;
+use super::views;
 use super::{ControlError, HostContext, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
@@ -116,14 +118,31 @@ impl JobHandle {
         result
     }
 
-    /// Moves the job to `to` (if the state machine allows it) and persists.
-    pub fn transition(&self, to: JobStatus, cause: impl Into<String>) {
-        let cause = cause.into();
+    /// Moves the job to `to` if the state machine allows it, and persists
+    /// the change; a refusal changes nothing and is the caller's to handle.
+    #[must_use = "a refused transition is an error the caller must handle"]
+    pub fn transition(
+        &self,
+        to: JobStatus,
+        cause: impl Into<String>,
+    ) -> Result<(), TransitionError> {
+        self.update(|record| record.lifecycle.transition(to, now_ms(), cause))
+    }
+
+    /// Moves the job from `expected` to `to` (checked and changed under
+    /// the record's lock), and persists the change.
+    #[must_use = "a refused transition is an error the caller must handle"]
+    pub fn transition_from(
+        &self,
+        expected: JobStatus,
+        to: JobStatus,
+        cause: impl Into<String>,
+    ) -> Result<(), TransitionError> {
         self.update(|record| {
-            if let Err(error) = record.lifecycle.transition(to, now_ms(), cause.clone()) {
-                warn!(job = %record.id, %error, %cause, "status change refused");
-            }
-        });
+            record
+                .lifecycle
+                .transition_from(expected, to, now_ms(), cause)
+        })
     }
 
     pub fn status(&self) -> JobStatus {
@@ -237,7 +256,7 @@ impl JobManager {
     async fn spawn_driver(
         &self,
         (handle, commands): (Arc<JobHandle>, mpsc::UnboundedReceiver<Command>),
-        plan: RunPlan,
+        plan: Option<RunPlan>,
     ) {
         let span = tracing::info_span!("job", id = %handle.id, name = %handle.record().name);
         let task =
@@ -271,6 +290,7 @@ impl JobManager {
             savepoints: Vec::new(),
             upgrades: Vec::new(),
             resume_from: None,
+            savepoint_targets: Vec::new(),
         };
         let dir = Path::new("jobs").join(&id);
         self.ctx.data.create_dir_all(&dir).map_err(internal)?;
@@ -279,7 +299,7 @@ impl JobManager {
             .write(dir.join("job.toml"), request.job_file.as_bytes())
             .map_err(internal)?;
         persist(&self.ctx, &record);
-        let plan = RunPlan::first(&record);
+        let plan = Some(driver::first_plan(&record));
         let entry = self.insert(record.clone());
         self.spawn_driver(entry, plan).await;
         Ok(record)
@@ -346,18 +366,18 @@ impl JobManager {
             .map(|handle| {
                 let record = handle.record();
                 JobSummary {
-                    plugins: driver::plugin_versions(&self.ctx, &record.spec)
+                    plugins: views::plugin_versions(&self.ctx, &record.spec)
                         .into_iter()
                         .map(|(uid, p)| format!("{uid}={}", p.plugin))
                         .collect(),
                     since_ms: record
                         .lifecycle
-                        .history
+                        .history()
                         .last()
                         .map_or(record.submitted_ms, |t| t.time_ms),
+                    status: record.status(),
                     id: record.id,
                     name: record.name,
-                    status: record.lifecycle.status,
                     submitted_ms: record.submitted_ms,
                 }
             })
@@ -368,7 +388,7 @@ impl JobManager {
 
     pub fn detail(&self, id: &str) -> Result<JobDetail, ControlError> {
         let handle = self.get(id)?;
-        Ok(driver::detail(&self.ctx, &handle))
+        Ok(views::detail(&self.ctx, &handle))
     }
 
     pub fn operation(&self, id: &str, operation: &str) -> Result<Operation, ControlError> {
@@ -394,7 +414,7 @@ impl JobManager {
             if record.status().is_terminal() {
                 continue;
             }
-            for version in driver::plugin_versions(&self.ctx, &record.spec).into_values() {
+            for version in views::plugin_versions(&self.ctx, &record.spec).into_values() {
                 let entry = users.entry(version.digest).or_default();
                 if !entry.contains(&record.id) {
                     entry.push(record.id.clone());
@@ -420,21 +440,19 @@ impl JobManager {
         let handle = self.get(id)?;
         let operation = handle.update(|record| {
             let status = record.status();
-            if let Some(running) = record.running_operation() {
+            if !status.accepts(kind) {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is busy with {} operation {}; wait for it to finish",
-                    kind_name(running.kind),
-                    running.id
+                    "job {id} is {status}: it takes no {} now",
+                    kind_name(kind)
                 )));
             }
-            let allowed = match kind {
-                OperationKind::Cancel => !status.is_terminal(),
-                _ => status == JobStatus::Running,
-            };
-            if !allowed {
+            if let Some(running) = record.running_operation()
+                && !kind.supersedes(running.kind)
+            {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is {status}: no {} now",
-                    kind_name(kind)
+                    "job {id} is busy with {} (operation {}); wait for it to finish",
+                    running.kind.article_name(),
+                    running.id
                 )));
             }
             let operation = Operation {
@@ -556,15 +574,13 @@ impl JobManager {
                 "the upgrade changes nothing: job {id} already runs these plugins and parallelism"
             )));
         }
-        let upgrade = driver::Upgrade {
+        let upgrade = super::upgrade::Upgrade {
             spec,
             allow_non_restored_state: request.allow_non_restored_state,
             probation: probation.unwrap_or(self.ctx.settings.probation),
             probation_checkpoints: request
                 .probation_checkpoints
                 .unwrap_or(self.ctx.settings.probation_checkpoints),
-            loaded: Default::default(),
-            standby: None,
         };
         self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
             operation,
@@ -606,12 +622,13 @@ impl JobManager {
     }
 }
 
+/// An operation's name after "no": "savepoint", "upgrade".
 fn kind_name(kind: OperationKind) -> &'static str {
     match kind {
-        OperationKind::Savepoint => "a savepoint",
-        OperationKind::Stop => "a stop",
-        OperationKind::Cancel => "a cancel",
-        OperationKind::Upgrade => "an upgrade",
+        OperationKind::Savepoint => "savepoint",
+        OperationKind::Stop => "stop",
+        OperationKind::Cancel => "cancel",
+        OperationKind::Upgrade => "upgrade",
     }
 }
 

@@ -10,10 +10,17 @@
 //! - [`watch`]: the watched plugin directory (`plugins/incoming/`).
 //! - [`jobs`]: the job manager (submit, list, operations, resume at start,
 //!   stop at shutdown).
-//! - [`driver`]: one task per job that runs it and owns its transitions.
-//! - [`lifecycle`]: the job state machine.
-//! - [`upgrade`]: the hot-upgrade procedure (check, savepoint, swap,
-//!   probation, rollback).
+//! - [`driver`]: one task per job, the only owner of its transitions: a
+//!   state machine of steps that each read the job's commands and run
+//!   events while they work.
+//! - [`run`]: one run of the engine for a job, as a task reporting to its
+//!   driver.
+//! - [`lifecycle`]: the job state machine (statuses, transitions, which
+//!   operations each status accepts).
+//! - the procedures, each reading top to bottom in its module:
+//!   [`savepoint`], [`stop`] (stop, cancel, the host's shutdown) and
+//!   [`upgrade`] (check, standby, stop, restore, probation, rollback).
+//! - [`views`]: what the API shows of a job's current run.
 //! - [`record`]: what is persisted per job (also the API's answers).
 //! - [`durable`]: the data dir as a cap-std handle; atomic, durable writes.
 //!
@@ -28,8 +35,12 @@ pub mod durable;
 pub mod jobs;
 pub mod lifecycle;
 pub mod record;
+pub mod run;
+pub mod savepoint;
+pub mod stop;
 pub mod store;
 pub mod upgrade;
+pub mod views;
 pub mod watch;
 
 use std::net::SocketAddr;

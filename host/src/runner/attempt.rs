@@ -224,7 +224,16 @@ pub async fn run_observed<O: RunObserver>(
     })?;
     check_connectors(job).await?;
     let mut tracker = RestartTracker::new(strategy);
+    let cancelled = || settings.cancel.as_ref().is_some_and(|c| *c.borrow());
+    let cancelled_between_attempts = || runtime::JobOutcome {
+        summaries: Vec::new(),
+        cancelled: true,
+        savepoint: None,
+    };
     let result = loop {
+        if cancelled() {
+            break Ok(cancelled_between_attempts());
+        }
         let launched = launch_with_native(job, settings, native);
         if let Some(standby) = &settings.standby {
             // Its state went to the first attempt's subtasks, if anywhere.
@@ -233,7 +242,20 @@ pub async fn run_observed<O: RunObserver>(
         let attempt = match launched {
             Ok(running) => {
                 observer.launched(&running);
-                running.wait().await
+                // Cancelling the run cancels this attempt.
+                let forward = settings.cancel.clone().map(|mut cancel| {
+                    let canceller = running.canceller();
+                    tokio::spawn(async move {
+                        if cancel.wait_for(|c| *c).await.is_ok() {
+                            let _ = canceller.send(true);
+                        }
+                    })
+                });
+                let result = running.wait().await;
+                if let Some(forward) = forward {
+                    forward.abort();
+                }
+                result
             }
             Err(RunError::Task { cause, .. }) => Err(cause),
             Err(other) => break Err(other),
@@ -271,7 +293,12 @@ pub async fn run_observed<O: RunObserver>(
                     .metrics
                     .restarts
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = wait_cancelled(settings.cancel.clone()) => {
+                        break Ok(cancelled_between_attempts());
+                    }
+                }
             }
             RestartDecision::GiveUp { reason } => {
                 break Err(RunError::GaveUp {
@@ -351,4 +378,16 @@ pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
     }
     job.connectors_checked.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+/// Resolves once `cancel` reads `true`; never without one.
+async fn wait_cancelled(cancel: Option<tokio::sync::watch::Receiver<bool>>) {
+    match cancel {
+        Some(mut cancel) => {
+            if cancel.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }

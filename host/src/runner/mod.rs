@@ -114,6 +114,9 @@ pub struct RunSettings {
     /// Restarts and failures across attempts (the running host shares one
     /// across a job's runs).
     pub metrics: Arc<JobMetrics>,
+    /// Once it reads `true` the run is cancelled: its running attempt, or
+    /// the wait before the next one (which then never starts).
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for RunSettings {
@@ -126,6 +129,7 @@ impl Default for RunSettings {
             count_keys_at_end: true,
             remove_state_in_background: false,
             metrics: Arc::default(),
+            cancel: None,
         }
     }
 }
