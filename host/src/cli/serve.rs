@@ -79,7 +79,8 @@ pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
             ""
         }
     );
-    println!("listening on http://{}", host.address);
+    // A closed stdout does not stop the host.
+    let _ = writeln!(std::io::stdout(), "listening on http://{}", host.address);
     let _ = std::io::stdout().flush();
     super::stop_signal().await;
     eprintln!(
