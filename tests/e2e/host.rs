@@ -996,7 +996,12 @@ fn bad_requests_get_the_right_status_and_say_why() {
         b"{}",
     );
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("cancelled"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "job {id} is cancelled: a savepoint is not possible now"
+        )),
+        "{body}"
+    );
     assert_eq!(
         http(&host.url, "DELETE", "/api/plugins/count@0.1.0", auth, &[]).0,
         200

@@ -432,7 +432,7 @@ impl JobManager {
             };
             if !allowed {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is {status}: no {} now",
+                    "job {id} is {status}: {} is not possible now",
                     kind_name(kind)
                 )));
             }
