@@ -21,7 +21,7 @@ use tracing::{Instrument, warn};
 use super::driver::{self, Command, RunPlan};
 use super::lifecycle::{JobStatus, Lifecycle};
 use super::record::*;
-use super::{ControlError, HostContext, now_ms};
+use super::{ControlError, HostContext, confine, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
@@ -250,9 +250,12 @@ impl JobManager {
         let id = crate::runner::new_job_id();
         let ctx = self.ctx.clone();
         let check_spec = spec.clone();
-        let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check_spec))
-            .await
-            .map_err(internal)??;
+        let from = request.from_savepoint.clone();
+        let (graph, initial_restore) = tokio::task::spawn_blocking(move || {
+            build_graph_restoring(&ctx, &check_spec, from.as_deref())
+        })
+        .await
+        .map_err(internal)??;
         let now = now_ms();
         let record = JobRecord {
             format: RECORD_FORMAT,
@@ -261,7 +264,7 @@ impl JobManager {
             submitted_ms: now,
             lifecycle: Lifecycle::new(now, "submitted"),
             spec,
-            initial_restore: request.from_savepoint.clone(),
+            initial_restore,
             allow_non_restored_state: request.allow_non_restored_state,
             runs: Vec::new(),
             restarts: Vec::new(),
@@ -460,9 +463,15 @@ impl JobManager {
         Ok(operation)
     }
 
-    fn target(&self, dir: Option<&str>) -> PathBuf {
-        dir.map(PathBuf::from)
-            .unwrap_or_else(|| self.ctx.data.join("savepoints"))
+    /// A savepoint's target directory: the host's `savepoints/`, object
+    /// storage, or a directory inside the job roots.
+    fn target(&self, dir: Option<&str>) -> Result<PathBuf, ControlError> {
+        match dir {
+            None => Ok(self.ctx.data.join("savepoints")),
+            Some(dir) if crate::checkpoint::remote::is_remote(Path::new(dir)) => Ok(dir.into()),
+            Some(dir) => confine::confine_path(&self.ctx, "target_dir", Path::new(dir))
+                .map_err(ControlError::BadRequest),
+        }
     }
 
     pub fn savepoint(
@@ -470,14 +479,14 @@ impl JobManager {
         id: &str,
         request: &SavepointRequest,
     ) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         self.start_operation(id, OperationKind::Savepoint, |operation| {
             Command::Savepoint { operation, target }
         })
     }
 
     pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         let drain = request.drain;
         self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
             operation,
@@ -702,9 +711,20 @@ impl PluginResolver for StoreResolver<'_> {
 }
 
 /// The job graph a spec runs: the job file with the spec's upgrades
-/// applied, validated, its plugins from the store, its checkpoints and
-/// working state in the data dir.
+/// applied, validated, its plugins from the store, its paths inside the
+/// job roots ([`confine`]), its checkpoints and working state in the data
+/// dir.
 pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph, ControlError> {
+    build_graph_restoring(ctx, spec, None).map(|(graph, _)| graph)
+}
+
+/// [`build_graph`], with a submission's `from_savepoint` checked too
+/// (returned resolved).
+fn build_graph_restoring(
+    ctx: &HostContext,
+    spec: &JobSpec,
+    from_savepoint: Option<&str>,
+) -> Result<(JobGraph, Option<String>), ControlError> {
     let path = spec.base_dir.join(&spec.file_name);
     let mut file = JobFile::parse(&spec.job_file, &path).map_err(bad_request)?;
     for operator in &mut file.operators {
@@ -724,8 +744,13 @@ pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph,
         ctx,
         resolved: &spec.resolved,
     };
-    let mut graph = JobGraph::validate_with(file, &path, &resolver).map_err(bad_request)?;
+    let mut placement = confine::check(ctx, &file, &spec.base_dir);
+    let restore = from_savepoint.map(|from| placement.restore_point(ctx, from));
+    let validated = JobGraph::validate_with(file, &path, &resolver);
+    let mut graph = placement
+        .apply(ctx, validated, &path)
+        .map_err(bad_request)?;
     graph.checkpoint.dir = Some(ctx.data.join("checkpoints"));
     graph.state.dir = ctx.data.join("state");
-    Ok(graph)
+    Ok((graph, restore))
 }
