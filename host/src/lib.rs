@@ -11,6 +11,7 @@
 //! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
 //! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
 //! - [`connectors`]: sources and sinks.
+//! - [`protocol`]: what travels between subtasks and the checkpoint coordinator.
 //! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
 //! - [`roots`]: the directories a job of the running host may name paths in, opened through cap-std.
@@ -27,6 +28,7 @@ pub mod human;
 pub mod job;
 pub mod plugin;
 pub mod prometheus;
+pub mod protocol;
 pub mod restart;
 pub mod roots;
 pub mod runner;

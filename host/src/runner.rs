@@ -11,25 +11,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::coordinator::{Coordinator, CoordinatorSettings, JobCheckpoints};
+use crate::checkpoint::coordinator::{
+    CheckpointMetrics, Coordinator, CoordinatorSettings, JobCheckpoints, Savepointer,
+};
 use crate::checkpoint::metadata::{
     CheckpointMetadata, OperatorSnapshot, PluginRef, ReadMetadata, StateRef,
 };
 use crate::checkpoint::remote;
 use crate::checkpoint::standby::Standby;
 use crate::checkpoint::storage::SubtaskStorage;
-use crate::checkpoint::{
-    CheckpointError, Role, SavepointTargets, SnapshotKind, TransferProgress, restore, savepoint,
-};
+use crate::checkpoint::{CheckpointError, SnapshotKind, restore, savepoint};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
 use crate::connectors::nats::{NatsSink, NatsSource};
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
 use crate::dataflow::metrics::JobMetrics;
-use crate::dataflow::runtime::{self, RunningJob};
+use crate::dataflow::runtime::{self, JobOutcome, NodeMetrics, RunningJob};
 use crate::dataflow::task::Reports;
 use crate::dataflow::{
     Collector, Operator, OperatorError, Sink, Source, TaskContext, TaskError, TaskFactory, TaskInfo,
@@ -37,11 +37,12 @@ use crate::dataflow::{
 use crate::job::{BackendKind, JobGraph, Node, NodeKind, SinkKind, SourceKind};
 use crate::plugin::migrate::Migrator;
 use crate::plugin::{LoadedPlugin, PluginEngine, PluginError, WasmOperator};
+use crate::protocol::{Role, SnapshotStore, SourcePace, TransferProgress};
 use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::state::memory::MemoryBackend;
 use crate::state::rocks::RocksBackend;
 use crate::state::{KeyedState, StateBackend, Teardown};
-use crate::types::key_group;
+use crate::types::{Location, S3Url, key_group};
 
 /// Errors starting or running a job embedded.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +79,7 @@ impl RunError {
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// A checkpoint or savepoint to restore (its directory or `_metadata`).
-    pub restore: Option<PathBuf>,
+    pub restore: Option<Location>,
     /// Skip state of uids (or state names) the job no longer has.
     pub allow_non_restored_state: bool,
     /// The restore point is a savepoint this process has just written
@@ -104,9 +105,11 @@ pub struct PreparedJob {
     pub restore_trusted: bool,
     /// This job's checkpoints (None: checkpointing is off).
     pub checkpoints: Option<Arc<JobCheckpoints>>,
-    /// Savepoints in flight (shared by the coordinator and the operator
-    /// subtasks of every attempt) and their progress.
-    pub savepoints: Arc<SavepointTargets>,
+    /// The pace sources read at (shared by every attempt's coordinator
+    /// and sources; slowed while an upgrade's standby catches up).
+    pub pace: Arc<SourcePace>,
+    /// Keys and bytes of the savepoint being written (progress).
+    pub savepoint_progress: Arc<TransferProgress>,
     /// Keys and bytes restored so far (progress).
     pub restore_progress: Arc<TransferProgress>,
     /// While it reads `true`, completed checkpoints are not committed by
@@ -223,14 +226,15 @@ pub fn prepare_as(
     }
     let downloaded;
     let restore_path = match &options.restore {
-        Some(path) if remote::is_remote(path) => {
+        Some(Location::S3(url)) => {
             // Downloaded, then checked like a local restore point.
             let into = downloads_dir(&graph, &job_id);
             let _ = std::fs::remove_dir_all(&into);
-            downloaded = remote::block_on(remote::fetch(&path.to_string_lossy(), &into))?;
-            Some(&downloaded)
+            downloaded = remote::block_on(remote::fetch(url, &into))?;
+            Some(downloaded.as_path())
         }
-        other => other.as_ref(),
+        Some(Location::Local(path)) => Some(path.as_path()),
+        None => None,
     };
     let restore = match restore_path {
         Some(path) => {
@@ -261,7 +265,7 @@ pub fn prepare_as(
         None => None,
     };
     let remote = checkpoint_remote(&graph)
-        .map(|url| remote::Remote::open(&url).map(|r| r.join(&job_id)))
+        .map(|url| remote::Remote::open(url).map(|r| r.join(&job_id)))
         .transpose()
         .map_err(CheckpointError::from)?;
     let checkpoints = graph.checkpoint.interval.map(|_| {
@@ -283,7 +287,8 @@ pub fn prepare_as(
         restore_trusted: options.trusted && restore.is_some(),
         restore,
         checkpoints,
-        savepoints: Arc::default(),
+        pace: Arc::default(),
+        savepoint_progress: Arc::default(),
         restore_progress: Arc::default(),
         commit_hold: None,
         standby: None,
@@ -313,9 +318,11 @@ fn downloads_dir(graph: &JobGraph, job_id: &str) -> PathBuf {
 }
 
 /// `[checkpoint] dir` when it is on object storage (`s3://bucket/prefix`).
-pub fn checkpoint_remote(graph: &JobGraph) -> Option<String> {
-    let dir = graph.checkpoint.dir.as_ref()?;
-    remote::is_remote(dir).then(|| dir.to_string_lossy().into_owned())
+pub fn checkpoint_remote(graph: &JobGraph) -> Option<&S3Url> {
+    match graph.checkpoint.dir.as_ref()? {
+        Location::S3(url) => Some(url),
+        Location::Local(_) => None,
+    }
 }
 
 /// `[checkpoint] dir`, by default `weir-data/checkpoints` beside the job
@@ -326,7 +333,8 @@ pub fn checkpoint_root(graph: &JobGraph) -> PathBuf {
     if checkpoint_remote(graph).is_some() {
         return graph.state.dir.join("checkpoint-staging");
     }
-    graph.checkpoint.dir.clone().unwrap_or_else(|| {
+    let local = graph.checkpoint.dir.as_ref().and_then(Location::local);
+    local.map(Path::to_path_buf).unwrap_or_else(|| {
         graph
             .file
             .parent()
@@ -568,20 +576,28 @@ impl TaskFactory for Factory<'_> {
                 .join("snapshots")
                 .join(format!("{}-{}", node.uid, info.subtask)),
             reports.clone(),
-            self.job.savepoints.clone(),
+            self.job.savepoint_progress.clone(),
         ));
         let keyed = self.open_state(node, &info, &plugin, &operator.limits, Some(&storage))?;
         let mut task = TaskContext::new(info.clone(), keyed, output);
         if let Some((read, op)) = self.restored(&node.uid) {
-            restore::load_timers(read, op, range, info.max_parallelism, &mut task.timers)
-                .map_err(|e| Self::restore_error(&info, e))?;
+            let max_parallelism = info.max_parallelism;
+            restore::load_timers(read, op, |bytes| {
+                task.timers.restore(bytes, |key| {
+                    range.contains(&u32::from(key_group::of_key(key, max_parallelism)))
+                })
+            })
+            .map_err(|e| Self::restore_error(&info, e))?;
             // Restored from a final checkpoint: its input had ended and
             // `close` ran before it.
             task.closed = op.subtasks.iter().any(|s| s.finished);
         }
         let wasm = WasmOperator::instantiate(plugin, task, operator)
             .map_err(|e| Self::task_error(&info, e))?;
-        Ok((Box::new(wasm), Some(storage)))
+        Ok((
+            Box::new(wasm),
+            Some(Box::new(storage) as Box<dyn SnapshotStore>),
+        ))
     }
 
     fn sink(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Sink>, TaskError> {
@@ -755,10 +771,58 @@ fn prepare_attempt(
     Ok(())
 }
 
+/// A running attempt of a prepared job: its tasks, and the handles the
+/// embedded CLI and the running host use while it runs (its coordinator's
+/// [`Savepointer`], its checkpoint counters).
+#[derive(Debug)]
+pub struct Attempt {
+    running: RunningJob,
+    savepointer: Savepointer,
+    checkpoints: Option<Arc<CheckpointMetrics>>,
+    savepoint_progress: Arc<TransferProgress>,
+}
+
+impl Attempt {
+    /// Live counters per node.
+    pub fn metrics(&self) -> &[Arc<NodeMetrics>] {
+        self.running.metrics()
+    }
+
+    /// Checkpoint counters (None: checkpointing is off).
+    pub fn checkpoint_metrics(&self) -> Option<Arc<CheckpointMetrics>> {
+        self.checkpoints.clone()
+    }
+
+    /// Keys and bytes of the savepoint being written (progress).
+    pub fn savepoint_progress(&self) -> Arc<TransferProgress> {
+        self.savepoint_progress.clone()
+    }
+
+    /// A handle that asks the attempt's coordinator for savepoints.
+    pub fn savepointer(&self) -> Savepointer {
+        self.savepointer.clone()
+    }
+
+    /// Asks the sources to stop; the rest of the job drains and ends.
+    pub fn cancel(&self) {
+        self.running.cancel();
+    }
+
+    /// A handle that can cancel the attempt from elsewhere.
+    pub fn canceller(&self) -> tokio::sync::watch::Sender<bool> {
+        self.running.canceller()
+    }
+
+    /// Waits for every task (see [`RunningJob::wait`]).
+    pub async fn wait(self) -> Result<JobOutcome, TaskError> {
+        self.running.wait().await
+    }
+}
+
 /// Creates every subtask and starts the job on the current tokio runtime,
 /// restored from the latest completed checkpoint of this job, else from the
 /// restore point it was prepared with.
-pub fn launch(job: &PreparedJob) -> Result<RunningJob, RunError> {
+pub fn launch(job: &PreparedJob) -> Result<Attempt, RunError> {
     launch_with_native(job, &HashMap::new())
 }
 
@@ -767,7 +831,7 @@ pub fn launch(job: &PreparedJob) -> Result<RunningJob, RunError> {
 pub fn launch_with_native(
     job: &PreparedJob,
     native: &HashMap<String, NativeOperator>,
-) -> Result<RunningJob, RunError> {
+) -> Result<Attempt, RunError> {
     let point = job.restore_point();
     let restore = point.as_ref().map(|(read, own)| (read, *own));
     prepare_attempt(job, restore)?;
@@ -789,7 +853,8 @@ pub fn launch_with_native(
         },
         store: job.checkpoints.clone(),
         template: metadata_template(job),
-        savepoints: job.savepoints.clone(),
+        pace: job.pace.clone(),
+        savepoint_progress: job.savepoint_progress.clone(),
         first_id: job
             .restore
             .as_ref()
@@ -798,24 +863,37 @@ pub fn launch_with_native(
         savepoint_job_id: job.savepoint_job_id.clone(),
         savepoint_staging: savepoint_staging(job),
     };
-    let launched = runtime::launch(&job.graph, &job.job_id, &factory, coordinator);
+    let (savepointer, requests) = Savepointer::channel();
+    let checkpoints = job.checkpoints.as_ref().map(|c| c.metrics.clone());
+    let span = tracing::info_span!("coordinator", job = %job.job_id);
+    let launched = runtime::launch(
+        &job.graph,
+        &job.job_id,
+        &factory,
+        job.pace.clone(),
+        move |wiring| tokio::spawn(coordinator.run(wiring, requests).instrument(span)),
+    );
     job.restore_progress.finish();
-    launched.map_err(|source| RunError::Task {
+    let running = launched.map_err(|source| RunError::Task {
         job: job.graph.name.clone(),
         cause: source,
+    })?;
+    Ok(Attempt {
+        running,
+        savepointer,
+        checkpoints,
+        savepoint_progress: job.savepoint_progress.clone(),
     })
 }
 
-pub use crate::dataflow::runtime::Savepointer;
-
 /// Called with each running attempt (e.g. to show progress or wire Ctrl-C).
-pub type AttemptHook<'a> = &'a mut dyn FnMut(&RunningJob);
+pub type AttemptHook<'a> = &'a mut dyn FnMut(&Attempt);
 
 /// Watches a run's attempts: told of each launch, asked at each failure
 /// whether the restart strategy may decide, told of each restart.
 pub trait RunObserver {
     /// An attempt is running.
-    fn launched(&mut self, running: &RunningJob);
+    fn launched(&mut self, attempt: &Attempt);
     /// An attempt failed (or could not start). `Some(reason)`: do not
     /// restart; the run ends with this error. `None`: the restart strategy
     /// decides.
@@ -830,8 +908,8 @@ pub trait RunObserver {
 struct HookObserver<'a>(AttemptHook<'a>);
 
 impl RunObserver for HookObserver<'_> {
-    fn launched(&mut self, running: &RunningJob) {
-        (self.0)(running)
+    fn launched(&mut self, attempt: &Attempt) {
+        (self.0)(attempt)
     }
 
     fn restarting(&mut self, error: &TaskError, attempt: u32, delay: Duration, from: &str) {
@@ -985,7 +1063,7 @@ pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
         .err()
         .unwrap_or_default();
     if let Some(url) = checkpoint_remote(&job.graph) {
-        let checked = match remote::Remote::open(&url) {
+        let checked = match remote::Remote::open(url) {
             Ok(remote) => remote.check().await,
             Err(error) => Err(error),
         };

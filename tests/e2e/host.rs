@@ -19,14 +19,14 @@ use crate::checkpoints::generator_counts;
 use crate::support::{JobDir, http_raw, scrape, total};
 
 /// A `weir serve` child process. Killed (SIGKILL) when dropped.
-struct Host {
+pub(crate) struct Host {
     child: Option<Child>,
-    url: String,
+    pub(crate) url: String,
     token: Option<PathBuf>,
 }
 
 impl Host {
-    fn start(data: &Path, extra: &[&str]) -> Host {
+    pub(crate) fn start(data: &Path, extra: &[&str]) -> Host {
         Self::start_with(data, extra, None)
     }
 
@@ -74,7 +74,7 @@ impl Host {
     }
 
     /// Runs a client verb of the real binary against this host.
-    fn weir(&self, args: &[&str], dir: &Path) -> Output {
+    pub(crate) fn weir(&self, args: &[&str], dir: &Path) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
         command
             .args(args)
@@ -88,7 +88,7 @@ impl Host {
     }
 
     /// A client verb that must succeed; its stdout.
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
+    pub(crate) fn ok(&self, args: &[&str], dir: &Path) -> String {
         let output = self.weir(args, dir);
         assert!(
             output.status.success(),
@@ -98,7 +98,7 @@ impl Host {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    fn job(&self, id: &str) -> Value {
+    pub(crate) fn job(&self, id: &str) -> Value {
         let (status, body) = http(
             &self.url,
             "GET",
@@ -120,7 +120,7 @@ impl Host {
     }
 
     /// Waits until the job's status is `status`.
-    fn wait_status(&self, id: &str, status: &str, limit: Duration) -> Value {
+    pub(crate) fn wait_status(&self, id: &str, status: &str, limit: Duration) -> Value {
         let started = Instant::now();
         loop {
             let job = self.job(id);
@@ -137,7 +137,7 @@ impl Host {
 
     /// Waits until the job has completed at least `n` checkpoints in its
     /// current run.
-    fn wait_checkpoints(&self, id: &str, n: u64, limit: Duration) {
+    pub(crate) fn wait_checkpoints(&self, id: &str, n: u64, limit: Duration) {
         let started = Instant::now();
         while self.job(id)["checkpoints_completed"].as_u64().unwrap_or(0) < n {
             assert!(
@@ -148,7 +148,7 @@ impl Host {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -156,7 +156,7 @@ impl Host {
     }
 
     /// SIGTERM, and waits for the host to exit.
-    fn terminate(&mut self) {
+    pub(crate) fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = child.id().to_string();
             let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -198,7 +198,7 @@ fn http(base: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) 
 }
 
 /// A job directory with the word count's plugins copied in.
-fn plugin_dir() -> JobDir {
+pub(crate) fn plugin_dir() -> JobDir {
     let dir = JobDir::new();
     for (name, path) in [
         ("split.wasm", WORDCOUNT_SPLIT),
@@ -215,7 +215,7 @@ fn plugin_dir() -> JobDir {
 
 /// Generator (`count` records or unbounded, `rate`/s) → split → count →
 /// exactly-once file sink `out/`, checkpoints every `interval`.
-fn wordcount(
+pub(crate) fn wordcount(
     name: &str,
     count: Option<u64>,
     rate: u64,
@@ -299,7 +299,7 @@ inputs = ["{uid}"]
 
 /// Every word's committed updates are exactly 1..=N, each once. Returns
 /// word → N.
-fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
+pub(crate) fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for line in weir_tests::read_parts(dir) {
         let (word, count) = line
@@ -325,7 +325,7 @@ fn check_exactly_once(dir: &Path) -> BTreeMap<String, u64> {
 }
 
 /// The statuses a job went through, in order (from `GET /api/jobs/{id}`).
-fn statuses(job: &Value) -> Vec<&str> {
+pub(crate) fn statuses(job: &Value) -> Vec<&str> {
     job["job"]["lifecycle"]["history"]
         .as_array()
         .expect("history")
@@ -334,7 +334,7 @@ fn statuses(job: &Value) -> Vec<&str> {
         .collect()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 

@@ -14,4 +14,5 @@ mod nats;
 mod s3;
 mod savepoints;
 mod support;
+mod upgrades;
 mod wordcount;

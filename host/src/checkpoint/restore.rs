@@ -22,16 +22,15 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::TransferProgress;
 use super::metadata::{OperatorSnapshot, ReadMetadata};
 use super::savepoint::CANONICAL;
 use super::storage::{Hashing, copy_open_hashed};
-use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
-use crate::dataflow::TimerService;
+use super::{CheckpointError, FileRef, SubtaskSnapshot};
 use crate::job::{JobGraph, NodeKind};
+use crate::protocol::Role;
+use crate::protocol::TransferProgress;
 use crate::state::rocks::RocksBackend;
 use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump, table_names};
-use crate::types::key_group;
 
 /// Whether a node snapshot holds anything to restore.
 fn has_state(op: &OperatorSnapshot) -> bool {
@@ -616,24 +615,20 @@ fn apply_in(
     Ok(applied)
 }
 
-/// Adds to `timers` the timers of keys in the key groups `range`.
+/// Hands `restore` the encoded timers of every stored subtask of `op`,
+/// each file checked first (the caller keeps the timers of its own key
+/// groups).
 pub fn load_timers(
     read: &ReadMetadata,
     op: &OperatorSnapshot,
-    range: Range<u32>,
-    max_parallelism: u32,
-    timers: &mut TimerService,
+    mut restore: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<(), CheckpointError> {
     for subtask in &op.subtasks {
         let Some(file) = &subtask.timers else {
             continue;
         };
         let (path, bytes) = read_verified(read, file)?;
-        timers
-            .restore(&bytes, |key| {
-                range.contains(&u32::from(key_group::of_key(key, max_parallelism)))
-            })
-            .map_err(|message| CheckpointError::Corrupt { path, message })?;
+        restore(&bytes).map_err(|message| CheckpointError::Corrupt { path, message })?;
     }
     Ok(())
 }

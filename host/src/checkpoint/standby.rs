@@ -139,7 +139,7 @@ impl Follower {
         &mut self,
         read: &ReadMetadata,
         deltas: &[FileRef],
-        progress: &super::TransferProgress,
+        progress: &crate::protocol::TransferProgress,
     ) -> Result<u64, CheckpointError> {
         let mut sink = CellSink {
             range: self.key_groups[0]..self.key_groups[1],
@@ -271,7 +271,7 @@ impl Standby {
     /// subtasks in parallel. A follower whose stored subtask changed base
     /// (or is gone) is dropped. Returns the changes applied.
     pub fn catch_up(&self, read: &ReadMetadata) -> Result<u64, CheckpointError> {
-        let progress = &super::TransferProgress::default();
+        let progress = &crate::protocol::TransferProgress::default();
         let mut followers = self.lock();
         let mut dropped = Vec::new();
         let results: Vec<Result<u64, CheckpointError>> = std::thread::scope(|scope| {

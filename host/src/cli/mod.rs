@@ -32,6 +32,7 @@ use clap::{Parser, Subcommand};
 use crate::job::JobGraph;
 use crate::plugin::PluginEngine;
 use crate::runner;
+use crate::types::Location;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -126,7 +127,7 @@ pub struct RunArgs {
     /// Restore from a retained checkpoint or a savepoint: its directory
     /// (`chk-N`) or its `_metadata` file.
     #[arg(short = 's', long = "from-savepoint", value_name = "PATH")]
-    pub from_savepoint: Option<PathBuf>,
+    pub from_savepoint: Option<Location>,
     /// Start even if the restore point holds state for uids (or state names)
     /// the job no longer has; that state is skipped (and logged).
     #[arg(short = 'n', long)]
@@ -135,7 +136,7 @@ pub struct RunArgs {
     /// (`DIR/savepoint-<job>-<random>/`) instead of cancelling; its path is
     /// printed. A second Ctrl-C aborts.
     #[arg(long, value_name = "DIR")]
-    pub savepoint_dir: Option<PathBuf>,
+    pub savepoint_dir: Option<Location>,
     /// With --savepoint-dir: first advance the watermark to the end, so
     /// every event-time timer fires before the savepoint (`stop --drain`).
     #[arg(long, requires = "savepoint_dir")]
@@ -262,7 +263,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             remote::submit(
                 &cli.client()?,
                 &args.job,
-                args.from_savepoint.as_deref(),
+                args.from_savepoint.as_ref(),
                 args.allow_non_restored_state,
             )
             .await
@@ -357,7 +358,7 @@ pub(crate) async fn stop_signal() {
 #[derive(Default)]
 struct Attempt {
     cancel: Option<tokio::sync::watch::Sender<bool>>,
-    savepointer: Option<runner::Savepointer>,
+    savepointer: Option<crate::checkpoint::coordinator::Savepointer>,
 }
 
 async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
@@ -398,7 +399,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
                 (Some(target), Some(savepointer)) => {
                     eprintln!(
                         "\nstopping with a savepoint in {}{} (Ctrl-C again to abort)",
-                        target.display(),
+                        target,
                         if drain { ", draining first" } else { "" }
                     );
                     let target = target.clone();
@@ -464,7 +465,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
             eprintln!("  checkpoints deleted ([checkpoint] on_cancel = \"delete\")");
         }
         if let Some(url) = runner::checkpoint_remote(&job.graph) {
-            let remote = crate::checkpoint::remote::Remote::open(&url)?.join(&job.job_id);
+            let remote = crate::checkpoint::remote::Remote::open(url)?.join(&job.job_id);
             crate::checkpoint::remote::block_on(remote.delete_all("")).with_context(|| {
                 format!(
                     "[checkpoint] on_cancel = \"delete\": cannot delete {}",
@@ -479,8 +480,8 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     }
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
     if let Some(path) = &outcome.savepoint {
-        eprintln!("  savepoint: {}", path.display());
-        outln!("{}", path.display())?;
+        eprintln!("  savepoint: {path}");
+        outln!("{path}")?;
     } else if let Some(error) = savepoint_failed.lock().expect("not poisoned").take() {
         anyhow::bail!("stop-with-savepoint failed: {error}");
     }

@@ -15,6 +15,7 @@ use crate::control::api::{ErrorBody, PluginEntry};
 use crate::control::jobs::{SavepointRequest, SubmitRequest, UpgradeRequest};
 use crate::control::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus};
 use crate::control::store::StoredPlugin;
+use crate::types::Location;
 
 /// A client of one host.
 pub struct Client {
@@ -173,11 +174,16 @@ async fn job_request(client: &Client, job: &Path) -> Result<SubmitRequest> {
 pub async fn submit(
     client: &Client,
     job: &Path,
-    from_savepoint: Option<&Path>,
+    from_savepoint: Option<&Location>,
     allow_non_restored_state: bool,
 ) -> Result<()> {
+    let from_savepoint = match from_savepoint {
+        Some(Location::Local(path)) => absolute_text(Some(path))?,
+        Some(remote) => Some(remote.to_string()),
+        None => None,
+    };
     let request = SubmitRequest {
-        from_savepoint: absolute_text(from_savepoint)?,
+        from_savepoint,
         allow_non_restored_state,
         ..job_request(client, job).await?
     };

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use crate::checkpoint::{metadata, remote, savepoint};
+use crate::types::Location;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -17,7 +18,7 @@ pub struct SavepointArgs {
     /// Delete the savepoint at PATH (its directory or `_metadata`), after
     /// checking it is one.
     #[arg(long, value_name = "PATH")]
-    pub dispose: Option<PathBuf>,
+    pub dispose: Option<Location>,
     /// Trigger a savepoint of a job on a running host (`--host`).
     pub job_id: Option<String>,
     /// Where the running host writes it.
@@ -32,8 +33,9 @@ pub enum SavepointCommand {
     /// Print the operators, plugins, states (kind, schema version, keys,
     /// bytes) and source positions of a savepoint or checkpoint.
     Inspect {
-        /// The savepoint or `chk-N` directory, or its `_metadata`.
-        path: PathBuf,
+        /// The savepoint or `chk-N` directory, or its `_metadata` (or an
+        /// `s3://` location of one).
+        path: Location,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -43,13 +45,13 @@ pub enum SavepointCommand {
 pub fn execute(args: &SavepointArgs) -> Result<()> {
     match (&args.command, &args.dispose, &args.job_id) {
         (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
-        (None, Some(path), None) if remote::is_remote(path) => {
+        (None, Some(Location::S3(url)), None) => {
             let scratch = tempfile_dir()?;
-            let url = remote::block_on(remote::dispose(&path.to_string_lossy(), scratch.path()))?;
+            let url = remote::block_on(remote::dispose(url, scratch.path()))?;
             eprintln!("disposed of the savepoint {url}");
             Ok(())
         }
-        (None, Some(path), None) => {
+        (None, Some(Location::Local(path)), None) => {
             let dir = savepoint::dispose(path)?;
             eprintln!("disposed of the savepoint {}", dir.display());
             Ok(())
@@ -87,19 +89,19 @@ impl Drop for ScratchDir {
     }
 }
 
-fn inspect(path: &Path, json: bool) -> Result<()> {
+fn inspect(location: &Location, json: bool) -> Result<()> {
     let scratch;
-    let (read, shown) = if remote::is_remote(path) {
-        scratch = tempfile_dir()?;
-        let (dir, read) = remote::block_on(remote::read_metadata(
-            &path.to_string_lossy(),
-            scratch.path(),
-        ))?;
-        (read, PathBuf::from(dir.url))
-    } else {
-        let read = metadata::read(path)?;
-        let shown = read.base.clone();
-        (read, shown)
+    let (read, shown) = match location {
+        Location::S3(url) => {
+            scratch = tempfile_dir()?;
+            let (dir, read) = remote::block_on(remote::read_metadata(url, scratch.path()))?;
+            (read, PathBuf::from(dir.url))
+        }
+        Location::Local(path) => {
+            let read = metadata::read(path)?;
+            let shown = read.base.clone();
+            (read, shown)
+        }
     };
     let mut inspection = savepoint::inspect(&read);
     inspection.path = shown;

@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::HostContext;
-use crate::checkpoint::remote;
 use crate::job::file::{SinkKindName, SourceKindName};
 use crate::job::{JobError, JobFile, JobGraph, NodeKind, SinkKind, SourceKind, WasiGrant};
+use crate::types::Location;
 
 /// What [`check`] found: the problems, and each file source's and sink's
 /// path resolved inside the roots, by uid.
@@ -69,16 +69,16 @@ impl Placement {
     /// `from_savepoint` (a local path must lie inside the roots; object
     /// storage is not the host's filesystem), resolved.
     pub(super) fn restore_point(&mut self, ctx: &HostContext, from: &str) -> String {
-        if remote::is_remote(Path::new(from)) {
-            return from.to_string();
-        }
-        match confine_path(ctx, "from_savepoint", Path::new(from)) {
-            Ok(resolved) => resolved.display().to_string(),
-            Err(problem) => {
-                self.problems.push(problem);
-                from.to_string()
-            }
-        }
+        let problem = match Location::parse(from) {
+            Ok(Location::S3(_)) => return from.to_string(),
+            Ok(Location::Local(path)) => match confine_path(ctx, "from_savepoint", &path) {
+                Ok(resolved) => return resolved.display().to_string(),
+                Err(problem) => problem,
+            },
+            Err(error) => format!("from_savepoint: {error}"),
+        };
+        self.problems.push(problem);
+        from.to_string()
     }
 
     /// The validated graph with the resolved paths and the roots, or

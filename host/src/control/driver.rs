@@ -24,14 +24,22 @@ use super::lifecycle::JobStatus;
 use super::record::*;
 use super::upgrade::{self, ActivityWatch, Probation, ProbationOutcome};
 use super::{ControlError, HostContext, now_ms};
+use crate::checkpoint::coordinator::Savepointer;
 use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
 use crate::checkpoint::standby::Standby;
 use crate::dataflow::TaskError;
 use crate::dataflow::metrics::SubtaskMetrics;
-use crate::dataflow::runtime::{NodeMetrics, RunningJob, Savepointer};
+use crate::dataflow::runtime::NodeMetrics;
 use crate::job::{JobGraph, NodeKind, OnCancel};
 use crate::plugin::LoadedPlugin;
+use crate::runner::Attempt;
 use crate::runner::{self, PreparedJob, RunError, RunObserver, RunOptions};
+use crate::types::Location;
+
+/// A location the job record holds (validated when it was recorded).
+pub(super) fn recorded_location(text: &str) -> Location {
+    Location::parse(text).unwrap_or_else(|_| Location::Local(PathBuf::from(text)))
+}
 
 /// What the API can see of a job's current run.
 pub(super) struct Live {
@@ -47,11 +55,11 @@ pub(super) struct Live {
 pub(super) enum Command {
     Savepoint {
         operation: String,
-        target: PathBuf,
+        target: Location,
     },
     Stop {
         operation: String,
-        target: PathBuf,
+        target: Location,
         drain: bool,
     },
     Cancel {
@@ -65,7 +73,7 @@ pub(super) enum Command {
     /// on the next start) or cancel (resumed from the newest checkpoint).
     Shutdown {
         savepoint: bool,
-        target: PathBuf,
+        target: Location,
         done: oneshot::Sender<()>,
     },
 }
@@ -85,7 +93,7 @@ pub(super) struct Upgrade {
 /// One run to start.
 pub(super) struct RunPlan {
     spec: JobSpec,
-    restore: Option<PathBuf>,
+    restore: Option<Location>,
     allow_non_restored_state: bool,
     reason: String,
     run_id: String,
@@ -111,7 +119,7 @@ impl RunPlan {
     pub fn first(record: &JobRecord) -> Self {
         Self {
             spec: record.spec.clone(),
-            restore: record.initial_restore.as_ref().map(PathBuf::from),
+            restore: record.initial_restore.as_deref().map(recorded_location),
             allow_non_restored_state: record.allow_non_restored_state,
             reason: "submitted".to_string(),
             run_id: record.id.clone(),
@@ -147,7 +155,7 @@ pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> RunPlan {
                 ),
             );
             (
-                Some(PathBuf::from(savepoint)),
+                Some(recorded_location(savepoint)),
                 "resumed after a host shutdown",
             )
         }
@@ -155,7 +163,7 @@ pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> RunPlan {
             let point = upgrade::newest_restore_point(ctx, &record);
             let from = point.as_ref().map_or_else(
                 || "the beginning (no checkpoint)".to_string(),
-                |p| p.display().to_string(),
+                |p| p.to_string(),
             );
             if record.status() == JobStatus::Cancelling {
                 handle.transition(JobStatus::Cancelled, "host restarted while cancelling");
@@ -296,7 +304,7 @@ async fn run(
         record.runs.push(RunRecord {
             run_id: plan.run_id.clone(),
             started_ms: now_ms(),
-            restored_from: plan.restore.as_ref().map(|p| p.display().to_string()),
+            restored_from: plan.restore.as_ref().map(ToString::to_string),
             reason: plan.reason.clone(),
             abandoned: false,
         });
@@ -374,7 +382,7 @@ async fn run(
     }
     match result {
         Ok(outcome) if outcome.savepoint.is_some() => {
-            let path = outcome.savepoint.expect("checked").display().to_string();
+            let path = outcome.savepoint.expect("checked").to_string();
             if let Some(operation) = &stop_operation {
                 handle.finish_operation(operation, |o| {
                     o.savepoint = Some(path.clone());
@@ -426,7 +434,7 @@ async fn run(
 
 impl RunPlan {
     /// What this run restores.
-    pub(super) fn restore_point(&self) -> Option<PathBuf> {
+    pub(super) fn restore_point(&self) -> Option<Location> {
         self.restore.clone()
     }
 
@@ -454,7 +462,7 @@ fn plan_parts(plan: &RunPlan) -> PlanParts {
 /// Builds the plan for the new version of an upgrade.
 pub(super) fn probation_plan(
     spec: JobSpec,
-    restore: PathBuf,
+    restore: Location,
     allow_non_restored_state: bool,
     loaded: HashMap<PathBuf, Arc<LoadedPlugin>>,
     standby: Option<Arc<Standby>>,
@@ -476,7 +484,7 @@ pub(super) fn probation_plan(
 /// Builds the plan that restarts the old version after a failed upgrade.
 pub(super) fn rollback_plan(
     spec: JobSpec,
-    restore: PathBuf,
+    restore: Location,
     allow_non_restored_state: bool,
     discard: String,
     rollback: upgrade::RollBack,
@@ -551,15 +559,12 @@ pub(super) fn live_checkpoints(handle: &JobHandle) -> Option<Arc<JobCheckpoints>
 }
 
 /// Remembers a savepoint the job wrote.
-pub(super) fn record_savepoint(
-    handle: &JobHandle,
-    path: &std::path::Path,
-    operation: Option<String>,
-) {
-    let checkpoint = crate::checkpoint::metadata::read(path)
-        .map(|r| r.metadata.checkpoint)
-        .unwrap_or(0);
-    let path = path.display().to_string();
+pub(super) fn record_savepoint(handle: &JobHandle, location: &Location, operation: Option<String>) {
+    let checkpoint = location
+        .local()
+        .and_then(|path| crate::checkpoint::metadata::read(path).ok())
+        .map_or(0, |r| r.metadata.checkpoint);
+    let path = location.to_string();
     handle.update(|record| {
         if !record.savepoints.iter().any(|s| s.path == path) {
             record.savepoints.push(SavepointRecord {
@@ -572,7 +577,7 @@ pub(super) fn record_savepoint(
     });
 }
 
-fn savepoint(handle: &Arc<JobHandle>, operation: String, target: PathBuf) {
+fn savepoint(handle: &Arc<JobHandle>, operation: String, target: Location) {
     let Some(savepointer) = live_savepointer(handle) else {
         fail_operation(handle, &operation, "the job is between attempts; try again");
         return;
@@ -587,7 +592,7 @@ fn savepoint(handle: &Arc<JobHandle>, operation: String, target: PathBuf) {
             Ok(path) => {
                 record_savepoint(&handle, &path, Some(operation.clone()));
                 handle.finish_operation(&operation, |o| {
-                    o.savepoint = Some(path.display().to_string());
+                    o.savepoint = Some(path.to_string());
                 });
             }
             Err(error) => fail_operation(&handle, &operation, error),
@@ -598,7 +603,7 @@ fn savepoint(handle: &Arc<JobHandle>, operation: String, target: PathBuf) {
     });
 }
 
-fn stop(handle: &Arc<JobHandle>, operation: String, target: PathBuf, drain: bool) {
+fn stop(handle: &Arc<JobHandle>, operation: String, target: Location, drain: bool) {
     let Some(savepointer) = live_savepointer(handle) else {
         fail_operation(handle, &operation, "the job is between attempts; try again");
         return;
@@ -630,7 +635,7 @@ fn stop(handle: &Arc<JobHandle>, operation: String, target: PathBuf, drain: bool
 async fn shutdown(
     handle: &Arc<JobHandle>,
     with_savepoint: bool,
-    target: PathBuf,
+    target: Location,
     running: &mut std::pin::Pin<
         &mut impl std::future::Future<Output = Result<crate::dataflow::runtime::JobOutcome, RunError>>,
     >,
@@ -664,7 +669,7 @@ async fn shutdown(
     *handle.live.lock().expect("not poisoned") = None;
     if let Some(path) = stopped {
         record_savepoint(handle, &path, None);
-        let text = path.display().to_string();
+        let text = path.to_string();
         handle.update(|r| r.resume_from = Some(text.clone()));
         handle.transition(
             JobStatus::Stopped,
@@ -753,7 +758,7 @@ fn retire_earlier_runs(
 }
 
 impl RunObserver for Observer<'_> {
-    fn launched(&mut self, running: &RunningJob) {
+    fn launched(&mut self, running: &Attempt) {
         *self.handle.live.lock().expect("not poisoned") = Some(Live {
             graph: self.graph.clone(),
             metrics: running.metrics().to_vec(),
@@ -791,7 +796,7 @@ impl RunObserver for Observer<'_> {
                     JobStatus::Running,
                     format!(
                         "rolled back: the previous version runs again from {}",
-                        rollback.savepoint.display()
+                        rollback.savepoint
                     ),
                 );
             }

@@ -25,6 +25,7 @@ use super::{ControlError, HostContext, confine, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
+use crate::types::Location;
 
 /// `POST /api/jobs`: a job file to run.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -463,14 +464,20 @@ impl JobManager {
         Ok(operation)
     }
 
-    /// A savepoint's target directory: the host's `savepoints/`, object
-    /// storage, or a directory inside the job roots.
-    fn target(&self, dir: Option<&str>) -> Result<PathBuf, ControlError> {
+    /// A savepoint's target: the request's `target_dir` (object storage,
+    /// or a directory inside the job roots), else the data dir's
+    /// `savepoints/`.
+    fn target(&self, dir: Option<&str>) -> Result<Location, ControlError> {
         match dir {
-            None => Ok(self.ctx.data.join("savepoints")),
-            Some(dir) if crate::checkpoint::remote::is_remote(Path::new(dir)) => Ok(dir.into()),
-            Some(dir) => confine::confine_path(&self.ctx, "target_dir", Path::new(dir))
-                .map_err(ControlError::BadRequest),
+            Some(text) => match Location::parse(text)
+                .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
+            {
+                Location::Local(path) => confine::confine_path(&self.ctx, "target_dir", &path)
+                    .map(Location::Local)
+                    .map_err(ControlError::BadRequest),
+                remote => Ok(remote),
+            },
+            None => Ok(Location::Local(self.ctx.data.join("savepoints"))),
         }
     }
 
@@ -592,7 +599,7 @@ impl JobManager {
                 .commands
                 .send(Command::Shutdown {
                     savepoint: with_savepoint,
-                    target: self.ctx.data.join("savepoints"),
+                    target: Location::Local(self.ctx.data.join("savepoints")),
                     done,
                 })
                 .is_ok()
@@ -750,7 +757,7 @@ fn build_graph_restoring(
     let mut graph = placement
         .apply(ctx, validated, &path)
         .map_err(bad_request)?;
-    graph.checkpoint.dir = Some(ctx.data.join("checkpoints"));
+    graph.checkpoint.dir = Some(Location::Local(ctx.data.join("checkpoints")));
     graph.state.dir = ctx.data.join("state");
     Ok((graph, restore))
 }

@@ -41,9 +41,12 @@ use super::lifecycle::JobStatus;
 use super::record::*;
 use super::{HostContext, now_ms};
 use crate::checkpoint::coordinator::PREPARED_UNDER;
+use crate::checkpoint::coordinator::Savepointer;
 use crate::checkpoint::standby::Standby;
-use crate::dataflow::runtime::{JobOutcome, NodeMetrics, RunningJob, Savepointer};
+use crate::dataflow::runtime::{JobOutcome, NodeMetrics};
+use crate::runner::Attempt as RunningJob;
 use crate::runner::{PreparedJob, RunError, RunOptions};
+use crate::types::Location;
 
 /// How an upgrade's probation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +61,7 @@ pub(super) struct Probation {
     pub operation: String,
     /// What ran before (the rollback runs it again).
     pub previous: PlanParts,
-    pub savepoint: PathBuf,
+    pub savepoint: Location,
     /// When the old version's operators took in their last record.
     pub last_record: Instant,
     pub duration: Duration,
@@ -70,7 +73,7 @@ pub(super) struct Probation {
 pub(super) struct RollBack {
     pub operation: String,
     pub error: String,
-    pub savepoint: PathBuf,
+    pub savepoint: Location,
     pub last_record: Instant,
 }
 
@@ -179,7 +182,7 @@ pub(super) async fn stop_for_upgrade(
     plan: &RunPlan,
     operation: &str,
     upgrade: &mut Upgrade,
-) -> Result<PathBuf, ()> {
+) -> Result<Location, ()> {
     let current = handle.record().spec;
     let before = driver::plugin_versions(ctx, &current);
     let after = driver::plugin_versions(ctx, &upgrade.spec);
@@ -211,7 +214,7 @@ pub(super) async fn stop_for_upgrade(
     // else what this run restored.
     let point = live_checkpoints(handle)
         .and_then(|c| c.latest())
-        .map(|read| read.path)
+        .map(|read| Location::Local(read.path))
         .or_else(|| plan.restore_point());
     let check = {
         let (ctx, spec, allow) = (
@@ -294,7 +297,7 @@ pub(super) async fn stop_for_upgrade(
             }
         }
     }
-    let target = ctx.data.join("savepoints");
+    let target = Location::Local(ctx.data.join("savepoints"));
     let stopped = match upgrade.standby {
         Some(_) => savepointer.incremental_stop(target).await,
         None => savepointer.prepared_stop(target, 3).await,
@@ -304,7 +307,7 @@ pub(super) async fn stop_for_upgrade(
     match stopped {
         Ok(path) => {
             update_upgrade(handle, operation, |u| {
-                u.savepoint = Some(path.display().to_string());
+                u.savepoint = Some(path.to_string());
                 u.outcome = "on-probation".to_string();
             });
             Ok(path)
@@ -428,7 +431,7 @@ pub(super) fn after_stop(
     previous: PlanParts,
     operation: String,
     upgrade: Upgrade,
-    savepoint: PathBuf,
+    savepoint: Location,
     result: Result<JobOutcome, RunError>,
     last_record: Instant,
 ) -> Option<RunPlan> {
@@ -436,7 +439,7 @@ pub(super) fn after_stop(
     driver::record_savepoint(handle, &savepoint, Some(operation.clone()));
     handle.update(|record| {
         if let Some(op) = record.operation_mut(&operation) {
-            op.savepoint = Some(savepoint.display().to_string());
+            op.savepoint = Some(savepoint.to_string());
         }
     });
     if let Err(error) = result {
@@ -631,7 +634,7 @@ pub(super) fn watch_rollback(handle: &Arc<JobHandle>, rollback: &RollBack, runni
 /// Where a job the host finds live at its start resumes from: the newest
 /// (by checkpoint id) valid checkpoint of its runs that did not fail a
 /// probation, or savepoint it took, or what its first run restored.
-pub(super) fn newest_restore_point(ctx: &HostContext, record: &JobRecord) -> Option<PathBuf> {
+pub(super) fn newest_restore_point(ctx: &HostContext, record: &JobRecord) -> Option<Location> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     for run in record.runs.iter().filter(|r| !r.abandoned) {
         let dir = ctx.data.join("checkpoints").join(&run.run_id);
@@ -657,4 +660,5 @@ pub(super) fn newest_restore_point(ctx: &HostContext, record: &JobRecord) -> Opt
     read.into_iter()
         .map(|(_, path)| path)
         .find(|path| crate::checkpoint::savepoint::validate(path).is_ok())
+        .map(Location::Local)
 }

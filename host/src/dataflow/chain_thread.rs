@@ -256,7 +256,11 @@ mod tests {
         let (thread, task) =
             ChainThread::spawn("weir-blocking-0".into(), probe.chain).expect("starts");
         assert!(thread.is_none());
-        drop(probe.input);
-        task.await.expect("ends when its input goes away");
+        probe
+            .input
+            .send(StreamEvent::EndOfInput)
+            .await
+            .expect("send");
+        task.await.expect("ends at its end of input");
     }
 }

@@ -9,6 +9,7 @@ use std::task::Poll;
 
 use tokio::sync::mpsc::Receiver;
 
+use super::{FailureKind, OperatorError};
 use crate::types::{MIN_WATERMARK, StreamEvent, Timestamp};
 
 #[derive(Debug)]
@@ -81,9 +82,13 @@ impl InputGate {
         self.channels.len()
     }
 
-    /// The next event from any unblocked, live channel; `None` once every
-    /// channel has ended. A channel whose sender vanished counts as ended.
-    pub async fn next(&mut self) -> Option<Delivery> {
+    /// The next event from any unblocked, live channel; `Ok(None)` once
+    /// every channel has delivered end of input. A channel whose sender
+    /// vanished before end of input is an error of kind
+    /// [`FailureKind::Disconnected`]: the task upstream failed or was
+    /// aborted, so what came before is not the whole input and must not be
+    /// finished (closed, flushed, committed) as if it were.
+    pub async fn next(&mut self) -> Result<Option<Delivery>, OperatorError> {
         poll_fn(|cx| {
             let count = self.channels.len();
             let mut live = false;
@@ -100,20 +105,28 @@ impl InputGate {
                 match receiver.poll_recv(cx) {
                     Poll::Ready(Some(event)) => {
                         self.next = (index + 1) % count;
-                        return Poll::Ready(Some(Delivery {
+                        return Poll::Ready(Ok(Some(Delivery {
                             channel: index,
                             input: channel.input,
                             event,
-                        }));
+                        })));
                     }
-                    Poll::Ready(None) => channel.ended = true,
+                    Poll::Ready(None) => {
+                        channel.ended = true;
+                        return Poll::Ready(Err(OperatorError::new(
+                            FailureKind::Disconnected,
+                            format!(
+                                "input channel {index} closed before its end of input (the task upstream failed or was cancelled)"
+                            ),
+                        )));
+                    }
                     Poll::Pending => {}
                 }
             }
-            if live && self.channels.iter().any(|c| !c.ended) {
+            if live {
                 Poll::Pending
             } else {
-                Poll::Ready(None)
+                Poll::Ready(Ok(None))
             }
         })
         .await
@@ -185,8 +198,12 @@ mod tests {
         drop((a_tx, b_tx));
     }
 
+    async fn next(gate: &mut InputGate) -> Delivery {
+        gate.next().await.expect("connected").expect("an event")
+    }
+
     #[tokio::test]
-    async fn blocked_channels_are_not_read_and_closed_ones_end() {
+    async fn blocked_channels_are_not_read_and_ended_ones_end() {
         let (a_tx, a_rx) = mpsc::channel(4);
         let (b_tx, b_rx) = mpsc::channel(4);
         let mut gate = InputGate::new(vec![(0, a_rx), (0, b_rx)]);
@@ -195,14 +212,39 @@ mod tests {
             .expect("send");
         b_tx.send(StreamEvent::EndOfInput).await.expect("send");
         gate.block(0);
-        let delivery = gate.next().await.expect("event");
+        let delivery = next(&mut gate).await;
         assert_eq!(delivery.channel, 1);
         gate.end(1);
-        gate.unblock_all();
-        let delivery = gate.next().await.expect("event");
-        assert_eq!(delivery.channel, 0);
-        drop(a_tx);
-        assert!(gate.next().await.is_none());
         drop(b_tx);
+        gate.unblock_all();
+        let delivery = next(&mut gate).await;
+        assert_eq!(delivery.channel, 0);
+        a_tx.send(StreamEvent::EndOfInput).await.expect("send");
+        assert!(matches!(
+            next(&mut gate).await.event,
+            StreamEvent::EndOfInput
+        ));
+        gate.end(0);
+        drop(a_tx);
+        assert!(gate.next().await.expect("connected").is_none());
+    }
+
+    /// The hole behind a duplicate once committed under load: a channel
+    /// whose upstream task failed closed without end of input, the gate
+    /// said "input ended", and the sink committed what no checkpoint
+    /// covered while the attempt restarted from its last checkpoint.
+    #[tokio::test]
+    async fn a_channel_closed_before_end_of_input_is_a_disconnection_not_an_end() {
+        let (a_tx, a_rx) = mpsc::channel(4);
+        let (b_tx, b_rx) = mpsc::channel(4);
+        let mut gate = InputGate::new(vec![(0, a_rx), (0, b_rx)]);
+        b_tx.send(StreamEvent::EndOfInput).await.expect("send");
+        let delivery = next(&mut gate).await;
+        gate.end(delivery.channel);
+        drop(b_tx);
+        drop(a_tx);
+        let error = gate.next().await.expect_err("a disconnection");
+        assert_eq!(error.kind, FailureKind::Disconnected);
+        assert!(error.message.contains("channel 0"), "{error}");
     }
 }

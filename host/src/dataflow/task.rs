@@ -17,12 +17,14 @@ use super::operator::{
 use super::output::{BATCH_RECORDS, Collector};
 use super::runtime::NodeMetrics;
 use super::timers::{TimeDomain, now_millis};
-use crate::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
-use crate::checkpoint::{
-    CommitSignal, Role, SavepointForm, SavepointTargets, SnapshotStats, StopAfter, SubtaskSnapshot,
-    TaskReport, Trigger,
+use crate::protocol::{
+    CommitSignal, LocalSnapshot, Role, SnapshotStats, SnapshotStore, SourcePace, StopAfter,
+    SubtaskSnapshot, TaskReport, Trigger,
 };
-use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
+use crate::types::{
+    Barrier, BarrierKind, CheckpointId, MAX_WATERMARK, RecordBatch, SavepointForm, StreamEvent,
+    Timestamp,
+};
 
 /// A subtask's line to the checkpoint coordinator.
 pub type Reports = mpsc::UnboundedSender<TaskReport>;
@@ -115,7 +117,7 @@ pub async fn run_source(
     mut cancel: watch::Receiver<bool>,
     mut triggers: mpsc::UnboundedReceiver<Trigger>,
     reports: Reports,
-    pace: Arc<SavepointTargets>,
+    pace: Arc<SourcePace>,
 ) -> Result<TaskSummary, TaskError> {
     let span =
         tracing::info_span!("source", job = %info.job, uid = %info.uid, subtask = info.subtask);
@@ -176,7 +178,8 @@ pub async fn run_source(
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
-                let Trigger { checkpoint, stop, .. } = trigger;
+                let Trigger { barrier, stop } = trigger;
+                let checkpoint = barrier.id;
                 if let Some(StopAfter { outcome, .. }) = stop {
                     let completed = tokio::select! {
                         biased;
@@ -230,7 +233,7 @@ pub async fn run_source(
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
-                if trigger.last {
+                if trigger.is_last() {
                     break;
                 }
                 if let Some(StopAfter { outcome, .. }) = trigger.stop
@@ -256,13 +259,13 @@ pub async fn run_source(
     .await
 }
 
-/// Slows a source, when asked ([`SavepointTargets::pace_sources`]), to a
+/// Slows a source, when asked (its job's [`SourcePace`]), to a
 /// share of the rate it read at before: the rate is measured over windows
 /// of [`Pacer::WINDOW`] while the source runs free, and a paced source
 /// pauses after a batch until its records since the pace was set are not
 /// ahead of that share.
 struct Pacer {
-    targets: Arc<SavepointTargets>,
+    pace: Arc<SourcePace>,
     window: Instant,
     window_records: u64,
     /// Records a second before the pace was set.
@@ -274,9 +277,9 @@ struct Pacer {
 impl Pacer {
     const WINDOW: Duration = Duration::from_millis(250);
 
-    fn new(targets: Arc<SavepointTargets>) -> Self {
+    fn new(pace: Arc<SourcePace>) -> Self {
         Self {
-            targets,
+            pace,
             window: Instant::now(),
             window_records: 0,
             rate: 0.0,
@@ -286,7 +289,7 @@ impl Pacer {
 
     /// After a batch of `records`: how long to pause, if at all.
     fn after(&mut self, records: u64) -> Option<Duration> {
-        let percent = self.targets.source_pace();
+        let percent = self.pace.get();
         if percent >= 100 {
             if self.paced.take().is_some() {
                 // The rate while paced says nothing of the source's own.
@@ -345,7 +348,7 @@ async fn source_barrier(
     reports: &Reports,
     trigger: &Trigger,
 ) -> Result<(), OperatorError> {
-    let checkpoint = trigger.checkpoint;
+    let checkpoint = trigger.barrier.id;
     if trigger.stop.as_ref().is_some_and(|s| s.drain) {
         output
             .broadcast(StreamEvent::Watermark(MAX_WATERMARK))
@@ -362,7 +365,9 @@ async fn source_barrier(
         }),
         stats: SnapshotStats::default(),
     });
-    output.broadcast(StreamEvent::Barrier(checkpoint)).await
+    output
+        .broadcast(StreamEvent::Barrier(trigger.barrier.clone()))
+        .await
 }
 
 /// One operator subtask of a chain, with what its loop needs.
@@ -372,7 +377,7 @@ pub struct ChainLink {
     pub gate: InputGate,
     pub aligner: Aligner,
     pub metrics: Arc<NodeMetrics>,
-    pub storage: Option<Arc<SubtaskStorage>>,
+    pub storage: Option<Box<dyn SnapshotStore>>,
 }
 
 /// A chain's operator subtask while it runs.
@@ -381,7 +386,7 @@ struct Link {
     gate: InputGate,
     aligner: Aligner,
     metrics: Arc<NodeMetrics>,
-    storage: Option<Arc<SubtaskStorage>>,
+    storage: Option<Box<dyn SnapshotStore>>,
     info: TaskInfo,
     alignment: AlignmentClock,
     span: tracing::Span,
@@ -419,7 +424,9 @@ pub async fn run_chain(chain: Vec<ChainLink>) -> Result<Vec<TaskSummary>, TaskEr
             .min();
         let waiting = Stopwatch::start();
         let woken = tokio::select! {
-            delivery = links[0].gate.next() => Woken::Input(delivery),
+            delivery = links[0].gate.next() => {
+                Woken::Input(delivery.map_err(|e| links[0].fail(e))?)
+            }
             _ = sleep_until_millis(next_timer) => Woken::Clock,
         };
         let waited = waiting.elapsed();
@@ -440,12 +447,8 @@ pub async fn run_chain(chain: Vec<ChainLink>) -> Result<Vec<TaskSummary>, TaskEr
             }
         }
     }
-    // The head's channels went away without end of input (a neighbour
-    // failed or was cancelled): end the chain all the same.
-    if links[0].summary.is_none() {
-        links[0].finish().await?;
-        cascade(&mut links, 0).await?;
-    }
+    // Every channel delivered end of input, so the head finished (and
+    // the chain after it, through the cascade).
     Ok(links.into_iter().filter_map(|link| link.summary).collect())
 }
 
@@ -580,9 +583,9 @@ impl Link {
                     mine.watermark.store(advanced, Ordering::Relaxed);
                 }
             }
-            StreamEvent::Barrier(checkpoint) => {
-                self.alignment.barrier(checkpoint);
-                let outcome = self.aligner.on_barrier(channel, checkpoint);
+            StreamEvent::Barrier(barrier) => {
+                self.alignment.barrier(barrier.id);
+                let outcome = self.aligner.on_barrier(channel, &barrier);
                 self.forward_aligned(outcome).await?;
             }
             StreamEvent::EndOfInput => {
@@ -609,16 +612,6 @@ impl Link {
         .await
     }
 
-    /// Every input ended: close (unless it ran already) and send end of
-    /// input on.
-    async fn finish(&mut self) -> Result<(), TaskError> {
-        let span = self.span.clone();
-        self.finish_operator()
-            .instrument(span)
-            .await
-            .map_err(|e| self.fail(e))
-    }
-
     async fn finish_operator(&mut self) -> Result<(), OperatorError> {
         close_once(self.operator.as_mut())?;
         let task = self.operator.task();
@@ -635,9 +628,9 @@ impl Link {
     }
 }
 
-/// Applies the aligner's answer to the gate; returns the checkpoint that is
+/// Applies the aligner's answer to the gate; returns the barrier that is
 /// now aligned, if any.
-fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<CheckpointId> {
+fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<Barrier> {
     match outcome {
         Alignment::Continue => None,
         Alignment::Block(channel) => {
@@ -655,10 +648,7 @@ fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<Checkpoin
             }
             None
         }
-        Alignment::Aligned {
-            checkpoint,
-            aborted,
-        } => {
+        Alignment::Aligned { barrier, aborted } => {
             if let Some(aborted) = aborted {
                 debug!(
                     checkpoint = aborted.0,
@@ -666,7 +656,7 @@ fn apply_alignment(outcome: Alignment, gate: &mut InputGate) -> Option<Checkpoin
                 );
             }
             gate.unblock_all();
-            Some(checkpoint)
+            Some(barrier)
         }
     }
 }
@@ -698,7 +688,7 @@ async fn forward_aligned(
     operator: &mut dyn Operator,
     outcome: Alignment,
     gate: &mut InputGate,
-    storage: &Option<Arc<SubtaskStorage>>,
+    storage: &Option<Box<dyn SnapshotStore>>,
     alignment: &AlignmentClock,
     metrics: &SubtaskMetrics,
 ) -> Result<(), OperatorError> {
@@ -707,9 +697,7 @@ async fn forward_aligned(
             // The final checkpoint follows the end of every input: the
             // operator closes first, so what `close` emits and changes is
             // covered by it (and a restore of it does not close again).
-            if let Some(storage) = storage
-                && storage.is_final(aligned)
-            {
+            if aligned.kind == BarrierKind::Final {
                 close_once(operator)?;
                 flush_output(operator).await?;
             }
@@ -719,10 +707,14 @@ async fn forward_aligned(
                 *metrics.state.lock().unwrap_or_else(|p| p.into_inner()) = tables;
             }
             if let Some(storage) = storage {
-                snapshot_operator(operator, storage, aligned, alignment.elapsed(aligned));
+                let waited = alignment.elapsed(aligned.id);
+                snapshot_operator(operator, storage.as_ref(), &aligned, waited);
             }
-            let barrier = StreamEvent::Barrier(aligned);
-            operator.task().output.broadcast(barrier).await
+            operator
+                .task()
+                .output
+                .broadcast(StreamEvent::Barrier(aligned))
+                .await
         }
         None => Ok(()),
     }
@@ -738,31 +730,34 @@ fn close_once(operator: &mut dyn Operator) -> Result<(), OperatorError> {
     operator.close()
 }
 
-/// The synchronous part of an operator's snapshot; hands the copy to
-/// storage, which acks or declines checkpoint n when it is done.
+/// The synchronous part of an operator's snapshot for `barrier` (a
+/// checkpoint's delta or base, or a savepoint's copy in the form it asks
+/// for); hands the copy to storage, which acks or declines the barrier
+/// when it is done.
 fn snapshot_operator(
     operator: &mut dyn Operator,
-    storage: &Arc<SubtaskStorage>,
-    checkpoint: CheckpointId,
+    storage: &dyn SnapshotStore,
+    barrier: &Barrier,
     alignment: Duration,
 ) {
-    let _span = tracing::info_span!("checkpoint", id = checkpoint.0).entered();
+    let _span = tracing::info_span!("checkpoint", id = barrier.id.0).entered();
     let started = Instant::now();
     let task = operator.task();
-    let local_dir = storage.local_dir(checkpoint);
-    let savepoint = storage.savepoint_dir(checkpoint);
-    let state = match savepoint {
-        Some((_, SavepointForm::Incremental)) if storage.has_chain() => {
+    let local_dir = storage.local_dir(barrier);
+    let state = match &barrier.kind {
+        BarrierKind::Savepoint(target)
+            if target.form == SavepointForm::Incremental && storage.has_chain() =>
+        {
             task.state.savepoint_delta(local_dir)
         }
-        Some(_) => task.state.savepoint(local_dir),
-        None => task
-            .state
-            .snapshot(local_dir, storage.wants_base(checkpoint)),
+        BarrierKind::Savepoint(_) => task.state.savepoint(local_dir),
+        BarrierKind::Checkpoint { .. } | BarrierKind::Final => {
+            task.state.snapshot(local_dir, storage.wants_base(barrier))
+        }
     };
     let state = match state {
         Ok(state) => state,
-        Err(error) => return storage.decline(checkpoint, error.to_string()),
+        Err(error) => return storage.decline(barrier, error.to_string()),
     };
     let local = LocalSnapshot {
         state,
@@ -774,15 +769,7 @@ fn snapshot_operator(
         sync: started.elapsed(),
         ..SnapshotStats::default()
     };
-    let target = match savepoint {
-        Some((dir, form)) => Target::Savepoint {
-            dir,
-            tables: task.state.table_names(),
-            form,
-        },
-        None => Target::Checkpoint,
-    };
-    storage.upload(checkpoint, local, stats, target);
+    storage.upload(barrier, local, stats, task.state.table_names());
 }
 
 async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> {
@@ -907,7 +894,9 @@ pub async fn run_sink(
             tokio::select! {
                 delivery = gate.next() => {
                     mine.idle(waiting.elapsed());
-                    let Some(Delivery { channel, event, .. }) = delivery else { break };
+                    // A disconnection fails the sink before it finishes:
+                    // only a real end of input commits the rest.
+                    let Some(Delivery { channel, event, .. }) = delivery.map_err(&fail)? else { break };
                     let aligned = match event {
                         StreamEvent::Records(batch) => {
                             let started = Stopwatch::start();
@@ -916,8 +905,8 @@ pub async fn run_sink(
                             mine.busy(started.elapsed());
                             None
                         }
-                        StreamEvent::Barrier(checkpoint) => {
-                            apply_alignment(aligner.on_barrier(channel, checkpoint), &mut gate)
+                        StreamEvent::Barrier(barrier) => {
+                            apply_alignment(aligner.on_barrier(channel, &barrier), &mut gate)
                         }
                         StreamEvent::EndOfInput => {
                             gate.end(channel);
@@ -925,7 +914,7 @@ pub async fn run_sink(
                         }
                         StreamEvent::Watermark(_) => None,
                     };
-                    if let Some(checkpoint) = aligned {
+                    if let Some(Barrier { id: checkpoint, .. }) = aligned {
                         let pending = sink.prepare_commit(checkpoint).map_err(&fail)?;
                         let _ = reports.send(TaskReport::Ack {
                             checkpoint,
@@ -1007,11 +996,11 @@ mod tests {
 
     #[test]
     fn a_paced_source_pauses_to_read_at_its_share_of_the_rate_before() {
-        let targets = Arc::new(SavepointTargets::default());
-        let mut pacer = Pacer::new(targets.clone());
+        let pace = Arc::new(SourcePace::default());
+        let mut pacer = Pacer::new(pace.clone());
         assert_eq!(pacer.after(100), None, "not paced: no pause");
         pacer.rate = 1000.0;
-        targets.pace_sources(50);
+        pace.set(50);
         // 100 records at 500 a second are due 200 ms after the pace began.
         let pause = pacer.after(100).expect("paced");
         assert!(
@@ -1021,10 +1010,10 @@ mod tests {
         let pause = pacer.after(100).expect("paced");
         assert!(pause > Duration::from_millis(380), "cumulative: {pause:?}");
         // A new pace counts from when it was set.
-        targets.pace_sources(25);
+        pace.set(25);
         let pause = pacer.after(50).expect("paced");
         assert!(pause > Duration::from_millis(180), "{pause:?}");
-        targets.pace_sources(100);
+        pace.set(100);
         assert_eq!(pacer.after(100), None, "full speed again");
     }
 
@@ -1139,6 +1128,109 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chained_operator_gets_what_the_one_before_sent_and_fires_its_own_timers() {
         timers_fire_along_a_chain(3).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chain_whose_upstream_vanished_fails_and_sends_no_end_of_input() {
+        let (input, receiver) = mpsc::channel(4);
+        let (sender, mut output) = mpsc::channel(16);
+        let mut chain = vec![ticker(
+            "ticker",
+            OutputEdge::new(None, Partition::Forward, 1, vec![sender]),
+        )];
+        chain[0].gate = InputGate::new(vec![(0, receiver)]);
+        let task = tokio::spawn(run_chain(chain));
+        drop(input);
+        let error = task.await.expect("joins").expect_err("a disconnection");
+        assert_eq!(error.error.kind, FailureKind::Disconnected, "{error}");
+        while let Some(event) = output.recv().await {
+            assert!(
+                !matches!(event, StreamEvent::EndOfInput),
+                "a failed upstream is not an end of input"
+            );
+        }
+    }
+
+    /// What a sink was asked to do.
+    struct Recording(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Sink for Recording {
+        fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("write {}", batch.len()));
+            Ok(())
+        }
+        fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("commit {}", checkpoint.0));
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), OperatorError> {
+            self.0.lock().expect("not poisoned").push("finish".into());
+            Ok(())
+        }
+        fn end(&mut self, commit: bool) -> Result<(), OperatorError> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push(format!("end {commit}"));
+            Ok(())
+        }
+    }
+
+    /// The duplicate a rolled-back upgrade once committed under load: the
+    /// task upstream of a sink failed, the sink took the closed channel
+    /// for its end of input, reported itself finished, and the coordinator
+    /// (still running) told it to commit the rest, held epochs included,
+    /// which the restarted attempt then wrote again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_whose_upstream_vanished_fails_without_finishing_or_committing() {
+        let (input, receiver) = mpsc::channel(4);
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (reports, mut reported) = mpsc::unbounded_channel();
+        let (commit, committed) = watch::channel(CommitSignal::default());
+        let info = TaskInfo {
+            job: Arc::from("test"),
+            uid: Arc::from("out"),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let sink = tokio::spawn(run_sink(
+            info,
+            Box::new(Recording(calls.clone())),
+            InputGate::new(vec![(0, receiver)]),
+            Aligner::new(1, crate::job::file::CheckpointMode::ExactlyOnce),
+            Arc::new(NodeMetrics::new("out", false, true, 1)),
+            reports,
+            committed,
+        ));
+        let mut batch = RecordBatch::new();
+        batch.push(Some(b"a"), b"1", None);
+        input.send(StreamEvent::Records(batch)).await.expect("send");
+        // The coordinator stand-in: would end the job with a commit as
+        // soon as the sink says it finished.
+        let coordinator = tokio::spawn(async move {
+            while let Some(report) = reported.recv().await {
+                if let TaskReport::Finished { .. } = report {
+                    commit.send_modify(|s| s.end = Some(true));
+                    return true;
+                }
+            }
+            false
+        });
+        drop(input);
+        let error = sink.await.expect("joins").expect_err("a disconnection");
+        assert_eq!(error.error.kind, FailureKind::Disconnected, "{error}");
+        assert!(
+            !coordinator.await.expect("joins"),
+            "the sink did not report itself finished"
+        );
+        assert_eq!(*calls.lock().expect("not poisoned"), ["write 1"]);
     }
 
     #[test]

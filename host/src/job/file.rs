@@ -52,8 +52,9 @@ pub struct CheckpointSettings {
     pub interval: Option<Duration>,
     #[serde(default)]
     pub mode: CheckpointMode,
+    /// A local directory (relative to the job file) or `s3://bucket/prefix`.
     #[serde(default)]
-    pub dir: Option<PathBuf>,
+    pub dir: Option<crate::types::Location>,
     #[serde(default = "default_retained")]
     pub retained: u32,
     #[serde(default, with = "humantime_serde_opt")]

@@ -18,6 +18,7 @@ pub use file::{
 };
 use file::{SinkKindName, SourceKindName};
 
+use crate::types::Location;
 use crate::types::key_group::MAX_MAX_PARALLELISM;
 
 /// Errors reading or validating a job file. Each names the file; validation
@@ -470,13 +471,10 @@ impl JobGraph {
         let mut state = job.state;
         state.dir = base.join(&state.dir);
         let mut checkpoint = job.checkpoint;
-        // `s3://bucket/prefix` stays as it is; a path is relative to the job file.
-        checkpoint.dir = checkpoint.dir.map(|dir| {
-            if crate::checkpoint::remote::is_remote(&dir) {
-                dir
-            } else {
-                base.join(dir)
-            }
+        // A local directory is relative to the job file.
+        checkpoint.dir = checkpoint.dir.map(|dir| match dir {
+            Location::Local(path) => Location::Local(base.join(path)),
+            remote => remote,
         });
         Ok(JobGraph {
             name: job.name,
