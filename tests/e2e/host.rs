@@ -747,17 +747,12 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path)
     for uid in ["words", "split", "count", "out"] {
         wait(&format!("#graph g.operator[data-uid=\"{uid}\"]")).await;
     }
+    // The page re-renders the count as answers arrive: an element found a
+    // moment ago may be gone by the time its text is read (stale), so a
+    // read that fails is a read to repeat.
     let count = |browser: fantoccini::Client| async move {
-        browser
-            .find(Locator::Css("#checkpoint-count"))
-            .await
-            .expect("the checkpoint count")
-            .text()
-            .await
-            .expect("its text")
-            .trim()
-            .parse::<u64>()
-            .ok()
+        let element = browser.find(Locator::Css("#checkpoint-count")).await.ok()?;
+        element.text().await.ok()?.trim().parse::<u64>().ok()
     };
     // Until the job's first answer arrived the count shows a placeholder.
     let started = Instant::now();

@@ -30,7 +30,7 @@ pub mod remote;
 pub mod restore;
 pub mod retention;
 pub mod savepoint;
-pub mod standby;
+
 pub mod storage;
 
 use std::path::PathBuf;

@@ -30,7 +30,7 @@ impl Exposed {
             job: job.graph.name.clone(),
             nodes: Vec::new(),
             checkpoints: None,
-            metrics: job.metrics.clone(),
+            metrics: Arc::default(),
         }
     }
 
@@ -38,6 +38,7 @@ impl Exposed {
     pub fn attach(&mut self, running: &Attempt) {
         self.nodes = running.metrics().to_vec();
         self.checkpoints = running.checkpoint_metrics();
+        self.metrics = running.job_metrics();
     }
 
     fn encode(&self) -> String {

@@ -26,7 +26,6 @@ use super::upgrade::{self, ActivityWatch, Probation, ProbationOutcome};
 use super::{ControlError, HostContext, now_ms};
 use crate::checkpoint::coordinator::Savepointer;
 use crate::checkpoint::coordinator::{CheckpointMetrics, JobCheckpoints};
-use crate::checkpoint::standby::Standby;
 use crate::dataflow::TaskError;
 use crate::dataflow::metrics::SubtaskMetrics;
 use crate::dataflow::runtime::NodeMetrics;
@@ -34,6 +33,7 @@ use crate::job::{JobGraph, NodeKind, OnCancel};
 use crate::plugin::LoadedPlugin;
 use crate::runner::Attempt;
 use crate::runner::{self, PreparedJob, RunError, RunObserver, RunOptions};
+use crate::runner::{RunSettings, Standby};
 use crate::types::Location;
 
 /// A location the job record holds (validated when it was recorded).
@@ -281,20 +281,23 @@ async fn run(
             .map_err(internal)
             .and_then(|r| r)
     };
-    let mut prepared = match prepared {
+    let prepared = match prepared {
         Ok(prepared) => prepared,
         Err(error) => return start_failed(handle, plan, error.to_string()),
     };
-    prepared.discard_runs = plan.discard_runs.clone();
-    prepared.standby = plan.standby.clone();
-    prepared.savepoint_job_id = Some(handle.id.clone());
-    prepared.count_keys_at_end = false;
-    prepared.remove_state_in_background = true;
-    prepared.metrics = handle.metrics.clone();
+    let mut settings = RunSettings {
+        discard_runs: plan.discard_runs.clone(),
+        standby: plan.standby.clone(),
+        savepoint_job_id: Some(handle.id.clone()),
+        count_keys_at_end: false,
+        remove_state_in_background: true,
+        metrics: handle.metrics.clone(),
+        ..RunSettings::default()
+    };
     let probation = match &plan.phase {
         Phase::Probation(probation) => {
             let (release, hold) = watch::channel(true);
-            prepared.commit_hold = Some(hold);
+            settings.commit_hold = Some(hold);
             Some((probation, release))
         }
         _ => None,
@@ -324,7 +327,7 @@ async fn run(
             run_id: plan.run_id.clone(),
         };
         let native = HashMap::new();
-        let running = runner::run_observed(&prepared, &native, &mut observer);
+        let running = runner::run_observed(&prepared, &settings, &native, &mut observer);
         tokio::pin!(running);
         let mut stop_operation: Option<String> = None;
         let mut cancel_operation: Option<String> = None;
@@ -812,7 +815,32 @@ impl RunObserver for Observer<'_> {
         }
     }
 
-    fn failed(&mut self, error: &TaskError) -> Option<String> {
+    fn failed(
+        &mut self,
+        error: &TaskError,
+    ) -> impl std::future::Future<Output = Option<String>> + Send {
+        std::future::ready(self.decide(error))
+    }
+    fn restarting(&mut self, _error: &TaskError, attempt: u32, delay: Duration, from: &str) {
+        self.handle.update(|record| {
+            if let Some(last) = record.restarts.last_mut() {
+                last.attempt = attempt;
+            }
+        });
+        self.handle.transition(
+            JobStatus::Restarting,
+            format!(
+                "restart {attempt} in {} from {from}",
+                humantime::format_duration(delay)
+            ),
+        );
+    }
+}
+
+impl Observer<'_> {
+    /// Whether a failed attempt restarts (None: the restart strategy
+    /// decides).
+    fn decide(&mut self, error: &TaskError) -> Option<String> {
         let message = error.to_string();
         *self.handle.live.lock().expect("not poisoned") = None;
         self.handle.update(|record| {
@@ -835,21 +863,6 @@ impl RunObserver for Observer<'_> {
         drop(outcome);
         self.handle.transition(JobStatus::Failing, message);
         None
-    }
-
-    fn restarting(&mut self, _error: &TaskError, attempt: u32, delay: Duration, from: &str) {
-        self.handle.update(|record| {
-            if let Some(last) = record.restarts.last_mut() {
-                last.attempt = attempt;
-            }
-        });
-        self.handle.transition(
-            JobStatus::Restarting,
-            format!(
-                "restart {attempt} in {} from {from}",
-                humantime::format_duration(delay)
-            ),
-        );
     }
 }
 

@@ -42,9 +42,9 @@ use super::record::*;
 use super::{HostContext, now_ms};
 use crate::checkpoint::coordinator::PREPARED_UNDER;
 use crate::checkpoint::coordinator::Savepointer;
-use crate::checkpoint::standby::Standby;
 use crate::dataflow::runtime::{JobOutcome, NodeMetrics};
 use crate::runner::Attempt as RunningJob;
+use crate::runner::Standby;
 use crate::runner::{PreparedJob, RunError, RunOptions};
 use crate::types::Location;
 

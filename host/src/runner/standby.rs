@@ -13,7 +13,7 @@
 //! applied since, in order; a restore whose stored subtask has another
 //! base, or deltas that do not start with those, does not use it (the
 //! subtask restores as usual). Bases are held while a standby follows
-//! ([`SavepointTargets::hold_bases`](super::SavepointTargets::hold_bases)),
+//! ([`BaseRule::Held`](crate::types::BaseRule::Held)),
 //! so the chain it follows stays the job's.
 
 use std::collections::HashMap;
@@ -23,13 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info};
 
-use super::metadata::{OperatorSnapshot, ReadMetadata};
-use super::restore::{self, CellSink, MigrateCells};
-use super::{CheckpointError, FileRef, SubtaskSnapshot};
+use super::PreparedJob;
+use crate::checkpoint::metadata::{OperatorSnapshot, ReadMetadata};
+use crate::checkpoint::restore::{self, CellSink, MigrateCells};
+use crate::checkpoint::{CheckpointError, FileRef, SubtaskSnapshot};
 use crate::job::{BackendKind, Limits, NodeKind};
 use crate::plugin::LoadedPlugin;
 use crate::plugin::migrate::Migrator;
-use crate::runner::PreparedJob;
 use crate::state::rocks::RocksBackend;
 use crate::state::{StateBackend, in_background, table_names};
 use crate::types::key_group;
