@@ -14,6 +14,7 @@
 //! - [`protocol`]: what travels between subtasks and the checkpoint coordinator.
 //! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
+//! - [`roots`]: the directories a job of the running host may name paths in, opened through cap-std.
 //! - [`runner`]: the embedded runner behind `weir run`.
 //! - [`control`]: the running host behind `weir serve` (API, plugin store, jobs, upgrades).
 //! - [`cli`]: the command line.
@@ -30,6 +31,7 @@ pub mod plugin;
 pub mod prometheus;
 pub mod protocol;
 pub mod restart;
+pub mod roots;
 pub mod runner;
 pub mod state;
 pub mod types;

@@ -1,6 +1,18 @@
 //! The command line: clap definitions ([`Cli`]) and the commands behind them.
 //! Parsing validates flags; the commands build the run configuration (which
 //! may do I/O) and call the embedded runner.
+//!
+//! What a command prints on stdout goes through [`outln!`]: a reader that
+//! closed it (`weir list | head -1`) ends the command quietly
+//! ([`StdoutClosed`]), where `println!` would panic.
+
+/// `println!` that returns `Err(StdoutClosed)` when stdout's reader is
+/// gone instead of panicking; use with `?`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
 
 mod metrics;
 mod progress;
@@ -221,6 +233,21 @@ impl Cli {
             );
         };
         remote::Client::new(host, self.token()?)
+    }
+}
+
+/// Stdout's reader is gone (a closed pipe): the command stops writing and
+/// ends quietly, as a success (`main` checks for it).
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes one line to stdout (see [`outln!`]).
+pub(crate) fn write_line(line: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        other => other.context("cannot write to stdout"),
     }
 }
 
@@ -454,7 +481,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
     if let Some(path) = &outcome.savepoint {
         eprintln!("  savepoint: {path}");
-        println!("{path}");
+        outln!("{path}")?;
     } else if let Some(error) = savepoint_failed.lock().expect("not poisoned").take() {
         anyhow::bail!("stop-with-savepoint failed: {error}");
     }
@@ -465,27 +492,29 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
     let engine = cli.engine()?;
     let plugin = engine.load(file)?;
     let info = &plugin.info;
-    println!("plugin    {} {}", info.name, info.version);
-    println!("file      {}", file.display());
-    println!("sha256    {}", plugin.digest);
-    println!(
+    outln!("plugin    {} {}", info.name, info.version)?;
+    outln!("file      {}", file.display())?;
+    outln!("sha256    {}", plugin.digest)?;
+    outln!(
         "input     {}",
         if info.batch_input {
             "batch (process-batch)"
         } else {
             "per record (process)"
         }
-    );
+    )?;
     if info.states.is_empty() {
-        println!("states    none");
+        outln!("states    none")?;
     }
     for state in &info.states {
-        println!(
+        outln!(
             "state     {} ({} state, schema version {})",
-            state.name, state.kind, state.schema_version
-        );
+            state.name,
+            state.kind,
+            state.schema_version
+        )?;
     }
-    println!(
+    outln!(
         "compiled  {:.1} ms{}",
         plugin.load_time.as_secs_f64() * 1000.0,
         if plugin.from_cache {
@@ -493,6 +522,6 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     Ok(())
 }

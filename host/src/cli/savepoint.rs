@@ -106,25 +106,25 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
     let mut inspection = savepoint::inspect(&read);
     inspection.path = shown;
     if json {
-        println!("{}", serde_json::to_string_pretty(&inspection)?);
+        outln!("{}", serde_json::to_string_pretty(&inspection)?)?;
         return Ok(());
     }
     let taken = std::time::UNIX_EPOCH
         + std::time::Duration::from_millis(inspection.completed_ms.max(0) as u64);
-    println!("{}  {}", inspection.kind, inspection.path.display());
-    println!(
+    outln!("{}  {}", inspection.kind, inspection.path.display())?;
+    outln!(
         "job       {} (id {}), barrier {}, taken {}",
         inspection.job_name,
         inspection.job_id,
         inspection.checkpoint,
         humantime::format_rfc3339_seconds(taken)
-    );
-    println!(
+    )?;
+    outln!(
         "size      {} in {} files, max_parallelism {}",
         crate::human::bytes(inspection.bytes),
         read.metadata.files().count(),
         inspection.max_parallelism
-    );
+    )?;
     for op in &inspection.operators {
         let role = format!("{:?}", op.role).to_lowercase();
         let mut line = format!("\n{}  ({role}, parallelism {})", op.uid, op.parallelism);
@@ -134,24 +134,26 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
                 plugin.name, plugin.version, plugin.digest
             ));
         }
-        println!("{line}");
+        outln!("{line}")?;
         for state in &op.states {
             let amount = match (state.keys, state.bytes) {
                 (Some(keys), Some(bytes)) => format!("{keys} keys, {}", crate::human::bytes(bytes)),
                 _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
                     .to_string(),
             };
-            println!(
+            outln!(
                 "  state   {}  {} state, schema version {}  {amount}",
-                state.name, state.kind, state.schema_version
-            );
+                state.name,
+                state.kind,
+                state.schema_version
+            )?;
         }
         if op.timer_bytes > 0 {
-            println!("  timers  {}", crate::human::bytes(op.timer_bytes));
+            outln!("  timers  {}", crate::human::bytes(op.timer_bytes))?;
         }
         if !op.positions.is_empty() {
             let positions: Vec<String> = op.positions.iter().map(u64::to_string).collect();
-            println!("  position per subtask  {}", positions.join(", "));
+            outln!("  position per subtask  {}", positions.join(", "))?;
         }
         if !op.partitions.is_empty() {
             let partitions: Vec<String> = op
@@ -159,7 +161,7 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
                 .iter()
                 .map(|(p, seq)| format!("{p}: {seq}"))
                 .collect();
-            println!("  last sequence per partition  {}", partitions.join(", "));
+            outln!("  last sequence per partition  {}", partitions.join(", "))?;
         }
     }
     Ok(())

@@ -23,7 +23,7 @@ use super::lifecycle::{JobStatus, Lifecycle, TransitionError};
 use super::record::*;
 use super::run::RunPlan;
 use super::views;
-use super::{ControlError, HostContext, now_ms};
+use super::{ControlError, HostContext, confine, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
@@ -270,9 +270,12 @@ impl JobManager {
         let id = crate::runner::new_job_id();
         let ctx = self.ctx.clone();
         let check_spec = spec.clone();
-        let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check_spec))
-            .await
-            .map_err(internal)??;
+        let from = request.from_savepoint.clone();
+        let (graph, initial_restore) = tokio::task::spawn_blocking(move || {
+            build_graph_restoring(&ctx, &check_spec, from.as_deref())
+        })
+        .await
+        .map_err(internal)??;
         let now = now_ms();
         let record = JobRecord {
             format: RECORD_FORMAT,
@@ -281,7 +284,7 @@ impl JobManager {
             submitted_ms: now,
             lifecycle: Lifecycle::new(now, "submitted"),
             spec,
-            initial_restore: request.from_savepoint.clone(),
+            initial_restore,
             allow_non_restored_state: request.allow_non_restored_state,
             runs: Vec::new(),
             restarts: Vec::new(),
@@ -442,8 +445,8 @@ impl JobManager {
             let status = record.status();
             if !status.accepts(kind) {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is {status}: it takes no {} now",
-                    kind_name(kind)
+                    "job {id} is {status}: {} is not possible now",
+                    kind.article_name()
                 )));
             }
             if let Some(running) = record.running_operation()
@@ -479,12 +482,19 @@ impl JobManager {
         Ok(operation)
     }
 
-    /// Where a savepoint goes: the request's `target_dir`, else the data
-    /// dir's `savepoints/`.
+    /// A savepoint's target: the request's `target_dir` (object storage,
+    /// or a directory inside the job roots), else the data dir's
+    /// `savepoints/`.
     fn target(&self, dir: Option<&str>) -> Result<Location, ControlError> {
         match dir {
-            Some(text) => Location::parse(text)
-                .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}"))),
+            Some(text) => match Location::parse(text)
+                .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
+            {
+                Location::Local(path) => confine::confine_path(&self.ctx, "target_dir", &path)
+                    .map(Location::Local)
+                    .map_err(ControlError::BadRequest),
+                remote => Ok(remote),
+            },
             None => Ok(Location::Local(self.ctx.data.join("savepoints"))),
         }
     }
@@ -622,16 +632,6 @@ impl JobManager {
     }
 }
 
-/// An operation's name after "no": "savepoint", "upgrade".
-fn kind_name(kind: OperationKind) -> &'static str {
-    match kind {
-        OperationKind::Savepoint => "savepoint",
-        OperationKind::Stop => "stop",
-        OperationKind::Cancel => "cancel",
-        OperationKind::Upgrade => "upgrade",
-    }
-}
-
 pub(super) fn internal(error: impl std::fmt::Display) -> ControlError {
     ControlError::Internal(error.to_string())
 }
@@ -725,9 +725,20 @@ impl PluginResolver for StoreResolver<'_> {
 }
 
 /// The job graph a spec runs: the job file with the spec's upgrades
-/// applied, validated, its plugins from the store, its checkpoints and
-/// working state in the data dir.
+/// applied, validated, its plugins from the store, its paths inside the
+/// job roots ([`confine`]), its checkpoints and working state in the data
+/// dir.
 pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph, ControlError> {
+    build_graph_restoring(ctx, spec, None).map(|(graph, _)| graph)
+}
+
+/// [`build_graph`], with a submission's `from_savepoint` checked too
+/// (returned resolved).
+fn build_graph_restoring(
+    ctx: &HostContext,
+    spec: &JobSpec,
+    from_savepoint: Option<&str>,
+) -> Result<(JobGraph, Option<String>), ControlError> {
     let path = spec.base_dir.join(&spec.file_name);
     let mut file = JobFile::parse(&spec.job_file, &path).map_err(bad_request)?;
     for operator in &mut file.operators {
@@ -747,8 +758,13 @@ pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph,
         ctx,
         resolved: &spec.resolved,
     };
-    let mut graph = JobGraph::validate_with(file, &path, &resolver).map_err(bad_request)?;
+    let mut placement = confine::check(ctx, &file, &spec.base_dir);
+    let restore = from_savepoint.map(|from| placement.restore_point(ctx, from));
+    let validated = JobGraph::validate_with(file, &path, &resolver);
+    let mut graph = placement
+        .apply(ctx, validated, &path)
+        .map_err(bad_request)?;
     graph.checkpoint.dir = Some(Location::Local(ctx.data.join("checkpoints")));
     graph.state.dir = ctx.data.join("state");
-    Ok(graph)
+    Ok((graph, restore))
 }

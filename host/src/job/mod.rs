@@ -53,6 +53,10 @@ pub struct JobGraph {
     pub checkpoint: CheckpointSettings,
     pub restart: RestartSettings,
     pub state: StateSettings,
+    /// The directories the file source and sink open their paths through
+    /// (the running host's job roots); `None`: paths open as given
+    /// (`weir run`).
+    pub roots: Option<std::sync::Arc<crate::roots::Roots>>,
 }
 
 #[derive(Debug, Clone)]
@@ -481,6 +485,7 @@ impl JobGraph {
             checkpoint,
             restart: job.restart,
             state,
+            roots: None,
         })
     }
 }

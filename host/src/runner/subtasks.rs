@@ -195,6 +195,7 @@ impl TaskFactory for Factory<'_> {
         Ok(match &source.kind {
             SourceKind::File { path, rate } => Box::new(FileSource::new(
                 path.clone(),
+                self.job.graph.roots.clone(),
                 source.format.clone(),
                 position.unwrap_or(0),
                 *rate,
@@ -299,8 +300,14 @@ impl TaskFactory for Factory<'_> {
         Ok(match kind {
             SinkKind::Stdout => Box::new(StdoutSink),
             SinkKind::File { path } => Box::new(
-                FileSink::create(path, &self.job.job_id, info.subtask, first)
-                    .map_err(|e| Self::task_error(info, e))?,
+                FileSink::create(
+                    path,
+                    self.job.graph.roots.as_deref(),
+                    &self.job.job_id,
+                    info.subtask,
+                    first,
+                )
+                .map_err(|e| Self::task_error(info, e))?,
             ),
             SinkKind::Blackhole => Box::new(BlackholeSink::default()),
             SinkKind::Nats(nats) => {
@@ -392,8 +399,9 @@ pub(super) fn prepare_attempt(
                 pending.extend(op.subtasks.iter().flat_map(|s| s.pending.iter().cloned()));
             }
         }
+        let roots = job.graph.roots.as_deref();
         let committed =
-            recover_file_sink(path, &job_ids, &pending, missing_ok).map_err(|error| {
+            recover_file_sink(path, roots, &job_ids, &pending, missing_ok).map_err(|error| {
                 RunError::Task {
                     job: job.graph.name.clone(),
                     cause: TaskError {
