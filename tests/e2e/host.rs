@@ -42,6 +42,19 @@ impl Host {
     /// A host with exactly these flags (its roots: `--root`, the
     /// config's, or the data dir).
     fn start_exact(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
+        Self::spawn(data, extra, token, &[])
+    }
+
+    /// [`Host::start`] with environment variables set for the host
+    /// process (a fault test's `WEIR_FAILPOINTS`).
+    pub(crate) fn start_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Host {
+        let root = data.parent().expect("the data dir is in the job directory");
+        let mut args = vec!["--root", root.to_str().expect("a UTF-8 path")];
+        args.extend(extra);
+        Self::spawn(data, &args, None, env)
+    }
+
+    fn spawn(data: &Path, extra: &[&str], token: Option<&Path>, env: &[(&str, &str)]) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -49,6 +62,8 @@ impl Host {
             .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("WEIR_HOST")
+            .env_remove("WEIR_FAILPOINTS")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(token) = token {
@@ -110,7 +125,7 @@ impl Host {
         serde_json::from_str(&body).expect("job JSON")
     }
 
-    fn token_value(&self) -> Option<String> {
+    pub(crate) fn token_value(&self) -> Option<String> {
         self.token.as_ref().map(|t| {
             std::fs::read_to_string(t)
                 .expect("token")
@@ -183,7 +198,13 @@ impl Drop for Host {
 }
 
 /// One HTTP/1.1 request over a plain socket: (status, body).
-fn http(base: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+pub(crate) fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let (status, _, body) = http_raw(base, method, path, token, body);
     let body = body.as_str();
     // Chunked bodies: take the JSON between the chunk sizes.
