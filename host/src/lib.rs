@@ -30,7 +30,7 @@ pub mod job;
 pub mod plugin;
 pub mod prometheus;
 pub mod protocol;
-pub mod restart;
+
 pub mod roots;
 pub mod runner;
 pub mod state;

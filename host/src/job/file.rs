@@ -108,7 +108,7 @@ pub enum CheckpointMode {
 }
 
 /// `[restart]`: which restart strategy applies after a failure, with its
-/// settings (see [`crate::restart`] for which keys go with which strategy).
+/// settings (see [`crate::job::restart`] for which keys go with which strategy).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartSettings {

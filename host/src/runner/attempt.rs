@@ -17,8 +17,8 @@ use crate::checkpoint::remote;
 use crate::dataflow::TaskError;
 use crate::dataflow::metrics::JobMetrics;
 use crate::dataflow::runtime::{self, JobOutcome, NodeMetrics, RunningJob};
+use crate::job::restart::{RestartDecision, RestartStrategy, RestartTracker};
 use crate::protocol::TransferProgress;
-use crate::restart::{RestartDecision, RestartStrategy, RestartTracker};
 
 use super::prepare::{downloads_dir, metadata_template, savepoint_staging};
 use super::subtasks::{Factory, prepare_attempt};
