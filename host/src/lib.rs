@@ -27,6 +27,7 @@ pub mod dataflow;
 pub mod failpoints;
 pub mod human;
 pub mod job;
+pub mod layers;
 pub mod plugin;
 pub mod prometheus;
 pub mod protocol;
