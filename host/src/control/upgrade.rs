@@ -1180,6 +1180,7 @@ impl RollBack {
                         ),
                     );
                     self.report(ctx);
+                    ctx.retire_earlier_runs();
                     return DriverStep::Running(Running);
                 }
                 (true, Message::Run(RunEvent::Ended { result, .. })) => {
