@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
-use weir::checkpoint::{SnapshotStats, TaskReport};
+use weir::checkpoint::storage::SubtaskStorage;
+use weir::protocol::{LocalSnapshot, SnapshotStats, SnapshotStore, TaskReport};
 use weir::state::rocks::RocksBackend;
 use weir::state::{KeyedState, StateKind};
-use weir::types::CheckpointId;
+use weir::types::{Barrier, BaseRule, CheckpointId};
 
 const ROUNDS: u64 = 3;
 
@@ -37,25 +37,22 @@ fn take(
     reports: &mut mpsc::UnboundedReceiver<TaskReport>,
     id: u64,
 ) -> Taken {
-    let checkpoint = CheckpointId(id);
+    let barrier = Barrier::checkpoint(CheckpointId(id), BaseRule::Chain);
     let started = Instant::now();
     let job = state
-        .snapshot(
-            storage.local_dir(checkpoint),
-            storage.wants_base(checkpoint),
-        )
+        .snapshot(storage.local_dir(&barrier), storage.wants_base(&barrier))
         .expect("snapshot");
     let sync = started.elapsed();
     let _guard = runtime.enter();
     storage.upload(
-        checkpoint,
+        &barrier,
         LocalSnapshot {
             state: job,
             timers: Vec::new(),
             finished: false,
         },
         SnapshotStats::default(),
-        Target::Checkpoint,
+        Vec::new(),
     );
     match runtime.block_on(reports.recv()).expect("a report") {
         TaskReport::Ack { stats, .. } => Taken {

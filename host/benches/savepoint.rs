@@ -23,16 +23,17 @@ use tokio::sync::mpsc;
 use weir::checkpoint::coordinator::operator_template;
 use weir::checkpoint::metadata::{self, CheckpointMetadata, SnapshotKind, StateRef};
 use weir::checkpoint::restore::{self, CellSink};
-use weir::checkpoint::storage::{LocalSnapshot, SubtaskStorage, Target};
-use weir::checkpoint::{
-    Role, SavepointForm, SavepointTargets, SnapshotStats, TaskReport, TransferProgress, savepoint,
-};
+use weir::checkpoint::savepoint;
+use weir::checkpoint::storage::SubtaskStorage;
 use weir::job::JobGraph;
 use weir::plugin::PluginEngine;
+use weir::protocol::{
+    LocalSnapshot, Role, SnapshotStats, SnapshotStore, TaskReport, TransferProgress,
+};
 use weir::runner::{self, RunOptions};
 use weir::state::rocks::RocksBackend;
 use weir::state::{KeyedState, StateBackend, StateKind};
-use weir::types::CheckpointId;
+use weir::types::{Barrier, BarrierKind, CheckpointId, SavepointForm, SavepointTarget};
 
 const MAX_PARALLELISM: u32 = 128;
 
@@ -78,9 +79,13 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
     // Write, as the operator task does at a savepoint barrier.
     let target = dir.path().join("savepoint");
     std::fs::create_dir_all(&target).expect("mkdir");
-    let targets = Arc::new(SavepointTargets::default());
-    let id = CheckpointId(1);
-    targets.insert(id, target.clone(), SavepointForm::Canonical);
+    let barrier = Barrier {
+        id: CheckpointId(1),
+        kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
+            dir: target.clone(),
+            form: SavepointForm::Canonical,
+        })),
+    };
     let (reports, mut acks) = mpsc::unbounded_channel();
     let storage = Arc::new(SubtaskStorage::new(
         dir.path().join("checkpoints"),
@@ -89,26 +94,24 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         [0, MAX_PARALLELISM],
         dir.path().join("snapshots"),
         reports,
-        targets,
+        Arc::default(),
     ));
     let started = Instant::now();
-    let job = state.savepoint(storage.local_dir(id)).expect("savepoint");
+    let job = state
+        .savepoint(storage.local_dir(&barrier))
+        .expect("savepoint");
     let sync = started.elapsed();
     {
         let _guard = runtime.enter();
         storage.upload(
-            id,
+            &barrier,
             LocalSnapshot {
                 state: job,
                 timers: Vec::new(),
                 finished: false,
             },
             SnapshotStats::default(),
-            Target::Savepoint {
-                dir: target.clone(),
-                tables: vec![table.clone()],
-                form: SavepointForm::Canonical,
-            },
+            vec![table.clone()],
         );
     }
     let snapshot = match runtime.block_on(acks.recv()).expect("a report") {
@@ -290,7 +293,10 @@ inputs = ["count"]
         }))
         .expect("stops");
     let stopped_at = Instant::now();
-    let savepoint = outcome.savepoint.expect("a savepoint");
+    let savepoint = outcome
+        .savepoint
+        .and_then(|s| s.local().map(std::path::Path::to_path_buf))
+        .expect("a local savepoint");
     let stop = *stop_took.lock().expect("lock") + stopped_at.elapsed();
     let inspection = savepoint::inspect(&metadata::read(&savepoint).expect("reads"));
     let saved_keys: u64 = inspection
@@ -303,7 +309,7 @@ inputs = ["count"]
     let started = Instant::now();
     let graph = JobGraph::load(&path).expect("job");
     let options = RunOptions {
-        restore: Some(savepoint.clone()),
+        restore: Some(savepoint.clone().into()),
         allow_non_restored_state: false,
         ..Default::default()
     };

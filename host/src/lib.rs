@@ -11,8 +11,10 @@
 //! - [`state`]: [`state::StateBackend`] (RocksDB, memory) and [`state::KeyedState`].
 //! - [`plugin`]: wasmtime, the compile cache, host imports, [`plugin::WasmOperator`].
 //! - [`connectors`]: sources and sinks.
+//! - [`protocol`]: what travels between subtasks and the checkpoint coordinator.
 //! - [`checkpoint`]: the checkpoint coordinator, snapshot storage, `_metadata`, restore.
 //! - [`restart`]: restart strategies (when and whether a failed job restarts).
+//! - [`roots`]: the directories a job of the running host may name paths in, opened through cap-std.
 //! - [`runner`]: the embedded runner behind `weir run`.
 //! - [`control`]: the running host behind `weir serve` (API, plugin store, jobs, upgrades).
 //! - [`cli`]: the command line.
@@ -22,11 +24,15 @@ pub mod cli;
 pub mod connectors;
 pub mod control;
 pub mod dataflow;
+pub mod failpoints;
 pub mod human;
 pub mod job;
+pub mod layers;
 pub mod plugin;
 pub mod prometheus;
-pub mod restart;
+pub mod protocol;
+
+pub mod roots;
 pub mod runner;
 pub mod state;
 pub mod types;

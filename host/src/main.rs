@@ -1,6 +1,7 @@
 //! The `weir` binary: parses the command line, installs logging, and runs
 //! the command on a multi-threaded tokio runtime. Errors are printed with
-//! their causes; the exit code is 1.
+//! their causes; the exit code is 1 (0, quietly, when stdout's reader
+//! closed it).
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -32,6 +33,10 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(weir::cli::execute(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `weir list | head -1`: the reader has all it wanted.
+        Err(error) if error.chain().any(|e| e.is::<weir::cli::StdoutClosed>()) => {
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE

@@ -1,5 +1,7 @@
 //! Plain data types shared by every layer: records, record batches, stream
-//! events, key groups and checkpoint ids.
+//! events (among them the checkpoint [`Barrier`], which says what it asks
+//! of the subtasks it passes), key groups, checkpoint ids and the wall
+//! clock.
 //!
 //! This module is a leaf: it depends on neither wasmtime nor RocksDB, and the
 //! dataflow layer speaks only these types.
@@ -15,6 +17,225 @@ pub const MAX_WATERMARK: Timestamp = i64::MAX;
 /// Id of a checkpoint or savepoint, increasing per job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CheckpointId(pub u64);
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_millis() -> Timestamp {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Timestamp)
+        .unwrap_or(0)
+}
+
+/// Where checkpoints or savepoints are written, or a restore point is
+/// read: a local directory or a place on object storage. Parsed once where
+/// the user names it (job file, command line, API request), so nothing
+/// below asks whether a path is really a URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Location {
+    Local(std::path::PathBuf),
+    S3(S3Url),
+}
+
+/// `s3://bucket/prefix` (the prefix may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Without leading or trailing `/`.
+    pub prefix: String,
+}
+
+/// A location that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a location: {reason}")]
+pub struct BadLocation {
+    pub text: String,
+    pub reason: &'static str,
+}
+
+impl S3Url {
+    /// The place `relative` below this one.
+    pub fn join(&self, relative: &str) -> S3Url {
+        let relative = relative.trim_matches('/');
+        let prefix = match (self.prefix.is_empty(), relative.is_empty()) {
+            (_, true) => self.prefix.clone(),
+            (true, false) => relative.to_string(),
+            (false, false) => format!("{}/{relative}", self.prefix),
+        };
+        S3Url {
+            bucket: self.bucket.clone(),
+            prefix,
+        }
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.prefix.is_empty() {
+            true => write!(f, "s3://{}", self.bucket),
+            false => write!(f, "s3://{}/{}", self.bucket, self.prefix),
+        }
+    }
+}
+
+impl Location {
+    /// `s3://bucket[/prefix]` is object storage; another `scheme://` is
+    /// refused; anything else is a local path (as given: relative paths
+    /// are the caller's to resolve).
+    pub fn parse(text: &str) -> Result<Self, BadLocation> {
+        let bad = |reason| BadLocation {
+            text: text.to_string(),
+            reason,
+        };
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let rest = rest.trim_end_matches('/');
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("an s3:// location names a bucket (s3://bucket/prefix)"));
+            }
+            return Ok(Location::S3(S3Url {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            }));
+        }
+        if let Some((scheme, _)) = text.split_once("://")
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+        {
+            return Err(bad(
+                "the only object storage is s3:// (a local path has no scheme)",
+            ));
+        }
+        if text.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        Ok(Location::Local(std::path::PathBuf::from(text)))
+    }
+
+    /// The local directory, if it is one.
+    pub fn local(&self) -> Option<&std::path::Path> {
+        match self {
+            Location::Local(path) => Some(path),
+            Location::S3(_) => None,
+        }
+    }
+
+    /// The place `relative` below this one.
+    pub fn join(&self, relative: &str) -> Location {
+        match self {
+            Location::Local(path) => Location::Local(path.join(relative)),
+            Location::S3(url) => Location::S3(url.join(relative)),
+        }
+    }
+}
+
+impl From<std::path::PathBuf> for Location {
+    fn from(path: std::path::PathBuf) -> Self {
+        Location::Local(path)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(path) => write!(f, "{}", path.display()),
+            Location::S3(url) => url.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = BadLocation;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Location::parse(text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Location {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Location::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A checkpoint barrier: which checkpoint, and what it asks of every
+/// subtask it passes. Barriers travel in-band (a [`StreamEvent`]), so what
+/// a barrier means travels with it: no subtask looks it up elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Barrier {
+    pub id: CheckpointId,
+    pub kind: BarrierKind,
+}
+
+impl Barrier {
+    /// A periodic checkpoint's barrier.
+    pub fn checkpoint(id: CheckpointId, base: BaseRule) -> Self {
+        Self {
+            id,
+            kind: BarrierKind::Checkpoint { base },
+        }
+    }
+}
+
+/// What a barrier asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BarrierKind {
+    /// A checkpoint, for failure recovery: each operator subtask stores a
+    /// delta of its keyed state or a base, as `base` says.
+    Checkpoint { base: BaseRule },
+    /// A savepoint: each operator subtask writes its state into the
+    /// target's directory, in the target's form.
+    Savepoint(std::sync::Arc<SavepointTarget>),
+    /// The final checkpoint, taken once every source's input ended
+    /// (FLIP-147): each operator closes before its snapshot, so the
+    /// checkpoint covers the job's whole output.
+    Final,
+}
+
+/// Whether an operator subtask's checkpoint is a base (its state's files)
+/// or a delta (the cells changed since the last one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseRule {
+    /// As the subtask's chain says: a base when it has none or its deltas
+    /// grew long.
+    Chain,
+    /// A base in every operator subtask (its cache written to its
+    /// backend): a checkpoint that prepares a savepoint.
+    Forced,
+    /// A delta wherever there is a chain to extend: an upgrade's standby
+    /// follows the chain's deltas.
+    Held,
+}
+
+/// Where a savepoint's state goes, and in which form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavepointTarget {
+    /// The savepoint directory (local: a savepoint for object storage is
+    /// staged here and uploaded once complete).
+    pub dir: std::path::PathBuf,
+    pub form: SavepointForm,
+}
+
+/// The form a savepoint's keyed state takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SavepointForm {
+    /// One canonical `.state` dump per subtask: relocatable, readable at
+    /// any parallelism and by any backend.
+    #[default]
+    Canonical,
+    /// The backend's own files of a full base: quick to write and to
+    /// reopen file for file where the key-group range is unchanged.
+    Native,
+    /// The subtask's checkpoint chain (its latest base and the deltas
+    /// since, linked in) plus one delta of the changes since its last
+    /// checkpoint: the least to write at the barrier, and a restore that
+    /// already holds the chain's state (an upgrade's standby) applies only
+    /// the new deltas. A subtask without a chain writes
+    /// [`SavepointForm::Native`].
+    Incremental,
+}
 
 /// One record of a batch, as offsets into the batch's `data` buffer.
 ///
@@ -285,7 +506,7 @@ impl RecordBatch {
 pub enum StreamEvent {
     Records(RecordBatch),
     Watermark(Timestamp),
-    Barrier(CheckpointId),
+    Barrier(Barrier),
     EndOfInput,
 }
 
@@ -352,6 +573,43 @@ pub mod key_group {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn locations_parse_once_into_local_or_s3() {
+        use super::{Location, S3Url};
+        assert_eq!(
+            Location::parse("s3://bucket/a/b/").expect("parses"),
+            Location::S3(S3Url {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            })
+        );
+        let bucket = Location::parse("s3://bucket").expect("parses");
+        assert_eq!(bucket.to_string(), "s3://bucket");
+        assert_eq!(bucket.join("job/").to_string(), "s3://bucket/job");
+        assert_eq!(
+            Location::parse("s3://bucket/a")
+                .expect("parses")
+                .join("b")
+                .to_string(),
+            "s3://bucket/a/b"
+        );
+        assert!(Location::parse("s3:///x").is_err(), "no bucket");
+        let error = Location::parse("gs://bucket/x").expect_err("another scheme");
+        assert!(
+            error.to_string().contains("only object storage is s3://"),
+            "{error}"
+        );
+        assert!(Location::parse("").is_err());
+        assert_eq!(
+            Location::parse("/tmp/s3").expect("a path"),
+            Location::Local("/tmp/s3".into())
+        );
+        assert_eq!(
+            Location::parse("weir-data/x").expect("a path").local(),
+            Some(std::path::Path::new("weir-data/x"))
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -190,7 +190,7 @@ fn resume_from_newest(job: &JobDir, path: &Path) {
     run_with(
         path,
         RunOptions {
-            restore: Some(newest),
+            restore: Some(newest.into()),
             ..Default::default()
         },
     )
@@ -292,7 +292,7 @@ fn a_checkpoint_restores_at_another_parallelism() {
     }
     let path = resumed.job(&toml.replace("parallelism = 2", "parallelism = 3"));
     let options = RunOptions {
-        restore: Some(middle.path.clone()),
+        restore: Some(middle.path.clone().into()),
         allow_non_restored_state: false,
         ..Default::default()
     };
@@ -373,7 +373,7 @@ inputs = ["split"]
     );
     let path = smaller.job(&without_count);
     let options = RunOptions {
-        restore: Some(chk_dir.clone()),
+        restore: Some(chk_dir.clone().into()),
         allow_non_restored_state: false,
         ..Default::default()
     };
@@ -384,7 +384,7 @@ inputs = ["split"]
     assert!(message.contains("chk-"), "names the checkpoint: {message}");
 
     let options = RunOptions {
-        restore: Some(newest.clone()),
+        restore: Some(newest.clone().into()),
         allow_non_restored_state: true,
         ..Default::default()
     };
@@ -397,7 +397,7 @@ inputs = ["split"]
     let error = run_with(
         &path,
         RunOptions {
-            restore: Some(chk_dir),
+            restore: Some(chk_dir.into()),
             allow_non_restored_state: true,
             ..Default::default()
         },
@@ -429,7 +429,7 @@ fn a_damaged_checkpoint_file_fails_the_restore_naming_it() {
     let error = run_with(
         &path,
         RunOptions {
-            restore: Some(newest),
+            restore: Some(newest.into()),
             allow_non_restored_state: false,
             ..Default::default()
         },
@@ -454,7 +454,7 @@ fn a_damaged_checkpoint_file_fails_the_restore_naming_it() {
         engine(),
         graph,
         &RunOptions {
-            restore: Some(read.path.clone()),
+            restore: Some(read.path.clone().into()),
             allow_non_restored_state: false,
             ..Default::default()
         },

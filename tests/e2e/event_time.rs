@@ -181,7 +181,7 @@ fn open_windows_and_their_timers_resume_from_a_checkpoint() {
     };
     let outcome = runtime.block_on(async {
         let canceller = std::sync::Mutex::new(None);
-        let mut hook = |running: &weir::dataflow::runtime::RunningJob| {
+        let mut hook = |running: &weir::runner::Attempt| {
             *canceller.lock().expect("lock") = Some(running.canceller());
         };
         let run = weir::runner::run(&prepared, &mut hook);
@@ -224,7 +224,7 @@ fn open_windows_and_their_timers_resume_from_a_checkpoint() {
     ));
     let graph = weir::job::JobGraph::load(&resumed).expect("job");
     let options = weir::runner::RunOptions {
-        restore: Some(latest.path.clone()),
+        restore: Some(latest.path.clone().into()),
         allow_non_restored_state: false,
         ..Default::default()
     };

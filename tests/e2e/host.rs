@@ -30,7 +30,31 @@ impl Host {
         Self::start_with(data, extra, None)
     }
 
+    /// A host whose job roots are the data dir's parent (the test's job
+    /// directory, where its job files, inputs and outputs are).
     pub(crate) fn start_with(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
+        let root = data.parent().expect("the data dir is in the job directory");
+        let mut args = vec!["--root", root.to_str().expect("a UTF-8 path")];
+        args.extend(extra);
+        Self::start_exact(data, &args, token)
+    }
+
+    /// A host with exactly these flags (its roots: `--root`, the
+    /// config's, or the data dir).
+    fn start_exact(data: &Path, extra: &[&str], token: Option<&Path>) -> Host {
+        Self::spawn(data, extra, token, &[])
+    }
+
+    /// [`Host::start`] with environment variables set for the host
+    /// process (a fault test's `WEIR_FAILPOINTS`).
+    pub(crate) fn start_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Host {
+        let root = data.parent().expect("the data dir is in the job directory");
+        let mut args = vec!["--root", root.to_str().expect("a UTF-8 path")];
+        args.extend(extra);
+        Self::spawn(data, &args, None, env)
+    }
+
+    fn spawn(data: &Path, extra: &[&str], token: Option<&Path>, env: &[(&str, &str)]) -> Host {
         let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -38,6 +62,8 @@ impl Host {
             .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("WEIR_HOST")
+            .env_remove("WEIR_FAILPOINTS")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(token) = token {
@@ -99,7 +125,7 @@ impl Host {
         serde_json::from_str(&body).expect("job JSON")
     }
 
-    fn token_value(&self) -> Option<String> {
+    pub(crate) fn token_value(&self) -> Option<String> {
         self.token.as_ref().map(|t| {
             std::fs::read_to_string(t)
                 .expect("token")
@@ -172,7 +198,13 @@ impl Drop for Host {
 }
 
 /// One HTTP/1.1 request over a plain socket: (status, body).
-fn http(base: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+pub(crate) fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let (status, _, body) = http_raw(base, method, path, token, body);
     let body = body.as_str();
     // Chunked bodies: take the JSON between the chunk sizes.
@@ -736,17 +768,12 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path)
     for uid in ["words", "split", "count", "out"] {
         wait(&format!("#graph g.operator[data-uid=\"{uid}\"]")).await;
     }
+    // The page re-renders the count as answers arrive: an element found a
+    // moment ago may be gone by the time its text is read (stale), so a
+    // read that fails is a read to repeat.
     let count = |browser: fantoccini::Client| async move {
-        browser
-            .find(Locator::Css("#checkpoint-count"))
-            .await
-            .expect("the checkpoint count")
-            .text()
-            .await
-            .expect("its text")
-            .trim()
-            .parse::<u64>()
-            .ok()
+        let element = browser.find(Locator::Css("#checkpoint-count")).await.ok()?;
+        element.text().await.ok()?.trim().parse::<u64>().ok()
     };
     // Until the job's first answer arrived the count shows a placeholder.
     let started = Instant::now();
@@ -996,7 +1023,12 @@ fn bad_requests_get_the_right_status_and_say_why() {
         b"{}",
     );
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("cancelled"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "job {id} is cancelled: a savepoint is not possible now"
+        )),
+        "{body}"
+    );
     assert_eq!(
         http(&host.url, "DELETE", "/api/plugins/count@0.1.0", auth, &[]).0,
         200
@@ -1049,4 +1081,203 @@ fn sigterm_stops_jobs_with_a_savepoint_and_the_next_start_resumes_them() {
         check_exactly_once(&dir.path().join("out-graceful")),
         expected
     );
+}
+
+/// A file source → file sink job (no operator).
+fn copy_job(name: &str, source: &str, sink: &str, extra: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+
+[[source]]
+uid = "lines"
+kind = "file"
+path = {source:?}
+
+[[sink]]
+uid = "out"
+kind = "file"
+path = {sink:?}
+inputs = ["lines"]
+{extra}"#
+    )
+}
+
+#[test]
+fn a_job_stays_inside_the_hosts_roots() {
+    let dir = plugin_dir();
+    let root = dir.path().join("root");
+    dir.write("root/input.txt", "one\ntwo\nthree\n");
+    std::os::unix::fs::symlink("/etc", root.join("etc-link")).expect("symlink");
+    let outside = JobDir::new();
+    let outside_out = outside.path().join("out");
+    dir.write(
+        "host.toml",
+        format!("[jobs]\nroots = [{:?}]\n", root.display().to_string()),
+    );
+    let host = Host::start_exact(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            dir.path().join("host.toml").to_str().expect("UTF-8"),
+        ],
+        None,
+    );
+    let roots = format!("roots ({}", root.display());
+    let refused = |job: &str, wanted: &[&str]| {
+        std::fs::write(root.join("job.toml"), job).expect("write job");
+        let output = host.weir(&["run", "job.toml"], &root);
+        let message = stderr(&output);
+        assert!(!output.status.success(), "submitted: {job}");
+        assert!(message.contains("HTTP 400"), "{message}");
+        for wanted in wanted {
+            assert!(message.contains(wanted), "`{wanted}` in {message}");
+        }
+    };
+    // The password file copied out, as the issue tried: both paths named,
+    // each with the roots, in one answer.
+    refused(
+        &copy_job(
+            "steal",
+            "/etc/passwd",
+            &outside_out.display().to_string(),
+            "",
+        ),
+        &[
+            "[[source]] uid \"lines\" path /etc/passwd: outside the host's job roots",
+            &format!(
+                "[[sink]] uid \"out\" path {}: outside",
+                outside_out.display()
+            ),
+            &roots,
+        ],
+    );
+    assert!(!outside_out.exists(), "nothing was written outside");
+    // A symlink inside a root that points out.
+    refused(
+        &copy_job("link", "etc-link/passwd", "out", ""),
+        &[&format!(
+            "[[source]] uid \"lines\" path {}: leads to /etc/passwd, outside",
+            root.join("etc-link/passwd").display()
+        )],
+    );
+    // `..` out of the root, through existing directories and after a
+    // missing one.
+    refused(
+        &copy_job("dots", "input.txt", "../escaped", ""),
+        &[&format!(
+            "path {}: leads to {}, outside",
+            root.join("../escaped").display(),
+            dir.path().join("escaped").display()
+        )],
+    );
+    refused(
+        &copy_job("missing-dots", "input.txt", "new/../../escaped", ""),
+        &[&format!(
+            "has `..` after {}, which does not exist",
+            root.join("new").display()
+        )],
+    );
+    // The host's environment is not a plugin's to read unless allowed.
+    std::fs::copy(dir.path().join("split.wasm"), root.join("split.wasm")).expect("copy");
+    refused(
+        &copy_job("env", "input.txt", "out", "")
+            .replace("inputs = [\"lines\"]", "inputs = [\"split\"]")
+            .replace(
+                "[[sink]]",
+                "[[operator]]\nuid = \"split\"\nplugin = \"split.wasm\"\ninputs = [\"lines\"]\nwasi = [\"env\"]\n\n[[sink]]",
+            ),
+        &["[[operator]] uid \"split\" wasi \"env\"", "allow_wasi_env"],
+    );
+    // A restore point outside.
+    std::fs::write(
+        root.join("job.toml"),
+        copy_job("ok", "input.txt", "out", ""),
+    )
+    .expect("job");
+    let output = host.weir(&["run", "job.toml", "-s", "/etc"], &root);
+    assert!(
+        stderr(&output).contains("from_savepoint /etc: outside the host's job roots"),
+        "{}",
+        stderr(&output)
+    );
+    // Inside the roots the job runs.
+    let id = host.ok(&["run", "job.toml"], &root).trim().to_string();
+    host.wait_status(&id, "finished", Duration::from_secs(60));
+    assert_eq!(
+        weir_tests::read_parts(&root.join("out")),
+        vec!["one", "two", "three"]
+    );
+    // A savepoint's target outside the roots is refused before the job's
+    // status is looked at; inside, the finished job says it takes none.
+    let request = |target: &Path| {
+        let body = serde_json::json!({ "target_dir": target }).to_string();
+        http(
+            &host.url,
+            "POST",
+            &format!("/api/jobs/{id}/savepoints"),
+            None,
+            body.as_bytes(),
+        )
+    };
+    let (status, body) = request(outside.path());
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains(&format!("target_dir {}: outside", outside.path().display())),
+        "{body}"
+    );
+    let (status, body) = request(&root.join("savepoints"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("a savepoint is not possible now"), "{body}");
+    // Output whose reader is gone ends quietly: no panic, no error.
+    for args in [vec!["job", id.as_str()], vec!["list"]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(&args)
+            .env("WEIR_HOST", &host.url)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("weir runs");
+        assert!(
+            output.status.success() && output.stderr.is_empty(),
+            "weir {args:?} into a closed pipe: {} {}",
+            output.status,
+            stderr(&output)
+        );
+        let piped = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{:?} {} | head -1",
+                env!("CARGO_BIN_EXE_weir"),
+                args.join(" ")
+            ))
+            .env("WEIR_HOST", &host.url)
+            .output()
+            .expect("sh runs");
+        assert!(
+            piped.status.success() && !stderr(&piped).contains("panicked"),
+            "{}",
+            stderr(&piped)
+        );
+        assert_eq!(String::from_utf8_lossy(&piped.stdout).lines().count(), 1);
+    }
+}
+
+#[test]
+fn weir_run_embedded_reads_and_writes_anywhere() {
+    let elsewhere = JobDir::new();
+    let input = elsewhere.write("input.txt", "a\nb\n");
+    let out = elsewhere.path().join("out");
+    let dir = JobDir::new();
+    dir.job(&copy_job(
+        "anywhere",
+        input.to_str().expect("UTF-8"),
+        out.to_str().expect("UTF-8"),
+        "",
+    ));
+    let output = crate::support::weir(&["run", "job.toml"], dir.path());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(weir_tests::read_parts(&out), vec!["a", "b"]);
 }

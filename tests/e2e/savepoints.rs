@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use weir::checkpoint::metadata::{self, SnapshotKind};
 use weir::checkpoint::savepoint;
-use weir::dataflow::runtime::{JobOutcome, RunningJob};
+use weir::dataflow::runtime::JobOutcome;
+use weir::runner::Attempt;
 use weir::runner::{self, RunError, RunOptions};
 use weir_tests::plugins::{
     COUNT_V2_NO_MIGRATE, WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT,
@@ -21,7 +22,7 @@ use crate::support::{JobDir, engine, runtime, toml_path};
 
 pub(crate) fn options(restore: Option<&Path>, allow_non_restored_state: bool) -> RunOptions {
     RunOptions {
-        restore: restore.map(Path::to_path_buf),
+        restore: restore.map(|p| p.to_path_buf().into()),
         allow_non_restored_state,
         ..Default::default()
     }
@@ -66,7 +67,7 @@ fn run_and_stop_as(
     let job = runner::prepare_with(engine(), graph, &options).expect("prepare");
     let target = target.to_path_buf();
     let outcome = runtime()
-        .block_on(runner::run(&job, &mut |running: &RunningJob| {
+        .block_on(runner::run(&job, &mut |running: &Attempt| {
             let metrics = running.metrics().to_vec();
             let savepointer = running.savepointer();
             let target = target.clone();
@@ -93,7 +94,7 @@ fn run_and_stop_as(
         .expect("the job stops");
     let dir = outcome.savepoint.expect("stopped with a savepoint");
     assert!(!outcome.cancelled);
-    dir
+    dir.local().expect("a local savepoint").to_path_buf()
 }
 
 /// Copies every file of `from` into `to` (a sink's committed output going

@@ -3,10 +3,14 @@
 //! of each job is checked word by word: every word's updates run 1..N,
 //! each once, across every upgrade, rollback and restart.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::host::{Host, check_exactly_once, plugin_dir, stderr, wordcount};
+use serde_json::Value;
+
+use crate::host::{Host, check_exactly_once, http, plugin_dir, statuses, stderr, wordcount};
+use crate::support::JobDir;
 
 /// Processes that keep the machine's cores busy (`yes > /dev/null`), as
 /// other work would; killed when dropped.
@@ -99,4 +103,351 @@ fn upgrades_under_contention_never_duplicate_or_lose_a_record() {
             "round {round}: the job ran across both upgrades: {counts:?}"
         );
     }
+}
+
+/// The newest upgrade of a job, as the API shows it.
+fn last_upgrade(host: &Host, id: &str) -> Value {
+    host.job(id)["job"]["upgrades"]
+        .as_array()
+        .and_then(|u| u.last().cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the job's newest upgrade is at `step`.
+fn wait_step(host: &Host, id: &str, step: &str, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let upgrade = last_upgrade(host, id);
+        if upgrade["step"] == step {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "job {id}'s upgrade never reached {step}: {upgrade:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `done` every 10 ms for up to `limit`; how long it took.
+fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Whether `dir` is gone or empty.
+fn empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
+/// A host for fault tests: the word count plugins added, upgrades on a
+/// probation that lasts (a test ends it), `env` for the host process.
+fn fault_host(dir: &JobDir, env: &[(&str, &str)]) -> Host {
+    dir.write(
+        "host.toml",
+        "probation = \"120s\"\nprobation_checkpoints = 100000\n",
+    );
+    let config = dir.path().join("host.toml");
+    let host = Host::start_env(
+        &dir.path().join("data"),
+        &["--config", config.to_str().expect("UTF-8 path")],
+        env,
+    );
+    host.ok(
+        &["plugin", "add", "split.wasm", "count.wasm", "count-v2.wasm"],
+        dir.path(),
+    );
+    host
+}
+
+/// The word count on count 0.1.0 (whose state 0.2.0 migrates), running
+/// with a checkpoint done; its id.
+fn running_wordcount(host: &Host, dir: &JobDir, name: &str) -> String {
+    dir.write(
+        "job.toml",
+        wordcount(name, None, 1500, "split", "count@0.1.0", "500ms"),
+    );
+    let id = host.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    host.wait_status(&id, "running", Duration::from_secs(60));
+    host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+    id
+}
+
+/// The plugin `count` runs now.
+fn count_plugin(host: &Host, id: &str) -> String {
+    host.job(id)["operators"]
+        .as_array()
+        .and_then(|ops| ops.iter().find(|o| o["uid"] == "count").cloned())
+        .and_then(|count| count["plugin"]["plugin"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// SIGKILL at each step of a migrating upgrade (each held there by a
+/// failpoint, or by a probation that lasts), then a restart on the same
+/// data dir: the job comes back running one version or the other, never
+/// stuck upgrading, the upgrade closed, and its committed output exactly
+/// once.
+#[test]
+fn a_host_killed_at_each_step_of_a_migrating_upgrade_resumes_one_version_exactly_once() {
+    let steps = [
+        ("checking", Some("upgrade.checking=30s")),
+        ("standby-building", Some("upgrade.standby-building=30s")),
+        (
+            "standby-catching-up",
+            Some("upgrade.standby-catching-up=30s"),
+        ),
+        ("stopping", Some("upgrade.stopping=30s")),
+        ("restoring", Some("upgrade.restoring=30s")),
+        ("on-probation", None),
+    ];
+    for (step, failpoint) in steps {
+        let dir = plugin_dir();
+        let env: Vec<(&str, &str)> = failpoint
+            .map(|f| vec![("WEIR_FAILPOINTS", f)])
+            .unwrap_or_default();
+        let mut host = fault_host(&dir, &env);
+        let name = format!("killed-{step}");
+        let id = running_wordcount(&host, &dir, &name);
+        host.ok(
+            &["upgrade", &id, "--plugin", "count=count@0.2.0", "--detach"],
+            dir.path(),
+        );
+        wait_step(&host, &id, step, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(300));
+        host.kill();
+
+        let host = fault_host(&dir, &[]);
+        let job = host.wait_status(&id, "running", Duration::from_secs(60));
+        let history = statuses(&job);
+        assert!(
+            !history.ends_with(&["upgrading"]),
+            "{step}: not stuck upgrading: {history:?}"
+        );
+        let upgrade = last_upgrade(&host, &id);
+        assert!(
+            upgrade["step"].is_null() && upgrade["outcome"] == "abandoned",
+            "{step}: the upgrade is closed as abandoned: {upgrade:#}"
+        );
+        let plugin = count_plugin(&host, &id);
+        assert!(
+            plugin == "count@0.1.0" || plugin == "count@0.2.0",
+            "{step}: runs one version or the other, not {plugin:?}"
+        );
+        host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+        host.ok(&["stop", &id], dir.path());
+        host.wait_status(&id, "stopped", Duration::from_secs(60));
+        let counts = check_exactly_once(&dir.path().join(format!("out-{name}")));
+        assert!(
+            counts.values().sum::<u64>() > 0,
+            "{step}: the job ran: {counts:?}"
+        );
+    }
+}
+
+/// A cancel, a stop and the host's SIGTERM while an upgrade's standby is
+/// built (its files there, held by a failpoint): each answered within a
+/// second, the upgrade abandoned, the standby's files removed, and the
+/// committed output exactly once.
+#[test]
+fn cancel_stop_and_sigterm_during_a_standby_build_answer_within_a_second_and_leave_nothing() {
+    for how in ["cancel", "stop", "sigterm"] {
+        let dir = plugin_dir();
+        let data = dir.path().join("data");
+        let mut host = fault_host(&dir, &[("WEIR_FAILPOINTS", "upgrade.standby-building=60s")]);
+        let name = format!("interrupted-{how}");
+        let id = running_wordcount(&host, &dir, &name);
+        host.ok(
+            &["upgrade", &id, "--plugin", "count=count@0.2.0", "--detach"],
+            dir.path(),
+        );
+        wait_step(&host, &id, "standby-building", Duration::from_secs(60));
+        // Built (held by the failpoint): its files are there.
+        let standby = data.join("state").join("standby");
+        assert!(
+            time_until(Duration::from_secs(30), || !empty(&standby)).is_some(),
+            "{how}: the standby's files never appeared in {}",
+            standby.display()
+        );
+        let token = host.token_value();
+        let asked = Instant::now();
+        let answered = match how {
+            "cancel" | "stop" => {
+                let path = format!("/api/jobs/{id}/{how}");
+                let body = if how == "stop" { "{}" } else { "" };
+                let (status, text) =
+                    http(&host.url, "POST", &path, token.as_deref(), body.as_bytes());
+                assert_eq!(status, 202, "{how}: {text}");
+                let ended = if how == "cancel" {
+                    "cancelled"
+                } else {
+                    "stopped"
+                };
+                time_until(Duration::from_secs(30), || {
+                    host.job(&id)["job"]["lifecycle"]["status"] == ended
+                })
+                .unwrap_or_else(|| panic!("{how}: the job never became {ended}"))
+            }
+            _ => {
+                host.terminate();
+                asked.elapsed()
+            }
+        };
+        assert!(
+            answered < Duration::from_secs(1),
+            "{how} during the standby build took {answered:?}"
+        );
+        if how == "sigterm" {
+            host = fault_host(&dir, &[]);
+            host.wait_status(&id, "running", Duration::from_secs(60));
+        }
+        let upgrade = last_upgrade(&host, &id);
+        assert_eq!(upgrade["outcome"], "abandoned", "{how}: {upgrade:#}");
+        assert!(
+            time_until(Duration::from_secs(10), || empty(&standby)).is_some(),
+            "{how}: the standby's files stay in {}",
+            standby.display()
+        );
+        if how != "cancel" {
+            if how == "sigterm" {
+                host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+                host.ok(&["stop", &id], dir.path());
+                host.wait_status(&id, "stopped", Duration::from_secs(60));
+            }
+            check_exactly_once(&dir.path().join(format!("out-{name}")));
+        }
+    }
+}
+
+/// A subtask that fails while an upgrade's standby is built: the restart
+/// strategy applies at once (failing, restarting, running), and the
+/// upgrade is abandoned naming the failure, its standby removed.
+#[test]
+fn a_subtask_failing_during_a_standby_build_restarts_the_job_and_abandons_the_upgrade() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let poison = Arc::new(AtomicBool::new(false));
+    let sending = poison.clone();
+    // Words every few milliseconds, to every connection (the source
+    // connects again after a restart); once asked, one `poison` line.
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let poison = sending.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let line = match poison.swap(false, Ordering::SeqCst) {
+                        true => "poison\n",
+                        false => "alpha beta gamma delta\n",
+                    };
+                    if stream.write_all(line.as_bytes()).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+    });
+    let dir = plugin_dir();
+    let data = dir.path().join("data");
+    let host = fault_host(&dir, &[("WEIR_FAILPOINTS", "upgrade.standby-building=60s")]);
+    dir.write(
+        "job.toml",
+        format!(
+            r#"
+name = "poisoned"
+
+[checkpoint]
+interval = "500ms"
+
+[restart]
+strategy = "fixed-delay"
+attempts = 5
+delay = "100ms"
+
+[[source]]
+uid = "lines"
+kind = "socket"
+address = "{address}"
+
+[[operator]]
+uid = "guard"
+plugin = "faults.wasm"
+config = {{ fault = "trap", on = "poison" }}
+inputs = ["lines"]
+
+[[operator]]
+uid = "split"
+plugin = "split"
+inputs = ["guard"]
+
+[[operator]]
+uid = "count"
+plugin = "count@0.1.0"
+inputs = [{{ from = "split", partition = "key" }}]
+
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["count"]
+"#
+        ),
+    );
+    let id = host.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    host.wait_status(&id, "running", Duration::from_secs(60));
+    host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+    host.ok(
+        &["upgrade", &id, "--plugin", "count=count@0.2.0", "--detach"],
+        dir.path(),
+    );
+    wait_step(&host, &id, "standby-building", Duration::from_secs(60));
+    poison.store(true, Ordering::SeqCst);
+    let restarted = time_until(Duration::from_secs(10), || {
+        statuses(&host.job(&id)).contains(&"restarting")
+    });
+    assert!(
+        restarted.is_some_and(|t| t < Duration::from_secs(2)),
+        "the restart strategy applies at once: {restarted:?}"
+    );
+    let job = host.wait_status(&id, "running", Duration::from_secs(60));
+    let history = statuses(&job);
+    assert!(
+        history
+            .windows(3)
+            .any(|w| w == ["failing", "restarting", "running"]),
+        "{history:?}"
+    );
+    let upgrade = last_upgrade(&host, &id);
+    assert_eq!(upgrade["outcome"], "abandoned", "{upgrade:#}");
+    let error = upgrade["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("`guard`"),
+        "names the failed operator: {error}"
+    );
+    let operation = job["job"]["operations"]
+        .as_array()
+        .and_then(|o| o.last().cloned())
+        .unwrap_or(Value::Null);
+    assert_eq!(operation["status"], "failed", "{operation:#}");
+    assert!(
+        time_until(Duration::from_secs(10), || empty(
+            &data.join("state").join("standby")
+        ))
+        .is_some(),
+        "the standby's files are removed"
+    );
+    assert_eq!(
+        count_plugin(&host, &id),
+        "count@0.1.0",
+        "the old version runs on"
+    );
+    host.ok(&["cancel", &id], dir.path());
 }

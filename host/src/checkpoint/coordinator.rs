@@ -6,7 +6,7 @@
 //! triggers checkpoint n at every source subtask (`interval`, at most one in
 //! flight, `min_pause` after the previous one), collects one
 //! [`TaskReport::Ack`] per subtask, then writes `_metadata` atomically and
-//! only then tells the sinks ([`CommitSignal`]). A checkpoint that times out
+//! only then tells the sinks ([`CommitSignal`](crate::protocol::CommitSignal)). A checkpoint that times out
 //! or that a subtask declines is aborted; more than `tolerable_failures` in
 //! a row fail the attempt. When every sink has finished it tells them to
 //! commit the rest (the job ended) or to discard it (the job was cancelled:
@@ -21,13 +21,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use super::CheckpointError;
 use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
-use super::{
-    CheckpointError, CommitSignal, Role, SavepointForm, SavepointTargets, SnapshotStats, StopAfter,
-    SubtaskSnapshot, TaskReport, Trigger,
+use crate::protocol::{
+    CoordinatorError, CoordinatorOutcome, CoordinatorWiring, Role, SnapshotStats, SourcePace,
+    StopAfter, SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
 };
-use crate::types::CheckpointId;
+use crate::types::{
+    Barrier, BarrierKind, BaseRule, CheckpointId, Location, S3Url, SavepointForm, SavepointTarget,
+};
 
 /// Checkpoint settings as the coordinator uses them.
 #[derive(Debug, Clone)]
@@ -334,8 +337,8 @@ impl JobCheckpoints {
 /// A user's request for a savepoint of the running attempt.
 #[derive(Debug)]
 pub struct SavepointRequest {
-    /// The directory the savepoint directory is created in.
-    pub target: PathBuf,
+    /// Where the savepoint directory is created.
+    pub target: Location,
     /// Stop the job once the savepoint completed (stop-with-savepoint);
     /// `Some(true)`: drain first (every event-time timer fires).
     pub stop: Option<bool>,
@@ -347,8 +350,8 @@ pub struct SavepointRequest {
     /// savepoint has little left to write: each round has less than the
     /// one before; they end once one took under [`PREPARED_UNDER`].
     pub prepare: u32,
-    /// The savepoint directory, or why there is none.
-    pub reply: oneshot::Sender<Result<PathBuf, String>>,
+    /// Where the savepoint is, or why there is none.
+    pub reply: oneshot::Sender<Result<Location, String>>,
 }
 
 /// What the coordinator of a running attempt is asked for.
@@ -359,32 +362,15 @@ pub enum Request {
     /// it once it completed, or why it did not.
     Checkpoint(oneshot::Sender<Result<ReadMetadata, String>>),
     /// Hold (or stop holding) new bases: checkpoints are deltas of the
-    /// current chain ([`SavepointTargets::hold_bases`]).
+    /// current chain where there is one ([`BaseRule::Held`]).
     HoldBases(bool),
-    /// Sources read at this percentage of their speed
-    /// ([`SavepointTargets::pace_sources`]).
+    /// Sources read at this percentage of their speed ([`SourcePace`]).
     PaceSources(u32),
 }
 
 /// A checkpoint that prepares a savepoint and took less than this (its
 /// slowest subtask's snapshot) is the last one before the savepoint.
 pub const PREPARED_UNDER: Duration = Duration::from_millis(50);
-
-/// What the coordinator needs to know about the job's tasks.
-#[derive(Debug)]
-pub struct CoordinatorWiring {
-    /// One trigger channel per source subtask.
-    pub triggers: Vec<mpsc::UnboundedSender<Trigger>>,
-    pub reports: mpsc::UnboundedReceiver<TaskReport>,
-    pub commit: watch::Sender<CommitSignal>,
-    /// Set when the job is cancelled.
-    pub cancelled: watch::Receiver<bool>,
-    /// Savepoints and checkpoints asked for.
-    pub requests: mpsc::UnboundedReceiver<Request>,
-    /// Every subtask that acks a checkpoint: (uid, subtask).
-    pub subtasks: Vec<(String, u32)>,
-    pub sink_subtasks: usize,
-}
 
 struct Pending {
     id: CheckpointId,
@@ -427,9 +413,9 @@ struct PendingSavepoint {
     dir: PathBuf,
     /// A savepoint for object storage: `dir` is its local staging copy,
     /// uploaded here once complete.
-    remote: Option<super::remote::Remote>,
+    remote: Option<(super::remote::Remote, S3Url)>,
     stop: bool,
-    reply: oneshot::Sender<Result<PathBuf, String>>,
+    reply: oneshot::Sender<Result<Location, String>>,
     /// Tells each stopping source whether the savepoint completed.
     outcomes: Vec<oneshot::Sender<bool>>,
 }
@@ -444,13 +430,13 @@ fn answer(waiters: Waiters, outcome: &Result<ReadMetadata, String>) {
     }
 }
 
-/// Stops holding bases and slowing sources when dropped.
-struct ReleaseHolds<'a>(&'a SavepointTargets);
+/// Sources read at full speed again when dropped: a slowed input ends
+/// with the attempt that slowed it, however it ends.
+struct ResetPace<'a>(&'a SourcePace);
 
-impl Drop for ReleaseHolds<'_> {
+impl Drop for ResetPace<'_> {
     fn drop(&mut self) {
-        self.0.hold_bases(false);
-        self.0.pace_sources(100);
+        self.0.set(100);
     }
 }
 
@@ -463,8 +449,10 @@ pub struct Coordinator {
     /// `_metadata` of this job without subtasks: ids, name, per-uid plugin
     /// and states. Each completed checkpoint fills in the subtasks.
     pub template: CheckpointMetadata,
-    /// Savepoints in flight, shared with the operator subtasks' storage.
-    pub savepoints: Arc<SavepointTargets>,
+    /// The pace the job's sources read at (set when asked).
+    pub pace: Arc<SourcePace>,
+    /// Keys and bytes of the savepoint being written (progress).
+    pub savepoint_progress: Arc<TransferProgress>,
     /// The first id when checkpointing is off (savepoints still need ids
     /// that grow across runs: sinks name their files by them).
     pub first_id: u64,
@@ -482,308 +470,552 @@ pub struct Coordinator {
     pub savepoint_staging: PathBuf,
 }
 
+/// One attempt's checkpointing as it goes: what is in flight, queued,
+/// held, and how the job's tasks stand. [`Coordinator::run`] feeds it the
+/// events of the attempt, one handler each.
+struct Checkpointing<'c> {
+    coordinator: &'c Coordinator,
+    wiring: CoordinatorWiring,
+    requests: Option<mpsc::UnboundedReceiver<Request>>,
+    /// The checkpoint or savepoint in flight (at most one).
+    pending: Option<Pending>,
+    /// Savepoints asked for, taken once nothing is in flight.
+    queued: std::collections::VecDeque<SavepointRequest>,
+    /// Asked for a checkpoint: the next one triggered answers them.
+    waiters: Waiters,
+    next_local_id: u64,
+    stopped_with: Option<Location>,
+    last_trigger: Instant,
+    last_done: Instant,
+    /// A source has gone: nothing more can be triggered.
+    sources_finished: bool,
+    /// Sources whose input ended (they wait for the final checkpoint).
+    inputs_ended: std::collections::HashSet<(String, u32)>,
+    /// Every source's input ended and the final checkpoint was triggered
+    /// (or, checkpointing off, the sources were let go).
+    final_triggered: bool,
+    /// The final checkpoint's id, once triggered.
+    final_id: Option<CheckpointId>,
+    /// Every sink finished (to commit) before the final checkpoint
+    /// completed: their end is sent once it did.
+    end_deferred: bool,
+    sinks_finished: usize,
+    failures_in_a_row: u32,
+    /// Checkpoints are deltas wherever a chain exists (an upgrade's
+    /// standby follows it).
+    bases_held: bool,
+    /// The commit hold, while it lasts, and the newest checkpoint it held.
+    hold: Option<watch::Receiver<bool>>,
+    held: u64,
+}
+
+/// What happened in one turn of the coordinator's loop.
+enum Event {
+    Released(bool),
+    Request(Option<Request>),
+    Report(Option<TaskReport>),
+    TriggerDue,
+    TimedOut,
+}
+
 impl Coordinator {
-    /// Runs until every task has gone. `Ok(Some(dir))` when the job was
-    /// stopped with the savepoint `dir`; `Err` when checkpoints failed more
-    /// often in a row than tolerated.
-    pub async fn run(self, mut wiring: CoordinatorWiring) -> Result<Option<PathBuf>, String> {
-        let mut pending: Option<Pending> = None;
-        let mut queued: std::collections::VecDeque<SavepointRequest> = Default::default();
-        // Asked for a checkpoint: the next one triggered answers them.
-        let mut waiters = Waiters::new();
-        // Held bases and slowed sources end with this attempt, however it
-        // ends.
-        let _holds = ReleaseHolds(&self.savepoints);
-        let mut requests_open = true;
-        let mut next_local_id = self.first_id.max(1);
-        let mut stopped_with: Option<PathBuf> = None;
-        let mut last_trigger = Instant::now();
-        let mut last_done = Instant::now();
-        let mut sources_finished = false;
-        // Sources whose input ended (they wait for the final checkpoint).
-        let mut inputs_ended: std::collections::HashSet<(String, u32)> = Default::default();
-        let mut final_sent = false;
-        // Every sink finished (to commit) before the final checkpoint
-        // completed: their end is sent once it did.
-        let mut end_deferred = false;
-        let mut sinks_finished = 0usize;
-        let mut failures_in_a_row = 0u32;
-        let enabled = self.store.is_some() && self.settings.interval.is_some();
-        let mut hold = self.commit_hold.clone();
-        let mut held: u64 = 0;
+    /// Runs until every task has gone, answering the attempt's requests
+    /// (savepoints, checkpoints on demand, held bases, source pace).
+    /// `Ok(Some(dir))` when the job was stopped with the savepoint `dir`;
+    /// an error when checkpoints failed more often in a row than tolerated
+    /// or the final checkpoint failed.
+    pub async fn run(
+        self,
+        wiring: CoordinatorWiring,
+        requests: mpsc::UnboundedReceiver<Request>,
+    ) -> CoordinatorOutcome {
+        let _pace = ResetPace(&self.pace);
+        let mut run = Checkpointing {
+            coordinator: &self,
+            wiring,
+            requests: Some(requests),
+            pending: None,
+            queued: Default::default(),
+            waiters: Waiters::new(),
+            next_local_id: self.first_id.max(1),
+            stopped_with: None,
+            last_trigger: Instant::now(),
+            last_done: Instant::now(),
+            sources_finished: false,
+            inputs_ended: Default::default(),
+            final_triggered: false,
+            final_id: None,
+            end_deferred: false,
+            sinks_finished: 0,
+            failures_in_a_row: 0,
+            bases_held: false,
+            hold: self.commit_hold.clone(),
+            held: 0,
+        };
         loop {
-            // A queued savepoint goes first, as soon as nothing is in flight.
-            if pending.is_none()
-                && let Some(request) = queued.pop_front()
-            {
-                if sources_finished {
-                    let _ = request
-                        .reply
-                        .send(Err("the job's sources have ended: no savepoint".to_string()));
-                } else if request.prepare > 0
-                    && let Some(store) = &self.store
-                {
-                    let id = store.next_id();
-                    self.savepoints.force_base(id);
-                    debug!(
-                        checkpoint = id.0,
-                        rounds_left = request.prepare,
-                        "checkpoint preparing a savepoint"
-                    );
-                    last_trigger = Instant::now();
-                    match self.trigger_checkpoint(id, &wiring.triggers, false) {
-                        true => pending = Some(Pending::checkpoint(id, Some(request))),
-                        false => {
-                            sources_finished = true;
-                            queued.push_front(request);
-                        }
-                    }
-                } else {
-                    let id = match &self.store {
-                        Some(store) => store.next_id(),
-                        None => {
-                            next_local_id += 1;
-                            CheckpointId(next_local_id - 1)
-                        }
-                    };
-                    pending = self.trigger_savepoint(
-                        id,
-                        request,
-                        &wiring.triggers,
-                        &mut sources_finished,
-                    );
-                    last_trigger = Instant::now();
-                }
+            if run.start_queued_savepoint() || run.trigger_final() {
                 continue;
             }
-            // Every source's input ended: the final checkpoint covers the
-            // whole output (FLIP-147), then the sources end. Without
-            // checkpoints they end at once.
-            if pending.is_none()
-                && !final_sent
-                && !sources_finished
-                && !wiring.triggers.is_empty()
-                && inputs_ended.len() == wiring.triggers.len()
-            {
-                final_sent = true;
-                match &self.store {
-                    Some(store) if enabled => {
-                        let id = store.next_id();
-                        last_trigger = Instant::now();
-                        self.savepoints.set_final(id);
-                        if self.trigger_checkpoint(id, &wiring.triggers, true) {
-                            info!(
-                                checkpoint = id.0,
-                                "the sources' input ended: final checkpoint"
-                            );
-                            pending = Some(Pending::checkpoint(id, None));
-                        } else {
-                            sources_finished = true;
-                        }
-                    }
-                    _ => {
-                        wiring.triggers.clear();
-                        sources_finished = true;
-                    }
+            run.answer_waiters_if_none_can_come();
+            let failed = match run.next_event().await {
+                Event::Released(released) => {
+                    run.released(released);
+                    None
                 }
-                continue;
-            }
-            if !waiters.is_empty() && (!enabled || sources_finished || final_sent) {
-                let why = match enabled {
-                    false => "checkpointing is off",
-                    true => "the job's sources have ended",
-                };
-                answer(std::mem::take(&mut waiters), &Err(why.to_string()));
-            }
-            let next_trigger = match (&pending, self.settings.interval) {
-                (None, _) if !waiters.is_empty() => Some(Instant::now()),
-                (None, Some(interval)) if enabled && !sources_finished && !final_sent => {
-                    Some((last_trigger + interval).max(last_done + self.settings.min_pause))
+                Event::Request(Some(request)) => {
+                    run.request(request);
+                    None
                 }
-                _ => None,
+                Event::Request(None) => {
+                    run.requests = None;
+                    None
+                }
+                Event::Report(Some(report)) => run.report(report).await,
+                Event::Report(None) => break,
+                Event::TriggerDue => {
+                    run.trigger_periodic();
+                    None
+                }
+                Event::TimedOut => Some(format!(
+                    "timed out after {}",
+                    crate::human::duration(self.settings.timeout)
+                )),
             };
-            let deadline = pending.as_ref().map(|p| p.started + self.settings.timeout);
-            let mut failed: Option<String> = None;
-            tokio::select! {
-                released = wait_released(&mut hold) => {
-                    if released && held > 0 {
-                        wiring.commit.send_modify(|s| s.completed = s.completed.max(held));
-                    }
-                    hold = None;
-                }
-                request = wiring.requests.recv(), if requests_open => match request {
-                    Some(Request::Savepoint(request)) => queued.push_back(request),
-                    Some(Request::Checkpoint(waiter)) => waiters.push(waiter),
-                    Some(Request::HoldBases(held)) => self.savepoints.hold_bases(held),
-                    Some(Request::PaceSources(percent)) => self.savepoints.pace_sources(percent),
-                    None => requests_open = false,
-                },
-                report = wiring.reports.recv() => {
-                    let Some(report) = report else { break };
-                    match report {
-                        TaskReport::Ack { checkpoint, snapshot, stats } => {
-                            let Some(p) = pending.as_mut().filter(|p| p.id == checkpoint) else {
-                                continue;
-                            };
-                            p.acks.insert((snapshot.uid.clone(), snapshot.subtask), (*snapshot, stats));
-                            if p.acks.len() == wiring.subtasks.len() {
-                                let mut done = pending.take().expect("pending above");
-                                let is_savepoint = done.savepoint.is_some();
-                                if let Some(mut next) = done.then.take() {
-                                    let slowest = done.acks.values().map(|(_, s)| s.sync + s.asynchronous).max().unwrap_or_default();
-                                    next.prepare = if slowest < PREPARED_UNDER { 0 } else { next.prepare - 1 };
-                                    queued.push_front(next);
-                                }
-                                match self.complete(done).await {
-                                    Ok((id, stopped)) => {
-                                        if !is_savepoint {
-                                            failures_in_a_row = 0;
-                                        }
-                                        stopped_with = stopped_with.or(stopped);
-                                        last_done = Instant::now();
-                                        if hold.as_ref().is_some_and(|h| *h.borrow()) {
-                                            held = held.max(id);
-                                        } else {
-                                            wiring.commit.send_modify(|s| s.completed = s.completed.max(id));
-                                        }
-                                        if end_deferred && self.savepoints.is_final(CheckpointId(id)) {
-                                            end_deferred = false;
-                                            wiring.commit.send_modify(|s| s.end = Some(true));
-                                        }
-                                    }
-                                    Err(error) if is_savepoint => warn!(%error, "savepoint failed"),
-                                    Err(error) => failed = Some(error),
-                                }
-                            }
-                        }
-                        TaskReport::Decline { checkpoint, uid, subtask, reason } => {
-                            if pending.as_ref().is_some_and(|p| p.id == checkpoint) {
-                                failed = Some(format!("`{uid}` (subtask {subtask}) declined: {reason}"));
-                            }
-                        }
-                        TaskReport::InputEnded { uid, subtask } => {
-                            inputs_ended.insert((uid, subtask));
-                        }
-                        TaskReport::Finished { uid, subtask, role } => match role {
-                            Role::Source => {
-                                sources_finished = true;
-                                if pending.as_ref().is_some_and(|p| !p.acks.contains_key(&(uid.clone(), subtask))) {
-                                    requeue_follow_up(&mut pending, &mut queued);
-                                    self.abort(pending.take(), "a source ended before taking part", false);
-                                    last_done = Instant::now();
-                                }
-                            }
-                            Role::Sink => {
-                                sinks_finished += 1;
-                                if sinks_finished == wiring.sink_subtasks {
-                                    let cancelled = *wiring.cancelled.borrow();
-                                    let commit = !(cancelled && enabled);
-                                    if !commit {
-                                        info!("job cancelled: output after the latest checkpoint is discarded; resume from that checkpoint");
-                                    }
-                                    if commit && self.final_pending(&pending) {
-                                        // Committed by the final checkpoint, not before.
-                                        end_deferred = true;
-                                    } else {
-                                        wiring.commit.send_modify(|s| s.end = Some(commit));
-                                    }
-                                }
-                            }
-                            Role::Operator => {}
-                        },
-                    }
-                }
-                _ = sleep_until(next_trigger) => {
-                    let store = self.store.as_ref().expect("enabled");
-                    let id = store.next_id();
-                    last_trigger = Instant::now();
-                    if self.trigger_checkpoint(id, &wiring.triggers, false) {
-                        let mut checkpoint = Pending::checkpoint(id, None);
-                        checkpoint.waiters = std::mem::take(&mut waiters);
-                        pending = Some(checkpoint);
-                    } else {
-                        sources_finished = true;
-                    }
-                }
-                _ = sleep_until(deadline) => {
-                    failed = Some(format!("timed out after {}", crate::human::duration(self.settings.timeout)));
-                }
-            }
             if let Some(reason) = failed {
-                let id = pending.as_ref().map(|p| p.id.0);
-                if self.final_pending(&pending) {
-                    // The sources have ended: no later checkpoint can cover
-                    // the output, so the job fails and resumes from its
-                    // latest checkpoint rather than commit it uncovered.
-                    self.abort(pending.take(), &reason, true);
-                    return Err(format!(
-                        "the final checkpoint {} failed ({reason})",
-                        id.unwrap_or(0)
-                    ));
-                }
-                let savepoint = pending.as_ref().is_some_and(|p| p.savepoint.is_some());
-                requeue_follow_up(&mut pending, &mut queued);
-                self.abort(pending.take(), &reason, true);
-                last_done = Instant::now();
-                if savepoint {
-                    // A failed savepoint leaves the job running; it is not a
-                    // checkpoint failure.
-                    continue;
-                }
-                failures_in_a_row += 1;
-                if failures_in_a_row > self.settings.tolerable_failures {
-                    return Err(format!(
-                        "checkpoint {} failed ({reason}); {failures_in_a_row} failures in a row, tolerable_failures = {}",
-                        id.unwrap_or(0),
-                        self.settings.tolerable_failures
-                    ));
-                }
+                run.failed(reason)?;
             }
         }
-        if pending.as_ref().is_some_and(|p| p.savepoint.is_some()) {
-            // Its directory holds no `_metadata`: remove it.
-            self.abort(pending.take(), "the job ended before it completed", false);
+        Ok(run.finish())
+    }
+}
+
+impl Checkpointing<'_> {
+    fn enabled(&self) -> bool {
+        self.coordinator.store.is_some() && self.coordinator.settings.interval.is_some()
+    }
+
+    /// The next id: the store's, or (checkpointing off) a local one.
+    fn next_id(&mut self) -> CheckpointId {
+        match &self.coordinator.store {
+            Some(store) => store.next_id(),
+            None => {
+                self.next_local_id += 1;
+                CheckpointId(self.next_local_id - 1)
+            }
         }
-        for request in queued {
+    }
+
+    /// What a checkpoint's barrier asks of operator subtasks now.
+    fn base_rule(&self) -> BaseRule {
+        match self.bases_held {
+            true => BaseRule::Held,
+            false => BaseRule::Chain,
+        }
+    }
+
+    /// A queued savepoint goes first, as soon as nothing is in flight:
+    /// its preparing checkpoints, or its barrier. Whether it did anything.
+    fn start_queued_savepoint(&mut self) -> bool {
+        if self.pending.is_some() {
+            return false;
+        }
+        let Some(request) = self.queued.pop_front() else {
+            return false;
+        };
+        if self.sources_finished {
+            let _ = request
+                .reply
+                .send(Err("the job's sources have ended: no savepoint".to_string()));
+        } else if request.prepare > 0
+            && let Some(store) = &self.coordinator.store
+        {
+            let id = store.next_id();
+            debug!(
+                checkpoint = id.0,
+                rounds_left = request.prepare,
+                "checkpoint preparing a savepoint"
+            );
+            self.last_trigger = Instant::now();
+            match self.trigger(Barrier::checkpoint(id, BaseRule::Forced)) {
+                true => self.pending = Some(Pending::checkpoint(id, Some(request))),
+                false => {
+                    self.sources_finished = true;
+                    self.queued.push_front(request);
+                }
+            }
+        } else {
+            let id = self.next_id();
+            self.pending = self.trigger_savepoint(id, request);
+            self.last_trigger = Instant::now();
+        }
+        true
+    }
+
+    /// Every source's input ended: the final checkpoint covers the whole
+    /// output (FLIP-147), then the sources end. Without checkpoints they
+    /// end at once. Whether it did anything.
+    fn trigger_final(&mut self) -> bool {
+        let ready = self.pending.is_none()
+            && !self.final_triggered
+            && !self.sources_finished
+            && !self.wiring.triggers.is_empty()
+            && self.inputs_ended.len() == self.wiring.triggers.len();
+        if !ready {
+            return false;
+        }
+        self.final_triggered = true;
+        match &self.coordinator.store {
+            Some(store) if self.enabled() => {
+                let id = store.next_id();
+                self.final_id = Some(id);
+                self.last_trigger = Instant::now();
+                if self.trigger(Barrier {
+                    id,
+                    kind: BarrierKind::Final,
+                }) {
+                    info!(
+                        checkpoint = id.0,
+                        "the sources' input ended: final checkpoint"
+                    );
+                    self.pending = Some(Pending::checkpoint(id, None));
+                } else {
+                    self.sources_finished = true;
+                }
+            }
+            _ => {
+                // No checkpoint to wait for: the sources end now.
+                self.wiring.triggers.clear();
+                self.sources_finished = true;
+            }
+        }
+        true
+    }
+
+    /// Those waiting for a checkpoint that will never be triggered hear so.
+    fn answer_waiters_if_none_can_come(&mut self) {
+        if self.waiters.is_empty()
+            || (self.enabled() && !self.sources_finished && !self.final_triggered)
+        {
+            return;
+        }
+        let why = match self.enabled() {
+            false => "checkpointing is off",
+            true => "the job's sources have ended",
+        };
+        answer(std::mem::take(&mut self.waiters), &Err(why.to_string()));
+    }
+
+    /// Waits for the next thing to handle.
+    async fn next_event(&mut self) -> Event {
+        let settings = &self.coordinator.settings;
+        let next_trigger = match (&self.pending, settings.interval) {
+            (None, _) if !self.waiters.is_empty() => Some(Instant::now()),
+            (None, Some(interval))
+                if self.enabled() && !self.sources_finished && !self.final_triggered =>
+            {
+                Some((self.last_trigger + interval).max(self.last_done + settings.min_pause))
+            }
+            _ => None,
+        };
+        let deadline = self.pending.as_ref().map(|p| p.started + settings.timeout);
+        let requests_open = self.requests.is_some();
+        tokio::select! {
+            released = wait_released(&mut self.hold) => Event::Released(released),
+            request = recv_request(&mut self.requests), if requests_open => Event::Request(request),
+            report = self.wiring.reports.recv() => Event::Report(report),
+            _ = sleep_until(next_trigger) => Event::TriggerDue,
+            _ = sleep_until(deadline) => Event::TimedOut,
+        }
+    }
+
+    /// The commit hold ended: what it held is announced (if released).
+    fn released(&mut self, released: bool) {
+        if released && self.held > 0 {
+            let held = self.held;
+            self.wiring
+                .commit
+                .send_modify(|s| s.completed = s.completed.max(held));
+        }
+        self.hold = None;
+    }
+
+    fn request(&mut self, request: Request) {
+        match request {
+            Request::Savepoint(request) => self.queued.push_back(request),
+            Request::Checkpoint(waiter) => self.waiters.push(waiter),
+            Request::HoldBases(held) => self.bases_held = held,
+            Request::PaceSources(percent) => self.coordinator.pace.set(percent),
+        }
+    }
+
+    /// A subtask's report; returns why the checkpoint in flight failed, if
+    /// it did.
+    async fn report(&mut self, report: TaskReport) -> Option<String> {
+        match report {
+            TaskReport::Ack {
+                checkpoint,
+                snapshot,
+                stats,
+            } => self.ack(checkpoint, *snapshot, stats).await,
+            TaskReport::Decline {
+                checkpoint,
+                uid,
+                subtask,
+                reason,
+            } => self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.id == checkpoint)
+                .then(|| format!("`{uid}` (subtask {subtask}) declined: {reason}")),
+            TaskReport::InputEnded { uid, subtask } => {
+                self.inputs_ended.insert((uid, subtask));
+                None
+            }
+            TaskReport::Finished {
+                uid,
+                subtask,
+                role: Role::Source,
+            } => {
+                self.source_finished(uid, subtask);
+                None
+            }
+            TaskReport::Finished {
+                role: Role::Sink, ..
+            } => {
+                self.sink_finished();
+                None
+            }
+            TaskReport::Finished {
+                role: Role::Operator,
+                ..
+            } => None,
+        }
+    }
+
+    /// A subtask's part of checkpoint n; once every subtask's is in, the
+    /// checkpoint completes.
+    async fn ack(
+        &mut self,
+        checkpoint: CheckpointId,
+        snapshot: SubtaskSnapshot,
+        stats: SnapshotStats,
+    ) -> Option<String> {
+        let pending = self.pending.as_mut().filter(|p| p.id == checkpoint)?;
+        pending
+            .acks
+            .insert((snapshot.uid.clone(), snapshot.subtask), (snapshot, stats));
+        if pending.acks.len() < self.wiring.subtasks.len() {
+            return None;
+        }
+        let mut done = self.pending.take().expect("pending above");
+        let is_savepoint = done.savepoint.is_some();
+        if let Some(mut next) = done.then.take() {
+            let slowest = done
+                .acks
+                .values()
+                .map(|(_, s)| s.sync + s.asynchronous)
+                .max()
+                .unwrap_or_default();
+            next.prepare = if slowest < PREPARED_UNDER {
+                0
+            } else {
+                next.prepare - 1
+            };
+            self.queued.push_front(next);
+        }
+        match self.coordinator.complete(done).await {
+            Ok((id, stopped)) => {
+                self.completed(id, stopped, is_savepoint);
+                None
+            }
+            Err(error) if is_savepoint => {
+                warn!(%error, "savepoint failed");
+                None
+            }
+            Err(error) => Some(error),
+        }
+    }
+
+    /// Checkpoint (or savepoint) `id` completed: sinks hear of it unless
+    /// commits are held.
+    fn completed(&mut self, id: u64, stopped: Option<Location>, is_savepoint: bool) {
+        if !is_savepoint {
+            self.failures_in_a_row = 0;
+        }
+        self.stopped_with = self.stopped_with.take().or(stopped);
+        self.last_done = Instant::now();
+        if self.hold.as_ref().is_some_and(|h| *h.borrow()) {
+            self.held = self.held.max(id);
+        } else {
+            self.wiring
+                .commit
+                .send_modify(|s| s.completed = s.completed.max(id));
+        }
+        if self.end_deferred && self.final_id == Some(CheckpointId(id)) {
+            self.end_deferred = false;
+            self.wiring.commit.send_modify(|s| s.end = Some(true));
+        }
+    }
+
+    /// A source has gone: a checkpoint it took no part in can never
+    /// complete.
+    fn source_finished(&mut self, uid: String, subtask: u32) {
+        self.sources_finished = true;
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| !p.acks.contains_key(&(uid, subtask)))
+        {
+            requeue_follow_up(&mut self.pending, &mut self.queued);
+            self.coordinator.abort(
+                self.pending.take(),
+                "a source ended before taking part",
+                false,
+            );
+            self.last_done = Instant::now();
+        }
+    }
+
+    /// Once every sink finished: commit the rest (the job ended; after the
+    /// final checkpoint, if it is in flight) or discard it (cancelled).
+    fn sink_finished(&mut self) {
+        self.sinks_finished += 1;
+        if self.sinks_finished != self.wiring.sink_subtasks {
+            return;
+        }
+        let cancelled = *self.wiring.cancelled.borrow();
+        let commit = !(cancelled && self.enabled());
+        if !commit {
+            info!(
+                "job cancelled: output after the latest checkpoint is discarded; resume from that checkpoint"
+            );
+        }
+        if commit && self.final_pending() {
+            // Committed by the final checkpoint, not before.
+            self.end_deferred = true;
+        } else {
+            self.wiring.commit.send_modify(|s| s.end = Some(commit));
+        }
+    }
+
+    /// The periodic (or asked-for) checkpoint is due.
+    fn trigger_periodic(&mut self) {
+        let store = self.coordinator.store.as_ref().expect("enabled");
+        let id = store.next_id();
+        self.last_trigger = Instant::now();
+        if self.trigger(Barrier::checkpoint(id, self.base_rule())) {
+            let mut checkpoint = Pending::checkpoint(id, None);
+            checkpoint.waiters = std::mem::take(&mut self.waiters);
+            self.pending = Some(checkpoint);
+        } else {
+            self.sources_finished = true;
+        }
+    }
+
+    /// The checkpoint (or savepoint) in flight failed for `reason`.
+    fn failed(&mut self, reason: String) -> Result<(), CoordinatorError> {
+        let id = self.pending.as_ref().map_or(0, |p| p.id.0);
+        if self.final_pending() {
+            // The sources have ended: no later checkpoint can cover the
+            // output, so the job fails and resumes from its latest
+            // checkpoint rather than commit it uncovered.
+            self.coordinator.abort(self.pending.take(), &reason, true);
+            return Err(CoordinatorError::FinalCheckpoint { id, reason });
+        }
+        let savepoint = self.pending.as_ref().is_some_and(|p| p.savepoint.is_some());
+        requeue_follow_up(&mut self.pending, &mut self.queued);
+        self.coordinator.abort(self.pending.take(), &reason, true);
+        self.last_done = Instant::now();
+        if savepoint {
+            // A failed savepoint leaves the job running; it is not a
+            // checkpoint failure.
+            return Ok(());
+        }
+        self.failures_in_a_row += 1;
+        let tolerable = self.coordinator.settings.tolerable_failures;
+        if self.failures_in_a_row > tolerable {
+            return Err(CoordinatorError::TooManyFailures {
+                id,
+                reason,
+                failures: self.failures_in_a_row,
+                tolerable,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every task has gone: what is in flight or queued is answered.
+    fn finish(mut self) -> Option<Location> {
+        if self.pending.as_ref().is_some_and(|p| p.savepoint.is_some()) {
+            // Its directory holds no `_metadata`: remove it.
+            self.coordinator.abort(
+                self.pending.take(),
+                "the job ended before it completed",
+                false,
+            );
+        }
+        for request in self.queued {
             let _ = request.reply.send(Err(
                 "the job ended before the savepoint was taken".to_string()
             ));
         }
         answer(
-            waiters,
+            self.waiters,
             &Err("the job ended before the checkpoint".to_string()),
         );
-        Ok(stopped_with)
+        self.stopped_with
     }
 
     /// Whether the checkpoint in flight is the final one.
-    fn final_pending(&self, pending: &Option<Pending>) -> bool {
-        pending
+    fn final_pending(&self) -> bool {
+        self.pending
             .as_ref()
-            .is_some_and(|p| self.savepoints.is_final(p.id))
+            .is_some_and(|p| Some(p.id) == self.final_id)
     }
 
-    /// Sends barrier `id` to every source as a checkpoint; false when a
-    /// source has gone.
-    fn trigger_checkpoint(
-        &self,
-        id: CheckpointId,
-        triggers: &[mpsc::UnboundedSender<Trigger>],
-        last: bool,
-    ) -> bool {
+    /// Sends `barrier` to every source; false when a source has gone.
+    fn trigger(&self, barrier: Barrier) -> bool {
         let mut delivered = true;
-        for trigger in triggers {
+        for trigger in &self.wiring.triggers {
             delivered &= trigger
                 .send(Trigger {
-                    checkpoint: id,
+                    barrier: barrier.clone(),
                     stop: None,
-                    last,
                 })
                 .is_ok();
         }
         delivered
     }
 
+    /// Creates the savepoint directory and sends its barrier (id `id`) to
+    /// every source. None when it could not start (the request is
+    /// answered; a source that has gone ends triggering).
+    fn trigger_savepoint(
+        &mut self,
+        id: CheckpointId,
+        request: SavepointRequest,
+    ) -> Option<Pending> {
+        let mut sources_finished = self.sources_finished;
+        let pending = self.coordinator.trigger_savepoint(
+            id,
+            request,
+            &self.wiring.triggers,
+            &mut sources_finished,
+        );
+        self.sources_finished = sources_finished;
+        pending
+    }
+}
+
+/// The next request, while the channel is open.
+async fn recv_request(requests: &mut Option<mpsc::UnboundedReceiver<Request>>) -> Option<Request> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Coordinator {
     /// Creates the savepoint directory and sends barrier `id` to every
     /// source as a savepoint. None when it could not start (the request is
     /// answered; `sources_finished` is set if a source has gone).
@@ -794,20 +1026,15 @@ impl Coordinator {
         triggers: &[mpsc::UnboundedSender<Trigger>],
         sources_finished: &mut bool,
     ) -> Option<Pending> {
-        let remote = if super::remote::is_remote(&request.target) {
-            match super::remote::Remote::open(&request.target.to_string_lossy()) {
-                Ok(remote) => Some(remote),
+        let (remote, local_target) = match &request.target {
+            Location::S3(url) => match super::remote::Remote::open(url) {
+                Ok(remote) => (Some((remote, url.clone())), &self.savepoint_staging),
                 Err(error) => {
                     let _ = request.reply.send(Err(error.to_string()));
                     return None;
                 }
-            }
-        } else {
-            None
-        };
-        let local_target = match &remote {
-            Some(_) => &self.savepoint_staging,
-            None => &request.target,
+            },
+            Location::Local(dir) => (None, dir),
         };
         let dir = match super::savepoint::create_dir(
             local_target,
@@ -822,16 +1049,22 @@ impl Coordinator {
             }
         };
         // Remotely: `<target>/<the directory's name>`.
-        let remote = remote.map(|r| {
-            r.join(
-                &dir.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )
+        let remote = remote.map(|(r, url)| {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (r.join(&name), url.join(&name))
         });
-        self.savepoints.insert(id, dir.clone(), request.form);
-        self.savepoints.progress.start();
+        self.savepoint_progress.start();
         info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
+        let barrier = Barrier {
+            id,
+            kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
+                dir: dir.clone(),
+                form: request.form,
+            })),
+        };
         let mut outcomes = Vec::new();
         let mut delivered = true;
         for trigger in triggers {
@@ -842,9 +1075,8 @@ impl Coordinator {
             });
             delivered &= trigger
                 .send(Trigger {
-                    checkpoint: id,
+                    barrier: barrier.clone(),
                     stop,
-                    last: false,
                 })
                 .is_ok();
         }
@@ -877,8 +1109,7 @@ impl Coordinator {
         let Some(pending) = pending else { return };
         if let Some(savepoint) = pending.savepoint {
             warn!(savepoint = pending.id.0, reason, "savepoint aborted");
-            self.savepoints.remove(pending.id);
-            self.savepoints.progress.finish();
+            self.savepoint_progress.finish();
             for outcome in savepoint.outcomes {
                 let _ = outcome.send(false);
             }
@@ -912,10 +1143,10 @@ impl Coordinator {
     /// Writes `_metadata` (on a blocking thread, which finishes even if the
     /// attempt is torn down meanwhile) and logs the checkpoint. Returns its
     /// id and, for a stop-with-savepoint, the savepoint directory.
-    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<PathBuf>), String> {
+    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<Location>), String> {
         let mut metadata = self.template.clone();
         metadata.checkpoint = pending.id.0;
-        metadata.completed_ms = crate::dataflow::now_millis();
+        metadata.completed_ms = crate::types::now_millis();
         let mut stats = SnapshotStats::default();
         for ((uid, _), (snapshot, subtask_stats)) in std::mem::take(&mut pending.acks) {
             stats.alignment = stats.alignment.max(subtask_stats.alignment);
@@ -950,7 +1181,7 @@ impl Coordinator {
         store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
         store.metrics.record(CheckpointRecord {
             id: pending.id.0,
-            completed_ms: crate::dataflow::now_millis() as u64,
+            completed_ms: crate::types::now_millis() as u64,
             duration: pending.started.elapsed(),
             alignment: stats.alignment,
             sync: stats.sync,
@@ -981,10 +1212,10 @@ impl Coordinator {
         savepoint: PendingSavepoint,
         mut metadata: CheckpointMetadata,
         stats: SnapshotStats,
-    ) -> Result<(u64, Option<PathBuf>), String> {
+    ) -> Result<(u64, Option<Location>), String> {
         metadata.kind = SnapshotKind::Savepoint;
         let dir = savepoint.dir.clone();
-        let remote = savepoint.remote.clone();
+        let remote = savepoint.remote.as_ref().map(|(remote, _)| remote.clone());
         let written = tokio::task::spawn_blocking(move || {
             let read = metadata::write(&dir, &metadata).map(|path| ReadMetadata {
                 path,
@@ -1017,8 +1248,7 @@ impl Coordinator {
                 return Err(error);
             }
         };
-        self.savepoints.remove(pending.id);
-        self.savepoints.progress.finish();
+        self.savepoint_progress.finish();
         if let Some(store) = &self.store {
             store.lock().latest = Some(read);
         }
@@ -1035,11 +1265,127 @@ impl Coordinator {
         // Where it is for the user: the remote location, if any (the local
         // staging copy stays the restore point of this run).
         let location = match &savepoint.remote {
-            Some(remote) => PathBuf::from(&remote.url),
-            None => savepoint.dir.clone(),
+            Some((_, url)) => Location::S3(url.clone()),
+            None => Location::Local(savepoint.dir.clone()),
         };
         let _ = savepoint.reply.send(Ok(location.clone()));
         Ok((pending.id.0, savepoint.stop.then_some(location)))
+    }
+}
+
+/// Asks a running attempt's coordinator for savepoints (and checkpoints,
+/// held bases, a slower pace).
+#[derive(Debug, Clone)]
+pub struct Savepointer(mpsc::UnboundedSender<Request>);
+
+impl Savepointer {
+    /// A savepointer and the coordinator's end of it (see
+    /// [`Coordinator::run`]).
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Request>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (Self(sender), receiver)
+    }
+}
+
+impl Savepointer {
+    /// Takes a savepoint under `target`; with `stop`, the job then stops
+    /// (`Some(true)`: drained first). Resolves to the savepoint directory.
+    pub async fn savepoint(
+        &self,
+        target: impl Into<Location>,
+        stop: Option<bool>,
+    ) -> Result<Location, String> {
+        self.request(target.into(), stop, SavepointForm::Canonical, 0)
+            .await
+    }
+
+    /// [`Savepointer::savepoint`] in native form: each subtask's state as
+    /// its backend's files (a full base), restored file for file where the
+    /// key-group range is unchanged. Quick to write and to reopen; the
+    /// running host's shutdown takes these.
+    pub async fn native_savepoint(
+        &self,
+        target: impl Into<Location>,
+        stop: Option<bool>,
+    ) -> Result<Location, String> {
+        self.request(target.into(), stop, SavepointForm::Native, 0)
+            .await
+    }
+
+    /// A native stop-with-savepoint (no drain) whose state is written
+    /// ahead while the job runs on: first up to `rounds` checkpoints that
+    /// every operator subtask takes as a base, each with less to write
+    /// than the one before, so the stop itself has little left. What the
+    /// running host's upgrades take: their downtime is the stop's.
+    pub async fn prepared_stop(
+        &self,
+        target: impl Into<Location>,
+        rounds: u32,
+    ) -> Result<Location, String> {
+        self.request(target.into(), Some(false), SavepointForm::Native, rounds)
+            .await
+    }
+
+    /// A stop-with-savepoint (no drain) in [`SavepointForm::Incremental`]
+    /// form: each subtask's checkpoint chain plus the changes since its
+    /// last checkpoint. What an upgrade whose standby follows the chain
+    /// takes.
+    pub async fn incremental_stop(&self, target: impl Into<Location>) -> Result<Location, String> {
+        self.request(target.into(), Some(false), SavepointForm::Incremental, 0)
+            .await
+    }
+
+    /// Takes a checkpoint now (as soon as none is in flight); resolves to
+    /// it once it completed.
+    pub async fn checkpoint(&self) -> Result<ReadMetadata, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0
+            .send(Request::Checkpoint(reply))
+            .map_err(|_| "the job has ended: no checkpoint".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the job ended before the checkpoint completed".to_string())?
+    }
+
+    /// Sources read at `percent` of their speed (100: as fast as they
+    /// can); back to full speed when the attempt ends.
+    pub fn pace_sources(&self, percent: u32) {
+        let _ = self.0.send(Request::PaceSources(percent));
+    }
+
+    /// Bases no longer held, sources at full speed again (what the end of
+    /// the attempt does anyway).
+    pub fn release_holds(&self) {
+        self.hold_bases(false);
+        self.pace_sources(100);
+    }
+
+    /// While `held`, checkpoints are deltas of each subtask's current base
+    /// (see [`BaseRule::Held`]).
+    pub fn hold_bases(&self, held: bool) {
+        let _ = self.0.send(Request::HoldBases(held));
+    }
+
+    async fn request(
+        &self,
+        target: Location,
+        stop: Option<bool>,
+        form: SavepointForm,
+        prepare: u32,
+    ) -> Result<Location, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.0
+            .send(Request::Savepoint(SavepointRequest {
+                target,
+                stop,
+                form,
+                prepare,
+                reply,
+            }))
+            .map_err(|_| "the job has ended: no savepoint".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the job ended before the savepoint completed".to_string())?
     }
 }
 
@@ -1113,6 +1459,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::CommitSignal;
     use std::collections::BTreeMap;
 
     struct Harness {
@@ -1120,15 +1467,30 @@ mod tests {
         reports: mpsc::UnboundedSender<TaskReport>,
         commit: watch::Receiver<CommitSignal>,
         _cancel: watch::Sender<bool>,
-        savepoints: mpsc::UnboundedSender<Request>,
-        run: tokio::task::JoinHandle<Result<Option<PathBuf>, String>>,
+        savepoints: Savepointer,
+        run: tokio::task::JoinHandle<CoordinatorOutcome>,
         store: Arc<JobCheckpoints>,
-        targets: Arc<SavepointTargets>,
+        pace: Arc<SourcePace>,
     }
 
     impl Harness {
         async fn next_trigger(&mut self) -> CheckpointId {
-            self.triggers.recv().await.expect("triggered").checkpoint
+            self.triggers.recv().await.expect("triggered").barrier.id
+        }
+
+        fn send(&self, request: Request) {
+            self.savepoints.0.send(request).expect("sent");
+        }
+    }
+
+    fn is_savepoint(trigger: &Trigger) -> bool {
+        matches!(trigger.barrier.kind, BarrierKind::Savepoint(_))
+    }
+
+    fn base_rule(trigger: &Trigger) -> Option<BaseRule> {
+        match trigger.barrier.kind {
+            BarrierKind::Checkpoint { base } => Some(base),
+            _ => None,
         }
     }
 
@@ -1159,12 +1521,12 @@ mod tests {
         commit_hold: Option<watch::Receiver<bool>>,
     ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
-        let targets = Arc::new(SavepointTargets::default());
+        let pace = Arc::new(SourcePace::default());
         let (trigger, triggers) = mpsc::unbounded_channel();
         let (reports, report_receiver) = mpsc::unbounded_channel();
         let (commit, commit_receiver) = watch::channel(CommitSignal::default());
         let (cancel, cancelled) = watch::channel(false);
-        let (savepoints, savepoint_requests) = mpsc::unbounded_channel();
+        let (savepoints, savepoint_requests) = Savepointer::channel();
         let mut operators = BTreeMap::new();
         operators.insert("src".to_string(), operator_template(Role::Source, 1));
         operators.insert("out".to_string(), operator_template(Role::Sink, 1));
@@ -1185,7 +1547,8 @@ mod tests {
                 max_parallelism: 8,
                 operators,
             },
-            savepoints: targets.clone(),
+            pace: pace.clone(),
+            savepoint_progress: Arc::default(),
             first_id: 1,
             commit_hold,
             savepoint_job_id: None,
@@ -1196,7 +1559,6 @@ mod tests {
             reports: report_receiver,
             commit,
             cancelled,
-            requests: savepoint_requests,
             subtasks: vec![("src".into(), 0), ("out".into(), 0)],
             sink_subtasks: 1,
         };
@@ -1206,9 +1568,9 @@ mod tests {
             commit: commit_receiver,
             _cancel: cancel,
             savepoints,
-            run: tokio::spawn(coordinator.run(wiring)),
+            run: tokio::spawn(coordinator.run(wiring, savepoint_requests)),
             store,
-            targets,
+            pace,
         }
     }
 
@@ -1334,7 +1696,7 @@ mod tests {
         // Second: times out too; two in a row exceed tolerable_failures = 1.
         let second = h.next_trigger().await;
         assert!(second > first);
-        let error = h.run.await.expect("joins").expect_err("fails");
+        let error = h.run.await.expect("joins").expect_err("fails").to_string();
         assert!(error.contains("timed out"), "{error}");
         assert!(error.contains("tolerable_failures = 1"), "{error}");
         assert!(h.store.latest().is_none());
@@ -1353,11 +1715,11 @@ mod tests {
             .expect("send");
         loop {
             let trigger = h.triggers.recv().await.expect("triggered");
-            if trigger.last {
-                return trigger.checkpoint;
+            if trigger.is_last() {
+                return trigger.barrier.id;
             }
-            ack(&h.reports, trigger.checkpoint, "src");
-            ack(&h.reports, trigger.checkpoint, "out");
+            ack(&h.reports, trigger.barrier.id, "src");
+            ack(&h.reports, trigger.barrier.id, "out");
         }
     }
 
@@ -1402,7 +1764,7 @@ mod tests {
         ack(&h.reports, last, "src");
         sink_finished(&h);
         decline(&h.reports, last, "out", "disk full");
-        let error = h.run.await.expect("joins").expect_err("fails");
+        let error = h.run.await.expect("joins").expect_err("fails").to_string();
         assert!(
             error.contains(&format!("final checkpoint {}", last.0)),
             "{error}"
@@ -1441,9 +1803,9 @@ mod tests {
             Some(Duration::from_secs(60)),
         );
         let (reply, answer) = oneshot::channel();
-        h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
-        h.savepoints.send(Request::HoldBases(true)).expect("sent");
-        h.savepoints.send(Request::PaceSources(50)).expect("sent");
+        h.send(Request::Checkpoint(reply));
+        h.send(Request::HoldBases(true));
+        h.send(Request::PaceSources(50));
         let id = tokio::time::timeout(Duration::from_secs(5), h.next_trigger())
             .await
             .expect("triggered at once");
@@ -1452,26 +1814,26 @@ mod tests {
         let read = answer.await.expect("answered").expect("completed");
         assert_eq!(read.metadata.checkpoint, id.0);
         assert!(read.path.exists(), "its _metadata is written");
-        assert!(h.targets.bases_held(), "bases are held as asked");
-        assert_eq!(h.targets.source_pace(), 50, "sources paced as asked");
-        // A failed one answers with why.
+        assert_eq!(h.pace.get(), 50, "sources paced as asked");
+        // A failed one answers with why; bases are held as asked.
         let (reply, answer) = oneshot::channel();
-        h.savepoints.send(Request::Checkpoint(reply)).expect("sent");
-        let id = h.next_trigger().await;
+        h.send(Request::Checkpoint(reply));
+        let trigger = h.triggers.recv().await.expect("triggered");
+        assert_eq!(base_rule(&trigger), Some(BaseRule::Held));
+        let id = trigger.barrier.id;
         decline(&h.reports, id, "out", "disk full");
         let error = answer.await.expect("answered").expect_err("failed");
         assert!(error.contains("disk full"), "{error}");
-        // The attempt ended (no tolerance left): holds and pace end with it.
+        // The attempt ended (no tolerance left): the pace ends with it.
         let _ = h.run.await.expect("coordinator ended");
-        assert!(!h.targets.bases_held());
-        assert_eq!(h.targets.source_pace(), 100);
+        assert_eq!(h.pace.get(), 100);
     }
 
     fn request(
         h: &Harness,
         target: &std::path::Path,
         stop: Option<bool>,
-    ) -> oneshot::Receiver<Result<PathBuf, String>> {
+    ) -> oneshot::Receiver<Result<Location, String>> {
         request_prepared(h, target, stop, 0)
     }
 
@@ -1480,11 +1842,12 @@ mod tests {
         target: &std::path::Path,
         stop: Option<bool>,
         prepare: u32,
-    ) -> oneshot::Receiver<Result<PathBuf, String>> {
+    ) -> oneshot::Receiver<Result<Location, String>> {
         let (reply, answer) = oneshot::channel();
         h.savepoints
+            .0
             .send(Request::Savepoint(SavepointRequest {
-                target: target.to_path_buf(),
+                target: Location::Local(target.to_path_buf()),
                 stop,
                 form: SavepointForm::Canonical,
                 prepare,
@@ -1503,9 +1866,10 @@ mod tests {
         let trigger = h.triggers.recv().await.expect("triggered");
         let stop = trigger.stop.expect("a stop");
         assert!(stop.drain);
-        ack(&h.reports, trigger.checkpoint, "src");
-        ack(&h.reports, trigger.checkpoint, "out");
-        let path = answer.await.expect("answered").expect("completed");
+        ack(&h.reports, trigger.barrier.id, "src");
+        ack(&h.reports, trigger.barrier.id, "out");
+        let location = answer.await.expect("answered").expect("completed");
+        let path = location.local().expect("local").to_path_buf();
         assert!(stop.outcome.await.expect("told"), "the source may stop");
         assert_eq!(path.parent(), Some(target.as_path()));
         let name = path
@@ -1519,10 +1883,10 @@ mod tests {
         assert_eq!(read.base, path);
         assert_eq!(
             read.metadata.operators["src"].subtasks[0].position,
-            Some(trigger.checkpoint.0 * 10)
+            Some(trigger.barrier.id.0 * 10)
         );
         h.commit
-            .wait_for(|s| s.completed == trigger.checkpoint.0)
+            .wait_for(|s| s.completed == trigger.barrier.id.0)
             .await
             .expect("sinks commit the savepoint");
         // A savepoint is not one of the job's checkpoints (no chk-N), but a
@@ -1532,7 +1896,7 @@ mod tests {
         sink_finished(&h);
         drop(h.reports);
         let stopped = h.run.await.expect("joins").expect("no failure");
-        assert_eq!(stopped, Some(path));
+        assert_eq!(stopped, Some(location));
     }
 
     #[tokio::test]
@@ -1542,7 +1906,7 @@ mod tests {
         let target = dir.path().join("savepoints");
         let answer = request(&h, &target, Some(false));
         let trigger = h.triggers.recv().await.expect("triggered");
-        decline(&h.reports, trigger.checkpoint, "out", "disk full");
+        decline(&h.reports, trigger.barrier.id, "out", "disk full");
         let error = answer.await.expect("answered").expect_err("failed");
         assert!(error.contains("disk full"), "{error}");
         let stop = trigger.stop.expect("a stop");
@@ -1558,7 +1922,7 @@ mod tests {
         // Not a checkpoint failure: the coordinator carries on.
         let again = request(&h, &target, None);
         let second = h.next_trigger().await;
-        assert!(second > trigger.checkpoint);
+        assert!(second > trigger.barrier.id);
         ack(&h.reports, second, "src");
         ack(&h.reports, second, "out");
         again.await.expect("answered").expect("completed");
@@ -1576,20 +1940,19 @@ mod tests {
         for took in [PREPARED_UNDER * 4, PREPARED_UNDER / 5] {
             let trigger = h.triggers.recv().await.expect("triggered");
             assert!(trigger.stop.is_none(), "a checkpoint, not the savepoint");
-            assert!(h.targets.base_forced(trigger.checkpoint));
-            assert!(h.targets.get(trigger.checkpoint).is_none());
-            ack_taking(&h.reports, trigger.checkpoint, "src", took);
-            ack_taking(&h.reports, trigger.checkpoint, "out", took);
+            assert_eq!(base_rule(&trigger), Some(BaseRule::Forced));
+            ack_taking(&h.reports, trigger.barrier.id, "src", took);
+            ack_taking(&h.reports, trigger.barrier.id, "out", took);
         }
         let trigger = h.triggers.recv().await.expect("triggered");
         assert!(
             trigger.stop.is_some(),
             "then the savepoint, stopping the job"
         );
-        assert_eq!(trigger.checkpoint, CheckpointId(3));
-        assert!(h.targets.get(trigger.checkpoint).is_some());
-        ack(&h.reports, trigger.checkpoint, "src");
-        ack(&h.reports, trigger.checkpoint, "out");
+        assert_eq!(trigger.barrier.id, CheckpointId(3));
+        assert!(is_savepoint(&trigger));
+        ack(&h.reports, trigger.barrier.id, "src");
+        ack(&h.reports, trigger.barrier.id, "out");
         answer.await.expect("answered").expect("completed");
         // The two rounds are ordinary completed checkpoints.
         assert_eq!(h.store.metrics.completed.load(Ordering::Relaxed), 2);
@@ -1603,9 +1966,10 @@ mod tests {
         let answer = request_prepared(&h, &target, None, 3);
         let trigger = h.triggers.recv().await.expect("triggered");
         assert!(trigger.stop.is_none());
-        decline(&h.reports, trigger.checkpoint, "out", "disk full");
-        let savepoint = h.next_trigger().await;
-        assert!(h.targets.get(savepoint).is_some(), "no further round");
+        decline(&h.reports, trigger.barrier.id, "out", "disk full");
+        let trigger = h.triggers.recv().await.expect("triggered");
+        assert!(is_savepoint(&trigger), "no further round");
+        let savepoint = trigger.barrier.id;
         ack(&h.reports, savepoint, "src");
         ack(&h.reports, savepoint, "out");
         answer.await.expect("answered").expect("completed");

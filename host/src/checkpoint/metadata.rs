@@ -17,7 +17,8 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{CheckpointError, Role};
+use super::CheckpointError;
+pub use crate::protocol::{FileRef, Role, StateStats, SubtaskSnapshot};
 
 pub const METADATA_FILE: &str = "_metadata";
 pub const FORMAT_VERSION: u32 = 1;
@@ -96,72 +97,6 @@ pub struct StateRef {
     /// `value`, `list` or `map`.
     pub kind: String,
     pub schema_version: u32,
-}
-
-/// One subtask's part of a checkpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubtaskSnapshot {
-    pub uid: String,
-    pub subtask: u32,
-    /// Key-group range `[start, end)` of an operator subtask.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_groups: Option<[u32; 2]>,
-    /// The format of the base `files`: `rocksdb` (a RocksDB checkpoint) or
-    /// `memory` (one dump file).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
-    /// The base: the keyed state as of an earlier (or this) checkpoint.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files: Vec<FileRef>,
-    /// Changes since the base, oldest first: dumps of the cells changed
-    /// between two checkpoints (deletions as tombstones).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deltas: Vec<FileRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timers: Option<FileRef>,
-    /// A source's position (byte offset, next sequence number).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub position: Option<u64>,
-    /// A partitioned source's position: partition → the last sequence
-    /// number emitted from it (a restore reads on after it).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub partitions: BTreeMap<u32, u64>,
-    /// A sink's written but uncommitted files, committed once this
-    /// checkpoint is complete (names relative to the sink's directory).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending: Vec<String>,
-    /// Per declared state: keys and bytes in `files` (savepoints).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub state_stats: Vec<StateStats>,
-    /// An operator subtask that had closed (its input ended: the final
-    /// checkpoint); restored, it is not closed again.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub finished: bool,
-}
-
-/// How much of one state a savepoint's subtask file holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StateStats {
-    pub name: String,
-    /// Keys with state.
-    pub keys: u64,
-    /// Bytes of keys and encoded values.
-    pub bytes: u64,
-}
-
-/// A stored file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileRef {
-    /// Relative to the job's checkpoint directory (a checkpoint) or to the
-    /// savepoint directory.
-    pub path: String,
-    /// The file's name in the subtask's local state directory.
-    pub name: String,
-    pub size: u64,
-    pub sha256: String,
 }
 
 impl FileRef {

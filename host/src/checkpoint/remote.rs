@@ -24,14 +24,31 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::metadata::{self, SnapshotKind};
+use crate::types::S3Url;
+
+/// The directory of the checkpoint or savepoint at `url` (its directory,
+/// or its `_metadata`).
+fn snapshot_dir(url: &S3Url) -> S3Url {
+    let prefix = match url.prefix.rsplit_once('/') {
+        Some((dir, metadata::METADATA_FILE)) => dir.to_string(),
+        _ if url.prefix == metadata::METADATA_FILE => String::new(),
+        _ => url.prefix.clone(),
+    };
+    S3Url {
+        bucket: url.bucket.clone(),
+        prefix,
+    }
+}
 
 /// Uploads and downloads in flight at once.
 const PARALLEL: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("{url}: not an s3://bucket/prefix location")]
-    Location { url: String },
+    #[error(
+        "{url}: a checkpoint lies in chk-<n>/ below its job's directory, not at the bucket's root"
+    )]
+    NoJobDirectory { url: String },
     #[error("{url}: {cause}")]
     Store { url: String, cause: String },
     #[error("{url}: {path} is not there")]
@@ -45,11 +62,6 @@ pub enum RemoteError {
     },
 }
 
-/// Whether `location` names object storage rather than a local path.
-pub fn is_remote(location: &Path) -> bool {
-    location.to_str().is_some_and(|s| s.starts_with("s3://"))
-}
-
 /// An `s3://bucket/prefix` location.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -60,17 +72,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Opens `url` (`s3://bucket[/prefix]`) with the environment's settings.
-    pub fn open(url: &str) -> Result<Self, RemoteError> {
-        let bad = || RemoteError::Location {
-            url: url.to_string(),
-        };
-        let rest = url.strip_prefix("s3://").ok_or_else(bad)?;
-        let rest = rest.trim_end_matches('/');
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(bad());
-        }
+    /// Opens `location` with the environment's settings.
+    pub fn open(location: &S3Url) -> Result<Self, RemoteError> {
+        let url = location.to_string();
+        let bucket = location.bucket.as_str();
+        let prefix = location.prefix.as_str();
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
         let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
             .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
@@ -88,12 +94,12 @@ impl Remote {
             builder = builder.with_region("us-east-1");
         }
         let store = builder.build().map_err(|e| RemoteError::Store {
-            url: url.to_string(),
+            url: url.clone(),
             cause: e.to_string(),
         })?;
         Ok(Self {
             store: Arc::new(store),
-            url: format!("s3://{rest}"),
+            url,
             prefix: ObjectPath::from(prefix),
         })
     }
@@ -314,9 +320,9 @@ fn own_runtime() -> tokio::runtime::Runtime {
 /// `_metadata`) into `into`: `_metadata` and every file it references
 /// (and a `nats` sink's spool files). Returns the local `_metadata`, laid
 /// out so that its relative paths resolve as they did remotely.
-pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointError> {
-    let url = url.trim_end_matches('/').trim_end_matches("/_metadata");
-    let dir = Remote::open(url)?;
+pub async fn fetch(url: &S3Url, into: &Path) -> Result<PathBuf, super::CheckpointError> {
+    let url = snapshot_dir(url);
+    let dir = Remote::open(&url)?;
     let local_metadata = into.join("_metadata.download");
     dir.download("_metadata", &local_metadata).await?;
     let read = metadata::read(&local_metadata)?;
@@ -326,10 +332,18 @@ pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointE
     let (base, local_base, local_dir) = match read.metadata.kind {
         SnapshotKind::Savepoint => (dir.clone(), into.to_path_buf(), into.to_path_buf()),
         _ => {
-            let (parent, name) = url.rsplit_once('/').ok_or_else(|| RemoteError::Location {
-                url: url.to_string(),
-            })?;
-            (Remote::open(parent)?, into.to_path_buf(), into.join(name))
+            let (parent, name) = url.prefix.rsplit_once('/').unwrap_or(("", &url.prefix));
+            if name.is_empty() {
+                return Err(RemoteError::NoJobDirectory {
+                    url: url.to_string(),
+                }
+                .into());
+            }
+            let parent = S3Url {
+                bucket: url.bucket.clone(),
+                prefix: parent.to_string(),
+            };
+            (Remote::open(&parent)?, into.to_path_buf(), into.join(name))
         }
     };
     let mut wanted: Vec<String> = read
@@ -377,11 +391,10 @@ pub async fn fetch(url: &str, into: &Path) -> Result<PathBuf, super::CheckpointE
 /// Reads the `_metadata` of the checkpoint or savepoint at `url` (its
 /// directory or `_metadata`), through a copy in `scratch`.
 pub async fn read_metadata(
-    url: &str,
+    url: &S3Url,
     scratch: &Path,
 ) -> Result<(Remote, metadata::ReadMetadata), super::CheckpointError> {
-    let url = url.trim_end_matches('/').trim_end_matches("/_metadata");
-    let dir = Remote::open(url)?;
+    let dir = Remote::open(&snapshot_dir(url))?;
     let local = scratch.join(metadata::METADATA_FILE);
     dir.download(metadata::METADATA_FILE, &local).await?;
     Ok((dir, metadata::read(&local)?))
@@ -389,7 +402,7 @@ pub async fn read_metadata(
 
 /// Deletes the savepoint at `url` after checking it is one: its files,
 /// then `_metadata`. Returns its location.
-pub async fn dispose(url: &str, scratch: &Path) -> Result<String, super::CheckpointError> {
+pub async fn dispose(url: &S3Url, scratch: &Path) -> Result<String, super::CheckpointError> {
     let (dir, read) = read_metadata(url, scratch).await?;
     if read.metadata.kind != SnapshotKind::Savepoint {
         return Err(super::CheckpointError::Corrupt {
@@ -413,18 +426,21 @@ mod tests {
 
     #[test]
     fn locations_parse_into_bucket_and_prefix() {
-        let remote = Remote::open("s3://bucket/a/b/").expect("parses");
+        let url = |text: &str| match crate::types::Location::parse(text).expect("parses") {
+            crate::types::Location::S3(url) => url,
+            other => panic!("not s3: {other}"),
+        };
+        let remote = Remote::open(&url("s3://bucket/a/b/")).expect("opens");
         assert_eq!(remote.url, "s3://bucket/a/b");
         assert_eq!(
             remote.object("chk-1/_metadata").as_ref(),
             "a/b/chk-1/_metadata"
         );
         assert_eq!(remote.join("job").url, "s3://bucket/a/b/job");
-        assert!(matches!(
-            Remote::open("s3:///x"),
-            Err(RemoteError::Location { .. })
-        ));
-        assert!(is_remote(Path::new("s3://b/p")));
-        assert!(!is_remote(Path::new("/tmp/s3")));
+        assert_eq!(
+            snapshot_dir(&url("s3://b/j/chk-1/_metadata")),
+            url("s3://b/j/chk-1")
+        );
+        assert_eq!(snapshot_dir(&url("s3://b/j/chk-1/")), url("s3://b/j/chk-1"));
     }
 }

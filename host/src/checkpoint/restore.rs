@@ -22,16 +22,15 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::TransferProgress;
 use super::metadata::{OperatorSnapshot, ReadMetadata};
 use super::savepoint::CANONICAL;
 use super::storage::{Hashing, copy_open_hashed};
-use super::{CheckpointError, FileRef, Role, SubtaskSnapshot};
-use crate::dataflow::TimerService;
+use super::{CheckpointError, FileRef, SubtaskSnapshot};
 use crate::job::{JobGraph, NodeKind};
+use crate::protocol::Role;
+use crate::protocol::TransferProgress;
 use crate::state::rocks::RocksBackend;
 use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump, table_names};
-use crate::types::key_group;
 
 /// Whether a node snapshot holds anything to restore.
 fn has_state(op: &OperatorSnapshot) -> bool {
@@ -268,6 +267,14 @@ pub struct CellSink<'a> {
 }
 
 impl CellSink<'_> {
+    /// A transfer abandoned (an upgrade's standby dropped) stops here.
+    fn check_abandoned(&self, path: &Path) -> Result<(), CheckpointError> {
+        match self.progress.is_abandoned() {
+            true => Err(CheckpointError::io(path, "the restore was abandoned")),
+            false => Ok(()),
+        }
+    }
+
     fn index(&self) -> HashMap<String, usize> {
         self.tables
             .iter()
@@ -279,6 +286,7 @@ impl CellSink<'_> {
     /// Loads a base's `chunk` in bulk; cells of a state that migrates go
     /// through [`CellSink::write`]. `path` names the source in errors.
     fn load_chunk(&mut self, chunk: CellChunk, path: &Path) -> Result<(), CheckpointError> {
+        self.check_abandoned(path)?;
         let migrates = self
             .migrate
             .as_deref()
@@ -300,6 +308,7 @@ impl CellSink<'_> {
         path: &Path,
         bulk: bool,
     ) -> Result<(), CheckpointError> {
+        self.check_abandoned(path)?;
         if let Some(migrate) = self.migrate.as_deref_mut() {
             for op in &mut ops {
                 if let WriteOp::Put { table, value, .. } = op
@@ -616,24 +625,20 @@ fn apply_in(
     Ok(applied)
 }
 
-/// Adds to `timers` the timers of keys in the key groups `range`.
+/// Hands `restore` the encoded timers of every stored subtask of `op`,
+/// each file checked first (the caller keeps the timers of its own key
+/// groups).
 pub fn load_timers(
     read: &ReadMetadata,
     op: &OperatorSnapshot,
-    range: Range<u32>,
-    max_parallelism: u32,
-    timers: &mut TimerService,
+    mut restore: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<(), CheckpointError> {
     for subtask in &op.subtasks {
         let Some(file) = &subtask.timers else {
             continue;
         };
         let (path, bytes) = read_verified(read, file)?;
-        timers
-            .restore(&bytes, |key| {
-                range.contains(&u32::from(key_group::of_key(key, max_parallelism)))
-            })
-            .map_err(|message| CheckpointError::Corrupt { path, message })?;
+        restore(&bytes).map_err(|message| CheckpointError::Corrupt { path, message })?;
     }
     Ok(())
 }

@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use super::metadata::{self, ReadMetadata, SnapshotKind};
 use super::storage::{Hashing, random_hex};
-use super::{CheckpointError, FileRef, StateStats, TransferProgress};
+use super::{CheckpointError, FileRef, StateStats};
+use crate::protocol::{Role, TransferProgress};
 use crate::state::StateBackend;
 use crate::state::dump::{self, DUMP_FILE, DumpWriter};
 use crate::state::rocks::RocksBackend;
@@ -198,7 +199,7 @@ pub struct Inspection {
 #[derive(Debug, Clone, Serialize)]
 pub struct OperatorInspection {
     pub uid: String,
-    pub role: super::Role,
+    pub role: Role,
     pub parallelism: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin: Option<metadata::PluginRef>,

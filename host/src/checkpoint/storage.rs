@@ -28,12 +28,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::{
-    CheckpointError, FileRef, SavepointForm, SavepointTargets, SnapshotStats, SubtaskSnapshot,
-    TaskReport,
+use super::CheckpointError;
+use crate::protocol::{
+    FileRef, LocalSnapshot, SnapshotStats, SnapshotStore, SubtaskSnapshot, TaskReport,
+    TransferProgress,
 };
 use crate::state::{DELTA_FORMAT, SnapshotJob};
-use crate::types::CheckpointId;
+use crate::types::{Barrier, BarrierKind, BaseRule, CheckpointId, SavepointForm};
 
 /// The name of the timers file in a subtask's private directory.
 pub const TIMERS_FILE: &str = "timers";
@@ -53,7 +54,7 @@ struct Chain {
 
 /// Where a snapshot goes.
 #[derive(Debug)]
-pub enum Target {
+enum Target {
     /// Checkpoint storage: a delta or a base in `shared/`, timers private.
     Checkpoint,
     /// A savepoint directory: the state in the `form` asked for (its
@@ -63,17 +64,6 @@ pub enum Target {
         tables: Vec<String>,
         form: SavepointForm,
     },
-}
-
-/// What the synchronous part of an operator's snapshot produced.
-#[derive(Debug)]
-pub struct LocalSnapshot {
-    /// Makes the consistent copy of the keyed state (None: no keyed state).
-    pub state: Option<SnapshotJob>,
-    /// Encoded timers (empty: none).
-    pub timers: Vec<u8>,
-    /// The operator had closed (the final checkpoint).
-    pub finished: bool,
 }
 
 /// One operator subtask's access to checkpoint storage.
@@ -94,8 +84,8 @@ pub struct SubtaskStorage {
     /// Uploads run one at a time, in checkpoint order.
     serial: Mutex<()>,
     reports: mpsc::UnboundedSender<TaskReport>,
-    /// Barriers that are savepoints, and where they go.
-    savepoints: Arc<SavepointTargets>,
+    /// Keys and bytes of the savepoint being written (progress).
+    savepoint_progress: Arc<TransferProgress>,
 }
 
 impl SubtaskStorage {
@@ -106,7 +96,7 @@ impl SubtaskStorage {
         key_groups: [u32; 2],
         local_root: PathBuf,
         reports: mpsc::UnboundedSender<TaskReport>,
-        savepoints: Arc<SavepointTargets>,
+        savepoint_progress: Arc<TransferProgress>,
     ) -> Self {
         Self {
             job_dir,
@@ -119,20 +109,8 @@ impl SubtaskStorage {
             chain: Mutex::new(None),
             serial: Mutex::new(()),
             reports,
-            savepoints,
+            savepoint_progress,
         }
-    }
-
-    /// The savepoint directory of barrier n (if n is a savepoint) and the
-    /// form of its state.
-    pub fn savepoint_dir(&self, checkpoint: CheckpointId) -> Option<(PathBuf, SavepointForm)> {
-        self.savepoints.get(checkpoint)
-    }
-
-    /// Whether this subtask has a stored base its next snapshot can be a
-    /// delta of (what a [`SavepointForm::Incremental`] savepoint extends).
-    pub fn has_chain(&self) -> bool {
-        self.chain.lock().expect("not poisoned").is_some()
     }
 
     /// A savepoint's part, in the savepoint directory `dir`: the state in
@@ -200,7 +178,7 @@ impl SubtaskStorage {
                 self.key_groups[0]..self.key_groups[1],
                 dir,
                 &format!("{stem}.state"),
-                &self.savepoints.progress,
+                &self.savepoint_progress,
             )?;
             snapshot.backend = Some(super::savepoint::CANONICAL.to_string());
             snapshot.files = vec![file];
@@ -241,35 +219,8 @@ impl SubtaskStorage {
         }
     }
 
-    /// Whether checkpoint n should be a base rather than a delta: there is
-    /// no base, or n prepares a savepoint, or (unless bases are held, see
-    /// [`SavepointTargets::hold_bases`]) the chain is long.
-    pub fn wants_base(&self, checkpoint: CheckpointId) -> bool {
-        if self.savepoints.base_forced(checkpoint) {
-            return true;
-        }
-        match &*self.chain.lock().expect("not poisoned") {
-            None => true,
-            Some(_) if self.savepoints.bases_held() => false,
-            Some(chain) => {
-                chain.deltas.len() >= MAX_DELTAS
-                    || chain.delta_bytes > chain.base_bytes.max(1 << 20)
-            }
-        }
-    }
-
-    /// Whether checkpoint n is the final one (the operator closes first).
-    pub fn is_final(&self, checkpoint: CheckpointId) -> bool {
-        self.savepoints.is_final(checkpoint)
-    }
-
-    /// Where the synchronous part of checkpoint n puts its copy.
-    pub fn local_dir(&self, checkpoint: CheckpointId) -> PathBuf {
-        self.local_root.join(format!("chk-{}", checkpoint.0))
-    }
-
     /// Declines checkpoint n (its synchronous part failed).
-    pub fn decline(&self, checkpoint: CheckpointId, reason: String) {
+    fn decline_id(&self, checkpoint: CheckpointId, reason: String) {
         let _ = self.reports.send(TaskReport::Decline {
             checkpoint,
             uid: self.uid.clone(),
@@ -281,7 +232,7 @@ impl SubtaskStorage {
     /// On a blocking thread: makes the consistent copy of the state (the
     /// snapshot job), stores it for `target`, and acks (or declines) barrier
     /// n.
-    pub fn upload(
+    fn upload_to(
         self: &Arc<Self>,
         checkpoint: CheckpointId,
         local: LocalSnapshot,
@@ -311,7 +262,7 @@ impl SubtaskStorage {
                 Ok(state) => state,
                 Err(error) => {
                     forget_chain();
-                    this.decline(checkpoint, error.to_string());
+                    this.decline_id(checkpoint, error.to_string());
                     return;
                 }
             };
@@ -439,6 +390,59 @@ impl SubtaskStorage {
             bytes, new_bytes, "snapshot stored"
         );
         Ok((snapshot, bytes, new_bytes))
+    }
+}
+
+impl SnapshotStore for Arc<SubtaskStorage> {
+    fn local_dir(&self, barrier: &Barrier) -> PathBuf {
+        self.local_root.join(format!("chk-{}", barrier.id.0))
+    }
+
+    /// A base when the barrier forces one, the subtask has none, or
+    /// (unless bases are held) its chain grew long; a savepoint's copy is
+    /// always a full one but for an incremental savepoint.
+    fn wants_base(&self, barrier: &Barrier) -> bool {
+        let rule = match &barrier.kind {
+            BarrierKind::Checkpoint { base } => *base,
+            BarrierKind::Final | BarrierKind::Savepoint(_) => BaseRule::Chain,
+        };
+        if rule == BaseRule::Forced {
+            return true;
+        }
+        match &*self.chain.lock().expect("not poisoned") {
+            None => true,
+            Some(_) if rule == BaseRule::Held => false,
+            Some(chain) => {
+                chain.deltas.len() >= MAX_DELTAS
+                    || chain.delta_bytes > chain.base_bytes.max(1 << 20)
+            }
+        }
+    }
+
+    fn has_chain(&self) -> bool {
+        self.chain.lock().expect("not poisoned").is_some()
+    }
+
+    fn decline(&self, barrier: &Barrier, reason: String) {
+        self.decline_id(barrier.id, reason);
+    }
+
+    fn upload(
+        &self,
+        barrier: &Barrier,
+        local: LocalSnapshot,
+        stats: SnapshotStats,
+        tables: Vec<String>,
+    ) {
+        let target = match &barrier.kind {
+            BarrierKind::Savepoint(target) => Target::Savepoint {
+                dir: target.dir.clone(),
+                tables,
+                form: target.form,
+            },
+            BarrierKind::Checkpoint { .. } | BarrierKind::Final => Target::Checkpoint,
+        };
+        self.upload_to(barrier.id, local, stats, target);
     }
 }
 

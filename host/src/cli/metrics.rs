@@ -12,8 +12,8 @@ use axum::routing::get;
 
 use crate::checkpoint::coordinator::CheckpointMetrics;
 use crate::dataflow::metrics::{JobMetrics, NodeMetrics};
-use crate::dataflow::runtime::RunningJob;
 use crate::prometheus::{self, JobSample};
+use crate::runner::Attempt;
 use crate::runner::PreparedJob;
 
 /// What the endpoint shows: the current attempt's counters.
@@ -30,14 +30,15 @@ impl Exposed {
             job: job.graph.name.clone(),
             nodes: Vec::new(),
             checkpoints: None,
-            metrics: job.metrics.clone(),
+            metrics: Arc::default(),
         }
     }
 
     /// A new attempt started.
-    pub fn attach(&mut self, running: &RunningJob) {
+    pub fn attach(&mut self, running: &Attempt) {
         self.nodes = running.metrics().to_vec();
         self.checkpoints = running.checkpoint_metrics();
+        self.metrics = running.job_metrics();
     }
 
     fn encode(&self) -> String {

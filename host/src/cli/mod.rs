@@ -1,6 +1,18 @@
 //! The command line: clap definitions ([`Cli`]) and the commands behind them.
 //! Parsing validates flags; the commands build the run configuration (which
 //! may do I/O) and call the embedded runner.
+//!
+//! What a command prints on stdout goes through [`outln!`]: a reader that
+//! closed it (`weir list | head -1`) ends the command quietly
+//! ([`StdoutClosed`]), where `println!` would panic.
+
+/// `println!` that returns `Err(StdoutClosed)` when stdout's reader is
+/// gone instead of panicking; use with `?`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
 
 mod metrics;
 mod progress;
@@ -20,6 +32,7 @@ use clap::{Parser, Subcommand};
 use crate::job::JobGraph;
 use crate::plugin::PluginEngine;
 use crate::runner;
+use crate::types::Location;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,7 +127,7 @@ pub struct RunArgs {
     /// Restore from a retained checkpoint or a savepoint: its directory
     /// (`chk-N`) or its `_metadata` file.
     #[arg(short = 's', long = "from-savepoint", value_name = "PATH")]
-    pub from_savepoint: Option<PathBuf>,
+    pub from_savepoint: Option<Location>,
     /// Start even if the restore point holds state for uids (or state names)
     /// the job no longer has; that state is skipped (and logged).
     #[arg(short = 'n', long)]
@@ -123,7 +136,7 @@ pub struct RunArgs {
     /// (`DIR/savepoint-<job>-<random>/`) instead of cancelling; its path is
     /// printed. A second Ctrl-C aborts.
     #[arg(long, value_name = "DIR")]
-    pub savepoint_dir: Option<PathBuf>,
+    pub savepoint_dir: Option<Location>,
     /// With --savepoint-dir: first advance the watermark to the end, so
     /// every event-time timer fires before the savepoint (`stop --drain`).
     #[arg(long, requires = "savepoint_dir")]
@@ -223,6 +236,21 @@ impl Cli {
     }
 }
 
+/// Stdout's reader is gone (a closed pipe): the command stops writing and
+/// ends quietly, as a success (`main` checks for it).
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes one line to stdout (see [`outln!`]).
+pub(crate) fn write_line(line: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        other => other.context("cannot write to stdout"),
+    }
+}
+
 /// Runs the parsed command.
 pub async fn execute(cli: Cli) -> Result<()> {
     match &cli.command {
@@ -235,7 +263,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             remote::submit(
                 &cli.client()?,
                 &args.job,
-                args.from_savepoint.as_deref(),
+                args.from_savepoint.as_ref(),
                 args.allow_non_restored_state,
             )
             .await
@@ -330,7 +358,7 @@ pub(crate) async fn stop_signal() {
 #[derive(Default)]
 struct Attempt {
     cancel: Option<tokio::sync::watch::Sender<bool>>,
-    savepointer: Option<runner::Savepointer>,
+    savepointer: Option<crate::checkpoint::coordinator::Savepointer>,
 }
 
 async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
@@ -371,7 +399,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
                 (Some(target), Some(savepointer)) => {
                     eprintln!(
                         "\nstopping with a savepoint in {}{} (Ctrl-C again to abort)",
-                        target.display(),
+                        target,
                         if drain { ", draining first" } else { "" }
                     );
                     let target = target.clone();
@@ -437,7 +465,7 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
             eprintln!("  checkpoints deleted ([checkpoint] on_cancel = \"delete\")");
         }
         if let Some(url) = runner::checkpoint_remote(&job.graph) {
-            let remote = crate::checkpoint::remote::Remote::open(&url)?.join(&job.job_id);
+            let remote = crate::checkpoint::remote::Remote::open(url)?.join(&job.job_id);
             crate::checkpoint::remote::block_on(remote.delete_all("")).with_context(|| {
                 format!(
                     "[checkpoint] on_cancel = \"delete\": cannot delete {}",
@@ -452,8 +480,8 @@ async fn run(cli: &Cli, args: &RunArgs) -> Result<()> {
     }
     progress::print_summary(&job, &metrics, &outcome, started.elapsed());
     if let Some(path) = &outcome.savepoint {
-        eprintln!("  savepoint: {}", path.display());
-        println!("{}", path.display());
+        eprintln!("  savepoint: {path}");
+        outln!("{path}")?;
     } else if let Some(error) = savepoint_failed.lock().expect("not poisoned").take() {
         anyhow::bail!("stop-with-savepoint failed: {error}");
     }
@@ -464,27 +492,29 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
     let engine = cli.engine()?;
     let plugin = engine.load(file)?;
     let info = &plugin.info;
-    println!("plugin    {} {}", info.name, info.version);
-    println!("file      {}", file.display());
-    println!("sha256    {}", plugin.digest);
-    println!(
+    outln!("plugin    {} {}", info.name, info.version)?;
+    outln!("file      {}", file.display())?;
+    outln!("sha256    {}", plugin.digest)?;
+    outln!(
         "input     {}",
         if info.batch_input {
             "batch (process-batch)"
         } else {
             "per record (process)"
         }
-    );
+    )?;
     if info.states.is_empty() {
-        println!("states    none");
+        outln!("states    none")?;
     }
     for state in &info.states {
-        println!(
+        outln!(
             "state     {} ({} state, schema version {})",
-            state.name, state.kind, state.schema_version
-        );
+            state.name,
+            state.kind,
+            state.schema_version
+        )?;
     }
-    println!(
+    outln!(
         "compiled  {:.1} ms{}",
         plugin.load_time.as_secs_f64() * 1000.0,
         if plugin.from_cache {
@@ -492,6 +522,6 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     Ok(())
 }

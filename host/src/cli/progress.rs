@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::coordinator::CheckpointMetrics;
-use crate::checkpoint::{SavepointTargets, TransferProgress};
 use crate::dataflow::NodeMetrics;
-use crate::dataflow::runtime::{JobOutcome, RunningJob};
+use crate::dataflow::runtime::JobOutcome;
+use crate::protocol::TransferProgress;
 use crate::runner::PreparedJob;
 
 pub struct Progress {
@@ -24,7 +24,7 @@ pub struct Progress {
 struct Attempt {
     metrics: Vec<Arc<NodeMetrics>>,
     checkpoints: Option<Arc<CheckpointMetrics>>,
-    savepoints: Arc<SavepointTargets>,
+    savepoints: Arc<TransferProgress>,
 }
 
 fn totals(metrics: &[Arc<NodeMetrics>]) -> (u64, u64) {
@@ -66,7 +66,7 @@ impl Progress {
                         crate::human::bytes(bytes)
                     )
                 } else if let Some(attempt) = attempt.as_ref() {
-                    if let Some((keys, bytes)) = attempt.savepoints.progress.snapshot() {
+                    if let Some((keys, bytes)) = attempt.savepoints.snapshot() {
                         format!(
                             "writing the savepoint: {keys} keys, {}",
                             crate::human::bytes(bytes)
@@ -109,7 +109,7 @@ impl Progress {
     }
 
     /// Watches a newly started attempt.
-    pub fn attach(&self, running: &RunningJob) {
+    pub fn attach(&self, running: &crate::runner::Attempt) {
         *self.attempt.lock().expect("not poisoned") = Some(Attempt {
             metrics: running.metrics().to_vec(),
             checkpoints: running.checkpoint_metrics(),

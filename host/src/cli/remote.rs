@@ -15,6 +15,7 @@ use crate::control::api::{ErrorBody, PluginEntry};
 use crate::control::jobs::{SavepointRequest, SubmitRequest, UpgradeRequest};
 use crate::control::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus};
 use crate::control::store::StoredPlugin;
+use crate::types::Location;
 
 /// A client of one host.
 pub struct Client {
@@ -173,17 +174,22 @@ async fn job_request(client: &Client, job: &Path) -> Result<SubmitRequest> {
 pub async fn submit(
     client: &Client,
     job: &Path,
-    from_savepoint: Option<&Path>,
+    from_savepoint: Option<&Location>,
     allow_non_restored_state: bool,
 ) -> Result<()> {
+    let from_savepoint = match from_savepoint {
+        Some(Location::Local(path)) => absolute_text(Some(path))?,
+        Some(remote) => Some(remote.to_string()),
+        None => None,
+    };
     let request = SubmitRequest {
-        from_savepoint: absolute_text(from_savepoint)?,
+        from_savepoint,
         allow_non_restored_state,
         ..job_request(client, job).await?
     };
     let record: JobRecord = client.post("/api/jobs", &request).await?;
     eprintln!("job `{}` submitted, job id {}", record.name, record.id);
-    println!("{}", record.id);
+    outln!("{}", record.id)?;
     Ok(())
 }
 
@@ -194,21 +200,21 @@ fn time(ms: u64) -> String {
 pub async fn list(client: &Client, json: bool) -> Result<()> {
     let jobs: Vec<JobSummary> = client.get("/api/jobs").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        outln!("{}", serde_json::to_string_pretty(&jobs)?)?;
         return Ok(());
     }
     if jobs.is_empty() {
-        println!("no jobs");
+        outln!("no jobs")?;
     }
     for job in jobs {
-        println!(
+        outln!(
             "{}  {:<12} {:<20} since {}  {}",
             job.id,
             job.status.as_str(),
             job.name,
             time(job.since_ms),
             job.plugins.join(" ")
-        );
+        )?;
     }
     Ok(())
 }
@@ -216,23 +222,23 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
 pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
     let detail: JobDetail = client.get(&format!("/api/jobs/{id}")).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&detail)?);
+        outln!("{}", serde_json::to_string_pretty(&detail)?)?;
         return Ok(());
     }
     let job = &detail.job;
-    println!("job       {} ({})", job.name, job.id);
-    println!(
+    outln!("job       {} ({})", job.name, job.id)?;
+    outln!(
         "status    {} since {}",
-        job.lifecycle.status,
+        job.lifecycle.status(),
         time(
             job.lifecycle
-                .history
+                .history()
                 .last()
                 .map_or(job.submitted_ms, |t| t.time_ms)
         )
-    );
+    )?;
     if !detail.operators.is_empty() {
-        println!("operators");
+        outln!("operators")?;
     }
     for op in &detail.operators {
         let plugin = op
@@ -245,7 +251,7 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
             .iter()
             .map(|(name, keys)| format!("`{name}` {keys} keys"))
             .collect();
-        println!(
+        outln!(
             "  {:<12} {:<8} p={}  in {}  out {}{plugin}{}",
             op.uid,
             op.role,
@@ -257,33 +263,34 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
             } else {
                 format!("  state {}", states.join(", "))
             }
-        );
+        )?;
     }
-    println!(
+    outln!(
         "checkpoints  {} completed, {} failed (current run)",
-        detail.checkpoints_completed, detail.checkpoints_failed
-    );
+        detail.checkpoints_completed,
+        detail.checkpoints_failed
+    )?;
     for c in detail.checkpoints.iter().rev().take(5) {
-        println!(
+        outln!(
             "  chk-{:<6} {}  {:.0} ms  alignment {:.1} ms  {}",
             c.id,
             time(c.completed_ms),
             c.duration_ms,
             c.alignment_ms,
             crate::human::bytes(c.bytes)
-        );
+        )?;
     }
     if !job.restarts.is_empty() {
-        println!("restarts  {}", job.restarts.len());
+        outln!("restarts  {}", job.restarts.len())?;
     }
     if let Some(error) = &job.last_error {
-        println!("last error  {error}");
+        outln!("last error  {error}")?;
     }
     for s in &job.savepoints {
-        println!("savepoint {}  {}", time(s.time_ms), s.path);
+        outln!("savepoint {}  {}", time(s.time_ms), s.path)?;
     }
     for u in &job.upgrades {
-        println!(
+        outln!(
             "upgrade   {}  {}  {}{}{}",
             time(u.time_ms),
             u.change,
@@ -295,10 +302,10 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
                 .as_ref()
                 .map(|e| format!("  ({e})"))
                 .unwrap_or_default()
-        );
+        )?;
     }
     for o in &job.operations {
-        println!(
+        outln!(
             "operation {}  {:<9} {:<9} {}{}",
             o.id,
             format!("{:?}", o.kind).to_lowercase(),
@@ -309,11 +316,11 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
                 .or(o.outcome.as_ref())
                 .map(|text| format!("  {text}"))
                 .unwrap_or_default()
-        );
+        )?;
     }
-    println!("history");
-    for t in &job.lifecycle.history {
-        println!("  {}  {:<12} {}", time(t.time_ms), t.to.as_str(), t.cause);
+    outln!("history")?;
+    for t in job.lifecycle.history() {
+        outln!("  {}  {:<12} {}", time(t.time_ms), t.to.as_str(), t.cause)?;
     }
     Ok(())
 }
@@ -322,7 +329,7 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
 fn report(operation: &Operation) -> Result<()> {
     if let Some(path) = &operation.savepoint {
         eprintln!("savepoint {path}");
-        println!("{path}");
+        outln!("{path}")?;
     }
     if let Some(downtime) = operation.downtime_ms {
         eprintln!("downtime  {downtime:.0} ms");
@@ -344,7 +351,7 @@ pub async fn follow(client: &Client, job: &str, operation: Operation, detach: bo
             "operation {} accepted; follow it with `weir job {job}`",
             operation.id
         );
-        println!("{}", operation.id);
+        outln!("{}", operation.id)?;
         return Ok(());
     }
     let done = client.wait(job, &operation.id).await?;
@@ -446,13 +453,13 @@ pub async fn upgrade(client: &Client, args: &UpgradeArgs) -> Result<()> {
 pub async fn plugin_add(client: &Client, files: &[PathBuf]) -> Result<()> {
     for file in files {
         let stored = client.add_plugin(file).await?;
-        println!(
+        outln!(
             "{}  sha256 {}  {}  compiled in {:.0} ms",
             stored.reference(),
             stored.digest,
             crate::human::bytes(stored.size),
             stored.compile_ms
-        );
+        )?;
     }
     Ok(())
 }
@@ -460,11 +467,11 @@ pub async fn plugin_add(client: &Client, files: &[PathBuf]) -> Result<()> {
 pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
     let plugins: Vec<PluginEntry> = client.get("/api/plugins").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&plugins)?);
+        outln!("{}", serde_json::to_string_pretty(&plugins)?)?;
         return Ok(());
     }
     if plugins.is_empty() {
-        println!("no plugins");
+        outln!("no plugins")?;
     }
     for entry in plugins {
         let p = &entry.plugin;
@@ -473,7 +480,7 @@ pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
             .iter()
             .map(|s| format!("{} ({} v{})", s.name, s.kind, s.schema_version))
             .collect();
-        println!(
+        outln!(
             "{:<24} {}  {:>9}  compiled {:>5.0} ms  states: {}  jobs: {}",
             p.reference(),
             &p.digest[..12],
@@ -489,7 +496,7 @@ pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
             } else {
                 entry.jobs.join(", ")
             }
-        );
+        )?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use crate::checkpoint::{metadata, remote, savepoint};
+use crate::types::Location;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -17,7 +18,7 @@ pub struct SavepointArgs {
     /// Delete the savepoint at PATH (its directory or `_metadata`), after
     /// checking it is one.
     #[arg(long, value_name = "PATH")]
-    pub dispose: Option<PathBuf>,
+    pub dispose: Option<Location>,
     /// Trigger a savepoint of a job on a running host (`--host`).
     pub job_id: Option<String>,
     /// Where the running host writes it.
@@ -32,8 +33,9 @@ pub enum SavepointCommand {
     /// Print the operators, plugins, states (kind, schema version, keys,
     /// bytes) and source positions of a savepoint or checkpoint.
     Inspect {
-        /// The savepoint or `chk-N` directory, or its `_metadata`.
-        path: PathBuf,
+        /// The savepoint or `chk-N` directory, or its `_metadata` (or an
+        /// `s3://` location of one).
+        path: Location,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -43,13 +45,13 @@ pub enum SavepointCommand {
 pub fn execute(args: &SavepointArgs) -> Result<()> {
     match (&args.command, &args.dispose, &args.job_id) {
         (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
-        (None, Some(path), None) if remote::is_remote(path) => {
+        (None, Some(Location::S3(url)), None) => {
             let scratch = tempfile_dir()?;
-            let url = remote::block_on(remote::dispose(&path.to_string_lossy(), scratch.path()))?;
+            let url = remote::block_on(remote::dispose(url, scratch.path()))?;
             eprintln!("disposed of the savepoint {url}");
             Ok(())
         }
-        (None, Some(path), None) => {
+        (None, Some(Location::Local(path)), None) => {
             let dir = savepoint::dispose(path)?;
             eprintln!("disposed of the savepoint {}", dir.display());
             Ok(())
@@ -87,42 +89,42 @@ impl Drop for ScratchDir {
     }
 }
 
-fn inspect(path: &Path, json: bool) -> Result<()> {
+fn inspect(location: &Location, json: bool) -> Result<()> {
     let scratch;
-    let (read, shown) = if remote::is_remote(path) {
-        scratch = tempfile_dir()?;
-        let (dir, read) = remote::block_on(remote::read_metadata(
-            &path.to_string_lossy(),
-            scratch.path(),
-        ))?;
-        (read, PathBuf::from(dir.url))
-    } else {
-        let read = metadata::read(path)?;
-        let shown = read.base.clone();
-        (read, shown)
+    let (read, shown) = match location {
+        Location::S3(url) => {
+            scratch = tempfile_dir()?;
+            let (dir, read) = remote::block_on(remote::read_metadata(url, scratch.path()))?;
+            (read, PathBuf::from(dir.url))
+        }
+        Location::Local(path) => {
+            let read = metadata::read(path)?;
+            let shown = read.base.clone();
+            (read, shown)
+        }
     };
     let mut inspection = savepoint::inspect(&read);
     inspection.path = shown;
     if json {
-        println!("{}", serde_json::to_string_pretty(&inspection)?);
+        outln!("{}", serde_json::to_string_pretty(&inspection)?)?;
         return Ok(());
     }
     let taken = std::time::UNIX_EPOCH
         + std::time::Duration::from_millis(inspection.completed_ms.max(0) as u64);
-    println!("{}  {}", inspection.kind, inspection.path.display());
-    println!(
+    outln!("{}  {}", inspection.kind, inspection.path.display())?;
+    outln!(
         "job       {} (id {}), barrier {}, taken {}",
         inspection.job_name,
         inspection.job_id,
         inspection.checkpoint,
         humantime::format_rfc3339_seconds(taken)
-    );
-    println!(
+    )?;
+    outln!(
         "size      {} in {} files, max_parallelism {}",
         crate::human::bytes(inspection.bytes),
         read.metadata.files().count(),
         inspection.max_parallelism
-    );
+    )?;
     for op in &inspection.operators {
         let role = format!("{:?}", op.role).to_lowercase();
         let mut line = format!("\n{}  ({role}, parallelism {})", op.uid, op.parallelism);
@@ -132,24 +134,26 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 plugin.name, plugin.version, plugin.digest
             ));
         }
-        println!("{line}");
+        outln!("{line}")?;
         for state in &op.states {
             let amount = match (state.keys, state.bytes) {
                 (Some(keys), Some(bytes)) => format!("{keys} keys, {}", crate::human::bytes(bytes)),
                 _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
                     .to_string(),
             };
-            println!(
+            outln!(
                 "  state   {}  {} state, schema version {}  {amount}",
-                state.name, state.kind, state.schema_version
-            );
+                state.name,
+                state.kind,
+                state.schema_version
+            )?;
         }
         if op.timer_bytes > 0 {
-            println!("  timers  {}", crate::human::bytes(op.timer_bytes));
+            outln!("  timers  {}", crate::human::bytes(op.timer_bytes))?;
         }
         if !op.positions.is_empty() {
             let positions: Vec<String> = op.positions.iter().map(u64::to_string).collect();
-            println!("  position per subtask  {}", positions.join(", "));
+            outln!("  position per subtask  {}", positions.join(", "))?;
         }
         if !op.partitions.is_empty() {
             let partitions: Vec<String> = op
@@ -157,7 +161,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 .iter()
                 .map(|(p, seq)| format!("{p}: {seq}"))
                 .collect();
-            println!("  last sequence per partition  {}", partitions.join(", "));
+            outln!("  last sequence per partition  {}", partitions.join(", "))?;
         }
     }
     Ok(())

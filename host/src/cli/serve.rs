@@ -15,7 +15,8 @@ use crate::control::{ConfigFile, HostSettings, RunningHost, ShutdownMode};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// A TOML config file (listen, data_dir, token_file, watch, on_shutdown,
-    /// max_plugin_size, probation, probation_checkpoints).
+    /// max_plugin_size, probation, probation_checkpoints, and `[jobs]`:
+    /// roots, allow_wasi_env).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where the API listens (default 127.0.0.1:8081; port 0 picks a free one).
@@ -28,6 +29,11 @@ pub struct ServeArgs {
     /// Another watched plugin directory instead of <data dir>/plugins/incoming.
     #[arg(long, value_name = "DIR")]
     pub watch: Option<PathBuf>,
+    /// A directory jobs may name paths in (file sources and sinks,
+    /// savepoints); repeat for several. Replaces `[jobs] roots` of the
+    /// config (default: the data dir).
+    #[arg(long = "root", value_name = "DIR")]
+    pub roots: Vec<PathBuf>,
     /// What running jobs do on SIGTERM: stop with a savepoint (resumed at
     /// the next start) or cancel (resumed from their newest checkpoint).
     #[arg(long, value_parser = ["savepoint", "cancel"])]
@@ -68,6 +74,12 @@ pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
     if let Some(checkpoints) = config.probation_checkpoints {
         settings.probation_checkpoints = checkpoints;
     }
+    settings.roots = if args.roots.is_empty() {
+        config.jobs.roots.clone()
+    } else {
+        Some(args.roots.clone())
+    };
+    settings.allow_wasi_env = config.jobs.allow_wasi_env;
     let host = RunningHost::start(settings).await?;
     eprintln!(
         "weir serve: listening on http://{} (data dir {}{})",
@@ -79,7 +91,8 @@ pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
             ""
         }
     );
-    println!("listening on http://{}", host.address);
+    // A closed stdout does not stop the host.
+    let _ = writeln!(std::io::stdout(), "listening on http://{}", host.address);
     let _ = std::io::stdout().flush();
     super::stop_signal().await;
     eprintln!(

@@ -1,8 +1,11 @@
 //! The `file` source: text lines of one file; its position is the byte
 //! offset of the next unread line. With `rate`, lines are paced to that
-//! many per second (demos, and tests that stop a job mid-stream).
+//! many per second (demos, and tests that stop a job mid-stream). On the
+//! running host the file is opened through the job root that holds it
+//! ([`crate::roots`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
@@ -10,10 +13,12 @@ use super::{Pace, push_line, strip_line_ending};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::LineFormat;
+use crate::roots::{self, Roots};
 use crate::types::RecordBatch;
 
 pub struct FileSource {
     path: PathBuf,
+    roots: Option<Arc<Roots>>,
     format: Option<LineFormat>,
     reader: Option<BufReader<tokio::fs::File>>,
     offset: u64,
@@ -24,11 +29,19 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// Reads `path` from byte `offset` (0 for a fresh start), `rate` lines
-    /// per second at most.
-    pub fn new(path: PathBuf, format: Option<LineFormat>, offset: u64, rate: Option<f64>) -> Self {
+    /// Reads `path` (through the root of `roots` that holds it, if any)
+    /// from byte `offset` (0 for a fresh start), `rate` lines per second at
+    /// most.
+    pub fn new(
+        path: PathBuf,
+        roots: Option<Arc<Roots>>,
+        format: Option<LineFormat>,
+        offset: u64,
+        rate: Option<f64>,
+    ) -> Self {
         Self {
             path,
+            roots,
             format,
             reader: None,
             offset,
@@ -51,9 +64,13 @@ impl FileSource {
         max: usize,
     ) -> Result<SourceStatus, OperatorError> {
         if self.reader.is_none() {
-            let mut file = tokio::fs::File::open(&self.path)
-                .await
-                .map_err(|e| self.io_error(e))?;
+            let (path, roots) = (self.path.clone(), self.roots.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || roots::open_file(roots.as_deref(), &path))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|opened| opened);
+            let mut file = tokio::fs::File::from_std(opened.map_err(|e| self.io_error(e))?);
             if self.offset > 0 {
                 file.seek(std::io::SeekFrom::Start(self.offset))
                     .await

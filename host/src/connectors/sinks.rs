@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cap_std::fs::Dir;
+
 use crate::dataflow::{FailureKind, OperatorError, Sink};
+use crate::roots::{self, Roots};
 use crate::types::{CheckpointId, RecordBatch};
 
 /// Prints each record's value as a line on stdout.
@@ -43,8 +46,13 @@ impl Sink for StdoutSink {
 /// (atomic), so readers only ever see committed output. At the end of a
 /// job the rest is committed, or discarded when the job was cancelled.
 /// [`recover_file_sink`] settles the files of a failed attempt on restore.
+/// Every file is created, renamed and removed by name through a handle on
+/// the directory (opened through the job root that holds it on the
+/// running host, [`crate::roots`]).
 pub struct FileSink {
-    dir: PathBuf,
+    /// The directory, for messages.
+    path: PathBuf,
+    dir: Dir,
     prefix: String,
     /// The checkpoint the current file belongs to.
     next: u64,
@@ -71,17 +79,21 @@ fn sink_error(path: &Path, error: impl std::fmt::Display) -> OperatorError {
 }
 
 impl FileSink {
-    /// Subtask `subtask` of job `job_id` writing into `dir`; its first file
-    /// belongs to checkpoint `first` (one past the restored checkpoint).
+    /// Subtask `subtask` of job `job_id` writing into `dir` (created if
+    /// need be, through the root of `roots` that holds it, if any); its
+    /// first file belongs to checkpoint `first` (one past the restored
+    /// checkpoint).
     pub fn create(
         dir: &Path,
+        roots: Option<&Roots>,
         job_id: &str,
         subtask: u32,
         first: u64,
     ) -> Result<Self, OperatorError> {
-        std::fs::create_dir_all(dir).map_err(|e| sink_error(dir, e))?;
+        let handle = roots::open_dir(roots, dir, true).map_err(|e| sink_error(dir, e))?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            path: dir.to_path_buf(),
+            dir: handle,
             prefix: format!("{}-{subtask}", part_prefix(job_id)),
             next: first.max(1),
             current: None,
@@ -91,7 +103,7 @@ impl FileSink {
 
     fn close_current(&mut self, checkpoint: u64) -> Result<(), OperatorError> {
         if let Some((name, mut out)) = self.current.take() {
-            let path = self.dir.join(&name);
+            let path = self.path.join(&name);
             out.flush().map_err(|e| sink_error(&path, e))?;
             out.get_ref().sync_all().map_err(|e| sink_error(&path, e))?;
             self.pending.push((checkpoint, name));
@@ -106,8 +118,9 @@ impl FileSink {
         self.pending = rest;
         for (_, name) in &due {
             let target = committed_name(name).expect("own in-progress names");
-            let from = self.dir.join(name);
-            std::fs::rename(&from, self.dir.join(target)).map_err(|e| sink_error(&from, e))?;
+            self.dir
+                .rename(name, &self.dir, target)
+                .map_err(|e| sink_error(&self.path.join(name), e))?;
         }
         if !due.is_empty() {
             sync_dir(&self.dir);
@@ -120,15 +133,18 @@ impl Sink for FileSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
         if self.current.is_none() {
             let name = format!(".{}-{}.inprogress", self.prefix, self.next);
-            let path = self.dir.join(&name);
-            let file = File::create(&path).map_err(|e| sink_error(&path, e))?;
+            let file = self
+                .dir
+                .create(&name)
+                .map_err(|e| sink_error(&self.path.join(&name), e))?
+                .into_std();
             self.current = Some((name, BufWriter::with_capacity(256 << 10, file)));
         }
         let (name, out) = self.current.as_mut().expect("opened above");
         for record in batch.iter() {
             out.write_all(record.value)
                 .and_then(|()| out.write_all(b"\n"))
-                .map_err(|e| sink_error(&self.dir.join(name.as_str()), e))?;
+                .map_err(|e| sink_error(&self.path.join(name.as_str()), e))?;
         }
         Ok(())
     }
@@ -152,18 +168,19 @@ impl Sink for FileSink {
             return self.commit_through(u64::MAX);
         }
         for (_, name) in std::mem::take(&mut self.pending) {
-            let _ = std::fs::remove_file(self.dir.join(name));
+            let _ = self.dir.remove_file(name);
         }
         Ok(())
     }
 }
 
 /// Best effort: a rename that is not yet durable is redone by recovery.
-fn sync_dir(dir: &Path) {
-    let _ = crate::checkpoint::storage::sync_dir(dir);
+fn sync_dir(dir: &Dir) {
+    let _ = roots::sync_dir(dir);
 }
 
-/// Settles a file sink's directory before a restored attempt starts:
+/// Settles a file sink's directory `dir` (opened through the root of
+/// `roots` that holds it, if any) before a restored attempt starts:
 /// commits the files the restored checkpoint lists as pending (its
 /// completion may not have reached the sink before the failure), and
 /// deletes every other in-progress file of the jobs `job_ids` (written
@@ -173,22 +190,34 @@ fn sync_dir(dir: &Path) {
 /// files it committed.
 pub fn recover_file_sink(
     dir: &Path,
+    roots: Option<&Roots>,
     job_ids: &[&str],
     pending: &[String],
     missing_ok: bool,
 ) -> Result<usize, OperatorError> {
+    for name in pending {
+        if committed_name(name).is_none() || name.contains('/') {
+            return Err(sink_error(dir, format!("bad pending file name {name:?}")));
+        }
+    }
+    // A directory not there yet holds nothing to settle.
+    let handle = match roots::open_dir(roots, dir, false) {
+        Ok(handle) => Some(handle),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => return Err(sink_error(dir, error)),
+    };
+    let exists = |name: &str| handle.as_ref().is_some_and(|h| h.exists(name));
     let mut committed = 0;
     for name in pending {
-        let Some(target) = committed_name(name).filter(|_| !name.contains('/')) else {
-            return Err(sink_error(dir, format!("bad pending file name {name:?}")));
-        };
-        let from = dir.join(name);
-        if from.exists() {
-            std::fs::rename(&from, dir.join(target)).map_err(|e| sink_error(&from, e))?;
+        let target = committed_name(name).expect("checked above");
+        if let Some(handle) = handle.as_ref().filter(|_| exists(name)) {
+            handle
+                .rename(name, handle, target)
+                .map_err(|e| sink_error(&dir.join(name), e))?;
             committed += 1;
             continue;
         }
-        if dir.join(target).exists() {
+        if exists(target) {
             continue; // committed before the failure
         }
         if missing_ok {
@@ -199,25 +228,28 @@ pub fn recover_file_sink(
             );
         } else {
             return Err(sink_error(
-                &from,
+                &dir.join(name),
                 "the restored checkpoint lists it as written but not yet committed, and it is gone \
                  (was the sink's `path` changed, or the file deleted?)",
             ));
         }
     }
+    let Some(handle) = handle else {
+        return Ok(committed);
+    };
     let prefixes: Vec<String> = job_ids
         .iter()
         .map(|id| format!(".{}-", part_prefix(id)))
         .collect();
-    if let Ok(entries) = std::fs::read_dir(dir) {
+    if let Ok(entries) = handle.entries() {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".inprogress") && prefixes.iter().any(|p| name.starts_with(p)) {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = handle.remove_file(&name);
             }
         }
     }
-    sync_dir(dir);
+    sync_dir(&handle);
     Ok(committed)
 }
 
@@ -268,7 +300,7 @@ mod tests {
     fn commits_only_completed_checkpoints_and_recovers_a_failed_attempt() {
         let dir = tempfile::tempdir().expect("tempdir");
         let job = "abcdef0123456789";
-        let mut sink = FileSink::create(dir.path(), job, 0, 1).expect("create");
+        let mut sink = FileSink::create(dir.path(), None, job, 0, 1).expect("create");
         sink.write(&batch(&["a", "b"])).expect("write");
         let pending = sink.prepare_commit(CheckpointId(1)).expect("prepare");
         assert_eq!(pending, vec![".part-abcdef01-0-1.inprogress".to_string()]);
@@ -287,7 +319,7 @@ mod tests {
         drop(sink);
         let restored_pending = pending;
         let committed =
-            recover_file_sink(dir.path(), &[job], &restored_pending, false).expect("recover");
+            recover_file_sink(dir.path(), None, &[job], &restored_pending, false).expect("recover");
         assert_eq!(committed, 1, "checkpoint 2's file committed on restore");
         assert_eq!(
             visible(dir.path()),
@@ -298,15 +330,15 @@ mod tests {
             "the in-progress file holding `d` is gone"
         );
         // Recovering twice is harmless.
-        recover_file_sink(dir.path(), &[job], &restored_pending, false).expect("idempotent");
+        recover_file_sink(dir.path(), None, &[job], &restored_pending, false).expect("idempotent");
 
         // A cancelled end discards, a finished end commits.
-        let mut sink = FileSink::create(dir.path(), job, 1, 3).expect("create");
+        let mut sink = FileSink::create(dir.path(), None, job, 1, 3).expect("create");
         sink.write(&batch(&["e"])).expect("write");
         sink.finish().expect("finish");
         sink.end(false).expect("discard");
         assert_eq!(visible(dir.path()).len(), 2);
-        let mut sink = FileSink::create(dir.path(), job, 1, 3).expect("create");
+        let mut sink = FileSink::create(dir.path(), None, job, 1, 3).expect("create");
         sink.write(&batch(&["e"])).expect("write");
         sink.finish().expect("finish");
         sink.end(true).expect("commit");

@@ -16,15 +16,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, warn};
+use tracing::Instrument;
 
-use super::driver::{self, Command, RunPlan};
-use super::lifecycle::{JobStatus, Lifecycle};
+use super::driver::{self, Command};
+use super::lifecycle::{JobStatus, Lifecycle, TransitionError};
 use super::record::*;
-use super::{ControlError, HostContext, now_ms};
+use super::run::RunPlan;
+use super::views;
+use super::{ControlError, HostContext, confine, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
+use crate::types::Location;
 
 /// `POST /api/jobs`: a job file to run.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -119,14 +122,31 @@ impl JobHandle {
         result
     }
 
-    /// Moves the job to `to` (if the state machine allows it) and persists.
-    pub fn transition(&self, to: JobStatus, cause: impl Into<String>) {
-        let cause = cause.into();
+    /// Moves the job to `to` if the state machine allows it, and persists
+    /// the change; a refusal changes nothing and is the caller's to handle.
+    #[must_use = "a refused transition is an error the caller must handle"]
+    pub fn transition(
+        &self,
+        to: JobStatus,
+        cause: impl Into<String>,
+    ) -> Result<(), TransitionError> {
+        self.update(|record| record.lifecycle.transition(to, now_ms(), cause))
+    }
+
+    /// Moves the job from `expected` to `to` (checked and changed under
+    /// the record's lock), and persists the change.
+    #[must_use = "a refused transition is an error the caller must handle"]
+    pub fn transition_from(
+        &self,
+        expected: JobStatus,
+        to: JobStatus,
+        cause: impl Into<String>,
+    ) -> Result<(), TransitionError> {
         self.update(|record| {
-            if let Err(error) = record.lifecycle.transition(to, now_ms(), cause.clone()) {
-                warn!(job = %record.id, %error, %cause, "status change refused");
-            }
-        });
+            record
+                .lifecycle
+                .transition_from(expected, to, now_ms(), cause)
+        })
     }
 
     pub fn status(&self) -> JobStatus {
@@ -240,7 +260,7 @@ impl JobManager {
     async fn spawn_driver(
         &self,
         (handle, commands): (Arc<JobHandle>, mpsc::UnboundedReceiver<Command>),
-        plan: RunPlan,
+        plan: Option<RunPlan>,
     ) {
         let span = tracing::info_span!("job", id = %handle.id, name = %handle.record().name);
         let task =
@@ -254,9 +274,12 @@ impl JobManager {
         let id = crate::runner::new_job_id();
         let ctx = self.ctx.clone();
         let check_spec = spec.clone();
-        let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check_spec))
-            .await
-            .map_err(internal)??;
+        let from = request.from_savepoint.clone();
+        let (graph, initial_restore) = tokio::task::spawn_blocking(move || {
+            build_graph_restoring(&ctx, &check_spec, from.as_deref())
+        })
+        .await
+        .map_err(internal)??;
         let now = now_ms();
         let record = JobRecord {
             format: RECORD_FORMAT,
@@ -265,7 +288,7 @@ impl JobManager {
             submitted_ms: now,
             lifecycle: Lifecycle::new(now, "submitted"),
             spec,
-            initial_restore: request.from_savepoint.clone(),
+            initial_restore,
             allow_non_restored_state: request.allow_non_restored_state,
             runs: Vec::new(),
             restarts: Vec::new(),
@@ -274,6 +297,7 @@ impl JobManager {
             savepoints: Vec::new(),
             upgrades: Vec::new(),
             resume_from: None,
+            savepoint_targets: Vec::new(),
         };
         let dir = Path::new("jobs").join(&id);
         self.ctx.data.create_dir_all(&dir).map_err(internal)?;
@@ -282,7 +306,7 @@ impl JobManager {
             .write(dir.join("job.toml"), request.job_file.as_bytes())
             .map_err(internal)?;
         persist(&self.ctx, &record);
-        let plan = RunPlan::first(&record);
+        let plan = Some(driver::first_plan(&record));
         let entry = self.insert(record.clone());
         self.spawn_driver(entry, plan).await;
         Ok(record)
@@ -349,18 +373,18 @@ impl JobManager {
             .map(|handle| {
                 let record = handle.record();
                 JobSummary {
-                    plugins: driver::plugin_versions(&self.ctx, &record.spec)
+                    plugins: views::plugin_versions(&self.ctx, &record.spec)
                         .into_iter()
                         .map(|(uid, p)| format!("{uid}={}", p.plugin))
                         .collect(),
                     since_ms: record
                         .lifecycle
-                        .history
+                        .history()
                         .last()
                         .map_or(record.submitted_ms, |t| t.time_ms),
+                    status: record.status(),
                     id: record.id,
                     name: record.name,
-                    status: record.lifecycle.status,
                     submitted_ms: record.submitted_ms,
                 }
             })
@@ -371,7 +395,7 @@ impl JobManager {
 
     pub fn detail(&self, id: &str) -> Result<JobDetail, ControlError> {
         let handle = self.get(id)?;
-        Ok(driver::detail(&self.ctx, &handle))
+        Ok(views::detail(&self.ctx, &handle))
     }
 
     pub fn operation(&self, id: &str, operation: &str) -> Result<Operation, ControlError> {
@@ -397,7 +421,7 @@ impl JobManager {
             if record.status().is_terminal() {
                 continue;
             }
-            for version in driver::plugin_versions(&self.ctx, &record.spec).into_values() {
+            for version in views::plugin_versions(&self.ctx, &record.spec).into_values() {
                 let entry = users.entry(version.digest).or_default();
                 if !entry.contains(&record.id) {
                     entry.push(record.id.clone());
@@ -423,21 +447,19 @@ impl JobManager {
         let handle = self.get(id)?;
         let operation = handle.update(|record| {
             let status = record.status();
-            if let Some(running) = record.running_operation() {
+            if !status.accepts(kind) {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is busy with {} operation {}; wait for it to finish",
-                    kind_name(running.kind),
-                    running.id
+                    "job {id} is {status}: {} is not possible now",
+                    kind.article_name()
                 )));
             }
-            let allowed = match kind {
-                OperationKind::Cancel => !status.is_terminal(),
-                _ => status == JobStatus::Running,
-            };
-            if !allowed {
+            if let Some(running) = record.running_operation()
+                && !kind.supersedes(running.kind)
+            {
                 return Err(ControlError::Conflict(format!(
-                    "job {id} is {status}: no {} now",
-                    kind_name(kind)
+                    "job {id} is busy with {} (operation {}); wait for it to finish",
+                    running.kind.article_name(),
+                    running.id
                 )));
             }
             let operation = Operation {
@@ -464,9 +486,21 @@ impl JobManager {
         Ok(operation)
     }
 
-    fn target(&self, dir: Option<&str>) -> PathBuf {
-        dir.map(PathBuf::from)
-            .unwrap_or_else(|| self.ctx.data.join("savepoints"))
+    /// A savepoint's target: the request's `target_dir` (object storage,
+    /// or a directory inside the job roots), else the data dir's
+    /// `savepoints/`.
+    fn target(&self, dir: Option<&str>) -> Result<Location, ControlError> {
+        match dir {
+            Some(text) => match Location::parse(text)
+                .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
+            {
+                Location::Local(path) => confine::confine_path(&self.ctx, "target_dir", &path)
+                    .map(Location::Local)
+                    .map_err(ControlError::BadRequest),
+                remote => Ok(remote),
+            },
+            None => Ok(Location::Local(self.ctx.data.join("savepoints"))),
+        }
     }
 
     pub fn savepoint(
@@ -474,14 +508,14 @@ impl JobManager {
         id: &str,
         request: &SavepointRequest,
     ) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         self.start_operation(id, OperationKind::Savepoint, |operation| {
             Command::Savepoint { operation, target }
         })
     }
 
     pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref());
+        let target = self.target(request.target_dir.as_deref())?;
         let drain = request.drain;
         self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
             operation,
@@ -554,15 +588,13 @@ impl JobManager {
                 "the upgrade changes nothing: job {id} already runs these plugins and parallelism"
             )));
         }
-        let upgrade = driver::Upgrade {
+        let upgrade = super::upgrade::Upgrade {
             spec,
             allow_non_restored_state: request.allow_non_restored_state,
             probation: probation.unwrap_or(self.ctx.settings.probation),
             probation_checkpoints: request
                 .probation_checkpoints
                 .unwrap_or(self.ctx.settings.probation_checkpoints),
-            loaded: Default::default(),
-            standby: None,
         };
         self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
             operation,
@@ -587,7 +619,7 @@ impl JobManager {
                 .commands
                 .send(Command::Shutdown {
                     savepoint: with_savepoint,
-                    target: self.ctx.data.join("savepoints"),
+                    target: Location::Local(self.ctx.data.join("savepoints")),
                     done,
                 })
                 .is_ok()
@@ -601,15 +633,6 @@ impl JobManager {
         for task in self.drivers.lock().await.drain(..) {
             task.abort();
         }
-    }
-}
-
-fn kind_name(kind: OperationKind) -> &'static str {
-    match kind {
-        OperationKind::Savepoint => "a savepoint",
-        OperationKind::Stop => "a stop",
-        OperationKind::Cancel => "a cancel",
-        OperationKind::Upgrade => "an upgrade",
     }
 }
 
@@ -706,9 +729,20 @@ impl PluginResolver for StoreResolver<'_> {
 }
 
 /// The job graph a spec runs: the job file with the spec's upgrades
-/// applied, validated, its plugins from the store, its checkpoints and
-/// working state in the data dir.
+/// applied, validated, its plugins from the store, its paths inside the
+/// job roots ([`confine`]), its checkpoints and working state in the data
+/// dir.
 pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph, ControlError> {
+    build_graph_restoring(ctx, spec, None).map(|(graph, _)| graph)
+}
+
+/// [`build_graph`], with a submission's `from_savepoint` checked too
+/// (returned resolved).
+fn build_graph_restoring(
+    ctx: &HostContext,
+    spec: &JobSpec,
+    from_savepoint: Option<&str>,
+) -> Result<(JobGraph, Option<String>), ControlError> {
     let path = spec.base_dir.join(&spec.file_name);
     let mut file = JobFile::parse(&spec.job_file, &path).map_err(bad_request)?;
     for operator in &mut file.operators {
@@ -728,8 +762,13 @@ pub(super) fn build_graph(ctx: &HostContext, spec: &JobSpec) -> Result<JobGraph,
         ctx,
         resolved: &spec.resolved,
     };
-    let mut graph = JobGraph::validate_with(file, &path, &resolver).map_err(bad_request)?;
-    graph.checkpoint.dir = Some(ctx.data.join("checkpoints"));
+    let mut placement = confine::check(ctx, &file, &spec.base_dir);
+    let restore = from_savepoint.map(|from| placement.restore_point(ctx, from));
+    let validated = JobGraph::validate_with(file, &path, &resolver);
+    let mut graph = placement
+        .apply(ctx, validated, &path)
+        .map_err(bad_request)?;
+    graph.checkpoint.dir = Some(Location::Local(ctx.data.join("checkpoints")));
     graph.state.dir = ctx.data.join("state");
-    Ok(graph)
+    Ok((graph, restore))
 }

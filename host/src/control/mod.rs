@@ -10,20 +10,34 @@
 //! - [`watch`]: the watched plugin directory (`plugins/incoming/`).
 //! - [`jobs`]: the job manager (submit, list, operations, resume at start,
 //!   stop at shutdown).
-//! - [`driver`]: one task per job that runs it and owns its transitions.
-//! - [`lifecycle`]: the job state machine.
-//! - [`upgrade`]: the hot-upgrade procedure (check, savepoint, swap,
-//!   probation, rollback).
+//! - [`driver`]: one task per job, the only owner of its transitions: a
+//!   state machine of steps that each read the job's commands and run
+//!   events while they work.
+//! - [`run`]: one run of the engine for a job, as a task reporting to its
+//!   driver.
+//! - [`lifecycle`]: the job state machine (statuses, transitions, which
+//!   operations each status accepts).
+//! - the procedures, each reading top to bottom in its module:
+//!   [`savepoint`], [`stop`] (stop, cancel, the host's shutdown) and
+//!   [`upgrade`] (check, standby, stop, restore, probation, rollback).
+//! - [`views`]: what the API shows of a job's current run.
 //! - [`record`]: what is persisted per job (also the API's answers).
 //! - [`durable`]: the data dir as a cap-std handle; atomic, durable writes.
 //! - [`json`]: what the API's request types need beyond serde's and
 //!   utoipa's derives (whole numbers written `2.0`, bounds on map values).
+//!
+//! A job stays in its place: every path a job names (file sources and
+//! sinks, `from_savepoint`, savepoint targets) must lie inside the host's
+//! job roots ([`crate::roots`], `[jobs] roots`), checked by
+//! `jobs::build_graph` and the savepoint requests; file sources and sinks
+//! open their files through the roots' cap-std handles.
 //!
 //! Data dir layout: `plugins/` (`blobs/`, `index.json`, `compiled/`,
 //! `incoming/`, `rejected/`), `jobs/<job id>/` (`job.toml`, `job.json`),
 //! `checkpoints/<run id>/`, `savepoints/`, `state/` (working state).
 
 pub mod api;
+mod confine;
 pub mod dashboard;
 pub mod driver;
 pub mod durable;
@@ -31,8 +45,12 @@ pub mod jobs;
 pub mod json;
 pub mod lifecycle;
 pub mod record;
+pub mod run;
+pub mod savepoint;
+pub mod stop;
 pub mod store;
 pub mod upgrade;
+pub mod views;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -43,6 +61,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::plugin::PluginEngine;
+use crate::roots::Roots;
 use durable::DataDir;
 use jobs::JobManager;
 use store::PluginStore;
@@ -94,6 +113,8 @@ pub enum ServeError {
     #[error("token file {file}: {message}")]
     Token { file: PathBuf, message: String },
     #[error(transparent)]
+    Roots(#[from] crate::roots::RootError),
+    #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
     Plugin(#[from] crate::plugin::PluginError),
@@ -128,6 +149,22 @@ pub struct ConfigFile {
     pub probation: Option<Duration>,
     /// Checkpoints that end an upgrade's probation early (default 2).
     pub probation_checkpoints: Option<u64>,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]` of the host's config: what a job may reach.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The directories a job may name paths in: file sources and sinks,
+    /// `from_savepoint`, savepoint targets (default: the data dir).
+    pub roots: Option<Vec<PathBuf>>,
+    /// Whether a job may grant a plugin the host's environment variables
+    /// (`wasi = ["env"]`); refused by default: they hold the host's
+    /// credentials.
+    #[serde(default)]
+    pub allow_wasi_env: bool,
 }
 
 impl ConfigFile {
@@ -154,6 +191,10 @@ pub struct HostSettings {
     pub max_plugin_bytes: u64,
     pub probation: Duration,
     pub probation_checkpoints: u64,
+    /// The job roots (see [`crate::roots`]); None: the data dir.
+    pub roots: Option<Vec<PathBuf>>,
+    /// Jobs may grant plugins `wasi = ["env"]`.
+    pub allow_wasi_env: bool,
 }
 
 impl HostSettings {
@@ -168,6 +209,8 @@ impl HostSettings {
             max_plugin_bytes: store::DEFAULT_MAX_PLUGIN_BYTES,
             probation: Duration::from_secs(60),
             probation_checkpoints: 2,
+            roots: None,
+            allow_wasi_env: false,
         }
     }
 
@@ -193,6 +236,8 @@ pub struct HostContext {
     pub data: Arc<DataDir>,
     pub engine: Arc<PluginEngine>,
     pub store: Arc<PluginStore>,
+    /// Where jobs may name paths, opened (canonical).
+    pub roots: Arc<Roots>,
     pub settings: HostSettings,
 }
 
@@ -227,6 +272,10 @@ impl RunningHost {
             return Err(ServeError::TokenRequired(settings.listen));
         }
         let data = Arc::new(DataDir::open(&settings.data_dir)?);
+        let roots = Arc::new(match &settings.roots {
+            Some(roots) => Roots::open(roots)?,
+            None => Roots::open(&[data.path().to_path_buf()])?,
+        });
         // Working state is per run and rebuilt from checkpoints; a killed
         // host leaves its runs' behind.
         let working = data.join("state");
@@ -257,6 +306,7 @@ impl RunningHost {
             data,
             engine,
             store,
+            roots,
             settings,
         });
         let jobs = Arc::new(JobManager::new(context.clone()));
@@ -283,7 +333,7 @@ impl RunningHost {
                 tracing::error!(%error, "the API server stopped");
             }
         });
-        tracing::info!(%address, data_dir = %context.data.path().display(), "weir serve: listening");
+        tracing::info!(%address, data_dir = %context.data.path().display(), roots = %context.roots.describe(), "weir serve: listening");
         Ok(Self {
             address,
             jobs,

@@ -71,14 +71,7 @@ pub struct RestartRecord {
     pub attempt: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum OperationKind {
-    Savepoint,
-    Stop,
-    Cancel,
-    Upgrade,
-}
+pub use super::lifecycle::OperationKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -138,8 +131,15 @@ pub struct UpgradeRecord {
     /// By uid: what ran before and what was to run after.
     pub from: BTreeMap<String, PluginVersion>,
     pub to: BTreeMap<String, PluginVersion>,
-    /// `refused`, `upgraded` or `rolled-back`.
+    /// `checking` while it runs; then `refused`, `upgraded`,
+    /// `rolled-back` or `abandoned` (a cancel, a stop, a failure or the
+    /// host's shutdown came first).
     pub outcome: String,
+    /// The step it is at while it runs (`checking`, `standby-building`,
+    /// `standby-catching-up`, `stopping`, `restoring`, `on-probation`,
+    /// `rolling-back`); none once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
     pub savepoint: Option<String>,
     pub downtime_ms: Option<f64>,
     pub error: Option<String>,
@@ -172,11 +172,16 @@ pub struct JobRecord {
     /// Set when the host stopped the job with this savepoint as it shut
     /// down: its next start resumes the job from it.
     pub resume_from: Option<String>,
+    /// Every directory a savepoint of this job was asked into, recorded
+    /// before its barrier went out: a host killed between a savepoint's
+    /// completion (its output committed) and its record finds it there.
+    #[serde(default)]
+    pub savepoint_targets: Vec<String>,
 }
 
 impl JobRecord {
     pub fn status(&self) -> JobStatus {
-        self.lifecycle.status
+        self.lifecycle.status()
     }
 
     pub fn operation_mut(&mut self, id: &str) -> Option<&mut Operation> {

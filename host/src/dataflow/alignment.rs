@@ -9,10 +9,11 @@
 //! arrives. A channel that ended counts as having delivered every barrier.
 //! A barrier newer than the one being aligned aborts the older checkpoint
 //! (it can never complete) and starts aligning the newer one; a barrier older
-//! than the newest seen is stale and ignored.
+//! than the newest seen is stale and ignored. The aligner keeps the barrier
+//! being aligned, so the task forwards it (and what it asks for) as it came.
 
 use crate::job::file::CheckpointMode;
-use crate::types::CheckpointId;
+use crate::types::{Barrier, CheckpointId};
 
 /// What the task must do after telling the aligner about an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub enum Alignment {
     /// barrier once, and unblock every channel. `aborted` is an older
     /// checkpoint abandoned on the way, if any.
     Aligned {
-        checkpoint: CheckpointId,
+        barrier: Barrier,
         aborted: Option<CheckpointId>,
     },
     /// A newer barrier abandoned the checkpoint being aligned; its blocked
@@ -43,7 +44,7 @@ pub struct Aligner {
     ended: Vec<bool>,
     /// Channels that delivered the barrier being aligned.
     arrived: Vec<bool>,
-    current: Option<CheckpointId>,
+    current: Option<Barrier>,
     /// The newest checkpoint seen (aligned, aborted or in progress).
     newest: Option<CheckpointId>,
 }
@@ -61,7 +62,7 @@ impl Aligner {
 
     /// The checkpoint being aligned, if any.
     pub fn aligning(&self) -> Option<CheckpointId> {
-        self.current
+        self.current.as_ref().map(|b| b.id)
     }
 
     /// Whether `channel` must not be read now.
@@ -77,15 +78,12 @@ impl Aligner {
     }
 
     fn finish(&mut self, aborted: Option<CheckpointId>) -> Alignment {
-        let checkpoint = self
+        let barrier = self
             .current
             .take()
             .expect("finish is called while aligning");
         self.arrived.iter_mut().for_each(|a| *a = false);
-        Alignment::Aligned {
-            checkpoint,
-            aborted,
-        }
+        Alignment::Aligned { barrier, aborted }
     }
 
     fn block(&self, channel: usize) -> Alignment {
@@ -96,15 +94,16 @@ impl Aligner {
         }
     }
 
-    /// `channel` delivered barrier `checkpoint`.
-    pub fn on_barrier(&mut self, channel: usize, checkpoint: CheckpointId) -> Alignment {
+    /// `channel` delivered `barrier`.
+    pub fn on_barrier(&mut self, channel: usize, barrier: &Barrier) -> Alignment {
+        let checkpoint = barrier.id;
         if self.newest.is_some_and(|newest| checkpoint < newest)
             || (self.current.is_none() && self.newest == Some(checkpoint))
         {
             return Alignment::Continue; // stale: aborted or already aligned
         }
         let mut aborted = None;
-        if let Some(current) = self.current
+        if let Some(current) = self.aligning()
             && checkpoint > current
         {
             aborted = Some(current);
@@ -112,7 +111,9 @@ impl Aligner {
             self.arrived.iter_mut().for_each(|a| *a = false);
         }
         self.newest = Some(checkpoint);
-        self.current = Some(checkpoint);
+        if self.current.is_none() {
+            self.current = Some(barrier.clone());
+        }
         self.arrived[channel] = true;
         if self.all_arrived() {
             return self.finish(aborted);
@@ -140,27 +141,30 @@ impl Aligner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::BaseRule;
     use proptest::prelude::*;
 
-    const ONE: CheckpointId = CheckpointId(1);
-    const TWO: CheckpointId = CheckpointId(2);
+    fn barrier(id: u64) -> Barrier {
+        Barrier::checkpoint(CheckpointId(id), BaseRule::Chain)
+    }
+
+    fn aligned(id: u64) -> Alignment {
+        Alignment::Aligned {
+            barrier: barrier(id),
+            aborted: None,
+        }
+    }
 
     #[test]
     fn exactly_once_blocks_until_every_channel_delivered() {
         let mut aligner = Aligner::new(3, CheckpointMode::ExactlyOnce);
-        assert_eq!(aligner.on_barrier(1, ONE), Alignment::Block(1));
+        assert_eq!(aligner.on_barrier(1, &barrier(1)), Alignment::Block(1));
         assert!(aligner.is_blocked(1) && !aligner.is_blocked(0));
-        assert_eq!(aligner.on_barrier(0, ONE), Alignment::Block(0));
-        assert_eq!(
-            aligner.on_end_of_input(2),
-            Alignment::Aligned {
-                checkpoint: ONE,
-                aborted: None
-            }
-        );
+        assert_eq!(aligner.on_barrier(0, &barrier(1)), Alignment::Block(0));
+        assert_eq!(aligner.on_end_of_input(2), aligned(1));
         assert!(!aligner.is_blocked(0) && !aligner.is_blocked(1));
         assert_eq!(
-            aligner.on_barrier(0, ONE),
+            aligner.on_barrier(0, &barrier(1)),
             Alignment::Continue,
             "stale barrier"
         );
@@ -169,53 +173,35 @@ mod tests {
     #[test]
     fn at_least_once_never_blocks() {
         let mut aligner = Aligner::new(2, CheckpointMode::AtLeastOnce);
-        assert_eq!(aligner.on_barrier(0, ONE), Alignment::Continue);
+        assert_eq!(aligner.on_barrier(0, &barrier(1)), Alignment::Continue);
         assert!(!aligner.is_blocked(0));
-        assert_eq!(
-            aligner.on_barrier(1, ONE),
-            Alignment::Aligned {
-                checkpoint: ONE,
-                aborted: None
-            }
-        );
+        assert_eq!(aligner.on_barrier(1, &barrier(1)), aligned(1));
     }
 
     #[test]
     fn a_newer_barrier_aborts_the_older_checkpoint() {
         let mut aligner = Aligner::new(2, CheckpointMode::ExactlyOnce);
-        assert_eq!(aligner.on_barrier(0, ONE), Alignment::Block(0));
+        assert_eq!(aligner.on_barrier(0, &barrier(1)), Alignment::Block(0));
         assert_eq!(
-            aligner.on_barrier(1, TWO),
+            aligner.on_barrier(1, &barrier(2)),
             Alignment::Aborted {
-                checkpoint: ONE,
+                checkpoint: CheckpointId(1),
                 block: Some(1)
             }
         );
         assert!(!aligner.is_blocked(0) && aligner.is_blocked(1));
         assert_eq!(
-            aligner.on_barrier(0, ONE),
+            aligner.on_barrier(0, &barrier(1)),
             Alignment::Continue,
             "the aborted one is stale"
         );
-        assert_eq!(
-            aligner.on_barrier(0, TWO),
-            Alignment::Aligned {
-                checkpoint: TWO,
-                aborted: None
-            }
-        );
+        assert_eq!(aligner.on_barrier(0, &barrier(2)), aligned(2));
     }
 
     #[test]
     fn a_single_channel_aligns_at_once() {
         let mut aligner = Aligner::new(1, CheckpointMode::ExactlyOnce);
-        assert_eq!(
-            aligner.on_barrier(0, ONE),
-            Alignment::Aligned {
-                checkpoint: ONE,
-                aborted: None
-            }
-        );
+        assert_eq!(aligner.on_barrier(0, &barrier(1)), aligned(1));
     }
 
     /// One channel's stream: records numbered by channel, with barrier 1 after
@@ -278,11 +264,14 @@ mod tests {
                     processed.push(event);
                     Alignment::Continue
                 }
-                Event::Barrier => aligner.on_barrier(channel, ONE),
+                Event::Barrier => aligner.on_barrier(channel, &barrier(1)),
                 Event::End => aligner.on_end_of_input(channel),
             };
-            if let Alignment::Aligned { checkpoint, .. } = outcome {
-                assert_eq!(checkpoint, ONE);
+            if let Alignment::Aligned {
+                barrier: aligned, ..
+            } = outcome
+            {
+                assert_eq!(aligned, barrier(1));
                 assert!(snapshot.is_none(), "aligned twice");
                 snapshot = Some(processed.clone());
             }

@@ -5,15 +5,17 @@
 //! its own, see [`ChainThread`]), and a [`RunningJob`] handle to watch,
 //! cancel and await it. The first task failure cancels every other task; the error
 //! reported is the cause, not the disconnections it led to. Each launch
-//! also runs the attempt's checkpoint [`Coordinator`], wired to the source
-//! subtasks (triggers), every subtask (reports) and the sinks (commits).
+//! wires the attempt's checkpoint coordinator (which the caller starts:
+//! this module never names it) to the source subtasks (triggers), every
+//! subtask (reports) and the sinks (commits), through the messages of
+//! [`crate::protocol`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 
 use super::alignment::Aligner;
 use super::chain_thread::ChainThread;
@@ -21,12 +23,10 @@ use super::input::InputGate;
 use super::operator::{FailureKind, Operator, OperatorError, Sink, Source, TaskError, TaskInfo};
 use super::output::{Collector, OutputEdge};
 use super::task::{self, ChainLink, Reports, TaskSummary, WatermarkGenerator};
-use crate::checkpoint::coordinator::{
-    CheckpointMetrics, Coordinator, CoordinatorWiring, Request, SavepointRequest,
-};
-use crate::checkpoint::storage::SubtaskStorage;
-use crate::checkpoint::{CommitSignal, SavepointForm};
 use crate::job::{JobGraph, Node, NodeKind};
+use crate::protocol::{
+    CommitSignal, CoordinatorOutcome, CoordinatorWiring, SnapshotStore, SourcePace,
+};
 use crate::types::StreamEvent;
 
 /// The input channels of one subtask: (input edge index, receiver).
@@ -37,8 +37,9 @@ pub const CHANNEL_CAPACITY: usize = 8;
 
 pub use super::metrics::NodeMetrics;
 
-/// An operator subtask and where its snapshots go (None: checkpointing is off).
-pub type OperatorTask = (Box<dyn Operator>, Option<Arc<SubtaskStorage>>);
+/// An operator subtask and where its snapshots go (None: native operators
+/// of benchmarks and tests, which keep no state).
+pub type OperatorTask = (Box<dyn Operator>, Option<Box<dyn SnapshotStore>>);
 
 /// Creates the logic of each subtask. The embedded runner implements it with
 /// connectors and Wasm plugins; tests and benchmarks with native code.
@@ -62,7 +63,7 @@ pub struct JobOutcome {
     pub summaries: Vec<TaskSummary>,
     pub cancelled: bool,
     /// Set when the job was stopped with this savepoint.
-    pub savepoint: Option<std::path::PathBuf>,
+    pub savepoint: Option<crate::types::Location>,
 }
 
 /// A job whose tasks are running.
@@ -73,10 +74,7 @@ pub struct RunningJob {
     names: HashMap<tokio::task::Id, (String, u32)>,
     metrics: Vec<Arc<NodeMetrics>>,
     cancel: watch::Sender<bool>,
-    coordinator: JoinHandle<Result<Option<std::path::PathBuf>, String>>,
-    checkpoints: Option<Arc<CheckpointMetrics>>,
-    savepoints: mpsc::UnboundedSender<Request>,
-    savepoint_targets: Arc<crate::checkpoint::SavepointTargets>,
+    coordinator: JoinHandle<CoordinatorOutcome>,
 }
 
 impl std::fmt::Debug for RunningJob {
@@ -88,12 +86,15 @@ impl std::fmt::Debug for RunningJob {
 }
 
 /// Creates every subtask (instantiating plugins, opening state) and spawns
-/// them on the current tokio runtime.
+/// them on the current tokio runtime; `coordinator` starts the attempt's
+/// checkpoint coordinator on the wiring (it ends when every task has gone).
+/// Sources read at `pace`.
 pub fn launch(
     graph: &JobGraph,
     job_id: &str,
     factory: &dyn TaskFactory,
-    coordinator: Coordinator,
+    pace: Arc<SourcePace>,
+    coordinator: impl FnOnce(CoordinatorWiring) -> JoinHandle<CoordinatorOutcome>,
 ) -> Result<RunningJob, TaskError> {
     let job: Arc<str> = Arc::from(job_id);
     let (reports, report_receiver) = mpsc::unbounded_channel();
@@ -223,7 +224,7 @@ pub fn launch(
                     cancel_rx.clone(),
                     trigger_receiver,
                     reports.clone(),
-                    coordinator.savepoints.clone(),
+                    pace.clone(),
                 )))
             }
             NodeKind::Operator(_) => {
@@ -284,23 +285,14 @@ pub fn launch(
     }
     // Only tasks hold senders now: the coordinator ends when they are gone.
     drop(reports);
-    let checkpoints = coordinator.store.as_ref().map(|s| s.metrics.clone());
-    let savepoint_targets = coordinator.savepoints.clone();
-    let (savepoints, savepoint_receiver) = mpsc::unbounded_channel();
-    let wiring = CoordinatorWiring {
+    let coordinator = coordinator(CoordinatorWiring {
         triggers,
         reports: report_receiver,
         commit,
         cancelled: cancel_rx,
-        requests: savepoint_receiver,
         subtasks,
         sink_subtasks,
-    };
-    let coordinator = tokio::spawn(
-        coordinator
-            .run(wiring)
-            .instrument(tracing::info_span!("coordinator", job = %job_id)),
-    );
+    });
     info!(job = %job_id, tasks = names.len(), "job launched");
     Ok(RunningJob {
         tasks,
@@ -309,9 +301,6 @@ pub fn launch(
         metrics,
         cancel,
         coordinator,
-        checkpoints,
-        savepoints,
-        savepoint_targets,
     })
 }
 
@@ -398,11 +387,6 @@ impl RunningJob {
         &self.metrics
     }
 
-    /// Checkpoint counters (None: checkpointing is off).
-    pub fn checkpoint_metrics(&self) -> Option<Arc<CheckpointMetrics>> {
-        self.checkpoints.clone()
-    }
-
     /// Asks the sources to stop; the rest of the job drains and ends.
     pub fn cancel(&self) {
         let _ = self.cancel.send(true);
@@ -411,16 +395,6 @@ impl RunningJob {
     /// A handle that can cancel the job from elsewhere.
     pub fn canceller(&self) -> watch::Sender<bool> {
         self.cancel.clone()
-    }
-
-    /// A handle that asks for savepoints from elsewhere.
-    pub fn savepointer(&self) -> Savepointer {
-        Savepointer(self.savepoints.clone())
-    }
-
-    /// Keys and bytes of the savepoint being written (progress).
-    pub fn savepoint_progress(&self) -> Arc<crate::checkpoint::SavepointTargets> {
-        self.savepoint_targets.clone()
     }
 
     /// Waits for every task. On the first failure the other tasks are
@@ -455,7 +429,7 @@ impl RunningJob {
                             savepoint = stopped;
                             continue;
                         }
-                        Ok(Err(message)) => message,
+                        Ok(Err(error)) => error.to_string(),
                         Err(join_error) => format!("checkpoint coordinator stopped: {join_error}"),
                     };
                     if !aborted {
@@ -518,7 +492,7 @@ impl RunningJob {
         if coordinator_running {
             match (&mut self.coordinator).await {
                 Ok(Ok(stopped)) => savepoint = stopped,
-                Ok(Err(message)) => errors.push(coordinator_error(message)),
+                Ok(Err(error)) => errors.push(coordinator_error(error.to_string())),
                 Err(_) => {}
             }
         }
@@ -545,114 +519,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Asks a running attempt for savepoints (and checkpoints).
-#[derive(Debug, Clone)]
-pub struct Savepointer(mpsc::UnboundedSender<Request>);
-
-impl Savepointer {
-    /// Takes a savepoint under `target`; with `stop`, the job then stops
-    /// (`Some(true)`: drained first). Resolves to the savepoint directory.
-    pub async fn savepoint(
-        &self,
-        target: std::path::PathBuf,
-        stop: Option<bool>,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, SavepointForm::Canonical, 0)
-            .await
-    }
-
-    /// [`Savepointer::savepoint`] in native form: each subtask's state as
-    /// its backend's files (a full base), restored file for file where the
-    /// key-group range is unchanged. Quick to write and to reopen; the
-    /// running host's shutdown takes these.
-    pub async fn native_savepoint(
-        &self,
-        target: std::path::PathBuf,
-        stop: Option<bool>,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, stop, SavepointForm::Native, 0).await
-    }
-
-    /// A native stop-with-savepoint (no drain) whose state is written
-    /// ahead while the job runs on: first up to `rounds` checkpoints that
-    /// every operator subtask takes as a base, each with less to write
-    /// than the one before, so the stop itself has little left. What the
-    /// running host's upgrades take: their downtime is the stop's.
-    pub async fn prepared_stop(
-        &self,
-        target: std::path::PathBuf,
-        rounds: u32,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, Some(false), SavepointForm::Native, rounds)
-            .await
-    }
-
-    /// A stop-with-savepoint (no drain) in [`SavepointForm::Incremental`]
-    /// form: each subtask's checkpoint chain plus the changes since its
-    /// last checkpoint. What an upgrade whose standby follows the chain
-    /// takes.
-    pub async fn incremental_stop(
-        &self,
-        target: std::path::PathBuf,
-    ) -> Result<std::path::PathBuf, String> {
-        self.request(target, Some(false), SavepointForm::Incremental, 0)
-            .await
-    }
-
-    /// Takes a checkpoint now (as soon as none is in flight); resolves to
-    /// it once it completed.
-    pub async fn checkpoint(&self) -> Result<crate::checkpoint::metadata::ReadMetadata, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.0
-            .send(Request::Checkpoint(reply))
-            .map_err(|_| "the job has ended: no checkpoint".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the job ended before the checkpoint completed".to_string())?
-    }
-
-    /// Sources read at `percent` of their speed (100: as fast as they
-    /// can); back to full speed when the attempt ends.
-    pub fn pace_sources(&self, percent: u32) {
-        let _ = self.0.send(Request::PaceSources(percent));
-    }
-
-    /// Bases no longer held, sources at full speed again (what the end of
-    /// the attempt does anyway).
-    pub fn release_holds(&self) {
-        self.hold_bases(false);
-        self.pace_sources(100);
-    }
-
-    /// While `held`, checkpoints are deltas of each subtask's current base
-    /// (see [`SavepointTargets::hold_bases`](crate::checkpoint::SavepointTargets::hold_bases)).
-    pub fn hold_bases(&self, held: bool) {
-        let _ = self.0.send(Request::HoldBases(held));
-    }
-
-    async fn request(
-        &self,
-        target: std::path::PathBuf,
-        stop: Option<bool>,
-        form: SavepointForm,
-        prepare: u32,
-    ) -> Result<std::path::PathBuf, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.0
-            .send(Request::Savepoint(SavepointRequest {
-                target,
-                stop,
-                form,
-                prepare,
-                reply,
-            }))
-            .map_err(|_| "the job has ended: no savepoint".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the job ended before the savepoint completed".to_string())?
     }
 }
 

@@ -114,13 +114,7 @@ impl TimerService {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_millis() -> Timestamp {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Timestamp)
-        .unwrap_or(0)
-}
+pub use crate::types::now_millis;
 
 #[cfg(test)]
 mod tests {

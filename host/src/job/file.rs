@@ -52,8 +52,9 @@ pub struct CheckpointSettings {
     pub interval: Option<Duration>,
     #[serde(default)]
     pub mode: CheckpointMode,
+    /// A local directory (relative to the job file) or `s3://bucket/prefix`.
     #[serde(default)]
-    pub dir: Option<PathBuf>,
+    pub dir: Option<crate::types::Location>,
     #[serde(default = "default_retained")]
     pub retained: u32,
     #[serde(default, with = "humantime_serde_opt")]
@@ -107,7 +108,7 @@ pub enum CheckpointMode {
 }
 
 /// `[restart]`: which restart strategy applies after a failure, with its
-/// settings (see [`crate::restart`] for which keys go with which strategy).
+/// settings (see [`crate::job::restart`] for which keys go with which strategy).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartSettings {

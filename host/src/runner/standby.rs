@@ -13,7 +13,7 @@
 //! applied since, in order; a restore whose stored subtask has another
 //! base, or deltas that do not start with those, does not use it (the
 //! subtask restores as usual). Bases are held while a standby follows
-//! ([`SavepointTargets::hold_bases`](super::SavepointTargets::hold_bases)),
+//! ([`BaseRule::Held`](crate::types::BaseRule::Held)),
 //! so the chain it follows stays the job's.
 
 use std::collections::HashMap;
@@ -23,13 +23,14 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info};
 
-use super::metadata::{OperatorSnapshot, ReadMetadata};
-use super::restore::{self, CellSink, MigrateCells};
-use super::{CheckpointError, FileRef, SubtaskSnapshot};
+use super::PreparedJob;
+use crate::checkpoint::metadata::{OperatorSnapshot, ReadMetadata};
+use crate::checkpoint::restore::{self, CellSink, MigrateCells};
+use crate::checkpoint::{CheckpointError, FileRef, SubtaskSnapshot};
 use crate::job::{BackendKind, Limits, NodeKind};
 use crate::plugin::LoadedPlugin;
 use crate::plugin::migrate::Migrator;
-use crate::runner::PreparedJob;
+use crate::protocol::TransferProgress;
 use crate::state::rocks::RocksBackend;
 use crate::state::{StateBackend, in_background, table_names};
 use crate::types::key_group;
@@ -51,6 +52,8 @@ struct Follower {
 pub struct Standby {
     root: PathBuf,
     followers: Mutex<HashMap<Key, Follower>>,
+    /// Counts what it restores and applies; abandoned, they stop.
+    progress: Arc<TransferProgress>,
 }
 
 impl std::fmt::Debug for Standby {
@@ -89,7 +92,7 @@ impl Follower {
     /// where a schema version changed.
     #[allow(clippy::too_many_arguments)]
     fn restore(
-        job: &PreparedJob,
+        progress: &TransferProgress,
         read: &ReadMetadata,
         root: &Path,
         (uid, subtask): (&str, u32),
@@ -108,7 +111,7 @@ impl Follower {
             range: range.clone(),
             tables: &tables,
             backend: &mut backend,
-            progress: &job.restore_progress,
+            progress,
             migrate: migrator.as_mut().map(|m| m as &mut dyn MigrateCells),
         };
         let work = root.join("restore").join(&name);
@@ -139,7 +142,7 @@ impl Follower {
         &mut self,
         read: &ReadMetadata,
         deltas: &[FileRef],
-        progress: &super::TransferProgress,
+        progress: &TransferProgress,
     ) -> Result<u64, CheckpointError> {
         let mut sink = CellSink {
             range: self.key_groups[0]..self.key_groups[1],
@@ -164,11 +167,14 @@ impl Standby {
     /// checkpoint of the running job) holds on RocksDB, migrating values
     /// where a schema version changed; subtasks in parallel. An error
     /// (a migration the new plugin refuses, a damaged file) names the
-    /// operator and state.
+    /// operator and state. `progress` counts what it restored; abandoning
+    /// it stops the restore at its next chunk (the caller dropped the
+    /// upgrade): the error then says so, and what was restored is removed.
     pub fn build(
         job: &PreparedJob,
         read: &ReadMetadata,
         root: PathBuf,
+        progress: Arc<TransferProgress>,
     ) -> Result<Self, CheckpointError> {
         let _ = std::fs::remove_dir_all(&root);
         let mut work = Vec::new();
@@ -197,10 +203,10 @@ impl Standby {
             let handles: Vec<_> = work
                 .iter()
                 .map(|&(node, operator, plugin, op, subtask, ref range)| {
-                    let root = &root;
+                    let (root, progress) = (&root, &*progress);
                     spawn_named(scope, "standby-restore", move || {
                         let follower = Follower::restore(
-                            job,
+                            progress,
                             read,
                             root,
                             (&node.uid, subtask),
@@ -221,6 +227,7 @@ impl Standby {
         let standby = Self {
             root,
             followers: Mutex::new(HashMap::new()),
+            progress,
         };
         for result in built {
             let (key, follower) = result?;
@@ -271,7 +278,7 @@ impl Standby {
     /// subtasks in parallel. A follower whose stored subtask changed base
     /// (or is gone) is dropped. Returns the changes applied.
     pub fn catch_up(&self, read: &ReadMetadata) -> Result<u64, CheckpointError> {
-        let progress = &super::TransferProgress::default();
+        let progress = &*self.progress;
         let mut followers = self.lock();
         let mut dropped = Vec::new();
         let results: Vec<Result<u64, CheckpointError>> = std::thread::scope(|scope| {
