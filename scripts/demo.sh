@@ -65,7 +65,7 @@ awk '$2 > count[$1] { count[$1] = $2 } END { for (w in count) print count[w], w 
 
 echo "==> 3. the same upgrade on a running host: weir serve, a throwaway data dir" >&2
 host_data="$(mktemp -d)"
-"$weir" serve --listen 127.0.0.1:0 --data-dir "$host_data/data" >"$host_data/serve.out" 2>"$host_data/serve.log" &
+"$weir" serve --listen 127.0.0.1:0 --data-dir "$host_data/data" --root "$PWD" >"$host_data/serve.out" 2>"$host_data/serve.log" &
 host=$!
 trap 'kill "$host" 2>/dev/null; wait "$host" 2>/dev/null; rm -rf "$host_data"' EXIT
 for _ in $(seq 100); do
