@@ -451,3 +451,53 @@ inputs = ["count"]
     );
     host.ok(&["cancel", &id], dir.path());
 }
+
+/// A stop while the new version is on probation: its run is cancelled
+/// (what it held is never committed), and the job stops at the upgrade's
+/// savepoint with the previous version's plugins, the upgrade abandoned.
+#[test]
+fn a_stop_during_probation_ends_the_job_at_the_upgrades_savepoint_with_the_old_version() {
+    let dir = plugin_dir();
+    let host = fault_host(&dir, &[]);
+    let id = running_wordcount(&host, &dir, "stopped-on-probation");
+    host.ok(
+        &["upgrade", &id, "--plugin", "count=count@0.2.0", "--detach"],
+        dir.path(),
+    );
+    wait_step(&host, &id, "on-probation", Duration::from_secs(60));
+    // The new version runs (and holds its commits) for a while.
+    host.wait_checkpoints(&id, 2, Duration::from_secs(60));
+    let savepoint = host.ok(&["stop", &id], dir.path());
+    let job = host.wait_status(&id, "stopped", Duration::from_secs(60));
+    let upgrade = last_upgrade(&host, &id);
+    assert_eq!(upgrade["outcome"], "abandoned", "{upgrade:#}");
+    assert_eq!(
+        savepoint.trim(),
+        upgrade["savepoint"].as_str().unwrap_or_default(),
+        "the job stopped at the upgrade's savepoint"
+    );
+    let (status, list) = http(
+        &host.url,
+        "GET",
+        "/api/jobs",
+        host.token_value().as_deref(),
+        &[],
+    );
+    assert_eq!(status, 200, "{list}");
+    let list: Value = serde_json::from_str(&list).expect("JSON");
+    let plugins = list
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["id"] == id.as_str()).cloned())
+        .map(|j| j["plugins"].to_string())
+        .unwrap_or_default();
+    assert!(
+        plugins.contains("count=count@0.1.0"),
+        "the previous version is the job's again: {plugins}"
+    );
+    assert!(
+        statuses(&job).ends_with(&["stopping", "stopped"]),
+        "{:?}",
+        statuses(&job)
+    );
+    check_exactly_once(&dir.path().join("out-stopped-on-probation"));
+}
