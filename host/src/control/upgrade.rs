@@ -128,20 +128,22 @@ impl Procedure {
 
     /// Refused before anything stopped: the job runs on unchanged.
     fn refuse(&self, ctx: &JobCtx, error: impl std::fmt::Display) {
-        let error = format!("upgrade refused, the job runs on unchanged: {error}");
-        update_upgrade(ctx, &self.operation, |u| {
-            u.outcome = "refused".to_string();
-            u.step = None;
-            u.error = Some(error.clone());
-        });
-        ctx.fail_operation(&self.operation, error);
+        self.close(
+            ctx,
+            "refused",
+            format!("upgrade refused, the job runs on unchanged: {error}"),
+        );
     }
 
     /// Given up because something else came first.
     fn abandon(&self, ctx: &JobCtx, why: impl std::fmt::Display) {
-        let error = format!("upgrade abandoned: {why}");
+        self.close(ctx, "abandoned", format!("upgrade abandoned: {why}"));
+    }
+
+    /// Ends the upgrade with `outcome` and fails its operation with `error`.
+    fn close(&self, ctx: &JobCtx, outcome: &str, error: String) {
         update_upgrade(ctx, &self.operation, |u| {
-            u.outcome = "abandoned".to_string();
+            u.outcome = outcome.to_string();
             u.step = None;
             u.error = Some(error.clone());
         });
