@@ -5,6 +5,11 @@
 # (the tests name it; under CI they fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One install at a time: tests that need it start together, and one
+# install must not remove the copy another has just put in place.
+mkdir -p target/tools
+exec 9>target/tools/.nats.lock
+flock 9
 dir="target/tools/nats"
 bin="$dir/bin/nats-server"
 if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "v2.15.1"; then

@@ -7,6 +7,11 @@
 # code 3: it cannot be installed (the tests say so; under CI they fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One install at a time: tests that need it start together, and one
+# install must not remove the copy another has just put in place.
+mkdir -p target/tools
+exec 9>target/tools/.schemathesis.lock
+flock 9
 dir="target/tools/schemathesis"
 run="$dir/schemathesis"
 installed() { [ -x "$run" ] && "$run" --version 2>/dev/null | grep -q "version 4.32.5"; }
@@ -23,7 +28,6 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/n
     exit 3
 fi
 echo "==> installing schemathesis 4.32.5 (PyPI) into $dir" >&2
-mkdir -p target/tools
 staging="$(mktemp -d target/tools/.schemathesis.XXXXXX)"
 trap 'rm -rf "$staging"' EXIT
 cat >"$staging/requirements.txt" <<'REQUIREMENTS'
@@ -67,7 +71,6 @@ PYTHONPATH="$here/lib" PYTHONDONTWRITEBYTECODE=1 exec python3 -m schemathesis.cl
 WRAPPER
 chmod +x "$staging/schemathesis"
 rm -rf "$dir"
-# Another install may have won the race: then its copy is used.
-mv -T "$staging" "$dir" 2>/dev/null || true
+mv -T "$staging" "$dir"
 installed || { echo "schemathesis: the installed copy in $dir does not run" >&2; exit 3; }
 echo "$PWD/$run"
