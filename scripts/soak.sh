@@ -120,11 +120,14 @@ say "starting weir serve (data dir $out/data, log $out/logs/serve.log)"
 "$weir" -v serve --config "$out/host.toml" >"$out/logs/serve.out" 2>"$out/logs/serve.log" &
 host_pid=$!
 sampler_pid=""
+host_stopped=""
 cleanup() {
     if [ -n "$sampler_pid" ] && kill -0 "$sampler_pid" 2>/dev/null; then
         kill "$sampler_pid" 2>/dev/null || true
     fi
-    if kill -0 "$host_pid" 2>/dev/null; then
+    if [ -z "$host_stopped" ] && ! kill -0 "$host_pid" 2>/dev/null; then
+        echo "soak: weir serve (pid $host_pid) is gone; its log: $out/logs/serve.log" >&2
+    elif kill -0 "$host_pid" 2>/dev/null; then
         kill -TERM "$host_pid" 2>/dev/null || true
         wait "$host_pid" 2>/dev/null || true
     fi
@@ -262,10 +265,7 @@ sampler_pid=$!
 # Sleeps until `elapsed` reaches $1, checking that the host still runs.
 sleep_until() {
     while (($(elapsed) < $1)); do
-        if ! kill -0 "$host_pid" 2>/dev/null; then
-            echo "soak: weir serve exited at ${1}s (log: $out/logs/serve.log)" >&2
-            exit 1
-        fi
+        kill -0 "$host_pid" 2>/dev/null || exit 1 # cleanup says so
         local left=$(($1 - $(elapsed)))
         sleep $((left < 5 ? left : 5))
     done
@@ -296,7 +296,8 @@ upgrade() {
     started=$(elapsed)
     before="$(detail "$job_id" | jq '.job.upgrades | length')"
     began=$EPOCHREALTIME
-    "$weir" upgrade "$job_id" "${change[@]}" >"$log" 2>&1 || code=$?
+    # An upgrade takes seconds; one still going after 15 min is a hang.
+    timeout 900 "$weir" upgrade "$job_id" "${change[@]}" >"$log" 2>&1 || code=$?
     took="$(awk -v a="$began" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
     # The host's record of it; none if the request itself was refused.
     detail "$job_id" | jq -r --argjson before "$before" --arg started "$started" \
@@ -326,7 +327,7 @@ sample
 # --- the end: stop, check, plot, summarise -----------------------------------------
 failures=()
 for job in "${jobs[@]}"; do
-    if ! "$weir" stop "${id[$job]}" >"$out/logs/stop-$job.txt" 2>&1; then
+    if ! timeout 300 "$weir" stop "${id[$job]}" >"$out/logs/stop-$job.txt" 2>&1; then
         failures+=("soak-$job: weir stop failed: $(tail -n 1 "$out/logs/stop-$job.txt")")
     fi
     final="$(detail "${id[$job]}" | jq -r '"\(.job.lifecycle.status) \(.job.restarts | length)"')"
@@ -363,6 +364,7 @@ not_done="$(awk -F, 'NR > 1 && $4 != "upgraded"' "$out/upgrades.csv" | wc -l)"
 ((not_done == 0)) || failures+=("$not_done upgrades did not complete (upgrades.csv, logs/upgrade-*)")
 
 say "stopping the host"
+host_stopped=yes
 kill -TERM "$host_pid"
 wait "$host_pid" || failures+=("weir serve exited with status $? at shutdown (log: $out/logs/serve.log)")
 
