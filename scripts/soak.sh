@@ -99,7 +99,7 @@ if ! command -v gnuplot >/dev/null; then
 fi
 say "building the host (release)"
 cargo build --release -p weir
-weir="$repo/target/release/weir"
+weir="${CARGO_TARGET_DIR:-$repo/target}/release/weir"
 say "building the plugins (wasm32-wasip2 components)"
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \
     -p wordcount-split -p wordcount-count -p wordcount-count-v2
