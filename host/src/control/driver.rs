@@ -183,6 +183,15 @@ impl JobCtx {
             .map(|a| a.savepointer.clone())
     }
 
+    /// When the running attempt took in its first record (None between
+    /// attempts).
+    pub fn first_record(&self) -> Option<run::FirstRecord> {
+        self.run
+            .as_ref()
+            .and_then(|r| r.attempt.as_ref())
+            .map(|a| a.first_record.clone())
+    }
+
     /// The running attempt's record counters (empty between attempts).
     pub fn metrics(&self) -> Vec<Arc<NodeMetrics>> {
         self.run
@@ -382,7 +391,17 @@ impl JobCtx {
 
     /// Remembers a savepoint the job wrote.
     pub fn record_savepoint(&self, location: &Location, operation: Option<String>) {
-        record_savepoint(&self.job, location, operation);
+        record_savepoint(&self.job, location, operation, |_| {});
+    }
+
+    /// [`Self::record_savepoint`], with `also` changed in the same write.
+    pub fn record_savepoint_and(
+        &self,
+        location: &Location,
+        operation: Option<String>,
+        also: impl FnOnce(&mut JobRecord),
+    ) {
+        record_savepoint(&self.job, location, operation, also);
     }
 
     /// `[checkpoint] on_cancel = "delete"`: a cancelled job's checkpoints go.
@@ -676,7 +695,12 @@ pub(super) fn fail_operation(handle: &JobHandle, operation: &str, error: impl In
 }
 
 /// Remembers a savepoint the job wrote.
-pub(super) fn record_savepoint(handle: &JobHandle, location: &Location, operation: Option<String>) {
+pub(super) fn record_savepoint(
+    handle: &JobHandle,
+    location: &Location,
+    operation: Option<String>,
+    also: impl FnOnce(&mut JobRecord),
+) {
     let checkpoint = location
         .local()
         .and_then(|path| crate::checkpoint::metadata::read(path).ok())
@@ -691,6 +715,7 @@ pub(super) fn record_savepoint(handle: &JobHandle, location: &Location, operatio
                 operation,
             });
         }
+        also(record);
     });
 }
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -78,6 +78,61 @@ pub(super) struct AttemptView {
     pub metrics: Vec<Arc<NodeMetrics>>,
     pub checkpoint_metrics: Option<Arc<CheckpointMetrics>>,
     pub checkpoints: Option<Arc<JobCheckpoints>>,
+    /// When its operators took in their first record.
+    pub first_record: FirstRecord,
+}
+
+/// When an attempt's operators (or sinks) took in their first record:
+/// watched from the attempt's launch, every millisecond, so an upgrade's
+/// downtime ends at that record, however late the driver gets to it. The
+/// watch ends at the first record, when every copy of it is gone (the
+/// driver moved on), or after [`FirstRecord::LIMIT`].
+#[derive(Clone)]
+pub(super) struct FirstRecord(watch::Receiver<Option<Instant>>);
+
+impl FirstRecord {
+    const LIMIT: Duration = Duration::from_secs(600);
+
+    /// Starts watching `metrics`, the attempt's record counters.
+    pub fn watch(metrics: Vec<Arc<NodeMetrics>>) -> Self {
+        let (seen, first) = watch::channel(None);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Self::LIMIT;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while Instant::now() < deadline && !seen.is_closed() {
+                tick.tick().await;
+                if records_in(&metrics) > 0 {
+                    let _ = seen.send(Some(Instant::now()));
+                    return;
+                }
+            }
+        });
+        Self(first)
+    }
+
+    /// The first record's time, waiting up to `limit` for it.
+    pub async fn within(mut self, limit: Duration) -> Option<Instant> {
+        tokio::time::timeout(limit, self.0.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()
+            .and_then(|first| *first)
+    }
+
+    /// The first record's time, if it came already.
+    pub fn now(&self) -> Option<Instant> {
+        *self.0.borrow()
+    }
+}
+
+/// The records a run's operators and sinks took in (its sources' not).
+pub(super) fn records_in(metrics: &[Arc<NodeMetrics>]) -> u64 {
+    metrics
+        .iter()
+        .filter(|m| !m.is_source)
+        .map(|m| m.records_in())
+        .sum()
 }
 
 /// Why a run ended without an outcome.
@@ -268,6 +323,7 @@ impl RunObserver for Forwarder {
                 metrics: attempt.metrics().to_vec(),
                 checkpoint_metrics: attempt.checkpoint_metrics(),
                 checkpoints: self.checkpoints.clone(),
+                first_record: FirstRecord::watch(attempt.metrics().to_vec()),
             },
         });
     }

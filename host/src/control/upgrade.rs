@@ -749,15 +749,23 @@ impl StopOld {
                 return ctx.run_ended(Err(failure), None);
             }
         };
-        ctx.record_savepoint(&savepoint, Some(self.procedure.operation.clone()));
-        let text = savepoint.to_string();
-        ctx.job.update(|record| {
-            if let Some(op) = record.operation_mut(&self.procedure.operation) {
+        // One write of the record, as the new version waits for it.
+        let (operation, text) = (&self.procedure.operation, savepoint.to_string());
+        info!(job = %ctx.job.id, %operation, step = "restoring", "upgrade");
+        ctx.record_savepoint_and(&savepoint, Some(operation.clone()), |record| {
+            if let Some(op) = record.operation_mut(operation) {
                 op.savepoint = Some(text.clone());
+            }
+            if let Some(upgrade) = record
+                .upgrades
+                .iter_mut()
+                .rev()
+                .find(|u| &u.operation == operation)
+            {
+                upgrade.step = Some("restoring".to_string());
             }
         });
         Restore::start(
-            ctx,
             self.procedure,
             savepoint,
             self.standby,
@@ -779,14 +787,12 @@ pub(super) struct Restore {
 
 impl Restore {
     fn start(
-        ctx: &mut JobCtx,
         procedure: Procedure,
         savepoint: Location,
         standby: Option<Arc<StandbyState>>,
         loaded: Loaded,
         last_record: Instant,
     ) -> DriverStep {
-        procedure.at(ctx, "restoring");
         let (release, hold) = watch::channel(true);
         let mut plan = RunPlan::new(
             procedure.upgrade.spec.clone(),
@@ -881,7 +887,7 @@ pub(super) struct Probation {
     last_record: Instant,
     release: watch::Sender<bool>,
     started: Instant,
-    first_record: JoinHandle<Option<Instant>>,
+    first_record: Option<run::FirstRecord>,
     checkpoints: Option<Arc<crate::checkpoint::coordinator::CheckpointMetrics>>,
 }
 
@@ -889,19 +895,15 @@ impl Probation {
     fn start(ctx: &mut JobCtx, restore: Restore) -> DriverStep {
         restore.procedure.at(ctx, "on-probation");
         let attempt = ctx.run.as_ref().and_then(|r| r.attempt.clone());
-        let metrics = attempt
-            .as_ref()
-            .map(|a| a.metrics.clone())
-            .unwrap_or_default();
+        let first_record = attempt.as_ref().map(|a| a.first_record.clone());
         let checkpoints = attempt.and_then(|a| a.checkpoint_metrics);
-        let duration = restore.procedure.upgrade.probation;
         DriverStep::Upgrade(Box::new(Step::Probation(Probation {
             procedure: restore.procedure,
             savepoint: restore.savepoint,
             last_record: restore.last_record,
             release: restore.release,
             started: Instant::now(),
-            first_record: tokio::spawn(first_record(metrics, duration)),
+            first_record,
             checkpoints,
         })))
     }
@@ -956,15 +958,11 @@ impl Probation {
     /// Probation passed: the held commits go out, the upgrade is done, and
     /// the earlier runs' checkpoints retire.
     fn passed(self, ctx: &mut JobCtx) -> DriverStep {
-        let downtime = if self.first_record.is_finished() {
-            futures::FutureExt::now_or_never(self.first_record)
-                .and_then(Result::ok)
-                .flatten()
-                .map(|at| millis(self.last_record, at))
-        } else {
-            self.first_record.abort();
-            None
-        };
+        let downtime = self
+            .first_record
+            .as_ref()
+            .and_then(run::FirstRecord::now)
+            .map(|at| millis(self.last_record, at));
         let _ = self.release.send(false);
         let to = self.procedure.to();
         update_upgrade(ctx, &self.procedure.operation, |u| {
@@ -1223,7 +1221,7 @@ impl RollBack {
     /// and the downtime) once the previous version took in its first
     /// record again.
     fn report(&self, ctx: &JobCtx) {
-        let metrics = ctx.metrics();
+        let first_record = ctx.first_record();
         let job = ctx.job.clone();
         let (operation, error, last_record) = (
             self.procedure.operation.clone(),
@@ -1231,9 +1229,11 @@ impl RollBack {
             self.last_record,
         );
         tokio::spawn(async move {
-            let downtime = first_record(metrics, Duration::from_secs(10))
-                .await
-                .map(|at| millis(last_record, at));
+            let downtime = match first_record {
+                Some(first) => first.within(Duration::from_secs(10)).await,
+                None => None,
+            }
+            .map(|at| millis(last_record, at));
             job.update(|record| {
                 if let Some(upgrade) = record
                     .upgrades
@@ -1264,24 +1264,16 @@ pub(super) struct ActivityWatch {
     task: JoinHandle<()>,
 }
 
-fn records_in(metrics: &[Arc<NodeMetrics>]) -> u64 {
-    metrics
-        .iter()
-        .filter(|m| !m.is_source)
-        .map(|m| m.records_in())
-        .sum()
-}
-
 impl ActivityWatch {
     pub fn start(metrics: Vec<Arc<NodeMetrics>>) -> Self {
         let last = Arc::new(Mutex::new(Instant::now()));
         let moved = last.clone();
         let task = tokio::spawn(async move {
-            let mut seen = records_in(&metrics);
+            let mut seen = run::records_in(&metrics);
             let mut tick = tokio::time::interval(Duration::from_millis(1));
             loop {
                 tick.tick().await;
-                let now = records_in(&metrics);
+                let now = run::records_in(&metrics);
                 if now != seen {
                     seen = now;
                     *moved.lock().expect("not poisoned") = Instant::now();
@@ -1302,20 +1294,6 @@ impl Drop for ActivityWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Resolves with the time the first record reached a run's operators (or
-/// sinks), polling every millisecond, or None after `limit`.
-async fn first_record(metrics: Vec<Arc<NodeMetrics>>, limit: Duration) -> Option<Instant> {
-    let deadline = Instant::now() + limit;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    while Instant::now() < deadline {
-        tick.tick().await;
-        if records_in(&metrics) > 0 {
-            return Some(Instant::now());
-        }
-    }
-    None
 }
 
 fn millis(from: Instant, to: Instant) -> f64 {
