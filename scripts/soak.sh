@@ -97,8 +97,11 @@ if ! command -v gnuplot >/dev/null; then
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null
 fi
-say "building the host (release)"
-cargo build --release -p weir
+# SOAK_PROFILE=bench reuses a benchmark build's dependencies (same code,
+# line tables kept); both profiles put the binary under release/.
+profile="${SOAK_PROFILE:-release}"
+say "building the host ($profile profile)"
+cargo build --profile "$profile" -p weir
 weir="${CARGO_TARGET_DIR:-$repo/target}/release/weir"
 say "building the plugins (wasm32-wasip2 components)"
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \

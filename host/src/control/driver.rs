@@ -267,12 +267,7 @@ impl JobCtx {
     /// Remembers a savepoint target before its barrier goes out (see
     /// [`JobRecord::savepoint_targets`]).
     pub fn note_savepoint_target(&self, target: &Location) {
-        let text = target.to_string();
-        self.job.update(|r| {
-            if !r.savepoint_targets.contains(&text) {
-                r.savepoint_targets.push(text);
-            }
-        });
+        self.job.update(|r| r.note_savepoint_target(target));
     }
 
     /// The default for an event of the current run no procedure needs:

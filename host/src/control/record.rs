@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::lifecycle::{JobStatus, Lifecycle};
+use crate::types::Location;
 
 /// The record format this host writes.
 pub const RECORD_FORMAT: u32 = 1;
@@ -186,6 +187,23 @@ impl JobRecord {
 
     pub fn operation_mut(&mut self, id: &str) -> Option<&mut Operation> {
         self.operations.iter_mut().find(|o| o.id == id)
+    }
+
+    /// The upgrade that operation `operation` is.
+    pub fn upgrade_mut(&mut self, operation: &str) -> Option<&mut UpgradeRecord> {
+        self.upgrades
+            .iter_mut()
+            .rev()
+            .find(|u| u.operation == operation)
+    }
+
+    /// Remembers a savepoint target before its barrier goes out (see
+    /// [`JobRecord::savepoint_targets`]).
+    pub fn note_savepoint_target(&mut self, target: &Location) {
+        let text = target.to_string();
+        if !self.savepoint_targets.contains(&text) {
+            self.savepoint_targets.push(text);
+        }
     }
 
     /// The operation still running, if any (one at a time per job).

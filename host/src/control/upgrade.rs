@@ -107,12 +107,7 @@ impl Step {
 
 fn update_upgrade(ctx: &JobCtx, operation: &str, change: impl FnOnce(&mut UpgradeRecord)) {
     ctx.job.update(|record| {
-        if let Some(upgrade) = record
-            .upgrades
-            .iter_mut()
-            .rev()
-            .find(|u| u.operation == operation)
-        {
+        if let Some(upgrade) = record.upgrade_mut(operation) {
             change(upgrade);
         }
     });
@@ -507,7 +502,7 @@ impl Standby {
         match followed {
             Ok((standby, summary)) => {
                 info!(job = %ctx.job.id, operation = %procedure.operation, "{summary}");
-                update_upgrade(ctx, &procedure.operation, |u| u.standby = Some(summary));
+                let standby = (standby, summary);
                 StopOld::start(ctx, procedure, Some(standby), loaded, savepointer, activity)
             }
             Err(StandbyError::Refused(error)) => {
@@ -558,12 +553,7 @@ async fn follow_on_standby(
     let restored = started.elapsed();
     failpoints::pause("upgrade.standby-building").await;
     job.update(|record| {
-        if let Some(upgrade) = record
-            .upgrades
-            .iter_mut()
-            .rev()
-            .find(|u| u.operation == operation)
-        {
+        if let Some(upgrade) = record.upgrade_mut(&operation) {
             upgrade.step = Some("standby-catching-up".to_string());
         }
     });
@@ -640,17 +630,29 @@ pub(super) struct StopOld {
 }
 
 impl StopOld {
+    /// `standby`: the standby caught up, and what it did.
     fn start(
         ctx: &mut JobCtx,
         procedure: Procedure,
-        standby: Option<Arc<StandbyState>>,
+        standby: Option<(Arc<StandbyState>, String)>,
         loaded: Loaded,
         savepointer: Savepointer,
         activity: ActivityWatch,
     ) -> DriverStep {
-        procedure.at(ctx, "stopping");
         let target = Location::Local(ctx.host.data.join("savepoints"));
-        ctx.note_savepoint_target(&target);
+        // One write of the record: the sources run on (the standby's
+        // changes grow) until the stop's barrier goes out.
+        info!(job = %ctx.job.id, operation = %procedure.operation, step = "stopping", "upgrade");
+        let (standby, summary) = standby.unzip();
+        ctx.job.update(|record| {
+            record.note_savepoint_target(&target);
+            if let Some(upgrade) = record.upgrade_mut(&procedure.operation) {
+                upgrade.step = Some("stopping".to_string());
+                if summary.is_some() {
+                    upgrade.standby = summary;
+                }
+            }
+        });
         let (stopping, incremental) = (savepointer.clone(), standby.is_some());
         let taken = tokio::spawn(async move {
             failpoints::pause("upgrade.stopping").await;
@@ -756,12 +758,7 @@ impl StopOld {
             if let Some(op) = record.operation_mut(operation) {
                 op.savepoint = Some(text.clone());
             }
-            if let Some(upgrade) = record
-                .upgrades
-                .iter_mut()
-                .rev()
-                .find(|u| &u.operation == operation)
-            {
+            if let Some(upgrade) = record.upgrade_mut(operation) {
                 upgrade.step = Some("restoring".to_string());
             }
         });
@@ -1235,12 +1232,7 @@ impl RollBack {
             }
             .map(|at| millis(last_record, at));
             job.update(|record| {
-                if let Some(upgrade) = record
-                    .upgrades
-                    .iter_mut()
-                    .rev()
-                    .find(|u| u.operation == operation)
-                {
+                if let Some(upgrade) = record.upgrade_mut(&operation) {
                     upgrade.downtime_ms = downtime;
                     upgrade.step = None;
                 }
