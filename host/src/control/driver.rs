@@ -184,12 +184,12 @@ impl JobCtx {
     }
 
     /// When the running attempt took in its first record (None between
-    /// attempts).
+    /// attempts, or when its run's plan did not ask).
     pub fn first_record(&self) -> Option<run::FirstRecord> {
         self.run
             .as_ref()
             .and_then(|r| r.attempt.as_ref())
-            .map(|a| a.first_record.clone())
+            .and_then(|a| a.first_record.clone())
     }
 
     /// The running attempt's record counters (empty between attempts).

@@ -45,6 +45,9 @@ pub(super) struct RunPlan {
     /// The restore point is a savepoint this host wrote a moment ago: its
     /// files are not hashed again.
     pub trusted: bool,
+    /// Watch each attempt for its first record (an upgrade's downtime ends
+    /// there).
+    pub watch_first_record: bool,
 }
 
 impl RunPlan {
@@ -66,6 +69,7 @@ impl RunPlan {
             standby: None,
             commit_hold: None,
             trusted: false,
+            watch_first_record: false,
         }
     }
 }
@@ -78,12 +82,13 @@ pub(super) struct AttemptView {
     pub metrics: Vec<Arc<NodeMetrics>>,
     pub checkpoint_metrics: Option<Arc<CheckpointMetrics>>,
     pub checkpoints: Option<Arc<JobCheckpoints>>,
-    /// When its operators took in their first record.
-    pub first_record: FirstRecord,
+    /// When its operators took in their first record, if the plan asked.
+    pub first_record: Option<FirstRecord>,
 }
 
 /// When an attempt's operators (or sinks) took in their first record:
-/// watched from the attempt's launch, every millisecond, so an upgrade's
+/// watched from the attempt's launch (of a run whose plan asks, see
+/// [`RunPlan::watch_first_record`]), every millisecond, so an upgrade's
 /// downtime ends at that record, however late the driver gets to it. The
 /// watch ends at the first record, when every copy of it is gone (the
 /// driver moved on), or after [`FirstRecord::LIMIT`].
@@ -298,6 +303,7 @@ async fn run(
         events: events.clone(),
         graph: Arc::new(prepared.graph.clone()),
         checkpoints: prepared.checkpoints.clone(),
+        watch_first_record: plan.watch_first_record,
     };
     let result = runner::run_observed(&prepared, &settings, &HashMap::new(), &mut observer)
         .await
@@ -311,6 +317,7 @@ struct Forwarder {
     events: mpsc::UnboundedSender<RunEvent>,
     graph: Arc<JobGraph>,
     checkpoints: Option<Arc<JobCheckpoints>>,
+    watch_first_record: bool,
 }
 
 impl RunObserver for Forwarder {
@@ -323,7 +330,9 @@ impl RunObserver for Forwarder {
                 metrics: attempt.metrics().to_vec(),
                 checkpoint_metrics: attempt.checkpoint_metrics(),
                 checkpoints: self.checkpoints.clone(),
-                first_record: FirstRecord::watch(attempt.metrics().to_vec()),
+                first_record: self
+                    .watch_first_record
+                    .then(|| FirstRecord::watch(attempt.metrics().to_vec())),
             },
         });
     }

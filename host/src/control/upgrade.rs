@@ -116,9 +116,24 @@ fn update_upgrade(ctx: &JobCtx, operation: &str, change: impl FnOnce(&mut Upgrad
 impl Procedure {
     /// The step it is at, as the record shows it.
     fn at(&self, ctx: &JobCtx, step: &str) {
-        let step = step.to_string();
-        info!(job = %ctx.job.id, operation = %self.operation, step = %step, "upgrade");
-        update_upgrade(ctx, &self.operation, |u| u.step = Some(step));
+        self.at_and(ctx, step, |_| {});
+    }
+
+    /// [`Self::at`], with `also` changed in the same write of the record
+    /// (each write is an fsync, and the job waits on some).
+    fn at_and(&self, ctx: &JobCtx, step: &str, also: impl FnOnce(&mut JobRecord)) {
+        ctx.job.update(|record| {
+            self.step_in(record, step);
+            also(record);
+        });
+    }
+
+    /// Sets the step the record shows (and logs it).
+    fn step_in(&self, record: &mut JobRecord, step: &str) {
+        info!(job = %record.id, operation = %self.operation, step, "upgrade");
+        if let Some(upgrade) = record.upgrade_mut(&self.operation) {
+            upgrade.step = Some(step.to_string());
+        }
     }
 
     /// Refused before anything stopped: the job runs on unchanged.
@@ -642,15 +657,13 @@ impl StopOld {
         let target = Location::Local(ctx.host.data.join("savepoints"));
         // One write of the record: the sources run on (the standby's
         // changes grow) until the stop's barrier goes out.
-        info!(job = %ctx.job.id, operation = %procedure.operation, step = "stopping", "upgrade");
         let (standby, summary) = standby.unzip();
-        ctx.job.update(|record| {
+        procedure.at_and(ctx, "stopping", |record| {
             record.note_savepoint_target(&target);
-            if let Some(upgrade) = record.upgrade_mut(&procedure.operation) {
-                upgrade.step = Some("stopping".to_string());
-                if summary.is_some() {
-                    upgrade.standby = summary;
-                }
+            if let (Some(upgrade), Some(summary)) =
+                (record.upgrade_mut(&procedure.operation), summary)
+            {
+                upgrade.standby = Some(summary);
             }
         });
         let (stopping, incremental) = (savepointer.clone(), standby.is_some());
@@ -752,15 +765,12 @@ impl StopOld {
             }
         };
         // One write of the record, as the new version waits for it.
-        let (operation, text) = (&self.procedure.operation, savepoint.to_string());
-        info!(job = %ctx.job.id, %operation, step = "restoring", "upgrade");
-        ctx.record_savepoint_and(&savepoint, Some(operation.clone()), |record| {
-            if let Some(op) = record.operation_mut(operation) {
+        let (procedure, text) = (&self.procedure, savepoint.to_string());
+        ctx.record_savepoint_and(&savepoint, Some(procedure.operation.clone()), |record| {
+            if let Some(op) = record.operation_mut(&procedure.operation) {
                 op.savepoint = Some(text.clone());
             }
-            if let Some(upgrade) = record.upgrade_mut(operation) {
-                upgrade.step = Some("restoring".to_string());
-            }
+            procedure.step_in(record, "restoring");
         });
         Restore::start(
             self.procedure,
@@ -800,6 +810,7 @@ impl Restore {
         plan.loaded = loaded;
         plan.standby = standby;
         plan.commit_hold = Some(hold);
+        plan.watch_first_record = true;
         // Written by this host a moment ago: not hashed again.
         plan.trusted = true;
         DriverStep::Upgrade(Box::new(Step::Restore(Restore {
@@ -892,7 +903,7 @@ impl Probation {
     fn start(ctx: &mut JobCtx, restore: Restore) -> DriverStep {
         restore.procedure.at(ctx, "on-probation");
         let attempt = ctx.run.as_ref().and_then(|r| r.attempt.clone());
-        let first_record = attempt.as_ref().map(|a| a.first_record.clone());
+        let first_record = attempt.as_ref().and_then(|a| a.first_record.clone());
         let checkpoints = attempt.and_then(|a| a.checkpoint_metrics);
         DriverStep::Upgrade(Box::new(Step::Probation(Probation {
             procedure: restore.procedure,
@@ -1078,6 +1089,7 @@ impl RollBack {
                     format!("rollback (operation {})", self.procedure.operation),
                 );
                 plan.discard_runs.extend(self.failed_run.clone());
+                plan.watch_first_record = true;
                 ctx.start_run(plan);
                 self.started = true;
                 DriverStep::Upgrade(Box::new(Step::RollBack(self)))
