@@ -33,7 +33,7 @@ use weir::protocol::{
 use weir::runner::{self, RunOptions};
 use weir::state::rocks::RocksBackend;
 use weir::state::{KeyedState, StateBackend, StateKind};
-use weir::types::{Barrier, BarrierKind, CheckpointId, SavepointForm, SavepointTarget};
+use weir::types::{Barrier, BarrierKind, CheckpointId, OutDir, SavepointForm, SavepointTarget};
 
 const MAX_PARALLELISM: u32 = 128;
 
@@ -79,10 +79,11 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
     // Write, as the operator task does at a savepoint barrier.
     let target = dir.path().join("savepoint");
     std::fs::create_dir_all(&target).expect("mkdir");
+    let out = OutDir::open(&target).expect("open");
     let barrier = Barrier {
         id: CheckpointId(1),
         kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
-            dir: target.clone(),
+            dir: out.clone(),
             form: SavepointForm::Canonical,
         })),
     };
@@ -137,7 +138,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         operators: Default::default(),
     };
     metadata.operators.insert("count".into(), operator);
-    metadata::write(&target, &metadata).expect("_metadata");
+    metadata::write(&out, &metadata).expect("_metadata");
     drop(state);
 
     // Restore, as `weir run -s` does: check every file, then load.

@@ -8,10 +8,10 @@
 //!   followed as the kernel would), the rest must be plain names; the
 //!   result must lie inside a root, and the job runs with that resolved
 //!   path;
-//! - at run time the file source and sink open their files only through
-//!   a cap-std handle on the root that holds the path ([`open_file`],
-//!   [`open_dir`]), so a symlink swapped in after the check cannot lead
-//!   out either.
+//! - at run time the file source and sink open their files, and the
+//!   checkpoint coordinator a savepoint target, only through a cap-std
+//!   handle on the root that holds the path ([`open_file`], [`open_dir`]),
+//!   so a symlink swapped in after the check cannot lead out either.
 //!
 //! `weir run` embedded has no roots (`None`): paths open as given.
 
@@ -97,6 +97,11 @@ impl Roots {
             "{leads}outside the host's job roots ({}; `[jobs] roots` in its config)",
             self.describe()
         ))
+    }
+
+    /// Whether `path` (absolute, resolved) lies inside a root.
+    pub fn holds(&self, path: &Path) -> bool {
+        self.locate(path).is_some()
     }
 
     /// The root holding `path` (the innermost) and the path inside it.

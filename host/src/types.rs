@@ -213,9 +213,140 @@ pub enum BaseRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavepointTarget {
     /// The savepoint directory (local: a savepoint for object storage is
-    /// staged here and uploaded once complete).
-    pub dir: std::path::PathBuf,
+    /// staged here and uploaded once complete), written through its handle.
+    pub dir: OutDir,
     pub form: SavepointForm,
+}
+
+/// A directory the host writes files into by names relative to it,
+/// through a cap-std handle opened once: whatever becomes of its path
+/// meanwhile (renamed, a parent swapped for a symlink), every file lands in
+/// the directory that was opened, and no name in it leads out (`..` and
+/// symlinks out of it are refused). `path` names it in messages and
+/// metadata. A savepoint directory inside the running host's job roots is
+/// one opened through the root's handle (see the checkpoint coordinator).
+#[derive(Debug, Clone)]
+pub struct OutDir {
+    path: std::path::PathBuf,
+    handle: std::sync::Arc<cap_std::fs::Dir>,
+    /// The directory holding it and its name there, when it was created
+    /// through a handle: how it is removed without walking its path again.
+    parent: Option<(std::sync::Arc<cap_std::fs::Dir>, std::path::PathBuf)>,
+}
+
+impl PartialEq for OutDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+impl Eq for OutDir {}
+
+impl OutDir {
+    /// The directory at `path` (the host's own: opened as the path says).
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let handle = cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            handle: std::sync::Arc::new(handle),
+            parent: None,
+        })
+    }
+
+    /// A new directory `name` (a plain name) made in `parent`, whose path
+    /// is `parent_path`; fails if it exists.
+    pub fn create_in(
+        parent: cap_std::fs::Dir,
+        parent_path: &std::path::Path,
+        name: &str,
+    ) -> std::io::Result<Self> {
+        let plain = std::path::Path::new(name);
+        if plain.components().count() != 1
+            || !matches!(
+                plain.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a plain name"),
+            ));
+        }
+        parent.create_dir(plain)?;
+        let handle = parent.open_dir(plain)?;
+        Ok(Self {
+            path: parent_path.join(plain),
+            handle: std::sync::Arc::new(handle),
+            parent: Some((std::sync::Arc::new(parent), plain.to_path_buf())),
+        })
+    }
+
+    /// Its path, for messages and metadata.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// `<path>/<rel>`, for messages.
+    pub fn join(&self, rel: impl AsRef<std::path::Path>) -> std::path::PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Creates (truncating) the file `rel` inside it.
+    pub fn create(&self, rel: impl AsRef<std::path::Path>) -> std::io::Result<std::fs::File> {
+        Ok(self.handle.create(rel)?.into_std())
+    }
+
+    /// Opens the file `rel` inside it for reading.
+    pub fn open_file(&self, rel: impl AsRef<std::path::Path>) -> std::io::Result<std::fs::File> {
+        Ok(self.handle.open(rel)?.into_std())
+    }
+
+    /// Creates the directory `rel` inside it, with its parents.
+    pub fn create_dir_all(&self, rel: impl AsRef<std::path::Path>) -> std::io::Result<()> {
+        self.handle.create_dir_all(rel)
+    }
+
+    /// Renames `from` to `to`, both inside it.
+    pub fn rename(
+        &self,
+        from: impl AsRef<std::path::Path>,
+        to: impl AsRef<std::path::Path>,
+    ) -> std::io::Result<()> {
+        self.handle.rename(from, &self.handle, to)
+    }
+
+    /// Hard-links the host's own file `source` (outside it, named by its
+    /// path) as `rel` inside it.
+    pub fn hard_link_from(
+        &self,
+        source: &std::path::Path,
+        rel: impl AsRef<std::path::Path>,
+    ) -> std::io::Result<()> {
+        let (Some(parent), Some(name)) = (source.parent(), source.file_name()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} names no file", source.display()),
+            ));
+        };
+        let parent = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())?;
+        parent.hard_link(name, &self.handle, rel)
+    }
+
+    /// Makes its entries (new names, renames, links) durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let mut options = cap_std::fs::OpenOptions::new();
+        options.read(true);
+        self.handle.open_with(".", &options)?.sync_all()
+    }
+
+    /// Removes it and everything in it: through the directory that holds
+    /// it when it was made through a handle, else by its path.
+    pub fn remove(&self) -> std::io::Result<()> {
+        match &self.parent {
+            Some((parent, name)) => parent.remove_dir_all(name),
+            None => std::fs::remove_dir_all(&self.path),
+        }
+    }
 }
 
 /// The form a savepoint's keyed state takes.

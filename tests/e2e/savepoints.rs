@@ -530,7 +530,8 @@ fn a_damaged_savepoint_fails_naming_the_file_and_restores_nothing() {
     op.subtasks[0].files[0].path = "../../etc/passwd".into();
     let outside = job.path().join("outside");
     std::fs::create_dir_all(&outside).expect("mkdir");
-    metadata::write(&outside, &escaped).expect("write");
+    let out = weir::types::OutDir::open(&outside).expect("open");
+    metadata::write(&out, &escaped).expect("write");
     let error = savepoint::validate(&outside)
         .expect_err("escapes")
         .to_string();

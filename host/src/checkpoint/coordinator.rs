@@ -28,8 +28,10 @@ use crate::protocol::{
     CoordinatorError, CoordinatorOutcome, CoordinatorWiring, Role, SnapshotStats, SourcePace,
     StopAfter, SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
 };
+use crate::roots::Roots;
 use crate::types::{
-    Barrier, BarrierKind, BaseRule, CheckpointId, Location, S3Url, SavepointForm, SavepointTarget,
+    Barrier, BarrierKind, BaseRule, CheckpointId, Location, OutDir, S3Url, SavepointForm,
+    SavepointTarget,
 };
 
 /// Checkpoint settings as the coordinator uses them.
@@ -246,7 +248,8 @@ impl JobCheckpoints {
             metadata.checkpoint,
         )));
         std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
-        let path = metadata::write(&dir, &metadata)?;
+        let out = OutDir::open(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        let path = metadata::write(&out, &metadata)?;
         if let Some(remote) = &self.remote {
             let chk = super::checkpoint_dir_name(CheckpointId(metadata.checkpoint));
             if let Err(error) = self.mirror(remote, &metadata, &chk) {
@@ -410,7 +413,7 @@ fn requeue_follow_up(
 }
 
 struct PendingSavepoint {
-    dir: PathBuf,
+    dir: OutDir,
     /// A savepoint for object storage: `dir` is its local staging copy,
     /// uploaded here once complete.
     remote: Option<(super::remote::Remote, S3Url)>,
@@ -468,6 +471,9 @@ pub struct Coordinator {
     /// Where savepoints for object storage are staged before they are
     /// uploaded.
     pub savepoint_staging: PathBuf,
+    /// The running host's job roots: a local savepoint target inside them
+    /// is written through their handles (None: `weir run`, paths as given).
+    pub roots: Option<Arc<Roots>>,
 }
 
 /// One attempt's checkpointing as it goes: what is in flight, queued,
@@ -1037,6 +1043,7 @@ impl Coordinator {
             Location::Local(dir) => (None, dir),
         };
         let dir = match super::savepoint::create_dir(
+            self.roots.as_deref(),
             local_target,
             self.savepoint_job_id
                 .as_deref()
@@ -1051,13 +1058,14 @@ impl Coordinator {
         // Remotely: `<target>/<the directory's name>`.
         let remote = remote.map(|(r, url)| {
             let name = dir
+                .path()
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             (r.join(&name), url.join(&name))
         });
         self.savepoint_progress.start();
-        info!(savepoint = id.0, dir = %dir.display(), stop = request.stop.is_some(), "savepoint triggered");
+        info!(savepoint = id.0, dir = %dir.path().display(), stop = request.stop.is_some(), "savepoint triggered");
         let barrier = Barrier {
             id,
             kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
@@ -1118,7 +1126,7 @@ impl Coordinator {
                 .send(Err(format!("savepoint {} failed: {reason}", pending.id.0)));
             let dir = savepoint.dir;
             tokio::task::spawn_blocking(move || {
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = dir.remove();
             });
             return;
         }
@@ -1219,11 +1227,11 @@ impl Coordinator {
         let written = tokio::task::spawn_blocking(move || {
             let read = metadata::write(&dir, &metadata).map(|path| ReadMetadata {
                 path,
-                base: dir.clone(),
+                base: dir.path().to_path_buf(),
                 metadata,
             })?;
             if let Some(remote) = &remote
-                && let Err(error) = super::remote::block_on(upload_savepoint(remote, &dir))
+                && let Err(error) = super::remote::block_on(upload_savepoint(remote, dir.path()))
             {
                 // Not complete anywhere: the local copy goes too.
                 let _ = std::fs::remove_file(&read.path);
@@ -1254,7 +1262,7 @@ impl Coordinator {
         }
         info!(
             savepoint = pending.id.0,
-            dir = %savepoint.dir.display(),
+            dir = %savepoint.dir.path().display(),
             duration_ms = pending.started.elapsed().as_millis() as u64,
             size = stats.bytes,
             "savepoint completed"
@@ -1266,7 +1274,7 @@ impl Coordinator {
         // staging copy stays the restore point of this run).
         let location = match &savepoint.remote {
             Some((_, url)) => Location::S3(url.clone()),
-            None => Location::Local(savepoint.dir.clone()),
+            None => Location::Local(savepoint.dir.path().to_path_buf()),
         };
         let _ = savepoint.reply.send(Ok(location.clone()));
         Ok((pending.id.0, savepoint.stop.then_some(location)))
@@ -1553,6 +1561,7 @@ mod tests {
             commit_hold,
             savepoint_job_id: None,
             savepoint_staging: dir.join("savepoint-staging"),
+            roots: None,
         };
         let wiring = CoordinatorWiring {
             triggers: vec![trigger],

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::CheckpointError;
 pub use crate::protocol::{FileRef, Role, StateStats, SubtaskSnapshot};
+use crate::types::OutDir;
 
 pub const METADATA_FILE: &str = "_metadata";
 pub const FORMAT_VERSION: u32 = 1;
@@ -148,20 +149,21 @@ impl CheckpointMetadata {
 }
 
 /// Writes `_metadata` into `dir` atomically: temp file, fsync, rename, fsync
-/// of the directory.
-pub fn write(dir: &Path, metadata: &CheckpointMetadata) -> Result<PathBuf, CheckpointError> {
-    let body = serde_json::to_vec_pretty(metadata).map_err(|e| CheckpointError::io(dir, e))?;
+/// of the directory. Returns its path.
+pub fn write(dir: &OutDir, metadata: &CheckpointMetadata) -> Result<PathBuf, CheckpointError> {
+    let body =
+        serde_json::to_vec_pretty(metadata).map_err(|e| CheckpointError::io(dir.path(), e))?;
     let digest = hex::encode(Sha256::digest(&body));
     let path = dir.join(METADATA_FILE);
-    let temp = dir.join(format!("{METADATA_FILE}.inprogress"));
+    let temp = format!("{METADATA_FILE}.inprogress");
     let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
+        let mut file = dir.create(&temp)?;
         let magic = metadata.kind.magic();
         writeln!(file, "{magic} {FORMAT_VERSION} sha256={digest}")?;
         file.write_all(&body)?;
         file.sync_all()?;
-        std::fs::rename(&temp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
+        dir.rename(&temp, METADATA_FILE)?;
+        dir.sync()
     })();
     result.map_err(|e| CheckpointError::io(&path, e))?;
     Ok(path)
@@ -334,7 +336,7 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("job").join("chk-3");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let path = write(&dir, &sample()).expect("write");
+        let path = write(&OutDir::open(&dir).expect("open"), &sample()).expect("write");
         let read_back = read(&dir).expect("read");
         assert_eq!(read_back.metadata, sample());
         assert_eq!(read_back.base, root.path().join("job"));
@@ -361,7 +363,7 @@ mod tests {
         let mut metadata = sample();
         let op = metadata.operators.get_mut("count").expect("op");
         op.subtasks[0].files[0].path = "../../etc/passwd".into();
-        write(&dir, &metadata).expect("write");
+        write(&OutDir::open(&dir).expect("open"), &metadata).expect("write");
         let error = read(&dir).expect_err("escapes").to_string();
         assert!(error.contains("outside"), "{error}");
         assert!(!is_inside("/abs"));

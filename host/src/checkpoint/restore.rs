@@ -199,7 +199,9 @@ pub fn install_files(
         } else if linked {
             super::storage::hash_open(opened, &source)?
         } else {
-            copy_open_hashed(opened, &source, &target)?
+            let output =
+                std::fs::File::create(&target).map_err(|e| CheckpointError::io(&target, e))?;
+            copy_open_hashed(opened, &source, output, &target)?
         };
         file.check(&source, size, &sha256)?;
     }

@@ -23,12 +23,15 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::types::OutDir;
+
 use serde::Serialize;
 
 use super::metadata::{self, ReadMetadata, SnapshotKind};
 use super::storage::{Hashing, random_hex};
 use super::{CheckpointError, FileRef, StateStats};
 use crate::protocol::{Role, TransferProgress};
+use crate::roots::Roots;
 use crate::state::StateBackend;
 use crate::state::dump::{self, DUMP_FILE, DumpWriter};
 use crate::state::rocks::RocksBackend;
@@ -36,13 +39,23 @@ use crate::state::rocks::RocksBackend;
 /// The `backend` of a savepoint subtask: one canonical `.state` dump.
 pub const CANONICAL: &str = "canonical";
 
-/// Creates a new, empty savepoint directory under `target`.
-pub fn create_dir(target: &Path, job_id: &str) -> Result<PathBuf, CheckpointError> {
-    std::fs::create_dir_all(target).map_err(|e| CheckpointError::io(target, e))?;
+/// Creates a new, empty savepoint directory under `target` (and `target`
+/// itself if need be). A target inside one of `roots` (the running host's
+/// job roots, against which the host checked it when asked) is opened
+/// through that root's handle, so neither `..` nor a symlink swapped in
+/// since leads out of it; any other (the host's own `savepoints/`, or
+/// `weir run` without roots) is opened as its path says.
+pub fn create_dir(
+    roots: Option<&Roots>,
+    target: &Path,
+    job_id: &str,
+) -> Result<OutDir, CheckpointError> {
+    let within = roots.filter(|roots| roots.holds(target));
+    let parent =
+        crate::roots::open_dir(within, target, true).map_err(|e| CheckpointError::io(target, e))?;
     let prefix: String = job_id.chars().take(6).collect();
-    let dir = target.join(format!("savepoint-{prefix}-{}", random_hex(6)));
-    std::fs::create_dir(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
-    Ok(dir)
+    let name = format!("savepoint-{prefix}-{}", random_hex(6));
+    OutDir::create_in(parent, target, &name).map_err(|e| CheckpointError::io(target.join(&name), e))
 }
 
 /// Writes one subtask's keyed state as a canonical `.state` file named
@@ -55,13 +68,13 @@ pub fn write_state(
     format: &str,
     tables: &[String],
     range: Range<u32>,
-    dir: &Path,
+    dir: &OutDir,
     name: &str,
     progress: &TransferProgress,
 ) -> Result<(FileRef, Vec<StateStats>), CheckpointError> {
     let path = dir.join(name);
     let io = |e: std::io::Error| CheckpointError::io(&path, e);
-    let file = std::fs::File::create(&path).map_err(io)?;
+    let file = dir.create(name).map_err(io)?;
     let hashing = Hashing::new(BufWriter::with_capacity(1 << 20, file));
     let mut writer = DumpWriter::new(hashing, tables).map_err(io)?;
     let mut stats: Vec<StateStats> = tables
@@ -298,6 +311,7 @@ pub fn inspect(read: &ReadMetadata) -> Inspection {
 
 #[cfg(test)]
 mod tests {
+    use super::super::storage::write_file;
     use super::*;
     use crate::state::WriteOp;
     use crate::state::memory::MemoryBackend;
@@ -325,12 +339,13 @@ mod tests {
         let copy = work.path().join("copy");
         let format = backend.checkpoint(&copy, &tables).expect("copy");
         let progress = TransferProgress::default();
+        let out = OutDir::open(work.path()).expect("open");
         let (file, stats) = write_state(
             &copy,
             &format,
             &tables,
             0..64,
-            work.path(),
+            &out,
             "op-0.state",
             &progress,
         )
@@ -360,14 +375,58 @@ mod tests {
     #[test]
     fn a_new_directory_is_named_after_the_job() {
         let root = tempfile::tempdir().expect("tempdir");
-        let dir = create_dir(root.path(), "abcdef0123").expect("create");
+        let dir = create_dir(None, root.path(), "abcdef0123").expect("create");
         let name = dir
+            .path()
             .file_name()
             .expect("name")
             .to_string_lossy()
             .into_owned();
         assert!(name.starts_with("savepoint-abcdef-"), "{name}");
         assert_eq!(name.len(), "savepoint-abcdef-".len() + 12);
-        assert!(dir.is_dir());
+        assert!(dir.path().is_dir());
+    }
+
+    /// A target inside the host's job roots is written through the root's
+    /// handle: a symlink out, there when asked or swapped in after the
+    /// directory was made, leads nowhere.
+    #[test]
+    fn a_target_inside_the_roots_stays_inside() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let base = temp.path().canonicalize().expect("canonical");
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(root.join("sp")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        let roots = Roots::open(std::slice::from_ref(&root)).expect("roots");
+
+        // A symlink out of the root where the target is: refused.
+        std::os::unix::fs::symlink(&outside, root.join("out")).expect("symlink");
+        assert!(create_dir(Some(&roots), &root.join("out"), "abcdef").is_err());
+        assert!(create_dir(Some(&roots), &root.join("out/deeper"), "abcdef").is_err());
+        assert_eq!(std::fs::read_dir(&outside).expect("list").count(), 0);
+
+        // Made inside; then its parent is swapped for a symlink out: the
+        // files still land in the directory that was made.
+        let dir = create_dir(Some(&roots), &root.join("sp"), "abcdef").expect("create");
+        let name = dir.path().file_name().expect("name").to_owned();
+        std::fs::rename(root.join("sp"), root.join("moved")).expect("move");
+        std::os::unix::fs::symlink(&outside, root.join("sp")).expect("symlink");
+        write_file(&dir, "part".into(), "part", b"state").expect("write");
+        let metadata = metadata::CheckpointMetadata {
+            kind: SnapshotKind::Savepoint,
+            job_id: "abcdef".into(),
+            job_name: "job".into(),
+            checkpoint: 1,
+            completed_ms: 0,
+            max_parallelism: 8,
+            operators: Default::default(),
+        };
+        metadata::write(&dir, &metadata).expect("metadata");
+        assert_eq!(std::fs::read_dir(&outside).expect("list").count(), 0);
+        let landed = root.join("moved").join(&name);
+        assert_eq!(std::fs::read(landed.join("part")).expect("read"), b"state");
+        assert!(landed.join(metadata::METADATA_FILE).is_file());
+        dir.remove().expect("remove");
+        assert!(!landed.exists());
     }
 }

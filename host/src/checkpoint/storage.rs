@@ -34,7 +34,7 @@ use crate::protocol::{
     TransferProgress,
 };
 use crate::state::{DELTA_FORMAT, SnapshotJob};
-use crate::types::{Barrier, BarrierKind, BaseRule, CheckpointId, SavepointForm};
+use crate::types::{Barrier, BarrierKind, BaseRule, CheckpointId, OutDir, SavepointForm};
 
 /// The name of the timers file in a subtask's private directory.
 pub const TIMERS_FILE: &str = "timers";
@@ -60,7 +60,7 @@ enum Target {
     /// A savepoint directory: the state in the `form` asked for (its
     /// tables `<uid>/<state>` in order) and the timers.
     Savepoint {
-        dir: PathBuf,
+        dir: OutDir,
         tables: Vec<String>,
         form: SavepointForm,
     },
@@ -119,7 +119,7 @@ impl SubtaskStorage {
     /// delta; and the timers. Returns the snapshot and its bytes.
     fn store_savepoint(
         &self,
-        dir: &Path,
+        dir: &OutDir,
         copy: Option<&(PathBuf, String)>,
         tables: &[String],
         form: SavepointForm,
@@ -312,8 +312,12 @@ impl SubtaskStorage {
         timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64, u64), CheckpointError> {
         let private_rel = format!("chk-{}/{}-{}", checkpoint.0, self.uid, self.subtask);
-        let shared = self.job_dir.join("shared");
-        std::fs::create_dir_all(&shared).map_err(|e| CheckpointError::io(&shared, e))?;
+        let shared_path = self.job_dir.join("shared");
+        std::fs::create_dir_all(&shared_path).map_err(|e| CheckpointError::io(&shared_path, e))?;
+        let job_dir =
+            OutDir::open(&self.job_dir).map_err(|e| CheckpointError::io(&self.job_dir, e))?;
+        let shared =
+            OutDir::open(&shared_path).map_err(|e| CheckpointError::io(&shared_path, e))?;
         let mut snapshot = SubtaskSnapshot {
             uid: self.uid.clone(),
             subtask: self.subtask,
@@ -330,7 +334,7 @@ impl SubtaskStorage {
                 };
                 let source = dir.join(crate::state::dump::DELTA_FILE);
                 let rel = format!("{prefix}-{}.delta", checkpoint.0);
-                let delta = copy_in(&source, &self.job_dir, rel, "delta")?;
+                let delta = copy_in(&source, &job_dir, rel, "delta")?;
                 new_bytes += delta.size;
                 current.delta_bytes += delta.size;
                 current.deltas.push(delta);
@@ -348,7 +352,7 @@ impl SubtaskStorage {
                             } else {
                                 format!("{prefix}-{}-{name}", checkpoint.0)
                             };
-                            let file = link_in(&source, &self.job_dir, rel, &name)?;
+                            let file = link_in(&source, &job_dir, rel, &name)?;
                             new_bytes += file.size;
                             if name.ends_with(".sst") {
                                 self.uploaded
@@ -377,10 +381,11 @@ impl SubtaskStorage {
             bytes += current.base_bytes + current.delta_bytes;
         }
         if !timers.is_empty() {
-            let private = self.job_dir.join(&private_rel);
-            std::fs::create_dir_all(&private).map_err(|e| CheckpointError::io(&private, e))?;
+            job_dir
+                .create_dir_all(&private_rel)
+                .map_err(|e| CheckpointError::io(job_dir.join(&private_rel), e))?;
             let rel = format!("{private_rel}/{TIMERS_FILE}");
-            let file = write_file(&self.job_dir, rel, TIMERS_FILE, timers)?;
+            let file = write_file(&job_dir, rel, TIMERS_FILE, timers)?;
             bytes += file.size;
             new_bytes += file.size;
             snapshot.timers = Some(file);
@@ -451,18 +456,20 @@ impl SnapshotStore for Arc<SubtaskStorage> {
 /// reading it. Other files are copied.
 fn link_in(
     source: &Path,
-    base: &Path,
+    base: &OutDir,
     rel: String,
     name: &str,
 ) -> Result<FileRef, CheckpointError> {
     if !name.ends_with(".sst") {
         return copy_in(source, base, rel, name);
     }
-    let target = base.join(&rel);
-    if std::fs::hard_link(source, &target).is_err() {
+    if base.hard_link_from(source, &rel).is_err() {
         return copy_in(source, base, rel, name);
     }
-    let input = std::fs::File::open(&target).map_err(|e| CheckpointError::io(&target, e))?;
+    let target = base.join(&rel);
+    let input = base
+        .open_file(&rel)
+        .map_err(|e| CheckpointError::io(&target, e))?;
     let (size, sha256) = hash_open(input, &target)?;
     Ok(FileRef {
         path: rel,
@@ -478,13 +485,12 @@ fn link_in(
 /// to [`link_in`] when the sizes differ or no link can be made.
 fn link_known(
     source: &Path,
-    base: &Path,
+    base: &OutDir,
     rel: String,
     known: &FileRef,
 ) -> Result<FileRef, CheckpointError> {
-    let target = base.join(&rel);
     let same_size = std::fs::metadata(source).is_ok_and(|m| m.len() == known.size);
-    if same_size && std::fs::hard_link(source, &target).is_ok() {
+    if same_size && base.hard_link_from(source, &rel).is_ok() {
         return Ok(FileRef {
             path: rel,
             name: known.name.clone(),
@@ -515,23 +521,26 @@ fn file_names(dir: &Path) -> Result<Vec<String>, CheckpointError> {
 }
 
 /// Makes the entries of `dir` (new names, hard links) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| CheckpointError::io(dir, e))
+pub(crate) fn sync_dir(dir: &OutDir) -> Result<(), CheckpointError> {
+    dir.sync().map_err(|e| CheckpointError::io(dir.path(), e))
 }
 
 /// Copies `source` to `<base>/<rel>` (via a temp name, fsynced), hashing it.
 fn copy_in(
     source: &Path,
-    base: &Path,
+    base: &OutDir,
     rel: String,
     name: &str,
 ) -> Result<FileRef, CheckpointError> {
     let target = base.join(&rel);
-    let temp = target.with_extension("inprogress");
-    let (size, sha256) = copy_hashed(source, &temp)?;
-    std::fs::rename(&temp, &target).map_err(|e| CheckpointError::io(&target, e))?;
+    let temp = format!("{rel}.inprogress");
+    let input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
+    let output = base
+        .create(&temp)
+        .map_err(|e| CheckpointError::io(base.join(&temp), e))?;
+    let (size, sha256) = copy_open_hashed(input, source, output, &base.join(&temp))?;
+    base.rename(&temp, &rel)
+        .map_err(|e| CheckpointError::io(&target, e))?;
     Ok(FileRef {
         path: rel,
         name: name.to_string(),
@@ -587,19 +596,15 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Copies a file, fsyncs the copy, and returns its size and sha256.
-pub fn copy_hashed(source: &Path, target: &Path) -> Result<(u64, String), CheckpointError> {
-    let input = std::fs::File::open(source).map_err(|e| CheckpointError::io(source, e))?;
-    copy_open_hashed(input, source, target)
-}
-
-/// [`copy_hashed`] from an open file (`source` names it in errors).
+/// Copies the open file `input` (`source` names it in errors) into the
+/// created file `output` (`target` names it), fsyncs the copy, and
+/// returns its size and sha256.
 pub fn copy_open_hashed(
     input: std::fs::File,
     source: &Path,
+    output: std::fs::File,
     target: &Path,
 ) -> Result<(u64, String), CheckpointError> {
-    let output = std::fs::File::create(target).map_err(|e| CheckpointError::io(target, e))?;
     let mut reader = Hashing::new(input);
     // A large writer buffer: `io::copy` reads straight into it.
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, output);
@@ -617,13 +622,15 @@ pub fn copy_open_hashed(
 /// Writes `bytes` to `<base>/<rel>` and fsyncs it; the reference names it
 /// `name`.
 pub fn write_file(
-    base: &Path,
+    base: &OutDir,
     rel: String,
     name: &str,
     bytes: &[u8],
 ) -> Result<FileRef, CheckpointError> {
     let path = base.join(&rel);
-    let mut file = std::fs::File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let mut file = base
+        .create(&rel)
+        .map_err(|e| CheckpointError::io(&path, e))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(|e| CheckpointError::io(&path, e))?;

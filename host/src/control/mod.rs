@@ -30,7 +30,8 @@
 //! sinks, `from_savepoint`, savepoint targets) must lie inside the host's
 //! job roots ([`crate::roots`], `[jobs] roots`), checked by
 //! `jobs::build_graph` and the savepoint requests; file sources and sinks
-//! open their files through the roots' cap-std handles.
+//! open their files, and the checkpoint coordinator a savepoint target's
+//! directory, through the roots' cap-std handles.
 //!
 //! Data dir layout: `plugins/` (`blobs/`, `index.json`, `compiled/`,
 //! `incoming/`, `rejected/`), `jobs/<job id>/` (`job.toml`, `job.json`),

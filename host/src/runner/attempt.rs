@@ -125,6 +125,7 @@ pub fn launch_with_native(
         commit_hold: run.commit_hold.clone(),
         savepoint_job_id: run.savepoint_job_id.clone(),
         savepoint_staging: savepoint_staging(job),
+        roots: job.graph.roots.clone(),
     };
     let (savepointer, requests) = Savepointer::channel();
     let checkpoints = job.checkpoints.as_ref().map(|c| c.metrics.clone());
