@@ -8,6 +8,7 @@ mod build_sharing;
 mod chaining;
 mod checkpoints;
 mod cli;
+mod cluster;
 mod event_time;
 mod faults;
 mod host;

@@ -85,6 +85,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the hosts of a running host's cluster (id, API, version, jobs,
+    /// the coordinator); a host on its own lists itself.
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a job of a running host: operators, checkpoints, restarts,
     /// savepoints, upgrades, status history.
     Job {
@@ -271,6 +277,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Run(args) => run(&cli, args).await,
         Command::Serve(args) => serve::execute(&cli, args).await,
         Command::List { json } => remote::list(&cli.client()?, *json).await,
+        Command::Hosts { json } => remote::hosts(&cli.client()?, *json).await,
         Command::Job { job_id, json } => remote::show(&cli.client()?, job_id, *json).await,
         Command::Cancel { job_id, detach } => remote::cancel(&cli.client()?, job_id, *detach).await,
         Command::Stop {

@@ -219,6 +219,47 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
+pub async fn hosts(client: &Client, json: bool) -> Result<()> {
+    let hosts: crate::control::cluster::Hosts = client.get("/api/hosts").await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&hosts)?)?;
+        return Ok(());
+    }
+    match (&hosts.cluster, &hosts.coordinator) {
+        (Some(name), Some(c)) => outln!(
+            "cluster {name}: {} hosts, coordinator {} (term {}, since {})",
+            hosts.hosts.len(),
+            c.host,
+            c.term,
+            time(c.since_ms)
+        )?,
+        (Some(name), None) => outln!(
+            "cluster {name}: {} hosts, no coordinator right now",
+            hosts.hosts.len()
+        )?,
+        (None, _) => outln!("a host on its own (no cluster)")?,
+    }
+    for host in &hosts.hosts {
+        let m = &host.member;
+        let role = match (host.coordinator, host.this) {
+            (true, true) => "coordinator, this host",
+            (true, false) => "coordinator",
+            (false, true) => "this host",
+            (false, false) => "",
+        };
+        outln!(
+            "{:<16} {:<28} weir {:<8} {} jobs ({} running)  up since {}  {role}",
+            m.id,
+            m.api,
+            m.version,
+            m.jobs,
+            m.running,
+            time(m.started_ms)
+        )?;
+    }
+    Ok(())
+}
+
 pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
     let detail: JobDetail = client.get(&format!("/api/jobs/{id}")).await?;
     if json {

@@ -38,6 +38,14 @@ pub struct ServeArgs {
     /// the next start) or cancel (resumed from their newest checkpoint).
     #[arg(long, value_parser = ["savepoint", "cancel"])]
     pub on_shutdown: Option<String>,
+    /// Join a cluster of hosts through this NATS server (`nats://host:port`);
+    /// repeat for several. Replaces `[cluster] nats` of the config.
+    #[arg(long = "cluster", value_name = "URL")]
+    pub cluster: Vec<String>,
+    /// The cluster's name, its JetStream buckets' prefix (default `weir`,
+    /// or `[cluster] name`).
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
 }
 
 pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
@@ -80,7 +88,30 @@ pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
         Some(args.roots.clone())
     };
     settings.allow_wasi_env = config.jobs.allow_wasi_env;
+    settings.cluster = match &config.cluster {
+        Some(cluster) => Some(cluster.settings(&args.cluster, args.cluster_name.as_deref())),
+        None if !args.cluster.is_empty() => Some(
+            crate::control::ClusterConfig::default()
+                .settings(&args.cluster, args.cluster_name.as_deref()),
+        ),
+        None if args.cluster_name.is_some() => {
+            anyhow::bail!("--cluster-name needs --cluster URL (or `[cluster] nats` in the config)")
+        }
+        None => None,
+    };
     let host = RunningHost::start(settings).await?;
+    if let Some(cluster) = &host.cluster {
+        eprintln!(
+            "weir serve: host `{}` of cluster `{}`{}",
+            cluster.id(),
+            cluster.name(),
+            if cluster.is_coordinator() {
+                " (the coordinator)"
+            } else {
+                ""
+            }
+        );
+    }
     eprintln!(
         "weir serve: listening on http://{} (data dir {}{})",
         host.address,

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 use utoipa::openapi::{KnownFormat, ObjectBuilder, RefOr, Schema, SchemaFormat, Type};
 
+use super::cluster::{Cluster, HostEntry, Hosts, Member};
 use super::dashboard;
 use super::jobs::{JobManager, SavepointRequest, SubmitRequest, UpgradeRequest};
 use super::record::*;
@@ -37,6 +38,12 @@ use crate::human::bytes;
 struct Api {
     ctx: Arc<HostContext>,
     jobs: Arc<JobManager>,
+    /// This host's cluster membership, if any.
+    cluster: Option<Arc<Cluster>>,
+    /// Where this API listens.
+    address: std::net::SocketAddr,
+    /// When this host started.
+    started_ms: u64,
 }
 
 /// The body of every error answer.
@@ -60,6 +67,7 @@ impl ControlError {
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Store(error) => match error {
                 StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -138,11 +146,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// The API's routes, token-checked.
-pub fn router(ctx: Arc<HostContext>, jobs: Arc<JobManager>) -> Router {
-    let api = Api { ctx, jobs };
+pub fn router(
+    ctx: Arc<HostContext>,
+    jobs: Arc<JobManager>,
+    cluster: Option<Arc<Cluster>>,
+    address: std::net::SocketAddr,
+) -> Router {
+    let api = Api {
+        ctx,
+        jobs,
+        cluster,
+        address,
+        started_ms: super::now_ms(),
+    };
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .route("/api/health", get(health))
+        .route("/api/hosts", get(list_hosts))
         .route("/api/plugins", get(list_plugins).post(add_plugin))
         .route("/api/plugins/{reference}", delete(remove_plugin))
         .route("/api/jobs", get(list_jobs).post(submit_job))
@@ -215,6 +235,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     ),
     paths(
         health,
+        list_hosts,
         metrics,
         list_plugins,
         add_plugin,
@@ -348,6 +369,50 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         jobs: api.jobs.list().len(),
         plugins: api.ctx.store.list().len(),
     })
+}
+
+/// The hosts of this host's cluster, the coordinator first among equals
+/// (each with its API, version and jobs); a host on its own lists itself.
+#[utoipa::path(
+    get,
+    path = "/api/hosts",
+    responses(
+        (status = 200, body = Hosts),
+        (status = 503, description = "the cluster's NATS does not answer", body = ErrorBody)
+    )
+)]
+async fn list_hosts(State(api): State<Api>) -> Answer<Json<Hosts>> {
+    if let Some(cluster) = &api.cluster {
+        return cluster
+            .hosts()
+            .await
+            .map(Json)
+            .map_err(|e| ControlError::Unavailable(e.to_string()));
+    }
+    let jobs = api.jobs.list();
+    let running = jobs
+        .iter()
+        .filter(|j| j.status == super::lifecycle::JobStatus::Running)
+        .count();
+    let now = super::now_ms();
+    Ok(Json(Hosts {
+        cluster: None,
+        coordinator: None,
+        hosts: vec![HostEntry {
+            member: Member {
+                id: "local".to_string(),
+                api: format!("http://{}", api.address),
+                version: super::cluster::VERSION.to_string(),
+                instance: String::new(),
+                started_ms: api.started_ms,
+                renewed_ms: now,
+                jobs: jobs.len(),
+                running,
+            },
+            coordinator: false,
+            this: true,
+        }],
+    }))
 }
 
 /// A stored plugin with the live jobs that use it.
@@ -663,6 +728,7 @@ mod tests {
             "/api/jobs/{id}/upgrade",
             "/api/jobs/{id}/savepoints",
             "/api/jobs/{id}/operations/{operation}",
+            "/api/hosts",
             "/metrics",
         ] {
             assert!(paths.contains_key(path), "{path} missing");
@@ -695,7 +761,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(operations, 14, "every operation");
+        assert_eq!(operations, 15, "every operation");
     }
 
     #[test]

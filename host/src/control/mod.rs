@@ -25,6 +25,8 @@
 //! - [`durable`]: the data dir as a cap-std handle; atomic, durable writes.
 //! - [`json`]: what the API's request types need beyond serde's and
 //!   utoipa's derives (whole numbers written `2.0`, bounds on map values).
+//! - [`cluster`]: membership of a cluster of hosts (`--cluster`): live
+//!   hosts and the coordinator lease in NATS JetStream key-value buckets.
 //!
 //! A job stays in its place: every path a job names (file sources and
 //! sinks, `from_savepoint`, savepoint targets) must lie inside the host's
@@ -38,6 +40,7 @@
 //! `checkpoints/<run id>/`, `savepoints/`, `state/` (working state).
 
 pub mod api;
+pub mod cluster;
 mod confine;
 pub mod dashboard;
 pub mod driver;
@@ -90,6 +93,9 @@ pub enum ControlError {
     TooLarge(String),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// 503: what the answer needs (the cluster's NATS) does not answer.
+    #[error("{0}")]
+    Unavailable(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -119,6 +125,8 @@ pub enum ServeError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Plugin(#[from] crate::plugin::PluginError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// What running jobs do when the host gets SIGTERM.
@@ -152,6 +160,51 @@ pub struct ConfigFile {
     pub probation_checkpoints: Option<u64>,
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// `[cluster]`: join a cluster of hosts.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` of the host's config (see [`cluster::ClusterSettings`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS servers (`nats://host:port`).
+    #[serde(default)]
+    pub nats: Vec<String>,
+    /// The cluster's name, its buckets' prefix (default `weir`).
+    pub name: Option<String>,
+    /// The cluster's object storage, `s3://bucket/prefix`.
+    pub s3: Option<String>,
+    /// This host's id (default: made once, kept in the data dir).
+    pub host_id: Option<String>,
+    /// How long a silent host stays a member (default 5s).
+    #[serde(default, with = "crate::job::file::humantime_serde_opt")]
+    pub lease: Option<Duration>,
+    /// Copies JetStream keeps of each bucket (default 1; 3 on a 3-node
+    /// NATS cluster).
+    pub replicas: Option<usize>,
+}
+
+impl ClusterConfig {
+    /// The settings, defaults filled in; `nats` from the command line
+    /// (`--cluster`) replaces the config's when given.
+    pub fn settings(&self, nats: &[String], name: Option<&str>) -> cluster::ClusterSettings {
+        cluster::ClusterSettings {
+            nats: if nats.is_empty() {
+                self.nats.clone()
+            } else {
+                nats.to_vec()
+            },
+            name: name
+                .map(str::to_string)
+                .or(self.name.clone())
+                .unwrap_or_else(|| "weir".to_string()),
+            s3: self.s3.clone(),
+            host_id: self.host_id.clone(),
+            lease: self.lease.unwrap_or(cluster::DEFAULT_LEASE),
+            replicas: self.replicas.unwrap_or(1),
+        }
+    }
 }
 
 /// `[jobs]` of the host's config: what a job may reach.
@@ -196,6 +249,8 @@ pub struct HostSettings {
     pub roots: Option<Vec<PathBuf>>,
     /// Jobs may grant plugins `wasi = ["env"]`.
     pub allow_wasi_env: bool,
+    /// The cluster this host joins; None: a host on its own.
+    pub cluster: Option<cluster::ClusterSettings>,
 }
 
 impl HostSettings {
@@ -212,6 +267,7 @@ impl HostSettings {
             probation_checkpoints: 2,
             roots: None,
             allow_wasi_env: false,
+            cluster: None,
         }
     }
 
@@ -261,6 +317,8 @@ pub struct RunningHost {
     pub address: SocketAddr,
     pub jobs: Arc<JobManager>,
     pub context: Arc<HostContext>,
+    /// This host's membership of its cluster, if it is in one.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     server: tokio::task::JoinHandle<()>,
     stop_server: tokio::sync::watch::Sender<bool>,
     watcher: Option<tokio::task::JoinHandle<()>>,
@@ -311,6 +369,12 @@ impl RunningHost {
             settings,
         });
         let jobs = Arc::new(JobManager::new(context.clone()));
+        let cluster = match &context.settings.cluster {
+            Some(settings) => Some(Arc::new(
+                join_cluster(&context, settings, address, &jobs).await?,
+            )),
+            None => None,
+        };
         let resumed = jobs.resume_all().await?;
         if resumed > 0 {
             tracing::info!(resumed, "resumed the jobs that were live");
@@ -321,7 +385,7 @@ impl RunningHost {
             .clone()
             .unwrap_or_else(|| context.data.join("plugins/incoming"));
         let watcher = Some(watch::spawn(context.clone(), watch_dir));
-        let router = api::router(context.clone(), jobs.clone());
+        let router = api::router(context.clone(), jobs.clone(), cluster.clone(), address);
         let (stop_server, mut stopped) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(async move {
             let shutdown = async move {
@@ -339,6 +403,7 @@ impl RunningHost {
             address,
             jobs,
             context,
+            cluster,
             server,
             stop_server,
             watcher,
@@ -353,7 +418,45 @@ impl RunningHost {
         }
         let with_savepoint = self.context.settings.on_shutdown == ShutdownMode::Savepoint;
         self.jobs.shutdown(with_savepoint).await;
+        if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
+        }
         let _ = self.stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
     }
+}
+
+/// Joins the cluster as this host: its id from the settings, else the one
+/// kept in the data dir (`cluster-host-id`, made once), so a restarted
+/// host is the same member.
+async fn join_cluster(
+    context: &HostContext,
+    settings: &cluster::ClusterSettings,
+    address: SocketAddr,
+    jobs: &Arc<JobManager>,
+) -> Result<cluster::Cluster, ServeError> {
+    let id = match &settings.host_id {
+        Some(id) => id.clone(),
+        None => match context.data.read("cluster-host-id")? {
+            Some(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+            None => {
+                let id = format!("host-{}", crate::checkpoint::storage::random_hex(4));
+                context.data.write("cluster-host-id", id.as_bytes())?;
+                id
+            }
+        },
+    };
+    let weak = Arc::downgrade(jobs);
+    let load: cluster::Load = Arc::new(move || {
+        let Some(jobs) = weak.upgrade() else {
+            return (0, 0);
+        };
+        let list = jobs.list();
+        let running = list
+            .iter()
+            .filter(|j| j.status == lifecycle::JobStatus::Running)
+            .count();
+        (list.len(), running)
+    });
+    Ok(cluster::Cluster::join(settings, &id, &format!("http://{address}"), load).await?)
 }

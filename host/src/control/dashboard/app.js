@@ -69,7 +69,7 @@ function table(id, headers, rows, empty) {
 // ---- the jobs and plugins page ----
 
 async function jobsPage() {
-  const [jobs, plugins] = await Promise.all([api("/api/jobs"), api("/api/plugins")]);
+  const [jobs, plugins, hosts] = await Promise.all([api("/api/jobs"), api("/api/plugins"), api("/api/hosts")]);
   const jobRows = jobs.map((j) => `<tr data-job="${esc(j.id)}">
       <td><a href="#/jobs/${esc(j.id)}">${esc(j.name)}</a></td>
       <td><code>${esc(j.id)}</code></td><td>${status(j.status)}</td>
@@ -82,7 +82,21 @@ async function jobsPage() {
   main.innerHTML = `<h1>Jobs</h1>
     ${table("jobs", [["name"], ["id"], ["status"], ["since"], ["plugins"]], jobRows, "No jobs yet: weir run JOB.toml --host …")}
     <h2>Plugin store</h2>
-    ${table("plugins", [["plugin"], ["digest"], ["size", "num"], ["states"], ["compile", "num"], ["used by"]], pluginRows, "No plugins yet: weir plugin add FILE")}`;
+    ${table("plugins", [["plugin"], ["digest"], ["size", "num"], ["states"], ["compile", "num"], ["used by"]], pluginRows, "No plugins yet: weir plugin add FILE")}
+    ${clusterSection(hosts)}`;
+}
+
+// The cluster's members, when the host is in one.
+function clusterSection(hosts) {
+  if (!hosts.cluster) return "";
+  const rows = hosts.hosts.map((h) => `<tr data-host="${esc(h.id)}">
+      <td>${esc(h.id)}${h.this ? " (this host)" : ""}</td><td><a href="${esc(h.api)}/">${esc(h.api)}</a></td>
+      <td>${esc(h.version)}</td><td class="num">${esc(h.jobs)} (${esc(h.running)} running)</td>
+      <td>${h.coordinator ? "coordinator" : ""}</td><td>${esc(time(h.started_ms))}</td></tr>`);
+  const c = hosts.coordinator;
+  const lead = c ? `coordinator ${esc(c.host)}, term ${esc(c.term)}` : "no coordinator right now";
+  return `<h2>Cluster ${esc(hosts.cluster)}</h2><p class="muted">${lead}</p>
+    ${table("hosts", [["host"], ["API"], ["version"], ["jobs", "num"], ["role"], ["up since"]], rows, "No live hosts")}`;
 }
 
 // ---- a job's page ----

@@ -1,0 +1,675 @@
+//! Cluster membership (`weir serve --cluster nats://…`): which hosts are
+//! live and which one coordinates, kept in NATS JetStream key-value
+//! buckets named after the cluster, so no home-made transport and no
+//! ZooKeeper. The first step of the cluster (design: "Beyond one
+//! machine"); jobs still run on the host they were submitted to.
+//!
+//! - `<name>-cluster`, key `identity`: what the cluster is (its name and
+//!   its object storage), written once by the first host. A host whose
+//!   config names other storage is refused: two clusters cannot share a
+//!   name (the buckets' prefix).
+//! - `<name>-members` (every entry expires `lease` after its last write):
+//!   key `hosts.<id>` per host ([`Member`]), renewed every `lease / 5`;
+//!   a host that stops renewing (SIGKILL, SIGSTOP, cut off) drops out when
+//!   its entry expires. Key `coordinator` ([`Coordinator`]): taken with a
+//!   create (only if absent) and renewed with a compare-and-set on its
+//!   revision, so at most one host holds it; its `term` (the revision it
+//!   was taken at) grows with every change of hands: the fencing token.
+//!
+//! Joining refuses, each with a message naming what is wrong: NATS that
+//! cannot be reached, a member running another Weir version, a cluster
+//! with other storage under the same name, and a live host with the same
+//! id (a restarted host waits out its own previous lease instead).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::now_ms;
+use crate::checkpoint::remote::Remote;
+use crate::types::Location;
+
+/// This build's version: every host of a cluster runs the same.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long a member's entry outlives its last renewal (default).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// How a host joins its cluster (`[cluster]` in the host's config, or
+/// `weir serve --cluster URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// NATS servers of the cluster (`nats://host:port`, credentials may be
+    /// in them).
+    pub nats: Vec<String>,
+    /// The cluster's name: the prefix of its buckets.
+    pub name: String,
+    /// The cluster's object storage (`s3://bucket/prefix`), if any.
+    pub s3: Option<String>,
+    /// This host's id (default: kept in the data dir, made once).
+    pub host_id: Option<String>,
+    /// How long a silent host stays a member.
+    pub lease: Duration,
+    /// Copies JetStream keeps of each bucket (3 on a 3-node NATS cluster).
+    pub replicas: usize,
+}
+
+/// Errors joining or reading the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster `{name}`: cannot reach its NATS at {urls}: {cause}")]
+    Unreachable {
+        name: String,
+        urls: String,
+        cause: String,
+    },
+    #[error("cluster `{name}`: {message}")]
+    Buckets { name: String, message: String },
+    #[error(
+        "cluster `{name}`: host `{member}` runs weir {theirs}, this host weir {ours}; every host of a cluster runs the same version"
+    )]
+    Version {
+        name: String,
+        member: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error(
+        "cluster `{name}` keeps its checkpoints and savepoints on {theirs}, this host's config says {ours}: another cluster already uses the name `{name}` (its buckets' prefix); give this one another `[cluster] name`"
+    )]
+    Shared {
+        name: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error(
+        "cluster `{name}`: host id `{id}` is live at {api} (it renewed its lease while this host waited for it to lapse); two hosts cannot share an id: give this one another `[cluster] host_id` or data dir"
+    )]
+    DuplicateId {
+        name: String,
+        id: String,
+        api: String,
+    },
+    #[error("cluster `{name}`: its storage {cause}")]
+    Storage { name: String, cause: String },
+    #[error("cluster `{name}`: `[cluster] {key}` {message}")]
+    Setting {
+        name: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// A member host, as its entry in `<name>-members` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Member {
+    /// The host's id.
+    pub id: String,
+    /// Its API (`http://address:port`).
+    pub api: String,
+    /// The Weir version it runs.
+    pub version: String,
+    /// This process's start (a restarted host is a new instance).
+    pub instance: String,
+    pub started_ms: u64,
+    /// Its latest renewal.
+    pub renewed_ms: u64,
+    /// Its jobs, and those of them running.
+    pub jobs: usize,
+    pub running: usize,
+}
+
+/// Who coordinates the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Coordinator {
+    /// The coordinating host's id.
+    pub host: String,
+    /// The revision it took the lease at: grows with every change of
+    /// hands (the fencing token).
+    pub term: u64,
+    pub since_ms: u64,
+}
+
+/// What the cluster is, written once by its first host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    name: String,
+    s3: Option<String>,
+    created_ms: u64,
+    created_by: String,
+}
+
+/// `GET /api/hosts`: the cluster's members (or this host alone, without a
+/// cluster) and its coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Hosts {
+    /// The cluster's name; none for a host on its own.
+    pub cluster: Option<String>,
+    pub coordinator: Option<Coordinator>,
+    /// Sorted by id.
+    pub hosts: Vec<HostEntry>,
+}
+
+/// One member in [`Hosts`].
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostEntry {
+    #[serde(flatten)]
+    pub member: Member,
+    /// It holds the coordinator lease.
+    pub coordinator: bool,
+    /// It is the host that answered.
+    pub this: bool,
+}
+
+/// What this host's jobs amount to, asked at each renewal.
+pub type Load = Arc<dyn Fn() -> (usize, usize) + Send + Sync>;
+
+/// This host's membership: renewed by a task until [`Cluster::leave`].
+pub struct Cluster {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.shared.name)
+            .field("id", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the API and the renewing task share.
+struct Shared {
+    name: String,
+    id: String,
+    members: kv::Store,
+    local: Mutex<Local>,
+}
+
+/// This host's entry and lease as last written.
+#[derive(Debug)]
+struct Local {
+    member: Member,
+    /// The coordinator lease's current revision, while this host holds it.
+    held: Option<(u64, Coordinator)>,
+}
+
+const HOSTS: &str = "hosts.";
+const COORDINATOR: &str = "coordinator";
+
+impl Cluster {
+    /// Joins the cluster as host `id` whose API is at `api`: connects,
+    /// creates or opens the buckets, checks the cluster's identity, the
+    /// members' versions and that no live host has this id, writes this
+    /// host's entry and starts renewing it.
+    pub async fn join(
+        settings: &ClusterSettings,
+        id: &str,
+        api: &str,
+        load: Load,
+    ) -> Result<Self, ClusterError> {
+        let name = settings.name.clone();
+        check_settings(settings)?;
+        let js = connect(settings).await?;
+        let buckets = |message: String| ClusterError::Buckets {
+            name: name.clone(),
+            message,
+        };
+        let identity = open_bucket(
+            &js,
+            kv::Config {
+                bucket: format!("{name}-cluster"),
+                description: format!("weir cluster {name}: what it is"),
+                history: 1,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(buckets)?;
+        check_identity(&identity, settings, id).await?;
+        check_storage(settings).await?;
+        let members = open_bucket(
+            &js,
+            kv::Config {
+                bucket: format!("{name}-members"),
+                description: format!("weir cluster {name}: live hosts and the coordinator lease"),
+                history: 1,
+                max_age: settings.lease,
+                storage: jetstream::stream::StorageType::Memory,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(buckets)?;
+        // The lease is the cluster's, as its first host made the bucket.
+        let lease = members
+            .status()
+            .await
+            .map(|status| status.max_age())
+            .ok()
+            .filter(|age| !age.is_zero())
+            .unwrap_or(settings.lease);
+        let (jobs, running) = load();
+        let member = Member {
+            id: id.to_string(),
+            api: api.to_string(),
+            version: VERSION.to_string(),
+            instance: crate::checkpoint::storage::random_hex(6),
+            started_ms: now_ms(),
+            renewed_ms: now_ms(),
+            jobs,
+            running,
+        };
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            id: id.to_string(),
+            members,
+            local: Mutex::new(Local { member, held: None }),
+        });
+        shared.check_versions().await?;
+        shared.wait_out_previous(lease).await?;
+        shared
+            .renew(&load)
+            .await
+            .map_err(|e| buckets(format!("cannot write this host's entry: {e}")))?;
+        shared.take_or_keep_lease().await;
+        info!(cluster = %name, host = %id, "joined the cluster");
+        let (stop, mut stopped) = watch::channel(false);
+        let period = lease / 5;
+        let renewing = shared.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
+                if let Err(error) = renewing.renew(&load).await {
+                    warn!(cluster = %renewing.name, host = %renewing.id, %error, "cannot renew this host's lease");
+                }
+                renewing.take_or_keep_lease().await;
+            }
+        });
+        Ok(Self {
+            shared,
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// This host's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// Whether this host holds the coordinator lease (as of its latest
+    /// renewal).
+    pub fn is_coordinator(&self) -> bool {
+        self.shared.lock().held.is_some()
+    }
+
+    /// The live members and the coordinator, as the buckets say now.
+    pub async fn hosts(&self) -> Result<Hosts, ClusterError> {
+        self.shared.hosts().await
+    }
+
+    /// Stops renewing, gives up the coordinator lease and removes this
+    /// host's entry, so the others see it gone at once.
+    pub async fn leave(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let shared = &self.shared;
+        let held = shared.lock().held.take();
+        if let Some((revision, _)) = held {
+            let _ = shared
+                .members
+                .delete_expect_revision(COORDINATOR, Some(revision))
+                .await;
+        }
+        let _ = shared.members.delete(format!("{HOSTS}{}", shared.id)).await;
+        info!(cluster = %shared.name, host = %shared.id, "left the cluster");
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.local.lock().expect("not poisoned")
+    }
+
+    /// The live members and the coordinator, as the buckets say now.
+    /// The live members and the coordinator, as the buckets say now.
+    async fn hosts(&self) -> Result<Hosts, ClusterError> {
+        let read_error = |e: String| ClusterError::Buckets {
+            name: self.name.clone(),
+            message: format!("cannot read bucket `{}-members`: {e}", self.name),
+        };
+        let mut keys = self
+            .members
+            .keys()
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let mut members = Vec::new();
+        let mut coordinator = None;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| read_error(e.to_string()))?;
+            let Some(bytes) = self
+                .members
+                .get(&key)
+                .await
+                .map_err(|e| read_error(e.to_string()))?
+            else {
+                continue; // expired meanwhile
+            };
+            if key == COORDINATOR {
+                coordinator = serde_json::from_slice::<Coordinator>(&bytes).ok();
+            } else if key.starts_with(HOSTS) {
+                match serde_json::from_slice::<Member>(&bytes) {
+                    Ok(member) => members.push(member),
+                    Err(error) => {
+                        warn!(cluster = %self.name, %key, %error, "an unreadable member entry")
+                    }
+                }
+            }
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let hosts = members
+            .into_iter()
+            .map(|member| HostEntry {
+                coordinator: coordinator.as_ref().is_some_and(|c| c.host == member.id),
+                this: member.id == self.id,
+                member,
+            })
+            .collect();
+        Ok(Hosts {
+            cluster: Some(self.name.clone()),
+            coordinator,
+            hosts,
+        })
+    }
+
+    /// Writes this host's entry with its current load.
+    async fn renew(&self, load: &Load) -> Result<(), String> {
+        let (jobs, running) = load();
+        let bytes = {
+            let mut local = self.lock();
+            local.member.jobs = jobs;
+            local.member.running = running;
+            local.member.renewed_ms = now_ms();
+            serde_json::to_vec(&local.member).map_err(|e| e.to_string())?
+        };
+        self.members
+            .put(format!("{HOSTS}{}", self.id), Bytes::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Renews the coordinator lease if this host holds it (a compare-and-
+    /// set on its revision: lost if another took it), else takes it if
+    /// it is free.
+    async fn take_or_keep_lease(&self) {
+        let held = self.lock().held.clone();
+        match held {
+            Some((revision, coordinator)) => {
+                let bytes = Bytes::from(serde_json::to_vec(&coordinator).unwrap_or_default());
+                match self.members.update(COORDINATOR, bytes, revision).await {
+                    Ok(next) => self.lock().held = Some((next, coordinator)),
+                    Err(error) => {
+                        warn!(cluster = %self.name, host = %self.id, term = coordinator.term, %error, "lost the coordinator lease");
+                        self.lock().held = None;
+                    }
+                }
+            }
+            None => {
+                // The term is the revision the create gets; written after.
+                let claim = Coordinator {
+                    host: self.id.clone(),
+                    term: 0,
+                    since_ms: now_ms(),
+                };
+                let bytes = Bytes::from(serde_json::to_vec(&claim).unwrap_or_default());
+                let Ok(revision) = self.members.create(COORDINATOR, bytes).await else {
+                    return;
+                };
+                let coordinator = Coordinator {
+                    term: revision,
+                    ..claim
+                };
+                let bytes = Bytes::from(serde_json::to_vec(&coordinator).unwrap_or_default());
+                match self.members.update(COORDINATOR, bytes, revision).await {
+                    Ok(next) => {
+                        info!(cluster = %self.name, host = %self.id, term = revision, "took the coordinator lease");
+                        self.lock().held = Some((next, coordinator));
+                    }
+                    Err(error) => {
+                        warn!(cluster = %self.name, host = %self.id, %error, "lost the coordinator lease as it was taken");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuses to join a cluster whose members run another version.
+    async fn check_versions(&self) -> Result<(), ClusterError> {
+        let hosts = self.hosts().await?;
+        match hosts
+            .hosts
+            .iter()
+            .find(|h| h.member.version != VERSION && h.member.id != self.id)
+        {
+            Some(other) => Err(ClusterError::Version {
+                name: self.name.clone(),
+                member: other.member.id.clone(),
+                theirs: other.member.version.clone(),
+                ours: VERSION.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// An entry under this host's id from another instance: a previous
+    /// run of this host (killed: its lease lapses unrenewed) or another
+    /// live host with the same id (it renews): waits up to a lease to
+    /// tell which.
+    async fn wait_out_previous(&self, lease: Duration) -> Result<(), ClusterError> {
+        let key = format!("{HOSTS}{}", self.id);
+        let instance = self.lock().member.instance.clone();
+        let entry = |e: kv::EntryError| ClusterError::Buckets {
+            name: self.name.clone(),
+            message: format!("cannot read bucket `{}-members`: {e}", self.name),
+        };
+        let Some(first) = self.members.entry(&key).await.map_err(entry)? else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + lease + Duration::from_millis(500);
+        loop {
+            let current = self.members.entry(&key).await.map_err(entry)?;
+            let Some(current) = current.filter(|e| e.operation == kv::Operation::Put) else {
+                return Ok(());
+            };
+            if current.revision != first.revision {
+                let member: Option<Member> = serde_json::from_slice(&current.value).ok();
+                if member.as_ref().is_some_and(|m| m.instance != instance) {
+                    return Err(ClusterError::DuplicateId {
+                        name: self.name.clone(),
+                        id: self.id.clone(),
+                        api: member.map(|m| m.api).unwrap_or_default(),
+                    });
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The bucket `config` names, as it is (another host made it: its
+/// settings stand), or made.
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
+    let bucket = config.bucket.clone();
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Made by another host meanwhile?
+        Err(error) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| format!("cannot make bucket `{bucket}`: {error}")),
+    }
+}
+
+/// The cluster name and lease as the buckets need them.
+fn check_settings(settings: &ClusterSettings) -> Result<(), ClusterError> {
+    let setting = |key, message: String| ClusterError::Setting {
+        name: settings.name.clone(),
+        key,
+        message,
+    };
+    let name = &settings.name;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(setting(
+            "name",
+            format!("{name:?} is not a cluster name: letters, digits, `-` and `_` only"),
+        ));
+    }
+    if settings.nats.is_empty() {
+        return Err(setting("nats", "names no server".to_string()));
+    }
+    if settings.lease < Duration::from_secs(1) {
+        return Err(setting(
+            "lease",
+            format!(
+                "{} is too short: at least 1s (renewed every fifth of it)",
+                crate::human::duration(settings.lease)
+            ),
+        ));
+    }
+    if let Some(s3) = &settings.s3
+        && !matches!(Location::parse(s3), Ok(Location::S3(_)))
+    {
+        return Err(setting(
+            "s3",
+            format!("{s3:?} is not an object storage location (s3://bucket/prefix)"),
+        ));
+    }
+    if let Some(id) = &settings.host_id
+        && (id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    {
+        return Err(setting(
+            "host_id",
+            format!("{id:?} is not a host id: letters, digits, `-` and `_` only"),
+        ));
+    }
+    Ok(())
+}
+
+async fn connect(settings: &ClusterSettings) -> Result<jetstream::Context, ClusterError> {
+    let urls = settings
+        .nats
+        .iter()
+        .map(|u| crate::connectors::nats::redact(u))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unreachable = |cause: String| ClusterError::Unreachable {
+        name: settings.name.clone(),
+        urls: urls.clone(),
+        cause,
+    };
+    let options = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .name("weir-cluster");
+    let client = async_nats::connect_with_options(settings.nats.as_slice(), options)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let js = jetstream::new(client);
+    js.query_account()
+        .await
+        .map_err(|e| unreachable(format!("JetStream does not answer: {e}")))?;
+    Ok(js)
+}
+
+/// Writes the cluster's identity if it has none; refuses a host whose
+/// storage differs from the one recorded.
+async fn check_identity(
+    bucket: &kv::Store,
+    settings: &ClusterSettings,
+    id: &str,
+) -> Result<(), ClusterError> {
+    let name = &settings.name;
+    let buckets = |message: String| ClusterError::Buckets {
+        name: name.clone(),
+        message,
+    };
+    let ours = Identity {
+        name: name.clone(),
+        s3: settings.s3.clone(),
+        created_ms: now_ms(),
+        created_by: id.to_string(),
+    };
+    let bytes = Bytes::from(serde_json::to_vec(&ours).unwrap_or_default());
+    if bucket.create("identity", bytes).await.is_ok() {
+        return Ok(());
+    }
+    let recorded = bucket
+        .get("identity")
+        .await
+        .map_err(|e| buckets(format!("cannot read the cluster's identity: {e}")))?
+        .ok_or_else(|| buckets("the cluster's identity vanished as it was read".to_string()))?;
+    let theirs: Identity = serde_json::from_slice(&recorded)
+        .map_err(|e| buckets(format!("the cluster's identity is unreadable: {e}")))?;
+    if theirs.s3 != settings.s3 {
+        let show = |s: &Option<String>| s.clone().unwrap_or_else(|| "no object storage".into());
+        return Err(ClusterError::Shared {
+            name: name.clone(),
+            theirs: show(&theirs.s3),
+            ours: show(&settings.s3),
+        });
+    }
+    Ok(())
+}
+
+/// The cluster's object storage answers and its bucket exists.
+async fn check_storage(settings: &ClusterSettings) -> Result<(), ClusterError> {
+    let Some(Ok(Location::S3(url))) = settings.s3.as_deref().map(Location::parse) else {
+        return Ok(());
+    };
+    let storage = |cause: String| ClusterError::Storage {
+        name: settings.name.clone(),
+        cause,
+    };
+    Remote::open(&url)
+        .map_err(|e| storage(e.to_string()))?
+        .check()
+        .await
+        .map_err(|e| storage(e.to_string()))
+}

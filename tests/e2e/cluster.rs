@@ -1,0 +1,292 @@
+//! A cluster of hosts, its first step (membership): real `weir serve
+//! --cluster` processes on the real NATS server the connector tests use
+//! (`weir_tests::nats`), each test under its own cluster name. Three hosts
+//! see each other and one coordinator; the coordinator SIGKILLed, another
+//! takes over once its lease lapses; a restarted host comes back under its
+//! id; a stopped host leaves at once; bad settings are refused at start,
+//! each naming its cause.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::host::{Host, http};
+use crate::support::{JobDir, weir_env};
+
+fn nats() -> Option<String> {
+    weir_tests::nats::server().map(|s| s.url.clone())
+}
+
+/// `GET /api/hosts` of `host`.
+fn hosts(host: &Host) -> Value {
+    let (status, body) = http(&host.url, "GET", "/api/hosts", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("hosts JSON")
+}
+
+/// The ids of the members `view` lists.
+fn ids(view: &Value) -> Vec<String> {
+    view["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Waits until `host` lists `n` members and a coordinator that `accept`s.
+fn wait_for(host: &Host, n: usize, limit: Duration, accept: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let view = hosts(host);
+        if view["hosts"].as_array().map(Vec::len) == Some(n)
+            && !view["coordinator"].is_null()
+            && accept(&view["coordinator"])
+        {
+            return view;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} did not list {n} hosts and a coordinator in {limit:?}: {view:#}",
+            host.url
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// This host's own id, as it lists itself.
+fn own_id(host: &Host) -> String {
+    let view = hosts(host);
+    view["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["this"] == true)
+        .and_then(|h| h["id"].as_str())
+        .expect("the host lists itself")
+        .to_string()
+}
+
+fn member(dir: &Path, i: usize, url: &str, name: &str) -> Host {
+    let data = dir.join(format!("data-{i}"));
+    Host::start(&data, &["--cluster", url, "--cluster-name", name])
+}
+
+#[test]
+fn three_hosts_share_one_coordinator_and_fail_over_when_it_dies() {
+    let Some(url) = nats() else { return };
+    let dir = JobDir::new();
+    let name = "members";
+    let mut members: Vec<Host> = (0..3).map(|i| member(dir.path(), i, &url, name)).collect();
+    let limit = Duration::from_secs(20);
+    let view = wait_for(&members[0], 3, limit, |_| true);
+    for host in &members[1..] {
+        let other = wait_for(host, 3, limit, |_| true);
+        assert_eq!(ids(&other), ids(&view), "every host sees the same members");
+        assert_eq!(other["coordinator"], view["coordinator"]);
+    }
+    assert_eq!(view["cluster"], name);
+    let coordinator = view["coordinator"]["host"]
+        .as_str()
+        .expect("coordinator")
+        .to_string();
+    let term = view["coordinator"]["term"].as_u64().expect("term");
+    assert!(ids(&view).contains(&coordinator), "{view:#}");
+    for entry in view["hosts"].as_array().expect("hosts") {
+        assert_eq!(entry["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(entry["coordinator"], entry["id"] == coordinator.as_str());
+    }
+
+    // `weir hosts` on any host prints every member and the coordinator.
+    let printed = members[1].ok(&["hosts"], dir.path());
+    assert!(
+        printed.contains(&format!(
+            "cluster {name}: 3 hosts, coordinator {coordinator}"
+        )),
+        "{printed}"
+    );
+    for id in ids(&view) {
+        assert!(printed.contains(&id), "{printed}");
+    }
+
+    // SIGKILL the coordinator: its lease lapses, another host takes over
+    // with a higher term, and it drops out of the members.
+    let index = members
+        .iter()
+        .position(|h| own_id(h) == coordinator)
+        .expect("the coordinator is one of the three");
+    let killed = Instant::now();
+    members[index].kill();
+    let survivor = &members[(index + 1) % 3];
+    let after = wait_for(survivor, 2, Duration::from_secs(30), |c| {
+        c["host"] != coordinator.as_str() && c["term"].as_u64().unwrap_or(0) > term
+    });
+    eprintln!(
+        "coordinator {coordinator} SIGKILLed: {} took over in {:?}",
+        after["coordinator"]["host"],
+        killed.elapsed()
+    );
+    assert!(!ids(&after).contains(&coordinator), "{after:#}");
+
+    // Restarted on its data dir, it rejoins under its id (after waiting
+    // out its previous lease).
+    members[index] = member(dir.path(), index, &url, name);
+    assert_eq!(own_id(&members[index]), coordinator);
+    let rejoined = wait_for(&members[index], 3, limit, |_| true);
+    assert_eq!(ids(&rejoined), ids(&view));
+
+    // A host stopped with SIGTERM leaves at once: the others see it gone
+    // long before its lease would lapse.
+    let leaving = (index + 2) % 3;
+    let left_id = own_id(&members[leaving]);
+    let stopped = Instant::now();
+    members[leaving].terminate();
+    let remaining = wait_for(&members[index], 2, Duration::from_secs(20), |_| true);
+    assert!(!ids(&remaining).contains(&left_id), "{remaining:#}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "a stopped host should leave at once, not when its 5 s lease lapses: {:?}",
+        stopped.elapsed()
+    );
+}
+
+/// `weir serve` with these arguments and environment must fail; its
+/// stderr.
+fn refused(dir: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend(args);
+    let output = weir_env(&all, dir, env);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "weir {all:?} should have failed: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn bad_cluster_settings_are_refused_at_start_naming_the_cause() {
+    let Some(url) = nats() else { return };
+    let dir = JobDir::new();
+    let data = |i: usize| dir.path().join(format!("data-{i}"));
+    let data_arg = |i: usize| data(i).to_string_lossy().into_owned();
+
+    // NATS that does not answer.
+    let port = weir_tests::servers::free_port();
+    let nowhere = format!("nats://127.0.0.1:{port}");
+    let d0 = data_arg(0);
+    let stderr = refused(dir.path(), &["--data-dir", &d0, "--cluster", &nowhere], &[]);
+    assert!(
+        stderr.contains(&format!(
+            "cluster `weir`: cannot reach its NATS at {nowhere}"
+        )),
+        "{stderr}"
+    );
+
+    // A name the buckets cannot take.
+    let stderr = refused(
+        dir.path(),
+        &[
+            "--data-dir",
+            &d0,
+            "--cluster",
+            &url,
+            "--cluster-name",
+            "no spaces",
+        ],
+        &[],
+    );
+    assert!(
+        stderr.contains("\"no spaces\" is not a cluster name"),
+        "{stderr}"
+    );
+
+    // A member that runs another Weir version (its entry written as an
+    // older host would).
+    let name = "versions";
+    crate::support::runtime().block_on(async {
+        let client = async_nats::connect(url.as_str()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let members = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: format!("{name}-members"),
+                history: 1,
+                max_age: Duration::from_secs(60),
+                storage: async_nats::jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .expect("bucket");
+        let old = serde_json::json!({
+            "id": "old-host", "api": "http://127.0.0.1:1", "version": "0.0.1",
+            "instance": "abc", "started_ms": 0, "renewed_ms": 0, "jobs": 0, "running": 0
+        });
+        members
+            .put("hosts.old-host", old.to_string().into())
+            .await
+            .expect("put");
+    });
+    let stderr = refused(
+        dir.path(),
+        &["--data-dir", &d0, "--cluster", &url, "--cluster-name", name],
+        &[],
+    );
+    assert!(
+        stderr.contains(&format!(
+            "cluster `{name}`: host `old-host` runs weir 0.0.1, this host weir {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{stderr}"
+    );
+
+    // Two clusters under one name: the first host's config names one
+    // storage, the second's another.
+    let config = |i: usize, s3: &str| {
+        let file = dir.path().join(format!("host-{i}.toml"));
+        std::fs::write(
+            &file,
+            format!("[cluster]\nnats = [\"{url}\"]\nname = \"shared\"\ns3 = \"{s3}\"\n"),
+        )
+        .expect("config");
+        file.to_string_lossy().into_owned()
+    };
+    let Some(s3) = crate::s3::server() else {
+        return;
+    };
+    let env: Vec<(&str, String)> = s3.env();
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let first = config(1, &format!("s3://{}/shared", crate::s3::BUCKET));
+    let mut host = Host::start_env(&data(1), &["--config", &first], &env_ref);
+    assert_eq!(hosts(&host)["cluster"], "shared");
+    let second = config(2, &format!("s3://{}/other", crate::s3::BUCKET));
+    let d2 = data_arg(2);
+    let stderr = refused(dir.path(), &["--data-dir", &d2, "--config", &second], &env);
+    assert!(
+        stderr.contains(&format!(
+            "cluster `shared` keeps its checkpoints and savepoints on s3://{}/shared, this host's config says s3://{}/other",
+            crate::s3::BUCKET,
+            crate::s3::BUCKET
+        )),
+        "{stderr}"
+    );
+    host.terminate();
+
+    // Storage whose bucket does not exist.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        format!(
+            "[cluster]\nnats = [\"{url}\"]\nname = \"nobucket\"\ns3 = \"s3://no-such-bucket/x\"\n"
+        ),
+    )
+    .expect("config");
+    let d3 = data_arg(3);
+    let missing = missing.to_string_lossy().into_owned();
+    let stderr = refused(dir.path(), &["--data-dir", &d3, "--config", &missing], &env);
+    assert!(
+        stderr.contains("cluster `nobucket`: its storage s3://no-such-bucket/x")
+            && stderr.contains("the bucket does not exist"),
+        "{stderr}"
+    );
+}
