@@ -3,15 +3,18 @@
 //! (`weir_tests::nats`), each test under its own cluster name. Three hosts
 //! see each other and one coordinator; the coordinator SIGKILLed, another
 //! takes over once its lease lapses; a restarted host comes back under its
-//! id; a stopped host leaves at once; bad settings are refused at start,
-//! each naming its cause.
+//! id; a stopped host leaves at once; a plugin added on one host is on
+//! every host (and refused under a taken name@version as another file);
+//! bad settings are refused at start, each naming its cause.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::host::{Host, http};
+use crate::checkpoints::generator_counts;
+use crate::host::{Host, check_exactly_once, http, plugin_dir, wordcount};
 use crate::support::{JobDir, weir_env};
 
 fn nats() -> Option<String> {
@@ -289,4 +292,133 @@ fn bad_cluster_settings_are_refused_at_start_naming_the_cause() {
             && stderr.contains("the bucket does not exist"),
         "{stderr}"
     );
+}
+
+/// The `name@version`s of `host`'s plugin store.
+fn plugins(host: &Host) -> Vec<String> {
+    let (status, body) = http(&host.url, "GET", "/api/plugins", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).expect("plugins JSON");
+    let mut refs: Vec<String> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}@{}",
+                p["name"].as_str().unwrap_or(""),
+                p["version"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    refs.sort();
+    refs
+}
+
+/// Waits until `host`'s store holds exactly `expected`.
+fn wait_plugins(host: &Host, expected: &[&str], limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let now = plugins(host);
+        if now == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{}: plugins {now:?}, not {expected:?} within {limit:?}",
+            host.url
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_plugin_added_on_one_host_is_on_every_host() {
+    let Some(url) = nats() else { return };
+    let dir = plugin_dir();
+    let name = "plugins";
+    let a = member(dir.path(), 0, &url, name);
+    let b = member(dir.path(), 1, &url, name);
+    a.ok(&["plugin", "add", "split.wasm", "count.wasm"], dir.path());
+    let both = ["count@0.1.0", "split@0.1.0"];
+    wait_plugins(&b, &both, Duration::from_secs(20));
+
+    // A job on the other host runs with them, exactly once.
+    let records = 3000;
+    dir.write(
+        "job.toml",
+        wordcount(
+            "shared",
+            Some(records),
+            20_000,
+            "split@0.1.0",
+            "count@0.1.0",
+            "200ms",
+        ),
+    );
+    let id = b.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    b.wait_status(&id, "finished", Duration::from_secs(90));
+    let mut expected = BTreeMap::new();
+    generator_counts(records, 30, 7, &mut expected);
+    assert_eq!(check_exactly_once(&dir.path().join("out-shared")), expected);
+
+    // Another file under a name@version the cluster has is refused, and
+    // not kept.
+    let mut other = std::fs::read(weir_tests::plugins::WORDCOUNT_COUNT).expect("plugin");
+    // A custom section at the end: the same plugin, another file.
+    other.extend_from_slice(&[0x00, 0x05, 0x04, b'w', b'e', b'i', b'r']);
+    let (status, body) = http(
+        &b.url,
+        "POST",
+        "/api/plugins?file=other-count.wasm",
+        None,
+        &other,
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains(
+            "other-count.wasm: plugin count@0.1.0 is already in the store as another file"
+        ),
+        "{body}"
+    );
+    assert_eq!(plugins(&b), both);
+
+    // A host whose own store has that other file cannot join: the hosts
+    // would run different code under one name.
+    let alone_data = dir.path().join("alone");
+    let mut alone = Host::start(&alone_data, &[]);
+    std::fs::write(dir.path().join("other-count.wasm"), &other).expect("write");
+    alone.ok(&["plugin", "add", "other-count.wasm"], dir.path());
+    alone.terminate();
+    let alone_arg = alone_data.to_string_lossy().into_owned();
+    let stderr = refused(
+        dir.path(),
+        &[
+            "--data-dir",
+            &alone_arg,
+            "--cluster",
+            &url,
+            "--cluster-name",
+            name,
+        ],
+        &[],
+    );
+    let a_id = own_id(&a);
+    assert!(
+        stderr.contains(&format!(
+            "cluster `{name}` has plugin count@0.1.0 as sha256"
+        )) && stderr.contains(&format!(
+            "(added by host `{a_id}`), this host's store as sha256"
+        )),
+        "{stderr}"
+    );
+
+    // A host that joins later takes in every plugin; one removed on a
+    // host is removed on every host.
+    let c = member(dir.path(), 2, &url, name);
+    wait_plugins(&c, &both, Duration::from_secs(20));
+    a.ok(&["plugin", "remove", "split@0.1.0"], dir.path());
+    for host in [&a, &b, &c] {
+        wait_plugins(host, &["count@0.1.0"], Duration::from_secs(20));
+    }
 }

@@ -74,6 +74,7 @@ impl ControlError {
                 StoreError::Conflict { .. } | StoreError::InUse { .. } => StatusCode::CONFLICT,
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
                 StoreError::Storage(_) | StoreError::Index(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                StoreError::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
     }
@@ -464,6 +465,7 @@ struct UploadQuery {
         (status = 400, body = ErrorBody, description = "not a valid plugin (or an unreadable query)"),
         (status = 409, body = ErrorBody, description = "another file under this name@version"),
         (status = 413, body = ErrorBody, description = "larger than the limit"),
+        (status = 503, body = ErrorBody, description = "in a cluster: its NATS did not take the plugin"),
     )
 )]
 async fn add_plugin(
@@ -496,10 +498,9 @@ async fn add_plugin(
     let body = axum::body::to_bytes(body, limit as usize)
         .await
         .map_err(|_| too_large(declared))?;
-    let store = api.ctx.store.clone();
-    let (plugin, created) = tokio::task::spawn_blocking(move || store.add(&file, &body))
-        .await
-        .map_err(super::jobs::internal)??;
+    let shared = api.cluster.as_ref().and_then(|c| c.plugins());
+    let (plugin, created) =
+        super::cluster::plugins::add(&api.ctx.store, shared.as_deref(), file, body).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -518,6 +519,7 @@ async fn add_plugin(
         (status = 400, body = ErrorBody, description = "not NAME@VERSION"),
         (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "a job uses it"),
+        (status = 503, body = ErrorBody, description = "in a cluster: its NATS did not take the withdrawal"),
     )
 )]
 async fn remove_plugin(
@@ -530,11 +532,14 @@ async fn remove_plugin(
         )));
     }
     let jobs = api.jobs.clone();
-    Ok(Json(
-        api.ctx
-            .store
-            .remove(&reference, |digest| jobs.users_of(digest))?,
-    ))
+    let removed = api
+        .ctx
+        .store
+        .remove(&reference, |digest| jobs.users_of(digest))?;
+    if let Some(shared) = api.cluster.as_ref().and_then(|c| c.plugins()) {
+        shared.withdraw(&reference).await?;
+    }
+    Ok(Json(removed))
 }
 
 /// Every job, newest first.

@@ -26,7 +26,8 @@
 //! - [`json`]: what the API's request types need beyond serde's and
 //!   utoipa's derives (whole numbers written `2.0`, bounds on map values).
 //! - [`cluster`]: membership of a cluster of hosts (`--cluster`): live
-//!   hosts and the coordinator lease in NATS JetStream key-value buckets.
+//!   hosts and the coordinator lease in NATS JetStream key-value buckets;
+//!   the plugin store the hosts share ([`cluster::plugins`]).
 //!
 //! A job stays in its place: every path a job names (file sources and
 //! sinks, `from_savepoint`, savepoint targets) must lie inside the host's
@@ -384,7 +385,8 @@ impl RunningHost {
             .watch
             .clone()
             .unwrap_or_else(|| context.data.join("plugins/incoming"));
-        let watcher = Some(watch::spawn(context.clone(), watch_dir));
+        let shared = cluster.as_ref().and_then(|c| c.plugins());
+        let watcher = Some(watch::spawn(context.clone(), watch_dir, shared));
         let router = api::router(context.clone(), jobs.clone(), cluster.clone(), address);
         let (stop_server, mut stopped) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(async move {
@@ -458,5 +460,16 @@ async fn join_cluster(
             .count();
         (list.len(), running)
     });
-    Ok(cluster::Cluster::join(settings, &id, &format!("http://{address}"), load).await?)
+    let cluster = cluster::Cluster::join(settings, &id, &format!("http://{address}"), load).await?;
+    let weak = Arc::downgrade(jobs);
+    let users: cluster::plugins::Users = Arc::new(move |digest| {
+        weak.upgrade()
+            .map(|jobs| jobs.users_of(digest))
+            .unwrap_or_default()
+    });
+    if let Err(error) = cluster.share_plugins(context.store.clone(), users).await {
+        cluster.leave().await;
+        return Err(error.into());
+    }
+    Ok(cluster)
 }

@@ -86,6 +86,10 @@ pub enum StoreError {
     Storage(#[from] DurableError),
     #[error("plugin store index {INDEX} is damaged: {0}")]
     Index(String),
+    /// The cluster's shared store did not answer (see
+    /// [`super::cluster::plugins`]).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The watched plugin directory (`<data dir>/plugins/incoming/`, or
 //! `--watch DIR`): a file dropped there is added to the store exactly like
-//! `weir plugin add`, then removed; a bad one moves to
+//! `weir plugin add` (and shared with the host's cluster, if any), then
+//! removed; a bad one moves to
 //! `<data dir>/plugins/rejected/` beside `<name>.reason.txt` saying why.
 //!
 //! The directory is polled (every 250 ms); a file is taken once its size
@@ -16,11 +17,16 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::HostContext;
+use super::cluster::plugins::{self, SharedPlugins};
 
 const POLL: Duration = Duration::from_millis(250);
 
-/// Starts watching `dir`.
-pub fn spawn(ctx: Arc<HostContext>, dir: PathBuf) -> tokio::task::JoinHandle<()> {
+/// Starts watching `dir`; what it takes is shared through `shared`.
+pub fn spawn(
+    ctx: Arc<HostContext>,
+    dir: PathBuf,
+    shared: Option<Arc<SharedPlugins>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(error) = std::fs::create_dir_all(&dir) {
             warn!(dir = %dir.display(), %error, "cannot create the watched plugin directory");
@@ -43,8 +49,7 @@ pub fn spawn(ctx: Arc<HostContext>, dir: PathBuf) -> tokio::task::JoinHandle<()>
                 }
                 let size = metadata.len();
                 if sizes.get(&name) == Some(&size) {
-                    let (ctx, path) = (ctx.clone(), entry.path());
-                    let _ = tokio::task::spawn_blocking(move || take(&ctx, &path, &name)).await;
+                    take(&ctx, shared.as_deref(), &entry.path(), name).await;
                 } else {
                     seen.insert(name, size);
                 }
@@ -55,10 +60,13 @@ pub fn spawn(ctx: Arc<HostContext>, dir: PathBuf) -> tokio::task::JoinHandle<()>
 }
 
 /// Adds one dropped file, or rejects it.
-fn take(ctx: &HostContext, path: &Path, name: &str) {
-    let result = std::fs::read(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))
-        .and_then(|bytes| ctx.store.add(name, &bytes).map_err(|e| e.to_string()));
+async fn take(ctx: &HostContext, shared: Option<&SharedPlugins>, path: &Path, name: String) {
+    let result = match std::fs::read(path) {
+        Ok(bytes) => plugins::add(&ctx.store, shared, name.clone(), bytes.into())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    };
     match result {
         Ok((plugin, created)) => {
             info!(file = name, plugin = %plugin.reference(), created, "plugin added from the watched directory");
@@ -68,7 +76,7 @@ fn take(ctx: &HostContext, path: &Path, name: &str) {
         }
         Err(reason) => {
             warn!(file = name, %reason, "plugin rejected from the watched directory");
-            if let Err(error) = reject(ctx, path, name, &reason) {
+            if let Err(error) = reject(ctx, path, &name, &reason) {
                 warn!(file = %path.display(), %error, "cannot move the rejected plugin file");
             }
         }

@@ -21,7 +21,9 @@
 //! with other storage under the same name, and a live host with the same
 //! id (a restarted host waits out its own previous lease instead).
 
-use std::sync::{Arc, Mutex};
+pub mod plugins;
+
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -95,6 +97,16 @@ pub enum ClusterError {
         name: String,
         id: String,
         api: String,
+    },
+    #[error(
+        "cluster `{name}` has plugin {reference} as sha256 {theirs} (added by host `{host}`), this host's store as sha256 {ours}: remove it here (`weir plugin remove {reference}` on a host of its own) or give one of them another version"
+    )]
+    PluginConflict {
+        name: String,
+        reference: String,
+        theirs: String,
+        host: String,
+        ours: String,
     },
     #[error("cluster `{name}`: its storage {cause}")]
     Storage { name: String, cause: String },
@@ -173,8 +185,14 @@ pub type Load = Arc<dyn Fn() -> (usize, usize) + Send + Sync>;
 /// This host's membership: renewed by a task until [`Cluster::leave`].
 pub struct Cluster {
     shared: Arc<Shared>,
+    js: jetstream::Context,
+    replicas: usize,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The shared plugin store, once [`Cluster::share_plugins`] opened it,
+    /// and the task following its index.
+    plugins: OnceLock<Arc<plugins::SharedPlugins>>,
+    following: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -303,9 +321,41 @@ impl Cluster {
         });
         Ok(Self {
             shared,
+            js,
+            replicas: settings.replicas,
             stop,
             task: Mutex::new(Some(task)),
+            plugins: OnceLock::new(),
+            following: Mutex::new(None),
         })
+    }
+
+    /// Opens the cluster's plugin store for this host's `store` and keeps
+    /// the two in step (see [`plugins`]); `users` says which of this
+    /// host's jobs use a digest.
+    pub async fn share_plugins(
+        &self,
+        store: Arc<crate::control::store::PluginStore>,
+        users: plugins::Users,
+    ) -> Result<(), ClusterError> {
+        let shared = plugins::SharedPlugins::open(
+            &self.js,
+            &self.shared.name,
+            &self.shared.id,
+            self.replicas,
+            store,
+        )
+        .await?;
+        shared.reconcile().await?;
+        let following = tokio::spawn(shared.clone().follow(users));
+        *self.following.lock().expect("not poisoned") = Some(following);
+        let _ = self.plugins.set(shared);
+        Ok(())
+    }
+
+    /// The cluster's plugin store, once shared.
+    pub fn plugins(&self) -> Option<Arc<plugins::SharedPlugins>> {
+        self.plugins.get().cloned()
     }
 
     /// The cluster's name.
@@ -332,6 +382,9 @@ impl Cluster {
     /// Stops renewing, gives up the coordinator lease and removes this
     /// host's entry, so the others see it gone at once.
     pub async fn leave(&self) {
+        if let Some(following) = self.following.lock().expect("not poisoned").take() {
+            following.abort();
+        }
         let _ = self.stop.send(true);
         let task = self.task.lock().expect("not poisoned").take();
         if let Some(task) = task {
