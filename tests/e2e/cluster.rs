@@ -5,6 +5,7 @@
 //! takes over once its lease lapses; a restarted host comes back under its
 //! id; a stopped host leaves at once; a plugin added on one host is on
 //! every host (and refused under a taken name@version as another file);
+//! any host lists every job and answers for any of them;
 //! bad settings are refused at start, each naming its cause.
 
 use std::collections::BTreeMap;
@@ -421,4 +422,75 @@ fn a_plugin_added_on_one_host_is_on_every_host() {
     for host in [&a, &b, &c] {
         wait_plugins(host, &["count@0.1.0"], Duration::from_secs(20));
     }
+}
+
+#[test]
+fn any_host_lists_every_job_and_answers_for_it() {
+    let Some(url) = nats() else { return };
+    let dir = plugin_dir();
+    let name = "jobs";
+    let a = member(dir.path(), 0, &url, name);
+    let b = member(dir.path(), 1, &url, name);
+    let a_id = own_id(&a);
+    a.ok(&["plugin", "add", "split.wasm", "count.wasm"], dir.path());
+    dir.write(
+        "job.toml",
+        wordcount("remote", None, 2_000, "split@0.1.0", "count@0.1.0", "200ms"),
+    );
+    let id = a.ok(&["run", "job.toml"], dir.path()).trim().to_string();
+    a.wait_status(&id, "running", Duration::from_secs(60));
+
+    // The other host lists it, naming the host that runs it.
+    let started = Instant::now();
+    loop {
+        let listed = b.ok(&["list"], dir.path());
+        if listed.contains(&id) {
+            assert!(listed.contains(&format!("on {a_id}")), "{listed}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "b never listed {id}: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It answers for it: the job's detail, a savepoint, a stop.
+    let detail = b.job(&id);
+    assert_eq!(detail["job"]["id"], id.as_str(), "{detail:#}");
+    b.wait_checkpoints(&id, 2, Duration::from_secs(60));
+    let savepoint = b.ok(&["savepoint", &id], dir.path());
+    assert!(savepoint.contains("savepoint-"), "{savepoint}");
+    b.ok(&["stop", &id], dir.path());
+    a.wait_status(&id, "stopped", Duration::from_secs(60));
+    assert_eq!(b.job(&id)["job"]["lifecycle"]["status"], "stopped");
+    // A job no host has is still a 404.
+    let (status, body) = http(&b.url, "GET", "/api/jobs/nosuchjob", None, &[]);
+    assert_eq!(status, 404, "{body}");
+
+    // Its host gone, the job is listed as on a host that is not live, and
+    // a request about it says which host does not answer.
+    let mut a = a;
+    a.kill();
+    let started = Instant::now();
+    while hosts(&b)["hosts"].as_array().map(Vec::len) != Some(1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a never dropped out"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listed = b.ok(&["list"], dir.path());
+    assert!(
+        listed.contains(&format!("on {a_id} (not live)")),
+        "{listed}"
+    );
+    let (status, body) = http(&b.url, "GET", &format!("/api/jobs/{id}"), None, &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "job {id} runs on host `{a_id}` at {}, which does not answer",
+            a.url
+        )),
+        "{body}"
+    );
 }

@@ -207,8 +207,13 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
         outln!("no jobs")?;
     }
     for job in jobs {
+        let host = job
+            .host
+            .as_ref()
+            .map(|h| format!("  on {h}"))
+            .unwrap_or_default();
         outln!(
-            "{}  {:<12} {:<20} since {}  {}",
+            "{}  {:<12} {:<20} since {}  {}{host}",
             job.id,
             job.status.as_str(),
             job.name,

@@ -182,6 +182,7 @@ pub fn router(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(api.clone(), forward))
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)
 }
@@ -221,6 +222,69 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
         }
     }
     next.run(request).await
+}
+
+/// The header a forwarded request carries (the forwarding host's id): a
+/// host never forwards such a request again.
+const FORWARDED_BY: &str = "x-weir-forwarded-by";
+
+/// In a cluster, a request about a job another host runs goes to that
+/// host, and its answer comes back as is: any host answers for any job.
+async fn forward(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let Some(directory) = api.cluster.as_ref().and_then(|c| c.jobs()) else {
+        return next.run(request).await;
+    };
+    let id = match request.uri().path().strip_prefix("/api/jobs/") {
+        Some(rest) => rest.split('/').next().unwrap_or("").to_string(),
+        None => return next.run(request).await,
+    };
+    if api.jobs.contains(&id) || request.headers().contains_key(FORWARDED_BY) {
+        return next.run(request).await;
+    }
+    let entry = match directory.find(&id).await {
+        Ok(Some(entry)) if entry.host != directory.host() => entry,
+        Ok(_) => return next.run(request).await,
+        Err(error) => return ControlError::Unavailable(error.to_string()).into_response(),
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 64 << 20).await else {
+        return ControlError::TooLarge("a request forwarded to another host: over 64 MiB".into())
+            .into_response();
+    };
+    let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let url = format!("{}{path}", entry.api);
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(reqwest::Client::new);
+    let mut outgoing = client
+        .request(parts.method.clone(), &url)
+        .header(FORWARDED_BY, directory.host())
+        .body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(value) = parts.headers.get(&name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let answer = async {
+        let response = outgoing.send().await?;
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = response.bytes().await?;
+        Ok::<_, reqwest::Error>((status, content_type, bytes))
+    };
+    match answer.await {
+        Ok((status, content_type, bytes)) => {
+            let mut response = (status, bytes).into_response();
+            if let Some(value) = content_type {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        Err(error) => ControlError::Unavailable(format!(
+            "job {id} runs on host `{}` at {}, which does not answer: {error}",
+            entry.host, entry.api
+        ))
+        .into_response(),
+    }
 }
 
 /// Compares in time independent of where the first difference is.
@@ -542,10 +606,53 @@ async fn remove_plugin(
     Ok(Json(removed))
 }
 
-/// Every job, newest first.
-#[utoipa::path(get, path = "/api/jobs", responses((status = 200, body = [JobSummary])))]
-async fn list_jobs(State(api): State<Api>) -> Json<Vec<JobSummary>> {
-    Json(api.jobs.list())
+/// Every job, newest first: in a cluster, every host's (each naming its
+/// host).
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    responses(
+        (status = 200, body = [JobSummary]),
+        (status = 503, body = ErrorBody, description = "in a cluster: its NATS does not answer")
+    )
+)]
+async fn list_jobs(State(api): State<Api>) -> Answer<Json<Vec<JobSummary>>> {
+    let mut list = api.jobs.list();
+    let Some(directory) = api.cluster.as_ref().and_then(|c| c.jobs()) else {
+        return Ok(Json(list));
+    };
+    let this = directory.host().to_string();
+    for job in &mut list {
+        job.host = Some(this.clone());
+    }
+    let unavailable = |e: super::cluster::ClusterError| ControlError::Unavailable(e.to_string());
+    let entries = directory.list().await.map_err(unavailable)?;
+    let live: Vec<String> = match &api.cluster {
+        Some(cluster) => cluster
+            .hosts()
+            .await
+            .map_err(unavailable)?
+            .hosts
+            .into_iter()
+            .map(|h| h.member.id)
+            .collect(),
+        None => Vec::new(),
+    };
+    // A job whose host is not live shows its last known status.
+    list.extend(
+        entries
+            .into_iter()
+            .filter(|entry| entry.host != this)
+            .map(|entry| JobSummary {
+                host: Some(match live.contains(&entry.host) {
+                    true => entry.host,
+                    false => format!("{} (not live)", entry.host),
+                }),
+                ..entry.summary
+            }),
+    );
+    list.sort_by_key(|job| std::cmp::Reverse(job.submitted_ms));
+    Ok(Json(list))
 }
 
 /// Submits a job file; it starts at once.

@@ -386,11 +386,17 @@ impl JobManager {
                     id: record.id,
                     name: record.name,
                     submitted_ms: record.submitted_ms,
+                    host: None,
                 }
             })
             .collect();
         list.sort_by_key(|job| std::cmp::Reverse(job.submitted_ms));
         list
+    }
+
+    /// Whether this host has job `id`.
+    pub fn contains(&self, id: &str) -> bool {
+        self.get(id).is_ok()
     }
 
     pub fn detail(&self, id: &str) -> Result<JobDetail, ControlError> {

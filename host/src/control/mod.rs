@@ -467,7 +467,14 @@ async fn join_cluster(
             .map(|jobs| jobs.users_of(digest))
             .unwrap_or_default()
     });
-    if let Err(error) = cluster.share_plugins(context.store.clone(), users).await {
+    let weak = Arc::downgrade(jobs);
+    let local: cluster::jobs::LocalJobs =
+        Arc::new(move || weak.upgrade().map(|jobs| jobs.list()).unwrap_or_default());
+    let shared = async {
+        cluster.share_plugins(context.store.clone(), users).await?;
+        cluster.share_jobs(local).await
+    };
+    if let Err(error) = shared.await {
         cluster.leave().await;
         return Err(error.into());
     }

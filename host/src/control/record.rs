@@ -225,6 +225,9 @@ pub struct JobSummary {
     pub since_ms: u64,
     /// `uid=name@version` of each operator.
     pub plugins: Vec<String>,
+    /// In a cluster: the id of the host that runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A node of the running job, with its counters.

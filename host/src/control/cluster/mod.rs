@@ -21,6 +21,7 @@
 //! with other storage under the same name, and a live host with the same
 //! id (a restarted host waits out its own previous lease instead).
 
+pub mod jobs;
 pub mod plugins;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -192,7 +193,12 @@ pub struct Cluster {
     /// The shared plugin store, once [`Cluster::share_plugins`] opened it,
     /// and the task following its index.
     plugins: OnceLock<Arc<plugins::SharedPlugins>>,
-    following: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The job directory, once [`Cluster::share_jobs`] opened it.
+    jobs: OnceLock<Arc<jobs::JobDirectory>>,
+    /// The tasks following the plugin index and writing the directory.
+    following: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// This host's API.
+    api: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -326,7 +332,9 @@ impl Cluster {
             stop,
             task: Mutex::new(Some(task)),
             plugins: OnceLock::new(),
-            following: Mutex::new(None),
+            jobs: OnceLock::new(),
+            following: Mutex::new(Vec::new()),
+            api: api.to_string(),
         })
     }
 
@@ -348,9 +356,32 @@ impl Cluster {
         .await?;
         shared.reconcile().await?;
         let following = tokio::spawn(shared.clone().follow(users));
-        *self.following.lock().expect("not poisoned") = Some(following);
+        self.following.lock().expect("not poisoned").push(following);
         let _ = self.plugins.set(shared);
         Ok(())
+    }
+
+    /// Opens the cluster's job directory and writes this host's jobs into
+    /// it as they change (see [`jobs`]).
+    pub async fn share_jobs(&self, local: jobs::LocalJobs) -> Result<(), ClusterError> {
+        let directory = jobs::JobDirectory::open(
+            &self.js,
+            &self.shared.name,
+            &self.shared.id,
+            &self.api,
+            self.replicas,
+        )
+        .await?;
+        directory.publish(local()).await;
+        let following = tokio::spawn(directory.clone().follow(local));
+        self.following.lock().expect("not poisoned").push(following);
+        let _ = self.jobs.set(directory);
+        Ok(())
+    }
+
+    /// The cluster's job directory, once shared.
+    pub fn jobs(&self) -> Option<Arc<jobs::JobDirectory>> {
+        self.jobs.get().cloned()
     }
 
     /// The cluster's plugin store, once shared.
@@ -382,7 +413,7 @@ impl Cluster {
     /// Stops renewing, gives up the coordinator lease and removes this
     /// host's entry, so the others see it gone at once.
     pub async fn leave(&self) {
-        if let Some(following) = self.following.lock().expect("not poisoned").take() {
+        for following in self.following.lock().expect("not poisoned").drain(..) {
             following.abort();
         }
         let _ = self.stop.send(true);

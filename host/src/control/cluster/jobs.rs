@@ -1,0 +1,180 @@
+//! The cluster's job directory: which host runs which job, so that any
+//! host lists every job and answers for any of them. Each host writes its
+//! jobs' summaries (id, name, status, plugins) with its id and API into
+//! the key-value bucket `<name>-jobs` (key `j.<job id>`), checking every
+//! half second for changes. The API lists the directory, and forwards a
+//! request about a job another host runs to that host (see
+//! `control::api`'s `forward`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::ClusterError;
+use crate::control::record::JobSummary;
+
+/// How often a host looks for changes of its jobs to write.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
+/// A job in the directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    pub summary: JobSummary,
+    /// The host that runs it, and its API.
+    pub host: String,
+    pub api: String,
+}
+
+/// This host's jobs, asked at each look.
+pub type LocalJobs = Arc<dyn Fn() -> Vec<JobSummary> + Send + Sync>;
+
+/// The directory, as one host sees it.
+pub struct JobDirectory {
+    cluster: String,
+    host: String,
+    api: String,
+    bucket: kv::Store,
+    /// What this host last wrote, by job id.
+    written: Mutex<HashMap<String, JobSummary>>,
+}
+
+impl std::fmt::Debug for JobDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobDirectory")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key(id: &str) -> String {
+    format!("j.{id}")
+}
+
+impl JobDirectory {
+    pub(super) async fn open(
+        js: &jetstream::Context,
+        name: &str,
+        host: &str,
+        api: &str,
+        replicas: usize,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let bucket = super::open_bucket(
+            js,
+            kv::Config {
+                bucket: format!("{name}-jobs"),
+                description: format!("weir cluster {name}: which host runs which job"),
+                history: 1,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|message| ClusterError::Buckets {
+            name: name.to_string(),
+            message,
+        })?;
+        Ok(Arc::new(Self {
+            cluster: name.to_string(),
+            host: host.to_string(),
+            api: api.to_string(),
+            bucket,
+            written: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Writes the summaries of `jobs` that changed since the last write.
+    pub async fn publish(&self, jobs: Vec<JobSummary>) {
+        for summary in jobs {
+            let unchanged = self
+                .written
+                .lock()
+                .expect("not poisoned")
+                .get(&summary.id)
+                .is_some_and(|w| *w == summary);
+            if unchanged {
+                continue;
+            }
+            let entry = JobEntry {
+                summary: summary.clone(),
+                host: self.host.clone(),
+                api: self.api.clone(),
+            };
+            let value = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+            match self.bucket.put(key(&summary.id), value).await {
+                Ok(_) => {
+                    self.written
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(summary.id.clone(), summary);
+                }
+                Err(error) => {
+                    warn!(cluster = %self.cluster, job = %summary.id, %error, "cannot write the job to the cluster's directory");
+                }
+            }
+        }
+    }
+
+    /// Writes this host's jobs as they change, until aborted.
+    pub(super) async fn follow(self: Arc<Self>, jobs: LocalJobs) {
+        let mut tick = tokio::time::interval(PUBLISH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.publish(jobs()).await;
+        }
+    }
+
+    /// Every job of the cluster.
+    pub async fn list(&self) -> Result<Vec<JobEntry>, ClusterError> {
+        let read = |e: String| ClusterError::Buckets {
+            name: self.cluster.clone(),
+            message: format!("cannot read bucket `{}-jobs`: {e}", self.cluster),
+        };
+        let mut keys = self.bucket.keys().await.map_err(|e| read(e.to_string()))?;
+        let mut entries = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| read(e.to_string()))?;
+            if let Some(bytes) = self
+                .bucket
+                .get(&key)
+                .await
+                .map_err(|e| read(e.to_string()))?
+                && let Ok(entry) = serde_json::from_slice::<JobEntry>(&bytes)
+            {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The entry of job `id`, if the cluster has it.
+    pub async fn find(&self, id: &str) -> Result<Option<JobEntry>, ClusterError> {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Ok(None);
+        }
+        let bytes = self
+            .bucket
+            .get(key(id))
+            .await
+            .map_err(|e| ClusterError::Buckets {
+                name: self.cluster.clone(),
+                message: format!("cannot read bucket `{}-jobs`: {e}", self.cluster),
+            })?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+}
