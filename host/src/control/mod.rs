@@ -178,7 +178,7 @@ pub struct ClusterConfig {
     pub s3: Option<String>,
     /// This host's id (default: made once, kept in the data dir).
     pub host_id: Option<String>,
-    /// How long a silent host stays a member (default 5s).
+    /// How long a silent host stays a member (default 3s).
     #[serde(default, with = "crate::job::file::humantime_serde_opt")]
     pub lease: Option<Duration>,
     /// Copies JetStream keeps of each bucket (default 1; 3 on a 3-node

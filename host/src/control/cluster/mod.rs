@@ -12,9 +12,11 @@
 //!   key `hosts.<id>` per host ([`Member`]), renewed every `lease / 5`;
 //!   a host that stops renewing (SIGKILL, SIGSTOP, cut off) drops out when
 //!   its entry expires. Key `coordinator` ([`Coordinator`]): taken with a
-//!   create (only if absent) and renewed with a compare-and-set on its
-//!   revision, so at most one host holds it; its `term` (the revision it
-//!   was taken at) grows with every change of hands: the fencing token.
+//!   create when absent, or with a compare-and-set on the revision of a
+//!   holder's entry that stayed unchanged for a whole lease (by the
+//!   taker's clock), and renewed with a compare-and-set on its revision, so
+//!   at most one host holds it; its `term` (the revision it was taken at)
+//!   grows with every change of hands: the fencing token.
 //!
 //! Joining refuses, each with a message naming what is wrong: NATS that
 //! cannot be reached, a member running another Weir version, a cluster
@@ -42,7 +44,7 @@ use crate::types::Location;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How long a member's entry outlives its last renewal (default).
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
 
 /// How a host joins its cluster (`[cluster]` in the host's config, or
 /// `weir serve --cluster URL`).
@@ -214,6 +216,8 @@ impl std::fmt::Debug for Cluster {
 struct Shared {
     name: String,
     id: String,
+    /// The cluster's lease.
+    lease: Duration,
     members: kv::Store,
     local: Mutex<Local>,
 }
@@ -224,6 +228,9 @@ struct Local {
     member: Member,
     /// The coordinator lease's current revision, while this host holds it.
     held: Option<(u64, Coordinator)>,
+    /// Another host's lease as this host last saw it: its revision, and
+    /// since when (this host's clock) it has not changed.
+    watched: Option<(u64, tokio::time::Instant)>,
 }
 
 const HOSTS: &str = "hosts.";
@@ -297,8 +304,13 @@ impl Cluster {
         let shared = Arc::new(Shared {
             name: name.clone(),
             id: id.to_string(),
+            lease,
             members,
-            local: Mutex::new(Local { member, held: None }),
+            local: Mutex::new(Local {
+                member,
+                held: None,
+                watched: None,
+            }),
         });
         shared.check_versions().await?;
         shared.wait_out_previous(lease).await?;
@@ -524,14 +536,21 @@ impl Shared {
                 }
             }
             None => {
-                // The term is the revision the create gets; written after.
+                let Some(expected) = self.free_lease().await else {
+                    return;
+                };
+                // The term is the revision the claim gets; written after.
                 let claim = Coordinator {
                     host: self.id.clone(),
                     term: 0,
                     since_ms: now_ms(),
                 };
                 let bytes = Bytes::from(serde_json::to_vec(&claim).unwrap_or_default());
-                let Ok(revision) = self.members.create(COORDINATOR, bytes).await else {
+                let claimed = match expected {
+                    0 => self.members.create(COORDINATOR, bytes).await.ok(),
+                    revision => self.members.update(COORDINATOR, bytes, revision).await.ok(),
+                };
+                let Some(revision) = claimed else {
                     return;
                 };
                 let coordinator = Coordinator {
@@ -542,12 +561,40 @@ impl Shared {
                 match self.members.update(COORDINATOR, bytes, revision).await {
                     Ok(next) => {
                         info!(cluster = %self.name, host = %self.id, term = revision, "took the coordinator lease");
-                        self.lock().held = Some((next, coordinator));
+                        let mut local = self.lock();
+                        local.held = Some((next, coordinator));
+                        local.watched = None;
                     }
                     Err(error) => {
                         warn!(cluster = %self.name, host = %self.id, %error, "lost the coordinator lease as it was taken");
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether the coordinator lease may be taken, and the revision to
+    /// take it from (0: there is none, take it with a create). Another
+    /// host's lease is free once its revision stayed the same for a whole
+    /// lease by this host's own clock (its holder stopped renewing: no
+    /// need to wait for the entry to expire, nor to trust its clock); the
+    /// compare-and-set on that revision makes sure it was not renewed
+    /// meanwhile.
+    async fn free_lease(&self) -> Option<u64> {
+        let entry = self.members.entry(COORDINATOR).await.ok()?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            self.lock().watched = None;
+            return Some(0);
+        };
+        let now = tokio::time::Instant::now();
+        let mut local = self.lock();
+        match local.watched {
+            Some((revision, since)) if revision == entry.revision => {
+                (now.duration_since(since) >= self.lease).then_some(revision)
+            }
+            _ => {
+                local.watched = Some((entry.revision, now));
+                None
             }
         }
     }
