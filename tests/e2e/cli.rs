@@ -573,3 +573,191 @@ inputs = ["count"]
     assert!(stderr.contains("_metadata"), "{stderr}");
     assert!(job.path().join("out").is_dir(), "nothing deleted");
 }
+
+/// `weir savepoint read` prints an operator's state as data, without the
+/// plugin: from a canonical savepoint (SIGTERM mid-run: each word's count
+/// is its last committed update) and from a checkpoint's RocksDB base and
+/// deltas (a bounded job's final checkpoint: every word's full count), as
+/// JSON lines and CSV, one key or all; a wrong uid or state names what
+/// there is.
+#[test]
+fn savepoint_read_prints_state_as_data_without_the_plugin() {
+    use std::collections::BTreeMap;
+    let job_toml = |count: u64, rate: u64| {
+        format!(
+            r#"
+name = "read"
+max_parallelism = 16
+[checkpoint]
+interval = "100ms"
+[[source]]
+uid = "words"
+kind = "generator"
+count = {count}
+rate = {rate}
+keys = 30
+seed = 7
+[[operator]]
+uid = "count"
+plugin = {plugin}
+inputs = [{{ from = "words", partition = "key" }}]
+parallelism = 2
+[[sink]]
+uid = "out"
+kind = "file"
+path = "out"
+inputs = ["count"]
+"#,
+            plugin = toml_path(WORDCOUNT_COUNT)
+        )
+    };
+    let read_counts = |args: &[&str], dir: &std::path::Path| -> BTreeMap<String, u64> {
+        let output = weir(args, dir);
+        assert!(
+            output.status.success(),
+            "weir {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| {
+                let cell: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                assert_eq!(cell["state"], "count", "{line}");
+                assert!(cell["key_group"].as_u64().is_some_and(|g| g < 16), "{line}");
+                (
+                    cell["key"].as_str().expect("a text key").to_string(),
+                    cell["value"].as_u64().expect("a JSON count"),
+                )
+            })
+            .collect()
+    };
+
+    // A canonical savepoint taken at SIGTERM.
+    let job = JobDir::new();
+    job.job(&job_toml(400_000, 20_000));
+    let output = run_then_sigterm(
+        &["run", "job.toml", "--savepoint-dir", "savepoints"],
+        job.path(),
+        std::time::Duration::from_millis(1500),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let savepoint = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let committed = crate::host::check_exactly_once(&job.path().join("out"));
+    let read = read_counts(
+        &["savepoint", "read", &savepoint, "--uid", "count"],
+        job.path(),
+    );
+    assert_eq!(
+        read, committed,
+        "the savepoint holds what the sink committed"
+    );
+
+    // One key; CSV.
+    let (word, n) = committed.iter().next().expect("a word");
+    let one = read_counts(
+        &[
+            "savepoint",
+            "read",
+            &savepoint,
+            "--uid",
+            "count",
+            "--key",
+            word,
+        ],
+        job.path(),
+    );
+    assert_eq!(one, BTreeMap::from([(word.clone(), *n)]));
+    let csv = weir(
+        &[
+            "savepoint",
+            "read",
+            &savepoint,
+            "--uid",
+            "count",
+            "--state",
+            "count",
+            "--format",
+            "csv",
+        ],
+        job.path(),
+    );
+    let csv = String::from_utf8_lossy(&csv.stdout);
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("state,key_group,key,value"));
+    assert_eq!(lines.count(), committed.len());
+    assert!(csv.contains(&format!(",{word},{n}\n")), "{csv}");
+
+    // Bad input names what there is.
+    let bad = weir(
+        &["savepoint", "read", &savepoint, "--uid", "nope"],
+        job.path(),
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("no operator `nope`; the operators with keyed state are: count"),
+        "{stderr}"
+    );
+    let bad = weir(
+        &[
+            "savepoint",
+            "read",
+            &savepoint,
+            "--uid",
+            "count",
+            "--state",
+            "nope",
+        ],
+        job.path(),
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("operator `count` has no state `nope`; its states are: count"),
+        "{stderr}"
+    );
+
+    // A bounded job's final checkpoint: RocksDB base and deltas.
+    let bounded = JobDir::new();
+    let records = 30_000;
+    bounded.job(&job_toml(records, 100_000));
+    let output = weir(&["run", "job.toml"], bounded.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut newest: Option<(u64, std::path::PathBuf)> = None;
+    for job_dir in std::fs::read_dir(bounded.path().join("weir-data/checkpoints"))
+        .expect("checkpoints")
+        .flatten()
+    {
+        for chk in std::fs::read_dir(job_dir.path())
+            .expect("job dir")
+            .flatten()
+        {
+            let name = chk.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("chk-").and_then(|n| n.parse().ok())
+                && chk.path().join("_metadata").is_file()
+                && newest.as_ref().is_none_or(|(m, _)| n > *m)
+            {
+                newest = Some((n, chk.path()));
+            }
+        }
+    }
+    let (_, chk) = newest.expect("a completed checkpoint");
+    let chk = chk.to_string_lossy().into_owned();
+    let mut expected = BTreeMap::new();
+    crate::checkpoints::generator_counts(records, 30, 7, &mut expected);
+    let read = read_counts(
+        &["savepoint", "read", &chk, "--uid", "count"],
+        bounded.path(),
+    );
+    assert_eq!(
+        read, expected,
+        "the final checkpoint holds every word's full count"
+    );
+}

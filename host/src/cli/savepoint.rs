@@ -1,13 +1,15 @@
 //! `weir savepoint`: `inspect PATH [--json]` shows what a savepoint (or a
 //! retained checkpoint) holds, read from its `_metadata` alone, without any
-//! plugin; `--dispose PATH` deletes a savepoint after checking it is one.
+//! plugin; `read PATH --uid UID` prints an operator's keyed state as data
+//! (JSON lines or CSV); `--dispose PATH` deletes a savepoint after
+//! checking it is one.
 //! `weir savepoint JOB_ID [TARGET_DIR]` belongs to a running host.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::checkpoint::{metadata, remote, savepoint};
+use crate::checkpoint::{cells, metadata, remote, savepoint};
 use crate::types::Location;
 
 #[derive(Debug, clap::Args)]
@@ -40,11 +42,51 @@ pub enum SavepointCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an operator's keyed state, one cell a line: its state, key
+    /// group, key and value (decoded JSON where the SDK wrote JSON, base64
+    /// otherwise), without loading any plugin.
+    Read {
+        /// The savepoint or `chk-N` directory, or its `_metadata`.
+        path: PathBuf,
+        /// The operator whose state to print.
+        #[arg(long)]
+        uid: String,
+        /// Only this state.
+        #[arg(long, value_name = "NAME")]
+        state: Option<String>,
+        /// Only this key (its UTF-8 text).
+        #[arg(long, value_name = "K")]
+        key: Option<String>,
+        #[arg(long, value_enum, default_value_t = ReadFormat::Jsonl)]
+        format: ReadFormat,
+    },
+}
+
+/// How `weir savepoint read` prints cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadFormat {
+    /// One JSON object a line: `state`, `key_group`, `key` (or
+    /// `key_base64`), `value` (or `value_base64`).
+    Jsonl,
+    /// `state,key_group,key,value` with a header; a key or value that is
+    /// not text/JSON is written `base64:…`.
+    Csv,
 }
 
 pub fn execute(args: &SavepointArgs) -> Result<()> {
     match (&args.command, &args.dispose, &args.job_id) {
         (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
+        (
+            Some(SavepointCommand::Read {
+                path,
+                uid,
+                state,
+                key,
+                format,
+            }),
+            _,
+            _,
+        ) => read_state(path, uid, state.as_deref(), key.as_deref(), *format),
         (None, Some(Location::S3(url)), None) => {
             let scratch = tempfile_dir()?;
             let url = remote::block_on(remote::dispose(url, scratch.path()))?;
@@ -60,7 +102,9 @@ pub fn execute(args: &SavepointArgs) -> Result<()> {
             "`weir savepoint {job_id}` asks a running host for a savepoint: give --host URL (or set WEIR_HOST); \
              for an embedded job use `weir run JOB --savepoint-dir DIR` and stop it with Ctrl-C or SIGTERM"
         ),
-        _ => bail!("usage: weir savepoint inspect PATH [--json] | weir savepoint --dispose PATH"),
+        _ => bail!(
+            "usage: weir savepoint inspect PATH [--json] | weir savepoint read PATH --uid UID | weir savepoint --dispose PATH"
+        ),
     }
 }
 
@@ -165,4 +209,118 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `weir savepoint read`: checks the uid and state against `_metadata`
+/// (naming what there is when they are not), then streams the cells.
+fn read_state(
+    path: &Path,
+    uid: &str,
+    state: Option<&str>,
+    key: Option<&str>,
+    format: ReadFormat,
+) -> Result<()> {
+    use std::io::Write;
+    let read = metadata::read(path)?;
+    let shown = read.base.display().to_string();
+    let Some(op) = read.metadata.operators.get(uid) else {
+        let uids: Vec<&str> = read
+            .metadata
+            .operators
+            .iter()
+            .filter(|(_, op)| !op.states.is_empty())
+            .map(|(uid, _)| uid.as_str())
+            .collect();
+        bail!(
+            "{shown}: no operator `{uid}`; the operators with keyed state are: {}",
+            if uids.is_empty() {
+                "none".to_string()
+            } else {
+                uids.join(", ")
+            }
+        );
+    };
+    if let Some(name) = state
+        && !op.states.iter().any(|s| s.name == name)
+    {
+        let names: Vec<&str> = op.states.iter().map(|s| s.name.as_str()).collect();
+        bail!(
+            "{shown}: operator `{uid}` has no state `{name}`; its states are: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    savepoint::verify_files(&read)?;
+    let scratch = tempfile_dir()?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut closed: Option<std::io::Error> = None;
+    if format == ReadFormat::Csv {
+        writeln!(out, "state,key_group,key,value").map_err(stdout_error)?;
+    }
+    let selection = cells::Selection {
+        uid,
+        state,
+        key: key.map(str::as_bytes),
+    };
+    let mut visit = |cell: cells::Cell<'_>| {
+        let line = cells::CellLine::of(&cell);
+        let written = match format {
+            ReadFormat::Jsonl => serde_json::to_writer(&mut out, &line)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.write_all(b"\n")),
+            ReadFormat::Csv => write_csv(&mut out, &line),
+        };
+        written.map_err(|error| {
+            let message = error.to_string();
+            closed = Some(error);
+            crate::checkpoint::CheckpointError::io(Path::new("stdout"), message)
+        })
+    };
+    let result = cells::read_cells(&read, op, selection, scratch.path(), &mut visit);
+    if let Some(error) = closed {
+        return Err(stdout_error(error));
+    }
+    result?;
+    out.flush().map_err(stdout_error)?;
+    Ok(())
+}
+
+fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    match error.kind() {
+        std::io::ErrorKind::BrokenPipe => super::StdoutClosed.into(),
+        _ => anyhow::Error::new(error).context("cannot write to stdout"),
+    }
+}
+
+/// One CSV row of a cell (RFC 4180 quoting).
+fn write_csv(out: &mut impl std::io::Write, line: &cells::CellLine) -> std::io::Result<()> {
+    let quote = |field: &str| {
+        if field.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", field.replace('"', "\"\""))
+        } else {
+            field.to_string()
+        }
+    };
+    let key = match (&line.key, &line.key_base64) {
+        (Some(text), _) => text.clone(),
+        (None, Some(b64)) => format!("base64:{b64}"),
+        (None, None) => String::new(),
+    };
+    let value = match (&line.value, &line.value_base64) {
+        (Some(json), _) => json.to_string(),
+        (None, Some(b64)) => format!("base64:{b64}"),
+        (None, None) => String::new(),
+    };
+    writeln!(
+        out,
+        "{},{},{},{}",
+        quote(&line.state),
+        line.key_group,
+        quote(&key),
+        quote(&value)
+    )
 }
