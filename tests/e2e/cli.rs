@@ -581,7 +581,7 @@ inputs = ["count"]
 /// JSON lines and CSV, one key or all; a wrong uid or state names what
 /// there is.
 #[test]
-fn savepoint_read_prints_state_as_data_without_the_plugin() {
+fn savepoints_read_and_written_as_data_without_the_plugin() {
     use std::collections::BTreeMap;
     let job_toml = |count: u64, rate: u64| {
         format!(
@@ -719,6 +719,114 @@ inputs = ["count"]
         stderr.contains("operator `count` has no state `nope`; its states are: count"),
         "{stderr}"
     );
+
+    // Read → write → restore: the state read, written as a new savepoint
+    // at another parallelism (no source positions: the generator starts
+    // over), restored into a new run, which adds its counts to it.
+    let lines = weir(
+        &["savepoint", "read", &savepoint, "--uid", "count"],
+        job.path(),
+    );
+    job.write("state.jsonl", &lines.stdout);
+    let written = weir(
+        &[
+            "savepoint",
+            "write",
+            "--uid",
+            "count",
+            "--state",
+            "count",
+            "--from",
+            "state.jsonl",
+            "--plugin",
+            WORDCOUNT_COUNT,
+            "--parallelism",
+            "3",
+            "--max-parallelism",
+            "16",
+            "-o",
+            "bootstrapped",
+        ],
+        job.path(),
+    );
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let seeded = String::from_utf8_lossy(&written.stdout).trim().to_string();
+    assert_eq!(
+        read_counts(
+            &["savepoint", "read", &seeded, "--uid", "count"],
+            job.path()
+        ),
+        committed,
+        "written as read"
+    );
+    let resumed = JobDir::new();
+    let more = 6000;
+    resumed.job(&job_toml(more, 100_000));
+    let seeded_path = job.path().join(&seeded).to_string_lossy().into_owned();
+    let output = weir(&["run", "job.toml", "-s", &seeded_path], resumed.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for line in weir_tests::read_parts(&resumed.path().join("out")) {
+        let (word, n) = line.rsplit_once(' ').expect("word count");
+        let n: u64 = n.parse().expect("count");
+        let entry = last.entry(word.to_string()).or_default();
+        *entry = (*entry).max(n);
+    }
+    let mut expected = committed.clone();
+    let mut added = BTreeMap::new();
+    crate::checkpoints::generator_counts(more, 30, 7, &mut added);
+    for (word, n) in added {
+        *expected.entry(word).or_default() += n;
+    }
+    assert_eq!(last, expected, "the run counted on from the written state");
+
+    // Bad lines are named, every one, and nothing is written.
+    job.write(
+        "bad.jsonl",
+        "{\"state\":\"count\",\"key_group\":3,\"key\":\"bo\",\"value\":1}\n\
+         {\"state\":\"other\",\"key_group\":0,\"key\":\"x\",\"value\":1}\n",
+    );
+    let bad = weir(
+        &[
+            "savepoint",
+            "write",
+            "--uid",
+            "count",
+            "--state",
+            "count",
+            "--from",
+            "bad.jsonl",
+            "--max-parallelism",
+            "16",
+            "-o",
+            "never",
+        ],
+        job.path(),
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    let bo_group = weir::types::key_group::of_key(b"bo", 16);
+    if bo_group != 3 {
+        assert!(
+            stderr.contains(&format!(
+                "line 1: key \"bo\" is in key group {bo_group} (max_parallelism 16), the line says 3"
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("line 2: state `other`, but this savepoint is written for state `count`"),
+        "{stderr}"
+    );
+    assert!(!job.path().join("never").exists(), "nothing written");
 
     // A bounded job's final checkpoint: RocksDB base and deltas.
     let bounded = JobDir::new();

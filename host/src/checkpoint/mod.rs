@@ -24,6 +24,7 @@
 //! Between the dataflow tasks and the coordinator travel only the plain
 //! messages of [`crate::protocol`]; this module never names `dataflow`.
 
+pub mod bootstrap;
 pub mod cells;
 pub mod coordinator;
 pub mod metadata;

@@ -340,7 +340,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 )
                 .await
             }
-            _ => savepoint::execute(args),
+            _ => savepoint::execute(&cli, args),
         },
     }
 }

@@ -60,6 +60,37 @@ pub enum SavepointCommand {
         #[arg(long, value_enum, default_value_t = ReadFormat::Jsonl)]
         format: ReadFormat,
     },
+    /// Build a savepoint from data: one state of one operator from JSON
+    /// lines as `read` prints them, restorable with `weir run -s`.
+    Write(WriteArgs),
+}
+
+/// `weir savepoint write`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct WriteArgs {
+    /// The operator the state is for.
+    #[arg(long)]
+    pub uid: String,
+    /// The state written.
+    #[arg(long, value_name = "NAME")]
+    pub state: String,
+    /// JSON lines (`-`: standard input), each `{"state", "key" (or
+    /// `key_base64`), "key_group" (checked), "value" (or `value_base64`)}`.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The operator's plugin: the state's kind and schema version come
+    /// from its declaration (else: a `value` state, schema version 1).
+    #[arg(long, value_name = "FILE")]
+    pub plugin: Option<PathBuf>,
+    /// Subtasks the state is split into (any parallelism restores it).
+    #[arg(long, default_value_t = 1)]
+    pub parallelism: u32,
+    /// The job's `max_parallelism` (a restore requires the same).
+    #[arg(long, default_value_t = 128)]
+    pub max_parallelism: u32,
+    /// The directory the savepoint directory is made in.
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    pub output: PathBuf,
 }
 
 /// How `weir savepoint read` prints cells.
@@ -73,8 +104,9 @@ pub enum ReadFormat {
     Csv,
 }
 
-pub fn execute(args: &SavepointArgs) -> Result<()> {
+pub fn execute(cli: &super::Cli, args: &SavepointArgs) -> Result<()> {
     match (&args.command, &args.dispose, &args.job_id) {
+        (Some(SavepointCommand::Write(write)), _, _) => write_state(cli, write),
         (Some(SavepointCommand::Inspect { path, json }), _, _) => inspect(path, *json),
         (
             Some(SavepointCommand::Read {
@@ -323,4 +355,118 @@ fn write_csv(out: &mut impl std::io::Write, line: &cells::CellLine) -> std::io::
         quote(&key),
         quote(&value)
     )
+}
+
+/// `weir savepoint write`: every line checked first (each problem named by
+/// its line, all of them at once), then the savepoint written.
+fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
+    use crate::checkpoint::bootstrap::{self, Bootstrap};
+    use crate::checkpoint::metadata::{PluginRef, StateRef};
+    use std::io::BufRead;
+    if args.parallelism == 0 || args.parallelism > args.max_parallelism {
+        bail!(
+            "--parallelism {} must be 1..={} (--max-parallelism)",
+            args.parallelism,
+            args.max_parallelism
+        );
+    }
+    if args.max_parallelism == 0
+        || args.max_parallelism > crate::types::key_group::MAX_MAX_PARALLELISM
+    {
+        bail!(
+            "--max-parallelism {} must be 1..={}",
+            args.max_parallelism,
+            crate::types::key_group::MAX_MAX_PARALLELISM
+        );
+    }
+    let (state, plugin) = match &args.plugin {
+        Some(file) => {
+            let loaded = cli.engine()?.load(file)?;
+            let Some(declared) = loaded.info.states.iter().find(|s| s.name == args.state) else {
+                let names: Vec<&str> = loaded.info.states.iter().map(|s| s.name.as_str()).collect();
+                bail!(
+                    "{}: plugin {} {} declares no state `{}`; its states are: {}",
+                    file.display(),
+                    loaded.info.name,
+                    loaded.info.version,
+                    args.state,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                );
+            };
+            let state = StateRef {
+                name: declared.name.clone(),
+                kind: declared.kind.to_string(),
+                schema_version: declared.schema_version,
+            };
+            let plugin = PluginRef {
+                name: loaded.info.name.clone(),
+                version: loaded.info.version.clone(),
+                digest: loaded.digest.clone(),
+            };
+            (state, Some(plugin))
+        }
+        None => (
+            StateRef {
+                name: args.state.clone(),
+                kind: "value".to_string(),
+                schema_version: 1,
+            },
+            None,
+        ),
+    };
+    let spec = Bootstrap {
+        uid: args.uid.clone(),
+        state,
+        plugin,
+        parallelism: args.parallelism,
+        max_parallelism: args.max_parallelism,
+    };
+    let shown = args.from.display().to_string();
+    let input: Box<dyn BufRead> = if args.from.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&args.from).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+        Box::new(std::io::BufReader::with_capacity(1 << 20, file))
+    };
+    let mut cells = std::collections::BTreeMap::new();
+    let mut problems = Vec::new();
+    for (index, text) in input.lines().enumerate() {
+        let text = text.map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        match bootstrap::parse_line(&spec, index + 1, &text) {
+            Ok((group, key, value)) => {
+                if cells.insert((group, key.clone()), value).is_some() {
+                    problems.push(format!(
+                        "line {}: key {:?} comes a second time",
+                        index + 1,
+                        String::from_utf8_lossy(&key)
+                    ));
+                }
+            }
+            Err(problem) => problems.push(problem),
+        }
+        if problems.len() >= 20 {
+            problems.push("… (stopped after 20 problems)".to_string());
+            break;
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{shown}:\n  {}", problems.join("\n  "));
+    }
+    let dir = bootstrap::write(&spec, &cells, &args.output)?;
+    eprintln!(
+        "wrote {} keys of `{}` state `{}` in {} subtask file(s)",
+        cells.len(),
+        spec.uid,
+        spec.state.name,
+        spec.parallelism
+    );
+    outln!("{}", dir.display())?;
+    Ok(())
 }
