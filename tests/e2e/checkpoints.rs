@@ -593,7 +593,7 @@ pub(crate) fn delays(seed: u64) -> impl Iterator<Item = Duration> {
 /// `extra` after it logged that its sources' input ended (or after 60 s):
 /// whether the input had ended, and whether the run had ended by itself.
 /// Panics if the run failed on its own.
-fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool, bool) {
+pub(crate) fn kill_after_input_ended(args: &[String], dir: &Path, extra: Duration) -> (bool, bool) {
     use std::io::BufRead;
     let mut child = spawn_weir(args, dir, &[("RUST_LOG", "weir=info".to_string())]);
     let stderr = child.stderr.take().expect("piped");

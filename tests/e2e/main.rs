@@ -12,6 +12,7 @@ mod cluster;
 mod event_time;
 mod faults;
 mod host;
+mod kafka;
 mod languages;
 mod nats;
 mod s3;

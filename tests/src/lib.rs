@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub mod browser;
+pub mod kafka;
 pub mod languages;
 pub mod nats;
 pub mod s3;

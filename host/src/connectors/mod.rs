@@ -11,6 +11,9 @@
 //! | `nats` source | per partition, the last stream sequence emitted | replayable: exactly-once, at any parallelism (partitions are reassigned on restore) |
 //! | `nats` sink, `delivery = "exactly-once"` | pending spool files | exactly-once: an epoch is published when its checkpoint completes (in the background, while the next epoch is spooled), each message with a deterministic `Nats-Msg-Id`; a recovery republishes the restored checkpoint's epochs and JetStream drops what it stored already. Holds while the stream's `duplicate_window` exceeds the time from a commit's first publish to the recovery's republish: the start fails when it is not longer than the restart delay (a resume by hand must come within it) |
 //! | `nats` sink, `delivery = "at-least-once"` | — | at-least-once: publishes as records arrive, every publish acknowledged before the checkpoint's ack |
+//! | `kafka` source | per partition, the next offset to read | replayable: exactly-once, at any parallelism (partitions are assigned by the job and reassigned on restore); `read_committed` by default |
+//! | `kafka` sink, `delivery = "exactly-once"` | the pre-committed transactions (transactional id, producer id, epoch) | exactly-once: a Kafka transaction per subtask per checkpoint, flushed at the barrier, committed when the checkpoint completes; a restore commits what its checkpoint recorded, then fences the sink's transactional ids so the broker aborts what was written after it |
+//! | `kafka` sink, `delivery = "at-least-once"` | — | at-least-once: produced as records arrive, every produce acknowledged before the checkpoint's ack |
 //!
 //! Sources are interrupted by checkpoint triggers in the middle of
 //! `next_batch`; each keeps its position consistent with the records it has
@@ -18,6 +21,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod kafka;
 pub mod nats;
 pub mod sinks;
 pub mod socket;

@@ -263,7 +263,7 @@ pub struct SourceSpec {
     pub address: Option<String>,
     /// generator: number of records (omit for unbounded).
     pub count: Option<u64>,
-    /// generator, file, nats: records per second (omit for as fast as possible).
+    /// generator, file, nats, kafka: records per second (omit for as fast as possible).
     pub rate: Option<f64>,
     /// generator: number of distinct words.
     pub keys: Option<u64>,
@@ -279,10 +279,29 @@ pub struct SourceSpec {
     pub partitions: Option<u32>,
     /// nats: the record key is this token of the subject (0-based).
     pub key_token: Option<usize>,
-    /// nats: the record key is this header's value.
+    /// nats, kafka: the record key is this header's value.
     pub key_header: Option<String>,
-    /// nats: end at the end of the stream as of the start.
+    /// nats, kafka: end at the end of the stream (the topics) as of the start.
     pub bounded: Option<bool>,
+    /// kafka: the brokers to start from, `host:port[,host:port…]`.
+    pub bootstrap: Option<String>,
+    /// kafka: the topic read (or `topics`).
+    pub topic: Option<String>,
+    /// kafka: the topics read.
+    pub topics: Option<Vec<String>>,
+    /// kafka: where a fresh start reads from: `"earliest"`, `"latest"` or
+    /// `{ timestamp = <ms> }`.
+    pub start: Option<StartSpec>,
+    /// kafka: `read_committed` (default) or `read_uncommitted`.
+    pub isolation: Option<Isolation>,
+}
+
+/// A kafka source's `start` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StartSpec {
+    Named(String),
+    At { timestamp: i64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -292,6 +311,7 @@ pub enum SourceKindName {
     Generator,
     Socket,
     Nats,
+    Kafka,
 }
 
 /// A validated source kind with its settings.
@@ -311,6 +331,58 @@ pub enum SourceKind {
     Socket { address: String },
     /// Messages of a partitioned JetStream stream.
     Nats(NatsSource),
+    /// Records of Kafka topics.
+    Kafka(KafkaSource),
+}
+
+/// A `kafka` source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSource {
+    /// `host:port[,host:port…]`.
+    pub bootstrap: String,
+    pub topics: Vec<String>,
+    /// Where a fresh start reads from (a restore reads on from its positions).
+    pub start: KafkaStart,
+    pub isolation: Isolation,
+    /// The record key is this header's value (else the record's key).
+    pub key_header: Option<String>,
+    /// End at the topics' end offsets as of the subtask's start.
+    pub bounded: bool,
+    /// Records per second per subtask at most (omit for as fast as possible).
+    pub rate: Option<f64>,
+}
+
+/// Where a fresh `kafka` source starts in each partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaStart {
+    Earliest,
+    Latest,
+    /// The first record at or after this time (ms), else the end.
+    Timestamp(i64),
+}
+
+/// Which records of transactions a `kafka` source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Only committed transactions' records (and non-transactional ones).
+    ReadCommitted,
+    /// Every record, aborted transactions' too.
+    ReadUncommitted,
+}
+
+/// A `kafka` sink's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSink {
+    /// `host:port[,host:port…]`.
+    pub bootstrap: String,
+    pub topic: String,
+    pub delivery: Delivery,
+    /// Every record to this partition (else by key hash, Kafka's murmur2;
+    /// unkeyed records round robin).
+    pub partition: Option<i32>,
+    /// Transactional ids are `<prefix>-<subtask>-<slot>`.
+    pub transactional_id_prefix: String,
 }
 
 /// A `nats` source's settings.
@@ -439,8 +511,17 @@ pub struct SinkSpec {
     pub stream: Option<String>,
     /// nats: the subject published to.
     pub subject: Option<String>,
-    /// nats: `exactly-once` (default) or `at-least-once`.
+    /// nats, kafka: `exactly-once` (default) or `at-least-once`.
     pub delivery: Option<Delivery>,
+    /// kafka: the brokers to start from, `host:port[,host:port…]`.
+    pub bootstrap: Option<String>,
+    /// kafka: the topic written.
+    pub topic: Option<String>,
+    /// kafka: every record to this partition (else by key hash).
+    pub partition: Option<i32>,
+    /// kafka: transactional ids are `<prefix>-<subtask>-<slot>` (default
+    /// `weir-<job name>-<uid>`).
+    pub transactional_id_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -450,6 +531,7 @@ pub enum SinkKindName {
     File,
     Blackhole,
     Nats,
+    Kafka,
 }
 
 /// A validated sink kind with its settings.
@@ -463,6 +545,8 @@ pub enum SinkKind {
     Blackhole,
     /// Publishes each record's value to a JetStream subject.
     Nats(NatsSink),
+    /// Produces each record (key, value, time) to a Kafka topic.
+    Kafka(KafkaSink),
 }
 
 /// An input edge: `"uid"`, `"uid:side-output"` or a table.

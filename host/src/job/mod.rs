@@ -17,9 +17,9 @@ pub use validate::{PluginFiles, PluginResolver};
 use std::path::PathBuf;
 
 pub use file::{
-    BackendKind, CheckpointSettings, Delivery, JobFile, LimitSettings, LineFormat, NatsKey,
-    NatsSink, NatsSource, OnCancel, Partition, RestartSettings, SinkKind, SourceKind,
-    StateSettings, WasiGrant, WatermarkSpec,
+    BackendKind, CheckpointSettings, Delivery, Isolation, JobFile, KafkaSink, KafkaSource,
+    KafkaStart, LimitSettings, LineFormat, NatsKey, NatsSink, NatsSource, OnCancel, Partition,
+    RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
 };
 
 /// Errors reading or validating a job file. Each names the file; validation
@@ -154,6 +154,65 @@ inputs = ["in"]
         ] {
             assert!(error.contains(wanted), "`{wanted}` in {error}");
         }
+    }
+
+    #[test]
+    fn kafka_connectors_validate_their_keys() {
+        let text = r#"
+name = "kafka job"
+[[source]]
+uid = "in"
+kind = "kafka"
+bootstrap = "127.0.0.1:9092,127.0.0.1:9093"
+topics = ["a", "b"]
+start = { timestamp = 1700000000000 }
+parallelism = 3
+key_header = "Word"
+bounded = true
+[[sink]]
+uid = "out"
+kind = "kafka"
+bootstrap = "127.0.0.1:9092"
+topic = "counts"
+inputs = ["in"]
+"#;
+        let job = validate(text).expect("valid");
+        let NodeKind::Source(SourceNode {
+            kind: SourceKind::Kafka(source),
+            ..
+        }) = &job.nodes[0].kind
+        else {
+            panic!("a kafka source");
+        };
+        assert_eq!(source.topics, ["a", "b"]);
+        assert_eq!(source.start, KafkaStart::Timestamp(1_700_000_000_000));
+        assert_eq!(source.isolation, Isolation::ReadCommitted);
+        let NodeKind::Sink(SinkKind::Kafka(sink)) = &job.nodes[1].kind else {
+            panic!("a kafka sink");
+        };
+        assert_eq!(sink.delivery, Delivery::ExactlyOnce);
+        assert_eq!(sink.transactional_id_prefix, "weir-kafka-job-out");
+        let bad = text
+            .replace("topics = [\"a\", \"b\"]", "topic = \"a b\"\nurl = \"x\"")
+            .replace("start = { timestamp = 1700000000000 }", "start = \"soon\"")
+            .replace("bootstrap = \"127.0.0.1:9092\"\ntopic", "bootstrap = \"broker\"\ntopic");
+        let error = validate(&bad).expect_err("invalid").to_string();
+        for wanted in [
+            "source `in`: key `url` does not apply",
+            "source `in`: topic \"a b\" is not a Kafka topic name",
+            "source `in`: start = \"soon\": use \"earliest\"",
+            "sink `out`: bootstrap \"broker\": each broker is host:port",
+        ] {
+            assert!(error.contains(wanted), "`{wanted}` in {error}");
+        }
+        let twice = format!(
+            "{text}[[sink]]\nuid = \"copy\"\nkind = \"kafka\"\nbootstrap = \"h:1\"\ntopic = \"t\"\ntransactional_id_prefix = \"weir-kafka-job-out\"\ninputs = [\"in\"]\n"
+        );
+        let error = validate(&twice).expect_err("invalid").to_string();
+        assert!(
+            error.contains("sink `copy`: transactional_id_prefix `weir-kafka-job-out` is sink `out`'s too"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -177,7 +177,10 @@ impl JobGraph {
                 ));
             }
             if let Some(kind) = &kind
-                && !matches!(kind, SourceKind::Generator { .. } | SourceKind::Nats(_))
+                && !matches!(
+                    kind,
+                    SourceKind::Generator { .. } | SourceKind::Nats(_) | SourceKind::Kafka(_)
+                )
                 && parallelism != 1
             {
                 problems.push(format!(
@@ -244,12 +247,24 @@ impl JobGraph {
             });
             raw_inputs.push(operator.inputs.clone());
         }
+        // Kafka sinks' transactional id prefixes: two sinks sharing one
+        // would fence each other's transactions.
+        let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
         for sink in &job.sinks {
             check_uid(&sink.uid, "sink", &mut problems);
             if sink.inputs.is_empty() {
                 problems.push(format!("sink `{}`: inputs is empty", sink.uid));
             }
-            let kind = sink_kind(sink, &base, &mut problems);
+            let kind = sink_kind(sink, &base, &job.name, &mut problems);
+            if let Some(SinkKind::Kafka(kafka)) = &kind
+                && let Some(other) =
+                    prefixes.insert(kafka.transactional_id_prefix.clone(), sink.uid.clone())
+            {
+                problems.push(format!(
+                    "sink `{}`: transactional_id_prefix `{}` is sink `{other}`'s too (their transactions would fence each other)",
+                    sink.uid, kafka.transactional_id_prefix
+                ));
+            }
             nodes.push(Node {
                 uid: sink.uid.clone(),
                 parallelism: sink.parallelism.unwrap_or(1),

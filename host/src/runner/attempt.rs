@@ -362,6 +362,12 @@ pub async fn check_connectors(job: &PreparedJob) -> Result<(), RunError> {
         .await
         .err()
         .unwrap_or_default();
+    problems.extend(
+        crate::connectors::kafka::check(&job.graph)
+            .await
+            .err()
+            .unwrap_or_default(),
+    );
     if let Some(url) = checkpoint_remote(&job.graph) {
         let checked = match remote::Remote::open(url) {
             Ok(remote) => remote.check().await,

@@ -14,6 +14,7 @@ use crate::checkpoint::storage::SubtaskStorage;
 use crate::checkpoint::{SnapshotKind, restore};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
+use crate::connectors::kafka::{sink::KafkaSink, source::KafkaSource};
 use crate::connectors::nats::{NatsSink, NatsSource};
 use crate::connectors::sinks::{BlackholeSink, FileSink, StdoutSink, recover_file_sink};
 use crate::connectors::socket::SocketSource;
@@ -231,6 +232,22 @@ impl TaskFactory for Factory<'_> {
                     &restored,
                 ))
             }
+            SourceKind::Kafka(kafka) => {
+                // Restored: every stored subtask's partition positions
+                // (None: a fresh start, or a restore point without this
+                // source).
+                let restored = self.restore.and_then(|(read, _)| {
+                    read.metadata.operators.get(&node.uid)?;
+                    Some(restore::source_partitions(read, &node.uid))
+                });
+                Box::new(KafkaSource::new(
+                    kafka.clone(),
+                    source.format.clone(),
+                    info.subtask,
+                    info.parallelism,
+                    restored,
+                ))
+            }
         })
     }
 
@@ -337,6 +354,24 @@ impl TaskFactory for Factory<'_> {
                         recover,
                     )
                     .map_err(|e| Self::task_error(info, e))?,
+                )
+            }
+            SinkKind::Kafka(kafka) => {
+                // The restore point's subtasks of this sink and what each
+                // recorded as pre-committed.
+                let stored: Vec<(u32, Vec<String>)> = self
+                    .restore
+                    .and_then(|(read, _)| read.metadata.operators.get(&node.uid))
+                    .map(|op| {
+                        op.subtasks
+                            .iter()
+                            .map(|s| (s.subtask, s.pending.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Box::new(
+                    KafkaSink::create(kafka.clone(), info.subtask, info.parallelism, &stored)
+                        .map_err(|e| Self::task_error(info, e))?,
                 )
             }
         })
