@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use weir::connectors::generator::{word, word_index};
 use weir_tests::kafka::KafkaServer;
-use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT};
 
 use crate::checkpoints::{completed_checkpoints, delays, kill_after_input_ended};
 use crate::support::{JobDir, spawn_weir, toml_path, weir};
@@ -234,7 +234,7 @@ fn kafka_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
 }
 
 #[test]
-fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_over_six_partitions() {
+fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_with_a_new_count_version() {
     let Some(kafka) = server() else { return };
     let job = JobDir::new();
     let name = "krescale";
@@ -278,10 +278,12 @@ fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_over_six_par
         published > 0 && published < expected.values().sum::<u64>() as usize,
         "stopped midway ({published} updates)"
     );
-    // Three subtasks now: partitions reassigned.
+    // Three subtasks now (partitions reassigned), and count v2, whose
+    // state migrates from v1's.
     std::fs::write(
         job.path().join("job.toml"),
-        count_job(&kafka.bootstrap, name, 3, 100_000, ""),
+        count_job(&kafka.bootstrap, name, 3, 100_000, "")
+            .replace(&toml_path(WORDCOUNT_COUNT), &toml_path(WORDCOUNT_COUNT_V2)),
     )
     .expect("rewrite");
     let savepoint = savepoint.to_string_lossy().into_owned();
@@ -292,7 +294,18 @@ fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_over_six_par
         String::from_utf8_lossy(&resumed.stderr)
     );
     weir_tests::check_exact_updates(&kafka.read_values(&format!("{name}-out")), &expected)
-        .unwrap_or_else(|e| panic!("after the restore at parallelism 3: {e}"));
+        .unwrap_or_else(|e| panic!("after the restore at parallelism 3 with count v2: {e}"));
+    // The resumed run's checkpoints were taken with count v2.
+    let newest = completed_checkpoints(&job.path().join("checkpoints"))
+        .into_iter()
+        .max_by_key(|p| weir::checkpoint::metadata::read(p).map_or(0, |r| r.metadata.completed_ms))
+        .expect("the resumed run checkpointed");
+    let read = weir::checkpoint::metadata::read(&newest).expect("reads");
+    let plugin = read.metadata.operators["count"]
+        .plugin
+        .as_ref()
+        .expect("count's plugin");
+    assert_eq!(plugin.version, "0.2.0", "{newest:?}");
 }
 
 #[test]

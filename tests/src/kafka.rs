@@ -166,8 +166,7 @@ fn json_record(partition: i32, key: Option<&str>, value: &str) -> String {
 
 /// Parses one line the client printed.
 fn parse_record(line: &str) -> Record {
-    let v: serde_json::Value =
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
     Record {
         partition: v["partition"].as_i64().unwrap_or_else(|| panic!("{line}")) as i32,
         key: v["key"].as_str().map(str::to_string),

@@ -178,7 +178,10 @@ pub(super) fn sink_kind(
         stray("bootstrap", sink.bootstrap.is_some());
         stray("topic", sink.topic.is_some());
         stray("partition", sink.partition.is_some());
-        stray("transactional_id_prefix", sink.transactional_id_prefix.is_some());
+        stray(
+            "transactional_id_prefix",
+            sink.transactional_id_prefix.is_some(),
+        );
     }
     match sink.kind {
         SinkKindName::Kafka => {

@@ -195,7 +195,10 @@ inputs = ["in"]
         let bad = text
             .replace("topics = [\"a\", \"b\"]", "topic = \"a b\"\nurl = \"x\"")
             .replace("start = { timestamp = 1700000000000 }", "start = \"soon\"")
-            .replace("bootstrap = \"127.0.0.1:9092\"\ntopic", "bootstrap = \"broker\"\ntopic");
+            .replace(
+                "bootstrap = \"127.0.0.1:9092\"\ntopic",
+                "bootstrap = \"broker\"\ntopic",
+            );
         let error = validate(&bad).expect_err("invalid").to_string();
         for wanted in [
             "source `in`: key `url` does not apply",
@@ -210,7 +213,9 @@ inputs = ["in"]
         );
         let error = validate(&twice).expect_err("invalid").to_string();
         assert!(
-            error.contains("sink `copy`: transactional_id_prefix `weir-kafka-job-out` is sink `out`'s too"),
+            error.contains(
+                "sink `copy`: transactional_id_prefix `weir-kafka-job-out` is sink `out`'s too"
+            ),
             "{error}"
         );
     }

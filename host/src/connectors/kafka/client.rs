@@ -204,8 +204,12 @@ impl Connection {
                 header.correlation_id, self.correlation
             )));
         }
-        R::Response::decode(&mut body, version)
-            .map_err(|e| failed(format!("cannot decode {} v{version}: {e}", api_name(R::KEY))))
+        R::Response::decode(&mut body, version).map_err(|e| {
+            failed(format!(
+                "cannot decode {} v{version}: {e}",
+                api_name(R::KEY)
+            ))
+        })
     }
 }
 
@@ -303,10 +307,7 @@ impl Cluster {
             let connection = Connection::open(address).await?;
             self.connections.insert(address.to_string(), connection);
         }
-        let connection = self
-            .connections
-            .get_mut(address)
-            .expect("connected above");
+        let connection = self.connections.get_mut(address).expect("connected above");
         let result = connection.send(request, cap).await;
         if matches!(result, Err(KafkaError::Connection { .. })) {
             self.connections.remove(address);
@@ -327,10 +328,7 @@ impl Cluster {
     /// The partitions of each of `topics` (an error code for a topic the
     /// cluster does not have), and the brokers, remembered for
     /// [`Cluster::broker`].
-    pub async fn topics(
-        &mut self,
-        topics: &[String],
-    ) -> Result<TopicPartitions, KafkaError> {
+    pub async fn topics(&mut self, topics: &[String]) -> Result<TopicPartitions, KafkaError> {
         let request = MetadataRequest::default()
             .with_topics(Some(
                 topics
@@ -352,16 +350,17 @@ impl Cluster {
         Ok(topics
             .iter()
             .map(|name| {
-                let found = response
-                    .topics
-                    .iter()
-                    .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == name.as_str()));
+                let found = response.topics.iter().find(|t| {
+                    t.name
+                        .as_ref()
+                        .is_some_and(|n| n.0.as_str() == name.as_str())
+                });
                 let result = match found {
                     None => Err(ResponseError::UnknownTopicOrPartition),
-                    Some(topic) if topic.error_code != 0 => Err(ResponseError::try_from_code(
-                        topic.error_code,
-                    )
-                    .unwrap_or(ResponseError::Unknown(topic.error_code))),
+                    Some(topic) if topic.error_code != 0 => {
+                        Err(ResponseError::try_from_code(topic.error_code)
+                            .unwrap_or(ResponseError::Unknown(topic.error_code)))
+                    }
                     Some(topic) => {
                         let mut partitions: Vec<PartitionInfo> = topic
                             .partitions

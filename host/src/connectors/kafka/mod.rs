@@ -101,8 +101,8 @@ pub async fn check(graph: &JobGraph) -> Result<(), Vec<String>> {
                 Err(code) => {
                     missing = true;
                     problems.push(format!(
-                    "{role} `{uid}`: {}",
-                    source::missing_topic(bootstrap, topic, *code)
+                        "{role} `{uid}`: {}",
+                        source::missing_topic(bootstrap, topic, *code)
                     ));
                 }
             }

@@ -115,7 +115,9 @@ impl KafkaSink {
                 .map(|s| {
                     let recorded = commit
                         .iter()
-                        .filter_map(|t| parse_id(&config.transactional_id_prefix, &t.transactional_id))
+                        .filter_map(|t| {
+                            parse_id(&config.transactional_id_prefix, &t.transactional_id)
+                        })
                         .filter(|&(of, _)| of == s)
                         .map(|(_, slot)| slot + 1 + SLOTS_AFTER)
                         .max()

@@ -282,7 +282,9 @@ impl Reader {
             }
         }
         if tx
-            .send(Item::Assigned(owned.iter().map(|o| (o.key, o.next)).collect()))
+            .send(Item::Assigned(
+                owned.iter().map(|o| (o.key, o.next)).collect(),
+            ))
             .await
             .is_err()
         {
@@ -341,7 +343,11 @@ impl Reader {
     /// Where each partition starts: its restored position; on a restore, a
     /// partition without one (added since) at its earliest offset; on a
     /// fresh start, at `start`.
-    async fn resolve_starts(&self, cluster: &mut Cluster, owned: &mut [Owned]) -> Result<(), String> {
+    async fn resolve_starts(
+        &self,
+        cluster: &mut Cluster,
+        owned: &mut [Owned],
+    ) -> Result<(), String> {
         let mut unknown: Vec<usize> = Vec::new();
         for (i, partition) in owned.iter_mut().enumerate() {
             match self.restored.as_ref().and_then(|r| r.get(&partition.key)) {
