@@ -15,6 +15,11 @@
 //!    (a full base) and the median of the rest, end to end (trigger to
 //!    `_metadata` on S3).
 //!
+//! 3. `kafka`: the same word count with Kafka in (6 partitions, keyed by
+//!    the word) and out (exactly-once: a transaction per subtask per
+//!    checkpoint), on noida-db on loopback, against files; with the
+//!    broker's CPU time during the Kafka run.
+//!
 //! Pass words to run only some (`cargo bench -p weir --bench connectors -- s3`).
 
 use std::path::Path;
@@ -157,6 +162,117 @@ fn nats(engine: &PluginEngine, records: u64, repeats: u64) {
     println!("| file → count → file | {f:.0} | 1.00× |");
 }
 
+/// The CPU seconds (user + system) process `pid` used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's `)`: state is field 3; utime, stime are 14, 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The pid of the process whose command line holds `needle`.
+fn pid_with(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(needle).then_some(pid)
+        })
+}
+
+fn kafka(engine: &PluginEngine, records: u64, repeats: u64) {
+    let Some(server) = weir_tests::kafka::server() else {
+        panic!("noida-db is needed for this benchmark");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let words: Vec<String> = (0..records)
+        .map(|i| word(word_index(i, 100_000, 9)))
+        .collect();
+    std::fs::write(dir.path().join("words.txt"), words.join("\n") + "\n").expect("input");
+    server.create_topic("bench-in", 6);
+    let keyed: Vec<(i32, Option<&str>, &str)> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| ((i % 6) as i32, Some(w.as_str()), w.as_str()))
+        .collect();
+    for chunk in keyed.chunks(200_000) {
+        server.produce("bench-in", chunk, None);
+    }
+    let port = server.bootstrap.rsplit(':').next().unwrap_or("");
+    let broker = pid_with(&format!("--kafka-port {port}"));
+    let bootstrap = &server.bootstrap;
+    let count = weir_tests::plugins::WORDCOUNT_COUNT;
+    let tail = COUNT_JOB_TAIL.replace("{count}", count);
+    let head = |name: &str| {
+        format!(
+            "name = \"{name}\"\nmax_parallelism = 128\n[checkpoint]\ninterval = \"1s\"\ndir = \"checkpoints\"\n[state]\nbackend = \"rocksdb\"\n"
+        )
+    };
+    let file_job = format!(
+        "{}[[source]]\nuid = \"in\"\nkind = \"file\"\npath = \"words.txt\"\nformat = {{ key = 0 }}\n{tail}[[sink]]\nuid = \"out\"\nkind = \"file\"\npath = \"out\"\ninputs = [\"count\"]\n",
+        head("files")
+    );
+    let file_path = dir.path().join("files.toml");
+    std::fs::write(&file_path, file_job).expect("job");
+    let (mut on_kafka, mut on_files, mut broker_share) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..repeats {
+        // A new output topic and transactional ids per run.
+        let out = format!("bench-out-{round}");
+        server.create_topic(&out, 3);
+        let kafka_job = format!(
+            "{}[[source]]\nuid = \"in\"\nkind = \"kafka\"\nbootstrap = \"{bootstrap}\"\ntopic = \"bench-in\"\nparallelism = 2\nbounded = true\n{tail}[[sink]]\nuid = \"out\"\nkind = \"kafka\"\nbootstrap = \"{bootstrap}\"\ntopic = \"{out}\"\ntransactional_id_prefix = \"bench-{round}\"\ninputs = [\"count\"]\n",
+            head("kafka")
+        );
+        let kafka_path = dir.path().join(format!("kafka-{round}.toml"));
+        std::fs::write(&kafka_path, kafka_job).expect("job");
+        let before = broker.map(cpu_seconds);
+        let (_, took) = run(engine, &kafka_path);
+        if let (Some(pid), Some(before)) = (broker, before) {
+            broker_share.push((cpu_seconds(pid) - before) / took.as_secs_f64());
+        }
+        assert_eq!(
+            server.read_committed(&out).len() as u64,
+            records,
+            "every update committed to {out} once"
+        );
+        on_kafka.push(records as f64 / took.as_secs_f64());
+        let (_, took) = run(engine, &file_path);
+        on_files.push(records as f64 / took.as_secs_f64());
+        let _ = std::fs::remove_dir_all(dir.path().join("out"));
+        let _ = std::fs::remove_dir_all(dir.path().join("checkpoints"));
+    }
+    let (k, f) = (median(on_kafka), median(on_files));
+    let share = if broker_share.is_empty() {
+        "not measured (broker process not found)".to_string()
+    } else {
+        format!("{:.0}% of one core", median(broker_share) * 100.0)
+    };
+    println!(
+        "\nword count, {records} words, 100k keys, p=2, exactly-once checkpoints every 1 s ({repeats} runs each, medians)"
+    );
+    println!("| in → count → out | records/s | vs files |");
+    println!("|---|---:|---:|");
+    println!(
+        "| Kafka → count → Kafka (noida-db) | {k:.0} | {:.2}× |",
+        k / f
+    );
+    println!("| file → count → file | {f:.0} | 1.00× |");
+    println!("broker (noida-db) CPU during the Kafka runs: {share}");
+}
+
 fn s3(engine: &PluginEngine, keys: u64) {
     let Some(server) = weir_tests::s3::server() else {
         panic!("SeaweedFS is needed for this benchmark");
@@ -230,6 +346,13 @@ fn main() {
     let engine = PluginEngine::new(Some(weir_tests::compile_cache())).expect("engine");
     if wanted("nats") {
         nats(
+            &engine,
+            env_or("WEIR_BENCH_RECORDS", 1_000_000),
+            env_or("WEIR_BENCH_REPEATS", 3),
+        );
+    }
+    if wanted("kafka") {
+        kafka(
             &engine,
             env_or("WEIR_BENCH_RECORDS", 1_000_000),
             env_or("WEIR_BENCH_REPEATS", 3),
