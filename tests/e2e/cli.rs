@@ -838,25 +838,11 @@ inputs = ["count"]
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let mut newest: Option<(u64, std::path::PathBuf)> = None;
-    for job_dir in std::fs::read_dir(bounded.path().join("weir-data/checkpoints"))
-        .expect("checkpoints")
-        .flatten()
-    {
-        for chk in std::fs::read_dir(job_dir.path())
-            .expect("job dir")
-            .flatten()
-        {
-            let name = chk.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_prefix("chk-").and_then(|n| n.parse().ok())
-                && chk.path().join("_metadata").is_file()
-                && newest.as_ref().is_none_or(|(m, _)| n > *m)
-            {
-                newest = Some((n, chk.path()));
-            }
-        }
-    }
-    let (_, chk) = newest.expect("a completed checkpoint");
+    // The newest completed checkpoint (its `_metadata`).
+    let chk =
+        crate::checkpoints::completed_checkpoints(&bounded.path().join("weir-data/checkpoints"))
+            .pop()
+            .expect("a completed checkpoint");
     let chk = chk.to_string_lossy().into_owned();
     let mut expected = BTreeMap::new();
     crate::checkpoints::generator_counts(records, 30, 7, &mut expected);

@@ -296,9 +296,9 @@ fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_with_a_new_c
     weir_tests::check_exact_updates(&kafka.read_values(&format!("{name}-out")), &expected)
         .unwrap_or_else(|e| panic!("after the restore at parallelism 3 with count v2: {e}"));
     // The resumed run's checkpoints were taken with count v2.
+    // The newest completed checkpoint (the list is in completion order).
     let newest = completed_checkpoints(&job.path().join("checkpoints"))
-        .into_iter()
-        .max_by_key(|p| weir::checkpoint::metadata::read(p).map_or(0, |r| r.metadata.completed_ms))
+        .pop()
         .expect("the resumed run checkpointed");
     let read = weir::checkpoint::metadata::read(&newest).expect("reads");
     let plugin = read.metadata.operators["count"]

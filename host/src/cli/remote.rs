@@ -207,11 +207,11 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
         outln!("no jobs")?;
     }
     for job in jobs {
-        let host = job
-            .host
-            .as_ref()
-            .map(|h| format!("  on {h}"))
-            .unwrap_or_default();
+        let host = match (&job.host, job.host_live) {
+            (Some(h), Some(false)) => format!("  on {h} (not live)"),
+            (Some(h), _) => format!("  on {h}"),
+            (None, _) => String::new(),
+        };
         outln!(
             "{}  {:<12} {:<20} since {}  {}{host}",
             job.id,

@@ -454,11 +454,7 @@ async fn list_hosts(State(api): State<Api>) -> Answer<Json<Hosts>> {
             .map(Json)
             .map_err(|e| ControlError::Unavailable(e.to_string()));
     }
-    let jobs = api.jobs.list();
-    let running = jobs
-        .iter()
-        .filter(|j| j.status == super::lifecycle::JobStatus::Running)
-        .count();
+    let (jobs, running) = api.jobs.load();
     let now = super::now_ms();
     Ok(Json(Hosts {
         cluster: None,
@@ -471,7 +467,7 @@ async fn list_hosts(State(api): State<Api>) -> Answer<Json<Hosts>> {
                 instance: String::new(),
                 started_ms: api.started_ms,
                 renewed_ms: now,
-                jobs: jobs.len(),
+                jobs,
                 running,
             },
             coordinator: false,
@@ -624,6 +620,7 @@ async fn list_jobs(State(api): State<Api>) -> Answer<Json<Vec<JobSummary>>> {
     let this = directory.host().to_string();
     for job in &mut list {
         job.host = Some(this.clone());
+        job.host_live = Some(true);
     }
     let unavailable = |e: super::cluster::ClusterError| ControlError::Unavailable(e.to_string());
     let entries = directory.list().await.map_err(unavailable)?;
@@ -644,10 +641,8 @@ async fn list_jobs(State(api): State<Api>) -> Answer<Json<Vec<JobSummary>>> {
             .into_iter()
             .filter(|entry| entry.host != this)
             .map(|entry| JobSummary {
-                host: Some(match live.contains(&entry.host) {
-                    true => entry.host,
-                    false => format!("{} (not live)", entry.host),
-                }),
+                host_live: Some(live.contains(&entry.host)),
+                host: Some(entry.host),
                 ..entry.summary
             }),
     );

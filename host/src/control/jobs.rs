@@ -387,11 +387,23 @@ impl JobManager {
                     name: record.name,
                     submitted_ms: record.submitted_ms,
                     host: None,
+                    host_live: None,
                 }
             })
             .collect();
         list.sort_by_key(|job| std::cmp::Reverse(job.submitted_ms));
         list
+    }
+
+    /// This host's jobs and how many of them run: what a cluster member
+    /// reports as its load.
+    pub fn load(&self) -> (usize, usize) {
+        let list = self.list();
+        let running = list
+            .iter()
+            .filter(|j| j.status == super::lifecycle::JobStatus::Running)
+            .count();
+        (list.len(), running)
     }
 
     /// Whether this host has job `id`.

@@ -449,17 +449,7 @@ async fn join_cluster(
         },
     };
     let weak = Arc::downgrade(jobs);
-    let load: cluster::Load = Arc::new(move || {
-        let Some(jobs) = weak.upgrade() else {
-            return (0, 0);
-        };
-        let list = jobs.list();
-        let running = list
-            .iter()
-            .filter(|j| j.status == lifecycle::JobStatus::Running)
-            .count();
-        (list.len(), running)
-    });
+    let load: cluster::Load = Arc::new(move || weak.upgrade().map_or((0, 0), |jobs| jobs.load()));
     let cluster = cluster::Cluster::join(settings, &id, &format!("http://{address}"), load).await?;
     let weak = Arc::downgrade(jobs);
     let users: cluster::plugins::Users = Arc::new(move |digest| {

@@ -228,6 +228,10 @@ pub struct JobSummary {
     /// In a cluster: the id of the host that runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// In a cluster: whether that host is a live member (if not, the
+    /// status is the last one it wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_live: Option<bool>,
 }
 
 /// A node of the running job, with its counters.

@@ -160,11 +160,7 @@ impl JobDirectory {
 
     /// The entry of job `id`, if the cluster has it.
     pub async fn find(&self, id: &str) -> Result<Option<JobEntry>, ClusterError> {
-        if id.is_empty()
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !super::is_plain_name(id) {
             return Ok(None);
         }
         let bytes = self

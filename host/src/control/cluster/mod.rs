@@ -673,6 +673,15 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
 }
 
 /// The cluster name and lease as the buckets need them.
+/// Letters, digits, `-` and `_`, at least one: what a bucket name or a key
+/// token may be made of (cluster names, host ids, job ids).
+pub(super) fn is_plain_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn check_settings(settings: &ClusterSettings) -> Result<(), ClusterError> {
     let setting = |key, message: String| ClusterError::Setting {
         name: settings.name.clone(),
@@ -680,11 +689,7 @@ fn check_settings(settings: &ClusterSettings) -> Result<(), ClusterError> {
         message,
     };
     let name = &settings.name;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !is_plain_name(name) {
         return Err(setting(
             "name",
             format!("{name:?} is not a cluster name: letters, digits, `-` and `_` only"),
@@ -711,10 +716,7 @@ fn check_settings(settings: &ClusterSettings) -> Result<(), ClusterError> {
         ));
     }
     if let Some(id) = &settings.host_id
-        && (id.is_empty()
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        && !is_plain_name(id)
     {
         return Err(setting(
             "host_id",
