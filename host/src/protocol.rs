@@ -321,6 +321,10 @@ pub enum CoordinatorError {
         failures: u32,
         tolerable: u32,
     },
+    /// The commit gate refused a completed checkpoint: another owner runs
+    /// the job now (a cluster moved it), so this attempt commits nothing.
+    #[error("fenced: {reason}")]
+    Fenced { reason: String },
 }
 
 /// How an attempt's coordinator ended: `Some(savepoint)` when the job was

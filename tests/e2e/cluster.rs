@@ -5,7 +5,9 @@
 //! takes over once its lease lapses; a restarted host comes back under its
 //! id; a stopped host leaves at once; a plugin added on one host is on
 //! every host (and refused under a taken name@version as another file);
-//! any host lists every job and answers for any of them;
+//! any host lists every job and answers for any of them; a movable job
+//! moves off a SIGKILLed, a SIGSTOPped and a SIGTERMed host, the frozen
+//! one fenced when it wakes, every count published once;
 //! bad settings are refused at start, each naming its cause.
 
 use std::collections::BTreeMap;
@@ -504,4 +506,184 @@ fn any_host_lists_every_job_and_answers_for_it() {
         )),
         "{body}"
     );
+}
+
+/// Where the cluster says job `id` runs, and its status, as `host` lists it.
+fn placement(host: &Host, id: &str) -> Option<(String, String, bool)> {
+    let (status, body) = http(&host.url, "GET", "/api/jobs", None, &[]);
+    if status != 200 {
+        return None;
+    }
+    let list: Value = serde_json::from_str(&body).ok()?;
+    list.as_array()?.iter().find(|j| j["id"] == id).map(|j| {
+        (
+            j["host"].as_str().unwrap_or_default().to_string(),
+            j["status"].as_str().unwrap_or_default().to_string(),
+            j["host_live"].as_bool().unwrap_or(false),
+        )
+    })
+}
+
+/// Waits until `host` lists job `id` running on a live host other than
+/// `not`; returns that host's id.
+fn wait_moved(host: &Host, id: &str, not: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some((owner, status, live)) = placement(host, id)
+            && owner != not
+            && live
+            && status == "running"
+        {
+            return owner;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "job {id} did not move off {not} in {limit:?}: {:?}",
+            placement(host, id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
+    let Some(url) = nats() else { return };
+    let Some(s3) = crate::s3::server() else {
+        return;
+    };
+    let dir = plugin_dir();
+    let name = "failover";
+    let prefix = crate::s3::prefix("cluster-failover");
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnats = [\"{url}\"]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\n",
+            crate::s3::BUCKET
+        ),
+    )
+    .expect("config");
+    let env: Vec<(&str, String)> = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let config = config.to_string_lossy().into_owned();
+    let mut hosts: Vec<Host> = (0..3)
+        .map(|i| {
+            Host::start_env(
+                &dir.path().join(format!("data-{i}")),
+                &["--config", &config],
+                &env,
+            )
+        })
+        .collect();
+    let ids: Vec<String> = hosts.iter().map(own_id).collect();
+    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+
+    // JetStream in → split → count → JetStream out, two source subtasks at
+    // 800 lines/s each: about 40 s of input.
+    let lines = crate::nats::input_lines(64_000, 11);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    crate::nats::prepare_streams(&url, name, &lines);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[0].wait_checkpoints(&id, 3, Duration::from_secs(60));
+
+    // Its host SIGKILLed: a survivor restores it from the cluster's
+    // storage and runs it on, within seconds.
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    hosts[0].kill();
+    let killed = Instant::now();
+    let second = wait_moved(&hosts[1], &id, &ids[0], Duration::from_secs(30));
+    let failover = killed.elapsed();
+    eprintln!("failover after SIGKILL: {failover:?} (to {second})");
+    let owner = &hosts[at(&second)];
+    owner.wait_checkpoints(&id, 2, Duration::from_secs(60));
+    let restored = owner.job(&id);
+    assert!(
+        restored["job"]["runs"][0]["restored_from"]
+            .as_str()
+            .is_some_and(
+                |r| r.starts_with(&format!("s3://{}/{prefix}/jobs/{id}/", crate::s3::BUCKET))
+            ),
+        "the new owner restored the checkpoint the old one committed: {restored:#}"
+    );
+
+    // Its new host frozen (SIGSTOP) until the job moved to the third; when
+    // it wakes, its commits are fenced and it lets the job go.
+    let frozen = at(&second);
+    let third = 3 - frozen; // hosts 1 and 2 remain: the other one
+    hosts[frozen].signal("STOP");
+    let stopped = Instant::now();
+    let moved = wait_moved(&hosts[third], &id, &second, Duration::from_secs(30));
+    eprintln!(
+        "failover after SIGSTOP: {:?} (to {moved})",
+        stopped.elapsed()
+    );
+    assert_eq!(moved, ids[third]);
+    hosts[third].wait_checkpoints(&id, 1, Duration::from_secs(60));
+    hosts[frozen].signal("CONT");
+    // The woken host releases the job: it lists it on its new owner.
+    let started = Instant::now();
+    loop {
+        let listed = placement(&hosts[frozen], &id);
+        if listed
+            .as_ref()
+            .is_some_and(|(owner, _, _)| *owner == ids[third])
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the woken host kept the job: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Its savepoints go where any host can read them.
+    let local = hosts[third].weir(&["savepoint", &id, "here"], dir.path());
+    assert!(!local.status.success());
+    assert!(
+        crate::host::stderr(&local).contains(&format!(
+            "/here: job {id} can move between the cluster's hosts, and the host that resumes it must read its savepoints: give an s3:// target_dir, or none for s3://{}/{prefix}/jobs/{id}/savepoints",
+            crate::s3::BUCKET
+        )),
+        "{}",
+        crate::host::stderr(&local)
+    );
+
+    // Its host stopped with SIGTERM: it stops the job with a savepoint and
+    // leaves; the one host left resumes the job from that savepoint.
+    assert_eq!(
+        placement(&hosts[third], &id).map(|p| p.1).as_deref(),
+        Some("running"),
+        "the input lasts longer than this test's faults"
+    );
+    hosts[third].terminate();
+    let last = wait_moved(&hosts[frozen], &id, &ids[third], Duration::from_secs(30));
+    assert_eq!(last, ids[frozen]);
+    let resumed = hosts[frozen].job(&id);
+    let runs = resumed["job"]["runs"].as_array().expect("runs");
+    assert!(
+        runs.last()
+            .and_then(|r| r["restored_from"].as_str())
+            .is_some_and(|r| r.starts_with(&format!(
+                "s3://{}/{prefix}/jobs/{id}/savepoints/savepoint-",
+                crate::s3::BUCKET
+            ))),
+        "resumed from the savepoint of the host's shutdown: {resumed:#}"
+    );
+
+    // The job finishes there; every count was published once.
+    hosts[frozen].wait_status(&id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for host in &mut hosts {
+        host.terminate();
+    }
 }

@@ -170,6 +170,18 @@ impl Host {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the host process.
+    pub(crate) fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let pid = child.id().to_string();
+            let status = Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill -{signal} {pid}");
+        }
+    }
+
     /// SIGTERM, and waits for the host to exit.
     pub(crate) fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {

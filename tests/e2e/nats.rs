@@ -84,7 +84,7 @@ async fn read_stream(js: &Context, name: &str) -> Vec<String> {
 }
 
 /// `n` lines of four generator words each (60 distinct words).
-fn input_lines(n: u64, seed: u64) -> Vec<String> {
+pub(crate) fn input_lines(n: u64, seed: u64) -> Vec<String> {
     (0..n)
         .map(|i| {
             (0..4)
@@ -96,7 +96,13 @@ fn input_lines(n: u64, seed: u64) -> Vec<String> {
 }
 
 /// JetStream `<name>-in` (6 partitions) → split → count → `<name>-out`.
-fn count_job(url: &str, name: &str, parallelism: u32, rate: u32, checkpoints: &str) -> String {
+pub(crate) fn count_job(
+    url: &str,
+    name: &str,
+    parallelism: u32,
+    rate: u32,
+    checkpoints: &str,
+) -> String {
     format!(
         r#"
 name = "nats-count"
@@ -144,7 +150,7 @@ inputs = ["count"]
 }
 
 /// Creates `<name>-in` holding `lines` and an empty `<name>-out`.
-fn prepare_streams(url: &str, name: &str, lines: &[String]) {
+pub(crate) fn prepare_streams(url: &str, name: &str, lines: &[String]) {
     runtime().block_on(async {
         let js = context(url).await;
         fresh_stream(
@@ -165,7 +171,7 @@ fn prepare_streams(url: &str, name: &str, lines: &[String]) {
     });
 }
 
-fn output(url: &str, name: &str) -> Vec<String> {
+pub(crate) fn output(url: &str, name: &str) -> Vec<String> {
     runtime().block_on(async { read_stream(&context(url).await, &format!("{name}-out")).await })
 }
 

@@ -10,7 +10,9 @@
 //! or that a subtask declines is aborted; more than `tolerable_failures` in
 //! a row fail the attempt. When every sink has finished it tells them to
 //! commit the rest (the job ended) or to discard it (the job was cancelled:
-//! it resumes from its latest checkpoint).
+//! it resumes from its latest checkpoint). A [`CommitGate`], when the
+//! attempt has one, is asked between the `_metadata` and the sinks: a
+//! refusal fences the attempt (it ends, committing nothing more).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,6 +35,40 @@ use crate::types::{
     Barrier, BarrierKind, BaseRule, CheckpointId, Location, OutDir, S3Url, SavepointForm,
     SavepointTarget,
 };
+
+/// Asked once a checkpoint or savepoint completed and before the sinks
+/// hear of it: whether this attempt may still commit. The running host in
+/// a cluster answers it with a compare-and-set on the job's assignment
+/// (its generation must still be this host's), recording `restore_point`
+/// as where the job resumes from; a refusal (another host owns the job
+/// now) ends the attempt as fenced, its output uncommitted.
+pub trait CommitGate: Send + Sync + std::fmt::Debug {
+    fn admit(
+        &self,
+        checkpoint: u64,
+        restore_point: Location,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), GateRefusal>> + Send + '_>>;
+}
+
+/// Why a [`CommitGate`] refused a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// Another owner runs the job now: the attempt ends, never to restart
+    /// here.
+    Fenced(String),
+    /// The gate could not tell (its store did not answer): the checkpoint
+    /// counts as failed, a later one may commit.
+    Unavailable(String),
+}
+
+/// A completed checkpoint or savepoint, as [`Coordinator::complete`] wrote it.
+struct Completed {
+    id: u64,
+    /// The savepoint the job stops with.
+    stopped: Option<Location>,
+    /// Where it is (the remote copy, if any).
+    location: Location,
+}
 
 /// Checkpoint settings as the coordinator uses them.
 #[derive(Debug, Clone)]
@@ -144,6 +180,17 @@ impl JobCheckpoints {
     pub fn with_remote(mut self, remote: super::remote::Remote) -> Self {
         self.remote = Some(remote);
         self
+    }
+
+    /// Where checkpoint `id` of this job is: its directory on the remote,
+    /// or locally.
+    pub fn location(&self, id: u64) -> Location {
+        let name = super::checkpoint_dir_name(CheckpointId(id));
+        match &self.remote {
+            Some(remote) => Location::parse(&format!("{}/{name}", remote.url))
+                .unwrap_or_else(|_| Location::Local(self.job_dir.join(&name))),
+            None => Location::Local(self.job_dir.join(name)),
+        }
     }
 
     /// Where a completed checkpoint of this job is, for messages: its
@@ -474,6 +521,9 @@ pub struct Coordinator {
     /// The running host's job roots: a local savepoint target inside them
     /// is written through their handles (None: `weir run`, paths as given).
     pub roots: Option<Arc<Roots>>,
+    /// Asked before the sinks hear of a completed checkpoint (a cluster's
+    /// fencing); None: every completed checkpoint commits.
+    pub commit_gate: Option<Arc<dyn CommitGate>>,
 }
 
 /// One attempt's checkpointing as it goes: what is in flight, queued,
@@ -513,6 +563,8 @@ struct Checkpointing<'c> {
     /// The commit hold, while it lasts, and the newest checkpoint it held.
     hold: Option<watch::Receiver<bool>>,
     held: u64,
+    /// The commit gate refused a checkpoint, saying why: the attempt ends.
+    fenced: Option<String>,
 }
 
 /// What happened in one turn of the coordinator's loop.
@@ -557,6 +609,7 @@ impl Coordinator {
             bases_held: false,
             hold: self.commit_hold.clone(),
             held: 0,
+            fenced: None,
         };
         loop {
             if run.start_queued_savepoint() || run.trigger_final() {
@@ -587,6 +640,10 @@ impl Coordinator {
                     crate::human::duration(self.settings.timeout)
                 )),
             };
+            if let Some(reason) = run.fenced.take() {
+                run.coordinator.abort(run.pending.take(), &reason, false);
+                return Err(CoordinatorError::Fenced { reason });
+            }
             if let Some(reason) = failed {
                 run.failed(reason)?;
             }
@@ -830,8 +887,25 @@ impl Checkpointing<'_> {
             self.queued.push_front(next);
         }
         match self.coordinator.complete(done).await {
-            Ok((id, stopped)) => {
-                self.completed(id, stopped, is_savepoint);
+            Ok(completed) => {
+                if let Some(gate) = &self.coordinator.commit_gate {
+                    match gate.admit(completed.id, completed.location).await {
+                        Ok(()) => {}
+                        Err(GateRefusal::Fenced(reason)) => {
+                            warn!(checkpoint = completed.id, %reason, "fenced: the checkpoint completed but commits nothing");
+                            self.fenced = Some(reason);
+                            return None;
+                        }
+                        Err(GateRefusal::Unavailable(reason)) if !is_savepoint => {
+                            return Some(format!("its commit could not be checked: {reason}"));
+                        }
+                        Err(GateRefusal::Unavailable(reason)) => {
+                            warn!(savepoint = completed.id, %reason, "the savepoint completed but its commit could not be checked: the sinks commit it with the next checkpoint");
+                            return None;
+                        }
+                    }
+                }
+                self.completed(completed.id, completed.stopped, is_savepoint);
                 None
             }
             Err(error) if is_savepoint => {
@@ -1151,7 +1225,7 @@ impl Coordinator {
     /// Writes `_metadata` (on a blocking thread, which finishes even if the
     /// attempt is torn down meanwhile) and logs the checkpoint. Returns its
     /// id and, for a stop-with-savepoint, the savepoint directory.
-    async fn complete(&self, mut pending: Pending) -> Result<(u64, Option<Location>), String> {
+    async fn complete(&self, mut pending: Pending) -> Result<Completed, String> {
         let mut metadata = self.template.clone();
         metadata.checkpoint = pending.id.0;
         metadata.completed_ms = crate::types::now_millis();
@@ -1207,7 +1281,11 @@ impl Coordinator {
             incremental_size = stats.new_bytes,
             "checkpoint completed"
         );
-        Ok((pending.id.0, None))
+        Ok(Completed {
+            id: pending.id.0,
+            stopped: None,
+            location: store.location(pending.id.0),
+        })
     }
 
     /// Writes a savepoint's `_metadata` into its own directory, answers the
@@ -1220,7 +1298,7 @@ impl Coordinator {
         savepoint: PendingSavepoint,
         mut metadata: CheckpointMetadata,
         stats: SnapshotStats,
-    ) -> Result<(u64, Option<Location>), String> {
+    ) -> Result<Completed, String> {
         metadata.kind = SnapshotKind::Savepoint;
         let dir = savepoint.dir.clone();
         let remote = savepoint.remote.as_ref().map(|(remote, _)| remote.clone());
@@ -1277,7 +1355,11 @@ impl Coordinator {
             None => Location::Local(savepoint.dir.path().to_path_buf()),
         };
         let _ = savepoint.reply.send(Ok(location.clone()));
-        Ok((pending.id.0, savepoint.stop.then_some(location)))
+        Ok(Completed {
+            id: pending.id.0,
+            stopped: savepoint.stop.then(|| location.clone()),
+            location,
+        })
     }
 }
 
@@ -1518,7 +1600,7 @@ mod tests {
         tolerable_failures: u32,
         interval: Option<Duration>,
     ) -> Harness {
-        start_held(dir, timeout, tolerable_failures, interval, None)
+        start_held(dir, timeout, tolerable_failures, interval, None, None)
     }
 
     fn start_held(
@@ -1527,6 +1609,7 @@ mod tests {
         tolerable_failures: u32,
         interval: Option<Duration>,
         commit_hold: Option<watch::Receiver<bool>>,
+        commit_gate: Option<Arc<dyn CommitGate>>,
     ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
         let pace = Arc::new(SourcePace::default());
@@ -1562,6 +1645,7 @@ mod tests {
             savepoint_job_id: None,
             savepoint_staging: dir.join("savepoint-staging"),
             roots: None,
+            commit_gate,
         };
         let wiring = CoordinatorWiring {
             triggers: vec![trigger],
@@ -1638,6 +1722,7 @@ mod tests {
             0,
             Some(Duration::from_millis(10)),
             Some(hold),
+            None,
         );
         for _ in 0..2 {
             let id = h.next_trigger().await;
@@ -1661,6 +1746,106 @@ mod tests {
             .expect("after the release, commits flow");
         let records = h.store.metrics.recent();
         assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// Admits checkpoints up to `until`; refuses the next as `refusal`.
+    #[derive(Debug)]
+    struct Gate {
+        until: u64,
+        refusal: GateRefusal,
+        asked: Mutex<Vec<(u64, Location)>>,
+    }
+
+    impl CommitGate for Gate {
+        fn admit(
+            &self,
+            checkpoint: u64,
+            restore_point: Location,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), GateRefusal>> + Send + '_>>
+        {
+            self.asked
+                .lock()
+                .expect("not poisoned")
+                .push((checkpoint, restore_point));
+            let answer = match checkpoint <= self.until {
+                true => Ok(()),
+                false => Err(self.refusal.clone()),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// A coordinator whose commits go through `gate`.
+    fn start_gated(dir: &std::path::Path, tolerable_failures: u32, gate: Arc<Gate>) -> Harness {
+        start_held(
+            dir,
+            Duration::from_secs(10),
+            tolerable_failures,
+            Some(Duration::from_millis(10)),
+            None,
+            Some(gate),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_fenced_checkpoint_is_never_announced_and_ends_the_attempt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = Arc::new(Gate {
+            until: 1,
+            refusal: GateRefusal::Fenced("moved to host b".into()),
+            asked: Mutex::default(),
+        });
+        let mut h = start_gated(dir.path(), 5, gate.clone());
+        for _ in 0..2 {
+            let id = h.next_trigger().await;
+            ack(&h.reports, id, "src");
+            ack(&h.reports, id, "out");
+        }
+        let outcome = h.run.await.expect("the coordinator ends");
+        assert_eq!(
+            outcome,
+            Err(CoordinatorError::Fenced {
+                reason: "moved to host b".into()
+            }),
+            "fenced at once, whatever the tolerable failures"
+        );
+        assert_eq!(
+            h.commit.borrow().completed,
+            1,
+            "checkpoint 2 never announced"
+        );
+        let asked = gate.asked.lock().expect("not poisoned").clone();
+        assert_eq!(
+            asked,
+            [
+                (1, Location::Local(dir.path().join("job/chk-1"))),
+                (2, Location::Local(dir.path().join("job/chk-2")))
+            ],
+            "asked with where each checkpoint is"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gate_that_cannot_answer_counts_as_a_failed_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = Arc::new(Gate {
+            until: 0,
+            refusal: GateRefusal::Unavailable("NATS does not answer".into()),
+            asked: Mutex::default(),
+        });
+        let mut h = start_gated(dir.path(), 1, gate);
+        let id = h.next_trigger().await;
+        ack(&h.reports, id, "src");
+        ack(&h.reports, id, "out");
+        let id = h.next_trigger().await;
+        ack(&h.reports, id, "src");
+        ack(&h.reports, id, "out");
+        let outcome = h.run.await.expect("the coordinator ends");
+        assert!(
+            matches!(outcome, Err(CoordinatorError::TooManyFailures { failures: 2, ref reason, .. }) if reason.contains("NATS does not answer")),
+            "{outcome:?}"
+        );
+        assert_eq!(h.commit.borrow().completed, 0, "nothing announced");
     }
 
     #[tokio::test]

@@ -635,11 +635,13 @@ async fn list_jobs(State(api): State<Api>) -> Answer<Json<Vec<JobSummary>>> {
             .collect(),
         None => Vec::new(),
     };
-    // A job whose host is not live shows its last known status.
+    // A job whose host is not live shows its last known status; one this
+    // host runs (adopted from another) is listed once, as it runs here.
+    let local: Vec<String> = list.iter().map(|j| j.id.clone()).collect();
     list.extend(
         entries
             .into_iter()
-            .filter(|entry| entry.host != this)
+            .filter(|entry| entry.host != this && !local.contains(&entry.summary.id))
             .map(|entry| JobSummary {
                 host_live: Some(live.contains(&entry.host)),
                 host: Some(entry.host),

@@ -293,6 +293,10 @@ impl JobCtx {
                 let message = self.record_failure(&error);
                 if self.job.status() == JobStatus::Cancelling {
                     let _ = decide.send(Some("it was being cancelled".to_string()));
+                } else if error.kind() == crate::dataflow::FailureKind::Fenced {
+                    // Another host owns the job now: never restarted here
+                    // (the cluster's follower releases it).
+                    let _ = decide.send(Some("another host owns the job now".to_string()));
                 } else {
                     let _ = self.transition(JobStatus::Failing, message);
                     let _ = decide.send(None);

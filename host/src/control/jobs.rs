@@ -23,7 +23,7 @@ use super::lifecycle::{JobStatus, Lifecycle, TransitionError};
 use super::record::*;
 use super::run::RunPlan;
 use super::views;
-use super::{ControlError, HostContext, confine, now_ms};
+use super::{ControlError, HostContext, cluster, confine, now_ms};
 use crate::dataflow::metrics::JobMetrics;
 use crate::job::{JobFile, JobGraph, NodeKind, PluginResolver};
 use crate::prometheus::{HostSample, JobSample};
@@ -100,6 +100,8 @@ pub struct JobHandle {
     pub(super) metrics: Arc<JobMetrics>,
     commands: mpsc::UnboundedSender<Command>,
     pub(super) ctx: Arc<HostContext>,
+    /// Its driver runs (a record loaded but not resumed has none).
+    driven: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -229,7 +231,10 @@ impl JobManager {
                 tracing::error!(file = %self.ctx.data.join(&path).display(), format = record.format, "skipping a job record of an unknown format");
                 continue;
             }
-            let live = !record.status().is_terminal() || record.resume_from.is_some();
+            // A movable cluster job resumes only if the cluster still
+            // assigns it here (the assignments' follower adopts it).
+            let movable = record.generation.is_some() && self.ctx.cluster.get().is_some();
+            let live = (!record.status().is_terminal() || record.resume_from.is_some()) && !movable;
             let entry = self.insert(record);
             if live {
                 let plan = driver::resume_plan(&self.ctx, &entry.0);
@@ -249,6 +254,7 @@ impl JobManager {
             metrics: Arc::default(),
             commands,
             ctx: self.ctx.clone(),
+            driven: Default::default(),
         });
         self.jobs
             .lock()
@@ -263,15 +269,36 @@ impl JobManager {
         plan: Option<RunPlan>,
     ) {
         let span = tracing::info_span!("job", id = %handle.id, name = %handle.record().name);
-        let task =
-            tokio::spawn(driver::drive(self.ctx.clone(), handle, commands, plan).instrument(span));
+        handle
+            .driven
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let ctx = self.ctx.clone();
+        let task = tokio::spawn(
+            async move {
+                driver::drive(ctx, handle.clone(), commands, plan).await;
+                handle
+                    .driven
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+            .instrument(span),
+        );
         self.drivers.lock().await.push(task);
     }
 
     /// Validates a job file, resolves its plugins, stores it and starts it.
     pub async fn submit(&self, request: SubmitRequest) -> Result<JobRecord, ControlError> {
-        let spec = resolve_spec(&self.ctx, &request)?;
+        let mut spec = resolve_spec(&self.ctx, &request)?;
         let id = crate::runner::new_job_id();
+        // A movable job of a cluster with object storage keeps its
+        // checkpoints there, and is assigned to this host (generation 1).
+        let cluster = self.ctx.cluster.get().filter(|_| {
+            JobFile::parse(&spec.job_file, &spec.base_dir.join(&spec.file_name))
+                .is_ok_and(|file| cluster::assign::movable(&file))
+        });
+        let assignments = cluster.and_then(|c| Some((c.assignments()?, c.job_storage(&id)?)));
+        if let Some((_, storage)) = &assignments {
+            spec.storage = Some(storage.clone());
+        }
         let ctx = self.ctx.clone();
         let check_spec = spec.clone();
         let from = request.from_savepoint.clone();
@@ -282,23 +309,35 @@ impl JobManager {
         .map_err(internal)??;
         let now = now_ms();
         let record = JobRecord {
-            format: RECORD_FORMAT,
-            id: id.clone(),
-            name: graph.name.clone(),
-            submitted_ms: now,
-            lifecycle: Lifecycle::new(now, "submitted"),
-            spec,
             initial_restore,
             allow_non_restored_state: request.allow_non_restored_state,
-            runs: Vec::new(),
-            restarts: Vec::new(),
-            last_error: None,
-            operations: Vec::new(),
-            savepoints: Vec::new(),
-            upgrades: Vec::new(),
-            resume_from: None,
-            savepoint_targets: Vec::new(),
+            generation: assignments.as_ref().map(|_| 1),
+            ..JobRecord::new(
+                id.clone(),
+                graph.name.clone(),
+                now,
+                Lifecycle::new(now, "submitted"),
+                spec,
+            )
         };
+        if let Some((assignments, _)) = &assignments {
+            assignments
+                .create(&cluster::assign::Assignment {
+                    job: id.clone(),
+                    name: record.name.clone(),
+                    submitted_ms: now,
+                    spec: record.spec.clone(),
+                    allow_non_restored_state: record.allow_non_restored_state,
+                    initial_restore: record.initial_restore.clone(),
+                    host: assignments.host().to_string(),
+                    generation: 1,
+                    restore: None,
+                    ended: false,
+                    reason: "submitted".to_string(),
+                })
+                .await
+                .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        }
         let dir = Path::new("jobs").join(&id);
         self.ctx.data.create_dir_all(&dir).map_err(internal)?;
         self.ctx
@@ -505,19 +544,24 @@ impl JobManager {
     }
 
     /// A savepoint's target: the request's `target_dir` (object storage,
-    /// or a directory inside the job roots), else the data dir's
-    /// `savepoints/`.
-    fn target(&self, dir: Option<&str>) -> Result<Location, ControlError> {
+    /// or a directory inside the job roots), else the job's default.
+    fn target(&self, id: &str, dir: Option<&str>) -> Result<Location, ControlError> {
         match dir {
             Some(text) => match Location::parse(text)
                 .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
             {
+                Location::Local(_) if self.get(id)?.record().spec.storage.is_some() => {
+                    Err(ControlError::BadRequest(format!(
+                        "target_dir {text}: job {id} can move between the cluster's hosts, and the host that resumes it must read its savepoints: give an s3:// target_dir, or none for {}",
+                        default_target(&self.ctx, &self.get(id)?.record())
+                    )))
+                }
                 Location::Local(path) => confine::confine_path(&self.ctx, "target_dir", &path)
                     .map(Location::Local)
                     .map_err(ControlError::BadRequest),
                 remote => Ok(remote),
             },
-            None => Ok(Location::Local(self.ctx.data.join("savepoints"))),
+            None => Ok(default_target(&self.ctx, &self.get(id)?.record())),
         }
     }
 
@@ -526,14 +570,14 @@ impl JobManager {
         id: &str,
         request: &SavepointRequest,
     ) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref())?;
+        let target = self.target(id, request.target_dir.as_deref())?;
         self.start_operation(id, OperationKind::Savepoint, |operation| {
             Command::Savepoint { operation, target }
         })
     }
 
     pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
-        let target = self.target(request.target_dir.as_deref())?;
+        let target = self.target(id, request.target_dir.as_deref())?;
         let drain = request.drain;
         self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
             operation,
@@ -555,7 +599,10 @@ impl JobManager {
         let handle = self.get(id)?;
         let current = handle.record().spec;
         let mut spec = match &request.job_file {
-            Some(file) => resolve_spec(&self.ctx, file)?,
+            Some(file) => JobSpec {
+                storage: current.storage.clone(),
+                ..resolve_spec(&self.ctx, file)?
+            },
             None => current.clone(),
         };
         if request.plugins.is_empty()
@@ -620,6 +667,131 @@ impl JobManager {
         })
     }
 
+    /// The jobs as the cluster's assignments follower compares them.
+    fn local_jobs(&self) -> Vec<cluster::assign::LocalJob> {
+        self.handles()
+            .iter()
+            .map(|handle| {
+                let record = handle.record();
+                cluster::assign::LocalJob {
+                    id: record.id.clone(),
+                    generation: record.generation,
+                    driven: handle.driven.load(std::sync::atomic::Ordering::SeqCst),
+                    ended: record.status().is_terminal() && record.resume_from.is_none(),
+                    spec: record.spec,
+                }
+            })
+            .collect()
+    }
+
+    /// Starts a movable job the cluster assigned to this host, from the
+    /// restore point its previous owner committed last. A record of it
+    /// this host kept (it ran the job before a restart) keeps its history.
+    async fn adopt(&self, assignment: cluster::assign::Assignment) -> Result<(), ControlError> {
+        let kept = self
+            .get(&assignment.job)
+            .ok()
+            .filter(|h| !h.driven.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|h| h.record())
+            .filter(|r| !r.status().is_terminal());
+        if self
+            .get(&assignment.job)
+            .is_ok_and(|h| h.driven.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(ControlError::Conflict(format!(
+                "job {} still runs here under generation {:?}",
+                assignment.job,
+                self.get(&assignment.job)
+                    .map(|h| h.record().generation)
+                    .ok()
+                    .flatten()
+            )));
+        }
+        let now = now_ms();
+        let restore = assignment
+            .restore
+            .clone()
+            .or_else(|| assignment.initial_restore.clone());
+        let from = restore
+            .as_deref()
+            .unwrap_or("the beginning (no checkpoint)");
+        let cause = format!("{}: resuming from {from}", assignment.reason);
+        let mut record = match kept {
+            Some(mut record) => {
+                record.spec = assignment.spec.clone();
+                record.generation = Some(assignment.generation);
+                record.resume_from = None;
+                record
+                    .lifecycle
+                    .transition(JobStatus::Restarting, now, cause.clone())
+                    .map_err(internal)?;
+                record
+            }
+            None => JobRecord {
+                initial_restore: assignment.initial_restore.clone(),
+                allow_non_restored_state: assignment.allow_non_restored_state,
+                generation: Some(assignment.generation),
+                ..JobRecord::new(
+                    assignment.job.clone(),
+                    assignment.name.clone(),
+                    assignment.submitted_ms,
+                    Lifecycle::new(now, cause.clone()),
+                    assignment.spec.clone(),
+                )
+            },
+        };
+        record.last_error = None;
+        let dir = Path::new("jobs").join(&record.id);
+        self.ctx.data.create_dir_all(&dir).map_err(internal)?;
+        self.ctx
+            .data
+            .write(dir.join("job.toml"), record.spec.job_file.as_bytes())
+            .map_err(internal)?;
+        persist(&self.ctx, &record);
+        let plan = RunPlan::new(
+            record.spec.clone(),
+            restore.as_deref().map(driver::recorded_location),
+            record.allow_non_restored_state,
+            assignment.reason.clone(),
+        );
+        let entry = self.insert(record);
+        self.spawn_driver(entry, Some(plan)).await;
+        Ok(())
+    }
+
+    /// Ends a job that runs elsewhere now: cancelled if it runs (its
+    /// commits are fenced already; the cancel discards what it holds),
+    /// then forgotten with its files.
+    async fn release(&self, id: &str, reason: &str) {
+        let Ok(handle) = self.get(id) else { return };
+        handle.update(|r| r.last_error = Some(reason.to_string()));
+        if handle.driven.load(std::sync::atomic::Ordering::SeqCst) && !handle.status().is_terminal()
+        {
+            let _ = self.cancel(id);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while handle.driven.load(std::sync::atomic::Ordering::SeqCst)
+                && !handle.status().is_terminal()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let removed = {
+            let mut jobs = self.jobs.lock().expect("not poisoned");
+            match jobs.get(id) {
+                Some(current) if Arc::ptr_eq(current, &handle) => jobs.remove(id).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            let dir = self.ctx.data.join(Path::new("jobs").join(id));
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(job = %id, dir = %dir.display(), %error, "cannot remove a released job's files");
+            }
+            tracing::info!(job = %id, %reason, "released the job: it runs on another host");
+        }
+    }
+
     /// Stops every live job (with a savepoint, or by cancelling it) and
     /// waits for the drivers.
     pub async fn shutdown(&self, with_savepoint: bool) {
@@ -637,7 +809,7 @@ impl JobManager {
                 .commands
                 .send(Command::Shutdown {
                     savepoint: with_savepoint,
-                    target: Location::Local(self.ctx.data.join("savepoints")),
+                    target: default_target(&self.ctx, &handle.record()),
                     done,
                 })
                 .is_ok()
@@ -706,7 +878,20 @@ fn resolve_spec(ctx: &HostContext, request: &SubmitRequest) -> Result<JobSpec, C
         resolved,
         overrides: BTreeMap::new(),
         parallelism: BTreeMap::new(),
+        storage: None,
     })
+}
+
+/// Where a job's savepoints go unless asked elsewhere: beside its
+/// checkpoints on the cluster's storage (a movable cluster job), else the
+/// data dir's `savepoints/`.
+fn default_target(ctx: &HostContext, record: &JobRecord) -> Location {
+    record
+        .spec
+        .storage
+        .as_deref()
+        .and_then(|storage| Location::parse(&format!("{storage}/savepoints")).ok())
+        .unwrap_or_else(|| Location::Local(ctx.data.join("savepoints")))
 }
 
 fn job_path(base_dir: &Path, file_name: Option<&str>) -> PathBuf {
@@ -786,7 +971,39 @@ fn build_graph_restoring(
     let mut graph = placement
         .apply(ctx, validated, &path)
         .map_err(bad_request)?;
-    graph.checkpoint.dir = Some(Location::Local(ctx.data.join("checkpoints")));
+    graph.checkpoint.dir = Some(match spec.storage.as_deref().map(Location::parse) {
+        Some(Ok(remote)) => remote,
+        _ => Location::Local(ctx.data.join("checkpoints")),
+    });
     graph.state.dir = ctx.data.join("state");
     Ok((graph, restore))
+}
+
+/// The job manager as the cluster's assignments follower sees it.
+pub struct ClusterOwner(pub std::sync::Weak<JobManager>);
+
+impl cluster::assign::Owner for ClusterOwner {
+    fn local_jobs(&self) -> Vec<cluster::assign::LocalJob> {
+        self.0.upgrade().map(|m| m.local_jobs()).unwrap_or_default()
+    }
+
+    fn adopt(
+        &self,
+        assignment: cluster::assign::Assignment,
+    ) -> cluster::assign::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(manager) => manager.adopt(assignment).await.map_err(|e| e.to_string()),
+                None => Err("the host is shutting down".to_string()),
+            }
+        })
+    }
+
+    fn release(&self, id: String, reason: String) -> cluster::assign::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(manager) = self.0.upgrade() {
+                manager.release(&id, &reason).await;
+            }
+        })
+    }
 }

@@ -297,6 +297,8 @@ pub struct HostContext {
     /// Where jobs may name paths, opened (canonical).
     pub roots: Arc<Roots>,
     pub settings: HostSettings,
+    /// This host's membership of its cluster, once it joined one.
+    pub cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for HostContext {
@@ -368,6 +370,7 @@ impl RunningHost {
             store,
             roots,
             settings,
+            cluster: std::sync::OnceLock::new(),
         });
         let jobs = Arc::new(JobManager::new(context.clone()));
         let cluster = match &context.settings.cluster {
@@ -376,9 +379,15 @@ impl RunningHost {
             )),
             None => None,
         };
+        if let Some(cluster) = &cluster {
+            let _ = context.cluster.set(cluster.clone());
+        }
         let resumed = jobs.resume_all().await?;
         if resumed > 0 {
             tracing::info!(resumed, "resumed the jobs that were live");
+        }
+        if let Some(cluster) = &cluster {
+            cluster.follow_assignments(Arc::new(jobs::ClusterOwner(Arc::downgrade(&jobs))));
         }
         let watch_dir = context
             .settings
@@ -417,6 +426,9 @@ impl RunningHost {
     pub async fn shutdown(mut self) {
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.stop_following_assignments();
         }
         let with_savepoint = self.context.settings.on_shutdown == ShutdownMode::Savepoint;
         self.jobs.shutdown(with_savepoint).await;
@@ -462,6 +474,7 @@ async fn join_cluster(
         Arc::new(move || weak.upgrade().map(|jobs| jobs.list()).unwrap_or_default());
     let shared = async {
         cluster.share_plugins(context.store.clone(), users).await?;
+        cluster.open_assignments().await?;
         cluster.share_jobs(local).await
     };
     if let Err(error) = shared.await {

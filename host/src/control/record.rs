@@ -38,6 +38,11 @@ pub struct JobSpec {
     /// Upgrades: uid → parallelism instead of the job file's.
     #[serde(default)]
     pub parallelism: BTreeMap<String, u32>,
+    /// Where its checkpoints and savepoints go when not the host's data
+    /// dir: a movable job of a cluster, on the cluster's object storage
+    /// (`s3://…/jobs/<job id>`), where any host can restore them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 fn job_toml() -> String {
@@ -178,9 +183,42 @@ pub struct JobRecord {
     /// completion (its output committed) and its record finds it there.
     #[serde(default)]
     pub savepoint_targets: Vec<String>,
+    /// A movable job of a cluster: the generation of its assignment this
+    /// host runs it under (its commits are fenced by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 impl JobRecord {
+    /// A new job's record: no runs, operations or savepoints yet.
+    pub fn new(
+        id: String,
+        name: String,
+        submitted_ms: u64,
+        lifecycle: Lifecycle,
+        spec: JobSpec,
+    ) -> Self {
+        Self {
+            format: RECORD_FORMAT,
+            id,
+            name,
+            submitted_ms,
+            lifecycle,
+            spec,
+            initial_restore: None,
+            allow_non_restored_state: false,
+            runs: Vec::new(),
+            restarts: Vec::new(),
+            last_error: None,
+            operations: Vec::new(),
+            savepoints: Vec::new(),
+            upgrades: Vec::new(),
+            resume_from: None,
+            savepoint_targets: Vec::new(),
+            generation: None,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         self.lifecycle.status()
     }

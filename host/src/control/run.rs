@@ -42,6 +42,9 @@ pub(super) struct RunPlan {
     pub standby: Option<Arc<Standby>>,
     /// Holds the sinks' commits while it reads `true` (probation).
     pub commit_hold: Option<watch::Receiver<bool>>,
+    /// Fences the run's commits (a cluster job: this host must still own
+    /// it).
+    pub commit_gate: Option<Arc<dyn crate::checkpoint::coordinator::CommitGate>>,
     /// The restore point is a savepoint this host wrote a moment ago: its
     /// files are not hashed again.
     pub trusted: bool,
@@ -68,6 +71,7 @@ impl RunPlan {
             loaded: HashMap::new(),
             standby: None,
             commit_hold: None,
+            commit_gate: None,
             trusted: false,
             watch_first_record: false,
         }
@@ -290,6 +294,7 @@ async fn run(
     });
     let settings = RunSettings {
         commit_hold: plan.commit_hold.clone(),
+        commit_gate: plan.commit_gate.clone().or_else(|| fence(&host, &job)),
         standby: plan.standby.clone(),
         discard_runs: plan.discard_runs.clone(),
         savepoint_job_id: Some(job.id.clone()),
@@ -309,6 +314,17 @@ async fn run(
         .await
         .map_err(RunFailure::Failed);
     let _ = events.send(RunEvent::Ended { run: id, result });
+}
+
+/// A movable cluster job's commit gate: this host must still own the
+/// job at the generation it runs it under.
+fn fence(
+    host: &HostContext,
+    job: &JobHandle,
+) -> Option<Arc<dyn crate::checkpoint::coordinator::CommitGate>> {
+    let generation = job.record().generation?;
+    let assignments = host.cluster.get()?.assignments()?;
+    Some(assignments.fence(&job.id, generation))
 }
 
 /// Tells the driver of each attempt, and asks it at each failure.

@@ -43,6 +43,9 @@ pub enum FailureKind {
     Panic,
     /// Checkpoints failed more often in a row than tolerated.
     Checkpoint,
+    /// Another owner runs the job now (a cluster moved it): this attempt
+    /// must end without committing, and never restart here.
+    Fenced,
 }
 
 impl FailureKind {
@@ -58,6 +61,7 @@ impl FailureKind {
             FailureKind::Disconnected => "disconnected",
             FailureKind::Panic => "panic",
             FailureKind::Checkpoint => "checkpoint",
+            FailureKind::Fenced => "fenced",
         }
     }
 }

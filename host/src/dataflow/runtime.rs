@@ -424,20 +424,27 @@ impl RunningJob {
                 }
                 result = &mut self.coordinator, if coordinator_running => {
                     coordinator_running = false;
-                    let message = match result {
+                    let error = match result {
                         Ok(Ok(stopped)) => {
                             savepoint = stopped;
                             continue;
                         }
-                        Ok(Err(error)) => error.to_string(),
-                        Err(join_error) => format!("checkpoint coordinator stopped: {join_error}"),
+                        Ok(Err(error)) => coordinator_error(&error),
+                        Err(join_error) => TaskError {
+                            uid: COORDINATOR.to_string(),
+                            subtask: 0,
+                            error: super::operator::OperatorError::new(
+                                FailureKind::Checkpoint,
+                                format!("checkpoint coordinator stopped: {join_error}"),
+                            ),
+                        },
                     };
                     if !aborted {
-                        warn!(%message, "checkpointing failed; cancelling the job");
+                        warn!(message = %error.error, "checkpointing failed; cancelling the job");
                         self.tasks.abort_all();
                         aborted = true;
                     }
-                    errors.push(coordinator_error(message));
+                    errors.push(error);
                     continue;
                 }
             };
@@ -492,7 +499,7 @@ impl RunningJob {
         if coordinator_running {
             match (&mut self.coordinator).await {
                 Ok(Ok(stopped)) => savepoint = stopped,
-                Ok(Err(error)) => errors.push(coordinator_error(error.to_string())),
+                Ok(Err(error)) => errors.push(coordinator_error(&error)),
                 Err(_) => {}
             }
         }
@@ -522,12 +529,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// The coordinator's failure (checkpoints failing past the tolerance) as a
-/// task failure of the job.
-fn coordinator_error(message: String) -> TaskError {
+/// What a failure of the checkpoint coordinator names as its uid.
+const COORDINATOR: &str = "checkpoint coordinator";
+
+/// The coordinator's failure (checkpoints failing past the tolerance, or
+/// its commit fenced) as a task failure of the job.
+fn coordinator_error(error: &crate::protocol::CoordinatorError) -> TaskError {
+    let kind = match error {
+        crate::protocol::CoordinatorError::Fenced { .. } => FailureKind::Fenced,
+        _ => FailureKind::Checkpoint,
+    };
     TaskError {
-        uid: "checkpoint coordinator".to_string(),
+        uid: COORDINATOR.to_string(),
         subtask: 0,
-        error: super::operator::OperatorError::new(FailureKind::Checkpoint, message),
+        error: super::operator::OperatorError::new(kind, error.to_string()),
     }
 }

@@ -126,6 +126,7 @@ pub fn launch_with_native(
         savepoint_job_id: run.savepoint_job_id.clone(),
         savepoint_staging: savepoint_staging(job),
         roots: job.graph.roots.clone(),
+        commit_gate: run.commit_gate.clone(),
     };
     let (savepointer, requests) = Savepointer::channel();
     let checkpoints = job.checkpoints.as_ref().map(|c| c.metrics.clone());

@@ -93,6 +93,10 @@ pub struct RunSettings {
     /// the sinks (see the coordinator's `commit_hold`): an upgrade's new
     /// version on probation.
     pub commit_hold: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Asked before the sinks commit each completed checkpoint (see the
+    /// coordinator's [`CommitGate`](crate::checkpoint::coordinator::CommitGate)):
+    /// a cluster job's fencing.
+    pub commit_gate: Option<Arc<dyn crate::checkpoint::coordinator::CommitGate>>,
     /// The new version's state restored ahead by an upgrade (see
     /// [`Standby`]): subtasks it follows take their state from it.
     pub standby: Option<Arc<Standby>>,
@@ -123,6 +127,7 @@ impl Default for RunSettings {
     fn default() -> Self {
         Self {
             commit_hold: None,
+            commit_gate: None,
             standby: None,
             discard_runs: Vec::new(),
             savepoint_job_id: None,

@@ -42,6 +42,10 @@ pub struct JobDirectory {
     bucket: kv::Store,
     /// What this host last wrote, by job id.
     written: Mutex<HashMap<String, JobSummary>>,
+    /// Who owns the movable jobs: a job assigned to another host is not
+    /// written from here (a released job's last changes would hide its
+    /// new owner's).
+    assignments: Option<Arc<super::assign::Assignments>>,
 }
 
 impl std::fmt::Debug for JobDirectory {
@@ -63,6 +67,7 @@ impl JobDirectory {
         host: &str,
         api: &str,
         replicas: usize,
+        assignments: Option<Arc<super::assign::Assignments>>,
     ) -> Result<Arc<Self>, ClusterError> {
         let bucket = super::open_bucket(
             js,
@@ -85,6 +90,7 @@ impl JobDirectory {
             api: api.to_string(),
             bucket,
             written: Mutex::new(HashMap::new()),
+            assignments,
         }))
     }
 
@@ -96,6 +102,14 @@ impl JobDirectory {
     /// Writes the summaries of `jobs` that changed since the last write.
     pub async fn publish(&self, jobs: Vec<JobSummary>) {
         for summary in jobs {
+            let elsewhere = self
+                .assignments
+                .as_ref()
+                .and_then(|a| a.owner_of(&summary.id))
+                .is_some_and(|owner| owner != self.host);
+            if elsewhere {
+                continue;
+            }
             let unchanged = self
                 .written
                 .lock()

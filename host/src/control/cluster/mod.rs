@@ -1,8 +1,8 @@
 //! Cluster membership (`weir serve --cluster nats://…`): which hosts are
 //! live and which one coordinates, kept in NATS JetStream key-value
 //! buckets named after the cluster, so no home-made transport and no
-//! ZooKeeper. The first step of the cluster (design: "Beyond one
-//! machine"); jobs still run on the host they were submitted to.
+//! ZooKeeper (design: "Beyond one machine"). A job runs whole on one
+//! host; a movable one moves off a dead host ([`assign`]).
 //!
 //! - `<name>-cluster`, key `identity`: what the cluster is (its name and
 //!   its object storage), written once by the first host. A host whose
@@ -23,6 +23,7 @@
 //! with other storage under the same name, and a live host with the same
 //! id (a restarted host waits out its own previous lease instead).
 
+pub mod assign;
 pub mod jobs;
 pub mod plugins;
 
@@ -197,8 +198,16 @@ pub struct Cluster {
     plugins: OnceLock<Arc<plugins::SharedPlugins>>,
     /// The job directory, once [`Cluster::share_jobs`] opened it.
     jobs: OnceLock<Arc<jobs::JobDirectory>>,
+    /// The movable jobs' owners, once [`Cluster::open_assignments`] opened
+    /// them.
+    assignments: OnceLock<Arc<assign::Assignments>>,
+    /// The cluster's object storage (`s3://bucket/prefix`), if it has one:
+    /// movable jobs keep their checkpoints there.
+    s3: Option<String>,
     /// The tasks following the plugin index and writing the directory.
     following: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The task following the assignments.
+    following_assignments: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// This host's API.
     api: String,
 }
@@ -345,7 +354,10 @@ impl Cluster {
             task: Mutex::new(Some(task)),
             plugins: OnceLock::new(),
             jobs: OnceLock::new(),
+            assignments: OnceLock::new(),
+            s3: settings.s3.clone(),
             following: Mutex::new(Vec::new()),
+            following_assignments: Mutex::new(None),
             api: api.to_string(),
         })
     }
@@ -382,6 +394,7 @@ impl Cluster {
             &self.shared.id,
             &self.api,
             self.replicas,
+            self.assignments(),
         )
         .await?;
         directory.publish(local()).await;
@@ -389,6 +402,52 @@ impl Cluster {
         self.following.lock().expect("not poisoned").push(following);
         let _ = self.jobs.set(directory);
         Ok(())
+    }
+
+    /// Opens the movable jobs' assignments (see [`assign`]); nothing moves
+    /// until [`Cluster::follow_assignments`].
+    pub async fn open_assignments(&self) -> Result<(), ClusterError> {
+        let assignments =
+            assign::Assignments::open(&self.js, self.shared.clone(), self.replicas).await?;
+        let _ = self.assignments.set(assignments);
+        Ok(())
+    }
+
+    /// Starts following the assignments for `owner` (this host's jobs):
+    /// adopting, releasing, and on the coordinator moving the jobs of dead
+    /// hosts.
+    pub fn follow_assignments(&self, owner: Arc<dyn assign::Owner>) {
+        if let Some(assignments) = self.assignments.get() {
+            let following = tokio::spawn(assignments.clone().follow(owner));
+            *self.following_assignments.lock().expect("not poisoned") = Some(following);
+        }
+    }
+
+    /// Stops adopting and releasing jobs: the host is shutting down (its
+    /// jobs stop with savepoints the others resume from once it left).
+    pub fn stop_following_assignments(&self) {
+        if let Some(following) = self
+            .following_assignments
+            .lock()
+            .expect("not poisoned")
+            .take()
+        {
+            following.abort();
+        }
+    }
+
+    /// The movable jobs' assignments, once opened.
+    pub fn assignments(&self) -> Option<Arc<assign::Assignments>> {
+        self.assignments.get().cloned()
+    }
+
+    /// Where a movable job's checkpoints and savepoints go: under the
+    /// cluster's object storage (none: the cluster has none, jobs stay on
+    /// their host).
+    pub fn job_storage(&self, job: &str) -> Option<String> {
+        self.s3
+            .as_ref()
+            .map(|s3| format!("{}/jobs/{job}", s3.trim_end_matches('/')))
     }
 
     /// The cluster's job directory, once shared.
@@ -425,6 +484,7 @@ impl Cluster {
     /// Stops renewing, gives up the coordinator lease and removes this
     /// host's entry, so the others see it gone at once.
     pub async fn leave(&self) {
+        self.stop_following_assignments();
         for following in self.following.lock().expect("not poisoned").drain(..) {
             following.abort();
         }

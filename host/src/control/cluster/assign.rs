@@ -1,0 +1,541 @@
+//! Job failover: which host owns each movable job of the cluster, moving a
+//! job off a host whose lease lapsed, and fencing its old owner.
+//!
+//! A job is *movable* when nothing of it lives on one host's disk (its
+//! sources and sinks are NATS, Kafka, generators or discards) and the
+//! cluster has object storage: its checkpoints and savepoints go there
+//! (`<s3>/jobs/<job id>/`), and its [`Assignment`] — the job's spec, its
+//! owner, a **generation** and the restore point its owner last committed —
+//! lives in the key-value bucket `<name>-assignments` (key `a.<job id>`).
+//!
+//! - The host a job is submitted to creates its assignment (generation 1).
+//! - The coordinator (see [`super`]) looks at the members every tick: a
+//!   host whose entry is gone, or has not been renewed for a whole lease by
+//!   the coordinator's own clock, is dead; each live job it owned goes to
+//!   the live host with the fewest jobs, with a compare-and-set that bumps
+//!   the generation. Jobs of live hosts never move (sticky).
+//! - Every host follows the bucket: it adopts a job assigned to it that it
+//!   does not run (restoring from the assignment's restore point), and
+//!   releases a job it runs that is assigned elsewhere (cancelled: its
+//!   output after the last commit is discarded).
+//! - Fencing: before the sinks commit a completed checkpoint or savepoint,
+//!   its owner writes it as the job's restore point with a compare-and-set
+//!   on the assignment's revision, which must still name this host and its
+//!   generation ([`Fence`], the coordinator's
+//!   [`CommitGate`](crate::checkpoint::coordinator::CommitGate)). A host
+//!   that was stopped (SIGSTOP) while its job moved finds the generation
+//!   changed at its next checkpoint: its attempt ends fenced, committing
+//!   nothing, and the job is released. The new owner restores exactly the
+//!   restore point the old one committed last, never one it wrote after
+//!   losing the job.
+//! - A job that ended on its owner (finished, cancelled, stopped by a user,
+//!   failed for good) is marked `ended` and never moves; one stopped by its
+//!   host's shutdown (a savepoint to resume from) moves like any other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{ClusterError, HOSTS, Shared};
+use crate::checkpoint::coordinator::{CommitGate, GateRefusal};
+use crate::control::record::JobSpec;
+use crate::job::JobFile;
+use crate::job::file::{SinkKindName, SourceKindName};
+use crate::types::Location;
+
+/// A boxed future, as the [`Owner`] trait returns them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A movable job's entry in `<name>-assignments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: String,
+    pub name: String,
+    pub submitted_ms: u64,
+    /// What it runs (its checkpoints' directory on the cluster's storage
+    /// among it).
+    pub spec: JobSpec,
+    pub allow_non_restored_state: bool,
+    /// What its first run restored (a submission with a savepoint).
+    pub initial_restore: Option<String>,
+    /// The host that owns it.
+    pub host: String,
+    /// Bumped at every move: a host runs the job under one generation and
+    /// commits only while it is current.
+    pub generation: u64,
+    /// Where the job resumes from: the newest checkpoint or savepoint its
+    /// owner committed (none yet: from the beginning, or
+    /// `initial_restore`).
+    pub restore: Option<String>,
+    /// It ended on its owner: it never moves again.
+    pub ended: bool,
+    /// Why it is on `host`, in a line.
+    pub reason: String,
+}
+
+/// A job as this host has it, for the follower to compare with the
+/// assignments.
+#[derive(Debug, Clone)]
+pub struct LocalJob {
+    pub id: String,
+    /// The generation it runs under (none: not a movable cluster job).
+    pub generation: Option<u64>,
+    /// A driver runs it.
+    pub driven: bool,
+    /// It ended for good here (not stopped by the host's shutdown).
+    pub ended: bool,
+    /// What it runs here (an upgrade changes it: the assignment follows).
+    pub spec: JobSpec,
+}
+
+/// What the follower asks of this host's jobs (the job manager).
+pub trait Owner: Send + Sync {
+    fn local_jobs(&self) -> Vec<LocalJob>;
+    /// Starts `assignment`'s job here, from its restore point.
+    fn adopt(&self, assignment: Assignment) -> BoxFuture<'_, Result<(), String>>;
+    /// Ends the job here without committing anything more, and forgets it
+    /// (it runs elsewhere now).
+    fn release(&self, id: String, reason: String) -> BoxFuture<'_, ()>;
+}
+
+/// Whether a job file's job can move between hosts: nothing of it is on
+/// one host's disk or network (no file or socket source, no file sink).
+pub fn movable(file: &JobFile) -> bool {
+    let sources = file.sources.iter().all(|s| {
+        matches!(
+            s.kind,
+            SourceKindName::Nats | SourceKindName::Kafka | SourceKindName::Generator
+        )
+    });
+    let sinks = file.sinks.iter().all(|s| {
+        matches!(
+            s.kind,
+            SinkKindName::Nats | SinkKindName::Kafka | SinkKindName::Blackhole
+        )
+    });
+    sources && sinks
+}
+
+fn key(job: &str) -> String {
+    format!("a.{job}")
+}
+
+/// The cluster's assignments, as one host sees and writes them.
+pub struct Assignments {
+    shared: Arc<Shared>,
+    bucket: kv::Store,
+    /// Each member's entry revision as this host last saw it, and since
+    /// when (this host's clock) it has not changed.
+    seen: Mutex<HashMap<String, (u64, Instant)>>,
+    /// The assignments as last read, by job.
+    cache: Mutex<BTreeMap<String, Assignment>>,
+}
+
+impl std::fmt::Debug for Assignments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignments")
+            .field("cluster", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a host compares the assignments with its jobs (and the
+/// coordinator looks for dead hosts).
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+impl Assignments {
+    pub(super) async fn open(
+        js: &jetstream::Context,
+        shared: Arc<Shared>,
+        replicas: usize,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let name = shared.name.clone();
+        let bucket = super::open_bucket(
+            js,
+            kv::Config {
+                bucket: format!("{name}-assignments"),
+                description: format!(
+                    "weir cluster {name}: which host owns each movable job, and its restore point"
+                ),
+                history: 1,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|message| ClusterError::Buckets { name, message })?;
+        Ok(Arc::new(Self {
+            shared,
+            bucket,
+            seen: Mutex::default(),
+            cache: Mutex::default(),
+        }))
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Buckets {
+            name: self.shared.name.clone(),
+            message: format!("bucket `{}-assignments`: {e}", self.shared.name),
+        }
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// Records a job submitted to this host: generation 1, owned here.
+    pub async fn create(&self, assignment: &Assignment) -> Result<(), ClusterError> {
+        let bytes = Bytes::from(serde_json::to_vec(assignment).map_err(|e| self.error(e))?);
+        self.bucket
+            .create(key(&assignment.job), bytes)
+            .await
+            .map_err(|e| self.error(e))?;
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .insert(assignment.job.clone(), assignment.clone());
+        Ok(())
+    }
+
+    /// Job `job`'s assignment and its revision.
+    async fn get(&self, job: &str) -> Result<Option<(Assignment, u64)>, ClusterError> {
+        let entry = self
+            .bucket
+            .entry(key(job))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| {
+                serde_json::from_slice::<Assignment>(&e.value)
+                    .ok()
+                    .map(|a| (a, e.revision))
+            }))
+    }
+
+    /// Every assignment, with its revision.
+    async fn all(&self) -> Result<Vec<(Assignment, u64)>, ClusterError> {
+        let mut keys = self.bucket.keys().await.map_err(|e| self.error(e))?;
+        let mut all = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| self.error(e))?;
+            if let Some(job) = key.strip_prefix("a.")
+                && let Some(found) = self.get(job).await?
+            {
+                all.push(found);
+            }
+        }
+        *self.cache.lock().expect("not poisoned") = all
+            .iter()
+            .map(|(a, _)| (a.job.clone(), a.clone()))
+            .collect();
+        Ok(all)
+    }
+
+    /// The host that owns job `job`, as last read (none: not a movable
+    /// job, or not read yet).
+    pub fn owner_of(&self, job: &str) -> Option<String> {
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .get(job)
+            .map(|a| a.host.clone())
+    }
+
+    /// Changes job `job`'s assignment with `change` if it still names
+    /// this host at `generation`: a compare-and-set on its revision,
+    /// retried when something else changed it meanwhile. `Err`: the job
+    /// is not this host's at that generation any more (the reason).
+    async fn change_own(
+        &self,
+        job: &str,
+        generation: u64,
+        change: impl Fn(&mut Assignment),
+    ) -> Result<(), GateRefusal> {
+        for _ in 0..5 {
+            let (mut assignment, revision) = match self.get(job).await {
+                Ok(Some(found)) => found,
+                Ok(None) => {
+                    return Err(GateRefusal::Fenced(format!(
+                        "job {job} has no assignment in the cluster any more"
+                    )));
+                }
+                Err(error) => return Err(GateRefusal::Unavailable(error.to_string())),
+            };
+            if assignment.host != self.shared.id || assignment.generation != generation {
+                return Err(GateRefusal::Fenced(format!(
+                    "job {job} moved to host `{}` (generation {}); this host `{}` ran generation {generation}",
+                    assignment.host, assignment.generation, self.shared.id
+                )));
+            }
+            change(&mut assignment);
+            let bytes = Bytes::from(
+                serde_json::to_vec(&assignment)
+                    .map_err(|e| GateRefusal::Unavailable(e.to_string()))?,
+            );
+            if self.bucket.update(key(job), bytes, revision).await.is_ok() {
+                self.cache
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(job.to_string(), assignment);
+                return Ok(());
+            }
+        }
+        Err(GateRefusal::Unavailable(format!(
+            "job {job}: its assignment kept changing while this host wrote it"
+        )))
+    }
+
+    /// The gate a run of job `job` under `generation` commits through.
+    pub fn fence(self: &Arc<Self>, job: &str, generation: u64) -> Arc<dyn CommitGate> {
+        Arc::new(Fence {
+            assignments: self.clone(),
+            job: job.to_string(),
+            generation,
+        })
+    }
+
+    /// Follows the assignments until aborted: adopts, releases, marks ended
+    /// jobs, and (on the coordinator) moves the jobs of dead hosts.
+    pub(super) async fn follow(self: Arc<Self>, owner: Arc<dyn Owner>) {
+        let mut tick = tokio::time::interval(FOLLOW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(error) = self.step(owner.as_ref()).await {
+                warn!(cluster = %self.shared.name, %error, "cannot follow the job assignments");
+            }
+        }
+    }
+
+    /// One look: see [`Self::follow`].
+    async fn step(&self, owner: &dyn Owner) -> Result<(), ClusterError> {
+        let live = self.live_members().await?;
+        let mut all = self.all().await?;
+        if self.shared.lock().held.is_some() {
+            self.move_from_dead(&mut all, &live).await;
+        }
+        let local: HashMap<String, LocalJob> = owner
+            .local_jobs()
+            .into_iter()
+            .map(|j| (j.id.clone(), j))
+            .collect();
+        let me = self.shared.id.as_str();
+        for (assignment, _) in &all {
+            let here = local.get(&assignment.job);
+            if assignment.host == me {
+                let runs_it = here.is_some_and(|j| {
+                    j.driven && j.generation == Some(assignment.generation) && !j.ended
+                });
+                let ended_here = here.is_some_and(|j| {
+                    j.generation == Some(assignment.generation) && j.ended && !j.driven
+                });
+                if runs_it
+                    && let Some(job) = here
+                    && job.spec != assignment.spec
+                {
+                    let spec = job.spec.clone();
+                    let result = self
+                        .change_own(&assignment.job, assignment.generation, |a| {
+                            a.spec = spec.clone()
+                        })
+                        .await;
+                    if let Err(error) = result {
+                        warn!(job = %assignment.job, ?error, "cannot record the job's new spec");
+                    }
+                }
+                if ended_here && !assignment.ended {
+                    let result = self
+                        .change_own(&assignment.job, assignment.generation, |a| a.ended = true)
+                        .await;
+                    if let Err(error) = result {
+                        warn!(job = %assignment.job, ?error, "cannot mark the job ended");
+                    }
+                } else if !assignment.ended && !runs_it && !ended_here {
+                    info!(job = %assignment.job, generation = assignment.generation, reason = %assignment.reason, "adopting the job");
+                    if let Err(error) = owner.adopt(assignment.clone()).await {
+                        warn!(job = %assignment.job, %error, "cannot adopt the job");
+                    }
+                }
+            } else if let Some(job) = here
+                && job.generation.is_some()
+            {
+                let reason = format!(
+                    "job {} moved to host `{}` (generation {}): {}",
+                    assignment.job, assignment.host, assignment.generation, assignment.reason
+                );
+                info!(job = %assignment.job, %reason, "releasing the job");
+                owner.release(assignment.job.clone(), reason).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The members that are live: their entry is there and was renewed
+    /// within a lease by this host's clock.
+    async fn live_members(&self) -> Result<Vec<String>, ClusterError> {
+        let members = &self.shared.members;
+        let read = |e: String| ClusterError::Buckets {
+            name: self.shared.name.clone(),
+            message: format!("cannot read bucket `{}-members`: {e}", self.shared.name),
+        };
+        let mut keys = members.keys().await.map_err(|e| read(e.to_string()))?;
+        let mut revisions = HashMap::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| read(e.to_string()))?;
+            let Some(id) = key.strip_prefix(HOSTS) else {
+                continue;
+            };
+            if let Some(entry) = members
+                .entry(&key)
+                .await
+                .map_err(|e| read(e.to_string()))?
+                .filter(|e| e.operation == kv::Operation::Put)
+            {
+                revisions.insert(id.to_string(), entry.revision);
+            }
+        }
+        let now = Instant::now();
+        let lease = self.shared.lease;
+        let mut seen = self.seen.lock().expect("not poisoned");
+        seen.retain(|id, _| revisions.contains_key(id));
+        let mut live = Vec::new();
+        for (id, revision) in revisions {
+            let since = match seen.get(&id) {
+                Some((last, since)) if *last == revision => *since,
+                _ => {
+                    seen.insert(id.clone(), (revision, now));
+                    now
+                }
+            };
+            if now.duration_since(since) < lease || id == self.shared.id {
+                live.push(id);
+            }
+        }
+        live.sort();
+        Ok(live)
+    }
+
+    /// The coordinator's part: every live job of a host not in `live`
+    /// goes to the live host with the fewest jobs (a compare-and-set that
+    /// bumps its generation).
+    async fn move_from_dead(&self, all: &mut [(Assignment, u64)], live: &[String]) {
+        if live.is_empty() {
+            return;
+        }
+        let mut load: BTreeMap<&str, usize> = live.iter().map(|h| (h.as_str(), 0)).collect();
+        for (assignment, _) in all.iter() {
+            if !assignment.ended
+                && let Some(count) = load.get_mut(assignment.host.as_str())
+            {
+                *count += 1;
+            }
+        }
+        let mut moves = Vec::new();
+        for (i, (assignment, _)) in all.iter().enumerate() {
+            if assignment.ended || load.contains_key(assignment.host.as_str()) {
+                continue;
+            }
+            let (&to, _) = load
+                .iter()
+                .min_by_key(|(host, count)| (**count, **host))
+                .expect("live is not empty");
+            *load.get_mut(to).expect("a live host") += 1;
+            moves.push((i, to.to_string()));
+        }
+        for (i, to) in moves {
+            let (assignment, revision) = &mut all[i];
+            let from = assignment.host.clone();
+            let mut moved = assignment.clone();
+            moved.host = to.clone();
+            moved.generation += 1;
+            moved.reason = format!(
+                "failed over from host `{from}` (its lease lapsed), by coordinator `{}`",
+                self.shared.id
+            );
+            let bytes = Bytes::from(serde_json::to_vec(&moved).unwrap_or_default());
+            match self
+                .bucket
+                .update(key(&assignment.job), bytes, *revision)
+                .await
+            {
+                Ok(next) => {
+                    info!(job = %moved.job, %from, %to, generation = moved.generation, "moved the job off a dead host");
+                    *assignment = moved;
+                    *revision = next;
+                }
+                Err(error) => {
+                    warn!(job = %assignment.job, %error, "cannot move the job (changed meanwhile)");
+                }
+            }
+        }
+    }
+}
+
+/// The commit gate of a run of a movable job: see the module's "Fencing".
+#[derive(Debug)]
+pub struct Fence {
+    assignments: Arc<Assignments>,
+    job: String,
+    generation: u64,
+}
+
+impl CommitGate for Fence {
+    fn admit(
+        &self,
+        _checkpoint: u64,
+        restore_point: Location,
+    ) -> Pin<Box<dyn Future<Output = Result<(), GateRefusal>> + Send + '_>> {
+        Box::pin(async move {
+            let point = restore_point.to_string();
+            self.assignments
+                .change_own(&self.job, self.generation, |a| {
+                    a.restore = Some(point.clone())
+                })
+                .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(source: &str, sink: &str) -> JobFile {
+        let text = format!(
+            "name = \"j\"\n[[source]]\nuid = \"in\"\n{source}\n[[sink]]\nuid = \"out\"\ninputs = [\"in\"]\n{sink}\n"
+        );
+        JobFile::parse(&text, std::path::Path::new("job.toml")).expect("parses")
+    }
+
+    #[test]
+    fn only_jobs_with_nothing_on_one_hosts_disk_move() {
+        let nats_in = "kind = \"nats\"\nurl = \"nats://x:4222\"\nstream = \"s\"\nsubject = \"a\"";
+        let nats_out = "kind = \"nats\"\nurl = \"nats://x:4222\"\nstream = \"o\"\nsubject = \"b\"";
+        assert!(movable(&file(nats_in, nats_out)));
+        assert!(movable(&file(
+            "kind = \"generator\"",
+            "kind = \"blackhole\""
+        )));
+        assert!(!movable(&file(
+            "kind = \"file\"\npath = \"in.txt\"",
+            nats_out
+        )));
+        assert!(!movable(&file(nats_in, "kind = \"file\"\npath = \"out\"")));
+        assert!(!movable(&file(
+            "kind = \"socket\"\naddress = \"127.0.0.1:9\"",
+            nats_out
+        )));
+        assert!(!movable(&file(nats_in, "kind = \"stdout\"")));
+    }
+}
