@@ -214,3 +214,102 @@ fn plugins_see_no_filesystem() {
 fn a_panicking_plugin_fails_the_task_not_the_host() {
     expect_failure("panic", "", FailureKind::Trap, "trapped in process");
 }
+
+/// Lines `key <i> <padding>` keyed by their second field into the faults
+/// plugin (which keeps each record's value as state `seen`), with `limits`
+/// on it; line 300's value is 200 bytes.
+fn quota_job(job: &JobDir, limits: &str) -> std::path::PathBuf {
+    let input: String = (0..500)
+        .map(|i| match i {
+            300 => format!("key {i} {}\n", "x".repeat(200 - 8)),
+            _ => format!("key {i}\n"),
+        })
+        .collect();
+    job.write("input.txt", input);
+    job.job(&format!(
+        r#"
+name = "quota"
+[state]
+backend = "memory"
+[[source]]
+uid = "lines"
+kind = "file"
+path = "input.txt"
+format = {{ delimiter = " ", key = 1 }}
+[[operator]]
+uid = "flaky"
+plugin = {plugin}
+inputs = [{{ from = "lines", partition = "key" }}]
+limits = {{ {limits} }}
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["flaky"]
+"#,
+        plugin = toml_path(FAULTS)
+    ))
+}
+
+#[test]
+fn a_write_past_a_state_quota_fails_the_job_naming_operator_state_key_and_limit() {
+    // One value too large.
+    let job = JobDir::new();
+    let error = run(&quota_job(&job, r#"value_bytes = "128""#)).expect_err("over value_bytes");
+    let source = error.task_error().expect("a task failure");
+    assert_eq!(
+        (source.uid.as_str(), source.kind()),
+        ("flaky", FailureKind::State),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains(
+            "operator `flaky` state `seen`, key \"300\": a value of 200 bytes is over value_bytes = 128 bytes"
+        ),
+        "{error}"
+    );
+    // Too much state: 500 keys of ~10 bytes each in a 2 KiB quota.
+    let job = JobDir::new();
+    let error = run(&quota_job(&job, r#"state_bytes = "2KiB""#)).expect_err("over state_bytes");
+    let message = error.to_string();
+    assert!(
+        message.contains("operator `flaky` state `seen`, key \"")
+            && message.contains("the subtask's state holds")
+            && message.contains("over state_bytes = 2 KiB"),
+        "{message}"
+    );
+    // Room enough: the same job runs.
+    let job = JobDir::new();
+    run(&quota_job(
+        &job,
+        r#"value_bytes = "256", state_bytes = "1MiB""#,
+    ))
+    .expect("fits");
+}
+
+#[test]
+fn bad_state_quotas_are_refused_naming_the_operator() {
+    let job = JobDir::new();
+    let error = run(&quota_job(
+        &job,
+        r#"value_bytes = "1MiB", state_bytes = "1KiB""#,
+    ))
+    .expect_err("refused");
+    assert!(
+        error.to_string().contains(
+            "operator `flaky` limits: state_bytes (1 KiB) is smaller than one value (value_bytes = 1 MiB)"
+        ),
+        "{error}"
+    );
+    let error = run(&quota_job(&job, r#"value_bytes = 0"#)).expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("operator `flaky` limits: value_bytes must be greater than zero"),
+        "{error}"
+    );
+    let error = run(&quota_job(&job, r#"state_bytes = "lots""#)).expect_err("refused");
+    assert!(
+        error.to_string().contains("invalid size \"lots\""),
+        "{error}"
+    );
+}

@@ -15,8 +15,8 @@ use crate::control::{ConfigFile, HostSettings, RunningHost, ShutdownMode};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// A TOML config file (listen, data_dir, token_file, watch, on_shutdown,
-    /// max_plugin_size, probation, probation_checkpoints, and `[jobs]`:
-    /// roots, allow_wasi_env).
+    /// max_plugin_size, probation, probation_checkpoints, `[jobs]`: roots,
+    /// allow_wasi_env, `[limits]`: value_bytes, state_bytes, `[cluster]`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where the API listens (default 127.0.0.1:8081; port 0 picks a free one).
@@ -88,6 +88,10 @@ pub async fn execute(cli: &Cli, args: &ServeArgs) -> Result<()> {
         Some(args.roots.clone())
     };
     settings.allow_wasi_env = config.jobs.allow_wasi_env;
+    settings.state_limits = crate::state::quota::StateLimits {
+        value_bytes: config.limits.value_bytes.map(|b| b.0),
+        state_bytes: config.limits.state_bytes.map(|b| b.0),
+    };
     settings.cluster = match &config.cluster {
         Some(cluster) => Some(cluster.settings(&args.cluster, args.cluster_name.as_deref())),
         None if !args.cluster.is_empty() => Some(

@@ -948,6 +948,14 @@ fn build_graph_restoring(
 ) -> Result<(JobGraph, Option<String>), ControlError> {
     let path = spec.base_dir.join(&spec.file_name);
     let mut file = JobFile::parse(&spec.job_file, &path).map_err(bad_request)?;
+    // The host's quotas where the job sets none.
+    let defaults = ctx.settings.state_limits;
+    if file.limits.value_bytes.is_none() {
+        file.limits.value_bytes = defaults.value_bytes.map(crate::job::file::ByteSize);
+    }
+    if file.limits.state_bytes.is_none() {
+        file.limits.state_bytes = defaults.state_bytes.map(crate::job::file::ByteSize);
+    }
     for operator in &mut file.operators {
         if let Some(digest) = spec.overrides.get(&operator.uid) {
             operator.plugin = format!("sha256:{digest}");

@@ -161,8 +161,21 @@ pub struct ConfigFile {
     pub probation_checkpoints: Option<u64>,
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// `[limits]`: state quotas of every job's operators that set none.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// `[cluster]`: join a cluster of hosts.
     pub cluster: Option<ClusterConfig>,
+}
+
+/// `[limits]` of the host's config: host-wide defaults of the state
+/// quotas (see [`crate::state::quota`]); a job's `[limits]` and an
+/// operator's `limits` override them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub value_bytes: Option<crate::job::file::ByteSize>,
+    pub state_bytes: Option<crate::job::file::ByteSize>,
 }
 
 /// `[cluster]` of the host's config (see [`cluster::ClusterSettings`]).
@@ -252,6 +265,8 @@ pub struct HostSettings {
     pub allow_wasi_env: bool,
     /// The cluster this host joins; None: a host on its own.
     pub cluster: Option<cluster::ClusterSettings>,
+    /// State quotas of operators whose job sets none (`[limits]`).
+    pub state_limits: crate::state::quota::StateLimits,
 }
 
 impl HostSettings {
@@ -269,6 +284,7 @@ impl HostSettings {
             roots: None,
             allow_wasi_env: false,
             cluster: None,
+            state_limits: Default::default(),
         }
     }
 

@@ -200,6 +200,12 @@ pub struct LimitSettings {
     pub call_timeout: Option<Duration>,
     /// Largest record (key + value) a plugin may emit.
     pub max_record_size: Option<ByteSize>,
+    /// Largest value one state write may store (a value, a list element,
+    /// a map key and value), e.g. "1MiB".
+    pub value_bytes: Option<ByteSize>,
+    /// Most bytes of keyed state one subtask of an operator may hold, e.g.
+    /// "1GiB".
+    pub state_bytes: Option<ByteSize>,
 }
 
 /// A byte count written as `"64MiB"`, `"512KiB"`, `"1GB"` or a plain integer.

@@ -70,6 +70,10 @@ pub struct Limits {
     pub memory_bytes: u64,
     pub call_timeout: Duration,
     pub max_record_bytes: u64,
+    /// State quotas (keyed state checks them: `state::quota`); none:
+    /// unlimited.
+    pub value_bytes: Option<u64>,
+    pub state_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -78,6 +82,8 @@ impl Default for Limits {
             memory_bytes: 256 << 20,
             call_timeout: Duration::from_secs(5),
             max_record_bytes: 16 << 20,
+            value_bytes: None,
+            state_bytes: None,
         }
     }
 }
@@ -90,6 +96,8 @@ impl Limits {
             max_record_bytes: settings
                 .max_record_size
                 .map_or(self.max_record_bytes, |b| b.0),
+            value_bytes: settings.value_bytes.map(|b| b.0).or(self.value_bytes),
+            state_bytes: settings.state_bytes.map(|b| b.0).or(self.state_bytes),
         }
     }
 }

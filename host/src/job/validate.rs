@@ -57,6 +57,21 @@ pub(super) fn check_limits(what: &str, limits: &Limits, problems: &mut Vec<Strin
     if limits.max_record_bytes == 0 {
         problems.push(format!("{what}: max_record_size must be greater than zero"));
     }
+    if limits.value_bytes == Some(0) {
+        problems.push(format!("{what}: value_bytes must be greater than zero"));
+    }
+    if let (Some(state), Some(value)) = (limits.state_bytes, limits.value_bytes)
+        && state < value
+    {
+        problems.push(format!(
+            "{what}: state_bytes ({}) is smaller than one value (value_bytes = {})",
+            crate::human::bytes(state),
+            crate::human::bytes(value)
+        ));
+    }
+    if limits.state_bytes == Some(0) {
+        problems.push(format!("{what}: state_bytes must be greater than zero"));
+    }
 }
 
 pub(super) fn check_rate(uid: &str, rate: Option<f64>, problems: &mut Vec<String>) {

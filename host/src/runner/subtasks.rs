@@ -178,6 +178,10 @@ impl Factory<'_> {
             settings.cache_entries,
         );
         keyed.set_count_keys(self.settings.count_keys_at_end);
+        keyed.set_limits(crate::state::quota::StateLimits {
+            value_bytes: limits.value_bytes,
+            state_bytes: limits.state_bytes,
+        });
         if self.settings.remove_state_in_background {
             keyed.close_in_background(self.job.teardown.clone());
         }

@@ -58,6 +58,29 @@ impl KeyedState {
             teardown: None,
             hits: 0,
             misses: 0,
+            quota: super::quota::Quota::default(),
+        }
+    }
+
+    /// Checks every write against `limits` (see [`super::quota`]).
+    pub fn set_limits(&mut self, limits: super::quota::StateLimits) {
+        self.quota = super::quota::Quota::new(limits);
+    }
+
+    /// A write of a `value`-byte value for `key` into `table`, checked
+    /// against the quotas (the backend measured when the bound asks).
+    fn admit(&mut self, table: TableId, key: &[u8], value: usize) -> Result<(), StateError> {
+        use super::quota::Verdict;
+        let name = &self.tables[table].name;
+        match self.quota.check(name, key, value)? {
+            Verdict::Fits => Ok(()),
+            Verdict::Measure => {
+                self.flush()?;
+                let bytes: u64 = self.backend_lock().table_sizes().iter().map(|t| t.1).sum();
+                let name = &self.tables[table].name;
+                self.quota
+                    .measured(bytes + (key.len() + value) as u64, name, key)
+            }
         }
     }
 
@@ -145,6 +168,7 @@ impl KeyedState {
         key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), StateError> {
+        self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         slot.cell = Some(Cell::Value(SmallBytes::from(value.as_slice())));
         slot.touch();
@@ -159,6 +183,7 @@ impl KeyedState {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), StateError> {
+        self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         match &mut slot.cell {
             Some(Cell::Value(buffer)) => buffer.set(value),
@@ -191,6 +216,7 @@ impl KeyedState {
         key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), StateError> {
+        self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         match &mut slot.cell {
             Some(Cell::List(items)) => items.push(value),
@@ -206,6 +232,9 @@ impl KeyedState {
         key: &[u8],
         values: Vec<Vec<u8>>,
     ) -> Result<(), StateError> {
+        for value in &values {
+            self.admit(table, key, value.len())?;
+        }
         let slot = self.slot(table, key)?;
         slot.cell = (!values.is_empty()).then_some(Cell::List(values));
         slot.touch();
@@ -268,6 +297,7 @@ impl KeyedState {
         map_key: Vec<u8>,
         value: Vec<u8>,
     ) -> Result<(), StateError> {
+        self.admit(table, key, map_key.len() + value.len())?;
         self.map_mut(table, key)?.insert(map_key, value);
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod rocks;
 mod small;
 
 mod cache;
+pub mod quota;
 mod snapshot;
 mod teardown;
 
@@ -90,6 +91,14 @@ pub enum StateError {
     },
     #[error("writing a snapshot's changes to the state backend failed: {0}")]
     Snapshot(String),
+    /// A write past the operator's `value_bytes` or `state_bytes`.
+    #[error("operator `{uid}` state `{state}`, key {key:?}: {what}")]
+    Quota {
+        uid: String,
+        state: String,
+        key: String,
+        what: String,
+    },
 }
 
 /// One write of a batch.
@@ -339,6 +348,8 @@ pub struct KeyedState {
     /// Cache lookups since [`KeyedState::take_cache_counts`].
     hits: u64,
     misses: u64,
+    /// The operator's state quotas and their accounting.
+    quota: quota::Quota,
 }
 
 /// The size of one table of a subtask's keyed state (for metrics).
