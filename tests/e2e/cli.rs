@@ -792,7 +792,8 @@ inputs = ["count"]
     job.write(
         "bad.jsonl",
         "{\"state\":\"count\",\"key_group\":3,\"key\":\"bo\",\"value\":1}\n\
-         {\"state\":\"other\",\"key_group\":0,\"key\":\"x\",\"value\":1}\n",
+         {\"state\":\"other\",\"key_group\":0,\"key\":\"x\",\"value\":1}\n\
+         {\"state\":\"count\",\"schema_version\":2,\"key_group\":0,\"key\":\"y\",\"value\":1}\n",
     );
     let bad = weir(
         &[
@@ -824,6 +825,12 @@ inputs = ["count"]
     }
     assert!(
         stderr.contains("line 2: state `other`, but this savepoint is written for state `count`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "line 3: a value of schema version 2, but state `count` is written at schema version 1"
+        ),
         "{stderr}"
     );
     assert!(!job.path().join("never").exists(), "nothing written");

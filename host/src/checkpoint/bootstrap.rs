@@ -5,8 +5,9 @@
 //! needs a Java program for it).
 //!
 //! Every line is checked before anything is written: its state is the one
-//! being written, its key group (when given) is its key's, its value fits
-//! the state's kind, no key comes twice; each problem names the line.
+//! being written, its key group (when given) is its key's, its schema
+//! version (when given) is the state's, its value fits the state's kind,
+//! no key comes twice; each problem names the line.
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -51,6 +52,19 @@ pub fn parse_line(
         return Err(format!(
             "line {line}: state `{}`, but this savepoint is written for state `{}`",
             cell.state, spec.state.name
+        ));
+    }
+    if let Some(version) = cell.schema_version
+        && version != spec.state.schema_version
+    {
+        return Err(format!(
+            "line {line}: a value of schema version {version}, but state `{}` is written at schema version {}{}",
+            spec.state.name,
+            spec.state.schema_version,
+            match &spec.plugin {
+                Some(plugin) => format!(" (as {}@{} declares it)", plugin.name, plugin.version),
+                None => String::new(),
+            }
         ));
     }
     let key = match (cell.key, cell.key_base64) {

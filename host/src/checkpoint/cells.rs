@@ -27,6 +27,8 @@ pub struct Cell<'a> {
     /// The state's declared name and kind (`value`, `list`, `map`).
     pub state: &'a str,
     pub kind: &'a str,
+    /// The schema version its values were written with.
+    pub schema_version: u32,
     pub key_group: u16,
     pub key: &'a [u8],
     pub value: &'a [u8],
@@ -75,6 +77,7 @@ pub fn read_cells(
         let cell = Cell {
             state: &state.name,
             kind: &state.kind,
+            schema_version: state.schema_version,
             key_group,
             key,
             value,
@@ -161,6 +164,10 @@ pub fn read_cells(
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CellLine {
     pub state: String,
+    /// The schema version of the value (`savepoint write` checks it
+    /// against the plugin's; absent: the plugin's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<u32>,
     pub key_group: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -184,6 +191,7 @@ impl CellLine {
         let value_base64 = value.is_none().then(|| b64(cell.value));
         Self {
             state: cell.state.to_string(),
+            schema_version: Some(cell.schema_version),
             key_group: cell.key_group,
             key,
             key_base64,
@@ -223,6 +231,7 @@ mod tests {
         CellLine::of(&Cell {
             state: "s",
             kind,
+            schema_version: 1,
             key_group: 3,
             key,
             value,
@@ -259,7 +268,7 @@ mod tests {
         let text = serde_json::to_string(&counted).expect("json");
         assert_eq!(
             text,
-            r#"{"state":"s","key_group":3,"key":"word","value":42}"#
+            r#"{"state":"s","schema_version":1,"key_group":3,"key":"word","value":42}"#
         );
     }
 }
