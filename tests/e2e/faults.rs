@@ -215,11 +215,11 @@ fn a_panicking_plugin_fails_the_task_not_the_host() {
     expect_failure("panic", "", FailureKind::Trap, "trapped in process");
 }
 
-/// Lines `key <i> <padding>` keyed by their second field into the faults
+/// `lines` lines `key <i>` keyed by their second field into the faults
 /// plugin (which keeps each record's value as state `seen`), with `limits`
 /// on it; line 300's value is 200 bytes.
-fn quota_job(job: &JobDir, limits: &str) -> std::path::PathBuf {
-    let input: String = (0..500)
+fn quota_job(job: &JobDir, lines: usize, limits: &str) -> std::path::PathBuf {
+    let input: String = (0..lines)
         .map(|i| match i {
             300 => format!("key {i} {}\n", "x".repeat(200 - 8)),
             _ => format!("key {i}\n"),
@@ -254,7 +254,7 @@ inputs = ["flaky"]
 fn a_write_past_a_state_quota_fails_the_job_naming_operator_state_key_and_limit() {
     // One value too large.
     let job = JobDir::new();
-    let error = run(&quota_job(&job, r#"value_bytes = "128""#)).expect_err("over value_bytes");
+    let error = run(&quota_job(&job, 500, r#"value_bytes = "128""#)).expect_err("over value_bytes");
     let source = error.task_error().expect("a task failure");
     assert_eq!(
         (source.uid.as_str(), source.kind()),
@@ -267,9 +267,11 @@ fn a_write_past_a_state_quota_fails_the_job_naming_operator_state_key_and_limit(
         ),
         "{error}"
     );
-    // Too much state: 500 keys of ~10 bytes each in a 2 KiB quota.
+    // Too much state: 3000 keys of ~11 bytes each in a 2 KiB quota (the
+    // overshoot is bounded by 1024 writes past the quota).
     let job = JobDir::new();
-    let error = run(&quota_job(&job, r#"state_bytes = "2KiB""#)).expect_err("over state_bytes");
+    let error =
+        run(&quota_job(&job, 3000, r#"state_bytes = "2KiB""#)).expect_err("over state_bytes");
     let message = error.to_string();
     assert!(
         message.contains("operator `flaky` state `seen`, key \"")
@@ -281,6 +283,7 @@ fn a_write_past_a_state_quota_fails_the_job_naming_operator_state_key_and_limit(
     let job = JobDir::new();
     run(&quota_job(
         &job,
+        3000,
         r#"value_bytes = "256", state_bytes = "1MiB""#,
     ))
     .expect("fits");
@@ -291,6 +294,7 @@ fn bad_state_quotas_are_refused_naming_the_operator() {
     let job = JobDir::new();
     let error = run(&quota_job(
         &job,
+        10,
         r#"value_bytes = "1MiB", state_bytes = "1KiB""#,
     ))
     .expect_err("refused");
@@ -300,14 +304,14 @@ fn bad_state_quotas_are_refused_naming_the_operator() {
         ),
         "{error}"
     );
-    let error = run(&quota_job(&job, r#"value_bytes = 0"#)).expect_err("refused");
+    let error = run(&quota_job(&job, 10, r#"value_bytes = 0"#)).expect_err("refused");
     assert!(
         error
             .to_string()
             .contains("operator `flaky` limits: value_bytes must be greater than zero"),
         "{error}"
     );
-    let error = run(&quota_job(&job, r#"state_bytes = "lots""#)).expect_err("refused");
+    let error = run(&quota_job(&job, 10, r#"state_bytes = "lots""#)).expect_err("refused");
     assert!(
         error.to_string().contains("invalid size \"lots\""),
         "{error}"

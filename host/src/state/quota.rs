@@ -6,8 +6,10 @@
 //! memory backend's count) plus an upper bound of what was written since it
 //! was measured (every write's key and value, as if none overwrote
 //! another); once that bound passes the limit, the cache is flushed and the
-//! size measured again, at most once per [`REMEASURE_EVERY`] writes, so a
-//! job that stays just under its quota does not flush on every write. A
+//! size measured again — at once while the state is far from its quota,
+//! at most once per [`REMEASURE_EVERY`] writes once a measurement found it
+//! within a quarter of it, so a job that stays just under its quota does
+//! not flush on every write. A
 //! write past a limit fails the subtask (a [`StateError::Quota`] naming the
 //! operator, the state, the key and the limit), never the host.
 
@@ -36,6 +38,9 @@ pub(super) struct Quota {
     writes: u64,
     /// Whether it was measured at all.
     known: bool,
+    /// The last measurement found the state within a quarter of its
+    /// quota: measurements are spaced out.
+    close: bool,
 }
 
 /// What a write asks of the quota.
@@ -76,8 +81,10 @@ impl Quota {
         self.written += (key.len() + value) as u64;
         self.writes += 1;
         // Never measured (a restored backend may be large already), or the
-        // bound passed and a measurement is due.
-        let over = self.measured + self.written > limit && self.writes >= REMEASURE_EVERY;
+        // bound passed: measured at once the first time, then (the state
+        // close to its quota) at most every REMEASURE_EVERY writes.
+        let over =
+            self.measured + self.written > limit && (!self.close || self.writes >= REMEASURE_EVERY);
         match !self.known || over {
             true => Ok(Verdict::Measure),
             false => Ok(Verdict::Fits),
@@ -92,6 +99,7 @@ impl Quota {
         self.written = 0;
         self.writes = 0;
         self.known = true;
+        self.close = bytes >= limit - limit / 4;
         if bytes > limit {
             return Err(quota_error(
                 table,
@@ -152,13 +160,19 @@ mod tests {
             Ok(Verdict::Measure)
         ));
         quota.measured(11, "op/s", b"k").expect("fits");
-        for _ in 0..7 {
+        for _ in 0..8 {
             assert!(matches!(quota.check("op/s", b"k", 10), Ok(Verdict::Fits)));
         }
-        // 11 + 88 = 99; the bound passes 100 at the next write, but the
-        // backend is measured again only on the REMEASURE_EVERYth write
-        // since the last measurement.
-        let mut writes = 7;
+        // 11 + 88 + 11 passes 100: far from the quota so far, measured at once.
+        assert!(matches!(
+            quota.check("op/s", b"k", 10),
+            Ok(Verdict::Measure)
+        ));
+        // Within a quarter of it: the bound passes at the next write, but
+        // the backend is measured again only on the REMEASURE_EVERYth write
+        // since.
+        quota.measured(90, "op/s", b"k").expect("fits");
+        let mut writes = 0;
         while !matches!(quota.check("op/s", b"k", 10), Ok(Verdict::Measure)) {
             writes += 1;
             assert!(writes < 2 * REMEASURE_EVERY, "never measured again");
