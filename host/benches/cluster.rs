@@ -1,0 +1,274 @@
+//! A cluster of hosts (run: `cargo bench -p weir --bench cluster`; add a
+//! word to run only the parts whose name contains it: `failover`).
+//!
+//! `failover`: two `weir serve --cluster` processes on loopback, on the
+//! NATS server and SeaweedFS the tests start (`weir_tests`), the default
+//! 3 s lease. A generator → split → count → blackhole job (RocksDB state,
+//! a checkpoint a second, to the cluster's S3) with K keys of state
+//! (`WEIR_BENCH_FAILOVER_KEYS`, default 100000 and 1000000), its owner
+//! SIGKILLed once `count` took in four records a key and a checkpoint
+//! completed after that. Measured from the SIGKILL: the job running on the
+//! other host (its lease lapsed, the job moved, its state restored from
+//! S3), and its `count` taking in records again. Each
+//! `WEIR_BENCH_FAILOVER_RUNS` times (3), each in a cluster of its own.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+
+/// A `weir serve` process, SIGKILLed when dropped.
+struct Host {
+    child: Child,
+    url: String,
+}
+
+impl Host {
+    fn start(data: &Path, config: &Path, env: &[(&'static str, String)]) -> Host {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weir serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("weir serve says where it listens");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Host { child, url }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// `GET path` of `host`: (status, JSON).
+async fn get(http: &reqwest::Client, host: &Host, path: &str) -> (u16, Value) {
+    match http.get(format!("{}{path}", host.url)).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn count_view(detail: &Value) -> Option<&Value> {
+    detail["operators"]
+        .as_array()?
+        .iter()
+        .find(|o| o["uid"] == "count")
+}
+
+fn job(keys: u64) -> String {
+    format!(
+        r#"
+name = "failover"
+max_parallelism = 128
+[checkpoint]
+interval = "1s"
+[state]
+backend = "rocksdb"
+[[source]]
+uid = "words"
+kind = "generator"
+keys = {keys}
+[[operator]]
+uid = "split"
+plugin = "split"
+inputs = ["words"]
+[[operator]]
+uid = "count"
+plugin = "count@0.1.0"
+inputs = [{{ from = "split", partition = "key" }}]
+parallelism = 2
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["count"]
+"#
+    )
+}
+
+/// One failover of a job with `keys` keys: (to running, to processing).
+async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
+    let nats = weir_tests::nats::server().expect("nats-server is needed for this benchmark");
+    let s3 = weir_tests::s3::server().expect("SeaweedFS is needed for this benchmark");
+    s3.bucket("weir-bench");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("host.toml");
+    let name = format!("bench-{}-{run}-{keys}", std::process::id());
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnats = [\"{}\"]\nname = \"{name}\"\ns3 = \"s3://weir-bench/{name}\"\n",
+            nats.url
+        ),
+    )
+    .expect("config");
+    let env = s3.env();
+    let a = Host::start(&dir.path().join("a"), &config, &env);
+    let mut b = Some(Host::start(&dir.path().join("b"), &config, &env));
+    let http = client();
+    for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT] {
+        let response = http
+            .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
+            .body(std::fs::read(plugin).expect("plugin"))
+            .send()
+            .await
+            .expect("upload");
+        assert!(
+            response.status().is_success(),
+            "{:?}",
+            response.text().await
+        );
+    }
+    // b has them too before the job is submitted.
+    let b_host = b.as_ref().expect("b");
+    while get(&http, b_host, "/api/plugins")
+        .await
+        .1
+        .as_array()
+        .map(Vec::len)
+        != Some(2)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response: Value = http
+        .post(format!("{}/api/jobs", a.url))
+        .json(&serde_json::json!({ "job_file": job(keys), "base_dir": dir.path() }))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("JSON");
+    let id = response["id"].as_str().expect("a job id").to_string();
+    // Four records a key, then a checkpoint after that.
+    loop {
+        let (_, detail) = get(&http, &a, &format!("/api/jobs/{id}")).await;
+        let took = count_view(&detail).and_then(|c| c["records_in"].as_u64());
+        if took.unwrap_or(0) >= keys * 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, detail) = get(&http, &a, &format!("/api/jobs/{id}")).await;
+    let done = detail["checkpoints_completed"].as_u64().unwrap_or(0);
+    while get(&http, &a, &format!("/api/jobs/{id}")).await.1["checkpoints_completed"]
+        .as_u64()
+        .unwrap_or(0)
+        < done + 1
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let state: u64 = count_view(&get(&http, &a, &format!("/api/jobs/{id}")).await.1)
+        .and_then(|c| c["state_keys"].as_object())
+        .map(|s| s.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    drop(a); // SIGKILL
+    let killed = Instant::now();
+    let b_host = b.as_ref().expect("b");
+    let mut running = None;
+    let processing = loop {
+        let (status, detail) = get(&http, b_host, &format!("/api/jobs/{id}")).await;
+        if status == 200 && detail["job"]["lifecycle"]["status"] == "running" {
+            running.get_or_insert_with(|| killed.elapsed());
+            let took = count_view(&detail).and_then(|c| c["records_in"].as_u64());
+            if took.unwrap_or(0) > 0 {
+                break killed.elapsed();
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(120),
+            "job {id} did not move to the other host: {status} {detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "run {run}, {keys} keys ({state} counted in state at the kill): running after {running:?}, processing after {processing:?}"
+    );
+    b.take();
+    (running.expect("running before processing"), processing)
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn failover() {
+    let keys: Vec<u64> = match std::env::var("WEIR_BENCH_FAILOVER_KEYS") {
+        Ok(text) => vec![text.parse().expect("WEIR_BENCH_FAILOVER_KEYS: a number")],
+        Err(_) => vec![100_000, 1_000_000],
+    };
+    let runs: usize = std::env::var("WEIR_BENCH_FAILOVER_RUNS")
+        .ok()
+        .map(|r| r.parse().expect("WEIR_BENCH_FAILOVER_RUNS: a number"))
+        .unwrap_or(3);
+    println!(
+        "\nfailover: SIGKILL of the job's host → running / processing on the other (2 hosts, lease 3 s, median of {runs})"
+    );
+    println!("| keys of state | to running | to processing | runs (to processing) |");
+    println!("|---|---|---|---|");
+    for keys in keys {
+        let mut results: Vec<(Duration, Duration)> = Vec::new();
+        for run in 0..runs {
+            results.push(failover_once(run, keys).await);
+        }
+        let all = results
+            .iter()
+            .map(|(_, p)| ms(*p))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "| {keys} | {} | {} | {all} |",
+            ms(median(results.iter().map(|r| r.0).collect())),
+            ms(median(results.iter().map(|r| r.1).collect())),
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    if wanted("failover") {
+        runtime.block_on(failover());
+    }
+}
