@@ -116,9 +116,9 @@ inputs = ["count"]
 
 /// One failover of a job with `keys` keys: (to running, to processing).
 async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
+    // Started (and the bucket made) in `main`, outside the runtime.
     let nats = weir_tests::nats::server().expect("nats-server is needed for this benchmark");
     let s3 = weir_tests::s3::server().expect("SeaweedFS is needed for this benchmark");
-    s3.bucket("weir-bench");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("host.toml");
     let name = format!("bench-{}-{run}-{keys}", std::process::id());
@@ -269,6 +269,10 @@ fn main() {
         |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     if wanted("failover") {
+        weir_tests::nats::server().expect("nats-server is needed for this benchmark");
+        weir_tests::s3::server()
+            .expect("SeaweedFS is needed for this benchmark")
+            .bucket("weir-bench");
         runtime.block_on(failover());
     }
 }
