@@ -702,7 +702,7 @@ fn metrics_count_records_checkpoints_and_plugin_faults() {
 /// rising, "Savepoint" pressed and the savepoint listed. A screenshot of
 /// the job page is left at `target/dashboard-job.png`.
 #[test]
-fn the_dashboard_shows_a_running_job_and_takes_a_savepoint() {
+fn the_dashboard_shows_a_running_job_takes_a_savepoint_and_links_its_fork() {
     let Some(driver) = weir_tests::browser::chromedriver() else {
         return;
     };
@@ -718,6 +718,15 @@ fn the_dashboard_shows_a_running_job_and_takes_a_savepoint() {
         .trim()
         .to_string();
     host.wait_checkpoints(&job, 1, Duration::from_secs(30));
+    // A fork of it, writing elsewhere: the dashboard shows the lineage.
+    dir.write(
+        "forked.toml",
+        wordcount("forked", None, 1000, "split.wasm", "count.wasm", "200ms"),
+    );
+    let fork = host
+        .ok(&["fork", &job, "--job-file", "forked.toml"], dir.path())
+        .trim()
+        .to_string();
     let screenshot = weir_tests::workspace()
         .join("target")
         .join("dashboard-job.png");
@@ -725,7 +734,13 @@ fn the_dashboard_shows_a_running_job_and_takes_a_savepoint() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(drive_dashboard(&driver.url, &host.url, &job, &screenshot));
+    runtime.block_on(drive_dashboard(
+        &driver.url,
+        &host.url,
+        &job,
+        &fork,
+        &screenshot,
+    ));
 }
 
 /// The element `locator` finds, waiting up to 20 s for it.
@@ -738,7 +753,7 @@ async fn wait_for(browser: &fantoccini::Client, locator: String) -> fantoccini::
         .unwrap_or_else(|e| panic!("the page shows {locator}: {e}"))
 }
 
-async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path) {
+async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screenshot: &Path) {
     use fantoccini::{ClientBuilder, Locator};
     let profile = tempfile::tempdir().expect("profile dir");
     let mut args: Vec<String> = weir_tests::browser::CHROMIUM_ARGS
@@ -825,6 +840,18 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, screenshot: &Path)
     assert!(message.contains("Savepoint requested"), "{message}");
     let png = browser.screenshot().await.expect("a screenshot");
     std::fs::write(screenshot, png).expect("write the screenshot");
+    // The job lists its fork; the fork's page links back to it.
+    wait(&format!("#lineage a[href=\"#/jobs/{fork}\"]"))
+        .await
+        .click()
+        .await
+        .expect("open the fork");
+    let lineage = wait(&format!("#lineage a[href=\"#/jobs/{job}\"]"))
+        .await
+        .text()
+        .await
+        .expect("lineage text");
+    assert_eq!(lineage.trim(), job);
     browser.close().await.expect("close the session");
 }
 
@@ -1292,4 +1319,117 @@ fn weir_run_embedded_reads_and_writes_anywhere() {
     let output = crate::support::weir(&["run", "job.toml"], dir.path());
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(weir_tests::read_parts(&out), vec!["a", "b"]);
+}
+
+#[test]
+fn a_fork_starts_from_a_savepoint_of_the_running_job_and_writes_to_its_own_sinks() {
+    let dir = plugin_dir();
+    let host = Host::start(&dir.path().join("data"), &[]);
+    let records = 12_000;
+    dir.write(
+        "ab.toml",
+        wordcount(
+            "ab",
+            Some(records),
+            2000,
+            "split.wasm",
+            "count.wasm",
+            "200ms",
+        ),
+    );
+    let id = host.ok(&["run", "ab.toml"], dir.path()).trim().to_string();
+    host.wait_checkpoints(&id, 2, Duration::from_secs(60));
+
+    // Its own job file again: its sink would write where the job's does.
+    let refused = host.weir(&["fork", &id], dir.path());
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains(&format!(
+            "a fork of job {id} must write elsewhere than the job (give it a job file with other sink targets, --job-file)"
+        )) && message.contains("sink `out` writes to the directory")
+            && message.contains("out-ab, as the job's sink `out` does"),
+        "{message}"
+    );
+    let unknown = host.weir(&["fork", "nosuchjob"], dir.path());
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("no job nosuchjob"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    // The same job writing to `out-b`: forked under another name.
+    dir.write(
+        "b.toml",
+        wordcount(
+            "b",
+            Some(records),
+            2000,
+            "split.wasm",
+            "count.wasm",
+            "200ms",
+        ),
+    );
+    let fork = host
+        .ok(
+            &["fork", &id, "--job-file", "b.toml", "--name", "ab-b"],
+            dir.path(),
+        )
+        .trim()
+        .to_string();
+    assert_ne!(fork, id);
+
+    // Both run to the end; the job's output is whole and exactly once.
+    let mut expected = BTreeMap::new();
+    generator_counts(records, 30, 7, &mut expected);
+    let job = host.wait_status(&id, "finished", Duration::from_secs(90));
+    assert_eq!(check_exactly_once(&dir.path().join("out-ab")), expected);
+    let forked = host.wait_status(&fork, "finished", Duration::from_secs(90));
+    // The fork counted on from the savepoint: each word's updates after it,
+    // once each, up to the same totals.
+    let mut updates: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in weir_tests::read_parts(&dir.path().join("out-b")) {
+        let (word, n) = line.rsplit_once(' ').expect("word count");
+        updates
+            .entry(word.to_string())
+            .or_default()
+            .push(n.parse().expect("count"));
+    }
+    let mut finals = BTreeMap::new();
+    let mut resumed_midway = false;
+    for (word, mut counts) in updates {
+        counts.sort_unstable();
+        let (first, last) = (counts[0], *counts.last().expect("one"));
+        assert_eq!(
+            counts,
+            (first..=last).collect::<Vec<_>>(),
+            "word `{word}`: the fork's updates, once each"
+        );
+        resumed_midway |= first > 1;
+        finals.insert(word, last);
+    }
+    assert_eq!(finals, expected, "the fork's totals");
+    assert!(
+        resumed_midway,
+        "the fork started from the savepoint, not from the beginning"
+    );
+
+    // Lineage on both, and in `weir job`.
+    let savepoint = forked["job"]["forked_from"]["savepoint"]
+        .as_str()
+        .expect("forked_from")
+        .to_string();
+    assert_eq!(forked["job"]["forked_from"]["job"], id.as_str());
+    assert_eq!(forked["job"]["name"], "ab-b");
+    assert_eq!(job["job"]["forks"][0]["job"], fork.as_str());
+    assert_eq!(job["job"]["forks"][0]["savepoint"], savepoint.as_str());
+    assert!(
+        forked["job"]["runs"][0]["restored_from"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&savepoint)),
+        "{forked:#}"
+    );
+    let shown = host.ok(&["job", &fork], dir.path());
+    assert!(shown.contains(&format!("forked from {id}")), "{shown}");
 }

@@ -121,6 +121,9 @@ pub enum Command {
     /// Hot-upgrade a job of a running host: check, savepoint, swap,
     /// restore, probation; rolled back automatically if it fails.
     Upgrade(remote::UpgradeArgs),
+    /// Fork a job of a running host: a savepoint of it (it runs on) starts
+    /// a second job with the changes given, writing to its own sinks.
+    Fork(remote::ForkArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -296,6 +299,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             .await
         }
         Command::Upgrade(args) => remote::upgrade(&cli.client()?, args).await,
+        Command::Fork(args) => remote::fork(&cli.client()?, args).await,
         Command::Plugin(PluginCommand::Add { files }) => {
             remote::plugin_add(&cli.client()?, files).await
         }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::control::api::{ErrorBody, PluginEntry};
+use crate::control::fork::ForkRequest;
 use crate::control::jobs::{SavepointRequest, SubmitRequest, UpgradeRequest};
 use crate::control::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus};
 use crate::control::store::StoredPlugin;
@@ -335,6 +336,22 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
     for s in &job.savepoints {
         outln!("savepoint {}  {}", time(s.time_ms), s.path)?;
     }
+    if let Some(from) = &job.forked_from {
+        outln!(
+            "forked from {}  {}  savepoint {}",
+            from.job,
+            time(from.time_ms),
+            from.savepoint
+        )?;
+    }
+    for fork in &job.forks {
+        outln!(
+            "fork      {}  {}  savepoint {}",
+            fork.job,
+            time(fork.time_ms),
+            fork.savepoint
+        )?;
+    }
     for u in &job.upgrades {
         outln!(
             "upgrade   {}  {}  {}{}{}",
@@ -456,6 +473,72 @@ pub struct UpgradeArgs {
     pub detach: bool,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ForkArgs {
+    pub job_id: String,
+    /// The fork's job file (its sinks must write elsewhere than the
+    /// job's; its plugins resolve as on `weir run --host`). Default: the
+    /// job's own.
+    #[arg(long, value_name = "FILE")]
+    pub job_file: Option<PathBuf>,
+    /// UID=NAME@VERSION, UID=NAME or UID=FILE: the plugin the fork runs
+    /// instead (a file is uploaded first).
+    #[arg(long = "plugin", value_name = "UID=PLUGIN")]
+    pub plugins: Vec<String>,
+    /// The fork's name (default: the job's, with `-fork`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Skip savepoint state of uids or states the fork no longer has.
+    #[arg(short = 'n', long)]
+    pub allow_non_restored_state: bool,
+}
+
+/// `--plugin UID=…` values as the API takes them (files uploaded first).
+async fn plugin_references(
+    client: &Client,
+    pairs: &[String],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut references = std::collections::BTreeMap::new();
+    for pair in pairs {
+        let (uid, value) = split_pair("plugin", pair)?;
+        let path = Path::new(value);
+        let reference = if path.is_file() {
+            let stored = client.add_plugin(path).await?;
+            eprintln!("uploaded {value} as {}", stored.reference());
+            format!("sha256:{}", stored.digest)
+        } else {
+            value.to_string()
+        };
+        references.insert(uid.to_string(), reference);
+    }
+    Ok(references)
+}
+
+pub async fn fork(client: &Client, args: &ForkArgs) -> Result<()> {
+    let request = ForkRequest {
+        job_file: match &args.job_file {
+            Some(file) => Some(job_request(client, file).await?),
+            None => None,
+        },
+        plugins: plugin_references(client, &args.plugins).await?,
+        name: args.name.clone(),
+        allow_non_restored_state: args.allow_non_restored_state,
+    };
+    let record: JobRecord = client
+        .post(&format!("/api/jobs/{}/fork", args.job_id), &request)
+        .await?;
+    let from = record
+        .forked_from
+        .as_ref()
+        .map_or_else(String::new, |f| format!(" from savepoint {}", f.savepoint));
+    eprintln!(
+        "job `{}` forked from {}{from}, job id {}",
+        record.name, args.job_id, record.id
+    );
+    outln!("{}", record.id)?;
+    Ok(())
+}
+
 fn split_pair<'a>(flag: &str, pair: &'a str) -> Result<(&'a str, &'a str)> {
     pair.split_once('=')
         .filter(|(uid, value)| !uid.is_empty() && !value.is_empty())
@@ -468,18 +551,7 @@ pub async fn upgrade(client: &Client, args: &UpgradeArgs) -> Result<()> {
         probation: args.probation.clone(),
         ..UpgradeRequest::default()
     };
-    for pair in &args.plugins {
-        let (uid, value) = split_pair("plugin", pair)?;
-        let path = Path::new(value);
-        let reference = if path.is_file() {
-            let stored = client.add_plugin(path).await?;
-            eprintln!("uploaded {value} as {}", stored.reference());
-            format!("sha256:{}", stored.digest)
-        } else {
-            value.to_string()
-        };
-        request.plugins.insert(uid.to_string(), reference);
-    }
+    request.plugins = plugin_references(client, &args.plugins).await?;
     for pair in &args.parallelism {
         let (uid, value) = split_pair("parallelism", pair)?;
         let n = value

@@ -175,6 +175,7 @@ pub fn router(
             get(list_savepoints).post(trigger_savepoint),
         )
         .route("/api/jobs/{id}/upgrade", post(upgrade_job))
+        .route("/api/jobs/{id}/fork", post(fork_job))
         .route("/api/jobs/{id}/operations/{operation}", get(operation))
         .route("/metrics", get(metrics))
         .route("/", get(dashboard::index))
@@ -313,6 +314,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
         trigger_savepoint,
         list_savepoints,
         upgrade_job,
+        fork_job,
         operation
     ),
     components(schemas(ErrorBody, Health)),
@@ -803,6 +805,32 @@ async fn upgrade_job(
     Ok(accepted(api.jobs.upgrade(&id, request)?))
 }
 
+/// Forks a job: takes a savepoint of it (it runs on, keeping its output)
+/// and starts a second job from it with the changes asked for, whose
+/// sinks must write elsewhere; answers the fork's record once it started.
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/fork",
+    params(("id" = String, Path)),
+    request_body = super::fork::ForkRequest,
+    responses(
+        (status = 201, body = JobRecord),
+        (status = 400, body = ErrorBody, description = "not a request of this shape, or one the fork cannot take (its job file invalid, plugins missing from the store, a sink writing where one of the job's does)"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the job is not running, another operation runs, or its savepoint failed"),
+    )
+)]
+async fn fork_job(
+    State(api): State<Api>,
+    Param(id): Param<String>,
+    JsonBody(request): JsonBody<super::fork::ForkRequest>,
+) -> Answer<(StatusCode, Json<JobRecord>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(api.jobs.fork(&id, request).await?),
+    ))
+}
+
 /// One operation of a job (kept as long as the job).
 #[utoipa::path(
     get,
@@ -835,6 +863,7 @@ mod tests {
             "/api/jobs",
             "/api/jobs/{id}",
             "/api/jobs/{id}/upgrade",
+            "/api/jobs/{id}/fork",
             "/api/jobs/{id}/savepoints",
             "/api/jobs/{id}/operations/{operation}",
             "/api/hosts",
@@ -870,7 +899,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(operations, 15, "every operation");
+        assert_eq!(operations, 16, "every operation");
     }
 
     #[test]

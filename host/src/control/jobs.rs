@@ -201,7 +201,12 @@ impl JobManager {
         }
     }
 
-    fn get(&self, id: &str) -> Result<Arc<JobHandle>, ControlError> {
+    /// The host this manager runs jobs for.
+    pub(super) fn context(&self) -> Arc<HostContext> {
+        self.ctx.clone()
+    }
+
+    pub(super) fn get(&self, id: &str) -> Result<Arc<JobHandle>, ControlError> {
         self.jobs
             .lock()
             .expect("not poisoned")
@@ -287,7 +292,26 @@ impl JobManager {
 
     /// Validates a job file, resolves its plugins, stores it and starts it.
     pub async fn submit(&self, request: SubmitRequest) -> Result<JobRecord, ControlError> {
-        let mut spec = resolve_spec(&self.ctx, &request)?;
+        let spec = resolve_spec(&self.ctx, &request)?;
+        self.start(
+            spec,
+            request.from_savepoint,
+            request.allow_non_restored_state,
+            |_| {},
+        )
+        .await
+    }
+
+    /// Stores and starts a job running `spec` (restoring `from_savepoint`
+    /// if given); `also` completes its record before it is stored (a
+    /// fork's lineage).
+    pub(super) async fn start(
+        &self,
+        mut spec: JobSpec,
+        from_savepoint: Option<String>,
+        allow_non_restored_state: bool,
+        also: impl FnOnce(&mut JobRecord),
+    ) -> Result<JobRecord, ControlError> {
         let id = crate::runner::new_job_id();
         // A movable job of a cluster with object storage keeps its
         // checkpoints there, and is assigned to this host (generation 1).
@@ -301,16 +325,16 @@ impl JobManager {
         }
         let ctx = self.ctx.clone();
         let check_spec = spec.clone();
-        let from = request.from_savepoint.clone();
+        let from = from_savepoint.clone();
         let (graph, initial_restore) = tokio::task::spawn_blocking(move || {
             build_graph_restoring(&ctx, &check_spec, from.as_deref())
         })
         .await
         .map_err(internal)??;
         let now = now_ms();
-        let record = JobRecord {
+        let mut record = JobRecord {
             initial_restore,
-            allow_non_restored_state: request.allow_non_restored_state,
+            allow_non_restored_state,
             generation: assignments.as_ref().map(|_| 1),
             ..JobRecord::new(
                 id.clone(),
@@ -320,6 +344,7 @@ impl JobManager {
                 spec,
             )
         };
+        also(&mut record);
         if let Some((assignments, _)) = &assignments {
             assignments
                 .create(&cluster::assign::Assignment {
@@ -342,7 +367,7 @@ impl JobManager {
         self.ctx.data.create_dir_all(&dir).map_err(internal)?;
         self.ctx
             .data
-            .write(dir.join("job.toml"), request.job_file.as_bytes())
+            .write(dir.join("job.toml"), record.spec.job_file.as_bytes())
             .map_err(internal)?;
         persist(&self.ctx, &record);
         let plan = Some(driver::first_plan(&record));
@@ -831,7 +856,10 @@ pub(super) fn internal(error: impl std::fmt::Display) -> ControlError {
 }
 
 /// A submission's spec: each operator's `plugin` resolved to a digest.
-fn resolve_spec(ctx: &HostContext, request: &SubmitRequest) -> Result<JobSpec, ControlError> {
+pub(super) fn resolve_spec(
+    ctx: &HostContext,
+    request: &SubmitRequest,
+) -> Result<JobSpec, ControlError> {
     let path = job_path(&request.base_dir, request.file_name.as_deref());
     if !request.base_dir.is_absolute() {
         return Err(ControlError::BadRequest(format!(

@@ -46,6 +46,7 @@ mod confine;
 pub mod dashboard;
 pub mod driver;
 pub mod durable;
+pub mod fork;
 pub mod jobs;
 pub mod json;
 pub mod lifecycle;

@@ -187,6 +187,21 @@ pub struct JobRecord {
     /// host runs it under (its commits are fenced by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The job this one was forked from (`weir fork`), and the savepoint
+    /// it started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkRecord>,
+    /// The forks started from this job's savepoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<ForkRecord>,
+}
+
+/// One fork: the other job, and the savepoint the fork started from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForkRecord {
+    pub job: String,
+    pub savepoint: String,
+    pub time_ms: u64,
 }
 
 impl JobRecord {
@@ -216,6 +231,8 @@ impl JobRecord {
             resume_from: None,
             savepoint_targets: Vec::new(),
             generation: None,
+            forked_from: None,
+            forks: Vec::new(),
         }
     }
 

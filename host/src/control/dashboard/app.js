@@ -199,6 +199,19 @@ function sampleRates(id, detail) {
   return rates;
 }
 
+// Where a job was forked from, and its forks (`weir fork`).
+function lineage(job) {
+  const link = (f) => `<a href="#/jobs/${esc(f.job)}"><code>${esc(f.job)}</code></a>`;
+  const parts = [];
+  if (job.forked_from) {
+    parts.push(`forked from ${link(job.forked_from)} at savepoint <code>${esc(job.forked_from.savepoint)}</code>`);
+  }
+  if (job.forks && job.forks.length) {
+    parts.push(`forks: ${job.forks.map(link).join(", ")}`);
+  }
+  return parts.length ? `<p id="lineage" class="muted">${parts.join(" · ")}</p>` : "";
+}
+
 async function jobPage(id) {
   const detail = await api(`/api/jobs/${encodeURIComponent(id)}`);
   const job = detail.job;
@@ -220,6 +233,7 @@ async function jobPage(id) {
   main.innerHTML = `<p><a href="#/">← jobs</a></p>
     <h1>${esc(job.name)} ${status(job.lifecycle.status)}</h1>
     <p class="muted"><code>${esc(job.id)}</code> · submitted ${esc(time(job.submitted_ms))}</p>
+    ${lineage(job)}
     <div class="actions">
       <button id="savepoint" ${live ? "" : "disabled"}>Savepoint</button>
       <button id="stop" ${live ? "" : "disabled"}>Stop with savepoint</button>
