@@ -545,36 +545,57 @@ fn wait_moved(host: &Host, id: &str, not: &str, limit: Duration) -> String {
     }
 }
 
+/// Three hosts of cluster `name` with storage on the test S3 (its own
+/// prefix), each with its data dir in `dir`, and what restarts one.
+struct Movable {
+    url: String,
+    prefix: String,
+    config: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Movable {
+    fn new(dir: &Path, name: &str) -> Option<Movable> {
+        let url = nats()?;
+        let s3 = crate::s3::server()?;
+        let prefix = crate::s3::prefix(&format!("cluster-{name}"));
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnats = [\"{url}\"]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\n",
+                crate::s3::BUCKET
+            ),
+        )
+        .expect("config");
+        Some(Movable {
+            url,
+            prefix,
+            config: config.to_string_lossy().into_owned(),
+            env: s3.env(),
+        })
+    }
+
+    /// Starts (or restarts: the same data dir, the same id) host `i`.
+    fn host(&self, dir: &Path, i: usize) -> Host {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Host::start_env(
+            &dir.join(format!("data-{i}")),
+            &["--config", &self.config],
+            &env,
+        )
+    }
+}
+
 #[test]
 fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
-    let Some(url) = nats() else { return };
-    let Some(s3) = crate::s3::server() else {
-        return;
-    };
     let dir = plugin_dir();
     let name = "failover";
-    let prefix = crate::s3::prefix("cluster-failover");
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nnats = [\"{url}\"]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\n",
-            crate::s3::BUCKET
-        ),
-    )
-    .expect("config");
-    let env: Vec<(&str, String)> = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let config = config.to_string_lossy().into_owned();
-    let mut hosts: Vec<Host> = (0..3)
-        .map(|i| {
-            Host::start_env(
-                &dir.path().join(format!("data-{i}")),
-                &["--config", &config],
-                &env,
-            )
-        })
-        .collect();
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let (url, prefix) = (cluster.url.clone(), cluster.prefix.clone());
+    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
     let ids: Vec<String> = hosts.iter().map(own_id).collect();
     wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
 
@@ -683,6 +704,89 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
     hosts[frozen].wait_status(&id, "finished", Duration::from_secs(120));
     weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("{e}"));
+    for host in &mut hosts {
+        host.terminate();
+    }
+}
+
+#[test]
+fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
+    let dir = plugin_dir();
+    let name = "chaos";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
+    let ids: Vec<String> = hosts.iter().map(own_id).collect();
+    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    // Two source subtasks at 800 lines/s each: about 45 s of input.
+    let lines = crate::nats::input_lines(72_000, 5);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    crate::nats::prepare_streams(&url, name, &lines);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    hosts[0].wait_checkpoints(&id, 2, Duration::from_secs(60));
+    let seed = std::env::var("WEIR_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(3)
+        });
+    eprintln!("cluster chaos seed {seed} (WEIR_CHAOS_SEED to repeat)");
+    let random = |i: u64| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed);
+    // Ten times: SIGKILL a host (the job's owner two times in three, as
+    // the cluster lists it), leave it dead 0.3–2.3 s, restart it under
+    // the same id.
+    let mut owners_killed = 0;
+    for round in 0..10u64 {
+        let live = (0..3)
+            .find(|i| hosts[*i].is_running())
+            .expect("a live host");
+        let owner = placement(&hosts[live], &id).map(|p| p.0);
+        let victim = match owner.as_ref().and_then(|o| ids.iter().position(|i| i == o)) {
+            Some(owner) if random(round * 3) % 3 != 0 => {
+                owners_killed += 1;
+                owner
+            }
+            _ => (random(round * 3 + 1) % 3) as usize,
+        };
+        hosts[victim].kill();
+        std::thread::sleep(Duration::from_millis(300 + random(round * 3 + 2) % 2000));
+        hosts[victim] = cluster.host(dir.path(), victim);
+        eprintln!(
+            "round {round}: killed and restarted {} (owner: {owner:?})",
+            ids[victim]
+        );
+    }
+    assert!(
+        owners_killed >= 3,
+        "the owner was killed {owners_killed} times"
+    );
+    // The job finishes wherever it runs; every count published once.
+    let started = Instant::now();
+    loop {
+        let status = placement(&hosts[0], &id).map(|p| p.1);
+        if status.as_deref() == Some("finished") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "job {id} did not finish: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     for host in &mut hosts {
         host.terminate();
     }

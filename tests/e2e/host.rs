@@ -163,6 +163,11 @@ impl Host {
         }
     }
 
+    /// Whether its process is still there (not killed by the test).
+    pub(crate) fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

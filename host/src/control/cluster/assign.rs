@@ -15,7 +15,9 @@
 //!   the live host with the fewest jobs, with a compare-and-set that bumps
 //!   the generation. Jobs of live hosts never move (sticky).
 //! - Every host follows the bucket: it adopts a job assigned to it that it
-//!   does not run (restoring from the assignment's restore point), and
+//!   does not run (restoring from the assignment's restore point, under a
+//!   generation it takes with a compare-and-set, so a previous process of
+//!   the same host is fenced too), and
 //!   releases a job it runs that is assigned elsewhere (cancelled: its
 //!   output after the last commit is discarded).
 //! - Fencing: before the sinks commit a completed checkpoint or savepoint,
@@ -361,10 +363,37 @@ impl Assignments {
                     if let Err(error) = result {
                         warn!(job = %assignment.job, ?error, "cannot mark the job ended");
                     }
-                } else if !assignment.ended && !runs_it && !ended_here {
-                    info!(job = %assignment.job, generation = assignment.generation, reason = %assignment.reason, "adopting the job");
-                    if let Err(error) = owner.adopt(assignment.clone()).await {
-                        warn!(job = %assignment.job, %error, "cannot adopt the job");
+                } else if !assignment.ended
+                    && !runs_it
+                    && !ended_here
+                    && !here.is_some_and(|j| j.driven)
+                {
+                    // Taken up under a generation of its own, so that any
+                    // earlier run of it here (a previous process of this
+                    // host) is fenced; a run of it still going here ends
+                    // fenced first.
+                    let claimed = self
+                        .change_own(&assignment.job, assignment.generation, |a| {
+                            a.generation += 1
+                        })
+                        .await;
+                    let claimed = match claimed {
+                        Ok(()) => self
+                            .cache
+                            .lock()
+                            .expect("not poisoned")
+                            .get(&assignment.job)
+                            .cloned(),
+                        Err(error) => {
+                            warn!(job = %assignment.job, ?error, "cannot take up the job");
+                            None
+                        }
+                    };
+                    if let Some(claimed) = claimed {
+                        info!(job = %claimed.job, generation = claimed.generation, reason = %claimed.reason, "adopting the job");
+                        if let Err(error) = owner.adopt(claimed).await {
+                            warn!(job = %assignment.job, %error, "cannot adopt the job");
+                        }
                     }
                 }
             } else if let Some(job) = here
