@@ -791,3 +791,106 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
         host.terminate();
     }
 }
+
+/// Waits until the NATS cluster's JetStream answers (a meta leader was
+/// elected) through `urls`.
+fn wait_jetstream(urls: &[String]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let started = Instant::now();
+        loop {
+            if let Ok(client) = async_nats::connect(urls).await
+                && async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the NATS cluster's JetStream never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+#[test]
+fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
+    let Some(nats) = weir_tests::nats::cluster() else {
+        return;
+    };
+    let Some(s3) = crate::s3::server() else {
+        return;
+    };
+    wait_jetstream(&nats.urls);
+    let dir = plugin_dir();
+    let name = "quorum";
+    let prefix = crate::s3::prefix("cluster-quorum");
+    let config = dir.path().join("quorum.toml");
+    let servers = nats
+        .urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnats = [{servers}]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\nreplicas = 3\n",
+            crate::s3::BUCKET
+        ),
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut hosts: Vec<Host> = (0..3)
+        .map(|i| {
+            Host::start_env(
+                &dir.path().join(format!("data-{i}")),
+                &["--config", &config],
+                &env,
+            )
+        })
+        .collect();
+    let ids: Vec<String> = hosts.iter().map(own_id).collect();
+    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    // The job's streams keep three copies; its connectors know every node.
+    let url = nats.url_list();
+    let lines = crate::nats::input_lines(48_000, 17);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    crate::nats::prepare_replicated_streams(&url, name, &lines, 3);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    hosts[0].wait_checkpoints(&id, 2, Duration::from_secs(60));
+
+    // A NATS node SIGKILLed: two of three keep quorum; the job checkpoints
+    // on, and when its host dies too, it moves through the two.
+    nats.kill(1);
+    let before = hosts[0].job(&id)["checkpoints_completed"]
+        .as_u64()
+        .unwrap_or(0);
+    hosts[0].wait_checkpoints(&id, before + 3, Duration::from_secs(60));
+    hosts[0].kill();
+    let moved = wait_moved(&hosts[1], &id, &ids[0], Duration::from_secs(30));
+    let owner = ids.iter().position(|i| *i == moved).expect("a member");
+    hosts[owner].wait_checkpoints(&id, 2, Duration::from_secs(60));
+    nats.restart(1);
+    hosts[owner].wait_status(&id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for host in &mut hosts {
+        host.terminate();
+    }
+}

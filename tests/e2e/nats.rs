@@ -21,8 +21,10 @@ fn server() -> Option<String> {
     weir_tests::nats::server().map(|s| s.url.clone())
 }
 
+/// A JetStream context on `url` (or any of a comma-separated list).
 async fn context(url: &str) -> Context {
-    let client = async_nats::connect(url)
+    let servers: Vec<String> = url.split(',').map(str::to_string).collect();
+    let client = async_nats::connect(servers.as_slice())
         .await
         .expect("connects to the test server");
     jetstream::new(client)
@@ -30,11 +32,23 @@ async fn context(url: &str) -> Context {
 
 /// (Re)creates stream `name` over `subjects`.
 async fn fresh_stream(js: &Context, name: &str, subjects: &[String], window: Duration) {
+    fresh_replicated_stream(js, name, subjects, window, 1).await;
+}
+
+/// [`fresh_stream`] keeping `replicas` copies (on a NATS cluster).
+async fn fresh_replicated_stream(
+    js: &Context,
+    name: &str,
+    subjects: &[String],
+    window: Duration,
+    replicas: usize,
+) {
     let _ = js.delete_stream(name).await;
     js.create_stream(stream::Config {
         name: name.to_string(),
         subjects: subjects.to_vec(),
         duplicate_window: window,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -151,20 +165,27 @@ inputs = ["count"]
 
 /// Creates `<name>-in` holding `lines` and an empty `<name>-out`.
 pub(crate) fn prepare_streams(url: &str, name: &str, lines: &[String]) {
+    prepare_replicated_streams(url, name, lines, 1);
+}
+
+/// [`prepare_streams`] with `replicas` copies of each stream.
+pub(crate) fn prepare_replicated_streams(url: &str, name: &str, lines: &[String], replicas: usize) {
     runtime().block_on(async {
         let js = context(url).await;
-        fresh_stream(
+        fresh_replicated_stream(
             &js,
             &format!("{name}-in"),
             &[format!("{name}.in.>")],
             Duration::from_secs(120),
+            replicas,
         )
         .await;
-        fresh_stream(
+        fresh_replicated_stream(
             &js,
             &format!("{name}-out"),
             &[format!("{name}.out")],
             Duration::from_secs(120),
+            replicas,
         )
         .await;
         publish_lines(&js, &format!("{name}.in"), 6, lines).await;

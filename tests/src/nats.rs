@@ -3,7 +3,7 @@
 //! once per test binary on a free loopback port (`servers`).
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::servers;
@@ -45,10 +45,133 @@ fn start(name: &str, extra: &[&str]) -> Option<NatsServer> {
         .collect();
     args.push(dir.join("store").to_string_lossy().into_owned());
     args.extend(extra.iter().map(|a| a.to_string()));
-    servers::spawn_for_life(binary, args, dir.join("server.log"));
+    let _ = servers::spawn_for_life(binary, args, dir.join("server.log"));
     servers::wait_listening(port, "nats-server", Duration::from_secs(20));
     Some(NatsServer {
         url: format!("nats://127.0.0.1:{port}"),
         dir,
     })
+}
+
+/// A cluster of three nats-server processes with routes between them
+/// (JetStream clustered: streams and buckets may keep 3 replicas), for the
+/// tests where a node dies and the cluster keeps quorum.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// Each node's `nats://127.0.0.1:PORT`.
+    pub urls: Vec<String>,
+    nodes: Mutex<Vec<Node>>,
+}
+
+#[derive(Debug)]
+struct Node {
+    binary: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    port: u16,
+    pid: Option<u32>,
+}
+
+/// The three-node cluster, started on first use (None as [`server`]).
+pub fn cluster() -> Option<&'static NatsCluster> {
+    static CLUSTER: OnceLock<Option<NatsCluster>> = OnceLock::new();
+    CLUSTER.get_or_init(start_cluster).as_ref()
+}
+
+fn start_cluster() -> Option<NatsCluster> {
+    let binary = servers::install("nats.sh", "NATS (nats-server)")?;
+    let dir = servers::data_dir("nats-cluster");
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| (servers::free_port(), servers::free_port()))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, (port, route)) in ports.iter().enumerate() {
+        let routes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, r))| format!("nats://127.0.0.1:{r}"))
+            .collect();
+        let args: Vec<String> = vec![
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-n".into(),
+            format!("node-{i}"),
+            "-sd".into(),
+            dir.join(format!("store-{i}"))
+                .to_string_lossy()
+                .into_owned(),
+            "--cluster_name".into(),
+            "weir-tests".into(),
+            "--cluster".into(),
+            format!("nats://127.0.0.1:{route}"),
+            "--routes".into(),
+            routes.join(","),
+        ];
+        nodes.push(Node {
+            binary: binary.clone(),
+            args,
+            log: dir.join(format!("node-{i}.log")),
+            port: *port,
+            pid: None,
+        });
+    }
+    for node in &mut nodes {
+        node.pid = Some(servers::spawn_for_life(
+            node.binary.clone(),
+            node.args.clone(),
+            node.log.clone(),
+        ));
+    }
+    for node in &nodes {
+        servers::wait_listening(
+            node.port,
+            "nats-server (cluster node)",
+            Duration::from_secs(20),
+        );
+    }
+    Some(NatsCluster {
+        urls: nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect(),
+        nodes: Mutex::new(nodes),
+    })
+}
+
+impl NatsCluster {
+    /// The nodes' URLs, comma-separated (as a connector's `url` takes them).
+    pub fn url_list(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&self, i: usize) {
+        let mut nodes = self.nodes.lock().expect("not poisoned");
+        if let Some(pid) = nodes[i].pid.take() {
+            // SAFETY: a plain kill(2) of a process this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    /// Starts node `i` again (its store kept), and waits until it listens.
+    pub fn restart(&self, i: usize) {
+        let mut nodes = self.nodes.lock().expect("not poisoned");
+        let node = &mut nodes[i];
+        if node.pid.is_none() {
+            node.pid = Some(servers::spawn_for_life(
+                node.binary.clone(),
+                node.args.clone(),
+                node.log.clone(),
+            ));
+            servers::wait_listening(
+                node.port,
+                "nats-server (cluster node)",
+                Duration::from_secs(20),
+            );
+        }
+    }
 }

@@ -43,8 +43,8 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts `binary args` with its output in `log`; it is killed when the
-/// test process ends.
-pub fn spawn_for_life(binary: PathBuf, args: Vec<String>, log: PathBuf) {
+/// test process ends. Its process id (a test may kill it sooner).
+pub fn spawn_for_life(binary: PathBuf, args: Vec<String>, log: PathBuf) -> u32 {
     // The parent-death signal fires when the spawning *thread* ends, so a
     // thread that never ends spawns the server.
     let (started, spawned) = std::sync::mpsc::channel();
@@ -69,7 +69,7 @@ pub fn spawn_for_life(binary: PathBuf, args: Vec<String>, log: PathBuf) {
             }
             let child = command.spawn();
             let failed = child.is_err();
-            let _ = started.send(child.map(|_| ()));
+            let _ = started.send(child.map(|c| c.id()));
             if !failed {
                 loop {
                     std::thread::park();
@@ -80,7 +80,7 @@ pub fn spawn_for_life(binary: PathBuf, args: Vec<String>, log: PathBuf) {
     spawned
         .recv()
         .expect("the spawning thread answers")
-        .unwrap_or_else(|e| panic!("the server does not start: {e}"));
+        .unwrap_or_else(|e| panic!("the server does not start: {e}"))
 }
 
 /// Waits until something listens on `port` (at most `limit`).

@@ -60,8 +60,16 @@ fn connector_error(message: impl Into<String>) -> OperatorError {
     OperatorError::new(FailureKind::Connector, message)
 }
 
-/// `url` without its password, for messages.
+/// `url` (or a comma-separated list of them) without passwords, for
+/// messages.
 pub fn redact(url: &str) -> String {
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(|u| redact(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -74,12 +82,15 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Connects to `url` (credentials may be in it: `nats://user:pass@host`).
+/// Connects to `url` (credentials may be in it: `nats://user:pass@host`;
+/// the servers of a NATS cluster comma-separated, any one of them up is
+/// enough).
 async fn connect(url: &str) -> Result<Context, String> {
     let options = async_nats::ConnectOptions::new()
         .connection_timeout(CONNECT_TIMEOUT)
         .name("weir");
-    let client = async_nats::connect_with_options(url, options)
+    let servers: Vec<String> = url.split(',').map(|u| u.trim().to_string()).collect();
+    let client = async_nats::connect_with_options(servers.as_slice(), options)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", redact(url)))?;
     Ok(jetstream::new(client))

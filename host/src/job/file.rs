@@ -275,7 +275,8 @@ pub struct SourceSpec {
     pub keys: Option<u64>,
     /// generator: seed of the word choice.
     pub seed: Option<u64>,
-    /// nats: the server, `nats://host:port`.
+    /// nats: the server, `nats://host:port` (a NATS cluster's servers
+    /// comma-separated).
     pub url: Option<String>,
     /// nats: the JetStream stream read.
     pub stream: Option<String>,
@@ -511,7 +512,8 @@ pub struct SinkSpec {
     pub parallelism: Option<u32>,
     /// file: the output directory, relative to the job file.
     pub path: Option<PathBuf>,
-    /// nats: the server, `nats://host:port`.
+    /// nats: the server, `nats://host:port` (a NATS cluster's servers
+    /// comma-separated).
     pub url: Option<String>,
     /// nats: the JetStream stream that stores `subject`.
     pub stream: Option<String>,
