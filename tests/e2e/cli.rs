@@ -788,6 +788,59 @@ inputs = ["count"]
     }
     assert_eq!(last, expected, "the run counted on from the written state");
 
+    // The same lines for count v2, whose state `count` is at schema
+    // version 2: refused as they are, migrated offline with --transform.
+    let for_v2 = |extra: &[&str]| {
+        let mut args = vec![
+            "savepoint",
+            "write",
+            "--uid",
+            "count",
+            "--state",
+            "count",
+            "--from",
+            "state.jsonl",
+            "--plugin",
+            WORDCOUNT_COUNT_V2,
+            "--max-parallelism",
+            "16",
+            "-o",
+        ];
+        args.extend_from_slice(extra);
+        weir(&args, job.path())
+    };
+    let refused = for_v2(&["unmigrated"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains(
+            "line 1: a value of schema version 1, but state `count` is written at schema version 2"
+        ) && stderr.contains("give --transform to migrate it with the plugin's migrate export"),
+        "{stderr}"
+    );
+    let migrated = for_v2(&["migrated", "--transform"]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let migrated_dir = String::from_utf8_lossy(&migrated.stdout).trim().to_string();
+    let lines = weir(
+        &["savepoint", "read", &migrated_dir, "--uid", "count"],
+        job.path(),
+    );
+    let mut v2: BTreeMap<String, u64> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&lines.stdout).lines() {
+        let cell: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(cell["schema_version"], 2, "{line}");
+        assert!(cell["value"]["last_seen"].is_null(), "{line}");
+        v2.insert(
+            cell["key"].as_str().expect("a key").to_string(),
+            cell["value"]["count"].as_u64().expect("v2's count"),
+        );
+    }
+    assert_eq!(v2, committed, "every count migrated into count v2's value");
+
     // Bad lines are named, every one, and nothing is written.
     job.write(
         "bad.jsonl",

@@ -792,8 +792,9 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
     }
 }
 
-/// Waits until the NATS cluster's JetStream answers (a meta leader was
-/// elected) through `urls`.
+/// Waits until the NATS cluster's JetStream places streams of three
+/// replicas (its three nodes joined and elected a meta leader): a probe
+/// stream made and removed through `urls`.
 fn wait_jetstream(urls: &[String]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -802,17 +803,24 @@ fn wait_jetstream(urls: &[String]) {
     runtime.block_on(async {
         let started = Instant::now();
         loop {
-            if let Ok(client) = async_nats::connect(urls).await
-                && async_nats::jetstream::new(client)
-                    .query_account()
-                    .await
-                    .is_ok()
-            {
-                return;
+            if let Ok(client) = async_nats::connect(urls).await {
+                let js = async_nats::jetstream::new(client);
+                let probe = js
+                    .create_stream(async_nats::jetstream::stream::Config {
+                        name: "weir-probe".to_string(),
+                        subjects: vec!["weir-probe".to_string()],
+                        num_replicas: 3,
+                        ..Default::default()
+                    })
+                    .await;
+                if probe.is_ok() {
+                    let _ = js.delete_stream("weir-probe").await;
+                    return;
+                }
             }
             assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the NATS cluster's JetStream never answered"
+                started.elapsed() < Duration::from_secs(90),
+                "the NATS cluster's JetStream never placed a stream of three replicas"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -865,9 +873,13 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let lines = crate::nats::input_lines(48_000, 17);
     let expected = weir_tests::count_words(&lines.join("\n"));
     crate::nats::prepare_replicated_streams(&url, name, &lines, 3);
+    // A publish not acknowledged while the node's streams elect new
+    // leaders fails the sink: the restart strategy takes the job back to
+    // its newest checkpoint (without one, it would fail for good).
     dir.write(
         "job.toml",
-        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints")
+            + "\n[restart]\nstrategy = \"fixed-delay\"\nattempts = 20\ndelay = \"500ms\"\n",
     );
     let id = hosts[0]
         .ok(&["run", "job.toml"], dir.path())

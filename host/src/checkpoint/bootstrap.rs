@@ -35,15 +35,25 @@ pub struct Bootstrap {
     pub parallelism: u32,
     /// The job's `max_parallelism` (a restore requires the same).
     pub max_parallelism: u32,
+    /// Lines of an older schema version are accepted (their values are
+    /// migrated by the caller: `--transform`).
+    pub transform: bool,
 }
 
-/// Parses one input line into a cell `(key group, key, stored value)`.
-/// `line` is 1-based, for messages.
-pub fn parse_line(
-    spec: &Bootstrap,
-    line: usize,
-    text: &str,
-) -> Result<(u16, Vec<u8>, Vec<u8>), String> {
+/// One parsed input line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedCell {
+    pub key_group: u16,
+    pub key: Vec<u8>,
+    /// The stored value, as the line gives it.
+    pub value: Vec<u8>,
+    /// The line's schema version when it is older than the state's (only
+    /// with [`Bootstrap::transform`]): its value needs migrating.
+    pub migrate_from: Option<u32>,
+}
+
+/// Parses one input line into a cell. `line` is 1-based, for messages.
+pub fn parse_line(spec: &Bootstrap, line: usize, text: &str) -> Result<ParsedCell, String> {
     use base64::Engine;
     let engine = base64::engine::general_purpose::STANDARD;
     let cell: CellLine =
@@ -54,19 +64,26 @@ pub fn parse_line(
             cell.state, spec.state.name
         ));
     }
-    if let Some(version) = cell.schema_version
-        && version != spec.state.schema_version
-    {
-        return Err(format!(
-            "line {line}: a value of schema version {version}, but state `{}` is written at schema version {}{}",
-            spec.state.name,
-            spec.state.schema_version,
-            match &spec.plugin {
-                Some(plugin) => format!(" (as {}@{} declares it)", plugin.name, plugin.version),
-                None => String::new(),
-            }
-        ));
-    }
+    let migrate_from = match cell.schema_version {
+        Some(version) if version < spec.state.schema_version && spec.transform => Some(version),
+        Some(version) if version != spec.state.schema_version => {
+            let hint = if version < spec.state.schema_version && spec.plugin.is_some() {
+                "; give --transform to migrate it with the plugin's migrate export"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "line {line}: a value of schema version {version}, but state `{}` is written at schema version {}{}{hint}",
+                spec.state.name,
+                spec.state.schema_version,
+                match &spec.plugin {
+                    Some(plugin) => format!(" (as {}@{} declares it)", plugin.name, plugin.version),
+                    None => String::new(),
+                }
+            ));
+        }
+        _ => None,
+    };
     let key = match (cell.key, cell.key_base64) {
         (Some(text), None) => text.into_bytes(),
         (None, Some(b64)) => engine
@@ -122,7 +139,12 @@ pub fn parse_line(
             ));
         }
     };
-    Ok((group, key, value))
+    Ok(ParsedCell {
+        key_group: group,
+        key,
+        value,
+        migrate_from,
+    })
 }
 
 /// Writes the cells (key group, key → stored value) as a new canonical

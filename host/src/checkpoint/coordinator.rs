@@ -68,6 +68,10 @@ struct Completed {
     stopped: Option<Location>,
     /// Where it is (the remote copy, if any).
     location: Location,
+    /// Written, but not yet this job's newest restore point: the commit
+    /// gate decides ([`JobCheckpoints::register`] or
+    /// [`JobCheckpoints::discard`]). None: registered already (no gate).
+    unregistered: Option<(ReadMetadata, bool)>,
 }
 
 /// Checkpoint settings as the coordinator uses them.
@@ -291,6 +295,30 @@ impl JobCheckpoints {
     /// Writes `_metadata`, then retires checkpoints beyond retention and the
     /// shared files only they used. Blocking.
     fn complete(&self, metadata: CheckpointMetadata) -> Result<ReadMetadata, CheckpointError> {
+        let read = self.write_completed(metadata)?;
+        self.register(read.clone());
+        Ok(read)
+    }
+
+    /// A checkpoint written by [`Self::write_completed`] that its commit
+    /// gate refused: removed here and remotely, never restored (a restart
+    /// of this run restores the newest registered one).
+    fn discard(&self, read: &ReadMetadata) {
+        let name = super::checkpoint_dir_name(CheckpointId(read.metadata.checkpoint));
+        let _ = std::fs::remove_dir_all(self.job_dir.join(&name));
+        if let Some(remote) = &self.remote
+            && let Err(error) = super::remote::block_on(remote.delete_all(&name))
+        {
+            warn!(%error, checkpoint = read.metadata.checkpoint, "cannot remove a refused checkpoint remotely");
+        }
+    }
+
+    /// Writes `_metadata` (and mirrors the checkpoint), without making it
+    /// the newest: see [`Self::register`]. Blocking.
+    fn write_completed(
+        &self,
+        metadata: CheckpointMetadata,
+    ) -> Result<ReadMetadata, CheckpointError> {
         let dir = self.job_dir.join(super::checkpoint_dir_name(CheckpointId(
             metadata.checkpoint,
         )));
@@ -305,11 +333,17 @@ impl JobCheckpoints {
                 return Err(error);
             }
         }
-        let read = ReadMetadata {
+        Ok(ReadMetadata {
             path,
             base: self.job_dir.clone(),
             metadata,
-        };
+        })
+    }
+
+    /// Makes a written checkpoint the newest (what a restart restores),
+    /// then retires checkpoints beyond retention and the shared files only
+    /// they used. Blocking.
+    fn register(&self, read: ReadMetadata) {
         let mut inner = self.lock();
         let retired = inner
             .registry
@@ -349,7 +383,6 @@ impl JobCheckpoints {
                 warn!(%error, "cannot remove a retired checkpoint remotely");
             }
         }
-        Ok(read)
     }
 
     /// Before an attempt starts (nothing in flight): removes checkpoint
@@ -887,9 +920,26 @@ impl Checkpointing<'_> {
             self.queued.push_front(next);
         }
         match self.coordinator.complete(done).await {
-            Ok(completed) => {
+            Ok(mut completed) => {
                 if let Some(gate) = &self.coordinator.commit_gate {
-                    match gate.admit(completed.id, completed.location).await {
+                    let admitted = gate.admit(completed.id, completed.location.clone()).await;
+                    // Admitted: the job's newest restore point (a restart
+                    // of this run restores it); refused: removed, so a
+                    // restart never commits what the gate did not admit.
+                    if let (Some(store), Some((read, savepoint))) =
+                        (&self.coordinator.store, completed.unregistered.take())
+                    {
+                        let store = store.clone();
+                        let ok = admitted.is_ok();
+                        let _ = tokio::task::spawn_blocking(move || match (ok, savepoint) {
+                            (true, false) => store.register(read),
+                            (true, true) => store.lock().latest = Some(read),
+                            (false, false) => store.discard(&read),
+                            (false, true) => {}
+                        })
+                        .await;
+                    }
+                    match admitted {
                         Ok(()) => {}
                         Err(GateRefusal::Fenced(reason)) => {
                             warn!(checkpoint = completed.id, %reason, "fenced: the checkpoint completed but commits nothing");
@@ -1253,12 +1303,16 @@ impl Coordinator {
             .clone()
             .expect("only enabled coordinators trigger");
         let writer = store.clone();
-        let written = tokio::task::spawn_blocking(move || writer.complete(metadata))
-            .await
-            .map_err(|e| format!("writing _metadata: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let gated = self.commit_gate.is_some();
+        let written = tokio::task::spawn_blocking(move || match gated {
+            true => writer.write_completed(metadata),
+            false => writer.complete(metadata),
+        })
+        .await
+        .map_err(|e| format!("writing _metadata: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
         answer(std::mem::take(&mut pending.waiters), &written);
-        written?;
+        let written = written?;
         store.metrics.completed.fetch_add(1, Ordering::Relaxed);
         store.metrics.latest.store(pending.id.0, Ordering::Relaxed);
         store.metrics.record(CheckpointRecord {
@@ -1285,6 +1339,7 @@ impl Coordinator {
             id: pending.id.0,
             stopped: None,
             location: store.location(pending.id.0),
+            unregistered: gated.then_some((written, false)),
         })
     }
 
@@ -1335,9 +1390,15 @@ impl Coordinator {
             }
         };
         self.savepoint_progress.finish();
-        if let Some(store) = &self.store {
-            store.lock().latest = Some(read);
-        }
+        let gated = self.commit_gate.is_some();
+        let unregistered = match (&self.store, gated) {
+            (Some(_), true) => Some((read, true)),
+            (Some(store), false) => {
+                store.lock().latest = Some(read);
+                None
+            }
+            (None, _) => None,
+        };
         info!(
             savepoint = pending.id.0,
             dir = %savepoint.dir.path().display(),
@@ -1359,6 +1420,7 @@ impl Coordinator {
             id: pending.id.0,
             stopped: savepoint.stop.then(|| location.clone()),
             location,
+            unregistered,
         })
     }
 }
@@ -1823,6 +1885,13 @@ mod tests {
             ],
             "asked with where each checkpoint is"
         );
+        // The refused checkpoint is gone: a restart restores checkpoint 1.
+        assert_eq!(
+            h.store.latest().map(|r| r.metadata.checkpoint),
+            Some(1),
+            "the newest restore point is the newest admitted"
+        );
+        assert!(!dir.path().join("job/chk-2").exists(), "refused, removed");
     }
 
     #[tokio::test]
@@ -1846,6 +1915,10 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(h.commit.borrow().completed, 0, "nothing announced");
+        assert!(
+            h.store.latest().is_none(),
+            "nothing a restart would restore"
+        );
     }
 
     #[tokio::test]

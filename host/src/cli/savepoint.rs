@@ -91,6 +91,10 @@ pub struct WriteArgs {
     /// The directory the savepoint directory is made in.
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: PathBuf,
+    /// Lines of an older schema version (as `read` prints them) are
+    /// migrated with the plugin's migrate export, offline.
+    #[arg(long, requires = "plugin")]
+    pub transform: bool,
 }
 
 /// How `weir savepoint read` prints cells.
@@ -379,9 +383,11 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
             crate::types::key_group::MAX_MAX_PARALLELISM
         );
     }
+    let mut loaded_plugin = None;
     let (state, plugin) = match &args.plugin {
         Some(file) => {
             let loaded = cli.engine()?.load(file)?;
+            loaded_plugin = Some(loaded.clone());
             let Some(declared) = loaded.info.states.iter().find(|s| s.name == args.state) else {
                 let names: Vec<&str> = loaded.info.states.iter().map(|s| s.name.as_str()).collect();
                 bail!(
@@ -424,6 +430,47 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
         plugin,
         parallelism: args.parallelism,
         max_parallelism: args.max_parallelism,
+        transform: args.transform,
+    };
+    if args.transform && loaded_plugin.as_ref().is_some_and(|p| p.migrate.is_none()) {
+        bail!(
+            "--transform: plugin {} has no migrate export ({}) to migrate older values with",
+            args.plugin.as_deref().unwrap_or(Path::new("?")).display(),
+            crate::plugin::migrate::MIGRATION_INTERFACE
+        );
+    }
+    // `--transform`: a migrator per schema version the lines come in.
+    let mut migrators: std::collections::HashMap<u32, crate::plugin::migrate::Migrator> =
+        std::collections::HashMap::new();
+    let mut migrate = |from: u32, value: Vec<u8>| -> Result<Vec<u8>, String> {
+        use crate::checkpoint::restore::MigrateCells;
+        let plugin = loaded_plugin
+            .clone()
+            .expect("--transform requires --plugin");
+        let migrator = match migrators.entry(from) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let kind = plugin
+                    .info
+                    .states
+                    .iter()
+                    .find(|s| s.name == args.state)
+                    .map(|s| s.kind)
+                    .unwrap_or(crate::state::StateKind::Value);
+                entry.insert(crate::plugin::migrate::Migrator::new(
+                    &args.uid,
+                    plugin,
+                    &crate::job::Limits::default(),
+                    vec![crate::plugin::migrate::StateMigration {
+                        table: 0,
+                        name: args.state.clone(),
+                        kind,
+                        from_version: from,
+                    }],
+                )?)
+            }
+        };
+        migrator.migrate(0, value)
     };
     let shown = args.from.display().to_string();
     let input: Box<dyn BufRead> = if args.from.as_os_str() == "-" {
@@ -439,8 +486,20 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
         if text.trim().is_empty() {
             continue;
         }
-        match bootstrap::parse_line(&spec, index + 1, &text) {
-            Ok((group, key, value)) => {
+        let parsed = bootstrap::parse_line(&spec, index + 1, &text).and_then(|mut cell| {
+            if let Some(from) = cell.migrate_from {
+                cell.value = migrate(from, std::mem::take(&mut cell.value))
+                    .map_err(|e| format!("line {}: {e}", index + 1))?;
+            }
+            Ok(cell)
+        });
+        match parsed {
+            Ok(bootstrap::ParsedCell {
+                key_group: group,
+                key,
+                value,
+                ..
+            }) => {
                 if cells.insert((group, key.clone()), value).is_some() {
                     problems.push(format!(
                         "line {}: key {:?} comes a second time",

@@ -285,12 +285,22 @@ impl Assignments {
                 serde_json::to_vec(&assignment)
                     .map_err(|e| GateRefusal::Unavailable(e.to_string()))?,
             );
-            if self.bucket.update(key(job), bytes, revision).await.is_ok() {
-                self.cache
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(job.to_string(), assignment);
-                return Ok(());
+            match self.bucket.update(key(job), bytes, revision).await {
+                Ok(_) => {
+                    self.cache
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(job.to_string(), assignment);
+                    return Ok(());
+                }
+                // Changed meanwhile: read it again.
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(error) => {
+                    return Err(GateRefusal::Unavailable(format!(
+                        "cannot write bucket `{}-assignments`: {error}",
+                        self.shared.name
+                    )));
+                }
             }
         }
         Err(GateRefusal::Unavailable(format!(
@@ -519,6 +529,11 @@ pub struct Fence {
     generation: u64,
 }
 
+/// How long the gate keeps asking while the bucket does not answer (a
+/// NATS node died and its streams elect new leaders) before the
+/// checkpoint counts as failed.
+const GATE_PATIENCE: Duration = Duration::from_secs(15);
+
 impl CommitGate for Fence {
     fn admit(
         &self,
@@ -527,11 +542,24 @@ impl CommitGate for Fence {
     ) -> Pin<Box<dyn Future<Output = Result<(), GateRefusal>> + Send + '_>> {
         Box::pin(async move {
             let point = restore_point.to_string();
-            self.assignments
-                .change_own(&self.job, self.generation, |a| {
-                    a.restore = Some(point.clone())
-                })
-                .await
+            let deadline = Instant::now() + GATE_PATIENCE;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let result = self
+                    .assignments
+                    .change_own(&self.job, self.generation, |a| {
+                        a.restore = Some(point.clone())
+                    })
+                    .await;
+                match result {
+                    Err(GateRefusal::Unavailable(reason)) if Instant::now() < deadline => {
+                        warn!(job = %self.job, %reason, "the commit gate cannot reach the cluster's assignments; asking again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    other => return other,
+                }
+            }
         })
     }
 }
