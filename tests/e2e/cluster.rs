@@ -874,12 +874,13 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let expected = weir_tests::count_words(&lines.join("\n"));
     crate::nats::prepare_replicated_streams(&url, name, &lines, 3);
     // A publish not acknowledged while the node's streams elect new
-    // leaders fails the sink: the restart strategy takes the job back to
-    // its newest checkpoint (without one, it would fail for good).
+    // leaders (under load this can take many seconds) fails the sink: the
+    // restart strategy takes the job back to its newest checkpoint until
+    // the stream answers again (without one, it would fail for good).
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints")
-            + "\n[restart]\nstrategy = \"fixed-delay\"\nattempts = 20\ndelay = \"500ms\"\n",
+            + "\n[restart]\nstrategy = \"fixed-delay\"\nattempts = 120\ndelay = \"1s\"\n",
     );
     let id = hosts[0]
         .ok(&["run", "job.toml"], dir.path())
