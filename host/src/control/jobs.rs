@@ -1023,6 +1023,26 @@ impl cluster::assign::Owner for ClusterOwner {
         self.0.upgrade().map(|m| m.local_jobs()).unwrap_or_default()
     }
 
+    fn can_run(&self, spec: &JobSpec) -> Result<(), String> {
+        let Some(manager) = self.0.upgrade() else {
+            return Err("the host is shutting down".to_string());
+        };
+        let missing: Vec<&str> = spec
+            .resolved
+            .values()
+            .chain(spec.overrides.values())
+            .filter(|digest| !manager.ctx.store.blob_path(digest).is_file())
+            .map(String::as_str)
+            .collect();
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "plugin(s) sha256 {} not in this host's store yet",
+                missing.join(", ")
+            )),
+        }
+    }
+
     fn adopt(
         &self,
         assignment: cluster::assign::Assignment,

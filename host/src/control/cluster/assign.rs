@@ -102,6 +102,10 @@ pub struct LocalJob {
 /// What the follower asks of this host's jobs (the job manager).
 pub trait Owner: Send + Sync {
     fn local_jobs(&self) -> Vec<LocalJob>;
+    /// Whether this host can run `spec` now (its plugins are in this
+    /// host's store: on a NATS cluster a plugin can reach a host a moment
+    /// after the job does).
+    fn can_run(&self, spec: &JobSpec) -> Result<(), String>;
     /// Starts `assignment`'s job here, from its restore point.
     fn adopt(&self, assignment: Assignment) -> BoxFuture<'_, Result<(), String>>;
     /// Ends the job here without committing anything more, and forgets it
@@ -378,6 +382,10 @@ impl Assignments {
                     && !ended_here
                     && !here.is_some_and(|j| j.driven)
                 {
+                    if let Err(reason) = owner.can_run(&assignment.spec) {
+                        warn!(job = %assignment.job, %reason, "cannot take up the job yet");
+                        continue;
+                    }
                     // Taken up under a generation of its own, so that any
                     // earlier run of it here (a previous process of this
                     // host) is fenced; a run of it still going here ends

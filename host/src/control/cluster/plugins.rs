@@ -17,8 +17,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tracing::{info, warn};
+
+use tracing::{debug, info, warn};
 
 use super::ClusterError;
 use crate::control::now_ms;
@@ -258,9 +260,10 @@ impl SharedPlugins {
                         warn!(cluster = %self.cluster, key = %change.key, "an unreadable plugin index entry");
                         continue;
                     };
-                    if let Err(error) = self.fetch(&entry).await {
-                        warn!(cluster = %self.cluster, plugin = %entry.reference, %error, "cannot take in a plugin of the cluster");
-                    }
+                    // On a NATS cluster the index can reach this host
+                    // before the file's copy does: asked again a while.
+                    let this = self.clone();
+                    tokio::spawn(async move { this.fetch_patiently(&entry).await });
                 }
                 kv::Operation::Delete | kv::Operation::Purge => {
                     let Some(reference) = change
@@ -296,6 +299,25 @@ impl SharedPlugins {
 
     /// Adds `entry`'s plugin to this host's store if it lacks it: its
     /// file fetched, its sha256 checked, then validated and precompiled.
+    /// [`Self::fetch`], tried again with backoff for about half a minute
+    /// before giving up (a file not there yet, a store electing a leader).
+    async fn fetch_patiently(&self, entry: &IndexEntry) {
+        let mut pause = Duration::from_millis(200);
+        for attempt in 1..=12 {
+            match self.fetch(entry).await {
+                Ok(()) => return,
+                Err(error) if attempt == 12 => {
+                    warn!(cluster = %self.cluster, plugin = %entry.reference, %error, "cannot take in a plugin of the cluster");
+                }
+                Err(error) => {
+                    debug!(cluster = %self.cluster, plugin = %entry.reference, %error, attempt, "cannot take in a plugin of the cluster yet; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(4));
+                }
+            }
+        }
+    }
+
     async fn fetch(&self, entry: &IndexEntry) -> Result<(), String> {
         if self
             .store
