@@ -492,11 +492,17 @@ fn any_host_lists_every_job_and_answers_for_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let listed = b.ok(&["list"], dir.path());
-    assert!(
-        listed.contains(&format!("on {a_id} (not live)")),
-        "{listed}"
-    );
+    // Each listing reads the members again: the lease lapses there on the
+    // bucket's clock, a moment after the count above may have seen it.
+    let started = Instant::now();
+    loop {
+        let listed = b.ok(&["list"], dir.path());
+        if listed.contains(&format!("on {a_id} (not live)")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (status, body) = http(&b.url, "GET", &format!("/api/jobs/{id}"), None, &[]);
     assert_eq!(status, 503, "{body}");
     assert!(
