@@ -634,16 +634,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let count = 60000;
     let path = job.job(&union_count_job(count, 5000, "150ms", ""));
     let path = path.to_string_lossy().into_owned();
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("crash test seed {seed} (WEIR_CRASH_SEED to repeat)");
+    let seed = crate::support::seed("WEIR_CRASH_SEED", "crash test");
     let checkpoints = job.path().join("checkpoints");
     let mut restores = 0;
     for (kill, delay) in delays(seed).take(20).enumerate() {

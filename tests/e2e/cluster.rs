@@ -561,21 +561,31 @@ struct Movable {
 }
 
 impl Movable {
+    /// On the test NATS server.
     fn new(dir: &Path, name: &str) -> Option<Movable> {
-        let url = nats()?;
+        Self::on(dir, name, &[nats()?], 1)
+    }
+
+    /// On the NATS servers `urls`, its buckets keeping `replicas` copies.
+    fn on(dir: &Path, name: &str, urls: &[String], replicas: usize) -> Option<Movable> {
         let s3 = crate::s3::server()?;
         let prefix = crate::s3::prefix(&format!("cluster-{name}"));
         let config = dir.join(format!("{name}.toml"));
+        let servers = urls
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nnats = [\"{url}\"]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\n",
+                "[cluster]\nnats = [{servers}]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\nreplicas = {replicas}\n",
                 crate::s3::BUCKET
             ),
         )
         .expect("config");
         Some(Movable {
-            url,
+            url: urls.join(","),
             prefix,
             config: config.to_string_lossy().into_owned(),
             env: s3.env(),
@@ -739,16 +749,7 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
         .trim()
         .to_string();
     hosts[0].wait_checkpoints(&id, 2, Duration::from_secs(60));
-    let seed = std::env::var("WEIR_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(3)
-        });
-    eprintln!("cluster chaos seed {seed} (WEIR_CHAOS_SEED to repeat)");
+    let seed = crate::support::seed("WEIR_CHAOS_SEED", "cluster chaos");
     let random = |i: u64| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed);
     // Ten times: SIGKILL a host (the job's owner two times in three, as
     // the cluster lists it), leave it dead 0.3–2.3 s, restart it under
@@ -838,44 +839,17 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let Some(nats) = weir_tests::nats::cluster() else {
         return;
     };
-    let Some(s3) = crate::s3::server() else {
-        return;
-    };
     wait_jetstream(&nats.urls);
     let dir = plugin_dir();
     let name = "quorum";
-    let prefix = crate::s3::prefix("cluster-quorum");
-    let config = dir.path().join("quorum.toml");
-    let servers = nats
-        .urls
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nnats = [{servers}]\nname = \"{name}\"\ns3 = \"s3://{}/{prefix}\"\nreplicas = 3\n",
-            crate::s3::BUCKET
-        ),
-    )
-    .expect("config");
-    let config = config.to_string_lossy().into_owned();
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut hosts: Vec<Host> = (0..3)
-        .map(|i| {
-            Host::start_env(
-                &dir.path().join(format!("data-{i}")),
-                &["--config", &config],
-                &env,
-            )
-        })
-        .collect();
+    let Some(cluster) = Movable::on(dir.path(), name, &nats.urls, 3) else {
+        return;
+    };
+    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
     let ids: Vec<String> = hosts.iter().map(own_id).collect();
     wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
     // The job's streams keep three copies; its connectors know every node.
-    let url = nats.url_list();
+    let url = cluster.url.clone();
     let lines = crate::nats::input_lines(48_000, 17);
     let expected = weir_tests::count_words(&lines.join("\n"));
     crate::nats::prepare_replicated_streams(&url, name, &lines, 3);

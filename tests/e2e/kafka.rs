@@ -159,16 +159,7 @@ fn kafka_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
     let expected = weir_tests::count_words(&lines.join("\n"));
     prepare_topics(kafka, name, &lines);
     job.job(&count_job(&kafka.bootstrap, name, 2, 1500, ""));
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("kafka crash test seed {seed} (WEIR_CRASH_SEED to repeat)");
+    let seed = crate::support::seed("WEIR_CRASH_SEED", "kafka crash test");
     let mut restores = 0;
     let mut kills = 0;
     for (run, delay) in delays(seed).take(16).enumerate() {

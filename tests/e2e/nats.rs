@@ -249,16 +249,7 @@ fn jetstream_in_and_out_survive_sigkill_at_random_moments_exactly_once() {
         1500,
         &format!("s3://{}/{prefix}", crate::s3::BUCKET),
     ));
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("nats crash test seed {seed} (WEIR_CRASH_SEED to repeat)");
+    let seed = crate::support::seed("WEIR_CRASH_SEED", "nats crash test");
     let mut restores = 0;
     for (kill, delay) in delays(seed).take(20).enumerate() {
         let args = run_args(&path, newest());

@@ -177,3 +177,19 @@ pub(crate) fn total(
         })
         .sum()
 }
+
+/// A random test's seed: `var` from the environment (to repeat a run),
+/// else the clock; printed with `what` so a failure can be repeated.
+pub fn seed(var: &str, what: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("{what} seed {seed} ({var} to repeat)");
+    seed
+}

@@ -143,11 +143,6 @@ fn start_cluster() -> Option<NatsCluster> {
 }
 
 impl NatsCluster {
-    /// The nodes' URLs, comma-separated (as a connector's `url` takes them).
-    pub fn url_list(&self) -> String {
-        self.urls.join(",")
-    }
-
     /// SIGKILLs node `i`.
     pub fn kill(&self, i: usize) {
         let mut nodes = self.nodes.lock().expect("not poisoned");

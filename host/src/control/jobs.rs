@@ -713,25 +713,19 @@ impl JobManager {
     /// restore point its previous owner committed last. A record of it
     /// this host kept (it ran the job before a restart) keeps its history.
     async fn adopt(&self, assignment: cluster::assign::Assignment) -> Result<(), ControlError> {
-        let kept = self
-            .get(&assignment.job)
-            .ok()
-            .filter(|h| !h.driven.load(std::sync::atomic::Ordering::SeqCst))
-            .map(|h| h.record())
-            .filter(|r| !r.status().is_terminal());
-        if self
-            .get(&assignment.job)
-            .is_ok_and(|h| h.driven.load(std::sync::atomic::Ordering::SeqCst))
+        let existing = self.get(&assignment.job).ok();
+        if let Some(handle) = &existing
+            && handle.driven.load(std::sync::atomic::Ordering::SeqCst)
         {
             return Err(ControlError::Conflict(format!(
                 "job {} still runs here under generation {:?}",
                 assignment.job,
-                self.get(&assignment.job)
-                    .map(|h| h.record().generation)
-                    .ok()
-                    .flatten()
+                handle.record().generation
             )));
         }
+        let kept = existing
+            .map(|h| h.record())
+            .filter(|r| !r.status().is_terminal());
         let now = now_ms();
         let restore = assignment
             .restore
