@@ -21,6 +21,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("faults-plugin", "FAULTS"),
     ("missing-import-plugin", "MISSING_IMPORT"),
     ("sparse-count-plugin", "SPARSE_COUNT"),
+    ("ttl-count-plugin", "TTL_COUNT"),
 ];
 
 fn main() {

@@ -3,6 +3,8 @@
  * emitted as "<word> <count>" on every update. Same state name, kind,
  * schema version and encoding (the count as JSON, i.e. its decimal digits)
  * as the Rust `count`, so a savepoint of either restores into the other.
+ * Its count expires after 30 days without the word (a TTL, declared in
+ * `describe`; a job file's `state_ttl` changes it).
  *
  * Bindings: `weir plugin bindings c gen/` (operator_plugin.h/.c). Built
  * with clang for wasm32-wasi as a reactor, without libc I/O, so the
@@ -132,4 +134,7 @@ void exports_weir_operator_metadata_describe(exports_weir_operator_metadata_plug
     ret->states.ptr[0].kind = WEIR_OPERATOR_TYPES_STATE_KIND_VALUE;
     ret->states.ptr[0].schema_version = 1;
     ret->batch_input = false;
+    weir_operator_state_declare_ttl(&COUNT, 30ULL * 24 * 60 * 60 * 1000,
+                                    WEIR_OPERATOR_STATE_TTL_UPDATE_ON_CREATE_AND_WRITE,
+                                    WEIR_OPERATOR_TYPES_TIME_DOMAIN_PROCESSING_TIME);
 }

@@ -1,7 +1,8 @@
 """The word count's `count` operator in Python: a running count per word
 (key), emitted as `"<word> <count>"` on every update. Same state name, kind,
 schema version and encoding as the Rust `count`, so a savepoint of either
-restores into the other."""
+restores into the other. Its count expires after 30 days without the word
+(a TTL; a job file's `state_ttl` changes it)."""
 
 import weir_sdk as weir
 
@@ -10,6 +11,7 @@ class Count(weir.Operator):
     name = "count"
     version = "0.1.0-python"
     states = [weir.value_state("count", schema_version=1)]
+    ttls = {"count": weir.ttl(days=30)}
 
     def open(self, config):
         emit = config.get("emit", "updates")

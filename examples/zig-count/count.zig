@@ -2,6 +2,8 @@
 //! emitted as "<word> <count>" on every update. Same state name, kind,
 //! schema version and encoding (the count as JSON: its decimal digits) as
 //! the Rust `count`, so a savepoint of either restores into the other.
+//! Its count expires after 30 days without the word (a TTL, declared in
+//! `describe`; a job file's `state_ttl` changes it).
 //!
 //! Zig has no WIT bindings generator, so this file is written against the
 //! component model's canonical ABI directly (see README.md): core-module
@@ -49,6 +51,9 @@ const OptionList = extern struct {
 
 extern "weir:operator/state@0.1.0" fn @"value-get"(name_ptr: [*]const u8, name_len: usize, ret: *OptionList) void;
 extern "weir:operator/state@0.1.0" fn @"value-set"(name_ptr: [*]const u8, name_len: usize, value_ptr: [*]const u8, value_len: usize) void;
+/// `declare-ttl(state, millis, update, domain)`: enums cross as their case
+/// index (`ttl-update`: 0 on-create-and-write; `time-domain`: 1 processing-time).
+extern "weir:operator/state@0.1.0" fn @"declare-ttl"(name_ptr: [*]const u8, name_len: usize, millis: u64, update: u32, domain: u32) void;
 /// `emit(record)`: the record flattened (key option, value, timestamp option).
 extern "weir:operator/output@0.1.0" fn emit(
     key_is_some: u32,
@@ -198,6 +203,8 @@ const states = [_]StateDescriptor{.{
 var info: PluginInfo = undefined;
 
 fn describe() callconv(.c) *const PluginInfo {
+    const count = "count";
+    @"declare-ttl"(count.ptr, count.len, 30 * 24 * 60 * 60 * 1000, 0, 1);
     info = .{
         .name_ptr = plugin_name.ptr,
         .name_len = plugin_name.len,

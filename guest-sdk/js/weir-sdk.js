@@ -188,6 +188,28 @@ export const valueState = (name, schemaVersion = 1) => ({ name, kind: 'value', s
 export const listState = (name, schemaVersion = 1) => ({ name, kind: 'list', schemaVersion });
 export const mapState = (name, schemaVersion = 1) => ({ name, kind: 'map', schemaVersion });
 
+/** A state's time-to-live for an operator's static `ttls`, e.g.
+ *  `{ count: ttl({ days: 30 }) }`: a cell (a key's value, its whole list or
+ *  map) not updated for that long expires and reads as absent; refreshed by
+ *  writes (and reads with `refreshedOnRead`), in processing time (the
+ *  watermark with `eventTime`). A job file's `state_ttl` overrides it. */
+export function ttl({ days = 0, hours = 0, minutes = 0, seconds = 0, refreshedOnRead = false, eventTime = false }) {
+  const millis = Math.round((((days * 24 + hours) * 60 + minutes) * 60 + seconds) * 1000);
+  if (!(millis > 0)) throw new Error('a TTL must be longer than zero');
+  return { millis, refreshedOnRead, eventTime };
+}
+
+function declareTtls(ttls) {
+  for (const [name, t] of Object.entries(ttls ?? {})) {
+    state.declareTtl(
+      name,
+      BigInt(t.millis),
+      t.refreshedOnRead ? 'on-read-and-write' : 'on-create-and-write',
+      t.eventTime ? 'event-time' : 'processing-time',
+    );
+  }
+}
+
 export const registerEventTimeTimer = (ms) => timers.registerEventTimeTimer(BigInt(ms));
 export const deleteEventTimeTimer = (ms) => timers.deleteEventTimeTimer(BigInt(ms));
 export const registerProcessingTimeTimer = (ms) => timers.registerProcessingTimeTimer(BigInt(ms));
@@ -200,7 +222,7 @@ export function log(message, level = 'info') {
   hostLog(level, message);
 }
 
-/** Subclass it: set static `name`, `version`, `states`; implement `open`,
+/** Subclass it: set static `name`, `version`, `states` (and `ttls`); implement `open`,
  *  `process`, and optionally `onTimer` and `close`. */
 export class Operator {
   open(config) {}
@@ -265,6 +287,7 @@ export function exportOperator(OperatorClass) {
   };
   const metadata = {
     describe() {
+      declareTtls(OperatorClass.ttls);
       return {
         name: OperatorClass.pluginName ?? 'operator',
         version: OperatorClass.version ?? '0.0.0',

@@ -214,6 +214,42 @@ def map_state(name: str, schema_version: int = 1) -> _types.StateDescriptor:
     return _types.StateDescriptor(name=name, kind=_types.StateKind.MAP, schema_version=schema_version)
 
 
+class StateTtl:
+    """A state's time-to-live: a cell (a key's value, its whole list or map)
+    not updated for `millis` expires and reads as absent. See `ttl`."""
+
+    def __init__(self, millis: int, refreshed_on_read: bool = False, event_time: bool = False):
+        if millis <= 0:
+            raise ValueError("a TTL must be longer than zero")
+        self.millis = millis
+        self.refreshed_on_read = refreshed_on_read
+        self.event_time = event_time
+
+
+def ttl(
+    *,
+    days: float = 0,
+    hours: float = 0,
+    minutes: float = 0,
+    seconds: float = 0,
+    refreshed_on_read: bool = False,
+    event_time: bool = False,
+) -> StateTtl:
+    """A TTL for `Operator.ttls`, e.g. `{"count": weir.ttl(days=30)}`:
+    refreshed by writes (and reads with `refreshed_on_read`), measured in
+    processing time (the watermark with `event_time`). A job file's
+    `state_ttl` overrides it."""
+    millis = round((((days * 24 + hours) * 60 + minutes) * 60 + seconds) * 1000)
+    return StateTtl(millis, refreshed_on_read, event_time)
+
+
+def _declare_ttls(ttls: "dict[str, StateTtl]") -> None:
+    for name, t in ttls.items():
+        update = _state.TtlUpdate.ON_READ_AND_WRITE if t.refreshed_on_read else _state.TtlUpdate.ON_CREATE_AND_WRITE
+        domain = _types.TimeDomain.EVENT_TIME if t.event_time else _types.TimeDomain.PROCESSING_TIME
+        _state.declare_ttl(name, t.millis, update, domain)
+
+
 # ---------------------------------------------------------------- time
 
 
@@ -254,12 +290,14 @@ def log(message: str, level: str = "info") -> None:
 
 
 class Operator:
-    """Subclass it: set `name`, `version`, `states`; implement `open`,
+    """Subclass it: set `name`, `version`, `states` (and `ttls`); implement `open`,
     `process`, and optionally `on_timer` and `close`."""
 
     name: str = "operator"
     version: str = "0.0.0"
     states: List[_types.StateDescriptor] = []
+    # Time-to-lives by state name, e.g. {"count": ttl(days=30)}.
+    ttls: "dict[str, StateTtl]" = {}
 
     def open(self, config: dict) -> None:
         pass
@@ -341,6 +379,7 @@ def export(cls: Type[Operator]) -> Tuple[type, type]:
 
     class _Metadata(exports.Metadata):
         def describe(self) -> _types.PluginInfo:
+            _declare_ttls(cls.ttls)
             return _types.PluginInfo(
                 name=cls.name, version=cls.version, states=list(cls.states), batch_input=True
             )

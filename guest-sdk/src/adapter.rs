@@ -181,7 +181,9 @@ fn process_records<'a, O: Operator>(
 
 impl<O: Operator> metadata::Guest for Adapter<O> {
     fn describe() -> PluginInfo {
-        O::metadata().into_plugin_info()
+        let metadata = O::metadata();
+        metadata.declare_ttls();
+        metadata.into_plugin_info()
     }
 }
 

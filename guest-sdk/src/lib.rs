@@ -91,7 +91,7 @@ pub use error::Error;
 #[doc(hidden)]
 pub use map::InPlace;
 pub use map::MapInPlace;
-pub use metadata::Metadata;
+pub use metadata::{Metadata, StateTtl};
 pub use migrate::{Migrate, migrate_value, unknown_migration};
 pub use record::{OutRecord, Record, TimeDomain, Timer};
 pub use state::{ListState, MapState, ValueState};

@@ -32,7 +32,7 @@ use weir::protocol::{
 };
 use weir::runner::{self, RunOptions};
 use weir::state::rocks::RocksBackend;
-use weir::state::{KeyedState, StateBackend, StateKind};
+use weir::state::{KeyedState, StateBackend, StateKind, TableSpec};
 use weir::types::{Barrier, BarrierKind, CheckpointId, OutDir, SavepointForm, SavepointTarget};
 
 const MAX_PARALLELISM: u32 = 128;
@@ -112,7 +112,10 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
                 finished: false,
             },
             SnapshotStats::default(),
-            vec![table.clone()],
+            vec![TableSpec {
+                name: table.clone(),
+                ttl: None,
+            }],
         );
     }
     let snapshot = match runtime.block_on(acks.recv()).expect("a report") {
@@ -126,6 +129,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         name: "count".into(),
         kind: "value".into(),
         schema_version: 1,
+        ttl: None,
     }];
     operator.subtasks.push(*snapshot);
     let mut metadata = CheckpointMetadata {
@@ -155,6 +159,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         backend: &mut fresh,
         progress: &progress,
         migrate: None,
+        restamp: Default::default(),
     };
     let loaded = restore::load_cells(
         &read,
@@ -195,6 +200,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
                         backend: &mut backend,
                         progress: &progress,
                         migrate: None,
+                        restamp: Default::default(),
                     };
                     restore::load_cells(
                         read,

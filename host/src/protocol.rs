@@ -281,13 +281,14 @@ pub trait SnapshotStore: Send + Sync {
     /// from this subtask.
     fn decline(&self, barrier: &Barrier, reason: String);
     /// Stores `local` for `barrier` in the background (its state's
-    /// `tables`, `<uid>/<state>`, in declaration order), then acks.
+    /// `tables`, `<uid>/<state>` with their TTLs, in declaration order),
+    /// then acks.
     fn upload(
         &self,
         barrier: &Barrier,
         local: LocalSnapshot,
         stats: SnapshotStats,
-        tables: Vec<String>,
+        tables: Vec<crate::state::TableSpec>,
     );
 }
 

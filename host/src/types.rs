@@ -642,6 +642,8 @@ pub enum StreamEvent {
 }
 
 /// Key groups: the unit of keyed-state distribution (Flink's scheme).
+pub mod ttl;
+
 pub mod key_group {
     use std::ops::Range;
 

@@ -74,9 +74,18 @@ fn same_output_as_rust(language: Language) {
             .expect("loads")
             .takes_flat_batches()
     );
+    let loaded = engine().load(&plugin).expect("loads");
     assert!(
-        !engine().load(&plugin).expect("loads").takes_flat_batches(),
+        !loaded.takes_flat_batches(),
         "{} takes record batches",
+        language.name
+    );
+    // Each SDK declares the count's TTL (`declare-ttl` from `describe`).
+    let ttl = loaded.info.states[0].ttl.map(|ttl| ttl.to_string());
+    assert_eq!(
+        ttl.as_deref(),
+        Some("30days (on create and write, processing time)"),
+        "{}'s count declares its TTL",
         language.name
     );
     let other = file_wordcount(&job, &plugin, "other");

@@ -18,5 +18,6 @@ mod nats;
 mod s3;
 mod savepoints;
 mod support;
+mod ttl;
 mod upgrades;
 mod wordcount;

@@ -50,6 +50,8 @@ pub struct ParsedCell {
     /// The line's schema version when it is older than the state's (only
     /// with [`Bootstrap::transform`]): its value needs migrating.
     pub migrate_from: Option<u32>,
+    /// Its last update as the line gives it (a TTL state's cell).
+    pub updated_ms: Option<u64>,
 }
 
 /// Parses one input line into a cell. `line` is 1-based, for messages.
@@ -105,6 +107,7 @@ pub fn parse_line(spec: &Bootstrap, line: usize, text: &str) -> Result<ParsedCel
         ));
     }
     let compact = |v: &serde_json::Value| serde_json::to_vec(v).expect("JSON writes");
+    let updated_ms = cell.updated_ms;
     let value = match (cell.value, cell.value_base64) {
         (None, Some(b64)) => engine
             .decode(b64)
@@ -144,6 +147,7 @@ pub fn parse_line(spec: &Bootstrap, line: usize, text: &str) -> Result<ParsedCel
         key,
         value,
         migrate_from,
+        updated_ms,
     })
 }
 

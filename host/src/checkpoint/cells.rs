@@ -31,7 +31,10 @@ pub struct Cell<'a> {
     pub schema_version: u32,
     pub key_group: u16,
     pub key: &'a [u8],
+    /// The encoded cell (without its TTL stamp).
     pub value: &'a [u8],
+    /// A TTL state's cell: its last update (ms).
+    pub updated_ms: Option<u64>,
 }
 
 /// What to read: the operator, and optionally one of its states and one
@@ -69,11 +72,37 @@ pub fn read_cells(
     let visited = std::cell::Cell::new(0u64);
     let failed: std::cell::RefCell<Option<CheckpointError>> = std::cell::RefCell::new(None);
     let visit = std::cell::RefCell::new(visit);
-    let emit = |table: usize, key_group: u16, key: &[u8], value: &[u8]| {
+    let now = crate::state::ttl::wall_millis();
+    let emit = |table: usize, key_group: u16, key: &[u8], stored: &[u8]| {
         if !wanted[table] || selection.key.is_some_and(|k| k != key) || failed.borrow().is_some() {
             return;
         }
         let state = &op.states[table];
+        // A TTL state's cell: its stamp split off; an expired one is not
+        // read, as a restore would not restore it.
+        let (value, updated_ms) = match &state.ttl {
+            None => (stored, None),
+            Some(ttl) => match crate::state::ttl::split(stored) {
+                Some((stamp, cell)) => {
+                    if ttl.time == crate::state::ttl::TtlTime::Processing && ttl.expired(stamp, now)
+                    {
+                        return;
+                    }
+                    (cell, Some(stamp))
+                }
+                None => {
+                    *failed.borrow_mut() = Some(CheckpointError::Corrupt {
+                        path: read.path.clone(),
+                        message: format!(
+                            "state `{}` has a TTL, but a cell of key {:?} is shorter than its stamp",
+                            state.name,
+                            String::from_utf8_lossy(key)
+                        ),
+                    });
+                    return;
+                }
+            },
+        };
         let cell = Cell {
             state: &state.name,
             kind: &state.kind,
@@ -81,6 +110,7 @@ pub fn read_cells(
             key_group,
             key,
             value,
+            updated_ms,
         };
         match (visit.borrow_mut())(cell) {
             Ok(()) => visited.set(visited.get() + 1),
@@ -137,6 +167,8 @@ pub fn read_cells(
                 backend: &mut backend,
                 progress: &progress,
                 migrate: None,
+                // Cells as stored: `emit` reads their stamps.
+                restamp: Default::default(),
             };
             restore::load_cells(read, selection.uid, &single, work, &mut sink)?;
             for (table, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
@@ -177,6 +209,11 @@ pub struct CellLine {
     pub value: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_base64: Option<String>,
+    /// A TTL state's cell: its last update, in ms (processing time: since
+    /// the Unix epoch; event time: the watermark then). `savepoint write`
+    /// keeps it; absent there, the cell counts as written then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_ms: Option<u64>,
 }
 
 impl CellLine {
@@ -197,6 +234,7 @@ impl CellLine {
             key_base64,
             value,
             value_base64,
+            updated_ms: cell.updated_ms,
         }
     }
 }
@@ -235,6 +273,7 @@ mod tests {
             key_group: 3,
             key,
             value,
+            updated_ms: None,
         })
     }
 

@@ -98,6 +98,11 @@ pub struct StateRef {
     /// `value`, `list` or `map`.
     pub kind: String,
     pub schema_version: u32,
+    /// Its time-to-live when the snapshot was taken: its cells are stored
+    /// after their last-update stamp (`state::ttl`). Absent: no TTL, cells
+    /// unstamped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<crate::state::ttl::StateTtl>,
 }
 
 impl FileRef {
@@ -304,6 +309,7 @@ mod tests {
                     name: "count".into(),
                     kind: "value".into(),
                     schema_version: 1,
+                    ttl: None,
                 }],
                 subtasks: vec![SubtaskSnapshot {
                     uid: "count".into(),

@@ -30,6 +30,7 @@ use crate::job::{JobGraph, NodeKind};
 use crate::protocol::Role;
 use crate::protocol::TransferProgress;
 use crate::state::rocks::RocksBackend;
+use crate::state::ttl::StateTtl;
 use crate::state::{CellChunk, StateBackend, StateDescriptor, TableId, WriteOp, dump, table_names};
 
 /// Whether a node snapshot holds anything to restore.
@@ -257,15 +258,63 @@ pub trait MigrateCells: Send {
     fn migrate(&mut self, table: usize, cell: Vec<u8>) -> Result<Vec<u8>, String>;
 }
 
+/// How a restore rewrites the stored cells of states with a TTL (when
+/// stored, or now): stamps kept, added (the restore's time) or removed,
+/// expired cells dropped ([`crate::state::ttl::restamp`]).
+#[derive(Debug, Clone, Default)]
+pub struct Restamp {
+    /// By table (new order): (the TTL stored, the TTL now) where either is set.
+    tables: Vec<Option<(Option<StateTtl>, Option<StateTtl>)>>,
+    /// Wall-clock ms the restore drops expired cells by.
+    now: u64,
+}
+
+impl Restamp {
+    /// For restoring `op`'s stored states into `states` (the operator's
+    /// declaration now, its TTLs included).
+    pub fn new(op: &OperatorSnapshot, states: &[StateDescriptor]) -> Self {
+        let tables = states
+            .iter()
+            .map(|new| {
+                let old = op
+                    .states
+                    .iter()
+                    .find(|s| s.name == new.name)
+                    .and_then(|s| s.ttl);
+                (old.is_some() || new.ttl.is_some()).then_some((old, new.ttl))
+            })
+            .collect();
+        Self {
+            tables,
+            now: crate::state::ttl::wall_millis(),
+        }
+    }
+
+    fn get(&self, table: usize) -> Option<(Option<StateTtl>, Option<StateTtl>)> {
+        self.tables.get(table).copied().flatten()
+    }
+
+    /// Whether the stored cells of every table are stamped as the
+    /// operator's are now (so its files can be taken over as they are).
+    pub fn keeps_format(&self) -> bool {
+        self.tables
+            .iter()
+            .flatten()
+            .all(|(old, new)| old.is_some() == new.is_some())
+    }
+}
+
 /// Where restored cells go: one subtask's new backend, for its key groups
 /// `range` and its tables (`<uid>/<state>`, in the backend's order); cells
-/// of changed schemas are migrated on the way.
+/// of changed schemas are migrated, and cells of TTL states restamped
+/// ([`Restamp`]), on the way.
 pub struct CellSink<'a> {
     pub range: Range<u32>,
     pub tables: &'a [String],
     pub backend: &'a mut dyn StateBackend,
     pub progress: &'a TransferProgress,
     pub migrate: Option<&'a mut dyn MigrateCells>,
+    pub restamp: Restamp,
 }
 
 impl CellSink<'_> {
@@ -289,11 +338,8 @@ impl CellSink<'_> {
     /// through [`CellSink::write`]. `path` names the source in errors.
     fn load_chunk(&mut self, chunk: CellChunk, path: &Path) -> Result<(), CheckpointError> {
         self.check_abandoned(path)?;
-        let migrates = self
-            .migrate
-            .as_deref()
-            .is_some_and(|m| chunk.iter().any(|(table, ..)| m.needs(table)));
-        if migrates {
+        let rewrites = chunk.iter().any(|(table, ..)| self.rewrites(table));
+        if rewrites {
             return self.write(chunk.to_ops(), path, true);
         }
         self.backend
@@ -311,22 +357,84 @@ impl CellSink<'_> {
         bulk: bool,
     ) -> Result<(), CheckpointError> {
         self.check_abandoned(path)?;
-        if let Some(migrate) = self.migrate.as_deref_mut() {
-            for op in &mut ops {
-                if let WriteOp::Put { table, value, .. } = op
-                    && migrate.needs(*table)
-                {
-                    *value = migrate
-                        .migrate(*table, std::mem::take(value))
-                        .map_err(|message| CheckpointError::io(path, message))?;
-                }
-            }
+        if ops
+            .iter()
+            .any(|op| matches!(op, WriteOp::Put { table, .. } if self.rewrites(*table)))
+        {
+            ops = self.rewrite(ops, bulk, path)?;
         }
         match bulk {
             true => self.backend.load(ops),
             false => self.backend.write(ops),
         }
         .map_err(|e| CheckpointError::io(path, e))
+    }
+}
+
+impl CellSink<'_> {
+    /// Whether cells of `table` are rewritten on the way (migrated or
+    /// restamped).
+    fn rewrites(&self, table: TableId) -> bool {
+        self.restamp.get(table).is_some() || self.migrate.as_deref().is_some_and(|m| m.needs(table))
+    }
+
+    /// `ops` with their puts migrated and restamped; an expired cell is
+    /// left out of a `bulk` load, and deleted by a delta's writes (an older
+    /// copy may be in the backend).
+    fn rewrite(
+        &mut self,
+        ops: Vec<WriteOp>,
+        bulk: bool,
+        path: &Path,
+    ) -> Result<Vec<WriteOp>, CheckpointError> {
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let WriteOp::Put {
+                table,
+                key_group,
+                key,
+                value,
+            } = op
+            else {
+                out.push(op);
+                continue;
+            };
+            let migrate = self.migrate.as_deref_mut().filter(|m| m.needs(table));
+            let migrated = |cell: Vec<u8>| match migrate {
+                Some(migrate) => migrate.migrate(table, cell),
+                None => Ok(cell),
+            };
+            let value = match self.restamp.get(table) {
+                Some((old, new)) => crate::state::ttl::restamp(
+                    old.as_ref(),
+                    new.as_ref(),
+                    self.restamp.now,
+                    value,
+                    migrated,
+                )
+                .map_err(|message| {
+                    CheckpointError::io(path, format!("table `{}`: {message}", self.tables[table]))
+                })?,
+                None => {
+                    Some(migrated(value).map_err(|message| CheckpointError::io(path, message))?)
+                }
+            };
+            match value {
+                Some(value) => out.push(WriteOp::Put {
+                    table,
+                    key_group,
+                    key,
+                    value,
+                }),
+                None if !bulk => out.push(WriteOp::Delete {
+                    table,
+                    key_group,
+                    key,
+                }),
+                None => {}
+            }
+        }
+        Ok(out)
     }
 }
 

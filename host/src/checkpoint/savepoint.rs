@@ -35,6 +35,7 @@ use crate::roots::Roots;
 use crate::state::StateBackend;
 use crate::state::dump::{self, DUMP_FILE, DumpWriter};
 use crate::state::rocks::RocksBackend;
+use crate::state::ttl::StateTtl;
 
 /// The `backend` of a savepoint subtask: one canonical `.state` dump.
 pub const CANONICAL: &str = "canonical";
@@ -66,7 +67,7 @@ pub fn create_dir(
 pub fn write_state(
     copy: &Path,
     format: &str,
-    tables: &[String],
+    (tables, ttls): (&[String], &[Option<StateTtl>]),
     range: Range<u32>,
     dir: &OutDir,
     name: &str,
@@ -85,8 +86,18 @@ pub fn write_state(
         })
         .collect();
     let mut failed: Option<std::io::Error> = None;
+    let now = crate::state::ttl::TtlClock::wall();
     let mut push = |table: usize, group: u16, key: &[u8], value: &[u8]| {
         if failed.is_some() || !range.contains(&u32::from(group)) {
+            return;
+        }
+        // An expired cell of a TTL state is left out (processing time: a
+        // savepoint's writer knows no watermark).
+        if let Some(Some(ttl)) = ttls.get(table)
+            && ttl.time == crate::state::ttl::TtlTime::Processing
+            && crate::state::ttl::split(value)
+                .is_some_and(|(stamp, _)| ttl.expired(stamp, now.processing))
+        {
             return;
         }
         if let Err(e) = writer.push(table as u32, group, key, Some(value)) {
@@ -233,6 +244,9 @@ pub struct StateInspection {
     pub name: String,
     pub kind: String,
     pub schema_version: u32,
+    /// Its time-to-live when the snapshot was taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<StateTtl>,
     /// None when the snapshot does not record it (a checkpoint, a native
     /// savepoint).
     pub keys: Option<u64>,
@@ -265,6 +279,7 @@ pub fn inspect(read: &ReadMetadata) -> Inspection {
                         name: state.name.clone(),
                         kind: state.kind.clone(),
                         schema_version: state.schema_version,
+                        ttl: state.ttl,
                         keys: recorded.then(|| stats.iter().map(|s| s.keys).sum()),
                         bytes: recorded.then(|| stats.iter().map(|s| s.bytes).sum()),
                     }
@@ -343,7 +358,7 @@ mod tests {
         let (file, stats) = write_state(
             &copy,
             &format,
-            &tables,
+            (&tables, &[]),
             0..64,
             &out,
             "op-0.state",

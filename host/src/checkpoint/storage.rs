@@ -33,7 +33,7 @@ use crate::protocol::{
     FileRef, LocalSnapshot, SnapshotStats, SnapshotStore, SubtaskSnapshot, TaskReport,
     TransferProgress,
 };
-use crate::state::{DELTA_FORMAT, SnapshotJob};
+use crate::state::{DELTA_FORMAT, SnapshotJob, TableSpec};
 use crate::types::{Barrier, BarrierKind, BaseRule, CheckpointId, OutDir, SavepointForm};
 
 /// The name of the timers file in a subtask's private directory.
@@ -61,7 +61,7 @@ enum Target {
     /// tables `<uid>/<state>` in order) and the timers.
     Savepoint {
         dir: OutDir,
-        tables: Vec<String>,
+        tables: Vec<TableSpec>,
         form: SavepointForm,
     },
 }
@@ -121,7 +121,7 @@ impl SubtaskStorage {
         &self,
         dir: &OutDir,
         copy: Option<&(PathBuf, String)>,
-        tables: &[String],
+        tables: &[TableSpec],
         form: SavepointForm,
         timers: &[u8],
     ) -> Result<(SubtaskSnapshot, u64), CheckpointError> {
@@ -171,10 +171,12 @@ impl SubtaskStorage {
             sync_dir(dir)?;
             snapshot.backend = Some(format.clone());
         } else if let Some((copy, format)) = copy {
+            let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+            let ttls: Vec<_> = tables.iter().map(|t| t.ttl).collect();
             let (file, stats) = super::savepoint::write_state(
                 copy,
                 format,
-                tables,
+                (&names, &ttls),
                 self.key_groups[0]..self.key_groups[1],
                 dir,
                 &format!("{stem}.state"),
@@ -437,7 +439,7 @@ impl SnapshotStore for Arc<SubtaskStorage> {
         barrier: &Barrier,
         local: LocalSnapshot,
         stats: SnapshotStats,
-        tables: Vec<String>,
+        tables: Vec<TableSpec>,
     ) {
         let target = match &barrier.kind {
             BarrierKind::Savepoint(target) => Target::Savepoint {

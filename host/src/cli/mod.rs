@@ -518,8 +518,12 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
         outln!("states    none")?;
     }
     for state in &info.states {
+        let ttl = match &state.ttl {
+            Some(ttl) => format!(", TTL {ttl}"),
+            None => String::new(),
+        };
         outln!(
-            "state     {} ({} state, schema version {})",
+            "state     {} ({} state, schema version {}{ttl})",
             state.name,
             state.kind,
             state.schema_version

@@ -596,7 +596,10 @@ pub async fn plugin_list(client: &Client, json: bool) -> Result<()> {
         let states: Vec<String> = p
             .states
             .iter()
-            .map(|s| format!("{} ({} v{})", s.name, s.kind, s.schema_version))
+            .map(|s| match &s.ttl {
+                Some(ttl) => format!("{} ({} v{}, TTL {ttl})", s.name, s.kind, s.schema_version),
+                None => format!("{} ({} v{})", s.name, s.kind, s.schema_version),
+            })
             .collect();
         outln!(
             "{:<24} {}  {:>9}  compiled {:>5.0} ms  states: {}  jobs: {}",

@@ -221,8 +221,12 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
                 _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
                     .to_string(),
             };
+            let ttl = match &state.ttl {
+                Some(ttl) => format!(", TTL {ttl}"),
+                None => String::new(),
+            };
             outln!(
-                "  state   {}  {} state, schema version {}  {amount}",
+                "  state   {}  {} state, schema version {}{ttl}  {amount}",
                 state.name,
                 state.kind,
                 state.schema_version
@@ -407,6 +411,7 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
                 name: declared.name.clone(),
                 kind: declared.kind.to_string(),
                 schema_version: declared.schema_version,
+                ttl: declared.ttl,
             };
             let plugin = PluginRef {
                 name: loaded.info.name.clone(),
@@ -420,6 +425,7 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
                 name: args.state.clone(),
                 kind: "value".to_string(),
                 schema_version: 1,
+                ttl: None,
             },
             None,
         ),
@@ -481,6 +487,9 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
     };
     let mut cells = std::collections::BTreeMap::new();
     let mut problems = Vec::new();
+    // A TTL state's cells are stamped: with the line's `updated_ms`, else now.
+    let now = crate::state::ttl::wall_millis();
+    let ttl = spec.state.ttl;
     for (index, text) in input.lines().enumerate() {
         let text = text.map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
         if text.trim().is_empty() {
@@ -498,8 +507,13 @@ fn write_state(cli: &super::Cli, args: &WriteArgs) -> Result<()> {
                 key_group: group,
                 key,
                 value,
+                updated_ms,
                 ..
             }) => {
+                let value = match ttl {
+                    Some(_) => crate::state::ttl::stamped(updated_ms.unwrap_or(now), &value),
+                    None => value,
+                };
                 if cells.insert((group, key.clone()), value).is_some() {
                     problems.push(format!(
                         "line {}: key {:?} comes a second time",

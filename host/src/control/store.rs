@@ -33,6 +33,10 @@ pub struct StoredState {
     /// `value`, `list` or `map`.
     pub kind: String,
     pub schema_version: u32,
+    /// Its time-to-live as the plugin declares it, e.g. `1h (on create and
+    /// write, processing time)`; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// A plugin in the store.
@@ -288,6 +292,7 @@ fn describe(loaded: &LoadedPlugin, size: u64, started: Instant) -> StoredPlugin 
                 name: s.name.clone(),
                 kind: s.kind.to_string(),
                 schema_version: s.schema_version,
+                ttl: s.ttl.map(|ttl| ttl.to_string()),
             })
             .collect(),
         migrates: loaded.can_migrate(),

@@ -155,6 +155,9 @@ impl TaskContext {
             None => self.current_key = None,
         }
         self.current_timestamp = record.timestamp;
+        if let Some(timestamp) = record.timestamp {
+            self.state.stamp_event_time(timestamp);
+        }
         true
     }
 

@@ -2,6 +2,7 @@
 //! plain types. Unknown keys are errors (a typo must not be silently ignored);
 //! every error names the file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -480,6 +481,12 @@ pub struct OperatorSpec {
     /// WASI capabilities granted to this plugin (none by default).
     #[serde(default)]
     pub wasi: Vec<WasiGrant>,
+    /// Time-to-live per state, overriding the plugin's declaration:
+    /// `state_ttl = { NAME = "1h" }`, `"off"`, or a table
+    /// `{ ttl = "1h", update = "on-read-and-write", time = "event" }`
+    /// (checked by validation, which names the operator and state).
+    #[serde(default)]
+    pub state_ttl: BTreeMap<String, toml::Value>,
     /// `false`: never run this operator in one task with its neighbours
     /// (see [`JobGraph::chains`](super::JobGraph::chains)).
     #[serde(default = "chained_by_default")]

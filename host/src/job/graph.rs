@@ -4,8 +4,11 @@
 
 use super::validate::base_dir;
 use super::*;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::types::ttl::{StateTtl, TtlTime, TtlUpdate};
 
 /// Index of a node in [`JobGraph::nodes`].
 pub type NodeId = usize;
@@ -62,6 +65,92 @@ pub struct OperatorNode {
     pub wasi: Vec<WasiGrant>,
     /// May run in one task with its neighbours (`chain = false`: never).
     pub chain: bool,
+    /// The job file's `state_ttl`, by state name.
+    pub state_ttl: BTreeMap<String, TtlOverride>,
+}
+
+/// A state's TTL as an operator's `state_ttl` sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlOverride {
+    /// `"off"`: no TTL, whatever the plugin declares.
+    Off,
+    /// A TTL; what refreshes it and its time default to the plugin's
+    /// declaration, else on create and write, processing time.
+    Ttl {
+        ttl: Duration,
+        update: Option<TtlUpdate>,
+        time: Option<TtlTime>,
+    },
+}
+
+impl TtlOverride {
+    /// The TTL a state has with this override over the plugin's `declared`.
+    pub fn apply(&self, declared: Option<StateTtl>) -> Option<StateTtl> {
+        match *self {
+            TtlOverride::Off => None,
+            TtlOverride::Ttl { ttl, update, time } => Some(StateTtl::new(
+                ttl,
+                update.or(declared.map(|d| d.update)).unwrap_or_default(),
+                time.or(declared.map(|d| d.time)).unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// Reads one entry of `state_ttl`; the error says what is wrong with it.
+    pub fn parse(value: &toml::Value) -> Result<Self, String> {
+        let ttl = |text: &str| match text.trim() {
+            "off" => Ok(None),
+            text => crate::types::ttl::parse_duration(text).map(Some),
+        };
+        match value {
+            toml::Value::String(text) => Ok(match ttl(text)? {
+                None => TtlOverride::Off,
+                Some(ttl) => TtlOverride::Ttl {
+                    ttl,
+                    update: None,
+                    time: None,
+                },
+            }),
+            toml::Value::Table(table) => {
+                if let Some(key) = table
+                    .keys()
+                    .find(|k| !["ttl", "update", "time"].contains(&k.as_str()))
+                {
+                    return Err(format!("unknown key `{key}` (expected ttl, update, time)"));
+                }
+                let Some(toml::Value::String(text)) = table.get("ttl") else {
+                    return Err("`ttl` is missing or not a string (e.g. ttl = \"1h\")".to_string());
+                };
+                let Some(ttl) = ttl(text)? else {
+                    return Err(
+                        "ttl = \"off\" takes no update or time: write NAME = \"off\"".to_string(),
+                    );
+                };
+                let update = match table.get("update").map(|v| v.as_str()) {
+                    None => None,
+                    Some(Some("on-create-and-write")) => Some(TtlUpdate::OnCreateAndWrite),
+                    Some(Some("on-read-and-write")) => Some(TtlUpdate::OnReadAndWrite),
+                    Some(_) => {
+                        return Err(
+                            "update must be \"on-create-and-write\" or \"on-read-and-write\""
+                                .to_string(),
+                        );
+                    }
+                };
+                let time = match table.get("time").map(|v| v.as_str()) {
+                    None => None,
+                    Some(Some("processing")) => Some(TtlTime::Processing),
+                    Some(Some("event")) => Some(TtlTime::Event),
+                    Some(_) => return Err("time must be \"processing\" or \"event\"".to_string()),
+                };
+                Ok(TtlOverride::Ttl { ttl, update, time })
+            }
+            other => Err(format!(
+                "expected a duration such as \"1h\", \"off\", or a table {{ ttl = \"1h\", ... }}, not {}",
+                other.type_str()
+            )),
+        }
+    }
 }
 
 /// Effective limits of one plugin instance.

@@ -11,7 +11,9 @@ mod graph;
 pub mod restart;
 mod validate;
 
-pub use graph::{Edge, JobGraph, Limits, Node, NodeId, NodeKind, OperatorNode, SourceNode};
+pub use graph::{
+    Edge, JobGraph, Limits, Node, NodeId, NodeKind, OperatorNode, SourceNode, TtlOverride,
+};
 pub use validate::{PluginFiles, PluginResolver};
 
 use std::path::PathBuf;

@@ -247,6 +247,18 @@ impl JobGraph {
                     PathBuf::new()
                 }
             };
+            let mut state_ttl = BTreeMap::new();
+            for (state, value) in &operator.state_ttl {
+                match TtlOverride::parse(value) {
+                    Ok(ttl) => {
+                        state_ttl.insert(state.clone(), ttl);
+                    }
+                    Err(problem) => problems.push(format!(
+                        "operator `{}` state_ttl `{state}`: {problem}",
+                        operator.uid
+                    )),
+                }
+            }
             nodes.push(Node {
                 uid: operator.uid.clone(),
                 parallelism: operator.parallelism.unwrap_or(job.parallelism),
@@ -256,6 +268,7 @@ impl JobGraph {
                     limits,
                     wasi: operator.wasi.clone(),
                     chain: operator.chain,
+                    state_ttl,
                 }),
                 inputs: Vec::new(),
                 outputs: Vec::new(),

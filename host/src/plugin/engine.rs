@@ -51,6 +51,46 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
+    /// The plugin with its states' TTLs as an operator's `state_ttl` sets
+    /// them (the same compiled plugin; only its declaration differs).
+    /// Fails naming a state the plugin does not declare.
+    pub fn with_state_ttl(
+        self: &Arc<Self>,
+        overrides: &std::collections::BTreeMap<String, crate::job::TtlOverride>,
+    ) -> Result<Arc<Self>, PluginError> {
+        if overrides.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut info = self.info.clone();
+        for (name, ttl) in overrides {
+            let Some(state) = info.states.iter_mut().find(|s| &s.name == name) else {
+                let declared: Vec<&str> =
+                    self.info.states.iter().map(|s| s.name.as_str()).collect();
+                return Err(PluginError::UndeclaredTtlState {
+                    file: self.file.clone(),
+                    plugin: format!("{} {}", self.info.name, self.info.version),
+                    state: name.clone(),
+                    declared: match declared.is_empty() {
+                        true => "none".to_string(),
+                        false => declared.join(", "),
+                    },
+                });
+            };
+            state.ttl = ttl.apply(state.ttl);
+        }
+        Ok(Arc::new(Self {
+            file: self.file.clone(),
+            digest: self.digest.clone(),
+            info,
+            pre: self.pre.clone(),
+            engine: self.engine.clone(),
+            migrate: self.migrate,
+            flat: self.flat,
+            load_time: self.load_time,
+            from_cache: self.from_cache,
+        }))
+    }
+
     /// Whether the plugin exports schema migration.
     pub fn can_migrate(&self) -> bool {
         self.migrate.is_some()
@@ -309,7 +349,9 @@ fn describe(
         file: file.to_path_buf(),
         message,
     };
-    let mut store = Store::new(engine, HostState::for_metadata(Limits::default()));
+    let mut host = HostState::for_metadata(Limits::default());
+    host.ttl_declarations = Some(Vec::new());
+    let mut store = Store::new(engine, host);
     store.limiter(|state| &mut state.limits);
     store.set_epoch_deadline(ticks(Limits::default().call_timeout));
     let plugin = pre
@@ -336,7 +378,20 @@ fn describe(
                 WitStateKind::Map => StateKind::Map,
             },
             schema_version: state.schema_version,
+            ttl: None,
         });
+    }
+    for (name, ttl) in store.data_mut().ttl_declarations.take().unwrap_or_default() {
+        let Some(state) = states.iter_mut().find(|s| s.name == name) else {
+            let declared: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
+            return Err(bad(format!(
+                "declare-ttl names state `{name}`, which the plugin does not declare (declared: {declared:?})"
+            )));
+        };
+        if state.ttl.is_some() {
+            return Err(bad(format!("state `{name}`: declare-ttl is called twice")));
+        }
+        state.ttl = Some(ttl);
     }
     if raw.name.is_empty() {
         return Err(bad("the plugin name is empty".to_string()));

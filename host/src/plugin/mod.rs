@@ -48,6 +48,16 @@ pub enum PluginError {
     WrongWorld { file: PathBuf, message: String },
     #[error("plugin file {file} has invalid metadata: {message}")]
     BadMetadata { file: PathBuf, message: String },
+    /// The job file's `state_ttl` names a state the plugin does not declare.
+    #[error(
+        "state_ttl names state `{state}`, which plugin {plugin} ({file}) does not declare (its states: {declared})"
+    )]
+    UndeclaredTtlState {
+        file: PathBuf,
+        plugin: String,
+        state: String,
+        declared: String,
+    },
     #[error("wasmtime engine: {0}")]
     Engine(String),
 }

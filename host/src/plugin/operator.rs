@@ -206,6 +206,14 @@ impl WasmOperator {
     /// selected yet.
     fn make_current(&mut self, batch: Arc<RecordBatch>) {
         let task = &mut self.store.data_mut().task;
+        task.state.tick(task.watermark);
+        if task.state.has_ttl()
+            && let Some(newest) = batch.max_timestamp()
+        {
+            // Event-time writes the plugin hands back for the whole batch
+            // at once are stamped with its newest record's time.
+            task.state.stamp_event_time(newest.max(task.watermark));
+        }
         task.current_batch = batch;
         task.current_key = None;
         task.current_timestamp = None;
@@ -262,7 +270,7 @@ impl WasmOperator {
                     timestamp: r.timestamp,
                 })
                 .collect();
-            self.store.data_mut().task.current_batch = Arc::new(batch);
+            self.make_current(Arc::new(batch));
             for (index, record) in records.iter().enumerate() {
                 self.store.data_mut().task.select_record(index);
                 self.call("process", |plugin, store| {
@@ -285,6 +293,8 @@ impl WasmOperator {
             timestamp: timer.timestamp,
             key: Some(timer.key.clone()),
         };
+        let task = &mut self.store.data_mut().task;
+        task.state.tick(task.watermark);
         let result = self.call("on-timer", |plugin, store| {
             plugin.weir_operator_operator().call_on_timer(store, &wit)
         });

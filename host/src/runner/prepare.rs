@@ -137,6 +137,13 @@ pub fn prepare_as(
                     loaded
                 }
             };
+            // The job file's `state_ttl` over the plugin's declaration.
+            let loaded = loaded
+                .with_state_ttl(&operator.state_ttl)
+                .map_err(|cause| RunError::Plugin {
+                    uid: node.uid.clone(),
+                    cause,
+                })?;
             plugins.insert(node.uid.clone(), loaded);
         }
     }
@@ -280,6 +287,7 @@ pub(super) fn metadata_template(job: &PreparedJob) -> CheckpointMetadata {
                         name: s.name.clone(),
                         kind: s.kind.to_string(),
                         schema_version: s.schema_version,
+                        ttl: s.ttl,
                     })
                     .collect();
             }

@@ -41,6 +41,8 @@ struct Follower {
     tables: Vec<String>,
     backend: RocksBackend,
     migrator: Option<Migrator>,
+    /// How its TTL states' cells are restamped.
+    restamp: restore::Restamp,
     /// The sha256 of each file of the stored base it was restored from,
     /// sorted.
     base: Vec<String>,
@@ -106,13 +108,17 @@ impl Follower {
         let fail = |e: String| CheckpointError::io(&dir, e);
         let tables = table_names(uid, plugin.info.states.iter().map(|s| s.name.as_str()));
         let mut migrator = Migrator::for_restore(uid, plugin, limits, op).map_err(fail)?;
-        let mut backend = RocksBackend::open(&dir, &tables).map_err(|e| fail(e.to_string()))?;
+        let ttls: Vec<_> = plugin.info.states.iter().map(|s| s.ttl).collect();
+        let mut backend =
+            RocksBackend::open_expiring(&dir, &tables, &ttls).map_err(|e| fail(e.to_string()))?;
+        let restamp = restore::Restamp::new(op, &plugin.info.states);
         let mut sink = CellSink {
             range: range.clone(),
             tables: &tables,
             backend: &mut backend,
             progress,
             migrate: migrator.as_mut().map(|m| m as &mut dyn MigrateCells),
+            restamp: restamp.clone(),
         };
         let work = root.join("restore").join(&name);
         let cells = restore::load_cells(read, uid, op, &work, &mut sink)?;
@@ -124,6 +130,7 @@ impl Follower {
             tables,
             backend,
             migrator,
+            restamp,
             base: sorted_shas(&stored.files),
             applied: shas(&stored.deltas),
         })
@@ -150,6 +157,7 @@ impl Follower {
             backend: &mut self.backend,
             progress,
             migrate: self.migrator.as_mut().map(|m| m as &mut dyn MigrateCells),
+            restamp: self.restamp.clone(),
         };
         let applied = restore::apply_delta_files(read, deltas, &mut sink)?;
         self.applied.extend(shas(deltas));

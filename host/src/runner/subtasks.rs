@@ -90,6 +90,10 @@ impl Factory<'_> {
         let range = key_group::range_of(info.subtask, info.parallelism, info.max_parallelism);
         let key_groups = [range.start, range.end];
         let restored = self.restored(&node.uid);
+        let ttls: Vec<_> = states.iter().map(|s| s.ttl).collect();
+        let restamp = restored
+            .map(|(_, op)| restore::Restamp::new(op, states))
+            .unwrap_or_default();
         let mut migrator = match restored {
             Some((_, op)) => Migrator::for_restore(&node.uid, plugin, limits, op)
                 .map_err(|e| Self::restore_error(info, e))?,
@@ -117,6 +121,7 @@ impl Factory<'_> {
         } else {
             if let Some((read, op)) = restored
                 && migrator.is_none()
+                && restamp.keeps_format()
                 && let Some(whole) = restore::whole_files(op, key_groups, states)
             {
                 // Only the restore point the job was prepared with may be
@@ -130,7 +135,8 @@ impl Factory<'_> {
                 restored_from = Some((whole, 0));
             }
             Box::new(
-                RocksBackend::open(&dir, &tables).map_err(|e| Self::task_error(info, e.into()))?,
+                RocksBackend::open_expiring(&dir, &tables, &ttls)
+                    .map_err(|e| Self::task_error(info, e.into()))?,
             )
         };
         let mut sink = restore::CellSink {
@@ -141,6 +147,7 @@ impl Factory<'_> {
             migrate: migrator
                 .as_mut()
                 .map(|m| m as &mut dyn restore::MigrateCells),
+            restamp,
         };
         if let (Some((read, _)), Some((stored, applied))) = (restored, restored_from) {
             restore::apply_delta_files(read, &stored.deltas[applied..], &mut sink)
@@ -177,6 +184,7 @@ impl Factory<'_> {
             info.max_parallelism,
             settings.cache_entries,
         );
+        keyed.set_ttls(&ttls);
         keyed.set_count_keys(self.settings.count_keys_at_end);
         keyed.set_limits(crate::state::quota::StateLimits {
             value_bytes: limits.value_bytes,

@@ -13,9 +13,28 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 impl Slot {
-    fn touch(&mut self) {
+    /// Marks the cell written at `now` (its TTL's time; 0 without one).
+    fn touch(&mut self, now: u64) {
         self.stale = true;
         self.changed = true;
+        self.stamp = now;
+    }
+
+    /// Applies a TTL to a cell read by `clock`: an expired cell reads as
+    /// absent (and its deletion reaches the backend and the next delta);
+    /// on read-and-write, a live one is refreshed.
+    #[inline]
+    fn expire(&mut self, ttl: &super::ttl::StateTtl, clock: &super::ttl::TtlClock) {
+        if self.cell.is_none() {
+            return;
+        }
+        let written = clock.write_time(ttl.time);
+        if ttl.expired(self.stamp, clock.now(ttl.time)) {
+            self.cell = None;
+            self.touch(written);
+        } else if ttl.update == super::ttl::TtlUpdate::OnReadAndWrite && self.stamp != written {
+            self.touch(written);
+        }
     }
 }
 
@@ -45,6 +64,7 @@ impl KeyedState {
                 .map(|(name, kind)| Table {
                     name,
                     kind,
+                    ttl: None,
                     cache: HashMap::default(),
                 })
                 .collect(),
@@ -59,6 +79,70 @@ impl KeyedState {
             hits: 0,
             misses: 0,
             quota: super::quota::Quota::default(),
+            clock: super::ttl::TtlClock::wall(),
+            event_clock: Arc::default(),
+            any_ttl: false,
+        }
+    }
+
+    /// Gives tables time-to-lives (in table order; before any cell is
+    /// read). A backend that drops expired cells itself is kept told the
+    /// watermark ([`KeyedState::set_clock`]).
+    pub fn set_ttls(&mut self, ttls: &[Option<super::ttl::StateTtl>]) {
+        for (table, ttl) in self.tables.iter_mut().zip(ttls) {
+            table.ttl = *ttl;
+        }
+        self.any_ttl = self.tables.iter().any(|t| t.ttl.is_some());
+        let event = self.backend_lock().event_clock();
+        if let Some(event) = event {
+            self.event_clock = event;
+        }
+    }
+
+    /// Whether any table has a TTL.
+    pub fn has_ttl(&self) -> bool {
+        self.any_ttl
+    }
+
+    /// Reads the clock TTLs expire by (the wall clock, and `watermark`):
+    /// the task calls it before each batch and timer. Nothing without a TTL.
+    #[inline]
+    pub fn tick(&mut self, watermark: i64) {
+        if self.any_ttl {
+            let event = super::ttl::event_millis(watermark);
+            self.set_clock(super::ttl::TtlClock {
+                processing: super::ttl::wall_millis(),
+                event,
+                event_write: event,
+            });
+        }
+    }
+
+    /// The times TTLs are measured in from now on (the task sets them as
+    /// it goes: the wall clock per batch, the watermark as it advances).
+    #[inline]
+    pub fn set_clock(&mut self, clock: super::ttl::TtlClock) {
+        if clock.event != self.clock.event {
+            self.event_clock.set(clock.event);
+        }
+        self.clock = clock;
+    }
+
+    /// The time a write to `table` is stamped with (0 without a TTL).
+    #[inline]
+    fn now(&self, table: TableId) -> u64 {
+        match &self.tables[table].ttl {
+            Some(ttl) => self.clock.write_time(ttl.time),
+            None => 0,
+        }
+    }
+
+    /// The event time of the record being processed: what event-time
+    /// writes are stamped with until the next.
+    #[inline]
+    pub fn stamp_event_time(&mut self, timestamp: i64) {
+        if self.any_ttl {
+            self.clock.event_write = super::ttl::event_millis(timestamp);
         }
     }
 
@@ -108,7 +192,8 @@ impl KeyedState {
     }
 
     /// The cached slot of (table, key), loading it from the backend on a
-    /// miss. One hash lookup on a hit.
+    /// miss. One hash lookup on a hit. A TTL state's expired cell reads as
+    /// absent.
     pub(super) fn slot(&mut self, table: TableId, key: &[u8]) -> Result<&mut Slot, StateError> {
         let Self {
             tables,
@@ -118,36 +203,59 @@ impl KeyedState {
             cached,
             hits,
             misses,
+            clock,
             ..
         } = self;
-        let Table { name, kind, cache } = &mut tables[table];
-        match cache.entry_ref(key) {
+        let Table {
+            name,
+            kind,
+            ttl,
+            cache,
+        } = &mut tables[table];
+        let slot = match cache.entry_ref(key) {
             EntryRef::Occupied(occupied) => {
                 *hits += 1;
-                Ok(occupied.into_mut())
+                occupied.into_mut()
             }
             EntryRef::Vacant(vacant) => {
                 *misses += 1;
                 settle(pending)?;
                 let group = key_group::of_key(key, *max_parallelism);
-                let cell = backend
+                let stored = backend
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .get(table, group, key)?
-                    .map(|bytes| decode_cell(*kind, bytes))
-                    .transpose()
-                    .map_err(|source| StateError::Corrupt {
-                        table: name.clone(),
-                        cause: source,
-                    })?;
+                    .get(table, group, key)?;
+                let corrupt = |cause| StateError::Corrupt {
+                    table: name.clone(),
+                    cause,
+                };
+                let (stamp, cell) = match (stored, ttl.is_some()) {
+                    (None, _) => (0, None),
+                    (Some(bytes), false) => (0, Some(decode_cell(*kind, bytes).map_err(corrupt)?)),
+                    (Some(bytes), true) => {
+                        let (stamp, cell) = super::ttl::split(&bytes).ok_or_else(|| {
+                            corrupt(codec::CodecError {
+                                what: "TTL",
+                                detail: format!("{} bytes, shorter than a stamp", bytes.len()),
+                            })
+                        })?;
+                        let cell = decode_cell(*kind, cell.to_vec()).map_err(corrupt)?;
+                        (stamp, Some(cell))
+                    }
+                };
                 *cached += 1;
-                Ok(vacant.insert(Slot {
+                vacant.insert(Slot {
                     cell,
                     stale: false,
                     changed: false,
-                }))
+                    stamp,
+                })
             }
+        };
+        if let Some(ttl) = ttl {
+            slot.expire(ttl, clock);
         }
+        Ok(slot)
     }
 
     /// [`KeyedState::value_get`], lent instead of copied.
@@ -168,10 +276,11 @@ impl KeyedState {
         key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), StateError> {
+        let now = self.now(table);
         self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         slot.cell = Some(Cell::Value(SmallBytes::from(value.as_slice())));
-        slot.touch();
+        slot.touch(now);
         Ok(())
     }
 
@@ -183,22 +292,24 @@ impl KeyedState {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), StateError> {
+        let now = self.now(table);
         self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         match &mut slot.cell {
             Some(Cell::Value(buffer)) => buffer.set(value),
             cell => *cell = Some(Cell::Value(SmallBytes::from(value))),
         }
-        slot.touch();
+        slot.touch(now);
         Ok(())
     }
 
     /// Removes the key's state in `table`, whatever its kind.
     pub fn clear(&mut self, table: TableId, key: &[u8]) -> Result<(), StateError> {
+        let now = self.now(table);
         let slot = self.slot(table, key)?;
         if slot.cell.is_some() {
             slot.cell = None;
-            slot.touch();
+            slot.touch(now);
         }
         Ok(())
     }
@@ -216,13 +327,14 @@ impl KeyedState {
         key: &[u8],
         value: Vec<u8>,
     ) -> Result<(), StateError> {
+        let now = self.now(table);
         self.admit(table, key, value.len())?;
         let slot = self.slot(table, key)?;
         match &mut slot.cell {
             Some(Cell::List(items)) => items.push(value),
             cell => *cell = Some(Cell::List(vec![value])),
         }
-        slot.touch();
+        slot.touch(now);
         Ok(())
     }
 
@@ -232,12 +344,13 @@ impl KeyedState {
         key: &[u8],
         values: Vec<Vec<u8>>,
     ) -> Result<(), StateError> {
+        let now = self.now(table);
         for value in &values {
             self.admit(table, key, value.len())?;
         }
         let slot = self.slot(table, key)?;
         slot.cell = (!values.is_empty()).then_some(Cell::List(values));
-        slot.touch();
+        slot.touch(now);
         Ok(())
     }
 
@@ -246,11 +359,12 @@ impl KeyedState {
         table: TableId,
         key: &[u8],
     ) -> Result<&mut MapCell, StateError> {
+        let now = self.now(table);
         let slot = self.slot(table, key)?;
         if !matches!(slot.cell, Some(Cell::Map(_))) {
             slot.cell = Some(Cell::Map(BTreeMap::new()));
         }
-        slot.touch();
+        slot.touch(now);
         match &mut slot.cell {
             Some(Cell::Map(map)) => Ok(map),
             _ => unreachable!("cell was set to a map above"),
@@ -308,6 +422,7 @@ impl KeyedState {
         key: &[u8],
         map_key: &[u8],
     ) -> Result<(), StateError> {
+        let now = self.now(table);
         let slot = self.slot(table, key)?;
         if let Some(Cell::Map(map)) = &mut slot.cell
             && map.remove(map_key).is_some()
@@ -315,7 +430,7 @@ impl KeyedState {
             if map.is_empty() {
                 slot.cell = None;
             }
-            slot.touch();
+            slot.touch(now);
         }
         Ok(())
     }
@@ -340,12 +455,13 @@ impl KeyedState {
         for (table_id, table) in self.tables.iter_mut().enumerate() {
             for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.stale) {
                 let key_group = key_group::of_key(key, self.max_parallelism);
+                let stamp = table.ttl.map(|_| slot.stamp);
                 ops.push(match &slot.cell {
                     Some(cell) => WriteOp::Put {
                         table: table_id,
                         key_group,
                         key: key.to_vec(),
-                        value: encode_cell(cell),
+                        value: encode_stored(cell, stamp),
                     },
                     None => WriteOp::Delete {
                         table: table_id,
@@ -398,6 +514,17 @@ impl KeyedState {
     /// Table names, in table order.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Tables with their TTLs, in table order.
+    pub fn table_specs(&self) -> Vec<TableSpec> {
+        self.tables
+            .iter()
+            .map(|t| TableSpec {
+                name: t.name.clone(),
+                ttl: t.ttl,
+            })
+            .collect()
     }
 
     /// Flushes and empties the cache once it holds more than its limit.

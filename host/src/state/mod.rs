@@ -18,6 +18,7 @@ mod cache;
 pub mod quota;
 mod snapshot;
 mod teardown;
+pub mod ttl;
 
 pub use snapshot::{DELTA_FORMAT, SnapshotJob};
 pub use teardown::{Teardown, in_background};
@@ -68,6 +69,17 @@ pub struct StateDescriptor {
     pub name: String,
     pub kind: StateKind,
     pub schema_version: u32,
+    /// Its time-to-live (the plugin's declaration, or the job file's
+    /// `state_ttl`); none: its cells live until cleared.
+    pub ttl: Option<ttl::StateTtl>,
+}
+
+/// A table as a snapshot stores it: its name (`<uid>/<state>`) and its
+/// TTL (its cells are stamped, and expired ones left out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub name: String,
+    pub ttl: Option<ttl::StateTtl>,
 }
 
 /// The backend tables of operator `uid`'s states, in order: `<uid>/<state>`.
@@ -273,6 +285,13 @@ pub trait StateBackend: Send {
     /// (keys, bytes) of each table, in table order: cheap estimates (for
     /// metrics), not a scan.
     fn table_sizes(&self) -> Vec<(u64, u64)>;
+    /// Set when it drops the expired cells of TTL states itself (RocksDB's
+    /// compaction filter): the watermark it reads for event-time TTLs,
+    /// which [`KeyedState`] keeps current. Else [`KeyedState`] sweeps
+    /// expired cells at snapshots.
+    fn event_clock(&self) -> Option<Arc<ttl::EventClock>> {
+        None
+    }
 }
 
 /// Backend key: key group big-endian, then the key.
@@ -305,11 +324,15 @@ struct Slot {
     stale: bool,
     /// Changed since the last snapshot.
     changed: bool,
+    /// A TTL state's last update (see [`ttl`]); else 0.
+    stamp: u64,
 }
 
 struct Table {
     name: String,
     kind: StateKind,
+    /// Its time-to-live: its cells are stamped and expire.
+    ttl: Option<ttl::StateTtl>,
     cache: HashMap<SmallBytes, Slot>,
 }
 
@@ -350,6 +373,12 @@ pub struct KeyedState {
     misses: u64,
     /// The operator's state quotas and their accounting.
     quota: quota::Quota,
+    /// The times TTL states expire by (set by the task as it goes).
+    clock: ttl::TtlClock,
+    /// The watermark, shared with a backend that drops expired cells.
+    event_clock: Arc<ttl::EventClock>,
+    /// Some table has a TTL (else the clock is never read).
+    any_ttl: bool,
 }
 
 /// The size of one table of a subtask's keyed state (for metrics).
@@ -375,8 +404,13 @@ fn decode_cell(kind: StateKind, bytes: Vec<u8>) -> Result<Cell, codec::CodecErro
     })
 }
 
-fn encode_cell_into(cell: &Cell, out: &mut Vec<u8>) {
+/// A cell as the backend stores it: after its stamp when its state has
+/// a TTL.
+fn encode_stored_into(cell: &Cell, stamp: Option<u64>, out: &mut Vec<u8>) {
     out.clear();
+    if let Some(stamp) = stamp {
+        ttl::put_stamp(out, stamp);
+    }
     match cell {
         Cell::Value(value) => out.extend_from_slice(value),
         other => out.extend_from_slice(&encode_cell(other)),
@@ -388,6 +422,18 @@ fn encode_cell(cell: &Cell) -> Vec<u8> {
         Cell::Value(value) => value.to_vec(),
         Cell::List(items) => codec::encode_list(items),
         Cell::Map(map) => codec::encode_map(map),
+    }
+}
+
+/// [`encode_stored_into`] into a new buffer.
+fn encode_stored(cell: &Cell, stamp: Option<u64>) -> Vec<u8> {
+    match stamp {
+        None => encode_cell(cell),
+        Some(_) => {
+            let mut out = Vec::new();
+            encode_stored_into(cell, stamp, &mut out);
+            out
+        }
     }
 }
 
@@ -677,6 +723,152 @@ mod tests {
         assert_eq!(db.get(0, 1, b"y").expect("get"), Some(b"2".to_vec()));
         assert_eq!(db.get(0, 2, b"x").expect("get"), Some(b"1".to_vec()));
         assert_eq!(db.get(1, 1, b"a").expect("get"), None);
+    }
+
+    fn ttl(millis: u64, update: ttl::TtlUpdate) -> Option<ttl::StateTtl> {
+        Some(ttl::StateTtl {
+            millis,
+            update,
+            time: ttl::TtlTime::Processing,
+        })
+    }
+
+    fn at(state: &mut KeyedState, processing: u64) {
+        state.set_clock(ttl::TtlClock {
+            processing,
+            ..ttl::TtlClock::default()
+        });
+    }
+
+    #[test]
+    fn an_expired_cell_reads_as_absent_and_its_deletion_reaches_the_backend_and_the_delta() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = keyed(Box::new(memory::MemoryBackend::new(3)), 100);
+        let on_write = ttl::TtlUpdate::OnCreateAndWrite;
+        state.set_ttls(&[ttl(1000, on_write), ttl(1000, on_write), None]);
+        at(&mut state, 10_000);
+        state.value_set(0, b"a", b"1".to_vec()).expect("set");
+        state.list_add(1, b"a", b"x".to_vec()).expect("add");
+        state
+            .map_put(2, b"a", b"k".to_vec(), b"v".to_vec())
+            .expect("put");
+        state.flush().expect("flush");
+        // Stored after its stamp.
+        let group = crate::types::key_group::of_key(b"a", 128);
+        let stored = state.backend_lock().get(0, group, b"a").expect("get");
+        assert_eq!(stored, Some(ttl::stamped(10_000, b"1")));
+        at(&mut state, 10_999);
+        assert_eq!(state.value_get(0, b"a").expect("get"), Some(b"1".to_vec()));
+        // A read does not refresh on create-and-write.
+        at(&mut state, 11_000);
+        assert_eq!(state.value_get(0, b"a").expect("get"), None);
+        assert!(state.list_get(1, b"a").expect("get").is_empty());
+        assert!(state.map_contains(2, b"a", b"k").expect("no TTL"));
+        let delta = state
+            .snapshot(dir.path().join("delta"), false)
+            .expect("snapshot")
+            .expect("tables");
+        let cells = delta_cells(delta);
+        assert!(
+            cells.contains(&(b"a".to_vec(), None)),
+            "a tombstone: {cells:?}"
+        );
+        state.flush().expect("flush");
+        assert_eq!(state.backend_lock().get(0, group, b"a").expect("get"), None);
+    }
+
+    #[test]
+    fn a_write_refreshes_and_on_read_and_write_a_read_does_too() {
+        let mut state = keyed(Box::new(memory::MemoryBackend::new(3)), 100);
+        state.set_ttls(&[
+            ttl(1000, ttl::TtlUpdate::OnReadAndWrite),
+            ttl(1000, ttl::TtlUpdate::OnCreateAndWrite),
+            None,
+        ]);
+        at(&mut state, 0);
+        state.value_set(0, b"r", b"1".to_vec()).expect("set");
+        state.list_add(1, b"w", b"x".to_vec()).expect("add");
+        for now in [900, 1800, 2700] {
+            at(&mut state, now);
+            assert!(
+                state.value_get(0, b"r").expect("get").is_some(),
+                "read at {now}"
+            );
+            state
+                .list_add(1, b"w", b"y".to_vec())
+                .expect("a write refreshes");
+        }
+        at(&mut state, 3699);
+        assert!(state.value_get(0, b"r").expect("get").is_some());
+        assert_eq!(state.list_get(1, b"w").expect("get").len(), 4);
+        at(&mut state, 4699);
+        assert_eq!(state.value_get(0, b"r").expect("get"), None);
+        assert!(state.list_get(1, b"w").expect("get").is_empty());
+    }
+
+    #[test]
+    fn a_memory_snapshot_sweeps_expired_cells_out_of_the_backend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = two_key_cache();
+        state.set_ttls(&[ttl(1000, ttl::TtlUpdate::OnCreateAndWrite)]);
+        at(&mut state, 0);
+        for key in [b"a", b"b", b"c"] {
+            state.value_set(0, key, b"1".to_vec()).expect("set");
+        }
+        state.maybe_evict().expect("evicted: in the backend only");
+        at(&mut state, 500);
+        state.value_set(0, b"c", b"2".to_vec()).expect("refreshed");
+        at(&mut state, 1200);
+        let base = state
+            .snapshot(dir.path().join("base"), true)
+            .expect("snapshot")
+            .expect("tables");
+        let (path, _) = base.run().expect("base");
+        let mut keys = Vec::new();
+        dump::read(&path.join(dump::DUMP_FILE), |_, _, key, _| {
+            keys.push(key.to_vec())
+        })
+        .expect("read");
+        assert_eq!(keys, vec![b"c".to_vec()]);
+    }
+
+    #[test]
+    fn rocksdb_compaction_drops_expired_cells() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tables = ["op/v".to_string(), "op/w".to_string()];
+        let on_write = ttl::TtlUpdate::OnCreateAndWrite;
+        let ttls = [ttl(60_000, on_write), None];
+        let backend = rocks::RocksBackend::open_expiring(dir.path(), &tables, &ttls).expect("open");
+        let now = ttl::wall_millis();
+        let put = |table, key: &[u8], value: Vec<u8>| WriteOp::Put {
+            table,
+            key_group: crate::types::key_group::of_key(key, 128),
+            key: key.to_vec(),
+            value,
+        };
+        let mut backend: Box<dyn StateBackend> = Box::new(backend);
+        backend
+            .write(vec![
+                put(0, b"old", ttl::stamped(now - 120_000, b"1")),
+                put(0, b"new", ttl::stamped(now, b"1")),
+                put(1, b"old", b"no TTL".to_vec()),
+            ])
+            .expect("write");
+        let count = |backend: &dyn StateBackend, table| {
+            let mut n = 0;
+            backend
+                .scan(table, 0..128, &mut |_, _, _| n += 1)
+                .expect("scan");
+            n
+        };
+        assert_eq!(count(backend.as_ref(), 0), 2, "not compacted yet");
+        let reopened = {
+            drop(backend);
+            rocks::RocksBackend::open_expiring(dir.path(), &tables, &ttls).expect("reopen")
+        };
+        reopened.compact_all().expect("compact");
+        assert_eq!(count(&reopened, 0), 1, "the expired cell is dropped");
+        assert_eq!(count(&reopened, 1), 1, "a table without TTL keeps all");
     }
 
     #[test]

@@ -9,15 +9,18 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use rocksdb::compaction_filter::Decision as CompactionDecision;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType,
     IngestExternalFileOptions, Options, SstFileWriter, WriteBatch, WriteOptions,
 };
 
+use super::ttl::{EventClock, Expiry, StateTtl};
 use super::{
     CellChunk, CellVisitor, StateBackend, StateError, TableId, WriteOp, backend_key,
     backend_key_into,
 };
+use std::sync::Arc;
 
 pub struct RocksBackend {
     db: DB,
@@ -29,12 +32,37 @@ pub struct RocksBackend {
     cf_options: Options,
     /// Table files written for bulk loads so far (their names).
     loaded_files: u64,
+    /// Set when compaction filters drop the expired cells of its TTL
+    /// tables: the watermark they read.
+    event: Option<Arc<EventClock>>,
 }
 
 impl RocksBackend {
     /// Opens (creating if needed) the database at `dir` with one column
     /// family per table name.
     pub fn open(dir: &Path, tables: &[String]) -> Result<Self, StateError> {
+        Self::open_expiring(dir, tables, &[])
+    }
+
+    /// [`RocksBackend::open`] for a subtask's live state: a table with a
+    /// TTL in `ttls` (by table index) has its expired cells dropped by a
+    /// compaction filter (event time: by the watermark
+    /// [`StateBackend::event_clock`] is told).
+    pub fn open_expiring(
+        dir: &Path,
+        tables: &[String],
+        ttls: &[Option<StateTtl>],
+    ) -> Result<Self, StateError> {
+        let event = Arc::new(EventClock::default());
+        let expiry: Vec<Option<Expiry>> = ttls
+            .iter()
+            .map(|ttl| {
+                ttl.map(|ttl| Expiry {
+                    ttl,
+                    event: event.clone(),
+                })
+            })
+            .collect();
         let open_error = |message: String| StateError::Open {
             dir: dir.to_path_buf(),
             message,
@@ -60,7 +88,20 @@ impl RocksBackend {
         db_options.set_max_background_jobs(2);
         let descriptors: Vec<_> = tables
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()))
+            .enumerate()
+            .map(|(index, name)| {
+                let mut options = cf_options.clone();
+                if let Some(Some(expiry)) = expiry.get(index) {
+                    let expiry = expiry.clone();
+                    options.set_compaction_filter("weir-ttl", move |_, _: &[u8], value: &[u8]| {
+                        match expiry.expired(value) {
+                            true => CompactionDecision::Remove,
+                            false => CompactionDecision::Keep,
+                        }
+                    });
+                }
+                ColumnFamilyDescriptor::new(name, options)
+            })
             .collect();
         let db = DB::open_cf_descriptors(&db_options, dir, descriptors)
             .map_err(|e| open_error(e.to_string()))?;
@@ -73,12 +114,24 @@ impl RocksBackend {
             write_options,
             cf_options,
             loaded_files: 0,
+            event: expiry.iter().any(Option::is_some).then_some(event),
         })
     }
 
     /// The directory the database lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Flushes and compacts every table whole (tests and benchmarks: its
+    /// compaction filters then drop every expired cell).
+    pub fn compact_all(&self) -> Result<(), StateError> {
+        for table in 0..self.tables.len() {
+            let cf = self.cf(table)?;
+            self.db.flush_cf(cf).map_err(|e| self.io_error(table, e))?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
     }
 
     fn cf(&self, table: TableId) -> Result<&rocksdb::ColumnFamily, StateError> {
@@ -259,6 +312,10 @@ impl StateBackend for RocksBackend {
             iter.next();
         }
         iter.status().map_err(|e| self.io_error(table, e))
+    }
+
+    fn event_clock(&self) -> Option<Arc<EventClock>> {
+        self.event.clone()
     }
 
     fn describe(&self) -> String {

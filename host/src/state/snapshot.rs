@@ -100,6 +100,56 @@ pub(super) fn settle(
 }
 
 impl KeyedState {
+    /// Deletes the expired cells of TTL states from a backend that does not
+    /// drop them itself (the memory backend), recording each deletion for
+    /// the next delta. Returns how many it deleted.
+    pub(super) fn sweep_expired(&mut self) -> Result<u64, StateError> {
+        if !self.any_ttl || self.backend_lock().event_clock().is_some() {
+            return Ok(0);
+        }
+        let mut deletes = Vec::new();
+        {
+            let backend = self.backend_lock();
+            for (id, table) in self.tables.iter().enumerate() {
+                let Some(ttl) = table.ttl else { continue };
+                let now = self.clock.now(ttl.time);
+                backend.scan(
+                    id,
+                    0..self.max_parallelism,
+                    &mut |key_group, key, stored| {
+                        if let Some((stamp, _)) = super::ttl::split(stored)
+                            && ttl.expired(stamp, now)
+                        {
+                            deletes.push(WriteOp::Delete {
+                                table: id,
+                                key_group,
+                                key: key.to_vec(),
+                            });
+                        }
+                    },
+                )?;
+            }
+        }
+        if deletes.is_empty() {
+            return Ok(0);
+        }
+        let names = self.table_names();
+        let carried = self.carried.get_or_insert_with(|| DumpBuffer::new(&names));
+        for op in &deletes {
+            if let WriteOp::Delete {
+                table,
+                key_group,
+                key,
+            } = op
+            {
+                carried.push(*table as u32, *key_group, key, None);
+            }
+        }
+        let swept = deletes.len() as u64;
+        self.backend_lock().write(deletes)?;
+        Ok(swept)
+    }
+
     /// Takes every cell changed since the last snapshot (including those
     /// evicted meanwhile) as a delta.
     pub(super) fn take_changed(&mut self) -> DumpBuffer {
@@ -119,8 +169,9 @@ impl KeyedState {
         for (table_id, table) in self.tables.iter_mut().enumerate() {
             for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.changed) {
                 let key_group = key_group::of_key(key, self.max_parallelism);
+                let stamp = table.ttl.map(|_| slot.stamp);
                 let value = slot.cell.as_ref().map(|cell| {
-                    encode_cell_into(cell, &mut scratch);
+                    encode_stored_into(cell, stamp, &mut scratch);
                     scratch.as_slice()
                 });
                 delta.push(table_id as u32, key_group, key, value);
@@ -141,6 +192,7 @@ impl KeyedState {
             return Ok(None);
         }
         settle(&mut self.pending)?;
+        self.sweep_expired()?;
         if !base {
             return Ok(Some(SnapshotJob {
                 dir,
@@ -183,6 +235,7 @@ impl KeyedState {
             return Ok(None);
         }
         settle(&mut self.pending)?;
+        self.sweep_expired()?;
         Ok(Some(self.base_job(dir)))
     }
 

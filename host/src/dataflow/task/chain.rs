@@ -383,7 +383,7 @@ fn snapshot_operator(
         sync: started.elapsed(),
         ..SnapshotStats::default()
     };
-    storage.upload(barrier, local, stats, task.state.table_names());
+    storage.upload(barrier, local, stats, task.state.table_specs());
 }
 
 async fn flush_output(operator: &mut dyn Operator) -> Result<(), OperatorError> {

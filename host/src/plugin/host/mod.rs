@@ -42,6 +42,9 @@ pub struct HostState {
     pub(crate) limits: StoreLimits,
     wasi: WasiCtx,
     table: ResourceTable,
+    /// While `describe` runs: the TTLs the plugin declared (`declare-ttl`);
+    /// None elsewhere (the call then traps).
+    pub(crate) ttl_declarations: Option<Vec<(String, crate::state::ttl::StateTtl)>>,
 }
 
 impl HostState {
@@ -57,6 +60,7 @@ impl HostState {
             limits: store_limits(limits),
             wasi: PluginEngine::wasi_context(grants),
             table: ResourceTable::new(),
+            ttl_declarations: None,
         }
     }
 

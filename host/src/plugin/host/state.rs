@@ -2,8 +2,10 @@
 //! current key, and `select-record` for the batch form.
 
 use super::{HostState, state_trap, trap};
-use crate::plugin::bindings::weir::operator::state::Host;
+use crate::plugin::bindings::WitTimeDomain;
+use crate::plugin::bindings::weir::operator::state::{Host, TtlUpdate};
 use crate::state::StateKind;
+use crate::state::ttl::{self, StateTtl};
 
 /// "None" in the batched calls' words: no key, no value, clear.
 const NONE: u32 = u32::MAX;
@@ -173,6 +175,38 @@ impl Host for HostState {
         let (keyed, key, table) = self.keyed(&state, StateKind::Map)?;
         keyed.clear(table, key).map_err(state_trap)
     }
+
+    fn declare_ttl(
+        &mut self,
+        state: String,
+        millis: u64,
+        update: TtlUpdate,
+        domain: WitTimeDomain,
+    ) -> wasmtime::Result<()> {
+        let Some(declared) = self.ttl_declarations.as_mut() else {
+            return Err(trap(format!(
+                "declare-ttl (state `{state}`) may only be called from `describe`"
+            )));
+        };
+        if millis == 0 {
+            return Err(trap(format!(
+                "declare-ttl: state `{state}` is given a TTL of zero"
+            )));
+        }
+        let ttl = StateTtl {
+            millis,
+            update: match update {
+                TtlUpdate::OnCreateAndWrite => ttl::TtlUpdate::OnCreateAndWrite,
+                TtlUpdate::OnReadAndWrite => ttl::TtlUpdate::OnReadAndWrite,
+            },
+            time: match domain {
+                WitTimeDomain::ProcessingTime => ttl::TtlTime::Processing,
+                WitTimeDomain::EventTime => ttl::TtlTime::Event,
+            },
+        };
+        declared.push((state, ttl));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -206,11 +240,13 @@ mod tests {
                 name: "count".into(),
                 kind: StateKind::Value,
                 schema_version: 1,
+                ttl: None,
             },
             StateDescriptor {
                 name: "seen".into(),
                 kind: StateKind::List,
                 schema_version: 1,
+                ttl: None,
             },
         ]);
         HostState::new(task, states, &Limits::default(), &[])
