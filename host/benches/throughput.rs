@@ -17,6 +17,9 @@
 //! 5. `metrics`: the Wasm map and the RocksDB wordcount with the tasks'
 //!    metrics timing (busy, idle, back-pressured, plugin time) off and on,
 //!    alternating; medians.
+//! 6. `ttl`: the word count with `memory` and `rocksdb` state, without and
+//!    with a TTL on its count (`state_ttl = { count = "1h" }`), alternating;
+//!    medians.
 //!
 //! Set `WEIR_BENCH_RECORDS` to scale the record counts (default 10M); pass
 //! words to run only the benchmarks whose names contain one of them
@@ -322,6 +325,45 @@ inputs = ["count"]
                 })
                 .collect();
             results.push(median(runs));
+        }
+    }
+    if wanted("ttl") {
+        // The word count with and without a TTL on its count (1 h: nothing
+        // expires, every cell is stamped and checked), alternating.
+        for backend in ["memory", "rocksdb"] {
+            let job =
+                wordcount.replace("backend = \"rocksdb\"", &format!("backend = \"{backend}\""));
+            let with_ttl = job.replace(
+                "inputs = [{ from = \"gen\", partition = \"key\" }]",
+                "inputs = [{ from = \"gen\", partition = \"key\" }]\nstate_ttl = { count = \"1h\" }",
+            );
+            assert_ne!(job, with_ttl, "the TTL is set");
+            let (mut plain, mut ttl) = (Vec::new(), Vec::new());
+            for _ in 0..repeats {
+                plain.push(run(
+                    &engine,
+                    dir.path(),
+                    &format!("wordcount, {backend} state, p=1, no TTL"),
+                    &job,
+                    &HashMap::new(),
+                    records,
+                ));
+                ttl.push(run(
+                    &engine,
+                    dir.path(),
+                    &format!("wordcount, {backend} state, p=1, TTL 1h"),
+                    &with_ttl,
+                    &HashMap::new(),
+                    records,
+                ));
+            }
+            results.push(median(plain));
+            results.push(median(ttl));
+            let n = results.len();
+            println!(
+                "{backend}: with TTL / without (medians of {repeats}): {:.3}",
+                rate(&results[n - 1]) / rate(&results[n - 2])
+            );
         }
     }
     if wanted("chain") {

@@ -206,6 +206,54 @@ fn a_restore_drops_expired_cells_and_state_ttl_overrides_the_plugins_declaration
         );
     }
 
+    // Written back as data for the plugin: the TTL in `_metadata`, the
+    // stamps kept.
+    first.write("cells.jsonl", &read);
+    let args = [
+        "savepoint",
+        "write",
+        "--uid",
+        "count",
+        "--state",
+        "count",
+        "--from",
+        "cells.jsonl",
+        "--plugin",
+        TTL_COUNT,
+        "--max-parallelism",
+        "16",
+        "-o",
+        "written",
+    ];
+    let written = succeeded(&weir(&args, first.path()), "savepoint write");
+    let written = first
+        .path()
+        .join(written.trim())
+        .to_string_lossy()
+        .into_owned();
+    let inspected = succeeded(
+        &weir(&["savepoint", "inspect", &written], first.path()),
+        "inspect",
+    );
+    assert!(inspected.contains("TTL 1h"), "{inspected}");
+    let reread = succeeded(
+        &weir(
+            &["savepoint", "read", &written, "--uid", "count"],
+            first.path(),
+        ),
+        "savepoint read",
+    );
+    let sorted = |text: &str| {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        sorted(&reread),
+        sorted(&read),
+        "read, written, read again alike"
+    );
+
     // Run 2, restored with the count's TTL overridden to 1 s, well after
     // it: the counts were dropped on restore, the totals go on. (Each
     // restore runs in a copy of run 1's directory: the file sink commits

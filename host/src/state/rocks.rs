@@ -92,6 +92,11 @@ impl RocksBackend {
             .map(|(index, name)| {
                 let mut options = cf_options.clone();
                 if let Some(Some(expiry)) = expiry.get(index) {
+                    // Every table file is compacted again (through the
+                    // filter) once it is a TTL old, at least a minute: a
+                    // job whose keys churn keeps its state its live size.
+                    let seconds = (expiry.ttl.millis / 1000).clamp(60, 30 * 24 * 3600);
+                    options.set_periodic_compaction_seconds(seconds);
                     let expiry = expiry.clone();
                     options.set_compaction_filter("weir-ttl", move |_, _: &[u8], value: &[u8]| {
                         match expiry.expired(value) {
