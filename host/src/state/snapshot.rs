@@ -112,7 +112,14 @@ impl KeyedState {
             let backend = self.backend_lock();
             for (id, table) in self.tables.iter().enumerate() {
                 let Some(ttl) = table.ttl else { continue };
-                let now = self.clock.now(ttl.time);
+                // The wall clock now, not the last batch's: an idle job
+                // still sweeps.
+                let now = match ttl.time {
+                    super::ttl::TtlTime::Processing => {
+                        super::ttl::wall_millis().max(self.clock.processing)
+                    }
+                    super::ttl::TtlTime::Event => self.clock.event,
+                };
                 backend.scan(
                     id,
                     0..self.max_parallelism,

@@ -92,17 +92,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
-    fn ttl(millis: u64) -> StateTtl {
-        StateTtl {
-            millis,
-            update: TtlUpdate::OnCreateAndWrite,
-            time: TtlTime::Processing,
-        }
-    }
-
     #[test]
     fn a_cell_expires_once_its_ttl_has_passed_since_its_last_update() {
-        let t = ttl(1000);
+        let t = StateTtl::new(
+            Duration::from_secs(1),
+            TtlUpdate::default(),
+            TtlTime::default(),
+        );
         assert!(!t.expired(5000, 5999));
         assert!(t.expired(5000, 6000));
         assert!(
