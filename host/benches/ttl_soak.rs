@@ -10,7 +10,8 @@
 //! newest checkpoint's size, beside the keys written so far.
 //!
 //! `cargo bench -p weir --bench ttl_soak` (`WEIR_SOAK_SECS=120` for a
-//! short look).
+//! short look; `WEIR_SOAK_TTL=off` for the same job without a TTL, the
+//! control).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -59,6 +60,7 @@ fn main() {
     let seconds = env_u64("WEIR_SOAK_SECS", 1800);
     let rate = env_u64("WEIR_SOAK_RATE", 20_000);
     let every = env_u64("WEIR_SOAK_EVERY", 60);
+    let ttl = std::env::var("WEIR_SOAK_TTL").unwrap_or_else(|_| "10s".to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let job = format!(
         r#"
@@ -77,7 +79,7 @@ keys = 1000000000000
 uid = "count"
 plugin = {plugin:?}
 inputs = [{{ from = "gen", partition = "key" }}]
-state_ttl = {{ count = "10s" }}
+state_ttl = {{ count = "{ttl}" }}
 [[sink]]
 uid = "out"
 kind = "blackhole"
@@ -96,7 +98,7 @@ inputs = ["count"]
         .spawn()
         .expect("weir runs");
     println!(
-        "TTL soak: new key every record at {rate}/s, TTL 10s, RocksDB, checkpoints every 10s, {seconds} s"
+        "TTL soak: new key every record at {rate}/s, TTL {ttl}, RocksDB, checkpoints every 10s, {seconds} s"
     );
     println!(
         "{:>8} {:>14} {:>16} {:>14} {:>18}",
