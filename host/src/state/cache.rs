@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 impl Slot {
     /// Marks the cell written at `now` (its TTL's time; 0 without one).
     fn touch(&mut self, now: u64) {
-        self.stale = true;
-        self.changed = true;
-        self.stamp = now;
+        self.meta = STALE | CHANGED | (now & STAMP);
     }
 
     /// Applies a TTL to a cell read by `clock`: an expired cell reads as
@@ -29,10 +27,10 @@ impl Slot {
             return;
         }
         let written = clock.write_time(ttl.time);
-        if ttl.expired(self.stamp, clock.now(ttl.time)) {
+        if ttl.expired(self.stamp(), clock.now(ttl.time)) {
             self.cell = None;
             self.touch(written);
-        } else if ttl.update == super::ttl::TtlUpdate::OnReadAndWrite && self.stamp != written {
+        } else if ttl.update == super::ttl::TtlUpdate::OnReadAndWrite && self.stamp() != written {
             self.touch(written);
         }
     }
@@ -244,12 +242,7 @@ impl KeyedState {
                     }
                 };
                 *cached += 1;
-                vacant.insert(Slot {
-                    cell,
-                    stale: false,
-                    changed: false,
-                    stamp,
-                })
+                vacant.insert(Slot::new(cell, stamp))
             }
         };
         if let Some(ttl) = ttl {
@@ -453,9 +446,9 @@ impl KeyedState {
     pub(super) fn take_stale(&mut self) -> Vec<WriteOp> {
         let mut ops = Vec::new();
         for (table_id, table) in self.tables.iter_mut().enumerate() {
-            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.stale) {
+            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.stale()) {
                 let key_group = key_group::of_key(key, self.max_parallelism);
-                let stamp = table.ttl.map(|_| slot.stamp);
+                let stamp = table.ttl.map(|_| slot.stamp());
                 ops.push(match &slot.cell {
                     Some(cell) => WriteOp::Put {
                         table: table_id,
@@ -469,7 +462,7 @@ impl KeyedState {
                         key: key.to_vec(),
                     },
                 });
-                slot.stale = false;
+                slot.set_stale(false);
             }
         }
         ops

@@ -316,16 +316,51 @@ enum Cell {
     Map(MapCell),
 }
 
+/// A cached cell: 40 bytes, its flags packed into its stamp's word.
 #[derive(Debug)]
 struct Slot {
     /// `None`: the key has no state in this table.
     cell: Option<Cell>,
+    /// Bit 63: the backend does not hold this cell yet (stale); bit 62:
+    /// changed since the last snapshot; bits 0–61: a TTL state's last
+    /// update, in ms (see [`ttl`]), else 0.
+    meta: u64,
+}
+
+const STALE: u64 = 1 << 63;
+const CHANGED: u64 = 1 << 62;
+const STAMP: u64 = CHANGED - 1;
+
+impl Slot {
+    fn new(cell: Option<Cell>, stamp: u64) -> Self {
+        Self {
+            cell,
+            meta: stamp & STAMP,
+        }
+    }
+
     /// The backend does not hold this cell yet.
-    stale: bool,
+    fn stale(&self) -> bool {
+        self.meta & STALE != 0
+    }
+
+    fn set_stale(&mut self, stale: bool) {
+        self.meta = (self.meta & !STALE) | if stale { STALE } else { 0 };
+    }
+
     /// Changed since the last snapshot.
-    changed: bool,
-    /// A TTL state's last update (see [`ttl`]); else 0.
-    stamp: u64,
+    fn changed(&self) -> bool {
+        self.meta & CHANGED != 0
+    }
+
+    fn set_changed(&mut self, changed: bool) {
+        self.meta = (self.meta & !CHANGED) | if changed { CHANGED } else { 0 };
+    }
+
+    /// A TTL state's last update (ms).
+    fn stamp(&self) -> u64 {
+        self.meta & STAMP
+    }
 }
 
 struct Table {

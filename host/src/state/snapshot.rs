@@ -174,15 +174,15 @@ impl KeyedState {
         let mut delta = carried.unwrap_or_else(|| DumpBuffer::new(&names));
         let mut scratch = Vec::new();
         for (table_id, table) in self.tables.iter_mut().enumerate() {
-            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.changed) {
+            for (key, slot) in table.cache.iter_mut().filter(|(_, s)| s.changed()) {
                 let key_group = key_group::of_key(key, self.max_parallelism);
-                let stamp = table.ttl.map(|_| slot.stamp);
+                let stamp = table.ttl.map(|_| slot.stamp());
                 let value = slot.cell.as_ref().map(|cell| {
                     encode_stored_into(cell, stamp, &mut scratch);
                     scratch.as_slice()
                 });
                 delta.push(table_id as u32, key_group, key, value);
-                slot.changed = !reset;
+                slot.set_changed(!reset);
             }
         }
         delta
@@ -210,7 +210,7 @@ impl KeyedState {
         self.carried = None;
         for table in &mut self.tables {
             for slot in table.cache.values_mut() {
-                slot.changed = false;
+                slot.set_changed(false);
             }
         }
         Ok(Some(self.base_job(dir)))
