@@ -83,13 +83,8 @@ pub fn read_cells(
         let (value, updated_ms) = match &state.ttl {
             None => (stored, None),
             Some(ttl) => match crate::state::ttl::split(stored) {
-                Some((stamp, cell)) => {
-                    if ttl.time == crate::state::ttl::TtlTime::Processing && ttl.expired(stamp, now)
-                    {
-                        return;
-                    }
-                    (cell, Some(stamp))
-                }
+                Some((stamp, _)) if ttl.dropped_offline(stamp, now) => return,
+                Some((stamp, cell)) => (cell, Some(stamp)),
                 None => {
                     *failed.borrow_mut() = Some(CheckpointError::Corrupt {
                         path: read.path.clone(),

@@ -33,6 +33,7 @@ use super::{CheckpointError, FileRef, StateStats};
 use crate::protocol::{Role, TransferProgress};
 use crate::roots::Roots;
 use crate::state::StateBackend;
+use crate::state::TableSpec;
 use crate::state::dump::{self, DUMP_FILE, DumpWriter};
 use crate::state::rocks::RocksBackend;
 use crate::state::ttl::StateTtl;
@@ -61,23 +62,24 @@ pub fn create_dir(
 
 /// Writes one subtask's keyed state as a canonical `.state` file named
 /// `name` in the savepoint directory `dir`. `copy` is the consistent copy
-/// a snapshot job made (`format` `rocksdb` or `memory`); `tables` are its
-/// tables (`<uid>/<state>`, in declaration order); only the key groups
-/// `range` are written. Returns the file and the keys and bytes per state.
+/// a snapshot job made (`format` `rocksdb` or `memory`); `specs` are its
+/// tables (`<uid>/<state>` and TTL, in declaration order); only the key
+/// groups `range` are written, without the cells a TTL dropped. Returns the file and the keys and bytes per state.
 pub fn write_state(
     copy: &Path,
     format: &str,
-    (tables, ttls): (&[String], &[Option<StateTtl>]),
+    specs: &[TableSpec],
     range: Range<u32>,
     dir: &OutDir,
     name: &str,
     progress: &TransferProgress,
 ) -> Result<(FileRef, Vec<StateStats>), CheckpointError> {
+    let tables: Vec<String> = specs.iter().map(|t| t.name.clone()).collect();
     let path = dir.join(name);
     let io = |e: std::io::Error| CheckpointError::io(&path, e);
     let file = dir.create(name).map_err(io)?;
     let hashing = Hashing::new(BufWriter::with_capacity(1 << 20, file));
-    let mut writer = DumpWriter::new(hashing, tables).map_err(io)?;
+    let mut writer = DumpWriter::new(hashing, &tables).map_err(io)?;
     let mut stats: Vec<StateStats> = tables
         .iter()
         .map(|t| StateStats {
@@ -86,17 +88,15 @@ pub fn write_state(
         })
         .collect();
     let mut failed: Option<std::io::Error> = None;
-    let now = crate::state::ttl::TtlClock::wall();
+    let now = crate::state::ttl::wall_millis();
     let mut push = |table: usize, group: u16, key: &[u8], value: &[u8]| {
         if failed.is_some() || !range.contains(&u32::from(group)) {
             return;
         }
-        // An expired cell of a TTL state is left out (processing time: a
-        // savepoint's writer knows no watermark).
-        if let Some(Some(ttl)) = ttls.get(table)
-            && ttl.time == crate::state::ttl::TtlTime::Processing
+        // An expired cell of a TTL state is left out.
+        if let Some(ttl) = &specs[table].ttl
             && crate::state::ttl::split(value)
-                .is_some_and(|(stamp, _)| ttl.expired(stamp, now.processing))
+                .is_some_and(|(stamp, _)| ttl.dropped_offline(stamp, now))
         {
             return;
         }
@@ -112,7 +112,7 @@ pub fn write_state(
     let state_error = |e: crate::state::StateError| CheckpointError::io(copy, e);
     match format {
         "rocksdb" => {
-            let source = RocksBackend::open(copy, tables).map_err(state_error)?;
+            let source = RocksBackend::open(copy, &tables).map_err(state_error)?;
             for table in 0..tables.len() {
                 source
                     .scan(table, range.clone(), &mut |group, key, value| {
@@ -358,7 +358,13 @@ mod tests {
         let (file, stats) = write_state(
             &copy,
             &format,
-            (&tables, &[]),
+            &tables
+                .iter()
+                .map(|name| TableSpec {
+                    name: name.clone(),
+                    ttl: None,
+                })
+                .collect::<Vec<_>>(),
             0..64,
             &out,
             "op-0.state",

@@ -171,12 +171,10 @@ impl SubtaskStorage {
             sync_dir(dir)?;
             snapshot.backend = Some(format.clone());
         } else if let Some((copy, format)) = copy {
-            let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
-            let ttls: Vec<_> = tables.iter().map(|t| t.ttl).collect();
             let (file, stats) = super::savepoint::write_state(
                 copy,
                 format,
-                (&names, &ttls),
+                tables,
                 self.key_groups[0]..self.key_groups[1],
                 dir,
                 &format!("{stem}.state"),

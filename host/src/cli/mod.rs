@@ -518,10 +518,11 @@ fn inspect(cli: &Cli, file: &std::path::Path) -> Result<()> {
         outln!("states    none")?;
     }
     for state in &info.states {
-        let ttl = match &state.ttl {
-            Some(ttl) => format!(", TTL {ttl}"),
-            None => String::new(),
-        };
+        let ttl = state
+            .ttl
+            .as_ref()
+            .map(|t| format!(", TTL {t}"))
+            .unwrap_or_default();
         outln!(
             "state     {} ({} state, schema version {}{ttl})",
             state.name,

@@ -221,10 +221,11 @@ fn inspect(location: &Location, json: bool) -> Result<()> {
                 _ => "keys not counted (a checkpoint or native savepoint: the backend's files)"
                     .to_string(),
             };
-            let ttl = match &state.ttl {
-                Some(ttl) => format!(", TTL {ttl}"),
-                None => String::new(),
-            };
+            let ttl = state
+                .ttl
+                .as_ref()
+                .map(|t| format!(", TTL {t}"))
+                .unwrap_or_default();
             outln!(
                 "  state   {}  {} state, schema version {}{ttl}  {amount}",
                 state.name,

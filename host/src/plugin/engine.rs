@@ -34,6 +34,7 @@ pub struct PluginInfo {
 }
 
 /// A validated, compiled plugin, ready to be instantiated per subtask.
+#[derive(Clone)]
 pub struct LoadedPlugin {
     pub file: PathBuf,
     /// sha256 of the component file, hex.
@@ -79,15 +80,8 @@ impl LoadedPlugin {
             state.ttl = ttl.apply(state.ttl);
         }
         Ok(Arc::new(Self {
-            file: self.file.clone(),
-            digest: self.digest.clone(),
             info,
-            pre: self.pre.clone(),
-            engine: self.engine.clone(),
-            migrate: self.migrate,
-            flat: self.flat,
-            load_time: self.load_time,
-            from_cache: self.from_cache,
+            ..(**self).clone()
         }))
     }
 

@@ -156,8 +156,7 @@ pub fn restamp(
         None => (None, stored),
     };
     if let (Some(stamp), Some(rule)) = (stamp, new.or(old))
-        && rule.time == TtlTime::Processing
-        && rule.expired(stamp, now)
+        && rule.dropped_offline(stamp, now)
     {
         return Ok(None);
     }

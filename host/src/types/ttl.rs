@@ -56,6 +56,13 @@ impl StateTtl {
     pub fn expired(&self, stamp: u64, now: u64) -> bool {
         now.saturating_sub(stamp) >= self.millis
     }
+
+    /// Whether a cell last updated at `stamp` is dropped where no
+    /// watermark is known (a restore, a savepoint's writer, `savepoint
+    /// read`) at wall-clock `now`: processing-time TTLs only.
+    pub fn dropped_offline(&self, stamp: u64, now: u64) -> bool {
+        self.time == TtlTime::Processing && self.expired(stamp, now)
+    }
 }
 
 impl std::fmt::Display for StateTtl {
