@@ -758,6 +758,56 @@ async fn wait_for(browser: &fantoccini::Client, locator: String) -> fantoccini::
         .unwrap_or_else(|e| panic!("the page shows {locator}: {e}"))
 }
 
+/// The text of the element `locator` finds, or `None` while there is none.
+/// The page re-renders its view as answers arrive: an element found a
+/// moment ago may be gone by the time its text is read (stale), which is
+/// `None` too, a read to repeat.
+async fn read_text(browser: &fantoccini::Client, locator: &str) -> Option<String> {
+    let element = browser.find(fantoccini::Locator::Css(locator)).await.ok()?;
+    element.text().await.ok()
+}
+
+/// The text of the element `locator` finds once `accept` takes it, read
+/// again (through re-renders) for up to 20 s.
+async fn text_when(
+    browser: &fantoccini::Client,
+    locator: &str,
+    accept: impl Fn(&str) -> bool,
+) -> String {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some(text) = read_text(browser, locator).await {
+            if accept(&text) {
+                return text;
+            }
+            last = Some(text);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the page's {locator} reads {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Clicks the element `locator` finds, finding it again if a re-render
+/// replaced it between the find and the click; up to 20 s.
+async fn click(browser: &fantoccini::Client, locator: &str) {
+    let started = Instant::now();
+    loop {
+        let result = wait_for(browser, locator.to_string()).await.click().await;
+        match result {
+            Ok(_) => return,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "click {locator}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screenshot: &Path) {
     use fantoccini::{ClientBuilder, Locator};
     let profile = tempfile::tempdir().expect("profile dir");
@@ -792,20 +842,16 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screen
         .click()
         .await
         .expect("use the token");
-    wait(&format!("#jobs tr[data-job=\"{job}\"] a"))
-        .await
-        .click()
-        .await
-        .expect("open the job");
+    click(&browser, &format!("#jobs tr[data-job=\"{job}\"] a")).await;
     for uid in ["words", "split", "count", "out"] {
         wait(&format!("#graph g.operator[data-uid=\"{uid}\"]")).await;
     }
-    // The page re-renders the count as answers arrive: an element found a
-    // moment ago may be gone by the time its text is read (stale), so a
-    // read that fails is a read to repeat.
     let count = |browser: fantoccini::Client| async move {
-        let element = browser.find(Locator::Css("#checkpoint-count")).await.ok()?;
-        element.text().await.ok()?.trim().parse::<u64>().ok()
+        read_text(&browser, "#checkpoint-count")
+            .await?
+            .trim()
+            .parse::<u64>()
+            .ok()
     };
     // Until the job's first answer arrived the count shows a placeholder.
     let started = Instant::now();
@@ -829,34 +875,28 @@ async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screen
         later = count(browser.clone()).await.unwrap_or(first);
     }
     // The graph shows rates once two samples were taken.
-    let rate = wait("#graph g.operator[data-uid=\"count\"] text.rate")
-        .await
-        .text()
-        .await
-        .expect("rate text");
-    assert!(rate.starts_with("in "), "{rate}");
-    wait("#savepoint")
-        .await
-        .click()
-        .await
-        .expect("press Savepoint");
+    text_when(
+        &browser,
+        "#graph g.operator[data-uid=\"count\"] text.rate",
+        |rate| rate.starts_with("in "),
+    )
+    .await;
+    click(&browser, "#savepoint").await;
     wait("#savepoints tbody tr td code").await;
-    let message = wait("#message").await.text().await.expect("message");
-    assert!(message.contains("Savepoint requested"), "{message}");
+    text_when(&browser, "#message", |message| {
+        message.contains("Savepoint requested")
+    })
+    .await;
     let png = browser.screenshot().await.expect("a screenshot");
     std::fs::write(screenshot, png).expect("write the screenshot");
     // The job lists its fork; the fork's page links back to it.
-    wait(&format!("#lineage a[href=\"#/jobs/{fork}\"]"))
-        .await
-        .click()
-        .await
-        .expect("open the fork");
-    let lineage = wait(&format!("#lineage a[href=\"#/jobs/{job}\"]"))
-        .await
-        .text()
-        .await
-        .expect("lineage text");
-    assert_eq!(lineage.trim(), job);
+    click(&browser, &format!("#lineage a[href=\"#/jobs/{fork}\"]")).await;
+    text_when(
+        &browser,
+        &format!("#lineage a[href=\"#/jobs/{job}\"]"),
+        |lineage| lineage.trim() == job,
+    )
+    .await;
     browser.close().await.expect("close the session");
 }
 
