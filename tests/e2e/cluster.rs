@@ -802,7 +802,7 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
 /// Waits until the NATS cluster's JetStream places streams of three
 /// replicas (its three nodes joined and elected a meta leader): a probe
 /// stream made and removed through `urls`.
-fn wait_jetstream(urls: &[String]) {
+pub(crate) fn wait_jetstream(urls: &[String]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -853,10 +853,10 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let lines = crate::nats::input_lines(48_000, 17);
     let expected = weir_tests::count_words(&lines.join("\n"));
     crate::nats::prepare_replicated_streams(&url, name, &lines, 3);
-    // A publish not acknowledged while the node's streams elect new
-    // leaders (under load this can take many seconds) fails the sink: the
-    // restart strategy takes the job back to its newest checkpoint until
-    // the stream answers again (without one, it would fail for good).
+    // The sink publishes an epoch again while the node's streams elect
+    // new leaders; the source's reads may still fail meanwhile (under load
+    // for many seconds): the restart strategy takes the job back to its
+    // newest checkpoint until the streams answer again.
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints")
@@ -870,6 +870,7 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
 
     // A NATS node SIGKILLed: two of three keep quorum; the job checkpoints
     // on, and when its host dies too, it moves through the two.
+    let outage = nats.outage();
     nats.kill(1);
     let before = hosts[0].job(&id)["checkpoints_completed"]
         .as_u64()
@@ -880,6 +881,7 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let owner = ids.iter().position(|i| *i == moved).expect("a member");
     hosts[owner].wait_checkpoints(&id, 2, Duration::from_secs(60));
     nats.restart(1);
+    drop(outage);
     hosts[owner].wait_status(&id, "finished", Duration::from_secs(120));
     weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -634,3 +634,105 @@ inputs = ["count"]
     let lines = runtime().block_on(async { read_stream(&context(&url).await, "keys-out").await });
     weir_tests::check_exact_updates(&lines, &expected).expect("every update, keyed by the header");
 }
+
+/// The exactly-once sink rides through an outage of the node its stream
+/// lives on: it publishes an unacknowledged epoch again (same message ids)
+/// until the node is back, so a job without a restart strategy finishes,
+/// and every count is in the stream once.
+#[test]
+fn the_sink_publishes_again_through_an_outage_of_its_streams_node() {
+    let Some(nats) = weir_tests::nats::cluster() else {
+        return;
+    };
+    crate::cluster::wait_jetstream(&nats.urls);
+    let url = nats.urls.join(",");
+    let name = "outage";
+    // One replica: while its node is down, nothing acknowledges a publish.
+    let leader = runtime().block_on(async {
+        let js = context(&url).await;
+        fresh_stream(
+            &js,
+            &format!("{name}-out"),
+            &[format!("{name}.out")],
+            Duration::from_secs(120),
+        )
+        .await;
+        let mut stream = js
+            .get_stream(format!("{name}-out"))
+            .await
+            .expect("the output stream");
+        let info = stream.info().await.expect("stream info");
+        info.cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("a clustered stream names its leader")
+    });
+    let node: usize = leader
+        .strip_prefix("node-")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("a node of the test cluster: {leader}"));
+    let (count, keys, seed) = (30_000u64, 200, 7);
+    let job = JobDir::new();
+    let path = job.job(&format!(
+        r#"
+name = "nats-outage"
+[checkpoint]
+interval = "150ms"
+dir = "checkpoints"
+
+[[source]]
+uid = "words"
+kind = "generator"
+count = {count}
+keys = {keys}
+seed = {seed}
+rate = 5000
+
+[[operator]]
+uid = "count"
+plugin = {plugin}
+inputs = [{{ from = "words", partition = "key" }}]
+parallelism = 2
+
+[[sink]]
+uid = "out"
+kind = "nats"
+url = "{url}"
+stream = "{name}-out"
+subject = "{name}.out"
+inputs = ["count"]
+"#,
+        plugin = toml_path(WORDCOUNT_COUNT),
+    ));
+    let mut expected = BTreeMap::new();
+    for i in 0..count {
+        *expected
+            .entry(word(word_index(i, keys, seed)))
+            .or_insert(0u64) += 1;
+    }
+    let child = spawn_weir(&run_args(&path, None), job.path(), &[]);
+    // Once the first epoch is out, the stream's node goes down for 3 s.
+    let started = std::time::Instant::now();
+    while output(&url, name).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job never published"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    {
+        let _outage = nats.outage();
+        nats.kill(node);
+        std::thread::sleep(Duration::from_secs(3));
+        nats.restart(node);
+    }
+    let ran = child.wait_with_output().expect("reaped");
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(ran.status.success(), "the job finishes: {stderr}");
+    assert!(
+        stderr.contains("publishing the epoch again"),
+        "the sink met the outage: {stderr}"
+    );
+    weir_tests::check_exact_updates(&output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("{e}"));
+}

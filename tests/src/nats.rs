@@ -61,6 +61,9 @@ pub struct NatsCluster {
     /// Each node's `nats://127.0.0.1:PORT`.
     pub urls: Vec<String>,
     nodes: Mutex<Vec<Node>>,
+    /// Held by a test while it has a node down, so two tests never take
+    /// the cluster's quorum together.
+    outage: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -139,10 +142,17 @@ fn start_cluster() -> Option<NatsCluster> {
             .map(|n| format!("nats://127.0.0.1:{}", n.port))
             .collect(),
         nodes: Mutex::new(nodes),
+        outage: Mutex::new(()),
     })
 }
 
 impl NatsCluster {
+    /// The right to take a node down: hold it from the kill to the
+    /// restart (tests sharing the cluster run in parallel).
+    pub fn outage(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.outage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// SIGKILLs node `i`.
     pub fn kill(&self, i: usize) {
         let mut nodes = self.nodes.lock().expect("not poisoned");

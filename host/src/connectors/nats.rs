@@ -26,7 +26,9 @@
 //! republishes the restored checkpoint's pending epochs first: JetStream
 //! drops what it already stored, as long as the stream's duplicate window
 //! covers the time since the first publish ([`check`] refuses a window
-//! shorter than the job's restart delay). **At-least-once** publishes as
+//! shorter than the job's restart delay). An epoch not acknowledged (a
+//! node down, a leader election) is published again the same way, within
+//! half the window ([`publish_spool`]), before the task fails. **At-least-once** publishes as
 //! records arrive and waits for the acknowledgements at each barrier.
 //!
 //! The [`Sink`] hooks are synchronous: the sink runs its publishes on the
@@ -467,6 +469,9 @@ pub struct NatsSink {
     publishing: Option<Publishing>,
     /// At-least-once: publishes not yet acknowledged.
     in_flight: VecDeque<jetstream::context::PublishAckFuture>,
+    /// How long the stream keeps message ids (read at connect): how long
+    /// an unacknowledged epoch may be published again.
+    window: Duration,
 }
 
 impl NatsSink {
@@ -498,6 +503,7 @@ impl NatsSink {
             recover,
             publishing: None,
             in_flight: VecDeque::new(),
+            window: Duration::ZERO,
         })
     }
 
@@ -510,14 +516,26 @@ impl NatsSink {
         if self.js.is_some() {
             return Ok(());
         }
-        let url = self.config.url.clone();
-        let js = self.block_on(connect(&url)).map_err(connector_error)?;
+        let (url, name) = (self.config.url.clone(), self.config.stream.clone());
+        let (js, window) = self
+            .block_on(async {
+                let js = connect(&url).await?;
+                let stream = stream(&js, &url, &name).await?;
+                let window = stream.cached_info().config.duplicate_window;
+                Ok::<_, String>((js, window))
+            })
+            .map_err(connector_error)?;
         self.js = Some(js);
+        self.window = window;
         for file in std::mem::take(&mut self.recover) {
             match File::open(&file) {
                 Ok(_) => {
-                    let published =
-                        self.block_on(publish_spool(self.js(), &self.config.subject, &file))?;
+                    let published = self.block_on(publish_spool(
+                        self.js(),
+                        &self.config.subject,
+                        &file,
+                        window,
+                    ))?;
                     tracing::info!(file = %file.display(), published, "republished a restored checkpoint's pending records");
                     let _ = std::fs::remove_file(&file);
                 }
@@ -576,11 +594,11 @@ impl NatsSink {
         if due.is_empty() {
             return Ok(());
         }
-        let (js, subject) = (self.js().clone(), self.config.subject.clone());
+        let (js, subject, window) = (self.js().clone(), self.config.subject.clone(), self.window);
         let files: Vec<PathBuf> = due.iter().map(|(_, path)| path.clone()).collect();
         let task = self.runtime.spawn(async move {
             for path in files {
-                publish_spool(&js, &subject, &path).await?;
+                publish_spool(&js, &subject, &path, window).await?;
                 let _ = std::fs::remove_file(&path);
             }
             Ok(())
@@ -635,30 +653,75 @@ impl Drop for NatsSink {
 
 /// Publishes a spool file's records with their message ids and waits for
 /// every acknowledgement. Returns how many were published.
-async fn publish_spool(js: &Context, subject: &str, path: &Path) -> Result<u64, OperatorError> {
+///
+/// A publish not acknowledged (a NATS node died, the stream is electing a
+/// leader) is retried, the whole file again with the same message ids, so
+/// the stream stores each record once — as long as the retry starts within
+/// half of the stream's duplicate `window` of the file's closing (its
+/// modification time, before its first publish). After that the error is
+/// the task's, and the restart strategy takes over.
+async fn publish_spool(
+    js: &Context,
+    subject: &str,
+    path: &Path,
+    window: Duration,
+) -> Result<u64, OperatorError> {
     let bad = |what: &str| connector_error(format!("spool file {}: {what}", path.display()));
-    let bytes = tokio::fs::read(path)
+    let bytes = bytes::Bytes::from(
+        tokio::fs::read(path)
+            .await
+            .map_err(|e| bad(&e.to_string()))?,
+    );
+    let closed = tokio::fs::metadata(path)
         .await
+        .and_then(|m| m.modified())
         .map_err(|e| bad(&e.to_string()))?;
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
         .ok_or_else(|| bad("truncated header"))?;
-    let (header, body) = (&bytes[..newline], &bytes[newline + 1..]);
+    let (header, body) = (&bytes[..newline], bytes.slice(newline + 1..));
     let id_prefix = std::str::from_utf8(header)
         .ok()
         .and_then(|h| h.strip_prefix(SPOOL_HEADER))
         .filter(|p| !p.is_empty())
         .ok_or_else(|| bad("not a nats sink spool file"))?;
-    let records = decode_records(body).map_err(|e| bad(&e))?;
+    let records = decode_records(&body).map_err(|e| bad(&e))?;
+    let retry_until = closed + window / 2;
+    let mut backoff = RETRY_FIRST;
+    loop {
+        match publish_records(js, subject, id_prefix, &records).await {
+            Ok(published) => return Ok(published),
+            Err(e) if std::time::SystemTime::now() + backoff < retry_until => {
+                tracing::warn!(%subject, file = %path.display(), error = %e, retry_in = ?backoff, "publish not acknowledged; publishing the epoch again (the stream drops what it stored)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The first wait before a publish is retried, and the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Publishes `records` with the ids `<id_prefix>:<index>`, waiting for
+/// every acknowledgement.
+async fn publish_records(
+    js: &Context,
+    subject: &str,
+    id_prefix: &str,
+    records: &[SpooledRecord],
+) -> Result<u64, OperatorError> {
     let mut acks = VecDeque::new();
     let mut published = 0u64;
-    for (index, (key, value)) in records.into_iter().enumerate() {
+    for (index, (key, value)) in records.iter().enumerate() {
         let mut message = jetstream::message::PublishMessage::build()
-            .payload(value.into())
+            .payload(value.clone())
             .message_id(format!("{id_prefix}:{index}"));
         if let Some(key) = key {
-            message = message.header(KEY_HEADER, String::from_utf8_lossy(&key).as_ref());
+            message = message.header(KEY_HEADER, String::from_utf8_lossy(key).as_ref());
         }
         let ack = js
             .send_publish(subject.to_string(), message)
@@ -698,31 +761,32 @@ fn encode_record(out: &mut impl Write, key: Option<&[u8]>, value: &[u8]) -> std:
     out.write_all(value)
 }
 
-type SpooledRecord = (Option<Vec<u8>>, Vec<u8>);
+/// A spooled record: its key, its value (a slice of the file's bytes).
+type SpooledRecord = (Option<Vec<u8>>, bytes::Bytes);
 
 /// The records of a spool file's body.
-fn decode_records(mut body: &[u8]) -> Result<Vec<SpooledRecord>, String> {
-    fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
-        if body.len() < n {
+fn decode_records(body: &bytes::Bytes) -> Result<Vec<SpooledRecord>, String> {
+    /// The next `n` bytes from `at` on, `at` moved past them.
+    fn take(body: &[u8], at: &mut usize, n: usize) -> Result<std::ops::Range<usize>, String> {
+        if body.len() - *at < n {
             return Err("truncated record".into());
         }
-        let (head, rest) = body.split_at(n);
-        *body = rest;
-        Ok(head)
+        *at += n;
+        Ok(*at - n..*at)
     }
-    fn length(body: &mut &[u8]) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            take(body, 4)?.try_into().expect("4 bytes"),
-        ))
+    fn length(body: &[u8], at: &mut usize) -> Result<u32, String> {
+        let range = take(body, at, 4)?;
+        Ok(u32::from_le_bytes(body[range].try_into().expect("4 bytes")))
     }
+    let mut at = 0usize;
     let mut records = Vec::new();
-    while !body.is_empty() {
-        let key = match length(&mut body)? {
+    while at < body.len() {
+        let key = match length(body, &mut at)? {
             u32::MAX => None,
-            n => Some(take(&mut body, n as usize)?.to_vec()),
+            n => Some(body[take(body, &mut at, n as usize)?].to_vec()),
         };
-        let n = length(&mut body)? as usize;
-        records.push((key, take(&mut body, n)?.to_vec()));
+        let n = length(body, &mut at)? as usize;
+        records.push((key, body.slice(take(body, &mut at, n)?)));
     }
     Ok(records)
 }
@@ -849,15 +913,16 @@ mod tests {
         let mut body = Vec::new();
         encode_record(&mut body, Some(b"k"), b"value one").expect("write");
         encode_record(&mut body, None, b"").expect("write");
+        let body = bytes::Bytes::from(body);
         let records = decode_records(&body).expect("decodes");
         assert_eq!(
             records,
             vec![
-                (Some(b"k".to_vec()), b"value one".to_vec()),
-                (None, Vec::new())
+                (Some(b"k".to_vec()), bytes::Bytes::from_static(b"value one")),
+                (None, bytes::Bytes::new())
             ]
         );
-        assert!(decode_records(&body[..body.len() - 1]).is_err());
-        assert!(decode_records(&body[..3]).is_err());
+        assert!(decode_records(&body.slice(..body.len() - 1)).is_err());
+        assert!(decode_records(&body.slice(..3)).is_err());
     }
 }
