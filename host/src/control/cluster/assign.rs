@@ -13,7 +13,10 @@
 //!   host whose entry is gone, or has not been renewed for a whole lease by
 //!   the coordinator's own clock, is dead; each live job it owned goes to
 //!   the live host with the fewest jobs, with a compare-and-set that bumps
-//!   the generation. Jobs of live hosts never move (sticky).
+//!   the generation. Jobs of live hosts never move (sticky). Nothing moves
+//!   until the coordinator's own renewals have succeeded for a whole lease:
+//!   while the members bucket does not answer (a NATS node died) no host
+//!   can renew, which is no sign of death.
 //! - Every host follows the bucket: it adopts a job assigned to it that it
 //!   does not run (restoring from the assignment's restore point, under a
 //!   generation it takes with a compare-and-set, so a previous process of
@@ -338,7 +341,8 @@ impl Assignments {
     async fn step(&self, owner: &dyn Owner) -> Result<(), ClusterError> {
         let live = self.live_members().await?;
         let mut all = self.all().await?;
-        if self.shared.lock().held.is_some() {
+        let coordinator = self.shared.lock().held.is_some();
+        if coordinator && self.shared.members_steady() {
             self.move_from_dead(&mut all, &live).await;
         }
         let local: HashMap<String, LocalJob> = owner

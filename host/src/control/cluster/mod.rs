@@ -240,6 +240,9 @@ struct Local {
     /// Another host's lease as this host last saw it: its revision, and
     /// since when (this host's clock) it has not changed.
     watched: Option<(u64, tokio::time::Instant)>,
+    /// When this host last failed to renew its entry (the members bucket
+    /// did not answer: a NATS node died, its streams elect leaders).
+    renewal_failed: Option<tokio::time::Instant>,
 }
 
 const HOSTS: &str = "hosts.";
@@ -319,6 +322,7 @@ impl Cluster {
                 member,
                 held: None,
                 watched: None,
+                renewal_failed: None,
             }),
         });
         shared.check_versions().await?;
@@ -341,6 +345,7 @@ impl Cluster {
                     _ = stopped.wait_for(|s| *s) => return,
                 }
                 if let Err(error) = renewing.renew(&load).await {
+                    renewing.lock().renewal_failed = Some(tokio::time::Instant::now());
                     warn!(cluster = %renewing.name, host = %renewing.id, %error, "cannot renew this host's lease");
                 }
                 renewing.take_or_keep_lease().await;
@@ -562,6 +567,19 @@ impl Shared {
         })
     }
 
+    /// Whether the members bucket has taken this host's renewals for a
+    /// whole lease: only then does another host's silence mean it died.
+    /// While the bucket does not answer (a NATS node died and its streams
+    /// elect new leaders) no host can renew, and entries expire; once it
+    /// answers again, every live host renews within a lease.
+    fn members_steady(&self) -> bool {
+        steady(
+            self.lock().renewal_failed,
+            tokio::time::Instant::now(),
+            self.lease,
+        )
+    }
+
     /// Writes this host's entry with its current load.
     async fn renew(&self, load: &Load) -> Result<(), String> {
         let (jobs, running) = load();
@@ -715,6 +733,16 @@ impl Shared {
     }
 }
 
+/// See [`Shared::members_steady`]: no renewal failed within `lease` of
+/// `now`.
+fn steady(
+    renewal_failed: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    lease: Duration,
+) -> bool {
+    renewal_failed.is_none_or(|failed| now.duration_since(failed) >= lease)
+}
+
 /// The bucket `config` names, as it is (another host made it: its
 /// settings stand), or made.
 async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
@@ -865,4 +893,22 @@ async fn check_storage(settings: &ClusterSettings) -> Result<(), ClusterError> {
         .check()
         .await
         .map_err(|e| storage(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_judged_only_once_renewals_went_through_for_a_lease() {
+        let lease = Duration::from_secs(3);
+        let now = tokio::time::Instant::now() + Duration::from_secs(60);
+        assert!(steady(None, now, lease), "never failed");
+        assert!(!steady(Some(now), now, lease), "failing now");
+        assert!(
+            !steady(Some(now - Duration::from_millis(2999)), now, lease),
+            "recovered less than a lease ago"
+        );
+        assert!(steady(Some(now - lease), now, lease), "a lease ago");
+    }
 }
