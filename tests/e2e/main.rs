@@ -10,6 +10,7 @@ mod checkpoints;
 mod cli;
 mod cluster;
 mod event_time;
+mod exchange;
 mod faults;
 mod host;
 mod kafka;

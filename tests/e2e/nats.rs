@@ -77,12 +77,27 @@ async fn publish_lines(js: &Context, prefix: &str, partitions: usize, lines: &[S
 }
 
 /// Every message payload of stream `name`, in stream order.
+/// A NATS node restarted just now may take a while (under load) before
+/// its streams answer: asked again for up to 30 s.
 async fn read_stream(js: &Context, name: &str) -> Vec<String> {
-    let stream = js.get_stream(name).await.expect("the output stream");
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .expect("a consumer");
+    let started = std::time::Instant::now();
+    let consumer = loop {
+        let made = async {
+            let stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+            stream
+                .create_consumer(consumer::pull::OrderedConfig::default())
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match made.await {
+            Ok(consumer) => break consumer,
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("reading stream {name}: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("reading stream {name}: {e}"),
+        }
+    };
     let total = consumer.cached_info().num_pending;
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::new();

@@ -14,11 +14,14 @@
 //! | `kafka` source | per partition, the next offset to read | replayable: exactly-once, at any parallelism (partitions are assigned by the job and reassigned on restore); `read_committed` by default |
 //! | `kafka` sink, `delivery = "exactly-once"` | the pre-committed transactions (transactional id, producer id, epoch) | exactly-once: a Kafka transaction per subtask per checkpoint, flushed at the barrier, committed when the checkpoint completes; a restore commits what its checkpoint recorded, then fences the sink's transactional ids so the broker aborts what was written after it |
 //! | `kafka` sink, `delivery = "at-least-once"` | — | at-least-once: produced as records arrive, every produce acknowledged before the checkpoint's ack |
+//! | `exchange` source | per key group, the last stream sequence emitted (and how many writers ended on it) | replayable: exactly-once, at any parallelism (key groups are reassigned on restore) |
+//! | `exchange` sink | pending spool files | exactly-once, as the `nats` sink: an epoch's records, batched per key group, are published when its checkpoint completes, with deterministic message ids |
 //!
 //! Sources are interrupted by checkpoint triggers in the middle of
 //! `next_batch`; each keeps its position consistent with the records it has
 //! appended at every await (a partly read line stays buffered, uncounted).
 
+pub mod exchange;
 pub mod file;
 pub mod generator;
 pub mod kafka;

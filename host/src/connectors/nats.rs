@@ -44,6 +44,7 @@ use async_nats::jetstream::{self, Context, consumer};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::exchange::Producer;
 use super::{Pace, push_fields};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Sink, Source, SourceStatus};
@@ -87,7 +88,7 @@ pub fn redact(url: &str) -> String {
 /// Connects to `url` (credentials may be in it: `nats://user:pass@host`;
 /// the servers of a NATS cluster comma-separated, any one of them up is
 /// enough).
-async fn connect(url: &str) -> Result<Context, String> {
+pub(super) async fn connect(url: &str) -> Result<Context, String> {
     let options = async_nats::ConnectOptions::new()
         .connection_timeout(CONNECT_TIMEOUT)
         .name("weir");
@@ -113,16 +114,35 @@ async fn stream(js: &Context, url: &str, name: &str) -> Result<jetstream::stream
     })
 }
 
-/// Checks every `nats` connector of `graph` before anything starts: the
-/// server answers (credentials accepted), the streams exist, a sink's
-/// subject is stored by its stream, and an exactly-once sink's stream
-/// keeps message ids longer than `restart_delay`. Returns every problem,
+/// Checks every `nats` and `exchange` connector of `graph` before anything
+/// starts: the server answers (credentials accepted), the streams exist
+/// (an exchange's is made), a sink's subject is stored by its stream, and
+/// an exactly-once sink's stream keeps message ids longer than
+/// `restart_delay`. Returns every problem,
 /// each naming the connector's uid.
 pub async fn check(graph: &JobGraph, restart_delay: Duration) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
     for node in &graph.nodes {
         let uid = &node.uid;
         match &node.kind {
+            NodeKind::Source(crate::job::SourceNode {
+                kind: SourceKind::Exchange(exchange),
+                ..
+            })
+            | NodeKind::Sink(SinkKind::Exchange(exchange)) => {
+                let role = if matches!(node.kind, NodeKind::Source(_)) {
+                    "source"
+                } else {
+                    "sink"
+                };
+                let opened = async {
+                    let js = connect(&exchange.url).await?;
+                    exchange.open(&js).await.map(|_| ())
+                };
+                if let Err(problem) = opened.await {
+                    problems.push(format!("{role} `{uid}`: {problem}"));
+                }
+            }
             NodeKind::Source(source) => {
                 let SourceKind::Nats(nats) = &source.kind else {
                     continue;
@@ -472,6 +492,11 @@ pub struct NatsSink {
     /// How long the stream keeps message ids (read at connect): how long
     /// an unacknowledged epoch may be published again.
     window: Duration,
+    /// Exchange mode: records go to their key group's subject of this
+    /// exchange (see [`super::exchange`]).
+    exchange: Option<Producer>,
+    /// Exchange mode: the end of input is spooled.
+    end_spooled: bool,
 }
 
 impl NatsSink {
@@ -504,7 +529,32 @@ impl NatsSink {
             publishing: None,
             in_flight: VecDeque::new(),
             window: Duration::ZERO,
+            exchange: None,
+            end_spooled: false,
         })
+    }
+
+    /// An `exchange` sink subtask: [`Self::create`] writing `producer`'s
+    /// exchange.
+    pub fn exchange(
+        producer: Producer,
+        job_id: &str,
+        uid: &str,
+        job_dir: &Path,
+        first: u64,
+        recover: Vec<PathBuf>,
+    ) -> Result<Self, OperatorError> {
+        let exchange = &producer.exchange;
+        let config = crate::job::NatsSink {
+            url: exchange.url.clone(),
+            stream: exchange.stream(),
+            subject: format!("weir.{}.*", exchange.name),
+            delivery: Delivery::ExactlyOnce,
+        };
+        let subtask = producer.subtask;
+        let mut sink = Self::create(config, job_id, uid, subtask, job_dir, first, recover)?;
+        sink.exchange = Some(producer);
+        Ok(sink)
     }
 
     fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
@@ -517,10 +567,14 @@ impl NatsSink {
             return Ok(());
         }
         let (url, name) = (self.config.url.clone(), self.config.stream.clone());
+        let exchange = self.exchange.as_ref().map(|p| p.exchange.clone());
         let (js, window) = self
             .block_on(async {
                 let js = connect(&url).await?;
-                let stream = stream(&js, &url, &name).await?;
+                let stream = match &exchange {
+                    Some(exchange) => exchange.open(&js).await?,
+                    None => stream(&js, &url, &name).await?,
+                };
                 let window = stream.cached_info().config.duplicate_window;
                 Ok::<_, String>((js, window))
             })
@@ -530,12 +584,8 @@ impl NatsSink {
         for file in std::mem::take(&mut self.recover) {
             match File::open(&file) {
                 Ok(_) => {
-                    let published = self.block_on(publish_spool(
-                        self.js(),
-                        &self.config.subject,
-                        &file,
-                        window,
-                    ))?;
+                    let published =
+                        self.block_on(publish_spool(self.js(), &self.target(), &file, window))?;
                     tracing::info!(file = %file.display(), published, "republished a restored checkpoint's pending records");
                     let _ = std::fs::remove_file(&file);
                 }
@@ -552,6 +602,27 @@ impl NatsSink {
         Ok(())
     }
 
+    /// Exchange mode: spools the end of input (with the end-of-input
+    /// watermark), once: every reader of every key group hears of it.
+    fn spool_end(&mut self) -> Result<(), OperatorError> {
+        if !self.end_spooled {
+            let out = self.open_current()?;
+            super::exchange::spool_watermark(out, crate::types::MAX_WATERMARK)
+                .and_then(|()| super::exchange::spool_end(out))
+                .map_err(|e| connector_error(format!("spool file: {e}")))?;
+            self.end_spooled = true;
+        }
+        Ok(())
+    }
+
+    /// Where the epochs go.
+    fn target(&self) -> Target {
+        match &self.exchange {
+            Some(producer) => Target::Exchange(producer.clone()),
+            None => Target::Subject(self.config.subject.clone()),
+        }
+    }
+
     fn js(&self) -> &Context {
         self.js.as_ref().expect("connected by ready()")
     }
@@ -565,7 +636,11 @@ impl NatsSink {
                 |e: std::io::Error| connector_error(format!("spool file {}: {e}", path.display()));
             std::fs::create_dir_all(path.parent().expect("in pending/")).map_err(io)?;
             let mut out = BufWriter::with_capacity(256 << 10, File::create(&path).map_err(io)?);
-            writeln!(out, "{SPOOL_HEADER}{}:{}", self.id_prefix, self.next).map_err(io)?;
+            let header = match self.exchange {
+                Some(_) => super::exchange::SPOOL_HEADER,
+                None => SPOOL_HEADER,
+            };
+            writeln!(out, "{header}{}:{}", self.id_prefix, self.next).map_err(io)?;
             self.current = Some((path, out));
         }
         Ok(&mut self.current.as_mut().expect("opened above").1)
@@ -594,11 +669,11 @@ impl NatsSink {
         if due.is_empty() {
             return Ok(());
         }
-        let (js, subject, window) = (self.js().clone(), self.config.subject.clone(), self.window);
+        let (js, target, window) = (self.js().clone(), self.target(), self.window);
         let files: Vec<PathBuf> = due.iter().map(|(_, path)| path.clone()).collect();
         let task = self.runtime.spawn(async move {
             for path in files {
-                publish_spool(&js, &subject, &path, window).await?;
+                publish_spool(&js, &target, &path, window).await?;
                 let _ = std::fs::remove_file(&path);
             }
             Ok(())
@@ -662,7 +737,7 @@ impl Drop for NatsSink {
 /// the task's, and the restart strategy takes over.
 async fn publish_spool(
     js: &Context,
-    subject: &str,
+    target: &Target,
     path: &Path,
     window: Duration,
 ) -> Result<u64, OperatorError> {
@@ -681,16 +756,31 @@ async fn publish_spool(
         .position(|&b| b == b'\n')
         .ok_or_else(|| bad("truncated header"))?;
     let (header, body) = (&bytes[..newline], bytes.slice(newline + 1..));
+    let spool_header = match target {
+        Target::Subject(_) => SPOOL_HEADER,
+        Target::Exchange(_) => super::exchange::SPOOL_HEADER,
+    };
     let id_prefix = std::str::from_utf8(header)
         .ok()
-        .and_then(|h| h.strip_prefix(SPOOL_HEADER))
+        .and_then(|h| h.strip_prefix(spool_header))
         .filter(|p| !p.is_empty())
-        .ok_or_else(|| bad("not a nats sink spool file"))?;
-    let records = decode_records(&body).map_err(|e| bad(&e))?;
+        .ok_or_else(|| bad("not a spool file of this sink"))?;
+    let records = match target {
+        Target::Subject(_) => decode_records(&body).map_err(|e| bad(&e))?,
+        Target::Exchange(_) => Vec::new(),
+    };
+    let subject = match target {
+        Target::Subject(subject) => subject.as_str(),
+        Target::Exchange(producer) => producer.exchange.name.as_str(),
+    };
     let retry_until = closed + window / 2;
     let mut backoff = RETRY_FIRST;
     loop {
-        match publish_records(js, subject, id_prefix, &records).await {
+        let published = match target {
+            Target::Subject(subject) => publish_records(js, subject, id_prefix, &records).await,
+            Target::Exchange(producer) => producer.publish(js, id_prefix, &body).await,
+        };
+        match published {
             Ok(published) => return Ok(published),
             Err(e) if std::time::SystemTime::now() + backoff < retry_until => {
                 tracing::warn!(%subject, file = %path.display(), error = %e, retry_in = ?backoff, "publish not acknowledged; publishing the epoch again (the stream drops what it stored)");
@@ -700,6 +790,15 @@ async fn publish_spool(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Where a sink's epochs are published.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Every record to this subject.
+    Subject(String),
+    /// Each record to its key group's subject of an exchange.
+    Exchange(Producer),
 }
 
 /// The first wait before a publish is retried, and the longest.
@@ -795,6 +894,10 @@ impl Sink for NatsSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
         self.ready()?;
         match self.config.delivery {
+            Delivery::ExactlyOnce if self.exchange.is_some() => {
+                let max_parallelism = self.exchange.as_ref().map_or(1, |p| p.max_parallelism);
+                super::exchange::spool_batch(self.open_current()?, batch, max_parallelism)
+            }
             Delivery::ExactlyOnce => {
                 let out = self.open_current()?;
                 for record in batch.iter() {
@@ -834,6 +937,19 @@ impl Sink for NatsSink {
         }
     }
 
+    fn watermark(&mut self, watermark: crate::types::Timestamp) -> Result<(), OperatorError> {
+        if self.exchange.is_some() {
+            if watermark == crate::types::MAX_WATERMARK {
+                // The input ended: said at once, not after the job's final
+                // checkpoint, which may wait for this exchange's readers.
+                return self.spool_end();
+            }
+            super::exchange::spool_watermark(self.open_current()?, watermark)
+                .map_err(|e| connector_error(format!("spool file: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn prepare_commit(&mut self, checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
         self.ready()?;
         match self.config.delivery {
@@ -863,6 +979,9 @@ impl Sink for NatsSink {
 
     fn finish(&mut self) -> Result<(), OperatorError> {
         self.ready()?;
+        if self.exchange.is_some() {
+            self.spool_end()?;
+        }
         let epoch = self.next;
         self.close_current(epoch)?;
         self.await_in_flight()

@@ -182,6 +182,11 @@ fn targets(sink: &SinkKind) -> Vec<String> {
                 kafka.transactional_id_prefix
             ),
         ],
+        SinkKind::Exchange(exchange) => vec![format!(
+            "exchange `{}` at {}",
+            exchange.name,
+            crate::connectors::nats::redact(&exchange.url)
+        )],
         SinkKind::Stdout | SinkKind::Blackhole => Vec::new(),
     }
 }

@@ -220,12 +220,23 @@ pub trait Source: Send {
     fn partitions(&self) -> Option<std::collections::BTreeMap<u32, u64>> {
         None
     }
+    /// A watermark the source read with its input (an exchange's writers'),
+    /// once it advanced: the source task sends it on after the records
+    /// read before it.
+    fn watermark(&mut self) -> Option<crate::types::Timestamp> {
+        None
+    }
 }
 
 /// A sink subtask's writer. Exactly-once sinks implement the two-phase
 /// commit hooks; the others write as records arrive.
 pub trait Sink: Send {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError>;
+    /// The sink's input watermark advanced to `watermark` (after every
+    /// record written before it). Only sinks that carry it on care.
+    fn watermark(&mut self, _watermark: crate::types::Timestamp) -> Result<(), OperatorError> {
+        Ok(())
+    }
     /// Checkpoint n is aligned here: make everything written so far durable
     /// but uncommitted. Returns what is pending (names for the checkpoint's
     /// `_metadata`, so a restore can commit them).

@@ -24,8 +24,14 @@ pub(super) fn source_kind(
     };
     let nats = source.kind == SourceKindName::Nats;
     let kafka = source.kind == SourceKindName::Kafka;
-    if !nats {
+    let exchange = source.kind == SourceKindName::Exchange;
+    if !exchange {
+        stray("exchange", source.exchange.is_some());
+    }
+    if !nats && !exchange {
         stray("url", source.url.is_some());
+    }
+    if !nats {
         stray("stream", source.stream.is_some());
         stray("subject", source.subject.is_some());
         stray("partitions", source.partitions.is_some());
@@ -43,6 +49,17 @@ pub(super) fn source_kind(
         stray("isolation", source.isolation.is_some());
     }
     match source.kind {
+        SourceKindName::Exchange => {
+            stray("path", source.path.is_some());
+            stray("address", source.address.is_some());
+            stray("count", source.count.is_some());
+            stray("keys", source.keys.is_some());
+            stray("seed", source.seed.is_some());
+            stray("rate", source.rate.is_some());
+            stray("format", source.format.is_some());
+            exchange_endpoint("source", uid, &source.url, &source.exchange, problems)
+                .map(SourceKind::Exchange)
+        }
         SourceKindName::Kafka => {
             stray("path", source.path.is_some());
             stray("address", source.address.is_some());
@@ -166,8 +183,14 @@ pub(super) fn sink_kind(
     };
     let nats = sink.kind == SinkKindName::Nats;
     let kafka = sink.kind == SinkKindName::Kafka;
-    if !nats {
+    let exchange = sink.kind == SinkKindName::Exchange;
+    if !exchange {
+        stray("exchange", sink.exchange.is_some());
+    }
+    if !nats && !exchange {
         stray("url", sink.url.is_some());
+    }
+    if !nats {
         stray("stream", sink.stream.is_some());
         stray("subject", sink.subject.is_some());
     }
@@ -184,6 +207,11 @@ pub(super) fn sink_kind(
         );
     }
     match sink.kind {
+        SinkKindName::Exchange => {
+            stray("path", sink.path.is_some());
+            exchange_endpoint("sink", uid, &sink.url, &sink.exchange, problems)
+                .map(SinkKind::Exchange)
+        }
         SinkKindName::Kafka => {
             stray("path", sink.path.is_some());
             kafka_sink(sink, job_name, problems).map(SinkKind::Kafka)
@@ -261,6 +289,55 @@ pub(super) fn nats_endpoint(
         ));
     }
     Some((url?, stream?, subject?))
+}
+
+/// An exchange connector's `url` and `exchange`: both required, the name
+/// dot-separated plain tokens (it becomes subjects and a stream name).
+fn exchange_endpoint(
+    role: &str,
+    uid: &str,
+    url: &Option<String>,
+    name: &Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<Exchange> {
+    let url = match url {
+        Some(url) if !url.is_empty() => Some(url.clone()),
+        _ => {
+            problems.push(format!(
+                "{role} `{uid}`: an exchange {role} needs `url` (its NATS)"
+            ));
+            None
+        }
+    };
+    let name = match name {
+        Some(name) if is_exchange_name(name) => Some(name.clone()),
+        Some(name) => {
+            problems.push(format!(
+                "{role} `{uid}`: exchange {name:?} must be dot-separated tokens of letters, digits, `-` and `_`"
+            ));
+            None
+        }
+        None => {
+            problems.push(format!(
+                "{role} `{uid}`: an exchange {role} needs `exchange` (its name)"
+            ));
+            None
+        }
+    };
+    Some(Exchange {
+        url: url?,
+        name: name?,
+    })
+}
+
+/// Dot-separated non-empty tokens of ASCII letters, digits, `-` and `_`.
+pub(crate) fn is_exchange_name(name: &str) -> bool {
+    name.split('.').all(|token| {
+        !token.is_empty()
+            && token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
 
 /// A literal NATS subject: non-empty tokens, no wildcards or whitespace.

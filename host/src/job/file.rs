@@ -302,6 +302,9 @@ pub struct SourceSpec {
     pub start: Option<StartSpec>,
     /// kafka: `read_committed` (default) or `read_uncommitted`.
     pub isolation: Option<Isolation>,
+    /// exchange: the exchange read (dot-separated tokens), as its sink
+    /// names it.
+    pub exchange: Option<String>,
 }
 
 /// A kafka source's `start` as written.
@@ -320,6 +323,7 @@ pub enum SourceKindName {
     Socket,
     Nats,
     Kafka,
+    Exchange,
 }
 
 /// A validated source kind with its settings.
@@ -341,6 +345,19 @@ pub enum SourceKind {
     Nats(NatsSource),
     /// Records of Kafka topics.
     Kafka(KafkaSource),
+    /// The key groups of an exchange this subtask owns.
+    Exchange(Exchange),
+}
+
+/// An exchange: a keyed edge carried through NATS JetStream, written by an
+/// `exchange` sink, read by an `exchange` source (see
+/// `connectors::exchange`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    /// `nats://host:port` (a NATS cluster's servers comma-separated).
+    pub url: String,
+    /// Dot-separated tokens: the subjects are `weir.<name>.<key group>`.
+    pub name: String,
 }
 
 /// A `kafka` source's settings.
@@ -537,6 +554,8 @@ pub struct SinkSpec {
     /// kafka: transactional ids are `<prefix>-<subtask>-<slot>` (default
     /// `weir-<job name>-<uid>`).
     pub transactional_id_prefix: Option<String>,
+    /// exchange: the exchange written (dot-separated tokens).
+    pub exchange: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -547,6 +566,7 @@ pub enum SinkKindName {
     Blackhole,
     Nats,
     Kafka,
+    Exchange,
 }
 
 /// A validated sink kind with its settings.
@@ -562,6 +582,9 @@ pub enum SinkKind {
     Nats(NatsSink),
     /// Produces each record (key, value, time) to a Kafka topic.
     Kafka(KafkaSink),
+    /// Publishes each record (key, value, time) to its key group's subject
+    /// of an exchange, exactly-once.
+    Exchange(Exchange),
 }
 
 /// An input edge: `"uid"`, `"uid:side-output"` or a table.

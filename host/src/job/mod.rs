@@ -19,9 +19,9 @@ pub use validate::{PluginFiles, PluginResolver};
 use std::path::PathBuf;
 
 pub use file::{
-    BackendKind, CheckpointSettings, Delivery, Isolation, JobFile, KafkaSink, KafkaSource,
-    KafkaStart, LimitSettings, LineFormat, NatsKey, NatsSink, NatsSource, OnCancel, Partition,
-    RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
+    BackendKind, CheckpointSettings, Delivery, Exchange, Isolation, JobFile, KafkaSink,
+    KafkaSource, KafkaStart, LimitSettings, LineFormat, NatsKey, NatsSink, NatsSource, OnCancel,
+    Partition, RestartSettings, SinkKind, SourceKind, StateSettings, WasiGrant, WatermarkSpec,
 };
 
 /// Errors reading or validating a job file. Each names the file; validation

@@ -194,7 +194,10 @@ impl JobGraph {
             if let Some(kind) = &kind
                 && !matches!(
                     kind,
-                    SourceKind::Generator { .. } | SourceKind::Nats(_) | SourceKind::Kafka(_)
+                    SourceKind::Generator { .. }
+                        | SourceKind::Nats(_)
+                        | SourceKind::Kafka(_)
+                        | SourceKind::Exchange(_)
                 )
                 && parallelism != 1
             {
@@ -284,6 +287,13 @@ impl JobGraph {
                 problems.push(format!("sink `{}`: inputs is empty", sink.uid));
             }
             let kind = sink_kind(sink, &base, &job.name, &mut problems);
+            if sink.kind == super::file::SinkKindName::Exchange && job.checkpoint.interval.is_none()
+            {
+                problems.push(format!(
+                    "sink `{}`: an exchange sink needs `[checkpoint] interval` (it publishes each checkpoint's records once it completes)",
+                    sink.uid
+                ));
+            }
             if let Some(SinkKind::Kafka(kafka)) = &kind
                 && let Some(other) =
                     prefixes.insert(kafka.transactional_id_prefix.clone(), sink.uid.clone())

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 use crate::checkpoint::metadata::{OperatorSnapshot, ReadMetadata};
 use crate::checkpoint::storage::SubtaskStorage;
 use crate::checkpoint::{SnapshotKind, restore};
+use crate::connectors::exchange::{ExchangeSource, Producer};
 use crate::connectors::file::FileSource;
 use crate::connectors::generator::GeneratorSource;
 use crate::connectors::kafka::{sink::KafkaSink, source::KafkaSource};
@@ -197,6 +198,26 @@ impl Factory<'_> {
     }
 }
 
+impl Factory<'_> {
+    /// The restored checkpoint's unpublished epochs of spooling sink
+    /// `node` (`nats`, `exchange`): a stored subtask's go to the new
+    /// subtask it maps to.
+    fn recover_spools(&self, node: &Node, info: &TaskInfo) -> Vec<std::path::PathBuf> {
+        self.restore
+            .and_then(|(read, _)| {
+                let op = read.metadata.operators.get(&node.uid)?;
+                Some(
+                    op.subtasks
+                        .iter()
+                        .filter(|s| s.subtask % info.parallelism == info.subtask)
+                        .flat_map(|s| s.pending.iter().map(|p| read.base.join(p)))
+                        .collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl TaskFactory for Factory<'_> {
     fn source(&self, node: &Node, info: &TaskInfo) -> Result<Box<dyn Source>, TaskError> {
         let NodeKind::Source(source) = &node.kind else {
@@ -241,6 +262,19 @@ impl TaskFactory for Factory<'_> {
                     source.format.clone(),
                     info.subtask,
                     info.parallelism,
+                    &restored,
+                ))
+            }
+            SourceKind::Exchange(exchange) => {
+                let restored = self
+                    .restore
+                    .map(|(read, _)| restore::source_partitions(read, &node.uid))
+                    .unwrap_or_default();
+                Box::new(ExchangeSource::new(
+                    exchange.clone(),
+                    info.subtask,
+                    info.parallelism,
+                    info.max_parallelism,
                     &restored,
                 ))
             }
@@ -339,22 +373,24 @@ impl TaskFactory for Factory<'_> {
                 .map_err(|e| Self::task_error(info, e))?,
             ),
             SinkKind::Blackhole => Box::new(BlackholeSink::default()),
+            SinkKind::Exchange(exchange) => Box::new(
+                NatsSink::exchange(
+                    Producer {
+                        exchange: exchange.clone(),
+                        subtask: info.subtask,
+                        parallelism: info.parallelism,
+                        max_parallelism: info.max_parallelism,
+                    },
+                    &self.job.job_id,
+                    &node.uid,
+                    &checkpoint_root(&self.job.graph).join(&self.job.job_id),
+                    first,
+                    self.recover_spools(node, info),
+                )
+                .map_err(|e| Self::task_error(info, e))?,
+            ),
             SinkKind::Nats(nats) => {
-                // The restored checkpoint's unpublished epochs: a stored
-                // subtask's go to the new subtask it maps to.
-                let recover = self
-                    .restore
-                    .and_then(|(read, _)| {
-                        let op = read.metadata.operators.get(&node.uid)?;
-                        Some(
-                            op.subtasks
-                                .iter()
-                                .filter(|s| s.subtask % info.parallelism == info.subtask)
-                                .flat_map(|s| s.pending.iter().map(|p| read.base.join(p)))
-                                .collect(),
-                        )
-                    })
-                    .unwrap_or_default();
+                let recover = self.recover_spools(node, info);
                 Box::new(
                     NatsSink::create(
                         nats.clone(),
@@ -407,12 +443,12 @@ pub(super) fn prepare_attempt(
     if let Some(checkpoints) = &job.checkpoints {
         checkpoints.collect_garbage();
     }
-    if job
-        .graph
-        .nodes
-        .iter()
-        .any(|n| matches!(n.kind, NodeKind::Sink(SinkKind::Nats(_))))
-    {
+    if job.graph.nodes.iter().any(|n| {
+        matches!(
+            n.kind,
+            NodeKind::Sink(SinkKind::Nats(_) | SinkKind::Exchange(_))
+        )
+    }) {
         // Spool files the restored checkpoint does not list were written
         // after it: the attempt replays them.
         let job_dir = checkpoint_root(&job.graph).join(&job.job_id);

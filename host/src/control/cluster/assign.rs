@@ -122,13 +122,19 @@ pub fn movable(file: &JobFile) -> bool {
     let sources = file.sources.iter().all(|s| {
         matches!(
             s.kind,
-            SourceKindName::Nats | SourceKindName::Kafka | SourceKindName::Generator
+            SourceKindName::Nats
+                | SourceKindName::Kafka
+                | SourceKindName::Generator
+                | SourceKindName::Exchange
         )
     });
     let sinks = file.sinks.iter().all(|s| {
         matches!(
             s.kind,
-            SinkKindName::Nats | SinkKindName::Kafka | SinkKindName::Blackhole
+            SinkKindName::Nats
+                | SinkKindName::Kafka
+                | SinkKindName::Blackhole
+                | SinkKindName::Exchange
         )
     });
     sources && sinks

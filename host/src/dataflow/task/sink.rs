@@ -58,7 +58,12 @@ pub async fn run_sink(
                             gate.end(channel);
                             apply_alignment(aligner.on_end_of_input(channel), &mut gate)
                         }
-                        StreamEvent::Watermark(_) => None,
+                        StreamEvent::Watermark(watermark) => {
+                            if let Some(advanced) = gate.advance_watermark(channel, watermark) {
+                                sink.watermark(advanced).map_err(&fail)?;
+                            }
+                            None
+                        }
                     };
                     if let Some(Barrier { id: checkpoint, .. }) = aligned {
                         let pending = sink.prepare_commit(checkpoint).map_err(&fail)?;

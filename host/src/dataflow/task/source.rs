@@ -134,6 +134,12 @@ pub async fn run_source(
                         .map_err(&fail)?;
                 }
             }
+            if let Some(watermark) = source.watermark() {
+                output
+                    .broadcast(StreamEvent::Watermark(watermark))
+                    .await
+                    .map_err(&fail)?;
+            }
             if let Some(trigger) = barrier {
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
