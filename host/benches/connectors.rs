@@ -20,6 +20,13 @@
 //!    checkpoint), on noida-db on loopback, against files; with the
 //!    broker's CPU time during the Kafka run.
 //!
+//! 4. `exchange`: the word count's keyed edge through JetStream (an
+//!    `exchange` sink and source in one job on the test NATS server)
+//!    against the same job in-process: `WEIR_BENCH_RECORDS` generated
+//!    words (default 1M) of 100k distinct ones → count (RocksDB,
+//!    parallelism 2, a checkpoint a second) → blackhole. Whole runs,
+//!    alternating, medians of `WEIR_BENCH_REPEATS` (3).
+//!
 //! Pass words to run only some (`cargo bench -p weir --bench connectors -- s3`).
 
 use std::path::Path;
@@ -333,6 +340,60 @@ fn s3(engine: &PluginEngine, keys: u64) {
     }
 }
 
+fn exchange(engine: &PluginEngine, records: u64, repeats: u64) {
+    let Some(server) = weir_tests::nats::server() else {
+        panic!("nats-server is needed for this benchmark");
+    };
+    let url = &server.url;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let count = weir_tests::plugins::WORDCOUNT_COUNT;
+    let head = format!(
+        "name = \"exchange-bench\"\nmax_parallelism = 128\n[checkpoint]\ninterval = \"1s\"\ndir = \"checkpoints\"\n[state]\nbackend = \"rocksdb\"\n[[source]]\nuid = \"words\"\nkind = \"generator\"\ncount = {records}\nkeys = 100000\nseed = 9\nparallelism = 2\n"
+    );
+    let count_op = |from: &str| {
+        format!(
+            "[[operator]]\nuid = \"count\"\nplugin = \"{count}\"\ninputs = [{{ from = \"{from}\", partition = \"key\" }}]\nparallelism = 2\n[[sink]]\nuid = \"out\"\nkind = \"blackhole\"\ninputs = [\"count\"]\n"
+        )
+    };
+    let in_process = dir.path().join("in-process.toml");
+    std::fs::write(&in_process, format!("{head}{}", count_op("words"))).expect("job");
+    let mut local = Vec::new();
+    let mut through = Vec::new();
+    for repeat in 0..repeats {
+        let (_, took) = run(engine, &in_process);
+        local.push(records as f64 / took.as_secs_f64());
+        let name = format!("bench.x{repeat}");
+        let exchanged = dir.path().join(format!("exchange-{repeat}.toml"));
+        std::fs::write(
+            &exchanged,
+            format!(
+                "{head}[[sink]]\nuid = \"to-count\"\nkind = \"exchange\"\nurl = \"{url}\"\nexchange = \"{name}\"\ninputs = [\"words\"]\n[[source]]\nuid = \"keyed\"\nkind = \"exchange\"\nurl = \"{url}\"\nexchange = \"{name}\"\nparallelism = 2\n{}",
+                count_op("keyed")
+            ),
+        )
+        .expect("job");
+        let (_, took) = run(engine, &exchanged);
+        through.push(records as f64 / took.as_secs_f64());
+        runtime().block_on(async {
+            let js = jetstream::new(async_nats::connect(url.as_str()).await.expect("connects"));
+            let _ = js
+                .delete_stream(format!("weir-{}", name.replace('.', "_")))
+                .await;
+        });
+    }
+    let (local, through) = (median(local), median(through));
+    println!(
+        "exchange: {records} words, 100k keys, count at parallelism 2, RocksDB, checkpoints every 1 s; whole runs, medians of {repeats}"
+    );
+    println!("| keyed edge | records/s | vs in-process |");
+    println!("|---|---:|---:|");
+    println!("| in-process | {local:.0} | 1.00 |");
+    println!(
+        "| through a JetStream exchange | {through:.0} | {:.2} |",
+        through / local
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -353,6 +414,13 @@ fn main() {
     }
     if wanted("kafka") {
         kafka(
+            &engine,
+            env_or("WEIR_BENCH_RECORDS", 1_000_000),
+            env_or("WEIR_BENCH_REPEATS", 3),
+        );
+    }
+    if wanted("exchange") {
+        exchange(
             &engine,
             env_or("WEIR_BENCH_RECORDS", 1_000_000),
             env_or("WEIR_BENCH_REPEATS", 3),
