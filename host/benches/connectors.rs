@@ -376,9 +376,11 @@ fn exchange(engine: &PluginEngine, records: u64, repeats: u64) {
         through.push(records as f64 / took.as_secs_f64());
         runtime().block_on(async {
             let js = jetstream::new(async_nats::connect(url.as_str()).await.expect("connects"));
-            let _ = js
-                .delete_stream(format!("weir-{}", name.replace('.', "_")))
-                .await;
+            let exchange = weir::job::Exchange {
+                url: url.clone(),
+                name: name.clone(),
+            };
+            let _ = js.delete_stream(exchange.stream()).await;
         });
     }
     let (local, through) = (median(local), median(through));

@@ -284,21 +284,19 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Publishes an epoch's spool body with the ids `<id_prefix>:<key
-    /// group>:<n>`, waiting for every acknowledgement. Returns how many
-    /// messages were published.
+    /// Publishes an epoch's messages ([`epoch_messages`]) with the ids
+    /// `<id_prefix>:<key group>:<n>`, waiting for every acknowledgement.
+    /// Returns how many messages were published.
     pub async fn publish(
         &self,
         js: &Context,
         id_prefix: &str,
-        body: &[u8],
+        messages: &[Message],
     ) -> Result<u64, OperatorError> {
-        let messages = epoch_messages(body, self.max_parallelism)
-            .map_err(|e| connector_error(format!("exchange `{}`: {e}", self.exchange.name)))?;
         let producer = format!("{}/{}", self.subtask, self.parallelism);
         let mut acks = std::collections::VecDeque::new();
         let mut published = 0u64;
-        for message in &messages {
+        for message in messages {
             let payload = message.batch.as_ref().map(encode_batch).unwrap_or_default();
             let mut build = jetstream::message::PublishMessage::build()
                 .payload(payload.into())

@@ -636,10 +636,7 @@ impl NatsSink {
                 |e: std::io::Error| connector_error(format!("spool file {}: {e}", path.display()));
             std::fs::create_dir_all(path.parent().expect("in pending/")).map_err(io)?;
             let mut out = BufWriter::with_capacity(256 << 10, File::create(&path).map_err(io)?);
-            let header = match self.exchange {
-                Some(_) => super::exchange::SPOOL_HEADER,
-                None => SPOOL_HEADER,
-            };
+            let header = self.target().spool_header();
             writeln!(out, "{header}{}:{}", self.id_prefix, self.next).map_err(io)?;
             self.current = Some((path, out));
         }
@@ -756,33 +753,38 @@ async fn publish_spool(
         .position(|&b| b == b'\n')
         .ok_or_else(|| bad("truncated header"))?;
     let (header, body) = (&bytes[..newline], bytes.slice(newline + 1..));
-    let spool_header = match target {
-        Target::Subject(_) => SPOOL_HEADER,
-        Target::Exchange(_) => super::exchange::SPOOL_HEADER,
-    };
     let id_prefix = std::str::from_utf8(header)
         .ok()
-        .and_then(|h| h.strip_prefix(spool_header))
+        .and_then(|h| h.strip_prefix(target.spool_header()))
         .filter(|p| !p.is_empty())
         .ok_or_else(|| bad("not a spool file of this sink"))?;
-    let records = match target {
-        Target::Subject(_) => decode_records(&body).map_err(|e| bad(&e))?,
-        Target::Exchange(_) => Vec::new(),
-    };
-    let subject = match target {
-        Target::Subject(subject) => subject.as_str(),
-        Target::Exchange(producer) => producer.exchange.name.as_str(),
+    // Read once, published as often as it takes.
+    let epoch = match target {
+        Target::Subject(subject) => Epoch::Records {
+            subject,
+            records: decode_records(&body).map_err(|e| bad(&e))?,
+        },
+        Target::Exchange(producer) => Epoch::Messages {
+            producer,
+            messages: super::exchange::epoch_messages(&body, producer.max_parallelism)
+                .map_err(|e| bad(&e))?,
+        },
     };
     let retry_until = closed + window / 2;
     let mut backoff = RETRY_FIRST;
     loop {
-        let published = match target {
-            Target::Subject(subject) => publish_records(js, subject, id_prefix, &records).await,
-            Target::Exchange(producer) => producer.publish(js, id_prefix, &body).await,
+        let published = match &epoch {
+            Epoch::Records { subject, records } => {
+                publish_records(js, subject, id_prefix, records).await
+            }
+            Epoch::Messages { producer, messages } => {
+                producer.publish(js, id_prefix, messages).await
+            }
         };
         match published {
             Ok(published) => return Ok(published),
             Err(e) if std::time::SystemTime::now() + backoff < retry_until => {
+                let subject = target.name();
                 tracing::warn!(%subject, file = %path.display(), error = %e, retry_in = ?backoff, "publish not acknowledged; publishing the epoch again (the stream drops what it stored)");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
@@ -799,6 +801,36 @@ enum Target {
     Subject(String),
     /// Each record to its key group's subject of an exchange.
     Exchange(Producer),
+}
+
+impl Target {
+    /// The first line of its spool files, before the ids' prefix.
+    fn spool_header(&self) -> &'static str {
+        match self {
+            Target::Subject(_) => SPOOL_HEADER,
+            Target::Exchange(_) => super::exchange::SPOOL_HEADER,
+        }
+    }
+
+    /// The subject or exchange, for messages.
+    fn name(&self) -> &str {
+        match self {
+            Target::Subject(subject) => subject,
+            Target::Exchange(producer) => &producer.exchange.name,
+        }
+    }
+}
+
+/// A spool file read for publishing.
+enum Epoch<'a> {
+    Records {
+        subject: &'a str,
+        records: Vec<SpooledRecord>,
+    },
+    Messages {
+        producer: &'a Producer,
+        messages: Vec<super::exchange::Message>,
+    },
 }
 
 /// The first wait before a publish is retried, and the longest.
