@@ -1011,9 +1011,10 @@ impl Sink for NatsSink {
 
     fn finish(&mut self) -> Result<(), OperatorError> {
         self.ready()?;
-        if self.exchange.is_some() {
-            self.spool_end()?;
-        }
+        // An exchange's end is spooled when the input's end-of-input
+        // watermark arrives ([`Sink::watermark`]), never here: a job stopped
+        // with a savepoint finishes too, and its readers must not hear of
+        // an end (the stage resumes from the savepoint elsewhere).
         let epoch = self.next;
         self.close_current(epoch)?;
         self.await_in_flight()
