@@ -379,6 +379,7 @@ fn exchange(engine: &PluginEngine, records: u64, repeats: u64) {
             let exchange = weir::job::Exchange {
                 url: url.clone(),
                 name: name.clone(),
+                replicas: 1,
             };
             let _ = js.delete_stream(exchange.stream()).await;
         });

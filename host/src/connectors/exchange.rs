@@ -86,6 +86,7 @@ impl Exchange {
             name: name.clone(),
             subjects: vec![format!("weir.{}.*", self.name)],
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: self.replicas,
             description: Some(format!("weir exchange {}", self.name)),
             ..Default::default()
         })
@@ -674,6 +675,7 @@ mod tests {
         let exchange = Exchange {
             url: "nats://127.0.0.1:1".into(),
             name: "job.edge".into(),
+            replicas: 1,
         };
         assert_eq!(exchange.stream(), "weir-job_edge");
         assert_eq!(exchange.subject(5), "weir.job.edge.5");

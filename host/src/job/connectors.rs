@@ -57,8 +57,15 @@ pub(super) fn source_kind(
             stray("seed", source.seed.is_some());
             stray("rate", source.rate.is_some());
             stray("format", source.format.is_some());
-            exchange_endpoint("source", uid, &source.url, &source.exchange, problems)
-                .map(SourceKind::Exchange)
+            exchange_endpoint(
+                "source",
+                uid,
+                &source.url,
+                &source.exchange,
+                source.replicas,
+                problems,
+            )
+            .map(SourceKind::Exchange)
         }
         SourceKindName::Kafka => {
             stray("path", source.path.is_some());
@@ -209,8 +216,15 @@ pub(super) fn sink_kind(
     match sink.kind {
         SinkKindName::Exchange => {
             stray("path", sink.path.is_some());
-            exchange_endpoint("sink", uid, &sink.url, &sink.exchange, problems)
-                .map(SinkKind::Exchange)
+            exchange_endpoint(
+                "sink",
+                uid,
+                &sink.url,
+                &sink.exchange,
+                sink.replicas,
+                problems,
+            )
+            .map(SinkKind::Exchange)
         }
         SinkKindName::Kafka => {
             stray("path", sink.path.is_some());
@@ -298,8 +312,19 @@ fn exchange_endpoint(
     uid: &str,
     url: &Option<String>,
     name: &Option<String>,
+    replicas: Option<usize>,
     problems: &mut Vec<String>,
 ) -> Option<Exchange> {
+    let replicas = match replicas {
+        None => Some(1),
+        Some(n @ 1..=5) => Some(n),
+        Some(n) => {
+            problems.push(format!(
+                "{role} `{uid}`: replicas = {n}: an exchange's stream keeps 1 to 5 copies"
+            ));
+            None
+        }
+    };
     let url = match url {
         Some(url) if !url.is_empty() => Some(url.clone()),
         _ => {
@@ -327,6 +352,7 @@ fn exchange_endpoint(
     Some(Exchange {
         url: url?,
         name: name?,
+        replicas: replicas?,
     })
 }
 

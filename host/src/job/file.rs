@@ -305,6 +305,9 @@ pub struct SourceSpec {
     /// exchange: the exchange read (dot-separated tokens), as its sink
     /// names it.
     pub exchange: Option<String>,
+    /// exchange: copies of its stream on a NATS cluster (made with them by
+    /// whichever side comes first; default 1).
+    pub replicas: Option<usize>,
 }
 
 /// A kafka source's `start` as written.
@@ -358,6 +361,8 @@ pub struct Exchange {
     pub url: String,
     /// Dot-separated tokens: the subjects are `weir.<name>.<key group>`.
     pub name: String,
+    /// Copies of its stream (a NATS cluster's nodes, 1 to 5).
+    pub replicas: usize,
 }
 
 /// A `kafka` source's settings.
@@ -556,6 +561,8 @@ pub struct SinkSpec {
     pub transactional_id_prefix: Option<String>,
     /// exchange: the exchange written (dot-separated tokens).
     pub exchange: Option<String>,
+    /// exchange: copies of its stream on a NATS cluster (default 1).
+    pub replicas: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
