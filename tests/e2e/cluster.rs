@@ -624,19 +624,32 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
     );
-    let id = hosts[0]
+    let job = hosts[0]
         .ok(&["run", "job.toml"], dir.path())
         .trim()
         .to_string();
-    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
-    hosts[0].wait_checkpoints(&id, 3, Duration::from_secs(60));
+    // The stage that counts (a movable job of its own) is the one followed
+    // from host to host; the others move as their hosts fail too.
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    let placed = placed_stages(&hosts[0], &job, Duration::from_secs(60));
+    let (_, id, first) = placed
+        .into_iter()
+        .find(|s| s.0 == "count")
+        .expect("a count stage");
+    let first = at(&first);
+    hosts[first].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[first].wait_checkpoints(&id, 3, Duration::from_secs(60));
 
     // Its host SIGKILLed: a survivor restores it from the cluster's
     // storage and runs it on, within seconds.
-    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
-    hosts[0].kill();
+    hosts[first].kill();
     let killed = Instant::now();
-    let second = wait_moved(&hosts[1], &id, &ids[0], Duration::from_secs(30));
+    let second = wait_moved(
+        &hosts[(first + 1) % 3],
+        &id,
+        &ids[first],
+        Duration::from_secs(30),
+    );
     let failover = killed.elapsed();
     eprintln!("failover after SIGKILL: {failover:?} (to {second})");
     let owner = &hosts[at(&second)];
@@ -654,7 +667,7 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
     // Its new host frozen (SIGSTOP) until the job moved to the third; when
     // it wakes, its commits are fenced and it lets the job go.
     let frozen = at(&second);
-    let third = 3 - frozen; // hosts 1 and 2 remain: the other one
+    let third = 3 - frozen - first; // the one host neither killed nor frozen
     hosts[frozen].signal("STOP");
     let stopped = Instant::now();
     let moved = wait_moved(&hosts[third], &id, &second, Duration::from_secs(30));
@@ -717,7 +730,7 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
     );
 
     // The job finishes there; every count was published once.
-    hosts[frozen].wait_status(&id, "finished", Duration::from_secs(120));
+    hosts[frozen].wait_status(&job, "finished", Duration::from_secs(120));
     weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("{e}"));
     for host in &mut hosts {
@@ -759,7 +772,12 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
         let live = (0..3)
             .find(|i| hosts[*i].is_running())
             .expect("a live host");
-        let owner = placement(&hosts[live], &id).map(|p| p.0);
+        // The owner of one of the job's stages, picked at random.
+        let stages = stages(&hosts[live], &id);
+        let owner = stages
+            .get((random(round * 3 + 3) % stages.len().max(1) as u64) as usize)
+            .and_then(|s| placement(&hosts[live], &s.1))
+            .map(|p| p.0);
         let victim = match owner.as_ref().and_then(|o| ids.iter().position(|i| i == o)) {
             Some(owner) if random(round * 3) % 3 != 0 => {
                 owners_killed += 1;
@@ -794,6 +812,141 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
     }
     weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    for host in &mut hosts {
+        host.terminate();
+    }
+}
+
+/// The stages of staged job `id` as `host` details them: (name, job, host).
+fn stages(host: &Host, id: &str) -> Vec<(String, String, Option<String>)> {
+    host.job(id)["stages"]
+        .as_array()
+        .map(|stages| {
+            stages
+                .iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        s["job"].as_str().unwrap_or_default().to_string(),
+                        s["host"].as_str().map(str::to_string),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every stage of staged job `id` is listed on a host, and
+/// answers them.
+fn placed_stages(host: &Host, id: &str, limit: Duration) -> Vec<(String, String, String)> {
+    let started = Instant::now();
+    loop {
+        let found = stages(host, id);
+        if !found.is_empty() && found.iter().all(|s| s.2.is_some()) {
+            return found
+                .into_iter()
+                .map(|(name, job, host)| (name, job, host.expect("placed")))
+                .collect();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "job {id}: its stages were not all placed in {limit:?}: {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() {
+    let dir = plugin_dir();
+    let name = "staged";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
+    let ids: Vec<String> = hosts.iter().map(own_id).collect();
+    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    // JetStream in → split → (by key) count → JetStream out: about 30 s of
+    // input at 2 × 800 lines/s.
+    let lines = crate::nats::input_lines(48_000, 23);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    crate::nats::prepare_streams(&url, name, &lines);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+
+    // Cut at the keyed edge (split → count) and the rebalance edge into
+    // the sink of parallelism 1 (count → out): three stages, on three hosts.
+    let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
+    let names: Vec<&str> = placed.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(names, ["lines", "count", "out"], "{placed:?}");
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    let mut on: Vec<usize> = placed.iter().map(|s| at(&s.2)).collect();
+    on.sort();
+    assert_eq!(on, [0, 1, 2], "one stage on each host: {placed:?}");
+    let (upstream, counting) = (placed[0].clone(), placed[1].clone());
+    hosts[2].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[at(&counting.2)].wait_checkpoints(&counting.1, 3, Duration::from_secs(60));
+    let listed = hosts[2].ok(&["list"], dir.path());
+    let jobs: Vec<&str> = placed.iter().map(|s| s.1.as_str()).collect();
+    assert!(
+        listed.contains(&format!("as stages {}", jobs.join(" "))),
+        "{listed}"
+    );
+    let shown = hosts[2].ok(&["job", &id], dir.path());
+    assert!(
+        shown.contains(&format!("stage count        job {}", counting.1)),
+        "{shown}"
+    );
+
+    // The count stage's host SIGKILLed: that stage alone moves, restoring
+    // its own checkpoint; the upstream stage runs on where it ran, never
+    // restarted.
+    let upstream_runs = |hosts: &[Host]| {
+        hosts[at(&upstream.2)].job(&upstream.1)["job"]["runs"]
+            .as_array()
+            .map(Vec::len)
+    };
+    let runs_before = upstream_runs(&hosts);
+    let victim = at(&counting.2);
+    hosts[victim].kill();
+    let killed = Instant::now();
+    let survivor = at(&upstream.2);
+    let moved = wait_moved(
+        &hosts[survivor],
+        &counting.1,
+        &counting.2,
+        Duration::from_secs(30),
+    );
+    eprintln!(
+        "stage failover after SIGKILL: {:?} (to {moved})",
+        killed.elapsed()
+    );
+    let owner = &hosts[at(&moved)];
+    owner.wait_checkpoints(&counting.1, 2, Duration::from_secs(60));
+    let restored = owner.job(&counting.1);
+    assert!(
+        restored["job"]["runs"][0]["restored_from"]
+            .as_str()
+            .is_some(),
+        "the stage restored its own checkpoint: {restored:#}"
+    );
+    assert_eq!(
+        upstream_runs(&hosts),
+        runs_before,
+        "the upstream stage ran on untouched"
+    );
+
+    // The job finishes; every count was published once.
+    hosts[survivor].wait_status(&id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("{e}"));
     for host in &mut hosts {
         host.terminate();
     }
@@ -876,10 +1029,15 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
         .as_u64()
         .unwrap_or(0);
     hosts[0].wait_checkpoints(&id, before + 3, Duration::from_secs(60));
+    // The stage host 0 ran moves; the others run on.
+    let (_, stage, _) = placed_stages(&hosts[0], &id, Duration::from_secs(10))
+        .into_iter()
+        .find(|s| s.2 == ids[0])
+        .expect("one stage on each host");
     hosts[0].kill();
-    let moved = wait_moved(&hosts[1], &id, &ids[0], Duration::from_secs(30));
+    let moved = wait_moved(&hosts[1], &stage, &ids[0], Duration::from_secs(30));
     let owner = ids.iter().position(|i| *i == moved).expect("a member");
-    hosts[owner].wait_checkpoints(&id, 2, Duration::from_secs(60));
+    hosts[owner].wait_checkpoints(&stage, 2, Duration::from_secs(60));
     nats.restart(1);
     drop(outage);
     hosts[owner].wait_status(&id, "finished", Duration::from_secs(120));

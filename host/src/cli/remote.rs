@@ -211,6 +211,9 @@ pub async fn list(client: &Client, json: bool) -> Result<()> {
         let host = match (&job.host, job.host_live) {
             (Some(h), Some(false)) => format!("  on {h} (not live)"),
             (Some(h), _) => format!("  on {h}"),
+            (None, _) if !job.stages.is_empty() => {
+                format!("  as stages {}", job.stages.join(" "))
+            }
             (None, _) => String::new(),
         };
         outln!(
@@ -310,6 +313,17 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
             } else {
                 format!("  state {}", states.join(", "))
             }
+        )?;
+    }
+    for stage in &detail.stages {
+        outln!(
+            "stage {:<12} job {}  {:<12} on {}  {} checkpoints  runs {}",
+            stage.name,
+            stage.job,
+            stage.status.map_or("unknown", |s| s.as_str()),
+            stage.host.as_deref().unwrap_or("no host yet"),
+            stage.checkpoints_completed,
+            stage.uids.join(", ")
         )?;
     }
     outln!(

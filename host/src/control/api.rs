@@ -227,7 +227,7 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
 
 /// The header a forwarded request carries (the forwarding host's id): a
 /// host never forwards such a request again.
-const FORWARDED_BY: &str = "x-weir-forwarded-by";
+pub(super) const FORWARDED_BY: &str = "x-weir-forwarded-by";
 
 /// In a cluster, a request about a job another host runs goes to that
 /// host, and its answer comes back as is: any host answers for any job.
@@ -244,7 +244,35 @@ async fn forward(State(api): State<Api>, request: Request, next: Next) -> Respon
     }
     let entry = match directory.find(&id).await {
         Ok(Some(entry)) if entry.host != directory.host() => entry,
-        Ok(_) => return next.run(request).await,
+        Ok(Some(_)) => return next.run(request).await,
+        Ok(None) => {
+            // A staged job: no host runs it as one, this host answers.
+            let Some(store) = api.cluster.as_ref().and_then(|c| c.assignments()) else {
+                return next.run(request).await;
+            };
+            let store = store.staged();
+            let staged = match store.get(&id).await {
+                Ok(Some(staged)) => staged,
+                Ok(None) => return next.run(request).await,
+                Err(error) => return ControlError::Unavailable(error.to_string()).into_response(),
+            };
+            let (parts, body) = request.into_parts();
+            let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+                return ControlError::TooLarge("a request about a staged job: over 1 MiB".into())
+                    .into_response();
+            };
+            let rest = &parts.uri.path()["/api/jobs/".len() + id.len()..];
+            return super::staged::answer(
+                &directory,
+                &store,
+                staged,
+                &parts.method,
+                rest,
+                &parts.headers,
+                body,
+            )
+            .await;
+        }
         Err(error) => return ControlError::Unavailable(error.to_string()).into_response(),
     };
     let (parts, body) = request.into_parts();
@@ -645,11 +673,16 @@ async fn list_jobs(State(api): State<Api>) -> Answer<Json<Vec<JobSummary>>> {
             .into_iter()
             .filter(|entry| entry.host != this && !local.contains(&entry.summary.id))
             .map(|entry| JobSummary {
+                stages: Vec::new(),
                 host_live: Some(live.contains(&entry.host)),
                 host: Some(entry.host),
                 ..entry.summary
             }),
     );
+    if let Some(assignments) = api.cluster.as_ref().and_then(|c| c.assignments()) {
+        let staged = super::staged::summaries(&assignments.staged(), &list).await?;
+        list.extend(staged);
+    }
     list.sort_by_key(|job| std::cmp::Reverse(job.submitted_ms));
     Ok(Json(list))
 }

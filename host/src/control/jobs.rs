@@ -307,12 +307,163 @@ impl JobManager {
     /// fork's lineage).
     pub(super) async fn start(
         &self,
-        mut spec: JobSpec,
+        spec: JobSpec,
         from_savepoint: Option<String>,
         allow_non_restored_state: bool,
         also: impl FnOnce(&mut JobRecord),
     ) -> Result<JobRecord, ControlError> {
         let id = crate::runner::new_job_id();
+        if let Some(stages) = self.cut(&id, &spec).await? {
+            return self
+                .start_staged(id, spec, stages, from_savepoint, allow_non_restored_state)
+                .await;
+        }
+        self.start_as(id, spec, from_savepoint, allow_non_restored_state, also)
+            .await
+    }
+
+    /// The stages a movable job of a cluster is cut into at its `key` and
+    /// `rebalance` edges (none: not such a job, or it has no such edge).
+    async fn cut(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+    ) -> Result<Option<Vec<crate::job::stages::Stage>>, ControlError> {
+        let path = spec.base_dir.join(&spec.file_name);
+        let Some(cluster) = self.ctx.cluster.get().filter(|c| {
+            c.assignments().is_some()
+                && c.job_storage(id).is_some()
+                && JobFile::parse(&spec.job_file, &path)
+                    .is_ok_and(|file| cluster::assign::movable(&file))
+        }) else {
+            return Ok(None);
+        };
+        let ctx = self.ctx.clone();
+        let check = spec.clone();
+        let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check))
+            .await
+            .map_err(internal)??;
+        let stages = crate::job::stages::cut(
+            &spec.job_file,
+            &path,
+            &graph,
+            id,
+            cluster.nats_url(),
+            cluster.replicas(),
+        )
+        .map_err(bad_request)?;
+        Ok((!stages.is_empty()).then_some(stages))
+    }
+
+    /// Starts a job cut into `stages`: each stage a movable job of its own
+    /// (`<id>-<n>`), placed on the live hosts with the fewest jobs; the
+    /// job's [`StagedJob`](cluster::staged::StagedJob) ties them together.
+    /// Every stage is checked before anything is stored.
+    async fn start_staged(
+        &self,
+        id: String,
+        spec: JobSpec,
+        stages: Vec<crate::job::stages::Stage>,
+        from_savepoint: Option<String>,
+        allow_non_restored_state: bool,
+    ) -> Result<JobRecord, ControlError> {
+        let cluster = self.ctx.cluster.get().expect("cut: a cluster job");
+        let assignments = cluster.assignments().expect("cut: with assignments");
+        let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+        if let Some(savepoint) = from_savepoint {
+            return Err(ControlError::BadRequest(format!(
+                "{}: this cluster job runs as stages ({}) joined by exchanges, and a staged job cannot start from savepoint {savepoint} yet: submit it without one",
+                spec.base_dir.join(&spec.file_name).display(),
+                names.join(", ")
+            )));
+        }
+        let mut specs = Vec::new();
+        for (n, stage) in stages.iter().enumerate() {
+            let job = format!("{id}-{n}");
+            let stage_spec = JobSpec {
+                job_file: stage.job_file.clone(),
+                storage: cluster.job_storage(&job),
+                ..spec.clone()
+            };
+            let ctx = self.ctx.clone();
+            let check = stage_spec.clone();
+            let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check))
+                .await
+                .map_err(internal)??;
+            specs.push((job, graph.name, stage_spec));
+        }
+        let unavailable = |e: cluster::ClusterError| ControlError::Unavailable(e.to_string());
+        let hosts = assignments.place(stages.len()).await.map_err(unavailable)?;
+        let now = now_ms();
+        let name = JobFile::parse(&spec.job_file, &spec.base_dir.join(&spec.file_name))
+            .map(|f| f.name)
+            .map_err(bad_request)?;
+        let staged = cluster::staged::StagedJob {
+            job: id.clone(),
+            name: name.clone(),
+            submitted_ms: now,
+            spec: spec.clone(),
+            stages: stages
+                .iter()
+                .zip(&specs)
+                .map(|(stage, (job, _, _))| cluster::staged::StageRef {
+                    name: stage.name.clone(),
+                    job: job.clone(),
+                    uids: stage.uids.clone(),
+                })
+                .collect(),
+            operations: Vec::new(),
+        };
+        assignments
+            .staged()
+            .create(&staged)
+            .await
+            .map_err(unavailable)?;
+        for ((job, stage_name, stage_spec), host) in specs.into_iter().zip(hosts) {
+            tracing::info!(job = %id, stage = %job, %host, "placing a stage of the job");
+            if host == assignments.host() {
+                self.start_as(job, stage_spec, None, allow_non_restored_state, |_| {})
+                    .await?;
+                continue;
+            }
+            assignments
+                .create(&cluster::assign::Assignment {
+                    job,
+                    name: stage_name,
+                    submitted_ms: now,
+                    spec: stage_spec,
+                    allow_non_restored_state,
+                    initial_restore: None,
+                    host,
+                    generation: 1,
+                    restore: None,
+                    ended: false,
+                    reason: format!("a stage of job {id}, placed at submission"),
+                })
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(JobRecord::new(
+            id,
+            name,
+            now,
+            Lifecycle::new(
+                now,
+                format!("submitted: runs as stages {}", names.join(", ")),
+            ),
+            spec,
+        ))
+    }
+
+    /// [`Self::start`] of a job that runs whole, as job `id`.
+    async fn start_as(
+        &self,
+        id: String,
+        mut spec: JobSpec,
+        from_savepoint: Option<String>,
+        allow_non_restored_state: bool,
+        also: impl FnOnce(&mut JobRecord),
+    ) -> Result<JobRecord, ControlError> {
         // A movable job of a cluster with object storage keeps its
         // checkpoints there, and is assigned to this host (generation 1).
         let cluster = self.ctx.cluster.get().filter(|_| {
@@ -452,6 +603,7 @@ impl JobManager {
                     submitted_ms: record.submitted_ms,
                     host: None,
                     host_live: None,
+                    stages: Vec::new(),
                 }
             })
             .collect();

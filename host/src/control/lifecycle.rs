@@ -243,6 +243,21 @@ impl Lifecycle {
         }
     }
 
+    /// What a job that no host drives as one shows (a cluster job's
+    /// stages, see `cluster::staged`): the status its parts add up to,
+    /// since `since_ms`. A view: never stored, never moved on.
+    pub fn view(status: JobStatus, since_ms: u64, cause: impl Into<String>) -> Self {
+        Self {
+            status,
+            history: vec![Transition {
+                time_ms: since_ms,
+                from: None,
+                to: status,
+                cause: cause.into(),
+            }],
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         self.status
     }

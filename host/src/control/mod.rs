@@ -53,6 +53,7 @@ pub mod lifecycle;
 pub mod record;
 pub mod run;
 pub mod savepoint;
+mod staged;
 pub mod stop;
 pub mod store;
 pub mod upgrade;

@@ -287,6 +287,9 @@ pub struct JobSummary {
     /// status is the last one it wrote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_live: Option<bool>,
+    /// A cluster job that runs as stages: the jobs of its stages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<String>,
 }
 
 /// A node of the running job, with its counters.
@@ -333,4 +336,25 @@ pub struct JobDetail {
     pub checkpoints_failed: u64,
     /// The current run's newest checkpoints, oldest first.
     pub checkpoints: Vec<CheckpointView>,
+    /// A cluster job that runs as stages: each stage, where it runs and
+    /// how it does (the fields above add the stages up).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageView>,
+}
+
+/// A stage of a staged cluster job, in its [`JobDetail`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StageView {
+    /// The uid of its first node.
+    pub name: String,
+    /// The movable job that runs it.
+    pub job: String,
+    /// The submitted job's nodes it runs.
+    pub uids: Vec<String>,
+    /// The host that runs it (none: not in the cluster's job directory yet).
+    pub host: Option<String>,
+    pub status: Option<JobStatus>,
+    pub checkpoints_completed: u64,
+    /// Its newest failure.
+    pub last_error: Option<String>,
 }

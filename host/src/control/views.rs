@@ -147,5 +147,6 @@ pub(super) fn detail(ctx: &HostContext, handle: &JobHandle) -> JobDetail {
                     .collect()
             })
             .unwrap_or_default(),
+        stages: Vec::new(),
     }
 }

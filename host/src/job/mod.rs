@@ -9,6 +9,7 @@ pub mod connectors;
 pub mod file;
 mod graph;
 pub mod restart;
+pub mod stages;
 mod validate;
 
 pub use graph::{

@@ -8,7 +8,10 @@
 //! owner, a **generation** and the restore point its owner last committed —
 //! lives in the key-value bucket `<name>-assignments` (key `a.<job id>`).
 //!
-//! - The host a job is submitted to creates its assignment (generation 1).
+//! - The host a job is submitted to creates its assignment (generation 1),
+//!   naming itself, or for a stage of a staged job ([`super::staged`])
+//!   the live host with the fewest jobs ([`Assignments::place`]), whose
+//!   follower adopts it.
 //! - The coordinator (see [`super`]) looks at the members every tick: a
 //!   host whose entry is gone, or has not been renewed for a whole lease by
 //!   the coordinator's own clock, is dead; each live job it owned goes to
@@ -208,7 +211,45 @@ impl Assignments {
         &self.shared.id
     }
 
-    /// Records a job submitted to this host: generation 1, owned here.
+    /// The cluster's staged jobs (kept in the same bucket).
+    pub fn staged(&self) -> super::staged::StagedJobs {
+        super::staged::StagedJobs::new(&self.shared.name, self.bucket.clone())
+    }
+
+    /// Hosts for `n` new jobs: the live members with the fewest live
+    /// assigned jobs first, one job each in turn (ties by id).
+    pub async fn place(&self, n: usize) -> Result<Vec<String>, ClusterError> {
+        let live = self.live_members().await?;
+        let all = self.all().await?;
+        let mut load: BTreeMap<String, usize> = live.into_iter().map(|h| (h, 0)).collect();
+        for (assignment, _) in &all {
+            if !assignment.ended
+                && let Some(count) = load.get_mut(&assignment.host)
+            {
+                *count += 1;
+            }
+        }
+        let mut hosts = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some((host, _)) = load
+                .iter()
+                .min_by_key(|(host, count)| (**count, (*host).clone()))
+                .map(|(h, c)| (h.clone(), *c))
+            else {
+                break;
+            };
+            *load.get_mut(&host).expect("a live host") += 1;
+            hosts.push(host);
+        }
+        if hosts.len() < n {
+            hosts.resize(n, self.shared.id.clone());
+        }
+        Ok(hosts)
+    }
+
+    /// Records a new job: generation 1, owned by `assignment.host` (this
+    /// host for a job submitted here; another host's follower adopts a
+    /// stage of a staged job placed there).
     pub async fn create(&self, assignment: &Assignment) -> Result<(), ClusterError> {
         let bytes = Bytes::from(serde_json::to_vec(assignment).map_err(|e| self.error(e))?);
         self.bucket

@@ -1,8 +1,9 @@
 //! Cluster membership (`weir serve --cluster nats://…`): which hosts are
 //! live and which one coordinates, kept in NATS JetStream key-value
 //! buckets named after the cluster, so no home-made transport and no
-//! ZooKeeper (design: "Beyond one machine"). A job runs whole on one
-//! host; a movable one moves off a dead host ([`assign`]).
+//! ZooKeeper (design: "Beyond one machine"). A movable job moves off a
+//! dead host ([`assign`]); one with key or rebalance edges runs as stages,
+//! each a movable job of its own ([`staged`]).
 //!
 //! - `<name>-cluster`, key `identity`: what the cluster is (its name and
 //!   its object storage), written once by the first host. A host whose
@@ -26,6 +27,7 @@
 pub mod assign;
 pub mod jobs;
 pub mod plugins;
+pub mod staged;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -210,6 +212,9 @@ pub struct Cluster {
     following_assignments: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// This host's API.
     api: String,
+    /// The cluster's NATS servers, comma-separated (as connectors take
+    /// them: a staged job's exchanges are on them).
+    nats: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -364,6 +369,7 @@ impl Cluster {
             following: Mutex::new(Vec::new()),
             following_assignments: Mutex::new(None),
             api: api.to_string(),
+            nats: settings.nats.join(","),
         })
     }
 
@@ -455,6 +461,17 @@ impl Cluster {
             .map(|s3| format!("{}/jobs/{job}", s3.trim_end_matches('/')))
     }
 
+    /// The cluster's NATS servers, comma-separated.
+    pub fn nats_url(&self) -> &str {
+        &self.nats
+    }
+
+    /// How many copies the cluster's buckets (and a staged job's
+    /// exchanges) keep.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
     /// The cluster's job directory, once shared.
     pub fn jobs(&self) -> Option<Arc<jobs::JobDirectory>> {
         self.jobs.get().cloned()
@@ -516,7 +533,6 @@ impl Shared {
         self.local.lock().expect("not poisoned")
     }
 
-    /// The live members and the coordinator, as the buckets say now.
     /// The live members and the coordinator, as the buckets say now.
     async fn hosts(&self) -> Result<Hosts, ClusterError> {
         let read_error = |e: String| ClusterError::Buckets {

@@ -1,0 +1,366 @@
+//! Staged jobs: a movable cluster job with `key` or `rebalance` edges is
+//! cut into stages joined by exchanges (`job::stages`), and each stage
+//! runs as a movable job of its own — its own assignment, generation and
+//! fence ([`super::assign`]), so a host's death restarts only the stages
+//! it ran, from their own newest checkpoints, while the others run on.
+//! The stages are spread over the live hosts when the job is submitted.
+//!
+//! What ties them together is the job's [`StagedJob`] in the bucket
+//! `<name>-assignments` (key `s.<job id>`): its id, name and spec as
+//! submitted, its stages (their job ids are `<job id>-<n>`), and the
+//! operations asked of the whole job. No host drives a staged job as one:
+//! its status is what its stages' add up to ([`status_of`]); a cancel or a
+//! stop goes to every stage, and its outcome is theirs ([`outcome_of`]).
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::ClusterError;
+use crate::control::lifecycle::{JobStatus, OperationKind};
+use crate::control::record::{JobSpec, Operation, OperationStatus};
+
+/// A cluster job that runs as stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedJob {
+    pub job: String,
+    pub name: String,
+    pub submitted_ms: u64,
+    /// As submitted (its stages' specs are cut from it).
+    pub spec: JobSpec,
+    pub stages: Vec<StageRef>,
+    /// Operations asked of the whole job, oldest first.
+    #[serde(default)]
+    pub operations: Vec<StagedOperation>,
+}
+
+/// One stage of a [`StagedJob`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StageRef {
+    /// The uid of its first node.
+    pub name: String,
+    /// The movable job that runs it.
+    pub job: String,
+    /// The submitted job's nodes it runs.
+    pub uids: Vec<String>,
+}
+
+/// An operation asked of a staged job: one per stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOperation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub requested_ms: u64,
+    pub stages: Vec<StageOperation>,
+}
+
+/// What became of an operation's request to one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOperation {
+    /// The stage's job.
+    pub job: String,
+    /// The stage's own operation, if the stage took the request.
+    pub operation: Option<String>,
+    /// Why the stage did not take it (it had ended already, for a cancel
+    /// or a stop: nothing to do).
+    pub skipped: Option<String>,
+}
+
+/// A staged job's status from its stages' (none: a stage not yet in the
+/// cluster's job directory, as just after submission): failed if any
+/// stage failed; once every stage ended, cancelled, stopped or finished
+/// (the first that any stage is, in that order); while any runs on, the
+/// first status in the order cancelling, stopping, failing, restarting,
+/// created that any stage has, else running.
+pub fn status_of(stages: &[Option<JobStatus>]) -> JobStatus {
+    let any = |s: JobStatus| stages.contains(&Some(s));
+    if any(JobStatus::Failed) {
+        return JobStatus::Failed;
+    }
+    let ended = stages.iter().all(|s| s.is_some_and(JobStatus::is_terminal));
+    if ended {
+        return [JobStatus::Cancelled, JobStatus::Stopped]
+            .into_iter()
+            .find(|s| any(*s))
+            .unwrap_or(JobStatus::Finished);
+    }
+    if stages.contains(&None) {
+        return JobStatus::Created;
+    }
+    [
+        JobStatus::Cancelling,
+        JobStatus::Stopping,
+        JobStatus::Failing,
+        JobStatus::RollingBack,
+        JobStatus::Upgrading,
+        JobStatus::Restarting,
+        JobStatus::Created,
+    ]
+    .into_iter()
+    .find(|s| any(*s))
+    .unwrap_or(JobStatus::Running)
+}
+
+/// A staged operation as one operation: running while a stage's runs,
+/// failed as soon as a stage's failed (each failure named by its
+/// stage), else
+/// succeeded; `stages` are the stages' operations in `operation.stages`'
+/// order (none: not found, or skipped).
+pub fn outcome_of(
+    operation: &StagedOperation,
+    names: &[StageRef],
+    stages: &[Option<Operation>],
+) -> Operation {
+    let name = |job: &str| {
+        names
+            .iter()
+            .find(|s| s.job == job)
+            .map_or(job.to_string(), |s| s.name.clone())
+    };
+    let mut running = false;
+    let mut errors = Vec::new();
+    let mut done = Vec::new();
+    let mut finished_ms = operation.requested_ms;
+    for (asked, found) in operation.stages.iter().zip(stages) {
+        if let Some(reason) = &asked.skipped {
+            done.push(format!("{}: {reason}", name(&asked.job)));
+            continue;
+        }
+        let Some(op) = found else {
+            running = true;
+            continue;
+        };
+        match op.status {
+            OperationStatus::Running => running = true,
+            OperationStatus::Failed => errors.push(format!(
+                "stage {} (job {}): {}",
+                name(&asked.job),
+                asked.job,
+                op.error.as_deref().unwrap_or("failed")
+            )),
+            OperationStatus::Succeeded => {
+                finished_ms = finished_ms.max(op.finished_ms.unwrap_or(0));
+                let what = op
+                    .savepoint
+                    .as_ref()
+                    .map_or_else(|| "done".to_string(), |s| format!("savepoint {s}"));
+                done.push(format!("{}: {what}", name(&asked.job)));
+            }
+        }
+    }
+    let failed = !errors.is_empty();
+    let status = if failed {
+        OperationStatus::Failed
+    } else if running {
+        OperationStatus::Running
+    } else {
+        OperationStatus::Succeeded
+    };
+    let ended = status != OperationStatus::Running;
+    Operation {
+        id: operation.id.clone(),
+        kind: operation.kind,
+        status,
+        requested_ms: operation.requested_ms,
+        finished_ms: ended.then_some(finished_ms),
+        savepoint: None,
+        downtime_ms: None,
+        outcome: (ended && !failed).then(|| done.join("; ")),
+        error: failed.then(|| errors.join("; ")),
+    }
+}
+
+fn key(job: &str) -> String {
+    format!("s.{job}")
+}
+
+/// The staged jobs of a cluster, in its assignments bucket.
+#[derive(Debug, Clone)]
+pub struct StagedJobs {
+    cluster: String,
+    bucket: kv::Store,
+}
+
+impl StagedJobs {
+    pub(super) fn new(cluster: &str, bucket: kv::Store) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            bucket,
+        }
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Buckets {
+            name: self.cluster.clone(),
+            message: format!("bucket `{}-assignments`: {e}", self.cluster),
+        }
+    }
+
+    /// Records a staged job (before its stages are assigned).
+    pub async fn create(&self, staged: &StagedJob) -> Result<(), ClusterError> {
+        let bytes = Bytes::from(serde_json::to_vec(staged).map_err(|e| self.error(e))?);
+        self.bucket
+            .create(key(&staged.job), bytes)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn entry(&self, job: &str) -> Result<Option<(StagedJob, u64)>, ClusterError> {
+        if !super::is_plain_name(job) {
+            return Ok(None);
+        }
+        let entry = self
+            .bucket
+            .entry(key(job))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| {
+                serde_json::from_slice::<StagedJob>(&e.value)
+                    .ok()
+                    .map(|s| (s, e.revision))
+            }))
+    }
+
+    /// Staged job `job`, if the cluster has one of that id.
+    pub async fn get(&self, job: &str) -> Result<Option<StagedJob>, ClusterError> {
+        Ok(self.entry(job).await?.map(|(s, _)| s))
+    }
+
+    /// Every staged job.
+    pub async fn list(&self) -> Result<Vec<StagedJob>, ClusterError> {
+        let mut keys = self.bucket.keys().await.map_err(|e| self.error(e))?;
+        let mut all = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| self.error(e))?;
+            if let Some(job) = key.strip_prefix("s.")
+                && let Some(staged) = self.get(job).await?
+            {
+                all.push(staged);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Adds `operation` to staged job `job` (a compare-and-set, asked
+    /// again while something else changes it).
+    pub async fn add_operation(
+        &self,
+        job: &str,
+        operation: StagedOperation,
+    ) -> Result<(), ClusterError> {
+        for _ in 0..10 {
+            let Some((mut staged, revision)) = self.entry(job).await? else {
+                return Err(self.error(format!("staged job {job} is gone")));
+            };
+            staged.operations.push(operation.clone());
+            let bytes = Bytes::from(serde_json::to_vec(&staged).map_err(|e| self.error(e))?);
+            match self.bucket.update(key(job), bytes, revision).await {
+                Ok(_) => return Ok(()),
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(error) => return Err(self.error(error)),
+            }
+        }
+        Err(self.error(format!(
+            "staged job {job}: its entry kept changing while this host wrote it"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staged_jobs_status_is_what_its_stages_add_up_to() {
+        use JobStatus::*;
+        let of = |s: &[Option<JobStatus>]| status_of(s);
+        assert_eq!(of(&[Some(Running), Some(Running)]), Running);
+        assert_eq!(of(&[Some(Running), None]), Created);
+        assert_eq!(of(&[Some(Running), Some(Restarting)]), Restarting);
+        assert_eq!(of(&[Some(Finished), Some(Running)]), Running);
+        assert_eq!(of(&[Some(Finished), Some(Finished)]), Finished);
+        assert_eq!(of(&[Some(Finished), Some(Cancelled)]), Cancelled);
+        assert_eq!(of(&[Some(Stopped), Some(Finished)]), Stopped);
+        assert_eq!(of(&[Some(Running), Some(Failed)]), Failed);
+        assert_eq!(of(&[Some(Cancelling), Some(Cancelled)]), Cancelling);
+    }
+
+    fn op(status: OperationStatus, error: Option<&str>) -> Operation {
+        Operation {
+            id: "x".into(),
+            kind: OperationKind::Stop,
+            status,
+            requested_ms: 1,
+            finished_ms: Some(5),
+            savepoint: Some("s3://b/sp".into()),
+            downtime_ms: None,
+            outcome: None,
+            error: error.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_staged_operation_ends_when_every_stages_ended_and_names_each_failure() {
+        let names = vec![
+            StageRef {
+                name: "lines".into(),
+                job: "j-0".into(),
+                uids: vec![],
+            },
+            StageRef {
+                name: "count".into(),
+                job: "j-1".into(),
+                uids: vec![],
+            },
+        ];
+        let asked = StagedOperation {
+            id: "op".into(),
+            kind: OperationKind::Stop,
+            requested_ms: 1,
+            stages: names
+                .iter()
+                .map(|s| StageOperation {
+                    job: s.job.clone(),
+                    operation: Some("o".into()),
+                    skipped: None,
+                })
+                .collect(),
+        };
+        let running = outcome_of(
+            &asked,
+            &names,
+            &[Some(op(OperationStatus::Succeeded, None)), None],
+        );
+        assert_eq!(running.status, OperationStatus::Running);
+        let done = outcome_of(
+            &asked,
+            &names,
+            &[
+                Some(op(OperationStatus::Succeeded, None)),
+                Some(op(OperationStatus::Succeeded, None)),
+            ],
+        );
+        assert_eq!(done.status, OperationStatus::Succeeded);
+        assert_eq!(
+            done.outcome.as_deref(),
+            Some("lines: savepoint s3://b/sp; count: savepoint s3://b/sp")
+        );
+        let failed = outcome_of(
+            &asked,
+            &names,
+            &[
+                Some(op(OperationStatus::Failed, Some("no barrier"))),
+                Some(op(OperationStatus::Running, None)),
+            ],
+        );
+        assert_eq!(failed.status, OperationStatus::Failed);
+        assert_eq!(
+            failed.error.as_deref(),
+            Some("stage lines (job j-0): no barrier")
+        );
+    }
+}

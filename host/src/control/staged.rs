@@ -1,0 +1,380 @@
+//! The API's answers about a staged cluster job (see
+//! [`cluster::staged`](super::cluster::staged)): no host runs it as one,
+//! so any host answers for it by asking its stages' hosts (each request
+//! goes to the host the cluster's job directory names, as `forward` sends
+//! requests about another host's job).
+//!
+//! - `GET /api/jobs/{id}`: the stages' details added up — status
+//!   ([`status_of`]), operators, the fewest checkpoints any stage completed
+//!   — and each stage with its host.
+//! - `POST …/cancel`, `…/stop`: asked of every stage; the answer is one
+//!   operation whose outcome is theirs ([`outcome_of`]); a stage that has
+//!   ended already has nothing to do.
+//! - `GET …/operations/{op}`: that operation as its stages' say now.
+//! - savepoints, upgrades and forks of a staged job are refused (409),
+//!   naming its stages' jobs, which take them one by one.
+
+use axum::Json;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::ControlError;
+use super::api::FORWARDED_BY;
+use super::cluster::jobs::JobDirectory;
+use super::cluster::staged::{
+    StageOperation, StagedJob, StagedJobs, StagedOperation, outcome_of, status_of,
+};
+use super::lifecycle::{JobStatus, Lifecycle, OperationKind};
+use super::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus, StageView};
+
+/// Requests to the hosts of a staged job's stages.
+struct Stages<'a> {
+    directory: &'a JobDirectory,
+    authorization: Option<header::HeaderValue>,
+}
+
+impl Stages<'_> {
+    /// `method` on `/api/jobs/<job><rest>` at the host that runs `job`.
+    async fn call(
+        &self,
+        job: &str,
+        method: Method,
+        rest: &str,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let entry = self
+            .directory
+            .find(job)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("job {job} is not in the cluster's job directory yet"))?;
+        static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        let client = CLIENT.get_or_init(reqwest::Client::new);
+        let mut request = client
+            .request(method, format!("{}/api/jobs/{job}{rest}", entry.api))
+            .header(FORWARDED_BY, self.directory.host())
+            .timeout(std::time::Duration::from_secs(30));
+        if let Some(value) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            format!(
+                "job {job} runs on host `{}` at {}, which does not answer: {e}",
+                entry.host, entry.api
+            )
+        })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+        Ok((status, bytes))
+    }
+
+    /// Job `job`'s detail, if its host answers with one.
+    async fn detail(&self, job: &str) -> Option<JobDetail> {
+        let (status, bytes) = self.call(job, Method::GET, "", None).await.ok()?;
+        (status == StatusCode::OK)
+            .then(|| serde_json::from_slice(&bytes).ok())
+            .flatten()
+    }
+}
+
+/// Answers `method` on `/api/jobs/<staged.job><rest>`.
+pub(super) async fn answer(
+    directory: &JobDirectory,
+    store: &StagedJobs,
+    staged: StagedJob,
+    method: &Method,
+    rest: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let stages = Stages {
+        directory,
+        authorization: headers.get(header::AUTHORIZATION).cloned(),
+    };
+    let result = match (method.clone(), rest) {
+        (Method::GET, "") => detail(&stages, &staged)
+            .await
+            .map(|d| Json(d).into_response()),
+        (Method::POST, "/cancel") => operate(&stages, store, &staged, OperationKind::Cancel, body)
+            .await
+            .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
+        (Method::POST, "/stop") => operate(&stages, store, &staged, OperationKind::Stop, body)
+            .await
+            .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
+        (Method::GET, rest) if rest.starts_with("/operations/") => {
+            let id = &rest["/operations/".len()..];
+            operation(&stages, &staged, id)
+                .await
+                .map(|o| Json(o).into_response())
+        }
+        (_, "/savepoints" | "/upgrade" | "/fork") => Err(ControlError::Conflict(format!(
+            "job {} runs as stages on the cluster's hosts ({}): {} of a staged job as a whole is not supported yet; ask it of each stage's job",
+            staged.job,
+            named(&staged),
+            &rest[1..]
+        ))),
+        _ => Err(ControlError::NotFound(format!(
+            "no route {method} /api/jobs/{}{rest} for a staged job",
+            staged.job
+        ))),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `lines: job <id>, count: job <id>`.
+fn named(staged: &StagedJob) -> String {
+    staged
+        .stages
+        .iter()
+        .map(|s| format!("{}: job {}", s.name, s.job))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, ControlError> {
+    let mut details = Vec::new();
+    for stage in &staged.stages {
+        details.push(stages.detail(&stage.job).await);
+    }
+    let statuses: Vec<Option<JobStatus>> = details
+        .iter()
+        .map(|d| d.as_ref().map(|d| d.job.lifecycle.status()))
+        .collect();
+    let status = status_of(&statuses);
+    let since_ms = details
+        .iter()
+        .flatten()
+        .filter_map(|d| d.job.lifecycle.history().last().map(|t| t.time_ms))
+        .max()
+        .unwrap_or(staged.submitted_ms);
+    let views: Vec<StageView> = staged
+        .stages
+        .iter()
+        .zip(&details)
+        .map(|(stage, detail)| StageView {
+            name: stage.name.clone(),
+            job: stage.job.clone(),
+            uids: stage.uids.clone(),
+            host: None,
+            status: detail.as_ref().map(|d| d.job.lifecycle.status()),
+            checkpoints_completed: detail.as_ref().map_or(0, |d| d.checkpoints_completed),
+            last_error: detail.as_ref().and_then(|d| d.job.last_error.clone()),
+        })
+        .collect();
+    let mut views = views;
+    for view in &mut views {
+        view.host = stages
+            .directory
+            .find(&view.job)
+            .await
+            .ok()
+            .flatten()
+            .map(|e| e.host);
+    }
+    let mut operations = Vec::new();
+    for asked in &staged.operations {
+        operations.push(operation(stages, staged, &asked.id).await?);
+    }
+    let last_error = views
+        .iter()
+        .find_map(|v| Some(format!("stage {}: {}", v.name, v.last_error.as_ref()?)));
+    let record = JobRecord {
+        last_error,
+        operations,
+        ..JobRecord::new(
+            staged.job.clone(),
+            staged.name.clone(),
+            staged.submitted_ms,
+            Lifecycle::view(
+                status,
+                since_ms,
+                format!("what its stages add up to ({})", named(staged)),
+            ),
+            staged.spec.clone(),
+        )
+    };
+    Ok(JobDetail {
+        job: record,
+        operators: details
+            .iter()
+            .flatten()
+            .flat_map(|d| d.operators.clone())
+            .collect(),
+        checkpoints_completed: views
+            .iter()
+            .map(|v| v.checkpoints_completed)
+            .min()
+            .unwrap_or(0),
+        checkpoints_failed: details.iter().flatten().map(|d| d.checkpoints_failed).sum(),
+        checkpoints: Vec::new(),
+        stages: views,
+    })
+}
+
+/// Asks `kind` of every stage; records what each answered.
+async fn operate(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    staged: &StagedJob,
+    kind: OperationKind,
+    body: Bytes,
+) -> Result<Operation, ControlError> {
+    let path = match kind {
+        OperationKind::Cancel => "/cancel",
+        _ => "/stop",
+    };
+    let body = (!body.is_empty()).then_some(body);
+    let mut asked = Vec::new();
+    let mut refusals = Vec::new();
+    for stage in &staged.stages {
+        let answer = stages
+            .call(&stage.job, Method::POST, path, body.clone())
+            .await;
+        let (operation, skipped) = match answer {
+            Ok((StatusCode::ACCEPTED, bytes)) => {
+                match serde_json::from_slice::<Operation>(&bytes) {
+                    Ok(operation) => (Some(operation.id), None),
+                    Err(e) => (None, Some(format!("its answer is not an operation: {e}"))),
+                }
+            }
+            Ok((status, bytes)) => {
+                let error = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                if status == StatusCode::BAD_REQUEST {
+                    return Err(ControlError::BadRequest(error));
+                }
+                (None, Some(error))
+            }
+            Err(error) => (None, Some(error)),
+        };
+        if let Some(reason) = &skipped {
+            refusals.push(format!(
+                "stage {} (job {}): {reason}",
+                stage.name, stage.job
+            ));
+        }
+        asked.push(StageOperation {
+            job: stage.job.clone(),
+            operation,
+            skipped,
+        });
+    }
+    if asked.iter().all(|a| a.operation.is_none()) {
+        return Err(ControlError::Conflict(format!(
+            "job {}: no stage took the {}: {}",
+            staged.job,
+            &path[1..],
+            refusals.join("; ")
+        )));
+    }
+    let operation = StagedOperation {
+        id: crate::checkpoint::storage::random_hex(8),
+        kind,
+        requested_ms: super::now_ms(),
+        stages: asked,
+    };
+    store
+        .add_operation(&staged.job, operation.clone())
+        .await
+        .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+    Ok(Operation {
+        id: operation.id,
+        kind,
+        status: OperationStatus::Running,
+        requested_ms: operation.requested_ms,
+        finished_ms: None,
+        savepoint: None,
+        downtime_ms: None,
+        outcome: None,
+        error: None,
+    })
+}
+
+async fn operation(
+    stages: &Stages<'_>,
+    staged: &StagedJob,
+    id: &str,
+) -> Result<Operation, ControlError> {
+    let asked = staged
+        .operations
+        .iter()
+        .find(|o| o.id == id)
+        .ok_or_else(|| {
+            ControlError::NotFound(format!("job {} has no operation {id}", staged.job))
+        })?;
+    let mut found = Vec::new();
+    for stage in &asked.stages {
+        let Some(operation) = &stage.operation else {
+            found.push(None);
+            continue;
+        };
+        let answer = stages
+            .call(
+                &stage.job,
+                Method::GET,
+                &format!("/operations/{operation}"),
+                None,
+            )
+            .await;
+        found.push(match answer {
+            Ok((StatusCode::OK, bytes)) => serde_json::from_slice(&bytes).ok(),
+            _ => None,
+        });
+    }
+    Ok(outcome_of(asked, &staged.stages, &found))
+}
+
+/// The staged jobs as `GET /api/jobs` lists them, from `list` (every
+/// job of the cluster, the stages' among them).
+pub(super) async fn summaries(
+    store: &StagedJobs,
+    list: &[JobSummary],
+) -> Result<Vec<JobSummary>, ControlError> {
+    let all = store
+        .list()
+        .await
+        .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+    Ok(all
+        .into_iter()
+        .map(|staged| {
+            let found: Vec<Option<&JobSummary>> = staged
+                .stages
+                .iter()
+                .map(|s| list.iter().find(|j| j.id == s.job))
+                .collect();
+            let statuses: Vec<Option<JobStatus>> =
+                found.iter().map(|f| f.map(|j| j.status)).collect();
+            let mut plugins: Vec<String> = found
+                .iter()
+                .flatten()
+                .flat_map(|j| j.plugins.clone())
+                .collect();
+            plugins.sort();
+            plugins.dedup();
+            JobSummary {
+                status: status_of(&statuses),
+                since_ms: found
+                    .iter()
+                    .flatten()
+                    .map(|j| j.since_ms)
+                    .max()
+                    .unwrap_or(staged.submitted_ms),
+                plugins,
+                host: None,
+                host_live: None,
+                stages: staged.stages.iter().map(|s| s.job.clone()).collect(),
+                id: staged.job,
+                name: staged.name,
+                submitted_ms: staged.submitted_ms,
+            }
+        })
+        .collect())
+}
