@@ -952,6 +952,128 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
     }
 }
 
+/// An unbounded generator → split → (by key) count → blackhole: two
+/// stages, checkpoints every 200 ms unless `checkpoint` says otherwise.
+fn unbounded_count(name: &str, checkpoint: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+max_parallelism = 32
+{checkpoint}
+
+[[source]]
+uid = "gen"
+kind = "generator"
+rate = 2000
+keys = 50
+parallelism = 2
+
+[[operator]]
+uid = "split"
+plugin = {split}
+inputs = ["gen"]
+parallelism = 2
+
+[[operator]]
+uid = "count"
+plugin = {count}
+inputs = [{{ from = "split", partition = "key" }}]
+parallelism = 2
+
+[[sink]]
+uid = "out"
+kind = "blackhole"
+inputs = ["count"]
+parallelism = 2
+"#,
+        split = crate::support::toml_path(weir_tests::plugins::WORDCOUNT_SPLIT),
+        count = crate::support::toml_path(weir_tests::plugins::WORDCOUNT_COUNT),
+    )
+}
+
+#[test]
+fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet() {
+    let dir = plugin_dir();
+    let name = "staged-ops";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let mut hosts: Vec<Host> = (0..2).map(|i| cluster.host(dir.path(), i)).collect();
+    wait_for(&hosts[0], 2, Duration::from_secs(30), |_| true);
+    let every = "[checkpoint]\ninterval = \"200ms\"";
+
+    // Without checkpoints a keyed cluster job cannot be cut: refused,
+    // naming the edge and the setting.
+    dir.write("plain.toml", unbounded_count("plain", ""));
+    let refused = hosts[0].weir(&["run", "plain.toml"], dir.path());
+    assert!(!refused.status.success());
+    let said = crate::host::stderr(&refused);
+    assert!(
+        said.contains("plain.toml")
+            && said.contains("key and rebalance edges (split → count)")
+            && said.contains("set `[checkpoint] interval`"),
+        "{said}"
+    );
+
+    // Stopped whole: every stage stops with a savepoint of its own.
+    dir.write("stop.toml", unbounded_count("stop-me", every));
+    let id = hosts[0]
+        .ok(&["run", "stop.toml"], dir.path())
+        .trim()
+        .to_string();
+    let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_ne!(placed[0].2, placed[1].2, "{placed:?}");
+    hosts[1].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[1].wait_checkpoints(&id, 2, Duration::from_secs(60));
+
+    // What a staged job cannot do as a whole yet is refused, naming its
+    // stages' jobs.
+    let savepoint = hosts[1].weir(&["savepoint", &id], dir.path());
+    assert!(!savepoint.status.success());
+    let said = crate::host::stderr(&savepoint);
+    assert!(
+        said.contains(&format!(
+            "job {id} runs as stages on the cluster's hosts (gen: job {}, count: job {}): savepoints of a staged job as a whole is not supported yet",
+            placed[0].1, placed[1].1
+        )),
+        "{said}"
+    );
+
+    let stopped = hosts[1].weir(&["stop", &id], dir.path());
+    let said = crate::host::stderr(&stopped);
+    assert!(stopped.status.success(), "{said}");
+    assert!(
+        said.contains("gen: savepoint s3://") && said.contains("count: savepoint s3://"),
+        "{said}"
+    );
+    let detail = hosts[0].wait_status(&id, "stopped", Duration::from_secs(30));
+    for stage in detail["stages"].as_array().expect("stages") {
+        assert_eq!(stage["status"], "stopped", "{detail:#}");
+    }
+
+    // Cancelled whole.
+    dir.write("cancel.toml", unbounded_count("cancel-me", every));
+    let id = hosts[1]
+        .ok(&["run", "cancel.toml"], dir.path())
+        .trim()
+        .to_string();
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[0].ok(&["cancel", &id], dir.path());
+    hosts[1].wait_status(&id, "cancelled", Duration::from_secs(30));
+    // A second cancel: nothing left to cancel, each stage says why.
+    let again = hosts[0].weir(&["cancel", &id], dir.path());
+    assert!(!again.status.success());
+    assert!(
+        crate::host::stderr(&again).contains(&format!("job {id}: no stage took the cancel")),
+        "{}",
+        crate::host::stderr(&again)
+    );
+    for host in &mut hosts {
+        host.terminate();
+    }
+}
+
 /// Waits until the NATS cluster's JetStream places streams of three
 /// replicas (its three nodes joined and elected a meta leader): a probe
 /// stream made and removed through `urls`.
