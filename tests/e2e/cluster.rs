@@ -952,6 +952,102 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
     }
 }
 
+#[test]
+fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() {
+    let dir = plugin_dir();
+    let name = "staged-upgrade";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
+    let ids: Vec<String> = hosts.iter().map(own_id).collect();
+    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    // The version that traps on its 1000th record, on every host first.
+    hosts[0].ok(&["plugin", "add", "count-v2-trap.wasm"], dir.path());
+    let everywhere = plugins(&hosts[0]);
+    let everywhere: Vec<&str> = everywhere.iter().map(String::as_str).collect();
+    for host in &hosts[1..] {
+        wait_plugins(host, &everywhere, Duration::from_secs(30));
+    }
+    // About 40 s of input at 2 × 800 lines/s.
+    let lines = crate::nats::input_lines(64_000, 29);
+    let expected = weir_tests::count_words(&lines.join("\n"));
+    crate::nats::prepare_streams(&url, name, &lines);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    let stage = |name: &str| {
+        placed
+            .iter()
+            .find(|s| s.0 == name)
+            .expect("a stage")
+            .clone()
+    };
+    let (lines_stage, count_stage, out_stage) = (stage("lines"), stage("count"), stage("out"));
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[at(&count_stage.2)].wait_checkpoints(&count_stage.1, 2, Duration::from_secs(60));
+    let runs = |(_, job, host): &(String, String, String)| {
+        hosts[at(host)].job(job)["job"]["runs"]
+            .as_array()
+            .map(Vec::len)
+    };
+    let untouched = [runs(&lines_stage), runs(&out_stage)];
+
+    // Rescale 2 → 3: only the count stage stops and restarts, its exchange
+    // source with it; the upstream and downstream stages run on.
+    let rescaled = hosts[1].weir(&["rescale", &id, "--parallelism", "count=3"], dir.path());
+    let said = crate::host::stderr(&rescaled);
+    assert!(rescaled.status.success(), "{said}");
+    assert!(said.contains("count: "), "{said}");
+    let owner = placement(&hosts[1], &count_stage.1).expect("listed").0;
+    let detail = hosts[at(&owner)].job(&count_stage.1);
+    for op in detail["operators"].as_array().expect("operators") {
+        assert_eq!(op["parallelism"], 3, "{op:#}");
+    }
+    assert_eq!([runs(&lines_stage), runs(&out_stage)], untouched);
+
+    // An upgrade whose new version traps in its probation: that stage is
+    // rolled back, alone.
+    hosts[at(&owner)].wait_checkpoints(&count_stage.1, 1, Duration::from_secs(60));
+    let rolled = hosts[2].weir(
+        &[
+            "upgrade",
+            &id,
+            "--plugin",
+            "count=count-v2-trap.wasm",
+            "--probation",
+            "60s",
+        ],
+        dir.path(),
+    );
+    let said = crate::host::stderr(&rolled);
+    assert!(!rolled.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("stage count (job {})", count_stage.1))
+            && said.contains("rolled back"),
+        "{said}"
+    );
+    assert_eq!([runs(&lines_stage), runs(&out_stage)], untouched);
+    let status = hosts[0].job(&id)["job"]["lifecycle"]["status"].clone();
+    assert_eq!(status, "running", "the job runs on, {status}");
+
+    // It finishes with every count once.
+    hosts[0].wait_status(&id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for host in &mut hosts {
+        host.terminate();
+    }
+}
+
 /// An unbounded generator → split → (by key) count → blackhole: two
 /// stages, checkpoints every 200 ms unless `checkpoint` says otherwise.
 fn unbounded_count(name: &str, checkpoint: &str) -> String {

@@ -121,6 +121,21 @@ pub enum Command {
     /// Hot-upgrade a job of a running host: check, savepoint, swap,
     /// restore, probation; rolled back automatically if it fails.
     Upgrade(remote::UpgradeArgs),
+    /// Rescale operators of a job of a running host (an upgrade that
+    /// changes only parallelism): savepoint, restart at the new
+    /// parallelism, probation; in a cluster, only the stages named stop.
+    Rescale {
+        job_id: String,
+        /// UID=N: the operator's (in a cluster: its stage's) parallelism.
+        #[arg(long = "parallelism", value_name = "UID=N", required = true)]
+        parallelism: Vec<String>,
+        /// Longest probation (e.g. 60s).
+        #[arg(long, value_name = "DURATION")]
+        probation: Option<String>,
+        /// Return once the rescale is accepted.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Fork a job of a running host: a savepoint of it (it runs on) starts
     /// a second job with the changes given, writing to its own sinks.
     Fork(remote::ForkArgs),
@@ -299,6 +314,23 @@ pub async fn execute(cli: Cli) -> Result<()> {
             .await
         }
         Command::Upgrade(args) => remote::upgrade(&cli.client()?, args).await,
+        Command::Rescale {
+            job_id,
+            parallelism,
+            probation,
+            detach,
+        } => {
+            let args = remote::UpgradeArgs {
+                job_id: job_id.clone(),
+                plugins: Vec::new(),
+                parallelism: parallelism.clone(),
+                job_file: None,
+                allow_non_restored_state: false,
+                probation: probation.clone(),
+                detach: *detach,
+            };
+            remote::upgrade(&cli.client()?, &args).await
+        }
         Command::Fork(args) => remote::fork(&cli.client()?, args).await,
         Command::Plugin(PluginCommand::Add { files }) => {
             remote::plugin_add(&cli.client()?, files).await

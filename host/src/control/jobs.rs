@@ -410,6 +410,7 @@ impl JobManager {
                     name: stage.name.clone(),
                     job: job.clone(),
                     uids: stage.uids.clone(),
+                    exchanges: stage.exchanges.clone(),
                 })
                 .collect(),
             operations: Vec::new(),
@@ -1141,6 +1142,11 @@ fn build_graph_restoring(
     for sink in &mut file.sinks {
         if let Some(parallelism) = spec.parallelism.get(&sink.uid) {
             sink.parallelism = Some(*parallelism);
+        }
+    }
+    for source in &mut file.sources {
+        if let Some(parallelism) = spec.parallelism.get(&source.uid) {
+            source.parallelism = Some(*parallelism);
         }
     }
     let resolver = StoreResolver {

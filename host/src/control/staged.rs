@@ -10,9 +10,18 @@
 //! - `POST …/cancel`, `…/stop`: asked of every stage; the answer is one
 //!   operation whose outcome is theirs ([`outcome_of`]); a stage that has
 //!   ended already has nothing to do.
+//! - `POST …/upgrade` (and `weir rescale`): each stage whose uids the
+//!   request names is upgraded on its own — checked, stopped with a
+//!   savepoint, restarted with the new plugins or parallelism, on
+//!   probation, rolled back alone if it fails — while the other stages run
+//!   on untouched. A stage's nodes are joined by forward edges, so they
+//!   share one parallelism: `UID=N` rescales every node of UID's stage
+//!   (its exchanges' sources and sinks among them); the stages upstream
+//!   and downstream keep theirs (an exchange is read by key group).
 //! - `GET …/operations/{op}`: that operation as its stages' say now.
-//! - savepoints, upgrades and forks of a staged job are refused (409),
-//!   naming its stages' jobs, which take them one by one.
+//! - savepoints and forks of a staged job as a whole, and an upgrade with
+//!   a new job file, are refused (409), naming its stages' jobs, which
+//!   take them one by one.
 
 use axum::Json;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -23,8 +32,9 @@ use super::ControlError;
 use super::api::FORWARDED_BY;
 use super::cluster::jobs::JobDirectory;
 use super::cluster::staged::{
-    StageOperation, StagedJob, StagedJobs, StagedOperation, outcome_of, status_of,
+    StageOperation, StageRef, StagedJob, StagedJobs, StagedOperation, outcome_of, status_of,
 };
+use super::jobs::UpgradeRequest;
 use super::lifecycle::{JobStatus, Lifecycle, OperationKind};
 use super::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus, StageView};
 
@@ -107,13 +117,16 @@ pub(super) async fn answer(
         (Method::POST, "/stop") => operate(&stages, store, &staged, OperationKind::Stop, body)
             .await
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
+        (Method::POST, "/upgrade") => upgrade(&stages, store, &staged, &body)
+            .await
+            .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
         (Method::GET, rest) if rest.starts_with("/operations/") => {
             let id = &rest["/operations/".len()..];
             operation(&stages, &staged, id)
                 .await
                 .map(|o| Json(o).into_response())
         }
-        (_, "/savepoints" | "/upgrade" | "/fork") => Err(ControlError::Conflict(format!(
+        (_, "/savepoints" | "/fork") => Err(ControlError::Conflict(format!(
             "job {} runs as stages on the cluster's hosts ({}): {} of a staged job as a whole is not supported yet; ask it of each stage's job",
             staged.job,
             named(&staged),
@@ -230,12 +243,118 @@ async fn operate(
         _ => "/stop",
     };
     let body = (!body.is_empty()).then_some(body);
+    let requests = staged
+        .stages
+        .iter()
+        .map(|stage| (stage, body.clone()))
+        .collect();
+    ask(stages, store, staged, kind, path, requests).await
+}
+
+/// Splits an upgrade of the whole into upgrades of the stages it touches.
+async fn upgrade(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    staged: &StagedJob,
+    body: &[u8],
+) -> Result<Operation, ControlError> {
+    let request: UpgradeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        UpgradeRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ControlError::BadRequest(format!("the request body is not valid JSON for it: {e}"))
+        })?
+    };
+    if request.job_file.is_some() {
+        return Err(ControlError::Conflict(format!(
+            "job {} runs as stages on the cluster's hosts ({}): an upgrade to a new job file is not supported yet for a staged job; upgrade its plugins and parallelism, or each stage's job",
+            staged.job,
+            named(staged)
+        )));
+    }
+    if request.plugins.is_empty() && request.parallelism.is_empty() {
+        return Err(ControlError::BadRequest(
+            "an upgrade needs --plugin UID=... or --parallelism UID=N".to_string(),
+        ));
+    }
+    let stage_of = |uid: &str| {
+        staged
+            .stages
+            .iter()
+            .position(|s| s.uids.iter().any(|u| u == uid))
+    };
+    let mut split: std::collections::BTreeMap<usize, UpgradeRequest> = Default::default();
+    let mut asked_for: std::collections::BTreeMap<usize, (String, u32)> = Default::default();
+    let mut problems = Vec::new();
+    for (uid, reference) in &request.plugins {
+        match stage_of(uid) {
+            Some(k) => {
+                split
+                    .entry(k)
+                    .or_default()
+                    .plugins
+                    .insert(uid.clone(), reference.clone());
+            }
+            None => problems.push(format!("--plugin {uid}: the job has no uid `{uid}`")),
+        }
+    }
+    for (uid, &parallelism) in &request.parallelism {
+        let Some(k) = stage_of(uid) else {
+            problems.push(format!("--parallelism {uid}: the job has no uid `{uid}`"));
+            continue;
+        };
+        let stage = &staged.stages[k];
+        match asked_for.get(&k) {
+            Some((other, n)) if *n != parallelism => problems.push(format!(
+                "--parallelism {uid}={parallelism}: `{uid}` and `{other}` run in stage {} ({}), whose nodes share one parallelism, and {other}={n} asks another",
+                stage.name,
+                stage.uids.join(", ")
+            )),
+            _ => {
+                asked_for.insert(k, (uid.clone(), parallelism));
+                let entry = split.entry(k).or_default();
+                for node in stage.uids.iter().chain(&stage.exchanges) {
+                    entry.parallelism.insert(node.clone(), parallelism);
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ControlError::BadRequest(problems.join("; ")));
+    }
+    let mut requests = Vec::new();
+    for (k, mut part) in split {
+        part.allow_non_restored_state = request.allow_non_restored_state;
+        part.probation = request.probation.clone();
+        part.probation_checkpoints = request.probation_checkpoints;
+        let body = serde_json::to_vec(&part).map_err(|e| ControlError::Internal(e.to_string()))?;
+        requests.push((&staged.stages[k], Some(Bytes::from(body))));
+    }
+    ask(
+        stages,
+        store,
+        staged,
+        OperationKind::Upgrade,
+        "/upgrade",
+        requests,
+    )
+    .await
+}
+
+/// Posts each request to `path` of its stage's job; records what each
+/// answered as one operation of the whole.
+async fn ask(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    staged: &StagedJob,
+    kind: OperationKind,
+    path: &str,
+    requests: Vec<(&StageRef, Option<Bytes>)>,
+) -> Result<Operation, ControlError> {
     let mut asked = Vec::new();
     let mut refusals = Vec::new();
-    for stage in &staged.stages {
-        let answer = stages
-            .call(&stage.job, Method::POST, path, body.clone())
-            .await;
+    for (stage, body) in requests {
+        let answer = stages.call(&stage.job, Method::POST, path, body).await;
         let (operation, skipped) = match answer {
             Ok((StatusCode::ACCEPTED, bytes)) => {
                 match serde_json::from_slice::<Operation>(&bytes) {

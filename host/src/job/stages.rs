@@ -25,6 +25,8 @@ pub struct Stage {
     pub name: String,
     /// The original job's nodes it runs.
     pub uids: Vec<String>,
+    /// The exchanges' sources and sinks its job file adds.
+    pub exchanges: Vec<String>,
     /// Its job file (TOML).
     pub job_file: String,
 }
@@ -199,6 +201,7 @@ pub fn cut(
             }
             sections.insert(key, kept);
         }
+        let mut exchanges = Vec::new();
         for (edge, cut) in graph
             .edges
             .iter()
@@ -216,6 +219,7 @@ pub fn cut(
                 table
             };
             if stage_of[edge.from] == k {
+                exchanges.push(sink_uid(&cut.uid));
                 let mut sink = exchange(sink_uid(&cut.uid), graph.nodes[edge.from].parallelism);
                 let mut input = toml::Table::new();
                 input.insert("from".into(), cut.from.clone().into());
@@ -233,6 +237,7 @@ pub fn cut(
                     .push(toml::Value::Table(sink));
             }
             if stage_of[edge.to] == k {
+                exchanges.push(cut.uid.clone());
                 let source = exchange(cut.uid.clone(), graph.nodes[edge.to].parallelism);
                 sections
                     .get_mut("source")
@@ -255,6 +260,7 @@ pub fn cut(
         stages.push(Stage {
             name: graph.nodes[head].uid.clone(),
             uids: members,
+            exchanges,
             job_file: toml::to_string(&file).map_err(|e| JobError::Parse {
                 file: path.to_path_buf(),
                 message: format!("cannot write a stage's job file: {e}"),
@@ -315,6 +321,8 @@ parallelism = 3
         assert_eq!(stages[0].uids, ["lines", "split"]);
         assert_eq!(stages[1].name, "count");
         assert_eq!(stages[1].uids, ["count", "out"]);
+        assert_eq!(stages[0].exchanges, ["count.input-0.out"]);
+        assert_eq!(stages[1].exchanges, ["count.input-0"]);
 
         // Each stage is a valid job of its own: the upstream ends in the
         // exchange, the downstream starts from it, at the edge's

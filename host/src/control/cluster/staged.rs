@@ -44,6 +44,10 @@ pub struct StageRef {
     pub job: String,
     /// The submitted job's nodes it runs.
     pub uids: Vec<String>,
+    /// The exchanges' sources and sinks its job file adds (a rescale of
+    /// the stage rescales them too).
+    #[serde(default)]
+    pub exchanges: Vec<String>,
 }
 
 /// An operation asked of a staged job: one per stage.
@@ -141,10 +145,14 @@ pub fn outcome_of(
             )),
             OperationStatus::Succeeded => {
                 finished_ms = finished_ms.max(op.finished_ms.unwrap_or(0));
-                let what = op
-                    .savepoint
-                    .as_ref()
-                    .map_or_else(|| "done".to_string(), |s| format!("savepoint {s}"));
+                let what = match (&op.savepoint, &op.outcome) {
+                    (Some(savepoint), Some(outcome)) => {
+                        format!("savepoint {savepoint} ({outcome})")
+                    }
+                    (Some(savepoint), None) => format!("savepoint {savepoint}"),
+                    (None, Some(outcome)) => outcome.clone(),
+                    (None, None) => "done".to_string(),
+                };
                 done.push(format!("{}: {what}", name(&asked.job)));
             }
         }
@@ -310,11 +318,13 @@ mod tests {
                 name: "lines".into(),
                 job: "j-0".into(),
                 uids: vec![],
+                exchanges: vec![],
             },
             StageRef {
                 name: "count".into(),
                 job: "j-1".into(),
                 uids: vec![],
+                exchanges: vec![],
             },
         ];
         let asked = StagedOperation {
