@@ -126,6 +126,19 @@ fn a_keyed_edge_through_an_exchange_counts_exactly_once_through_sigkills() {
     let lines = weir_tests::read_parts(&job.path().join("out"));
     weir_tests::check_exact_updates(&lines, &expected)
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+
+    // What the reader's committed checkpoints read was purged as they
+    // committed: a run from the beginning on the same exchange is refused,
+    // never fed what is left.
+    let again = weir(&["run", path.to_str().expect("utf-8")], job.path());
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{said}");
+    assert!(
+        said.contains("exchange `xc.kills`: key group")
+            && said.contains("was purged up to sequence")
+            && said.contains("this start reads it from sequence 1"),
+        "{said}"
+    );
 }
 
 /// Event time crosses the exchange: the writers' watermarks reach the

@@ -27,20 +27,34 @@
 //! new reader). Its watermark is the minimum over the writers; it ends once
 //! every writer ended on each of its key groups (those counts are
 //! checkpointed with the positions, under `END_BASE + key group`).
+//!
+//! **Purging**: once a checkpoint of the reader is committed (the job's
+//! restore point: it never restores an earlier one of its own accord), what
+//! each key group read up to it is purged from the stream, at most every
+//! [`PURGE_EVERY`], in the background: first the key group's *floor*
+//! (subject `weir.NAME.f<key group>`, the last purged sequence, one kept),
+//! then its messages up to it. A reader that starts from positions below a
+//! floor (an older savepoint or checkpoint, or a new job on an exchange
+//! another one read) fails naming the key group and both sequences, never
+//! reading on with records missing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, Context, consumer};
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
 
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::Exchange;
-use crate::types::{BatchEntry, ENTRY_WORDS, RecordBatch, Timestamp, key_group};
+use crate::types::{BatchEntry, CheckpointId, ENTRY_WORDS, RecordBatch, Timestamp, key_group};
+
+/// How often a reader purges what its committed checkpoints read at most.
+pub const PURGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Records per exchange message at most.
 pub const MESSAGE_RECORDS: usize = 1024;
@@ -77,6 +91,11 @@ impl Exchange {
     /// The subject of key group `group`.
     pub fn subject(&self, group: u32) -> String {
         format!("weir.{}.{group}", self.name)
+    }
+
+    /// The subject of key group `group`'s purge floor.
+    pub fn floor_subject(&self, group: u32) -> String {
+        format!("weir.{}.f{group}", self.name)
     }
 
     /// The stream, made if it is not there yet (either side may come first).
@@ -377,6 +396,12 @@ pub struct ExchangeSource {
     read: u64,
     items: Option<mpsc::Receiver<Item>>,
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// Each checkpoint's positions until it is committed, oldest first.
+    taken: VecDeque<(u64, BTreeMap<u32, u64>)>,
+    /// Committed positions for the purging task (the newest wins), and
+    /// when it was last handed some.
+    purge: Option<watch::Sender<BTreeMap<u32, u64>>>,
+    purged_at: Option<Instant>,
 }
 
 impl ExchangeSource {
@@ -409,6 +434,9 @@ impl ExchangeSource {
             read: 0,
             items: None,
             reader: None,
+            taken: VecDeque::new(),
+            purge: None,
+            purged_at: None,
         }
     }
 
@@ -525,6 +553,98 @@ impl Drop for ExchangeSource {
         if let Some(reader) = &self.reader {
             reader.abort();
         }
+        // The purger ends once the sender is gone (a purge under way
+        // finishes: each step stands alone).
+        self.purge.take();
+    }
+}
+
+/// Purges each key group below the positions it is handed (see the
+/// module's "Purging"), until its sender is dropped. Best effort: a purge
+/// that fails is logged and tried again with the next positions.
+async fn purge(exchange: Exchange, mut positions: watch::Receiver<BTreeMap<u32, u64>>) {
+    let mut floors: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut stream = None;
+    let name = exchange.name.clone();
+    while positions.changed().await.is_ok() {
+        let wanted = positions.borrow_and_update().clone();
+        if stream.is_none() {
+            let opened = match super::nats::connect(&exchange.url).await {
+                Ok(js) => exchange.open(&js).await.map(|s| (js, s)),
+                Err(error) => Err(error),
+            };
+            match opened {
+                Ok(opened) => stream = Some(opened),
+                Err(error) => {
+                    warn!(exchange = %name, %error, "cannot purge the exchange");
+                    continue;
+                }
+            }
+        }
+        let (js, opened) = stream.as_ref().expect("opened above");
+        for (&group, &position) in &wanted {
+            if position == 0 || floors.get(&group).is_some_and(|f| *f >= position) {
+                continue;
+            }
+            let floor = exchange.floor_subject(group);
+            let step = async {
+                js.publish(floor.clone(), position.to_string().into())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                opened
+                    .purge()
+                    .filter(exchange.subject(group))
+                    .sequence(position + 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                opened
+                    .purge()
+                    .filter(floor.clone())
+                    .keep(1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            };
+            match step.await {
+                Ok(()) => {
+                    floors.insert(group, position);
+                }
+                Err(error) => {
+                    warn!(exchange = %name, group, %error, "cannot purge the exchange's key group");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Fails when a key group of `last` starts below its purge floor.
+async fn check_floors(
+    exchange: &Exchange,
+    stream: &jetstream::stream::Stream,
+    last: &BTreeMap<u32, u64>,
+) -> Result<(), String> {
+    let floors = futures::future::join_all(last.iter().map(|(&group, &position)| async move {
+        let floor = stream
+            .get_last_raw_message_by_subject(&exchange.floor_subject(group))
+            .await
+            .ok()
+            .and_then(|m| std::str::from_utf8(&m.payload).ok()?.parse::<u64>().ok());
+        (group, position, floor)
+    }))
+    .await;
+    match floors
+        .into_iter()
+        .find(|(_, position, floor)| floor.is_some_and(|f| f > *position))
+    {
+        Some((group, position, Some(floor))) => Err(format!(
+            "exchange `{}`: key group {group} was purged up to sequence {floor} once a later checkpoint of its reader was committed, and this start reads it from sequence {}: restore from the reader's newest checkpoint (a new job cannot read an exchange another job read)",
+            exchange.name,
+            position + 1
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -540,6 +660,7 @@ async fn read(
     }
     let js = super::nats::connect(&exchange.url).await?;
     let stream = exchange.open(&js).await?;
+    check_floors(exchange, &stream, last).await?;
     let from = last.values().min().copied().unwrap_or(0) + 1;
     let config = consumer::pull::OrderedConfig {
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -601,6 +722,38 @@ impl Source for ExchangeSource {
             positions.insert(END_BASE + group, pack_ends(writers, ended));
         }
         Some(positions)
+    }
+
+    fn checkpointed(&mut self, checkpoint: CheckpointId) {
+        // Bounded: a reader whose checkpoints never commit keeps the newest.
+        if self.taken.len() >= 64 {
+            self.taken.pop_front();
+        }
+        self.taken.push_back((checkpoint.0, self.last.clone()));
+    }
+
+    fn committed(&mut self, checkpoint: CheckpointId) {
+        let mut newest = None;
+        while self
+            .taken
+            .front()
+            .is_some_and(|(id, _)| *id <= checkpoint.0)
+        {
+            newest = self.taken.pop_front().map(|(_, positions)| positions);
+        }
+        let Some(positions) = newest else { return };
+        if self.purged_at.is_some_and(|at| at.elapsed() < PURGE_EVERY) {
+            return;
+        }
+        self.purged_at = Some(Instant::now());
+        if self.purge.is_none() {
+            let (tx, rx) = watch::channel(BTreeMap::new());
+            tokio::spawn(purge(self.exchange.clone(), rx));
+            self.purge = Some(tx);
+        }
+        if let Some(purge) = &self.purge {
+            let _ = purge.send(positions);
+        }
     }
 
     fn watermark(&mut self) -> Option<Timestamp> {

@@ -226,6 +226,12 @@ pub trait Source: Send {
     fn watermark(&mut self) -> Option<crate::types::Timestamp> {
         None
     }
+    /// Checkpoint `checkpoint` took this source's position (just read).
+    fn checkpointed(&mut self, _checkpoint: CheckpointId) {}
+    /// Checkpoint `checkpoint` completed and was committed: the job
+    /// restores from it or a later one, so what the source read before it
+    /// is not read again (an exchange purges it).
+    fn committed(&mut self, _checkpoint: CheckpointId) {}
 }
 
 /// A sink subtask's writer. Exactly-once sinks implement the two-phase

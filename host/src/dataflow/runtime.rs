@@ -225,6 +225,7 @@ pub fn launch(
                     trigger_receiver,
                     reports.clone(),
                     pace.clone(),
+                    commit_receiver.clone(),
                 )))
             }
             NodeKind::Operator(_) => {

@@ -6,9 +6,9 @@ use crate::dataflow::operator::{OperatorError, Source, SourceStatus, TaskError, 
 use crate::dataflow::output::{BATCH_RECORDS, Collector};
 use crate::dataflow::runtime::NodeMetrics;
 use crate::protocol::{
-    Role, SnapshotStats, SourcePace, StopAfter, SubtaskSnapshot, TaskReport, Trigger,
+    CommitSignal, Role, SnapshotStats, SourcePace, StopAfter, SubtaskSnapshot, TaskReport, Trigger,
 };
-use crate::types::{MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
+use crate::types::{CheckpointId, MAX_WATERMARK, RecordBatch, StreamEvent, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -78,6 +78,7 @@ pub async fn run_source(
     mut triggers: mpsc::UnboundedReceiver<Trigger>,
     reports: Reports,
     pace: Arc<SourcePace>,
+    mut commits: watch::Receiver<CommitSignal>,
 ) -> Result<TaskSummary, TaskError> {
     let span =
         tracing::info_span!("source", job = %info.job, uid = %info.uid, subtask = info.subtask);
@@ -94,8 +95,11 @@ pub async fn run_source(
         let mut stopped = false;
         let mine = metrics.subtask(info.subtask);
         let mut pacer = Pacer::new(pace);
+        let mut committing = true;
+        let mut committed = 0u64;
         while !cancelled {
             let mut barrier = None;
+            let mut commit_changed = false;
             let waiting = Stopwatch::start();
             let mut reading = Duration::ZERO;
             let status = tokio::select! {
@@ -108,8 +112,18 @@ pub async fn run_source(
                     }
                     SourceStatus::More
                 }
+                changed = commits.changed(), if committing => {
+                    match changed {
+                        Ok(()) => commit_changed = true,
+                        Err(_) => committing = false,
+                    }
+                    SourceStatus::More
+                }
                 status = Polled::new(source.next_batch(&mut batch, max), &mut reading) => status.map_err(&fail)?,
             };
+            if commit_changed {
+                tell_committed(source.as_mut(), &mut commits, &mut committed);
+            }
             // Reading is busy while the source computes, idle while it
             // waits (for data, or for its rate).
             mine.busy(reading);
@@ -144,6 +158,7 @@ pub async fn run_source(
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
+                source.checkpointed(trigger.barrier.id);
                 let Trigger { barrier, stop } = trigger;
                 let checkpoint = barrier.id;
                 if let Some(StopAfter { outcome, .. }) = stop {
@@ -173,6 +188,7 @@ pub async fn run_source(
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
+                source.checkpointed(trigger.barrier.id);
             }
             // A bounded input that ended: every event-time timer may fire.
             output
@@ -191,6 +207,13 @@ pub async fn run_source(
                     biased;
                     _ = cancel.changed() => break,
                     trigger = triggers.recv() => trigger,
+                    changed = commits.changed(), if committing => {
+                        match changed {
+                            Ok(()) => tell_committed(source.as_mut(), &mut commits, &mut committed),
+                            Err(_) => committing = false,
+                        }
+                        continue;
+                    }
                 };
                 let Some(trigger) = trigger else {
                     triggers_open = false;
@@ -199,6 +222,7 @@ pub async fn run_source(
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
+                source.checkpointed(trigger.barrier.id);
                 if trigger.is_last() {
                     break;
                 }
@@ -301,6 +325,19 @@ impl SourceAt {
                 partitions: Default::default(),
             },
         }
+    }
+}
+
+/// Tells `source` of the newest committed checkpoint, once each.
+fn tell_committed(
+    source: &mut dyn Source,
+    commits: &mut watch::Receiver<CommitSignal>,
+    committed: &mut u64,
+) {
+    let newest = commits.borrow_and_update().completed;
+    if newest > *committed {
+        *committed = newest;
+        source.committed(CheckpointId(newest));
     }
 }
 
