@@ -327,6 +327,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 job_file: None,
                 allow_non_restored_state: false,
                 probation: probation.clone(),
+                probation_checkpoints: None,
                 detach: *detach,
             };
             remote::upgrade(&cli.client()?, &args).await

@@ -482,6 +482,10 @@ pub struct UpgradeArgs {
     /// completed 2 checkpoints.
     #[arg(long, value_name = "DURATION")]
     pub probation: Option<String>,
+    /// Completed checkpoints that end the probation early (default: the
+    /// host's, 2).
+    #[arg(long, value_name = "N")]
+    pub probation_checkpoints: Option<u64>,
     /// Return once the upgrade is accepted.
     #[arg(long)]
     pub detach: bool,
@@ -563,6 +567,7 @@ pub async fn upgrade(client: &Client, args: &UpgradeArgs) -> Result<()> {
     let mut request = UpgradeRequest {
         allow_non_restored_state: args.allow_non_restored_state,
         probation: args.probation.clone(),
+        probation_checkpoints: args.probation_checkpoints,
         ..UpgradeRequest::default()
     };
     request.plugins = plugin_references(client, &args.plugins).await?;
