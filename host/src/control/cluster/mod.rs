@@ -283,7 +283,7 @@ impl Cluster {
         )
         .await
         .map_err(buckets)?;
-        check_identity(&identity, settings, id).await?;
+        patiently(|| check_identity(&identity, settings, id)).await?;
         check_storage(settings).await?;
         let members = open_bucket(
             &js,
@@ -330,12 +330,15 @@ impl Cluster {
                 renewal_failed: None,
             }),
         });
-        shared.check_versions().await?;
-        shared.wait_out_previous(lease).await?;
-        shared
-            .renew(&load)
-            .await
-            .map_err(|e| buckets(format!("cannot write this host's entry: {e}")))?;
+        patiently(|| shared.check_versions()).await?;
+        patiently(|| shared.wait_out_previous(lease)).await?;
+        patiently(|| async {
+            shared
+                .renew(&load)
+                .await
+                .map_err(|e| buckets(format!("cannot write this host's entry: {e}")))
+        })
+        .await?;
         shared.take_or_keep_lease().await;
         info!(cluster = %name, host = %id, "joined the cluster");
         let (stop, mut stopped) = watch::channel(false);
@@ -745,6 +748,32 @@ impl Shared {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// How long joining asks again while the cluster's buckets do not answer.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// `step`, asked again while it fails reading or writing the buckets: a
+/// bucket another host just made on a NATS cluster answers once its
+/// stream elected a leader ("no responders" until then). Other errors
+/// (another version, another cluster's storage, a taken id) stand.
+async fn patiently<T, F, Fut>(mut step: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+    loop {
+        match step().await {
+            Err(ClusterError::Buckets { name, message })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                warn!(cluster = %name, %message, "the cluster's buckets do not answer yet; asking again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
         }
     }
 }
