@@ -823,6 +823,35 @@ mod tests {
         assert!(epoch_messages(&body[..body.len() - 2], max).is_err());
     }
 
+    #[tokio::test]
+    async fn a_committed_checkpoints_positions_go_to_the_purger_at_most_every_five_seconds() {
+        let exchange = Exchange {
+            url: "nats://127.0.0.1:1".into(),
+            name: "job.edge".into(),
+            replicas: 1,
+        };
+        let mut source = ExchangeSource::new(exchange, 0, 1, 4, &BTreeMap::from([(1, 5)]));
+        source.checkpointed(CheckpointId(1));
+        source.last.insert(1, 9);
+        source.checkpointed(CheckpointId(2));
+        source.last.insert(1, 12);
+        source.checkpointed(CheckpointId(3));
+        // Checkpoint 2 commits (1 was subsumed): its positions are purged
+        // below, 3's wait for their own commit.
+        source.committed(CheckpointId(2));
+        let purge = source.purge.as_ref().expect("the purger started");
+        assert_eq!(purge.borrow()[&1], 9);
+        assert_eq!(purge.borrow()[&0], 0, "a key group read nothing yet");
+        assert_eq!(source.taken.len(), 1);
+        // 3 commits within five seconds: nothing more is purged yet.
+        source.committed(CheckpointId(3));
+        assert_eq!(source.purge.as_ref().expect("purger").borrow()[&1], 9);
+        assert!(source.taken.is_empty());
+        // A commit of a checkpoint this source never took changes nothing.
+        source.committed(CheckpointId(7));
+        assert!(source.taken.is_empty());
+    }
+
     #[test]
     fn a_reader_owns_its_key_groups_and_checkpoints_their_ends() {
         let exchange = Exchange {
