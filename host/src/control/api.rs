@@ -908,6 +908,10 @@ mod tests {
             document["components"]["schemas"]["JobStatus"].is_object(),
             "schemas are derived from the types"
         );
+        assert!(
+            document["components"]["schemas"]["StageView"].is_object(),
+            "a staged job's stages are described"
+        );
     }
 
     #[test]
