@@ -551,6 +551,14 @@ fn wait_moved(host: &Host, id: &str, not: &str, limit: Duration) -> String {
     }
 }
 
+/// `n` generated lines (seed `seed`) in the input stream of cluster test
+/// `name`'s word count (`crate::nats::count_job`); the counts they make.
+fn count_input(url: &str, name: &str, n: u64, seed: u64) -> BTreeMap<String, u64> {
+    let lines = crate::nats::input_lines(n, seed);
+    crate::nats::prepare_streams(url, name, &lines);
+    weir_tests::count_words(&lines.join("\n"))
+}
+
 /// Three hosts of cluster `name` with storage on the test S3 (its own
 /// prefix), each with its data dir in `dir`, and what restarts one.
 struct Movable {
@@ -592,6 +600,15 @@ impl Movable {
         })
     }
 
+    /// Starts hosts 0..n and waits until host 0 lists them all and a
+    /// coordinator; their ids.
+    fn hosts(&self, dir: &Path, n: usize) -> (Vec<Host>, Vec<String>) {
+        let hosts: Vec<Host> = (0..n).map(|i| self.host(dir, i)).collect();
+        let ids = hosts.iter().map(own_id).collect();
+        wait_for(&hosts[0], n, Duration::from_secs(30), |_| true);
+        (hosts, ids)
+    }
+
     /// Starts (or restarts: the same data dir, the same id) host `i`.
     fn host(&self, dir: &Path, i: usize) -> Host {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -611,15 +628,11 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
         return;
     };
     let (url, prefix) = (cluster.url.clone(), cluster.prefix.clone());
-    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
-    let ids: Vec<String> = hosts.iter().map(own_id).collect();
-    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
 
     // JetStream in → split → count → JetStream out, two source subtasks at
     // 800 lines/s each: about 40 s of input.
-    let lines = crate::nats::input_lines(64_000, 11);
-    let expected = weir_tests::count_words(&lines.join("\n"));
-    crate::nats::prepare_streams(&url, name, &lines);
+    let expected = count_input(&url, name, 64_000, 11);
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
@@ -746,13 +759,9 @@ fn hosts_killed_and_restarted_at_random_lose_and_repeat_nothing() {
         return;
     };
     let url = cluster.url.clone();
-    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
-    let ids: Vec<String> = hosts.iter().map(own_id).collect();
-    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
     // Two source subtasks at 800 lines/s each: about 45 s of input.
-    let lines = crate::nats::input_lines(72_000, 5);
-    let expected = weir_tests::count_words(&lines.join("\n"));
-    crate::nats::prepare_streams(&url, name, &lines);
+    let expected = count_input(&url, name, 72_000, 5);
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
@@ -864,14 +873,10 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
         return;
     };
     let url = cluster.url.clone();
-    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
-    let ids: Vec<String> = hosts.iter().map(own_id).collect();
-    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
     // JetStream in → split → (by key) count → JetStream out: about 30 s of
     // input at 2 × 800 lines/s.
-    let lines = crate::nats::input_lines(48_000, 23);
-    let expected = weir_tests::count_words(&lines.join("\n"));
-    crate::nats::prepare_streams(&url, name, &lines);
+    let expected = count_input(&url, name, 48_000, 23);
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
@@ -960,9 +965,7 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
         return;
     };
     let url = cluster.url.clone();
-    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
-    let ids: Vec<String> = hosts.iter().map(own_id).collect();
-    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
     // The version that traps on its 1000th record, on every host first.
     hosts[0].ok(&["plugin", "add", "count-v2-trap.wasm"], dir.path());
     let everywhere = plugins(&hosts[0]);
@@ -971,9 +974,7 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
         wait_plugins(host, &everywhere, Duration::from_secs(30));
     }
     // About 40 s of input at 2 × 800 lines/s.
-    let lines = crate::nats::input_lines(64_000, 29);
-    let expected = weir_tests::count_words(&lines.join("\n"));
-    crate::nats::prepare_streams(&url, name, &lines);
+    let expected = count_input(&url, name, 64_000, 29);
     dir.write(
         "job.toml",
         crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
@@ -1096,8 +1097,7 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
     let Some(cluster) = Movable::new(dir.path(), name) else {
         return;
     };
-    let mut hosts: Vec<Host> = (0..2).map(|i| cluster.host(dir.path(), i)).collect();
-    wait_for(&hosts[0], 2, Duration::from_secs(30), |_| true);
+    let (mut hosts, _) = cluster.hosts(dir.path(), 2);
     let every = "[checkpoint]\ninterval = \"200ms\"";
 
     // Without checkpoints a keyed cluster job cannot be cut: refused,
@@ -1218,9 +1218,7 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     let Some(cluster) = Movable::on(dir.path(), name, &nats.urls, 3) else {
         return;
     };
-    let mut hosts: Vec<Host> = (0..3).map(|i| cluster.host(dir.path(), i)).collect();
-    let ids: Vec<String> = hosts.iter().map(own_id).collect();
-    wait_for(&hosts[0], 3, Duration::from_secs(30), |_| true);
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
     // The job's streams keep three copies; its connectors know every node.
     let url = cluster.url.clone();
     let lines = crate::nats::input_lines(48_000, 17);
