@@ -559,6 +559,25 @@ fn count_input(url: &str, name: &str, n: u64, seed: u64) -> BTreeMap<String, u64
     weir_tests::count_words(&lines.join("\n"))
 }
 
+/// Waits until `hosts[via]` says job `id` finished, checks that cluster
+/// test `name`'s output stream holds every count of `expected` once, and
+/// stops the hosts.
+fn finishes_exactly_once(
+    hosts: &mut [Host],
+    via: usize,
+    id: &str,
+    url: &str,
+    name: &str,
+    expected: &BTreeMap<String, u64>,
+) {
+    hosts[via].wait_status(id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(url, name), expected)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for host in hosts {
+        host.terminate();
+    }
+}
+
 /// Three hosts of cluster `name` with storage on the test S3 (its own
 /// prefix), each with its data dir in `dir`, and what restarts one.
 struct Movable {
@@ -743,12 +762,7 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
     );
 
     // The job finishes there; every count was published once.
-    hosts[frozen].wait_status(&job, "finished", Duration::from_secs(120));
-    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for host in &mut hosts {
-        host.terminate();
-    }
+    finishes_exactly_once(&mut hosts, frozen, &job, &url, name, &expected);
 }
 
 #[test]
@@ -949,12 +963,7 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
     );
 
     // The job finishes; every count was published once.
-    hosts[survivor].wait_status(&id, "finished", Duration::from_secs(120));
-    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for host in &mut hosts {
-        host.terminate();
-    }
+    finishes_exactly_once(&mut hosts, survivor, &id, &url, name, &expected);
 }
 
 #[test]
@@ -1043,12 +1052,7 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
     assert_eq!(status, "running", "the job runs on, {status}");
 
     // It finishes with every count once.
-    hosts[0].wait_status(&id, "finished", Duration::from_secs(120));
-    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for host in &mut hosts {
-        host.terminate();
-    }
+    finishes_exactly_once(&mut hosts, 0, &id, &url, name, &expected);
 }
 
 /// An unbounded generator → split → (by key) count → blackhole: two
@@ -1260,10 +1264,5 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     hosts[owner].wait_checkpoints(&stage, 2, Duration::from_secs(60));
     nats.restart(1);
     drop(outage);
-    hosts[owner].wait_status(&id, "finished", Duration::from_secs(120));
-    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for host in &mut hosts {
-        host.terminate();
-    }
+    finishes_exactly_once(&mut hosts, owner, &id, &url, name, &expected);
 }
