@@ -313,22 +313,30 @@ impl JobManager {
         also: impl FnOnce(&mut JobRecord),
     ) -> Result<JobRecord, ControlError> {
         let id = crate::runner::new_job_id();
-        if let Some(stages) = self.cut(&id, &spec).await? {
+        if let Some((name, stages)) = self.cut(&id, &spec).await? {
             return self
-                .start_staged(id, spec, stages, from_savepoint, allow_non_restored_state)
+                .start_staged(
+                    id,
+                    name,
+                    spec,
+                    stages,
+                    from_savepoint,
+                    allow_non_restored_state,
+                )
                 .await;
         }
         self.start_as(id, spec, from_savepoint, allow_non_restored_state, also)
             .await
     }
 
-    /// The stages a movable job of a cluster is cut into at its `key` and
-    /// `rebalance` edges (none: not such a job, or it has no such edge).
+    /// The name of a movable job of a cluster and the stages it is cut
+    /// into at its `key` and `rebalance` edges (none: not such a job, or it
+    /// has no such edge).
     async fn cut(
         &self,
         id: &str,
         spec: &JobSpec,
-    ) -> Result<Option<Vec<crate::job::stages::Stage>>, ControlError> {
+    ) -> Result<Option<(String, Vec<crate::job::stages::Stage>)>, ControlError> {
         let path = spec.base_dir.join(&spec.file_name);
         let Some(cluster) = self.ctx.cluster.get().filter(|c| {
             c.assignments().is_some()
@@ -352,7 +360,7 @@ impl JobManager {
             cluster.replicas(),
         )
         .map_err(bad_request)?;
-        Ok((!stages.is_empty()).then_some(stages))
+        Ok((!stages.is_empty()).then_some((graph.name, stages)))
     }
 
     /// Starts a job cut into `stages`: each stage a movable job of its own
@@ -362,6 +370,7 @@ impl JobManager {
     async fn start_staged(
         &self,
         id: String,
+        name: String,
         spec: JobSpec,
         stages: Vec<crate::job::stages::Stage>,
         from_savepoint: Option<String>,
@@ -395,9 +404,6 @@ impl JobManager {
         let unavailable = |e: cluster::ClusterError| ControlError::Unavailable(e.to_string());
         let hosts = assignments.place(stages.len()).await.map_err(unavailable)?;
         let now = now_ms();
-        let name = JobFile::parse(&spec.job_file, &spec.base_dir.join(&spec.file_name))
-            .map(|f| f.name)
-            .map_err(bad_request)?;
         let staged = cluster::staged::StagedJob {
             job: id.clone(),
             name: name.clone(),

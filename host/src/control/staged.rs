@@ -45,14 +45,15 @@ struct Stages<'a> {
 }
 
 impl Stages<'_> {
-    /// `method` on `/api/jobs/<job><rest>` at the host that runs `job`.
+    /// `method` on `/api/jobs/<job><rest>` at the host that runs `job`:
+    /// that host's id and its answer.
     async fn call(
         &self,
         job: &str,
         method: Method,
         rest: &str,
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), String> {
+    ) -> Result<(String, StatusCode, Bytes), String> {
         let entry = self
             .directory
             .find(job)
@@ -81,14 +82,14 @@ impl Stages<'_> {
         })?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-        Ok((status, bytes))
+        Ok((entry.host, status, bytes))
     }
 
-    /// Job `job`'s detail, if its host answers with one.
-    async fn detail(&self, job: &str) -> Option<JobDetail> {
-        let (status, bytes) = self.call(job, Method::GET, "", None).await.ok()?;
+    /// Job `job`'s host and its detail, if that host answers with one.
+    async fn detail(&self, job: &str) -> Option<(String, JobDetail)> {
+        let (host, status, bytes) = self.call(job, Method::GET, "", None).await.ok()?;
         (status == StatusCode::OK)
-            .then(|| serde_json::from_slice(&bytes).ok())
+            .then(|| serde_json::from_slice(&bytes).ok().map(|d| (host, d)))
             .flatten()
     }
 }
@@ -151,9 +152,25 @@ fn named(staged: &StagedJob) -> String {
 }
 
 async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, ControlError> {
+    let mut hosts = Vec::new();
     let mut details = Vec::new();
     for stage in &staged.stages {
-        details.push(stages.detail(&stage.job).await);
+        let (host, detail) = match stages.detail(&stage.job).await {
+            Some((host, detail)) => (Some(host), Some(detail)),
+            // Its host does not answer: the directory still names it.
+            None => (
+                stages
+                    .directory
+                    .find(&stage.job)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|e| e.host),
+                None,
+            ),
+        };
+        hosts.push(host);
+        details.push(detail);
     }
     let statuses: Vec<Option<JobStatus>> = details
         .iter()
@@ -170,26 +187,17 @@ async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, Co
         .stages
         .iter()
         .zip(&details)
-        .map(|(stage, detail)| StageView {
+        .zip(hosts)
+        .map(|((stage, detail), host)| StageView {
             name: stage.name.clone(),
             job: stage.job.clone(),
             uids: stage.uids.clone(),
-            host: None,
+            host,
             status: detail.as_ref().map(|d| d.job.lifecycle.status()),
             checkpoints_completed: detail.as_ref().map_or(0, |d| d.checkpoints_completed),
             last_error: detail.as_ref().and_then(|d| d.job.last_error.clone()),
         })
         .collect();
-    let mut views = views;
-    for view in &mut views {
-        view.host = stages
-            .directory
-            .find(&view.job)
-            .await
-            .ok()
-            .flatten()
-            .map(|e| e.host);
-    }
     let mut operations = Vec::new();
     for asked in &staged.operations {
         operations.push(operation(stages, staged, &asked.id).await?);
@@ -356,13 +364,13 @@ async fn ask(
     for (stage, body) in requests {
         let answer = stages.call(&stage.job, Method::POST, path, body).await;
         let (operation, skipped) = match answer {
-            Ok((StatusCode::ACCEPTED, bytes)) => {
+            Ok((_, StatusCode::ACCEPTED, bytes)) => {
                 match serde_json::from_slice::<Operation>(&bytes) {
                     Ok(operation) => (Some(operation.id), None),
                     Err(e) => (None, Some(format!("its answer is not an operation: {e}"))),
                 }
             }
-            Ok((status, bytes)) => {
+            Ok((_, status, bytes)) => {
                 let error = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v["error"].as_str().map(str::to_string))
@@ -444,7 +452,7 @@ async fn operation(
             )
             .await;
         found.push(match answer {
-            Ok((StatusCode::OK, bytes)) => serde_json::from_slice(&bytes).ok(),
+            Ok((_, StatusCode::OK, bytes)) => serde_json::from_slice(&bytes).ok(),
             _ => None,
         });
     }
