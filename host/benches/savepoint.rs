@@ -140,6 +140,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         completed_ms: 0,
         max_parallelism: MAX_PARALLELISM,
         operators: Default::default(),
+        exchanges: Default::default(),
     };
     metadata.operators.insert("count".into(), operator);
     metadata::write(&out, &metadata).expect("_metadata");

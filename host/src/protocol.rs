@@ -45,6 +45,10 @@ pub struct StopAfter {
     /// First advance the watermark to the end, so every event-time timer
     /// fires before the savepoint (Flink's `stop --drain`).
     pub drain: bool,
+    /// Send the barrier only once the source is ready for an aligned stop
+    /// ([`Source::stop_ready`](crate::dataflow::Source::stop_ready)): the
+    /// stop of a staged job, whose stages' savepoints must form one cut.
+    pub aligned: bool,
     /// Whether the savepoint completed.
     pub outcome: tokio::sync::oneshot::Receiver<bool>,
 }

@@ -1266,3 +1266,129 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     drop(outage);
     finishes_exactly_once(&mut hosts, owner, &id, &url, name, &expected);
 }
+
+#[test]
+fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
+    let dir = plugin_dir();
+    let name = "staged-savepoint";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let (mut hosts, _) = cluster.hosts(dir.path(), 2);
+    // JetStream in → split → (by key) count → JetStream out, about 20 s of
+    // input at 2 × 600 lines/s, run in three parts: staged on the
+    // cluster, on one host, staged again.
+    let expected = count_input(&url, name, 24_000, 41);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 600, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
+    let count = placed
+        .iter()
+        .find(|s| s.0 == "count")
+        .unwrap_or_else(|| panic!("a count stage: {placed:?}"))
+        .1
+        .clone();
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[0].wait_checkpoints(&count, 3, Duration::from_secs(60));
+    let started = Instant::now();
+    while crate::nats::output(&url, name).len() < 1000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the staged job published little"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Stopped whole: every stage's savepoint in one cluster savepoint,
+    // whose operators are the submitted job's (no exchange among them).
+    let stopped = hosts[1].weir(&["stop", &id], dir.path());
+    let said = crate::host::stderr(&stopped);
+    assert!(stopped.status.success(), "{said}");
+    let savepoint = String::from_utf8_lossy(&stopped.stdout).trim().to_string();
+    assert!(
+        savepoint.starts_with("s3://")
+            && said.contains(&format!("cluster savepoint {savepoint} (")),
+        "{said}"
+    );
+    let inspect = weir_env(
+        &["savepoint", "inspect", &savepoint, "--json"],
+        dir.path(),
+        &cluster.env,
+    );
+    let shown: Value = serde_json::from_slice(&inspect.stdout)
+        .unwrap_or_else(|e| panic!("inspect: {e}: {}", String::from_utf8_lossy(&inspect.stderr)));
+    let mut uids: Vec<&str> = shown["operators"]
+        .as_array()
+        .expect("operators")
+        .iter()
+        .filter_map(|op| op["uid"].as_str())
+        .collect();
+    uids.sort();
+    assert_eq!(uids, ["count", "lines", "out", "split"], "{shown:#}");
+    let published = crate::nats::output(&url, name).len();
+    let total: u64 = expected.values().sum();
+    assert!(
+        published > 0 && (published as u64) < total,
+        "stopped midway ({published} of {total} updates)"
+    );
+
+    // Restored on one host (`weir run -s`), which reads on and stops with
+    // a savepoint of its own (on S3) a few seconds later.
+    let single = format!("s3://{}/{}/single", crate::s3::BUCKET, cluster.prefix);
+    let mut child = crate::support::spawn_weir(
+        &[
+            "run",
+            "job.toml",
+            "-q",
+            "-s",
+            &savepoint,
+            "--savepoint-dir",
+            &single,
+        ],
+        dir.path(),
+        &cluster.env,
+    );
+    let started = Instant::now();
+    while crate::nats::output(&url, name).len() <= published {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the single-host run published nothing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().expect("reaped");
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "the single-host run: {stderr}");
+    let below = format!("{}/single", cluster.prefix);
+    let found = crate::s3::objects(crate::s3::server().expect("S3"), &below);
+    let single = found
+        .iter()
+        .find_map(|o| o.strip_suffix("/_metadata"))
+        .map(|dir| format!("s3://{}/{dir}", crate::s3::BUCKET))
+        .unwrap_or_else(|| panic!("a savepoint below {below}: {found:?}"));
+
+    // And back: the single host's savepoint restores into the cluster,
+    // staged again, and the job finishes with every count once.
+    let back = hosts[0]
+        .ok(&["run", "job.toml", "-s", &single], dir.path())
+        .trim()
+        .to_string();
+    assert_ne!(back, id);
+    finishes_exactly_once(&mut hosts, 1, &back, &url, name, &expected);
+}

@@ -220,6 +220,7 @@ pub fn write(
         completed_ms: crate::types::now_millis(),
         max_parallelism: spec.max_parallelism,
         operators: Default::default(),
+        exchanges: Default::default(),
     };
     metadata.operators.insert(spec.uid.clone(), operator);
     dir.sync().map_err(|e| CheckpointError::io(dir.path(), e))?;

@@ -425,6 +425,10 @@ pub struct SavepointRequest {
     /// Stop the job once the savepoint completed (stop-with-savepoint);
     /// `Some(true)`: drain first (every event-time timer fires).
     pub stop: Option<bool>,
+    /// A stop whose sources send the barrier only once they are ready for
+    /// an aligned stop: a stage of a staged job, once every stage writing
+    /// to it stopped, so the stages' savepoints form one cut.
+    pub aligned: bool,
     /// The form of the savepoint's state.
     pub form: SavepointForm,
     /// Before the savepoint's barrier, up to this many checkpoints (when
@@ -1203,7 +1207,11 @@ impl Coordinator {
             let stop = request.stop.map(|drain| {
                 let (sender, outcome) = oneshot::channel();
                 outcomes.push(sender);
-                StopAfter { drain, outcome }
+                StopAfter {
+                    drain,
+                    aligned: request.aligned,
+                    outcome,
+                }
             });
             delivered &= trigger
                 .send(Trigger {
@@ -1518,10 +1526,36 @@ impl Savepointer {
         let _ = self.0.send(Request::HoldBases(held));
     }
 
+    /// A stop-with-savepoint (no drain) whose sources each send the
+    /// barrier only once ready for an aligned stop
+    /// ([`SavepointRequest::aligned`]): a stage of a staged job stopped
+    /// as a whole.
+    pub async fn aligned_stop(&self, target: impl Into<Location>) -> Result<Location, String> {
+        self.ask(
+            target.into(),
+            Some(false),
+            true,
+            SavepointForm::Canonical,
+            0,
+        )
+        .await
+    }
+
     async fn request(
         &self,
         target: Location,
         stop: Option<bool>,
+        form: SavepointForm,
+        prepare: u32,
+    ) -> Result<Location, String> {
+        self.ask(target, stop, false, form, prepare).await
+    }
+
+    async fn ask(
+        &self,
+        target: Location,
+        stop: Option<bool>,
+        aligned: bool,
         form: SavepointForm,
         prepare: u32,
     ) -> Result<Location, String> {
@@ -1530,6 +1564,7 @@ impl Savepointer {
             .send(Request::Savepoint(SavepointRequest {
                 target,
                 stop,
+                aligned,
                 form,
                 prepare,
                 reply,
@@ -1699,6 +1734,7 @@ mod tests {
                 completed_ms: 0,
                 max_parallelism: 8,
                 operators,
+                exchanges: Default::default(),
             },
             pace: pace.clone(),
             savepoint_progress: Arc::default(),
@@ -2116,6 +2152,7 @@ mod tests {
             .send(Request::Savepoint(SavepointRequest {
                 target: Location::Local(target.to_path_buf()),
                 stop,
+                aligned: false,
                 form: SavepointForm::Canonical,
                 prepare,
                 reply,

@@ -66,6 +66,13 @@ pub struct CheckpointMetadata {
     pub completed_ms: i64,
     pub max_parallelism: u32,
     pub operators: BTreeMap<String, OperatorSnapshot>,
+    /// A cluster savepoint's exchanges (a staged job stopped whole), by
+    /// the uid of the exchange's reader: key group → the stream sequence
+    /// read up to, which is all its writers published before their
+    /// savepoints. For the record: the exchanges' operators are not among
+    /// `operators`, and a restore starts on new exchanges.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exchanges: BTreeMap<String, BTreeMap<u32, u64>>,
 }
 
 /// One node of the job (source, operator or sink), by uid.
@@ -156,22 +163,28 @@ impl CheckpointMetadata {
 /// Writes `_metadata` into `dir` atomically: temp file, fsync, rename, fsync
 /// of the directory. Returns its path.
 pub fn write(dir: &OutDir, metadata: &CheckpointMetadata) -> Result<PathBuf, CheckpointError> {
-    let body =
-        serde_json::to_vec_pretty(metadata).map_err(|e| CheckpointError::io(dir.path(), e))?;
-    let digest = hex::encode(Sha256::digest(&body));
+    let bytes = encode(metadata).map_err(|e| CheckpointError::io(dir.path(), e))?;
     let path = dir.join(METADATA_FILE);
     let temp = format!("{METADATA_FILE}.inprogress");
     let result = (|| {
         let mut file = dir.create(&temp)?;
-        let magic = metadata.kind.magic();
-        writeln!(file, "{magic} {FORMAT_VERSION} sha256={digest}")?;
-        file.write_all(&body)?;
+        file.write_all(&bytes)?;
         file.sync_all()?;
         dir.rename(&temp, METADATA_FILE)?;
         dir.sync()
     })();
     result.map_err(|e| CheckpointError::io(&path, e))?;
     Ok(path)
+}
+
+/// `_metadata`'s bytes: the header line, then the JSON body it checksums.
+pub fn encode(metadata: &CheckpointMetadata) -> std::io::Result<Vec<u8>> {
+    let body = serde_json::to_vec_pretty(metadata)?;
+    let digest = hex::encode(Sha256::digest(&body));
+    let magic = metadata.kind.magic();
+    let mut bytes = format!("{magic} {FORMAT_VERSION} sha256={digest}\n").into_bytes();
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
 }
 
 /// A read `_metadata` and the directory its paths are relative to.
@@ -223,6 +236,26 @@ pub fn read(path: &Path) -> Result<ReadMetadata, CheckpointError> {
         )),
         _ => CheckpointError::io(&path, e),
     })?;
+    let metadata = decode(&bytes, &path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let base = match metadata.kind {
+        SnapshotKind::Checkpoint => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        SnapshotKind::Savepoint => dir.to_path_buf(),
+    };
+    Ok(ReadMetadata {
+        metadata,
+        path,
+        base,
+    })
+}
+
+/// Checks and decodes `_metadata`'s bytes (read from `path`, named in
+/// errors): header, checksum, format version and every file path.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<CheckpointMetadata, CheckpointError> {
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -269,16 +302,7 @@ pub fn read(path: &Path) -> Result<ReadMetadata, CheckpointError> {
             )));
         }
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let base = match kind {
-        SnapshotKind::Checkpoint => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        SnapshotKind::Savepoint => dir.to_path_buf(),
-    };
-    Ok(ReadMetadata {
-        metadata,
-        path,
-        base,
-    })
+    Ok(metadata)
 }
 
 /// Whether a relative path stays inside its base: no root, no `..`.
@@ -334,6 +358,7 @@ mod tests {
             completed_ms: 1,
             max_parallelism: 128,
             operators,
+            exchanges: Default::default(),
         }
     }
 

@@ -221,7 +221,20 @@ impl Remote {
 
     /// Downloads `relative` into the local file `local`.
     pub async fn download(&self, relative: &str, local: &Path) -> Result<(), RemoteError> {
-        let bytes = match self.store.get(&self.object(relative)).await {
+        let bytes = self.get(relative).await?;
+        let io = |cause| RemoteError::Local {
+            path: local.to_path_buf(),
+            cause,
+        };
+        if let Some(parent) = local.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io)?;
+        }
+        tokio::fs::write(local, &bytes).await.map_err(io)
+    }
+
+    /// The bytes of `relative`.
+    pub async fn get(&self, relative: &str) -> Result<bytes::Bytes, RemoteError> {
+        match self.store.get(&self.object(relative)).await {
             Ok(found) => found,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(RemoteError::Missing {
@@ -233,15 +246,7 @@ impl Remote {
         }
         .bytes()
         .await
-        .map_err(|e| self.store_error(format!("{relative}: {e}")))?;
-        let io = |cause| RemoteError::Local {
-            path: local.to_path_buf(),
-            cause,
-        };
-        if let Some(parent) = local.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io)?;
-        }
-        tokio::fs::write(local, &bytes).await.map_err(io)
+        .map_err(|e| self.store_error(format!("{relative}: {e}")))
     }
 
     /// Deletes `relative` (a missing object is not an error).
@@ -398,6 +403,17 @@ pub async fn read_metadata(
     let local = scratch.join(metadata::METADATA_FILE);
     dir.download(metadata::METADATA_FILE, &local).await?;
     Ok((dir, metadata::read(&local)?))
+}
+
+/// The `_metadata` of the checkpoint or savepoint at `url` (its directory
+/// or `_metadata`), read and checked in memory.
+pub async fn metadata(url: &S3Url) -> Result<metadata::CheckpointMetadata, super::CheckpointError> {
+    let dir = Remote::open(&snapshot_dir(url))?;
+    let bytes = dir.get(metadata::METADATA_FILE).await?;
+    metadata::decode(
+        &bytes,
+        Path::new(&format!("{}/{}", dir.url, metadata::METADATA_FILE)),
+    )
 }
 
 /// Deletes the savepoint at `url` after checking it is one: its files,

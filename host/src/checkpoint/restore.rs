@@ -22,7 +22,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::metadata::{OperatorSnapshot, ReadMetadata};
+use super::metadata::{CheckpointMetadata, OperatorSnapshot, ReadMetadata};
 use super::savepoint::CANONICAL;
 use super::storage::{Hashing, copy_open_hashed};
 use super::{CheckpointError, FileRef, SubtaskSnapshot};
@@ -51,6 +51,22 @@ pub struct Declared {
     pub states: Vec<StateDescriptor>,
     /// Its plugin exports schema migration.
     pub migrates: bool,
+}
+
+/// The uids with state in `metadata` that none of `uids` is: what a job
+/// run as several (a staged job's stages, each restoring its own uids)
+/// would leave behind, one line each as [`check`] says them.
+pub fn not_restored<'a>(
+    metadata: &CheckpointMetadata,
+    uids: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let uids: HashSet<&str> = uids.into_iter().collect();
+    metadata
+        .operators
+        .iter()
+        .filter(|(uid, op)| !uids.contains(uid.as_str()) && has_state(op))
+        .map(|(uid, _)| format!("uid `{uid}` is in the checkpoint but not in the job"))
+        .collect()
 }
 
 /// Checks the restore rules for `graph` (whose operators declare what

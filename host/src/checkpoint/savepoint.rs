@@ -441,6 +441,7 @@ mod tests {
             completed_ms: 0,
             max_parallelism: 8,
             operators: Default::default(),
+            exchanges: Default::default(),
         };
         metadata::write(&dir, &metadata).expect("metadata");
         assert_eq!(std::fs::read_dir(&outside).expect("list").count(), 0);

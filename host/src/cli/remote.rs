@@ -447,6 +447,7 @@ pub async fn savepoint(
     let request = SavepointRequest {
         target_dir: absolute_text(target)?,
         drain: stop.unwrap_or(false),
+        aligned: false,
     };
     let endpoint = if stop.is_some() { "stop" } else { "savepoints" };
     let operation = client

@@ -28,6 +28,17 @@
 //! every writer ended on each of its key groups (those counts are
 //! checkpointed with the positions, under `END_BASE + key group`).
 //!
+//! **Stopping** (a staged job stopped as a whole, so that its stages'
+//! savepoints form one cut): a writer stopped with a savepoint publishes,
+//! after everything it committed, one [`PAUSED`] message per key group. A
+//! reader asked for an *aligned* stop (the stop's trigger says so) sends
+//! its barrier only once, on each of its key groups, every writer's last
+//! message said it paused or ended ([`Source::stop_ready`]): its savepoint
+//! then holds exactly what the writers' savepoints published, nothing in
+//! flight, so the stages' savepoints restore together as one job, on one
+//! host too. Any other message from a writer (it resumed) takes its pause
+//! back.
+//!
 //! **Purging**: once a checkpoint of the reader is committed (the job's
 //! restore point: it never restores an earlier one of its own accord), what
 //! each key group read up to it is purged from the stream, at most every
@@ -38,7 +49,7 @@
 //! another one read) fails naming the key group and both sequences, never
 //! reading on with records missing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -293,6 +304,10 @@ pub fn epoch_messages(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>,
     Ok(messages)
 }
 
+/// A writer's last word before it stopped (not ended: a stop with a
+/// savepoint), with the checkpoint it stopped at: see "Stopping" above.
+pub const PAUSED: &str = "Weir-Paused";
+
 /// Who writes an exchange: sink subtask `subtask` of `parallelism`, keying
 /// by `max_parallelism` key groups.
 #[derive(Debug, Clone)]
@@ -347,6 +362,44 @@ impl Producer {
         Ok(published)
     }
 
+    /// Tells every key group's readers this writer stopped after
+    /// checkpoint `stopped_at` (everything it wrote before is published):
+    /// one empty [`PAUSED`] message per key group, ids
+    /// `<id_prefix>:paused:<checkpoint>:<key group>`.
+    pub async fn pause(
+        &self,
+        js: &Context,
+        id_prefix: &str,
+        stopped_at: u64,
+    ) -> Result<(), OperatorError> {
+        let producer = format!("{}/{}", self.subtask, self.parallelism);
+        let mut acks = VecDeque::new();
+        for group in 0..self.max_parallelism {
+            let build = jetstream::message::PublishMessage::build()
+                .payload(bytes::Bytes::new())
+                .message_id(format!("{id_prefix}:paused:{stopped_at}:{group}"))
+                .header(PRODUCER, producer.as_str())
+                .header(PAUSED, stopped_at.to_string().as_str());
+            let ack = js
+                .send_publish(self.exchange.subject(group), build)
+                .await
+                .map_err(|e| {
+                    connector_error(format!(
+                        "cannot publish to exchange `{}`: {e}",
+                        self.exchange.name
+                    ))
+                })?;
+            acks.push_back(ack);
+            if acks.len() >= 256 {
+                self.await_ack(acks.pop_front().expect("non-empty")).await?;
+            }
+        }
+        for ack in acks {
+            self.await_ack(ack).await?;
+        }
+        Ok(())
+    }
+
     async fn await_ack(
         &self,
         ack: jetstream::context::PublishAckFuture,
@@ -387,6 +440,8 @@ pub struct ExchangeSource {
     last: BTreeMap<u32, u64>,
     /// Key group → (writers, writers that ended on it).
     ends: BTreeMap<u32, (u32, u32)>,
+    /// Key group → the writers whose last message on it said they paused.
+    paused: BTreeMap<u32, BTreeSet<u32>>,
     /// Each writer's watermark (by subtask), and how many writers there
     /// are (as the newest message said).
     watermarks: BTreeMap<u32, Timestamp>,
@@ -428,6 +483,7 @@ impl ExchangeSource {
             groups,
             last,
             ends,
+            paused: BTreeMap::new(),
             watermarks: BTreeMap::new(),
             writers: 0,
             emitted: i64::MIN,
@@ -447,6 +503,17 @@ impl ExchangeSource {
                 .get(&g)
                 .is_some_and(|&(writers, ended)| writers > 0 && ended >= writers)
         })
+    }
+
+    /// Every writer of each of this subtask's key groups paused (or ended)
+    /// after all it wrote there, and this reader read it all.
+    fn all_paused(&self) -> bool {
+        self.writers > 0
+            && self.groups.clone().all(|g| {
+                let ended = self.ends.get(&g).map_or(0, |&(_, ended)| ended);
+                let paused = self.paused.get(&g).map_or(0, BTreeSet::len) as u32;
+                paused + ended >= self.writers
+            })
     }
 
     fn start(&mut self) {
@@ -500,7 +567,15 @@ impl ExchangeSource {
             // Another parallelism upstream (a rescale): start over.
             self.writers = writers;
             self.watermarks.retain(|w, _| *w < writers);
+            for paused in self.paused.values_mut() {
+                paused.retain(|w| *w < writers);
+            }
         }
+        let paused = self.paused.entry(group).or_default();
+        match header(PAUSED) {
+            Some(_) => paused.insert(writer),
+            None => paused.remove(&writer),
+        };
         if let Some(watermark) = header(WATERMARK) {
             let watermark: Timestamp = watermark
                 .parse()
@@ -756,6 +831,10 @@ impl Source for ExchangeSource {
         }
     }
 
+    fn stop_ready(&mut self) -> bool {
+        self.ended() || self.all_paused()
+    }
+
     fn watermark(&mut self) -> Option<Timestamp> {
         if self.writers == 0 || self.watermarks.len() < self.writers as usize {
             return None;
@@ -870,5 +949,31 @@ mod tests {
         assert_eq!(positions.get(&3), None, "not this subtask's");
         assert_eq!(positions.get(&(END_BASE + 4)), Some(&pack_ends(2, 1)));
         assert!(!source.ended());
+    }
+
+    #[test]
+    fn an_aligned_stop_waits_until_every_writer_paused_or_ended_on_each_key_group() {
+        let exchange = Exchange {
+            url: "nats://127.0.0.1:1".into(),
+            name: "job.edge".into(),
+            replicas: 1,
+        };
+        let restored = BTreeMap::from([(END_BASE + 1, pack_ends(2, 1))]);
+        let mut source = ExchangeSource::new(exchange, 0, 2, 4, &restored);
+        assert_eq!(source.groups, 0..2);
+        assert!(!source.stop_ready(), "no writer heard of yet");
+        source.writers = 2;
+        source.paused.insert(0, BTreeSet::from([0, 1]));
+        assert!(
+            !source.stop_ready(),
+            "key group 1: one writer ended, one runs"
+        );
+        source.paused.insert(1, BTreeSet::from([1]));
+        assert!(
+            source.stop_ready(),
+            "key group 1: one ended, the other paused"
+        );
+        source.paused.get_mut(&0).expect("paused").remove(&0);
+        assert!(!source.stop_ready(), "writer 0 resumed on key group 0");
     }
 }

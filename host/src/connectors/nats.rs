@@ -1030,7 +1030,17 @@ impl Sink for NatsSink {
             }
         }
         // What was committed is published before the sink ends.
-        self.settle_publishing(true)
+        self.settle_publishing(true)?;
+        // An exchange's writer stopped with its input not ended (a stop
+        // with a savepoint) tells its readers it paused after all that.
+        match (&self.exchange, commit && !self.end_spooled) {
+            (Some(producer), true) => {
+                let (producer, js) = (producer.clone(), self.js().clone());
+                let (prefix, stopped_at) = (self.id_prefix.clone(), self.next.saturating_sub(1));
+                self.block_on(async move { producer.pause(&js, &prefix, stopped_at).await })
+            }
+            _ => Ok(()),
+        }
     }
 }
 

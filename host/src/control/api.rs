@@ -262,16 +262,14 @@ async fn forward(State(api): State<Api>, request: Request, next: Next) -> Respon
                     .into_response();
             };
             let rest = &parts.uri.path()["/api/jobs/".len() + id.len()..];
-            return super::staged::answer(
-                &directory,
-                &store,
-                staged,
-                &parts.method,
-                rest,
-                &parts.headers,
-                body,
-            )
-            .await;
+            let storage = api.cluster.as_ref().and_then(|c| c.job_storage(&id));
+            let place = super::staged::Place {
+                directory: &directory,
+                store: &store,
+                storage,
+            };
+            return super::staged::answer(place, staged, &parts.method, rest, &parts.headers, body)
+                .await;
         }
         Err(error) => return ControlError::Unavailable(error.to_string()).into_response(),
     };

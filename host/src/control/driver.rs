@@ -51,6 +51,9 @@ pub(super) enum Command {
         operation: String,
         target: Location,
         drain: bool,
+        /// A stage of a staged job stopped whole: its sources wait for the
+        /// stages upstream (see `SavepointRequest::aligned`).
+        aligned: bool,
     },
     Cancel {
         operation: String,
@@ -526,7 +529,8 @@ impl Running {
                 operation,
                 target,
                 drain,
-            } => stop::start(ctx, operation, target, drain),
+                aligned,
+            } => stop::start(ctx, operation, target, drain, aligned),
             Command::Cancel { operation } => stop::cancel(ctx, Some(operation)),
             Command::Upgrade { operation, upgrade } => upgrade::start(ctx, operation, *upgrade),
             Command::Shutdown {

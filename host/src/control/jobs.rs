@@ -88,6 +88,12 @@ pub struct SavepointRequest {
     /// Stop: advance the watermark to the end first.
     #[serde(default)]
     pub drain: bool,
+    /// Stop (a stage of a staged job, as the staged job's stop asks): the
+    /// sources send the savepoint's barrier only once every stage writing
+    /// to this one has stopped and all it wrote was read, so the stages'
+    /// savepoints form one cut.
+    #[serde(default)]
+    pub aligned: bool,
 }
 
 /// A job of the host: its record (persisted on every change), the live
@@ -379,13 +385,15 @@ impl JobManager {
         let cluster = self.ctx.cluster.get().expect("cut: a cluster job");
         let assignments = cluster.assignments().expect("cut: with assignments");
         let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-        if let Some(savepoint) = from_savepoint {
-            return Err(ControlError::BadRequest(format!(
-                "{}: this cluster job runs as stages ({}) joined by exchanges, and a staged job cannot start from savepoint {savepoint} yet: submit it without one",
-                spec.base_dir.join(&spec.file_name).display(),
-                names.join(", ")
-            )));
-        }
+        // From a savepoint, each stage restores its own uids and leaves the
+        // others' to their stages: what none restores is checked here.
+        let allow_each = match &from_savepoint {
+            Some(savepoint) => {
+                check_staged_restore(&spec, &stages, savepoint, allow_non_restored_state).await?;
+                true
+            }
+            None => allow_non_restored_state,
+        };
         let mut specs = Vec::new();
         for (n, stage) in stages.iter().enumerate() {
             let job = format!("{id}-{n}");
@@ -429,7 +437,7 @@ impl JobManager {
         for ((job, stage_name, stage_spec), host) in specs.into_iter().zip(hosts) {
             tracing::info!(job = %id, stage = %job, %host, "placing a stage of the job");
             if host == assignments.host() {
-                self.start_as(job, stage_spec, None, allow_non_restored_state, |_| {})
+                self.start_as(job, stage_spec, from_savepoint.clone(), allow_each, |_| {})
                     .await?;
                 continue;
             }
@@ -439,8 +447,8 @@ impl JobManager {
                     name: stage_name,
                     submitted_ms: now,
                     spec: stage_spec,
-                    allow_non_restored_state,
-                    initial_restore: None,
+                    allow_non_restored_state: allow_each,
+                    initial_restore: from_savepoint.clone(),
                     host,
                     generation: 1,
                     restore: None,
@@ -762,11 +770,17 @@ impl JobManager {
 
     pub fn stop(&self, id: &str, request: &SavepointRequest) -> Result<Operation, ControlError> {
         let target = self.target(id, request.target_dir.as_deref())?;
-        let drain = request.drain;
+        let (drain, aligned) = (request.drain, request.aligned);
+        if drain && aligned {
+            return Err(ControlError::BadRequest(
+                "drain and aligned: an aligned stop cannot drain (the end of input it sends would end the stages downstream)".to_string(),
+            ));
+        }
         self.start_operation(id, OperationKind::Stop, |operation| Command::Stop {
             operation,
             target,
             drain,
+            aligned,
         })
     }
 
@@ -1171,6 +1185,63 @@ fn build_graph_restoring(
     });
     graph.state.dir = ctx.data.join("state");
     Ok((graph, restore))
+}
+
+/// Checks `savepoint` restores the staged job `spec` cut into `stages`:
+/// on object storage (each stage's host reads it), no state of an
+/// exchange (a stage's own savepoint: its positions are another job's
+/// exchange's), and every uid with state one of the stages' unless
+/// `allow_non_restored_state`. The rest (states, schemas) each stage's
+/// restore checks as a job's does.
+async fn check_staged_restore(
+    spec: &JobSpec,
+    stages: &[crate::job::stages::Stage],
+    savepoint: &str,
+    allow_non_restored_state: bool,
+) -> Result<(), ControlError> {
+    let file = spec.base_dir.join(&spec.file_name);
+    let names = || {
+        stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Ok(Location::S3(url)) = Location::parse(savepoint) else {
+        return Err(ControlError::BadRequest(format!(
+            "from_savepoint {savepoint}: {} runs as stages ({}) on the cluster's hosts, which each read the savepoint: give an s3:// one (a savepoint a single host took into an s3:// directory restores here too)",
+            file.display(),
+            names()
+        )));
+    };
+    let metadata = crate::checkpoint::remote::metadata(&url)
+        .await
+        .map_err(|e| ControlError::BadRequest(format!("from_savepoint {savepoint}: {e}")))?;
+    let exchanges: Vec<&str> = stages
+        .iter()
+        .flat_map(|s| &s.exchanges)
+        .filter(|uid| metadata.operators.contains_key(uid.as_str()))
+        .map(String::as_str)
+        .collect();
+    if !exchanges.is_empty() {
+        return Err(ControlError::BadRequest(format!(
+            "from_savepoint {savepoint}: it holds exchange {} of a stage (one stage's savepoint: its positions are in another job's exchange); restore the cluster savepoint that holds it, the directory its stop named",
+            exchanges.join(", ")
+        )));
+    }
+    let skipped = crate::checkpoint::restore::not_restored(
+        &metadata,
+        stages
+            .iter()
+            .flat_map(|s| s.uids.iter().map(String::as_str)),
+    );
+    if !skipped.is_empty() && !allow_non_restored_state {
+        return Err(ControlError::BadRequest(format!(
+            "from_savepoint {savepoint}: {}; start with --allow-non-restored-state (-n) to skip it",
+            skipped.join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// The job manager as the cluster's assignments follower sees it.

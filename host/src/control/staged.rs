@@ -9,7 +9,12 @@
 //!   — and each stage with its host.
 //! - `POST …/cancel`, `…/stop`: asked of every stage; the answer is one
 //!   operation whose outcome is theirs ([`outcome_of`]); a stage that has
-//!   ended already has nothing to do.
+//!   ended already has nothing to do. A stop is *aligned* (each stage's
+//!   sources wait until the stages writing to it stopped and all they
+//!   published was read) and its savepoints go into one directory, whose
+//!   `_metadata` — the **cluster savepoint**, the submitted job's operators
+//!   ([`cluster_savepoint`]) — is written once they all completed: it
+//!   restores on one host with `weir run -s`, or on the cluster.
 //! - `POST …/upgrade` (and `weir rescale`): each stage whose uids the
 //!   request names is upgraded on its own — checked, stopped with a
 //!   savepoint, restarted with the new plugins or parallelism, on
@@ -19,9 +24,9 @@
 //!   (its exchanges' sources and sinks among them); the stages upstream
 //!   and downstream keep theirs (an exchange is read by key group).
 //! - `GET …/operations/{op}`: that operation as its stages' say now.
-//! - savepoints and forks of a staged job as a whole, and an upgrade with
-//!   a new job file, are refused (409), naming its stages' jobs, which
-//!   take them one by one.
+//! - savepoints (without a stop) and forks of a staged job as a whole,
+//!   and an upgrade with a new job file, are refused (409), naming its
+//!   stages' jobs, which take them one by one.
 
 use axum::Json;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -32,11 +37,13 @@ use super::ControlError;
 use super::api::FORWARDED_BY;
 use super::cluster::jobs::JobDirectory;
 use super::cluster::staged::{
-    StageOperation, StageRef, StagedJob, StagedJobs, StagedOperation, outcome_of, status_of,
+    StageOperation, StageRef, StagedJob, StagedJobs, StagedOperation, cluster_savepoint,
+    outcome_of, status_of,
 };
-use super::jobs::UpgradeRequest;
+use super::jobs::{SavepointRequest, UpgradeRequest};
 use super::lifecycle::{JobStatus, Lifecycle, OperationKind};
 use super::record::{JobDetail, JobRecord, JobSummary, Operation, OperationStatus, StageView};
+use crate::types::Location;
 
 /// Requests to the hosts of a staged job's stages.
 struct Stages<'a> {
@@ -94,16 +101,28 @@ impl Stages<'_> {
     }
 }
 
+/// Where a staged job is kept: the cluster's job directory, its staged
+/// jobs, and the job's object storage (`<cluster s3>/jobs/<job id>`).
+pub(super) struct Place<'a> {
+    pub directory: &'a JobDirectory,
+    pub store: &'a StagedJobs,
+    pub storage: Option<String>,
+}
+
 /// Answers `method` on `/api/jobs/<staged.job><rest>`.
 pub(super) async fn answer(
-    directory: &JobDirectory,
-    store: &StagedJobs,
+    place: Place<'_>,
     staged: StagedJob,
     method: &Method,
     rest: &str,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Place {
+        directory,
+        store,
+        storage,
+    } = place;
     let stages = Stages {
         directory,
         authorization: headers.get(header::AUTHORIZATION).cloned(),
@@ -115,7 +134,7 @@ pub(super) async fn answer(
         (Method::POST, "/cancel") => operate(&stages, store, &staged, OperationKind::Cancel, body)
             .await
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
-        (Method::POST, "/stop") => operate(&stages, store, &staged, OperationKind::Stop, body)
+        (Method::POST, "/stop") => stop(&stages, store, storage.as_deref(), &staged, &body)
             .await
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
         (Method::POST, "/upgrade") => upgrade(&stages, store, &staged, &body)
@@ -256,7 +275,86 @@ async fn operate(
         .iter()
         .map(|stage| (stage, body.clone()))
         .collect();
-    ask(stages, store, staged, kind, path, requests).await
+    ask(stages, store, staged, kind, path, requests, None).await
+}
+
+/// Stops every stage with a savepoint into one cluster savepoint
+/// directory (`<target>/savepoint-<job6>-<12 hex>`, the target an `s3://`
+/// one, by default `<the job's storage>/savepoints`), each stop *aligned*:
+/// a stage's sources send the barrier only once the stages writing to it
+/// stopped and all they published was read, so the savepoints form one
+/// cut. The directory's `_metadata` ([`cluster_savepoint`]) is written
+/// once every stage's completed ([`operation`]).
+async fn stop(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    storage: Option<&str>,
+    staged: &StagedJob,
+    body: &Bytes,
+) -> Result<Operation, ControlError> {
+    let request: SavepointRequest = match body.is_empty() {
+        true => SavepointRequest::default(),
+        false => serde_json::from_slice(body)
+            .map_err(|e| ControlError::BadRequest(format!("the stop's body: {e}")))?,
+    };
+    if request.drain {
+        return Err(ControlError::BadRequest(format!(
+            "job {} runs as stages ({}): a stop of a staged job cannot drain (the end of input a drain sends would end the stages downstream before their savepoints)",
+            staged.job,
+            named(staged)
+        )));
+    }
+    let target = match (request.target_dir.as_deref(), storage) {
+        (Some(text), _) => match Location::parse(text)
+            .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
+        {
+            Location::S3(url) => url.to_string(),
+            Location::Local(_) => {
+                return Err(ControlError::BadRequest(format!(
+                    "target_dir {text}: job {} runs as stages on the cluster's hosts, and each writes its part of the savepoint: give an s3:// target_dir, or none for {}",
+                    staged.job,
+                    storage.map_or("the job's storage".to_string(), |s| format!(
+                        "{s}/savepoints"
+                    ))
+                )));
+            }
+        },
+        (None, Some(storage)) => format!("{storage}/savepoints"),
+        (None, None) => {
+            return Err(ControlError::Unavailable(format!(
+                "job {}: the cluster has no object storage for its savepoint",
+                staged.job
+            )));
+        }
+    };
+    let savepoint = format!(
+        "{}/savepoint-{}-{}",
+        target.trim_end_matches('/'),
+        staged.job.chars().take(6).collect::<String>(),
+        crate::checkpoint::storage::random_hex(6)
+    );
+    let body = serde_json::to_vec(&SavepointRequest {
+        target_dir: Some(savepoint.clone()),
+        drain: false,
+        aligned: true,
+    })
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let body = Some(Bytes::from(body));
+    let requests = staged
+        .stages
+        .iter()
+        .map(|stage| (stage, body.clone()))
+        .collect();
+    ask(
+        stages,
+        store,
+        staged,
+        OperationKind::Stop,
+        "/stop",
+        requests,
+        Some(savepoint),
+    )
+    .await
 }
 
 /// Splits an upgrade of the whole into upgrades of the stages it touches.
@@ -345,6 +443,7 @@ async fn upgrade(
         OperationKind::Upgrade,
         "/upgrade",
         requests,
+        None,
     )
     .await
 }
@@ -358,6 +457,7 @@ async fn ask(
     kind: OperationKind,
     path: &str,
     requests: Vec<(&StageRef, Option<Bytes>)>,
+    savepoint: Option<String>,
 ) -> Result<Operation, ControlError> {
     let mut asked = Vec::new();
     let mut refusals = Vec::new();
@@ -407,6 +507,7 @@ async fn ask(
         kind,
         requested_ms: super::now_ms(),
         stages: asked,
+        savepoint,
     };
     store
         .add_operation(&staged.job, operation.clone())
@@ -456,7 +557,73 @@ async fn operation(
             _ => None,
         });
     }
-    Ok(outcome_of(asked, &staged.stages, &found))
+    let mut outcome = outcome_of(asked, &staged.stages, &found);
+    if let (Some(savepoint), OperationStatus::Succeeded) = (&asked.savepoint, outcome.status) {
+        match assemble(staged, savepoint, &found).await {
+            Ok(()) => {
+                outcome.outcome = outcome
+                    .outcome
+                    .map(|stages| format!("cluster savepoint {savepoint} ({stages})"));
+                outcome.savepoint = Some(savepoint.clone());
+            }
+            Err(error) => {
+                outcome.status = OperationStatus::Failed;
+                outcome.error = Some(format!(
+                    "every stage stopped with a savepoint, but the cluster savepoint {savepoint} could not be written: {error}"
+                ));
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Writes the `_metadata` of cluster savepoint `savepoint` from its
+/// stages' (`found`: each stage's stop, in order). Any host may, any
+/// number of times: the bytes are the same, and a conditional put keeps
+/// the first.
+async fn assemble(
+    staged: &StagedJob,
+    savepoint: &str,
+    found: &[Option<Operation>],
+) -> Result<(), String> {
+    use crate::checkpoint::metadata::{self, METADATA_FILE};
+    let Ok(Location::S3(url)) = Location::parse(savepoint) else {
+        return Err(format!("{savepoint} is not an s3:// location"));
+    };
+    let remote = crate::checkpoint::remote::Remote::open(&url).map_err(|e| e.to_string())?;
+    let mut parts = Vec::new();
+    for (stage, stop) in staged.stages.iter().zip(found) {
+        let Some(taken) = stop.as_ref().and_then(|o| o.savepoint.as_deref()) else {
+            return Err(format!(
+                "stage {} (job {}) took no savepoint (it had ended)",
+                stage.name, stage.job
+            ));
+        };
+        let Some(dir) = taken
+            .strip_prefix(savepoint)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .filter(|dir| metadata::is_inside(dir))
+        else {
+            return Err(format!(
+                "stage {} (job {}): its savepoint {taken} is not inside {savepoint}",
+                stage.name, stage.job
+            ));
+        };
+        let relative = format!("{dir}/{METADATA_FILE}");
+        let bytes = remote.get(&relative).await.map_err(|e| e.to_string())?;
+        let read = metadata::decode(
+            &bytes,
+            std::path::Path::new(&format!("{taken}/{METADATA_FILE}")),
+        )
+        .map_err(|e| e.to_string())?;
+        parts.push((dir.to_string(), read));
+    }
+    let merged = cluster_savepoint(staged, &parts)?;
+    let bytes = metadata::encode(&merged).map_err(|e| e.to_string())?;
+    remote
+        .put_new(METADATA_FILE, bytes)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The staged jobs as `GET /api/jobs` lists them, from `list` (every

@@ -32,21 +32,37 @@ pub(super) struct Stopping {
 }
 
 /// Starts a stop with a savepoint of the running attempt.
-pub(super) fn start(ctx: &mut JobCtx, operation: String, target: Location, drain: bool) -> Step {
+pub(super) fn start(
+    ctx: &mut JobCtx,
+    operation: String,
+    target: Location,
+    drain: bool,
+    aligned: bool,
+) -> Step {
     let Some(savepointer) = ctx.savepointer() else {
         ctx.fail_operation(&operation, "the job is between attempts; try again");
         return Step::Running(Running);
     };
     let cause = format!(
-        "stop with a savepoint requested{} (operation {operation})",
-        if drain { ", draining" } else { "" }
+        "stop with a savepoint requested{}{} (operation {operation})",
+        if drain { ", draining" } else { "" },
+        if aligned {
+            ", aligned with the stages upstream"
+        } else {
+            ""
+        }
     );
     if let Err(error) = ctx.transition(JobStatus::Stopping, cause) {
         ctx.fail_operation(&operation, error.to_string());
         return Step::Running(Running);
     }
     ctx.note_savepoint_target(&target);
-    let taken = tokio::spawn(async move { savepointer.savepoint(target, Some(drain)).await });
+    let taken = tokio::spawn(async move {
+        match aligned {
+            true => savepointer.aligned_stop(target).await,
+            false => savepointer.savepoint(target, Some(drain)).await,
+        }
+    });
     Step::Stop(Stopping {
         operation,
         taken: Some(taken),

@@ -232,6 +232,14 @@ pub trait Source: Send {
     /// restores from it or a later one, so what the source read before it
     /// is not read again (an exchange purges it).
     fn committed(&mut self, _checkpoint: CheckpointId) {}
+    /// Whether an aligned stop's barrier may go now: everything upstream
+    /// of this source that stops with it has stopped, and the source has
+    /// read all it wrote (an exchange source: every writer of its key
+    /// groups paused). Until then the source task reads on and asks again
+    /// after each batch.
+    fn stop_ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// A sink subtask's writer. Exactly-once sinks implement the two-phase

@@ -302,5 +302,6 @@ pub(super) fn metadata_template(job: &PreparedJob) -> CheckpointMetadata {
         completed_ms: 0,
         max_parallelism: job.graph.max_parallelism,
         operators,
+        exchanges: Default::default(),
     }
 }

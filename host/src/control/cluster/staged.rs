@@ -57,6 +57,11 @@ pub struct StagedOperation {
     pub kind: OperationKind,
     pub requested_ms: u64,
     pub stages: Vec<StageOperation>,
+    /// A stop's cluster savepoint ([`cluster_savepoint`]): the directory
+    /// every stage's savepoint goes into, and whose `_metadata` is written
+    /// once they all completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savepoint: Option<String>,
 }
 
 /// What became of an operation's request to one stage.
@@ -126,6 +131,7 @@ pub fn outcome_of(
     let mut errors = Vec::new();
     let mut done = Vec::new();
     let mut finished_ms = operation.requested_ms;
+    let mut downtime_ms: Option<f64> = None;
     for (asked, found) in operation.stages.iter().zip(stages) {
         if let Some(reason) = &asked.skipped {
             done.push(format!("{}: {reason}", name(&asked.job)));
@@ -145,6 +151,9 @@ pub fn outcome_of(
             )),
             OperationStatus::Succeeded => {
                 finished_ms = finished_ms.max(op.finished_ms.unwrap_or(0));
+                if let Some(down) = op.downtime_ms {
+                    downtime_ms = Some(downtime_ms.map_or(down, |d| d.max(down)));
+                }
                 let what = match (&op.savepoint, &op.outcome) {
                     (Some(savepoint), Some(outcome)) => {
                         format!("savepoint {savepoint} ({outcome})")
@@ -173,10 +182,93 @@ pub fn outcome_of(
         requested_ms: operation.requested_ms,
         finished_ms: ended.then_some(finished_ms),
         savepoint: None,
-        downtime_ms: None,
+        // The longest a stage stood still (an upgrade, a rescale).
+        downtime_ms: downtime_ms.filter(|_| ended && !failed),
         outcome: (ended && !failed).then(|| done.join("; ")),
         error: failed.then(|| errors.join("; ")),
     }
+}
+
+/// The `_metadata` of a cluster savepoint: `staged` stopped whole, each
+/// stage's savepoint (`stages`: its directory, relative to the cluster
+/// savepoint's, and its `_metadata`, in the order of `staged.stages`) a
+/// directory inside it. Its operators are the submitted job's, each
+/// stage's with its files' paths below the stage's directory; the
+/// exchanges' operators are left out and their readers' positions kept
+/// apart (`exchanges`), so it restores the submitted job as it was
+/// written — on one host (`weir run -s`), or on the cluster, cut again
+/// onto new exchanges. The stages stopped aligned, so nothing was in
+/// flight between them.
+pub fn cluster_savepoint(
+    staged: &StagedJob,
+    stages: &[(String, crate::checkpoint::metadata::CheckpointMetadata)],
+) -> Result<crate::checkpoint::metadata::CheckpointMetadata, String> {
+    use crate::checkpoint::metadata::{CheckpointMetadata, Role, SnapshotKind};
+    if stages.len() != staged.stages.len() {
+        return Err(format!(
+            "job {}: {} stage savepoints for {} stages",
+            staged.job,
+            stages.len(),
+            staged.stages.len()
+        ));
+    }
+    let mut merged = CheckpointMetadata {
+        kind: SnapshotKind::Savepoint,
+        job_id: staged.job.clone(),
+        job_name: staged.name.clone(),
+        checkpoint: 0,
+        completed_ms: 0,
+        max_parallelism: stages.first().map_or(0, |(_, m)| m.max_parallelism),
+        operators: Default::default(),
+        exchanges: Default::default(),
+    };
+    for (stage, (dir, metadata)) in staged.stages.iter().zip(stages) {
+        if metadata.max_parallelism != merged.max_parallelism {
+            return Err(format!(
+                "stage {} (job {}): max_parallelism {}, another stage's {}",
+                stage.name, stage.job, metadata.max_parallelism, merged.max_parallelism
+            ));
+        }
+        merged.checkpoint = merged.checkpoint.max(metadata.checkpoint);
+        merged.completed_ms = merged.completed_ms.max(metadata.completed_ms);
+        for uid in &stage.uids {
+            let mut op = metadata.operators.get(uid).cloned().ok_or_else(|| {
+                format!(
+                    "stage {} (job {}): its savepoint {dir} has no uid `{uid}`",
+                    stage.name, stage.job
+                )
+            })?;
+            let below = |path: &mut String| *path = format!("{dir}/{path}");
+            for subtask in &mut op.subtasks {
+                subtask.files.iter_mut().for_each(|f| below(&mut f.path));
+                subtask.deltas.iter_mut().for_each(|f| below(&mut f.path));
+                subtask.timers.iter_mut().for_each(|f| below(&mut f.path));
+                // A spooling sink's epochs, in the savepoint's directory.
+                subtask
+                    .pending
+                    .iter_mut()
+                    .filter(|p| p.starts_with("pending/"))
+                    .for_each(below);
+            }
+            merged.operators.insert(uid.clone(), op);
+        }
+        for uid in &stage.exchanges {
+            let Some(op) = metadata
+                .operators
+                .get(uid)
+                .filter(|op| op.role == Role::Source)
+            else {
+                continue;
+            };
+            let positions = op
+                .subtasks
+                .iter()
+                .flat_map(|s| s.partitions.iter().map(|(&g, &n)| (g, n)))
+                .collect();
+            merged.exchanges.insert(uid.clone(), positions);
+        }
+    }
+    Ok(merged)
 }
 
 fn key(job: &str) -> String {
@@ -312,6 +404,165 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_savepoint_holds_the_submitted_jobs_operators_below_their_stages_dirs() {
+        use crate::checkpoint::metadata::{
+            CheckpointMetadata, FileRef, OperatorSnapshot, Role, SnapshotKind, SubtaskSnapshot,
+        };
+        let file = |path: &str| FileRef {
+            path: path.into(),
+            name: "f".into(),
+            size: 1,
+            sha256: "00".into(),
+        };
+        let op = |role, subtask: SubtaskSnapshot| OperatorSnapshot {
+            role,
+            parallelism: 1,
+            plugin: None,
+            states: Vec::new(),
+            subtasks: vec![subtask],
+        };
+        let stage = |checkpoint, operators: Vec<(&str, OperatorSnapshot)>| CheckpointMetadata {
+            kind: SnapshotKind::Savepoint,
+            job_id: "j-0".into(),
+            job_name: "wc/lines".into(),
+            checkpoint,
+            completed_ms: checkpoint as i64 * 10,
+            max_parallelism: 32,
+            operators: operators
+                .into_iter()
+                .map(|(uid, op)| (uid.to_string(), op))
+                .collect(),
+            exchanges: Default::default(),
+        };
+        let upstream = stage(
+            7,
+            vec![
+                (
+                    "lines",
+                    op(
+                        Role::Source,
+                        SubtaskSnapshot {
+                            partitions: [(0, 40)].into(),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                (
+                    "count.input-0.out",
+                    op(Role::Sink, SubtaskSnapshot::default()),
+                ),
+            ],
+        );
+        let downstream = stage(
+            3,
+            vec![
+                (
+                    "count.input-0",
+                    op(
+                        Role::Source,
+                        SubtaskSnapshot {
+                            partitions: [(0, 12), (1, 15)].into(),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                (
+                    "count",
+                    op(
+                        Role::Operator,
+                        SubtaskSnapshot {
+                            files: vec![file("count-0.state")],
+                            timers: Some(file("count-0.timers")),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                (
+                    "out",
+                    op(
+                        Role::Sink,
+                        SubtaskSnapshot {
+                            pending: vec!["pending/out-0-3".into(), "tx-7".into()],
+                            ..Default::default()
+                        },
+                    ),
+                ),
+            ],
+        );
+        let staged = StagedJob {
+            job: "j".into(),
+            name: "wc".into(),
+            submitted_ms: 1,
+            spec: JobSpec {
+                job_file: String::new(),
+                file_name: "job.toml".into(),
+                base_dir: "/".into(),
+                resolved: Default::default(),
+                overrides: Default::default(),
+                parallelism: Default::default(),
+                storage: None,
+            },
+            stages: vec![
+                StageRef {
+                    name: "lines".into(),
+                    job: "j-0".into(),
+                    uids: vec!["lines".into()],
+                    exchanges: vec!["count.input-0.out".into()],
+                },
+                StageRef {
+                    name: "count".into(),
+                    job: "j-1".into(),
+                    uids: vec!["count".into(), "out".into()],
+                    exchanges: vec!["count.input-0".into()],
+                },
+            ],
+            operations: Vec::new(),
+        };
+        let parts = vec![
+            ("savepoint-j0-a".to_string(), upstream),
+            ("savepoint-j1-b".to_string(), downstream.clone()),
+        ];
+        let merged = cluster_savepoint(&staged, &parts).expect("merged");
+        assert_eq!(merged.kind, SnapshotKind::Savepoint);
+        assert_eq!(
+            (merged.job_id.as_str(), merged.job_name.as_str()),
+            ("j", "wc")
+        );
+        assert_eq!((merged.checkpoint, merged.completed_ms), (7, 70));
+        let uids: Vec<&str> = merged.operators.keys().map(String::as_str).collect();
+        assert_eq!(uids, ["count", "lines", "out"], "no exchange among them");
+        let count = &merged.operators["count"].subtasks[0];
+        assert_eq!(count.files[0].path, "savepoint-j1-b/count-0.state");
+        assert_eq!(
+            count.timers.as_ref().map(|t| t.path.as_str()),
+            Some("savepoint-j1-b/count-0.timers")
+        );
+        assert_eq!(
+            merged.operators["out"].subtasks[0].pending,
+            ["savepoint-j1-b/pending/out-0-3", "tx-7"],
+            "spool files are in the stage's directory; a transaction id is no path"
+        );
+        assert_eq!(
+            merged.operators["lines"].subtasks[0].partitions,
+            [(0, 40)].into()
+        );
+        assert_eq!(merged.exchanges["count.input-0"], [(0, 12), (1, 15)].into());
+
+        // A stage savepoint that lacks a stage's uid, or keys otherwise,
+        // is no part of it.
+        let short = vec![parts[0].clone()];
+        assert!(cluster_savepoint(&staged, &short).is_err());
+        let mut other = downstream;
+        other.max_parallelism = 64;
+        let wrong = vec![parts[0].clone(), ("savepoint-j1-b".to_string(), other)];
+        let error = cluster_savepoint(&staged, &wrong).expect_err("refused");
+        assert!(
+            error.contains("stage count (job j-1): max_parallelism 64"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_staged_operation_ends_when_every_stages_ended_and_names_each_failure() {
         let names = vec![
             StageRef {
@@ -339,6 +590,7 @@ mod tests {
                     skipped: None,
                 })
                 .collect(),
+            savepoint: None,
         };
         let running = outcome_of(
             &asked,
@@ -359,6 +611,19 @@ mod tests {
             done.outcome.as_deref(),
             Some("lines: savepoint s3://b/sp; count: savepoint s3://b/sp")
         );
+        assert_eq!(done.downtime_ms, None);
+        let rescaled = outcome_of(
+            &asked,
+            &names,
+            &[
+                Some(op(OperationStatus::Succeeded, None)),
+                Some(Operation {
+                    downtime_ms: Some(120.0),
+                    ..op(OperationStatus::Succeeded, None)
+                }),
+            ],
+        );
+        assert_eq!(rescaled.downtime_ms, Some(120.0), "the longest stage's");
         let failed = outcome_of(
             &asked,
             &names,

@@ -97,6 +97,8 @@ pub async fn run_source(
         let mut pacer = Pacer::new(pace);
         let mut committing = true;
         let mut committed = 0u64;
+        // An aligned stop's trigger the source is not ready for yet.
+        let mut deferred: Option<Trigger> = None;
         while !cancelled {
             let mut barrier = None;
             let mut commit_changed = false;
@@ -105,7 +107,7 @@ pub async fn run_source(
             let status = tokio::select! {
                 biased;
                 _ = cancel.changed() => { cancelled = true; SourceStatus::Ended }
-                trigger = triggers.recv(), if triggers_open => {
+                trigger = triggers.recv(), if triggers_open && deferred.is_none() => {
                     match trigger {
                         Some(trigger) => barrier = Some(trigger),
                         None => triggers_open = false,
@@ -117,6 +119,11 @@ pub async fn run_source(
                         Ok(()) => commit_changed = true,
                         Err(_) => committing = false,
                     }
+                    SourceStatus::More
+                }
+                () = given_up(&mut deferred) => {
+                    debug!("the aligned stop's savepoint failed before this source was ready; reading on");
+                    deferred = None;
                     SourceStatus::More
                 }
                 status = Polled::new(source.next_batch(&mut batch, max), &mut reading) => status.map_err(&fail)?,
@@ -154,6 +161,15 @@ pub async fn run_source(
                     .await
                     .map_err(&fail)?;
             }
+            // An aligned stop waits until the source is ready for it,
+            // reading on meanwhile.
+            let barrier = match barrier.or_else(|| deferred.take()) {
+                Some(trigger) if is_aligned(&trigger) && !source.stop_ready() => {
+                    deferred = Some(trigger);
+                    None
+                }
+                other => other,
+            };
             if let Some(trigger) = barrier {
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
@@ -183,8 +199,9 @@ pub async fn run_source(
         }
         if !cancelled && !stopped {
             // Triggers that arrived with the last batch still take part (a
-            // stop changes nothing: the input ended anyway).
-            while let Ok(trigger) = triggers.try_recv() {
+            // stop changes nothing: the input ended anyway), a deferred
+            // one first.
+            while let Some(trigger) = deferred.take().or_else(|| triggers.try_recv().ok()) {
                 source_barrier(&info, SourceAt::of(source.as_ref()), &mut output, &reports, &trigger)
                     .await
                     .map_err(&fail)?;
@@ -325,6 +342,23 @@ impl SourceAt {
                 partitions: Default::default(),
             },
         }
+    }
+}
+
+/// Whether `trigger` is an aligned stop's (see [`Source::stop_ready`]).
+fn is_aligned(trigger: &Trigger) -> bool {
+    trigger.stop.as_ref().is_some_and(|s| s.aligned)
+}
+
+/// Resolves once the savepoint of a deferred stop has an outcome (it can
+/// only have failed: this source has not sent its barrier); pending while
+/// none is deferred.
+async fn given_up(deferred: &mut Option<Trigger>) {
+    match deferred.as_mut().and_then(|t| t.stop.as_mut()) {
+        Some(stop) => {
+            let _ = (&mut stop.outcome).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
