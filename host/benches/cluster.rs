@@ -1,5 +1,6 @@
 //! A cluster of hosts (run: `cargo bench -p weir --bench cluster`; add a
-//! word to run only the parts whose name contains it: `failover`).
+//! word to run only the parts whose name contains it: `failover`,
+//! `rescale`).
 //!
 //! `failover`: two `weir serve --cluster` processes on loopback, on the
 //! NATS server and SeaweedFS the tests start (`weir_tests`), the default
@@ -12,6 +13,15 @@
 //! the other host (its lease lapsed, the stage moved, its state restored
 //! from S3), and its `count` taking in records again. Each
 //! `WEIR_BENCH_FAILOVER_RUNS` times (3), each in a cluster of its own.
+//!
+//! `rescale`: the same two hosts and job (100k keys), `count` rescaled
+//! 2 → 3 (`weir rescale`: the count stage stopped with a savepoint and
+//! restored at the new parallelism, on probation for one checkpoint) once
+//! `count` took in four records a key. Measured: the count stage's
+//! downtime (its last record at parallelism 2 to its first at 3, as the
+//! operation reports it), the whole operation, and the upstream stage's
+//! throughput (`split`'s records out a second) over the 3 s before and
+//! over the operation. `WEIR_BENCH_RESCALE_RUNS` times (3).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -116,99 +126,148 @@ inputs = ["count"]
     )
 }
 
-/// One failover of a job with `keys` keys: (to running, to processing).
-async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
-    // Started (and the bucket made) in `main`, outside the runtime.
-    let nats = weir_tests::nats::server().expect("nats-server is needed for this benchmark");
-    let s3 = weir_tests::s3::server().expect("SeaweedFS is needed for this benchmark");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("host.toml");
-    let name = format!("bench-{}-{run}-{keys}", std::process::id());
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nnats = [\"{}\"]\nname = \"{name}\"\ns3 = \"s3://weir-bench/{name}\"\n",
-            nats.url
-        ),
-    )
-    .expect("config");
-    let env = s3.env();
-    let mut hosts = vec![
-        Some(Host::start(&dir.path().join("a"), &config, &env)),
-        Some(Host::start(&dir.path().join("b"), &config, &env)),
-    ];
-    let http = client();
-    let a = hosts[0].as_ref().expect("a");
-    for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT] {
-        let response = http
-            .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
-            .body(std::fs::read(plugin).expect("plugin"))
+/// Two hosts of a cluster of their own with the word count of `keys`
+/// keys running as stages.
+struct Cluster {
+    /// Its hosts (SIGKILLed when dropped), and its directory.
+    hosts: Vec<Option<Host>>,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+    /// The staged job.
+    id: String,
+}
+
+impl Cluster {
+    async fn start(what: &str, run: usize, keys: u64) -> Cluster {
+        // Started (and the bucket made) in `main`, outside the runtime.
+        let nats = weir_tests::nats::server().expect("nats-server is needed for this benchmark");
+        let s3 = weir_tests::s3::server().expect("SeaweedFS is needed for this benchmark");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("host.toml");
+        let name = format!("bench-{what}-{}-{run}-{keys}", std::process::id());
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnats = [\"{}\"]\nname = \"{name}\"\ns3 = \"s3://weir-bench/{name}\"\n",
+                nats.url
+            ),
+        )
+        .expect("config");
+        let env = s3.env();
+        let hosts = vec![
+            Some(Host::start(&dir.path().join("a"), &config, &env)),
+            Some(Host::start(&dir.path().join("b"), &config, &env)),
+        ];
+        let http = client();
+        let a = hosts[0].as_ref().expect("a");
+        for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT] {
+            let response = http
+                .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
+                .body(std::fs::read(plugin).expect("plugin"))
+                .send()
+                .await
+                .expect("upload");
+            assert!(
+                response.status().is_success(),
+                "{:?}",
+                response.text().await
+            );
+        }
+        // b has them too before the job is submitted.
+        let b = hosts[1].as_ref().expect("b");
+        while get(&http, b, "/api/plugins")
+            .await
+            .1
+            .as_array()
+            .map(Vec::len)
+            != Some(2)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let response: Value = http
+            .post(format!("{}/api/jobs", a.url))
+            .json(&serde_json::json!({ "job_file": job(keys), "base_dir": dir.path() }))
             .send()
             .await
-            .expect("upload");
-        assert!(
-            response.status().is_success(),
-            "{:?}",
-            response.text().await
-        );
-    }
-    // b has them too before the job is submitted.
-    let b = hosts[1].as_ref().expect("b");
-    while get(&http, b, "/api/plugins")
-        .await
-        .1
-        .as_array()
-        .map(Vec::len)
-        != Some(2)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let response: Value = http
-        .post(format!("{}/api/jobs", a.url))
-        .json(&serde_json::json!({ "job_file": job(keys), "base_dir": dir.path() }))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("JSON");
-    let id = response["id"].as_str().expect("a job id").to_string();
-    // The job runs as stages; the one that counts is followed.
-    let (stage, owner) = loop {
-        let (_, detail) = get(&http, a, &format!("/api/jobs/{id}")).await;
-        let count = detail["stages"].as_array().and_then(|stages| {
-            stages
-                .iter()
-                .find(|s| s["name"] == "count")
-                .and_then(|s| Some((s["job"].as_str()?, s["host"].as_str()?)))
-                .map(|(job, host)| (job.to_string(), host.to_string()))
-        });
-        if let Some(found) = count {
-            break found;
+            .expect("submit")
+            .json()
+            .await
+            .expect("JSON");
+        let id = response["id"].as_str().expect("a job id").to_string();
+        Cluster {
+            hosts,
+            _dir: dir,
+            http,
+            id,
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (_, members) = get(&http, a, "/api/hosts").await;
-    let owner_api = members["hosts"]
-        .as_array()
-        .and_then(|hosts| hosts.iter().find(|h| h["id"] == owner.as_str()))
-        .and_then(|h| h["api"].as_str())
-        .expect("the count stage's host is a member")
-        .to_string();
-    let victim = hosts
-        .iter()
-        .position(|h| h.as_ref().is_some_and(|h| h.url == owner_api))
-        .expect("one of the two");
-    let owner = hosts[victim].as_ref().expect("the owner");
+    }
+
+    /// Stage `name`'s job and the index of the host that runs it.
+    async fn stage(&self, name: &str) -> (String, usize) {
+        let a = self.hosts[0].as_ref().expect("a");
+        let (stage, owner) = loop {
+            let (_, detail) = get(&self.http, a, &format!("/api/jobs/{}", self.id)).await;
+            let found = detail["stages"].as_array().and_then(|stages| {
+                stages
+                    .iter()
+                    .find(|s| s["name"] == name)
+                    .and_then(|s| Some((s["job"].as_str()?, s["host"].as_str()?)))
+                    .map(|(job, host)| (job.to_string(), host.to_string()))
+            });
+            if let Some(found) = found {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (_, members) = get(&self.http, a, "/api/hosts").await;
+        let owner_api = members["hosts"]
+            .as_array()
+            .and_then(|hosts| hosts.iter().find(|h| h["id"] == owner.as_str()))
+            .and_then(|h| h["api"].as_str())
+            .expect("the stage's host is a member")
+            .to_string();
+        let at = self
+            .hosts
+            .iter()
+            .position(|h| h.as_ref().is_some_and(|h| h.url == owner_api))
+            .expect("one of the two");
+        (stage, at)
+    }
+
+    fn host(&self, i: usize) -> &Host {
+        self.hosts[i].as_ref().expect("a live host")
+    }
+
+    /// What operator `uid` of `job` (on `host`) counted: (records in,
+    /// records out).
+    async fn records(&self, host: usize, job: &str, uid: &str) -> (u64, u64) {
+        let (_, detail) = get(&self.http, self.host(host), &format!("/api/jobs/{job}")).await;
+        let op = detail["operators"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["uid"] == uid).cloned())
+            .unwrap_or(Value::Null);
+        (
+            op["records_in"].as_u64().unwrap_or(0),
+            op["records_out"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Waits until `count` (stage `stage` on `host`) took in `n` records.
+    async fn count_took(&self, host: usize, stage: &str, n: u64) {
+        while self.records(host, stage, "count").await.0 < n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One failover of a job with `keys` keys: (to running, to processing).
+async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
+    let mut cluster = Cluster::start("failover", run, keys).await;
+    let (stage, victim) = cluster.stage("count").await;
+    let (http, id) = (cluster.http.clone(), cluster.id.clone());
+    let owner = cluster.host(victim);
     // Four records a key, then a checkpoint after that.
-    loop {
-        let (_, detail) = get(&http, owner, &format!("/api/jobs/{stage}")).await;
-        let took = count_view(&detail).and_then(|c| c["records_in"].as_u64());
-        if took.unwrap_or(0) >= keys * 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.count_took(victim, &stage, keys * 4).await;
     let (_, detail) = get(&http, owner, &format!("/api/jobs/{stage}")).await;
     let done = detail["checkpoints_completed"].as_u64().unwrap_or(0);
     while get(&http, owner, &format!("/api/jobs/{stage}")).await.1["checkpoints_completed"]
@@ -221,9 +280,9 @@ async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
     let took: u64 = count_view(&get(&http, owner, &format!("/api/jobs/{stage}")).await.1)
         .and_then(|c| c["records_in"].as_u64())
         .unwrap_or(0);
-    hosts[victim].take(); // SIGKILL
+    cluster.hosts[victim].take(); // SIGKILL
     let killed = Instant::now();
-    let survivor = hosts[1 - victim].as_ref().expect("the other host");
+    let survivor = cluster.host(1 - victim);
     let mut running = None;
     let processing = loop {
         let (status, detail) = get(&http, survivor, &format!("/api/jobs/{stage}")).await;
@@ -243,7 +302,7 @@ async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
     eprintln!(
         "run {run}, {keys} keys ({took} words counted at the kill): running after {running:?}, processing after {processing:?}"
     );
-    hosts.clear();
+    cluster.hosts.clear();
     (running.expect("running before processing"), processing)
 }
 
@@ -288,6 +347,108 @@ async fn failover() {
     }
 }
 
+/// One rescale of `count` 2 → 3: (the stage's downtime, the whole
+/// operation, `split`'s records out a second before, and during it).
+async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
+    let keys = 100_000;
+    let cluster = Cluster::start("rescale", run, keys).await;
+    let (count, at) = cluster.stage("count").await;
+    let (words, upstream) = cluster.stage("words").await;
+    cluster.count_took(at, &count, keys * 4).await;
+    let rate = |from: (Instant, u64), to: (Instant, u64)| {
+        (to.1 - from.1) as f64 / (to.0 - from.0).as_secs_f64()
+    };
+    let out = || async {
+        (
+            Instant::now(),
+            cluster.records(upstream, &words, "split").await.1,
+        )
+    };
+    let before = out().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = out().await;
+    let http = &cluster.http;
+    let a = cluster.host(0);
+    let response = http
+        .post(format!("{}/api/jobs/{}/upgrade", a.url, cluster.id))
+        .json(&serde_json::json!({ "parallelism": { "count": 3 }, "probation_checkpoints": 1 }))
+        .send()
+        .await
+        .expect("rescale");
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "{:?}",
+        response.text().await
+    );
+    let operation: Value = response.json().await.expect("JSON");
+    let op = operation["id"]
+        .as_str()
+        .expect("an operation id")
+        .to_string();
+    let done = loop {
+        let (_, now) = get(
+            http,
+            a,
+            &format!("/api/jobs/{}/operations/{op}", cluster.id),
+        )
+        .await;
+        if now["status"] != "running" && !now["status"].is_null() {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ended = out().await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let downtime = done["downtime_ms"].as_f64().expect("a downtime");
+    let took = ended.0 - started.0;
+    eprintln!(
+        "run {run}: count downtime {downtime:.0} ms, operation {took:?}, split out {:.0}/s before, {:.0}/s during",
+        rate(before, started),
+        rate(started, ended)
+    );
+    (
+        Duration::from_secs_f64(downtime / 1000.0),
+        took,
+        rate(before, started),
+        rate(started, ended),
+    )
+}
+
+async fn rescale() {
+    let runs: usize = std::env::var("WEIR_BENCH_RESCALE_RUNS")
+        .ok()
+        .map(|r| r.parse().expect("WEIR_BENCH_RESCALE_RUNS: a number"))
+        .unwrap_or(3);
+    println!(
+        "\nrescale: count 2 → 3 of the staged word count (2 hosts, 100k keys, generator 300k words/s, median of {runs})"
+    );
+    println!(
+        "| count stage downtime | whole operation | split out/s before | split out/s during | runs (downtime) |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for run in 0..runs {
+        results.push(rescale_once(run).await);
+    }
+    let median_f = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "| {} | {} | {:.0} | {:.0} | {} |",
+        ms(median(results.iter().map(|r| r.0).collect())),
+        ms(median(results.iter().map(|r| r.1).collect())),
+        median_f(results.iter().map(|r| r.2).collect()),
+        median_f(results.iter().map(|r| r.3).collect()),
+        results
+            .iter()
+            .map(|r| ms(r.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -305,5 +466,12 @@ fn main() {
             .expect("SeaweedFS is needed for this benchmark")
             .bucket("weir-bench");
         runtime.block_on(failover());
+    }
+    if wanted("rescale") {
+        weir_tests::nats::server().expect("nats-server is needed for this benchmark");
+        weir_tests::s3::server()
+            .expect("SeaweedFS is needed for this benchmark")
+            .bucket("weir-bench");
+        runtime.block_on(rescale());
     }
 }
