@@ -4,7 +4,8 @@
 //! checkpoint id, the retained completed checkpoints and the reference
 //! counts of their shared files. A [`Coordinator`] runs per attempt: it
 //! triggers checkpoint n at every source subtask (`interval`, at most one in
-//! flight, `min_pause` after the previous one), collects one
+//! flight, `min_pause` after the previous one; at once when a source's
+//! input ended while others read on), collects one
 //! [`TaskReport::Ack`] per subtask, then writes `_metadata` atomically and
 //! only then tells the sinks ([`CommitSignal`](crate::protocol::CommitSignal)). A checkpoint that times out
 //! or that a subtask declines is aborted; more than `tolerable_failures` in
@@ -584,6 +585,10 @@ struct Checkpointing<'c> {
     sources_finished: bool,
     /// Sources whose input ended (they wait for the final checkpoint).
     inputs_ended: std::collections::HashSet<(String, u32)>,
+    /// A source's input ended since the last checkpoint (others read on):
+    /// the next one is due at once, so what followed from it (an
+    /// exchange's end among it) is committed without waiting an interval.
+    input_ended_since: bool,
     /// Every source's input ended and the final checkpoint was triggered
     /// (or, checkpointing off, the sources were let go).
     final_triggered: bool,
@@ -638,6 +643,7 @@ impl Coordinator {
             last_done: Instant::now(),
             sources_finished: false,
             inputs_ended: Default::default(),
+            input_ended_since: false,
             final_triggered: false,
             final_id: None,
             end_deferred: false,
@@ -813,7 +819,11 @@ impl Checkpointing<'_> {
             (None, Some(interval))
                 if self.enabled() && !self.sources_finished && !self.final_triggered =>
             {
-                Some((self.last_trigger + interval).max(self.last_done + settings.min_pause))
+                let due = match self.input_ended_since {
+                    true => Instant::now(),
+                    false => self.last_trigger + interval,
+                };
+                Some(due.max(self.last_done + settings.min_pause))
             }
             _ => None,
         };
@@ -869,6 +879,8 @@ impl Checkpointing<'_> {
                 .then(|| format!("`{uid}` (subtask {subtask}) declined: {reason}")),
             TaskReport::InputEnded { uid, subtask } => {
                 self.inputs_ended.insert((uid, subtask));
+                // All of them: the final checkpoint follows instead.
+                self.input_ended_since = self.inputs_ended.len() < self.wiring.triggers.len();
                 None
             }
             TaskReport::Finished {
@@ -1037,6 +1049,7 @@ impl Checkpointing<'_> {
         let store = self.coordinator.store.as_ref().expect("enabled");
         let id = store.next_id();
         self.last_trigger = Instant::now();
+        self.input_ended_since = false;
         if self.trigger(Barrier::checkpoint(id, self.base_rule())) {
             let mut checkpoint = Pending::checkpoint(id, None);
             checkpoint.waiters = std::mem::take(&mut self.waiters);
