@@ -1267,6 +1267,22 @@ fn a_nats_node_killed_with_quorum_kept_loses_and_repeats_nothing() {
     finishes_exactly_once(&mut hosts, owner, &id, &url, name, &expected);
 }
 
+/// The JetStream streams of staged job `id`'s exchanges.
+fn exchange_streams(url: &str, id: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    crate::support::runtime().block_on(async {
+        let client = async_nats::connect(url).await.expect("NATS");
+        async_nats::jetstream::new(client)
+            .stream_names()
+            .try_collect::<Vec<String>>()
+            .await
+            .expect("stream names")
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("weir-{id}_")))
+            .collect()
+    })
+}
+
 #[test]
 fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
     let dir = plugin_dir();
@@ -1306,6 +1322,13 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    let exchanges = exchange_streams(&url, &id);
+    assert_eq!(
+        exchanges.len(),
+        2,
+        "split → count, count → out: {exchanges:?}"
+    );
+
     // Stopped whole: every stage's savepoint in one cluster savepoint,
     // whose operators are the submitted job's (no exchange among them).
     let stopped = hosts[1].weir(&["stop", &id], dir.path());
@@ -1338,6 +1361,19 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
         published > 0 && (published as u64) < total,
         "stopped midway ({published} of {total} updates)"
     );
+    // Every stage ended: the job's exchanges go (no restore reads them).
+    let started = Instant::now();
+    loop {
+        let left = exchange_streams(&url, &id);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the stopped job's exchanges are still there: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Restored on one host (`weir run -s`), which reads on and stops with
     // a savepoint of its own (on S3) a few seconds later.

@@ -428,6 +428,7 @@ impl JobManager {
                 })
                 .collect(),
             operations: Vec::new(),
+            exchanges_deleted: false,
         };
         assignments
             .staged()

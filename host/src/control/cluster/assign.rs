@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -156,6 +156,10 @@ pub struct Assignments {
     seen: Mutex<HashMap<String, (u64, Instant)>>,
     /// The assignments as last read, by job.
     cache: Mutex<BTreeMap<String, Assignment>>,
+    /// The cluster's JetStream (where staged jobs' exchanges are).
+    js: jetstream::Context,
+    /// When the coordinator last looked for exchanges to delete.
+    tidied: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Assignments {
@@ -169,6 +173,9 @@ impl std::fmt::Debug for Assignments {
 /// How often a host compares the assignments with its jobs (and the
 /// coordinator looks for dead hosts).
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the coordinator looks for staged jobs whose exchanges can go.
+const TIDY_EVERY: Duration = Duration::from_secs(2);
 
 impl Assignments {
     pub(super) async fn open(
@@ -194,8 +201,10 @@ impl Assignments {
         Ok(Arc::new(Self {
             shared,
             bucket,
+            js: js.clone(),
             seen: Mutex::default(),
             cache: Mutex::default(),
+            tidied: Mutex::new(None),
         }))
     }
 
@@ -371,6 +380,55 @@ impl Assignments {
         })
     }
 
+    /// On the coordinator, every [`TIDY_EVERY`]: deletes the exchange
+    /// streams of each staged job whose stages all ended for good (each
+    /// stream `weir-<job id>_…`, see `job::stages`), then records it.
+    async fn delete_ended_exchanges(&self, all: &[(Assignment, u64)]) {
+        {
+            let mut tidied = self.tidied.lock().expect("not poisoned");
+            if tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
+                return;
+            }
+            *tidied = Some(Instant::now());
+        }
+        let staged = match self.staged().list().await {
+            Ok(staged) => staged,
+            Err(error) => {
+                warn!(%error, "cannot list the staged jobs");
+                return;
+            }
+        };
+        let ended = |job: &str| all.iter().any(|(a, _)| a.job == job && a.ended);
+        for job in staged
+            .iter()
+            .filter(|s| !s.exchanges_deleted && s.stages.iter().all(|st| ended(&st.job)))
+        {
+            let prefix = format!("weir-{}_", job.job);
+            let names: Vec<String> = match self.js.stream_names().try_collect().await {
+                Ok(names) => names,
+                Err(error) => {
+                    warn!(%error, "cannot list the streams");
+                    return;
+                }
+            };
+            let mut deleted = true;
+            for name in names.iter().filter(|n| n.starts_with(&prefix)) {
+                match self.js.delete_stream(name).await {
+                    Ok(_) => {
+                        info!(job = %job.job, stream = %name, "every stage ended: its exchange deleted")
+                    }
+                    Err(error) => {
+                        warn!(job = %job.job, stream = %name, %error, "cannot delete an ended job's exchange");
+                        deleted = false;
+                    }
+                }
+            }
+            if deleted && let Err(error) = self.staged().exchanges_deleted(&job.job).await {
+                warn!(job = %job.job, %error, "cannot record the job's exchanges deleted");
+            }
+        }
+    }
+
     /// Follows the assignments until aborted: adopts, releases, marks ended
     /// jobs, and (on the coordinator) moves the jobs of dead hosts.
     pub(super) async fn follow(self: Arc<Self>, owner: Arc<dyn Owner>) {
@@ -391,6 +449,9 @@ impl Assignments {
         let coordinator = self.shared.lock().held.is_some();
         if coordinator && self.shared.members_steady() {
             self.move_from_dead(&mut all, &live).await;
+        }
+        if coordinator {
+            self.delete_ended_exchanges(&all).await;
         }
         let local: HashMap<String, LocalJob> = owner
             .local_jobs()

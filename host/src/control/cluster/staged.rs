@@ -33,6 +33,11 @@ pub struct StagedJob {
     /// Operations asked of the whole job, oldest first.
     #[serde(default)]
     pub operations: Vec<StagedOperation>,
+    /// Every stage had ended for good, and the streams of its exchanges
+    /// were deleted (no restore reads them: a savepoint of the job holds
+    /// none of their state).
+    #[serde(default)]
+    pub exchanges_deleted: bool,
 }
 
 /// One stage of a [`StagedJob`].
@@ -345,18 +350,30 @@ impl StagedJobs {
         Ok(all)
     }
 
-    /// Adds `operation` to staged job `job` (a compare-and-set, asked
-    /// again while something else changes it).
+    /// Adds `operation` to staged job `job`.
     pub async fn add_operation(
         &self,
         job: &str,
         operation: StagedOperation,
     ) -> Result<(), ClusterError> {
+        self.change(job, |staged| staged.operations.push(operation.clone()))
+            .await
+    }
+
+    /// Records that staged job `job`'s exchanges were deleted.
+    pub async fn exchanges_deleted(&self, job: &str) -> Result<(), ClusterError> {
+        self.change(job, |staged| staged.exchanges_deleted = true)
+            .await
+    }
+
+    /// Changes staged job `job` by `change` (a compare-and-set, asked again
+    /// while something else changes it).
+    async fn change(&self, job: &str, change: impl Fn(&mut StagedJob)) -> Result<(), ClusterError> {
         for _ in 0..10 {
             let Some((mut staged, revision)) = self.entry(job).await? else {
                 return Err(self.error(format!("staged job {job} is gone")));
             };
-            staged.operations.push(operation.clone());
+            change(&mut staged);
             let bytes = Bytes::from(serde_json::to_vec(&staged).map_err(|e| self.error(e))?);
             match self.bucket.update(key(job), bytes, revision).await {
                 Ok(_) => return Ok(()),
@@ -517,6 +534,7 @@ mod tests {
                 },
             ],
             operations: Vec::new(),
+            exchanges_deleted: false,
         };
         let parts = vec![
             ("savepoint-j0-a".to_string(), upstream),
