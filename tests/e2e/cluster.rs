@@ -720,10 +720,14 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
         {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the woken host kept the job: {listed:?}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", {
+            // What its job list says (an error, or the job not in it).
+            let (status, body) = http(&hosts[frozen].url, "GET", "/api/jobs", None, &[]);
+            format!(
+                "the woken host kept the job: {listed:?}; GET /api/jobs: {status} {}",
+                body.chars().take(600).collect::<String>()
+            )
+        });
         std::thread::sleep(Duration::from_millis(100));
     }
 
