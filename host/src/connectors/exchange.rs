@@ -329,9 +329,7 @@ impl Producer {
         messages: &[Message],
     ) -> Result<u64, OperatorError> {
         let producer = format!("{}/{}", self.subtask, self.parallelism);
-        let mut acks = std::collections::VecDeque::new();
-        let mut published = 0u64;
-        for message in messages {
+        let built = messages.iter().map(|message| {
             let payload = message.batch.as_ref().map(encode_batch).unwrap_or_default();
             let mut build = jetstream::message::PublishMessage::build()
                 .payload(payload.into())
@@ -343,23 +341,9 @@ impl Producer {
             if message.end {
                 build = build.header(END, "1");
             }
-            let subject = self.exchange.subject(message.group);
-            let ack = js.send_publish(subject, build).await.map_err(|e| {
-                connector_error(format!(
-                    "cannot publish to exchange `{}`: {e}",
-                    self.exchange.name
-                ))
-            })?;
-            acks.push_back(ack);
-            if acks.len() >= 256 {
-                self.await_ack(acks.pop_front().expect("non-empty")).await?;
-            }
-            published += 1;
-        }
-        for ack in acks {
-            self.await_ack(ack).await?;
-        }
-        Ok(published)
+            (message.group, build)
+        });
+        self.send_all(js, built).await
     }
 
     /// Tells every key group's readers this writer stopped after
@@ -373,13 +357,28 @@ impl Producer {
         stopped_at: u64,
     ) -> Result<(), OperatorError> {
         let producer = format!("{}/{}", self.subtask, self.parallelism);
-        let mut acks = VecDeque::new();
-        for group in 0..self.max_parallelism {
+        let built = (0..self.max_parallelism).map(|group| {
             let build = jetstream::message::PublishMessage::build()
                 .payload(bytes::Bytes::new())
                 .message_id(format!("{id_prefix}:paused:{stopped_at}:{group}"))
                 .header(PRODUCER, producer.as_str())
                 .header(PAUSED, stopped_at.to_string().as_str());
+            (group, build)
+        });
+        self.send_all(js, built).await.map(|_| ())
+    }
+
+    /// Publishes each (key group, message) to its key group's subject, up
+    /// to 256 unacknowledged at once, and waits for every acknowledgement.
+    /// Returns how many were published.
+    async fn send_all(
+        &self,
+        js: &Context,
+        messages: impl Iterator<Item = (u32, jetstream::message::PublishMessage)>,
+    ) -> Result<u64, OperatorError> {
+        let mut acks = VecDeque::new();
+        let mut published = 0u64;
+        for (group, build) in messages {
             let ack = js
                 .send_publish(self.exchange.subject(group), build)
                 .await
@@ -393,11 +392,12 @@ impl Producer {
             if acks.len() >= 256 {
                 self.await_ack(acks.pop_front().expect("non-empty")).await?;
             }
+            published += 1;
         }
         for ack in acks {
             self.await_ack(ack).await?;
         }
-        Ok(())
+        Ok(published)
     }
 
     async fn await_ack(

@@ -399,18 +399,22 @@ impl Assignments {
             }
         };
         let ended = |job: &str| all.iter().any(|(a, _)| a.job == job && a.ended);
-        for job in staged
+        let done: Vec<_> = staged
             .iter()
             .filter(|s| !s.exchanges_deleted && s.stages.iter().all(|st| ended(&st.job)))
-        {
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        let names: Vec<String> = match self.js.stream_names().try_collect().await {
+            Ok(names) => names,
+            Err(error) => {
+                warn!(%error, "cannot list the streams");
+                return;
+            }
+        };
+        for job in done {
             let prefix = format!("weir-{}_", job.job);
-            let names: Vec<String> = match self.js.stream_names().try_collect().await {
-                Ok(names) => names,
-                Err(error) => {
-                    warn!(%error, "cannot list the streams");
-                    return;
-                }
-            };
             let mut deleted = true;
             for name in names.iter().filter(|n| n.starts_with(&prefix)) {
                 match self.js.delete_stream(name).await {
