@@ -298,7 +298,8 @@ impl JobCtx {
                     let _ = decide.send(Some("it was being cancelled".to_string()));
                 } else if error.kind() == crate::dataflow::FailureKind::Fenced {
                     // Another host owns the job now: never restarted here
-                    // (the cluster's follower releases it).
+                    // (the cluster's follower releases it); it fails here.
+                    let _ = self.transition(JobStatus::Failing, message);
                     let _ = decide.send(Some("another host owns the job now".to_string()));
                 } else {
                     let _ = self.transition(JobStatus::Failing, message);

@@ -317,6 +317,15 @@ impl Assignments {
             .map(|a| a.host.clone())
     }
 
+    /// The host that owns job `job` and its generation, as last read.
+    pub fn owner_and_generation(&self, job: &str) -> Option<(String, u64)> {
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .get(job)
+            .map(|a| (a.host.clone(), a.generation))
+    }
+
     /// Changes job `job`'s assignment with `change` if it still names
     /// this host at `generation`: a compare-and-set on its revision,
     /// retried when something else changed it meanwhile. `Err`: the job

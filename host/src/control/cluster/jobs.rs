@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::ClusterError;
 use crate::control::record::JobSummary;
@@ -29,6 +29,13 @@ pub struct JobEntry {
     /// The host that runs it, and its API.
     pub host: String,
     pub api: String,
+    /// A movable job's assignment generation as its writer knew it: an
+    /// entry is never overwritten by one of a lower generation (a host
+    /// woken from a freeze, its assignments not read again yet, would
+    /// otherwise write the job back under its own name after its new
+    /// owner did, and the directory would name a host that let it go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// This host's jobs, asked at each look.
@@ -102,12 +109,14 @@ impl JobDirectory {
     /// Writes the summaries of `jobs` that changed since the last write.
     pub async fn publish(&self, jobs: Vec<JobSummary>) {
         for summary in jobs {
-            let elsewhere = self
+            let assigned = self
                 .assignments
                 .as_ref()
-                .and_then(|a| a.owner_of(&summary.id))
-                .is_some_and(|owner| owner != self.host);
-            if elsewhere {
+                .and_then(|a| a.owner_and_generation(&summary.id));
+            if assigned
+                .as_ref()
+                .is_some_and(|(owner, _)| *owner != self.host)
+            {
                 continue;
             }
             let unchanged = self
@@ -123,20 +132,66 @@ impl JobDirectory {
                 summary: summary.clone(),
                 host: self.host.clone(),
                 api: self.api.clone(),
+                generation: assigned.map(|(_, generation)| generation),
             };
-            let value = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
-            match self.bucket.put(key(&summary.id), value).await {
-                Ok(_) => {
+            match self.write(&entry).await {
+                Ok(true) => {
                     self.written
                         .lock()
                         .expect("not poisoned")
                         .insert(summary.id.clone(), summary);
+                }
+                Ok(false) => {
+                    debug!(cluster = %self.cluster, job = %summary.id, "not writing the job to the directory: a newer owner wrote it");
                 }
                 Err(error) => {
                     warn!(cluster = %self.cluster, job = %summary.id, %error, "cannot write the job to the cluster's directory");
                 }
             }
         }
+    }
+
+    /// Writes `entry`; a movable job's only with a compare-and-set over
+    /// an entry of no higher generation. `Ok(false)`: a newer one is there.
+    async fn write(&self, entry: &JobEntry) -> Result<bool, String> {
+        let id = &entry.summary.id;
+        let value = Bytes::from(serde_json::to_vec(entry).map_err(|e| e.to_string())?);
+        let Some(generation) = entry.generation else {
+            self.bucket
+                .put(key(id), value)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(true);
+        };
+        for _ in 0..5 {
+            let current = self
+                .bucket
+                .entry(key(id))
+                .await
+                .map_err(|e| e.to_string())?;
+            let revision = match current {
+                Some(found) if found.operation == kv::Operation::Put => {
+                    let theirs = serde_json::from_slice::<JobEntry>(&found.value)
+                        .ok()
+                        .and_then(|e| e.generation);
+                    if theirs.is_some_and(|theirs| theirs > generation) {
+                        return Ok(false);
+                    }
+                    found.revision
+                }
+                Some(found) => found.revision,
+                None => 0,
+            };
+            match self.bucket.update(key(id), value.clone(), revision).await {
+                Ok(_) => return Ok(true),
+                // Written meanwhile: look again.
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        Err(format!(
+            "job {id}: its entry kept changing while this host wrote it"
+        ))
     }
 
     /// Writes this host's jobs as they change, until aborted.
