@@ -1664,6 +1664,8 @@ mod tests {
 
     struct Harness {
         triggers: mpsc::UnboundedReceiver<Trigger>,
+        /// The triggers of source subtasks 1.. (see [`start_sources`]).
+        other_triggers: Vec<mpsc::UnboundedReceiver<Trigger>>,
         reports: mpsc::UnboundedSender<TaskReport>,
         commit: watch::Receiver<CommitSignal>,
         _cancel: watch::Sender<bool>,
@@ -1721,15 +1723,37 @@ mod tests {
         commit_hold: Option<watch::Receiver<bool>>,
         commit_gate: Option<Arc<dyn CommitGate>>,
     ) -> Harness {
+        start_sources(
+            dir,
+            timeout,
+            tolerable_failures,
+            interval,
+            (commit_hold, commit_gate),
+            1,
+        )
+    }
+
+    /// A coordinator for a job of `sources` source subtasks and one sink
+    /// subtask.
+    fn start_sources(
+        dir: &std::path::Path,
+        timeout: Duration,
+        tolerable_failures: u32,
+        interval: Option<Duration>,
+        (commit_hold, commit_gate): (Option<watch::Receiver<bool>>, Option<Arc<dyn CommitGate>>),
+        sources: u32,
+    ) -> Harness {
         let store = Arc::new(JobCheckpoints::new(dir.join("job"), 2, 1));
         let pace = Arc::new(SourcePace::default());
-        let (trigger, triggers) = mpsc::unbounded_channel();
+        let (mut senders, mut receivers): (Vec<_>, Vec<_>) =
+            (0..sources).map(|_| mpsc::unbounded_channel()).unzip();
+        let triggers = receivers.remove(0);
         let (reports, report_receiver) = mpsc::unbounded_channel();
         let (commit, commit_receiver) = watch::channel(CommitSignal::default());
         let (cancel, cancelled) = watch::channel(false);
         let (savepoints, savepoint_requests) = Savepointer::channel();
         let mut operators = BTreeMap::new();
-        operators.insert("src".to_string(), operator_template(Role::Source, 1));
+        operators.insert("src".to_string(), operator_template(Role::Source, sources));
         operators.insert("out".to_string(), operator_template(Role::Sink, 1));
         let coordinator = Coordinator {
             settings: CoordinatorSettings {
@@ -1758,16 +1782,19 @@ mod tests {
             roots: None,
             commit_gate,
         };
+        let mut subtasks: Vec<(String, u32)> = (0..sources).map(|i| ("src".into(), i)).collect();
+        subtasks.push(("out".into(), 0));
         let wiring = CoordinatorWiring {
-            triggers: vec![trigger],
+            triggers: std::mem::take(&mut senders),
             reports: report_receiver,
             commit,
             cancelled,
-            subtasks: vec![("src".into(), 0), ("out".into(), 0)],
+            subtasks,
             sink_subtasks: 1,
         };
         Harness {
             triggers,
+            other_triggers: receivers,
             reports,
             commit: commit_receiver,
             _cancel: cancel,
@@ -1806,12 +1833,32 @@ mod tests {
         uid: &str,
         took: Duration,
     ) {
+        ack_as(reports, id, uid, 0, took);
+    }
+
+    /// Subtask `subtask` of `uid` acks checkpoint `id`.
+    fn ack_subtask(
+        reports: &mpsc::UnboundedSender<TaskReport>,
+        id: CheckpointId,
+        uid: &str,
+        subtask: u32,
+    ) {
+        ack_as(reports, id, uid, subtask, Duration::ZERO);
+    }
+
+    fn ack_as(
+        reports: &mpsc::UnboundedSender<TaskReport>,
+        id: CheckpointId,
+        uid: &str,
+        subtask: u32,
+        took: Duration,
+    ) {
         reports
             .send(TaskReport::Ack {
                 checkpoint: id,
                 snapshot: Box::new(SubtaskSnapshot {
                     uid: uid.into(),
-                    subtask: 0,
+                    subtask,
                     position: (uid == "src").then_some(id.0 * 10),
                     ..SubtaskSnapshot::default()
                 }),
@@ -1857,6 +1904,52 @@ mod tests {
             .expect("after the release, commits flow");
         let records = h.store.metrics.recent();
         assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_source_whose_input_ended_makes_the_next_checkpoint_due_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = start_sources(
+            dir.path(),
+            Duration::from_secs(30),
+            0,
+            Some(Duration::from_secs(60)),
+            (None, None),
+            2,
+        );
+        let soon = Duration::from_secs(5);
+        let quiet = |h: &mut Harness| {
+            h.triggers.try_recv().is_err() && h.other_triggers[0].try_recv().is_err()
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(quiet(&mut h), "nothing due before the interval");
+        // Source subtask 1's input ended while subtask 0 reads on: its end
+        // goes downstream with a checkpoint now, not in a minute.
+        h.reports
+            .send(TaskReport::InputEnded {
+                uid: "src".into(),
+                subtask: 1,
+            })
+            .expect("coordinator listens");
+        let id = tokio::time::timeout(soon, h.next_trigger())
+            .await
+            .expect("a checkpoint at once");
+        let other = tokio::time::timeout(soon, h.other_triggers[0].recv())
+            .await
+            .expect("both sources triggered")
+            .expect("triggered");
+        assert_eq!(other.barrier.id, id);
+        for subtask in 0..2 {
+            ack_subtask(&h.reports, id, "src", subtask);
+        }
+        ack(&h.reports, id, "out");
+        h.commit
+            .wait_for(|s| s.completed == id.0)
+            .await
+            .expect("completed");
+        // Once taken, the interval holds again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(quiet(&mut h), "the next checkpoint waits for its interval");
     }
 
     /// Admits checkpoints up to `until`; refuses the next as `refusal`.
