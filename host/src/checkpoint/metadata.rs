@@ -160,6 +160,123 @@ impl CheckpointMetadata {
     }
 }
 
+impl OperatorSnapshot {
+    /// Its subtasks' files as a `_metadata` in the directory above
+    /// `dir` names them: each path below `dir` (a spooling sink's
+    /// pending epochs, kept in the snapshot's directory, too).
+    pub fn relocate(&mut self, dir: &str) {
+        let below = |path: &mut String| *path = format!("{dir}/{path}");
+        for subtask in &mut self.subtasks {
+            subtask.files.iter_mut().for_each(|f| below(&mut f.path));
+            subtask.deltas.iter_mut().for_each(|f| below(&mut f.path));
+            subtask.timers.iter_mut().for_each(|f| below(&mut f.path));
+            subtask
+                .pending
+                .iter_mut()
+                .filter(|p| p.starts_with("pending/"))
+                .for_each(below);
+        }
+    }
+}
+
+/// One savepoint of job `job_id` (`job_name`) from its **tasks'**
+/// (`parts`: each task's savepoint directory, relative to the merged
+/// one's, and its `_metadata`): every task runs the same nodes, each
+/// node's subtask *i* in task *i* (see `JobGraph::task`). The merged one
+/// holds each node's subtasks from every task, its files' paths below
+/// the task's directory; it restores the job at its parallelism or
+/// another, whole or as tasks again. Every subtask must be in exactly
+/// one part.
+pub fn merge_tasks(
+    job_id: &str,
+    job_name: &str,
+    parts: &[(String, CheckpointMetadata)],
+) -> Result<CheckpointMetadata, String> {
+    let Some((_, first)) = parts.first() else {
+        return Err(format!("job {job_id}: no task savepoint to merge"));
+    };
+    let mut merged = CheckpointMetadata {
+        kind: SnapshotKind::Savepoint,
+        job_id: job_id.to_string(),
+        job_name: job_name.to_string(),
+        checkpoint: 0,
+        completed_ms: 0,
+        max_parallelism: first.max_parallelism,
+        operators: BTreeMap::new(),
+        exchanges: BTreeMap::new(),
+    };
+    for (dir, part) in parts {
+        let at = |what: String| format!("the task savepoint in {dir}: {what}");
+        if part.kind != SnapshotKind::Savepoint {
+            return Err(at(format!("a {}, not a savepoint", part.kind)));
+        }
+        if part.max_parallelism != merged.max_parallelism {
+            return Err(at(format!(
+                "max_parallelism {}, another task's {}",
+                part.max_parallelism, merged.max_parallelism
+            )));
+        }
+        let (ours, theirs): (Vec<&String>, Vec<&String>) = (
+            part.operators.keys().collect(),
+            first.operators.keys().collect(),
+        );
+        if ours != theirs {
+            return Err(at(format!(
+                "uids {}, another task's {}",
+                join(&ours),
+                join(&theirs)
+            )));
+        }
+        merged.checkpoint = merged.checkpoint.max(part.checkpoint);
+        merged.completed_ms = merged.completed_ms.max(part.completed_ms);
+        merged.exchanges.extend(part.exchanges.clone());
+        for (uid, op) in &part.operators {
+            let mut op = op.clone();
+            op.relocate(dir);
+            let Some(into) = merged.operators.get_mut(uid) else {
+                merged.operators.insert(uid.clone(), op);
+                continue;
+            };
+            if (into.role, into.parallelism, &into.plugin) != (op.role, op.parallelism, &op.plugin)
+            {
+                return Err(at(format!(
+                    "uid `{uid}` ran otherwise than in another task (role, parallelism or plugin)"
+                )));
+            }
+            for subtask in op.subtasks {
+                if into.subtasks.iter().any(|s| s.subtask == subtask.subtask) {
+                    return Err(at(format!(
+                        "subtask {} of uid `{uid}` is in another task's savepoint too",
+                        subtask.subtask
+                    )));
+                }
+                into.subtasks.push(subtask);
+            }
+        }
+    }
+    for (uid, op) in &mut merged.operators {
+        op.subtasks.sort_by_key(|s| s.subtask);
+        let missing: Vec<String> = (0..op.parallelism)
+            .filter(|i| !op.subtasks.iter().any(|s| s.subtask == *i))
+            .map(|i| i.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "job {job_id}: subtask(s) {} of uid `{uid}` are in no task's savepoint",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(merged)
+}
+
+fn join(uids: &[&String]) -> String {
+    uids.iter()
+        .map(|u| format!("`{u}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Writes `_metadata` into `dir` atomically: temp file, fsync, rename, fsync
 /// of the directory. Returns its path.
 pub fn write(dir: &OutDir, metadata: &CheckpointMetadata) -> Result<PathBuf, CheckpointError> {

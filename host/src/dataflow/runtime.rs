@@ -146,7 +146,7 @@ pub fn launch(
     // spawn everything.
     let mut wired = Vec::new();
     for (node_id, node) in graph.nodes.iter().enumerate() {
-        for subtask in 0..node.parallelism {
+        for subtask in (0..node.parallelism).filter(|&s| graph.runs(s)) {
             let info = TaskInfo {
                 job: job.clone(),
                 uid: Arc::from(node.uid.as_str()),
@@ -264,7 +264,7 @@ pub fn launch(
             .iter()
             .map(|&id| graph.nodes[id].uid.as_str())
             .collect();
-        for subtask in 0..graph.nodes[chain[0]].parallelism {
+        for subtask in (0..graph.nodes[chain[0]].parallelism).filter(|&s| graph.runs(s)) {
             let chain_links = chain
                 .iter()
                 .map(|&id| links.remove(&(id, subtask)).expect("wired above"))

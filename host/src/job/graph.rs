@@ -28,6 +28,11 @@ pub struct JobGraph {
     /// (the running host's job roots); `None`: paths open as given
     /// (`weir run`).
     pub roots: Option<std::sync::Arc<crate::roots::Roots>>,
+    /// Run only this subtask of every node ([`JobGraph::set_task`]): one
+    /// **task** of a cluster job's stage, which runs, checkpoints and
+    /// fails over apart from the stage's other tasks. `None`: every
+    /// subtask.
+    pub task: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +224,51 @@ impl JobGraph {
     pub fn load(path: &Path) -> Result<Self, JobError> {
         let file = JobFile::load(path)?;
         Self::validate(file, path)
+    }
+
+    /// Makes this graph run only subtask `task` of each node: task
+    /// `task` of a stage (design: "Beyond one machine"), owning the key
+    /// groups subtask `task` owns. Only a graph whose nodes share one
+    /// parallelism and are joined by `forward` edges alone can be run so
+    /// (subtask *i* then reads from subtask *i* only): a stage's.
+    pub fn set_task(&mut self, task: u32) -> Result<(), String> {
+        let cut: Vec<String> = self
+            .edges
+            .iter()
+            .filter(|e| e.partition != Partition::Forward)
+            .map(|e| format!("{} → {}", self.nodes[e.from].uid, self.nodes[e.to].uid))
+            .collect();
+        if !cut.is_empty() {
+            return Err(format!(
+                "task {task}: only a job whose edges are all `forward` runs as tasks, and {} is not",
+                cut.join(", ")
+            ));
+        }
+        let parallelism: std::collections::BTreeSet<u32> =
+            self.nodes.iter().map(|n| n.parallelism).collect();
+        match parallelism.iter().collect::<Vec<_>>()[..] {
+            [&p] if task < p => {
+                self.task = Some(task);
+                Ok(())
+            }
+            [&p] => Err(format!(
+                "task {task}: the job's nodes run {p} subtasks (tasks 0 to {})",
+                p - 1
+            )),
+            _ => Err(format!(
+                "task {task}: the job's nodes run at parallelism {}, not one",
+                parallelism
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    /// Whether this run runs subtask `subtask` (see [`JobGraph::task`]).
+    pub fn runs(&self, subtask: u32) -> bool {
+        self.task.is_none_or(|task| task == subtask)
     }
 
     pub fn node(&self, uid: &str) -> Option<&Node> {

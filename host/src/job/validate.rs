@@ -418,6 +418,7 @@ impl JobGraph {
             restart: job.restart,
             state,
             roots: None,
+            task: None,
         })
     }
 }

@@ -198,7 +198,7 @@ impl Standby {
                 if plugin.info.states.is_empty() {
                     continue;
                 }
-                for subtask in 0..node.parallelism {
+                for subtask in (0..node.parallelism).filter(|&s| job.graph.runs(s)) {
                     let range =
                         key_group::range_of(subtask, node.parallelism, job.graph.max_parallelism);
                     if stored_subtask(op, [range.start, range.end]).is_some() {

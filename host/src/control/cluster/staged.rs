@@ -243,18 +243,7 @@ pub fn cluster_savepoint(
                     stage.name, stage.job
                 )
             })?;
-            let below = |path: &mut String| *path = format!("{dir}/{path}");
-            for subtask in &mut op.subtasks {
-                subtask.files.iter_mut().for_each(|f| below(&mut f.path));
-                subtask.deltas.iter_mut().for_each(|f| below(&mut f.path));
-                subtask.timers.iter_mut().for_each(|f| below(&mut f.path));
-                // A spooling sink's epochs, in the savepoint's directory.
-                subtask
-                    .pending
-                    .iter_mut()
-                    .filter(|p| p.starts_with("pending/"))
-                    .for_each(below);
-            }
+            op.relocate(dir);
             merged.operators.insert(uid.clone(), op);
         }
         for uid in &stage.exchanges {
