@@ -7,18 +7,20 @@
 //! 3 s lease. A generator (300k words/s) → split → count → blackhole job (RocksDB state,
 //! a checkpoint a second, to the cluster's S3) with K keys of state
 //! (`WEIR_BENCH_FAILOVER_KEYS`, default 100000 and 1000000). The job runs
-//! as stages (cut at its keyed edge); the host of its `count` stage is
-//! SIGKILLed once `count` took in four records a key and a checkpoint
-//! completed after that. Measured from the SIGKILL: that stage running on
-//! the other host (its lease lapsed, the stage moved, its state restored
-//! from S3), and its `count` taking in records again. Each
+//! as stages (cut at its keyed edge), `count`'s as two tasks (one per
+//! subtask, each its half of the key groups); the host of the first
+//! `count` task is SIGKILLed once that task took in four records a key of
+//! its half and a checkpoint completed after that. Measured from the
+//! SIGKILL: that task running on the other host (its lease lapsed, the
+//! task moved, its state restored from S3), and its `count` taking in
+//! records again. Each
 //! `WEIR_BENCH_FAILOVER_RUNS` times (3), each in a cluster of its own.
 //!
 //! `rescale`: the same two hosts and job (100k keys), `count` rescaled
-//! 2 → 3 (`weir rescale`: the count stage stopped with a savepoint and
-//! restored at the new parallelism, on probation for one checkpoint) once
-//! `count` took in four records a key. Measured: the count stage's
-//! downtime (its last record at parallelism 2 to its first at 3, as the
+//! 2 → 3 (`weir rescale`: the count stage's two tasks stopped with
+//! savepoints, merged, and restored by three new tasks) once its first
+//! task took in four records a key of its half. Measured: the count
+//! stage's downtime (from the request until every new task runs, as the
 //! operation reports it), the whole operation, and the upstream stage's
 //! throughput (`split`'s records out a second) over the 3 s before and
 //! over the operation. `WEIR_BENCH_RESCALE_RUNS` times (3).
@@ -266,8 +268,8 @@ async fn failover_once(run: usize, keys: u64) -> (Duration, Duration) {
     let (stage, victim) = cluster.stage("count").await;
     let (http, id) = (cluster.http.clone(), cluster.id.clone());
     let owner = cluster.host(victim);
-    // Four records a key, then a checkpoint after that.
-    cluster.count_took(victim, &stage, keys * 4).await;
+    // Four records a key of its half, then a checkpoint after that.
+    cluster.count_took(victim, &stage, keys * 2).await;
     let (_, detail) = get(&http, owner, &format!("/api/jobs/{stage}")).await;
     let done = detail["checkpoints_completed"].as_u64().unwrap_or(0);
     while get(&http, owner, &format!("/api/jobs/{stage}")).await.1["checkpoints_completed"]
@@ -354,7 +356,7 @@ async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
     let cluster = Cluster::start("rescale", run, keys).await;
     let (count, at) = cluster.stage("count").await;
     let (words, upstream) = cluster.stage("words").await;
-    cluster.count_took(at, &count, keys * 4).await;
+    cluster.count_took(at, &count, keys * 2).await;
     let rate = |from: (Instant, u64), to: (Instant, u64)| {
         (to.1 - from.1) as f64 / (to.0 - from.0).as_secs_f64()
     };

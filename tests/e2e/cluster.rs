@@ -905,15 +905,30 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
         .to_string();
 
     // Cut at the keyed edge (split → count) and the rebalance edge into
-    // the sink of parallelism 1 (count → out): three stages, on three hosts.
+    // the sink of parallelism 1 (count → out): three stages, of 2, 2 and 1
+    // tasks (one per subtask), spread over the three hosts.
     let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
     let names: Vec<&str> = placed.iter().map(|s| s.0.as_str()).collect();
-    assert_eq!(names, ["lines", "count", "out"], "{placed:?}");
+    assert_eq!(
+        names,
+        ["lines", "lines", "count", "count", "out"],
+        "{placed:?}"
+    );
     let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
     let mut on: Vec<usize> = placed.iter().map(|s| at(&s.2)).collect();
     on.sort();
-    assert_eq!(on, [0, 1, 2], "one stage on each host: {placed:?}");
-    let (upstream, counting) = (placed[0].clone(), placed[1].clone());
+    on.dedup();
+    assert_eq!(on, [0, 1, 2], "tasks on every host: {placed:?}");
+    assert_ne!(
+        placed[2].2, placed[3].2,
+        "the count stage's two tasks on two hosts: {placed:?}"
+    );
+    let counting = placed[2].clone();
+    let upstream = placed[..2]
+        .iter()
+        .find(|s| s.2 != counting.2)
+        .expect("a lines task on another host than the count task")
+        .clone();
     hosts[2].wait_status(&id, "running", Duration::from_secs(60));
     hosts[at(&counting.2)].wait_checkpoints(&counting.1, 3, Duration::from_secs(60));
     let listed = hosts[2].ok(&["list"], dir.path());
@@ -924,13 +939,13 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
     );
     let shown = hosts[2].ok(&["job", &id], dir.path());
     assert!(
-        shown.contains(&format!("stage count        job {}", counting.1)),
+        shown.contains(&format!("stage count        task 0/2  job {}", counting.1)),
         "{shown}"
     );
 
-    // The count stage's host SIGKILLed: that stage alone moves, restoring
-    // its own checkpoint; the upstream stage runs on where it ran, never
-    // restarted.
+    // The host of a count task SIGKILLed: the tasks it ran move alone,
+    // each restoring its own checkpoint; a lines task elsewhere runs on
+    // where it ran, never restarted.
     let upstream_runs = |hosts: &[Host]| {
         hosts[at(&upstream.2)].job(&upstream.1)["job"]["runs"]
             .as_array()
@@ -1015,22 +1030,35 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
     };
     let untouched = [runs(&lines_stage), runs(&out_stage)];
 
-    // Rescale 2 → 3: only the count stage stops and restarts, its exchange
-    // source with it; the upstream and downstream stages run on.
+    // Rescale 2 → 3: only the count stage's two tasks stop, and three new
+    // ones restore their key groups from the savepoints merged; the
+    // upstream and downstream stages run on.
     let rescaled = hosts[1].weir(&["rescale", &id, "--parallelism", "count=3"], dir.path());
     let said = crate::host::stderr(&rescaled);
     assert!(rescaled.status.success(), "{said}");
-    assert!(said.contains("count: "), "{said}");
-    let owner = placement(&hosts[1], &count_stage.1).expect("listed").0;
-    let detail = hosts[at(&owner)].job(&count_stage.1);
-    for op in detail["operators"].as_array().expect("operators") {
-        assert_eq!(op["parallelism"], 3, "{op:#}");
+    assert!(said.contains("count: rescaled from 2 to 3 tasks"), "{said}");
+    let now = placed_stages(&hosts[1], &id, Duration::from_secs(60));
+    let counts: Vec<_> = now.iter().filter(|s| s.0 == "count").cloned().collect();
+    assert_eq!(counts.len(), 3, "{now:?}");
+    assert!(!counts.iter().any(|c| c.1 == count_stage.1), "{now:?}");
+    for (_, job, host) in &counts {
+        let detail = hosts[at(host)].job(job);
+        for op in detail["operators"].as_array().expect("operators") {
+            assert_eq!(op["parallelism"], 3, "{op:#}");
+        }
+        assert!(
+            detail["job"]["runs"][0]["restored_from"]
+                .as_str()
+                .is_some_and(|r| r.contains("/savepoints/rescale-")),
+            "{detail:#}"
+        );
     }
     assert_eq!([runs(&lines_stage), runs(&out_stage)], untouched);
 
-    // An upgrade whose new version traps in its probation: that stage is
-    // rolled back, alone.
-    hosts[at(&owner)].wait_checkpoints(&count_stage.1, 1, Duration::from_secs(60));
+    // An upgrade whose new version traps in its probation: each count task
+    // is rolled back, alone.
+    let (_, first_count, owner) = counts[0].clone();
+    hosts[at(&owner)].wait_checkpoints(&first_count, 1, Duration::from_secs(60));
     let rolled = hosts[2].weir(
         &[
             "upgrade",
@@ -1047,8 +1075,7 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
     let said = crate::host::stderr(&rolled);
     assert!(!rolled.status.success(), "{said}");
     assert!(
-        said.contains(&format!("stage count (job {})", count_stage.1))
-            && said.contains("rolled back"),
+        said.contains("stage count task ") && said.contains("rolled back"),
         "{said}"
     );
     assert_eq!([runs(&lines_stage), runs(&out_stage)], untouched);
@@ -1127,8 +1154,9 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
         .ok(&["run", "stop.toml"], dir.path())
         .trim()
         .to_string();
+    // Two stages of two tasks each, on both hosts.
     let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
-    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert_eq!(placed.len(), 4, "{placed:?}");
     assert_ne!(placed[0].2, placed[1].2, "{placed:?}");
     hosts[1].wait_status(&id, "running", Duration::from_secs(60));
     hosts[1].wait_checkpoints(&id, 2, Duration::from_secs(60));
@@ -1140,8 +1168,8 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
     let said = crate::host::stderr(&savepoint);
     assert!(
         said.contains(&format!(
-            "job {id} runs as stages on the cluster's hosts (gen: job {}, count: job {}): savepoints of a staged job as a whole is not supported yet",
-            placed[0].1, placed[1].1
+            "job {id} runs as stages on the cluster's hosts (gen task 0: job {}, gen task 1: job {}, count task 0: job {}, count task 1: job {}): savepoints of a staged job as a whole is not supported yet",
+            placed[0].1, placed[1].1, placed[2].1, placed[3].1
         )),
         "{said}"
     );
@@ -1150,7 +1178,8 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
     let said = crate::host::stderr(&stopped);
     assert!(stopped.status.success(), "{said}");
     assert!(
-        said.contains("gen: savepoint s3://") && said.contains("count: savepoint s3://"),
+        said.contains("gen task 1: savepoint s3://")
+            && said.contains("count task 0: savepoint s3://"),
         "{said}"
     );
     let detail = hosts[0].wait_status(&id, "stopped", Duration::from_secs(30));

@@ -317,8 +317,10 @@ pub async fn show(client: &Client, id: &str, json: bool) -> Result<()> {
     }
     for stage in &detail.stages {
         outln!(
-            "stage {:<12} job {}  {:<12} on {}  {} checkpoints  runs {}",
+            "stage {:<12} task {}/{}  job {}  {:<12} on {}  {} checkpoints  runs {}",
             stage.name,
+            stage.task,
+            stage.tasks,
             stage.job,
             stage.status.map_or("unknown", |s| s.as_str()),
             stage.host.as_deref().unwrap_or("no host yet"),

@@ -262,11 +262,15 @@ async fn forward(State(api): State<Api>, request: Request, next: Next) -> Respon
                     .into_response();
             };
             let rest = &parts.uri.path()["/api/jobs/".len() + id.len()..];
-            let storage = api.cluster.as_ref().and_then(|c| c.job_storage(&id));
+            let Some(cluster) = api.cluster.clone() else {
+                return ControlError::Internal("a staged job without a cluster".into())
+                    .into_response();
+            };
             let place = super::staged::Place {
-                directory: &directory,
-                store: &store,
-                storage,
+                storage: cluster.job_storage(&id),
+                directory: directory.clone(),
+                store,
+                cluster,
             };
             return super::staged::answer(place, staged, &parts.method, rest, &parts.headers, body)
                 .await;

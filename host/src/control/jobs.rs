@@ -394,12 +394,11 @@ impl JobManager {
             }
             None => allow_non_restored_state,
         };
-        let mut specs = Vec::new();
+        // Each stage of parallelism p runs as p tasks (job `<id>-<stage>-<i>`).
+        let mut tasks = Vec::new();
         for (n, stage) in stages.iter().enumerate() {
-            let job = format!("{id}-{n}");
             let stage_spec = JobSpec {
                 job_file: stage.job_file.clone(),
-                storage: cluster.job_storage(&job),
                 ..spec.clone()
             };
             let ctx = self.ctx.clone();
@@ -407,25 +406,36 @@ impl JobManager {
             let graph = tokio::task::spawn_blocking(move || build_graph(&ctx, &check))
                 .await
                 .map_err(internal)??;
-            specs.push((job, graph.name, stage_spec));
+            let parallelism = graph.nodes.first().map_or(1, |node| node.parallelism);
+            for task in 0..parallelism {
+                let job = format!("{id}-{n}-{task}");
+                let task_spec = JobSpec {
+                    storage: cluster.job_storage(&job),
+                    task: Some(task),
+                    ..stage_spec.clone()
+                };
+                let reference = cluster::staged::StageRef {
+                    name: stage.name.clone(),
+                    job: job.clone(),
+                    task,
+                    tasks: parallelism,
+                    uids: stage.uids.clone(),
+                    exchanges: stage.exchanges.clone(),
+                };
+                tasks.push((reference, graph.name.clone(), task_spec));
+            }
         }
         let unavailable = |e: cluster::ClusterError| ControlError::Unavailable(e.to_string());
-        let hosts = assignments.place(stages.len()).await.map_err(unavailable)?;
+        let hosts = assignments.place(tasks.len()).await.map_err(unavailable)?;
         let now = now_ms();
         let staged = cluster::staged::StagedJob {
             job: id.clone(),
             name: name.clone(),
             submitted_ms: now,
             spec: spec.clone(),
-            stages: stages
+            stages: tasks
                 .iter()
-                .zip(&specs)
-                .map(|(stage, (job, _, _))| cluster::staged::StageRef {
-                    name: stage.name.clone(),
-                    job: job.clone(),
-                    uids: stage.uids.clone(),
-                    exchanges: stage.exchanges.clone(),
-                })
+                .map(|(reference, _, _)| reference.clone())
                 .collect(),
             operations: Vec::new(),
             exchanges_deleted: false,
@@ -435,10 +445,11 @@ impl JobManager {
             .create(&staged)
             .await
             .map_err(unavailable)?;
-        for ((job, stage_name, stage_spec), host) in specs.into_iter().zip(hosts) {
-            tracing::info!(job = %id, stage = %job, %host, "placing a stage of the job");
+        for ((reference, stage_name, task_spec), host) in tasks.into_iter().zip(hosts) {
+            let job = reference.job;
+            tracing::info!(job = %id, task = %job, stage = %reference.name, %host, "placing a task of the job");
             if host == assignments.host() {
-                self.start_as(job, stage_spec, from_savepoint.clone(), allow_each, |_| {})
+                self.start_as(job, task_spec, from_savepoint.clone(), allow_each, |_| {})
                     .await?;
                 continue;
             }
@@ -447,14 +458,17 @@ impl JobManager {
                     job,
                     name: stage_name,
                     submitted_ms: now,
-                    spec: stage_spec,
+                    spec: task_spec,
                     allow_non_restored_state: allow_each,
                     initial_restore: from_savepoint.clone(),
                     host,
                     generation: 1,
                     restore: None,
                     ended: false,
-                    reason: format!("a stage of job {id}, placed at submission"),
+                    reason: format!(
+                        "task {} of stage {} of job {id}, placed at submission",
+                        reference.task, reference.name
+                    ),
                 })
                 .await
                 .map_err(unavailable)?;
@@ -1075,6 +1089,7 @@ pub(super) fn resolve_spec(
         overrides: BTreeMap::new(),
         parallelism: BTreeMap::new(),
         storage: None,
+        task: None,
     })
 }
 
@@ -1180,6 +1195,14 @@ fn build_graph_restoring(
     let mut graph = placement
         .apply(ctx, validated, &path)
         .map_err(bad_request)?;
+    if let Some(task) = spec.task {
+        graph.set_task(task).map_err(|problem| {
+            bad_request(crate::job::JobError::Invalid {
+                file: path.clone(),
+                problems: vec![problem],
+            })
+        })?;
+    }
     graph.checkpoint.dir = Some(match spec.storage.as_deref().map(Location::parse) {
         Some(Ok(remote)) => remote,
         _ => Location::Local(ctx.data.join("checkpoints")),

@@ -43,6 +43,10 @@ pub struct JobSpec {
     /// (`s3://…/jobs/<job id>`), where any host can restore them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<String>,
+    /// A task of a staged cluster job's stage: the one subtask of every
+    /// node it runs (see `JobGraph::set_task`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u32>,
 }
 
 fn job_toml() -> String {
@@ -345,10 +349,14 @@ pub struct JobDetail {
 /// A stage of a staged cluster job, in its [`JobDetail`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageView {
-    /// The uid of its first node.
+    /// The uid of its stage's first node.
     pub name: String,
-    /// The movable job that runs it.
+    /// The movable job that runs this task of the stage.
     pub job: String,
+    /// Which task of its stage it is (subtask `task` of each node), of
+    /// how many.
+    pub task: u32,
+    pub tasks: u32,
     /// The submitted job's nodes it runs.
     pub uids: Vec<String>,
     /// The host that runs it (none: not in the cluster's job directory yet).

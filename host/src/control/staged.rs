@@ -1,32 +1,39 @@
 //! The API's answers about a staged cluster job (see
 //! [`cluster::staged`](super::cluster::staged)): no host runs it as one,
-//! so any host answers for it by asking its stages' hosts (each request
+//! so any host answers for it by asking its tasks' hosts (each request
 //! goes to the host the cluster's job directory names, as `forward` sends
 //! requests about another host's job).
 //!
-//! - `GET /api/jobs/{id}`: the stages' details added up — status
-//!   ([`status_of`]), operators, the fewest checkpoints any stage completed
-//!   — and each stage with its host.
-//! - `POST …/cancel`, `…/stop`: asked of every stage; the answer is one
-//!   operation whose outcome is theirs ([`outcome_of`]); a stage that has
-//!   ended already has nothing to do. A stop is *aligned* (each stage's
-//!   sources wait until the stages writing to it stopped and all they
+//! - `GET /api/jobs/{id}`: the tasks' details added up — status
+//!   ([`status_of`]), operators, the fewest checkpoints any task completed
+//!   — and each task with its stage and host.
+//! - `POST …/cancel`, `…/stop`: asked of every task; the answer is one
+//!   operation whose outcome is theirs ([`outcome_of`]); a task that has
+//!   ended already has nothing to do. A stop is *aligned* (each task's
+//!   sources wait until the tasks writing to it stopped and all they
 //!   published was read) and its savepoints go into one directory, whose
 //!   `_metadata` — the **cluster savepoint**, the submitted job's operators
 //!   ([`cluster_savepoint`]) — is written once they all completed: it
 //!   restores on one host with `weir run -s`, or on the cluster.
-//! - `POST …/upgrade` (and `weir rescale`): each stage whose uids the
-//!   request names is upgraded on its own — checked, stopped with a
-//!   savepoint, restarted with the new plugins or parallelism, on
-//!   probation, rolled back alone if it fails — while the other stages run
-//!   on untouched. A stage's nodes are joined by forward edges, so they
+//! - `POST …/upgrade` with new plugins: each task of each stage whose uids
+//!   the request names is upgraded on its own — checked, stopped with a
+//!   savepoint, restarted with the new plugins, on probation, rolled back
+//!   alone if it fails — while the other stages run on untouched; the
+//!   operation ends once every task's has.
+//! - `weir rescale` (an upgrade asking a parallelism): one stage at a
+//!   time, its tasks replaced by as many as the new parallelism asks
+//!   ([`rescale`]). A stage's nodes are joined by forward edges, so they
 //!   share one parallelism: `UID=N` rescales every node of UID's stage
 //!   (its exchanges' sources and sinks among them); the stages upstream
 //!   and downstream keep theirs (an exchange is read by key group).
-//! - `GET …/operations/{op}`: that operation as its stages' say now.
+//! - `GET …/operations/{op}`: that operation as its tasks' say now.
 //! - savepoints (without a stop) and forks of a staged job as a whole,
 //!   and an upgrade with a new job file, are refused (409), naming its
-//!   stages' jobs, which take them one by one.
+//!   tasks' jobs, which take them one by one.
+
+mod rescale;
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -35,10 +42,11 @@ use bytes::Bytes;
 
 use super::ControlError;
 use super::api::FORWARDED_BY;
+use super::cluster::Cluster;
 use super::cluster::jobs::JobDirectory;
 use super::cluster::staged::{
-    StageOperation, StageRef, StagedJob, StagedJobs, StagedOperation, cluster_savepoint,
-    outcome_of, status_of,
+    StageOperation, StageRef, StageRescale, StagedJob, StagedJobs, StagedOperation,
+    cluster_savepoint, outcome_of, status_of,
 };
 use super::jobs::{SavepointRequest, UpgradeRequest};
 use super::lifecycle::{JobStatus, Lifecycle, OperationKind};
@@ -103,15 +111,16 @@ impl Stages<'_> {
 
 /// Where a staged job is kept: the cluster's job directory, its staged
 /// jobs, and the job's object storage (`<cluster s3>/jobs/<job id>`).
-pub(super) struct Place<'a> {
-    pub directory: &'a JobDirectory,
-    pub store: &'a StagedJobs,
+pub(super) struct Place {
+    pub directory: Arc<JobDirectory>,
+    pub store: StagedJobs,
     pub storage: Option<String>,
+    pub cluster: Arc<Cluster>,
 }
 
 /// Answers `method` on `/api/jobs/<staged.job><rest>`.
 pub(super) async fn answer(
-    place: Place<'_>,
+    place: Place,
     staged: StagedJob,
     method: &Method,
     rest: &str,
@@ -122,13 +131,16 @@ pub(super) async fn answer(
         directory,
         store,
         storage,
+        cluster,
     } = place;
+    let authorization = headers.get(header::AUTHORIZATION).cloned();
     let stages = Stages {
-        directory,
-        authorization: headers.get(header::AUTHORIZATION).cloned(),
+        directory: &directory,
+        authorization: authorization.clone(),
     };
+    let store = &store;
     let result = match (method.clone(), rest) {
-        (Method::GET, "") => detail(&stages, &staged)
+        (Method::GET, "") => detail(&stages, store, &cluster, &staged)
             .await
             .map(|d| Json(d).into_response()),
         (Method::POST, "/cancel") => operate(&stages, store, &staged, OperationKind::Cancel, body)
@@ -137,12 +149,24 @@ pub(super) async fn answer(
         (Method::POST, "/stop") => stop(&stages, store, storage.as_deref(), &staged, &body)
             .await
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
-        (Method::POST, "/upgrade") => upgrade(&stages, store, &staged, &body)
+        (Method::POST, "/upgrade") => upgrade(&stages, store, storage.as_deref(), &staged, &body)
             .await
-            .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
+            .map(|(o, rescaling)| {
+                if rescaling {
+                    rescale::drive(
+                        directory.clone(),
+                        store.clone(),
+                        cluster.clone(),
+                        authorization.clone(),
+                        staged.job.clone(),
+                        o.id.clone(),
+                    );
+                }
+                (StatusCode::ACCEPTED, Json(o)).into_response()
+            }),
         (Method::GET, rest) if rest.starts_with("/operations/") => {
             let id = &rest["/operations/".len()..];
-            operation(&stages, &staged, id)
+            operation(&stages, store, &cluster, &staged, id)
                 .await
                 .map(|o| Json(o).into_response())
         }
@@ -165,12 +189,21 @@ fn named(staged: &StagedJob) -> String {
     staged
         .stages
         .iter()
-        .map(|s| format!("{}: job {}", s.name, s.job))
+        .map(|s| format!("{}: job {}", label(s), s.job))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, ControlError> {
+fn label(task: &StageRef) -> String {
+    task.label()
+}
+
+async fn detail(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    cluster: &Cluster,
+    staged: &StagedJob,
+) -> Result<JobDetail, ControlError> {
     let mut hosts = Vec::new();
     let mut details = Vec::new();
     for stage in &staged.stages {
@@ -210,6 +243,8 @@ async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, Co
         .map(|((stage, detail), host)| StageView {
             name: stage.name.clone(),
             job: stage.job.clone(),
+            task: stage.task,
+            tasks: stage.tasks,
             uids: stage.uids.clone(),
             host,
             status: detail.as_ref().map(|d| d.job.lifecycle.status()),
@@ -219,7 +254,7 @@ async fn detail(stages: &Stages<'_>, staged: &StagedJob) -> Result<JobDetail, Co
         .collect();
     let mut operations = Vec::new();
     for asked in &staged.operations {
-        operations.push(operation(stages, staged, &asked.id).await?);
+        operations.push(operation(stages, store, cluster, staged, &asked.id).await?);
     }
     let last_error = views
         .iter()
@@ -275,7 +310,7 @@ async fn operate(
         .iter()
         .map(|stage| (stage, body.clone()))
         .collect();
-    ask(stages, store, staged, kind, path, requests, None).await
+    ask(stages, store, staged, kind, path, requests, (None, None)).await
 }
 
 /// Stops every stage with a savepoint into one cluster savepoint
@@ -352,18 +387,24 @@ async fn stop(
         OperationKind::Stop,
         "/stop",
         requests,
-        Some(savepoint),
+        (Some(savepoint), None),
     )
     .await
 }
 
-/// Splits an upgrade of the whole into upgrades of the stages it touches.
+/// Splits an upgrade of the whole into upgrades of the stages it touches:
+/// new plugins go to every task of their stages, each upgraded on its own
+/// (checked, stopped with a savepoint, restarted, on probation, rolled
+/// back alone); a new parallelism of one stage is a rescale of it
+/// ([`rescale`]), asked alone. Answers the operation, and whether it is a
+/// rescale (to be driven on).
 async fn upgrade(
     stages: &Stages<'_>,
     store: &StagedJobs,
+    storage: Option<&str>,
     staged: &StagedJob,
     body: &[u8],
-) -> Result<Operation, ControlError> {
+) -> Result<(Operation, bool), ControlError> {
     let request: UpgradeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         UpgradeRequest::default()
     } else {
@@ -383,20 +424,20 @@ async fn upgrade(
             "an upgrade needs --plugin UID=... or --parallelism UID=N".to_string(),
         ));
     }
+    // The stage (its first task) that runs `uid`.
     let stage_of = |uid: &str| {
         staged
             .stages
             .iter()
-            .position(|s| s.uids.iter().any(|u| u == uid))
+            .find(|s| s.uids.iter().any(|u| u == uid))
     };
-    let mut split: std::collections::BTreeMap<usize, UpgradeRequest> = Default::default();
-    let mut asked_for: std::collections::BTreeMap<usize, (String, u32)> = Default::default();
     let mut problems = Vec::new();
+    let mut split: std::collections::BTreeMap<String, UpgradeRequest> = Default::default();
     for (uid, reference) in &request.plugins {
         match stage_of(uid) {
-            Some(k) => {
+            Some(stage) => {
                 split
-                    .entry(k)
+                    .entry(stage.name.clone())
                     .or_default()
                     .plugins
                     .insert(uid.clone(), reference.clone());
@@ -404,48 +445,72 @@ async fn upgrade(
             None => problems.push(format!("--plugin {uid}: the job has no uid `{uid}`")),
         }
     }
+    let mut rescales: std::collections::BTreeMap<String, (String, u32)> = Default::default();
     for (uid, &parallelism) in &request.parallelism {
-        let Some(k) = stage_of(uid) else {
+        let Some(stage) = stage_of(uid) else {
             problems.push(format!("--parallelism {uid}: the job has no uid `{uid}`"));
             continue;
         };
-        let stage = &staged.stages[k];
-        match asked_for.get(&k) {
+        match rescales.get(&stage.name) {
             Some((other, n)) if *n != parallelism => problems.push(format!(
                 "--parallelism {uid}={parallelism}: `{uid}` and `{other}` run in stage {} ({}), whose nodes share one parallelism, and {other}={n} asks another",
                 stage.name,
                 stage.uids.join(", ")
             )),
             _ => {
-                asked_for.insert(k, (uid.clone(), parallelism));
-                let entry = split.entry(k).or_default();
-                for node in stage.uids.iter().chain(&stage.exchanges) {
-                    entry.parallelism.insert(node.clone(), parallelism);
-                }
+                rescales.insert(stage.name.clone(), (uid.clone(), parallelism));
             }
         }
+    }
+    if parallelism_zero(&request) {
+        problems.push("--parallelism: a stage runs at least one task".to_string());
     }
     if !problems.is_empty() {
         return Err(ControlError::BadRequest(problems.join("; ")));
     }
+    if !rescales.is_empty() {
+        if rescales.len() > 1 || !split.is_empty() {
+            return Err(ControlError::BadRequest(format!(
+                "job {} runs as stages: rescale one stage at a time, and upgrade plugins apart from a rescale (asked: {})",
+                staged.job,
+                rescales
+                    .keys()
+                    .chain(split.keys())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let (stage, (_, parallelism)) = rescales.into_iter().next().expect("one");
+        let operation = rescale::start(stages, store, storage, staged, &stage, parallelism).await?;
+        return Ok((operation, true));
+    }
     let mut requests = Vec::new();
-    for (k, mut part) in split {
+    for (stage, mut part) in split {
         part.allow_non_restored_state = request.allow_non_restored_state;
         part.probation = request.probation.clone();
         part.probation_checkpoints = request.probation_checkpoints;
         let body = serde_json::to_vec(&part).map_err(|e| ControlError::Internal(e.to_string()))?;
-        requests.push((&staged.stages[k], Some(Bytes::from(body))));
+        let body = Bytes::from(body);
+        for task in staged.stages.iter().filter(|s| s.name == stage) {
+            requests.push((task, Some(body.clone())));
+        }
     }
-    ask(
+    let operation = ask(
         stages,
         store,
         staged,
         OperationKind::Upgrade,
         "/upgrade",
         requests,
-        None,
+        (None, None),
     )
-    .await
+    .await?;
+    Ok((operation, false))
+}
+
+fn parallelism_zero(request: &UpgradeRequest) -> bool {
+    request.parallelism.values().any(|&n| n == 0)
 }
 
 /// Posts each request to `path` of its stage's job; records what each
@@ -457,7 +522,7 @@ async fn ask(
     kind: OperationKind,
     path: &str,
     requests: Vec<(&StageRef, Option<Bytes>)>,
-    savepoint: Option<String>,
+    (savepoint, rescale): (Option<String>, Option<StageRescale>),
 ) -> Result<Operation, ControlError> {
     let mut asked = Vec::new();
     let mut refusals = Vec::new();
@@ -485,7 +550,8 @@ async fn ask(
         if let Some(reason) = &skipped {
             refusals.push(format!(
                 "stage {} (job {}): {reason}",
-                stage.name, stage.job
+                label(stage),
+                stage.job
             ));
         }
         asked.push(StageOperation {
@@ -508,6 +574,7 @@ async fn ask(
         requested_ms: super::now_ms(),
         stages: asked,
         savepoint,
+        rescale,
     };
     store
         .add_operation(&staged.job, operation.clone())
@@ -528,6 +595,8 @@ async fn ask(
 
 async fn operation(
     stages: &Stages<'_>,
+    store: &StagedJobs,
+    cluster: &Cluster,
     staged: &StagedJob,
     id: &str,
 ) -> Result<Operation, ControlError> {
@@ -538,6 +607,9 @@ async fn operation(
         .ok_or_else(|| {
             ControlError::NotFound(format!("job {} has no operation {id}", staged.job))
         })?;
+    if let Some(rescale) = &asked.rescale {
+        return Ok(rescale::advance(stages, store, cluster, staged, asked, rescale).await);
+    }
     let mut found = Vec::new();
     for stage in &asked.stages {
         let Some(operation) = &stage.operation else {

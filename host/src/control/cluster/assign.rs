@@ -288,6 +288,24 @@ impl Assignments {
             }))
     }
 
+    /// Job `job`'s assignment, if it has one.
+    pub async fn assignment(&self, job: &str) -> Result<Option<Assignment>, ClusterError> {
+        Ok(self.get(job).await?.map(|(a, _)| a))
+    }
+
+    /// Creates `assignment` unless job `assignment.job` has one already
+    /// (an earlier try of the same step): `false` then.
+    pub async fn create_once(&self, assignment: &Assignment) -> Result<bool, ClusterError> {
+        if self.get(&assignment.job).await?.is_some() {
+            return Ok(false);
+        }
+        match self.create(assignment).await {
+            Ok(()) => Ok(true),
+            Err(_) if self.get(&assignment.job).await?.is_some() => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Every assignment, with its revision.
     async fn all(&self) -> Result<Vec<(Assignment, u64)>, ClusterError> {
         let mut keys = self.bucket.keys().await.map_err(|e| self.error(e))?;

@@ -1,16 +1,22 @@
 //! Staged jobs: a movable cluster job with `key` or `rebalance` edges is
-//! cut into stages joined by exchanges (`job::stages`), and each stage
-//! runs as a movable job of its own — its own assignment, generation and
-//! fence ([`super::assign`]), so a host's death restarts only the stages
-//! it ran, from their own newest checkpoints, while the others run on.
-//! The stages are spread over the live hosts when the job is submitted.
+//! cut into stages joined by exchanges (`job::stages`), and each stage of
+//! parallelism *p* runs as *p* **tasks**: task *i* runs subtask *i* of
+//! every node of the stage (the key groups subtask *i* owns; see
+//! `JobGraph::set_task`) as a movable job of its own — its own
+//! assignment, generation and fence ([`super::assign`]), its own
+//! checkpoints — so a stage's tasks spread over the hosts, and a host's
+//! death restarts only the tasks it ran, from their own newest
+//! checkpoints, while the others run on. The tasks are spread over the
+//! live hosts when the job is submitted.
 //!
 //! What ties them together is the job's [`StagedJob`] in the bucket
 //! `<name>-assignments` (key `s.<job id>`): its id, name and spec as
-//! submitted, its stages (their job ids are `<job id>-<n>`), and the
-//! operations asked of the whole job. No host drives a staged job as one:
-//! its status is what its stages' add up to ([`status_of`]); a cancel or a
-//! stop goes to every stage, and its outcome is theirs ([`outcome_of`]).
+//! submitted, its tasks stage by stage ([`StageRef`]; job ids
+//! `<job id>-<stage n>-<task>`, a rescaled stage's
+//! `<job id>-<stage n>-<operation>-<task>`), and the operations asked of
+//! the whole job. No host drives a staged job as one: its status is what
+//! its tasks' add up to ([`status_of`]); a cancel or a stop goes to every
+//! task, and its outcome is theirs ([`outcome_of`]).
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -40,19 +46,39 @@ pub struct StagedJob {
     pub exchanges_deleted: bool,
 }
 
-/// One stage of a [`StagedJob`].
+/// One **task** of a stage of a [`StagedJob`]: a stage of parallelism
+/// *p* runs as *p* tasks, task *i* running subtask *i* of each of the
+/// stage's nodes (the key groups subtask *i* owns) as a movable job of
+/// its own, so the tasks of one stage spread over the hosts and fail
+/// over one by one. [`StagedJob::stages`] lists them stage by stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageRef {
-    /// The uid of its first node.
+    /// The uid of its stage's first node.
     pub name: String,
-    /// The movable job that runs it.
+    /// The movable job that runs this task.
     pub job: String,
+    /// Which task of its stage it is, of how many (the stage's
+    /// parallelism).
+    #[serde(default)]
+    pub task: u32,
+    #[serde(default = "one")]
+    pub tasks: u32,
     /// The submitted job's nodes it runs.
     pub uids: Vec<String>,
     /// The exchanges' sources and sinks its job file adds (a rescale of
     /// the stage rescales them too).
     #[serde(default)]
     pub exchanges: Vec<String>,
+}
+
+impl StageRef {
+    /// `count` (a stage of one task), `count task 1` (one of several).
+    pub fn label(&self) -> String {
+        match self.tasks {
+            1 => self.name.clone(),
+            _ => format!("{} task {}", self.name, self.task),
+        }
+    }
 }
 
 /// An operation asked of a staged job: one per stage.
@@ -67,6 +93,34 @@ pub struct StagedOperation {
     /// once they all completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub savepoint: Option<String>,
+    /// A rescale of one stage (see `control::rescale`): `stages` are its
+    /// old tasks' stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescale: Option<StageRescale>,
+}
+
+/// A stage's rescale: its tasks stopped with savepoints into one
+/// directory, merged, and restored by as many new tasks as the new
+/// parallelism asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRescale {
+    /// The stage's name (its first node's uid).
+    pub stage: String,
+    pub from: u32,
+    pub to: u32,
+    /// The tasks it stopped.
+    pub old: Vec<StageRef>,
+    /// The directory their savepoints go into, whose `_metadata` is their
+    /// merge.
+    pub savepoint: String,
+    /// The tasks started in their place (none yet: the old ones are still
+    /// stopping): the new parallelism's, or, when a stop failed, the
+    /// stopped ones again, each from its own savepoint.
+    #[serde(default)]
+    pub started: Vec<StageRef>,
+    /// Why it failed (the tasks then started are the old ones, resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// What became of an operation's request to one stage.
@@ -117,8 +171,8 @@ pub fn status_of(stages: &[Option<JobStatus>]) -> JobStatus {
 }
 
 /// A staged operation as one operation: running while a stage's runs,
-/// failed as soon as a stage's failed (each failure named by its
-/// stage), else
+/// failed as soon as a stage's failed (an upgrade: once every stage's
+/// ended; each failure named by its stage), else
 /// succeeded; `stages` are the stages' operations in `operation.stages`'
 /// order (none: not found, or skipped).
 pub fn outcome_of(
@@ -130,7 +184,7 @@ pub fn outcome_of(
         names
             .iter()
             .find(|s| s.job == job)
-            .map_or(job.to_string(), |s| s.name.clone())
+            .map_or(job.to_string(), StageRef::label)
     };
     let mut running = false;
     let mut errors = Vec::new();
@@ -172,7 +226,10 @@ pub fn outcome_of(
         }
     }
     let failed = !errors.is_empty();
-    let status = if failed {
+    // An upgrade ends once every task's has (each rolls back on its own:
+    // the job settles only then); a stop or cancel fails at once.
+    let wait_all = operation.kind == OperationKind::Upgrade;
+    let status = if failed && !(wait_all && running) {
         OperationStatus::Failed
     } else if running {
         OperationStatus::Running
@@ -244,7 +301,23 @@ pub fn cluster_savepoint(
                 )
             })?;
             op.relocate(dir);
-            merged.operators.insert(uid.clone(), op);
+            // A stage's tasks each hold their own subtask of its nodes.
+            match merged.operators.get_mut(uid) {
+                None => {
+                    merged.operators.insert(uid.clone(), op);
+                }
+                Some(into) => {
+                    for subtask in op.subtasks {
+                        if into.subtasks.iter().any(|s| s.subtask == subtask.subtask) {
+                            return Err(format!(
+                                "stage {} (job {}): subtask {} of uid `{uid}` is in two tasks' savepoints",
+                                stage.name, stage.job, subtask.subtask
+                            ));
+                        }
+                        into.subtasks.push(subtask);
+                    }
+                }
+            }
         }
         for uid in &stage.exchanges {
             let Some(op) = metadata
@@ -254,15 +327,34 @@ pub fn cluster_savepoint(
             else {
                 continue;
             };
-            let positions = op
+            let positions: Vec<(u32, u64)> = op
                 .subtasks
                 .iter()
                 .flat_map(|s| s.partitions.iter().map(|(&g, &n)| (g, n)))
                 .collect();
-            merged.exchanges.insert(uid.clone(), positions);
+            merged
+                .exchanges
+                .entry(uid.clone())
+                .or_default()
+                .extend(positions);
+        }
+    }
+    for (uid, op) in &mut merged.operators {
+        op.subtasks.sort_by_key(|s| s.subtask);
+        if let Some(missing) =
+            (0..op.parallelism).find(|i| !op.subtasks.iter().any(|s| s.subtask == *i))
+        {
+            return Err(format!(
+                "job {}: subtask {missing} of uid `{uid}` is in no task's savepoint",
+                staged.job
+            ));
         }
     }
     Ok(merged)
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn key(job: &str) -> String {
@@ -357,7 +449,11 @@ impl StagedJobs {
 
     /// Changes staged job `job` by `change` (a compare-and-set, asked again
     /// while something else changes it).
-    async fn change(&self, job: &str, change: impl Fn(&mut StagedJob)) -> Result<(), ClusterError> {
+    pub async fn change(
+        &self,
+        job: &str,
+        change: impl Fn(&mut StagedJob),
+    ) -> Result<(), ClusterError> {
         for _ in 0..10 {
             let Some((mut staged, revision)) = self.entry(job).await? else {
                 return Err(self.error(format!("staged job {job} is gone")));
@@ -507,17 +603,22 @@ mod tests {
                 overrides: Default::default(),
                 parallelism: Default::default(),
                 storage: None,
+                task: None,
             },
             stages: vec![
                 StageRef {
                     name: "lines".into(),
                     job: "j-0".into(),
+                    task: 0,
+                    tasks: 1,
                     uids: vec!["lines".into()],
                     exchanges: vec!["count.input-0.out".into()],
                 },
                 StageRef {
                     name: "count".into(),
                     job: "j-1".into(),
+                    task: 0,
+                    tasks: 1,
                     uids: vec!["count".into(), "out".into()],
                     exchanges: vec!["count.input-0".into()],
                 },
@@ -575,12 +676,16 @@ mod tests {
             StageRef {
                 name: "lines".into(),
                 job: "j-0".into(),
+                task: 0,
+                tasks: 1,
                 uids: vec![],
                 exchanges: vec![],
             },
             StageRef {
                 name: "count".into(),
                 job: "j-1".into(),
+                task: 0,
+                tasks: 1,
                 uids: vec![],
                 exchanges: vec![],
             },
@@ -589,6 +694,7 @@ mod tests {
             id: "op".into(),
             kind: OperationKind::Stop,
             requested_ms: 1,
+            rescale: None,
             stages: names
                 .iter()
                 .map(|s| StageOperation {
@@ -644,5 +750,26 @@ mod tests {
             failed.error.as_deref(),
             Some("stage lines (job j-0): no barrier")
         );
+        // An upgrade's tasks each roll back on their own: it ends with the
+        // last of them.
+        let upgrade = StagedOperation {
+            kind: OperationKind::Upgrade,
+            ..asked.clone()
+        };
+        let some_failed = [
+            Some(op(OperationStatus::Failed, Some("rolled back"))),
+            Some(op(OperationStatus::Running, None)),
+        ];
+        let going = outcome_of(&upgrade, &names, &some_failed);
+        assert_eq!(going.status, OperationStatus::Running);
+        let ended = outcome_of(
+            &upgrade,
+            &names,
+            &[
+                Some(op(OperationStatus::Failed, Some("rolled back"))),
+                Some(op(OperationStatus::Succeeded, None)),
+            ],
+        );
+        assert_eq!(ended.status, OperationStatus::Failed);
     }
 }
