@@ -4,9 +4,9 @@
 # 4222-4224; nats-server installed by scripts/nats.sh), SeaweedFS as the
 # S3 server (127.0.0.1:8333, scripts/seaweedfs.sh) and three `weir serve`
 # hosts in one cluster (APIs on 127.0.0.1:8081-8083); publishes 60000
-# lines, submits job.toml, shows where its stages run, SIGKILLs the host
-# of its `count` stage, shows that stage carry on elsewhere from its
-# checkpoint while the others run on, and checks at the end that every
+# lines, submits job.toml, shows where its stages' tasks run, SIGKILLs
+# the host of the `count` stage's first task, shows that task carry on
+# elsewhere from its checkpoint while the others run on, and checks at the end that every
 # count was published exactly once. Everything is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -96,11 +96,11 @@ done
 sleep 5
 "$weir" job "$id" | grep -E '^(stage|checkpoints)'
 
-# The host of the `count` stage, and its process.
+# The host of the `count` stage's first task, and its process.
 victim="$("$weir" job "$id" --json | python3 -c 'import json,sys; print(next(s["host"] for s in json.load(sys.stdin)["stages"] if s["name"]=="count"))')"
 api="$("$weir" hosts --json | python3 -c 'import json,sys; print(next(h["api"] for h in json.load(sys.stdin)["hosts"] if h["id"]==sys.argv[1]))' "$victim")"
 index=$(( ${api##*:} - 8081 ))
-echo "==> kill -9 host $victim ($api), which runs the count stage"
+echo "==> kill -9 host $victim ($api), which runs a task of the count stage"
 kill -9 "${host_pids[$index]}"
 wait "${host_pids[$index]}" 2>/dev/null || true
 [ "$index" = 0 ] && export WEIR_HOST=http://127.0.0.1:8082
@@ -108,7 +108,7 @@ killed=$(date +%s%N)
 until "$weir" job "$id" --json | python3 -c 'import json,sys; s=next(s for s in json.load(sys.stdin)["stages"] if s["name"]=="count"); sys.exit(0 if s["host"]!=sys.argv[1] and s["status"]=="running" else 1)' "$victim" 2>/dev/null; do
     sleep 0.1
 done
-echo "==> the count stage runs again elsewhere, $(( ($(date +%s%N) - killed) / 1000000 )) ms after the SIGKILL:"
+echo "==> that count task runs again elsewhere, $(( ($(date +%s%N) - killed) / 1000000 )) ms after the SIGKILL:"
 "$weir" job "$id" | grep -E '^stage'
 
 echo "==> waiting for the job to finish"
