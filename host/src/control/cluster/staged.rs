@@ -671,6 +671,79 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_savepoint_joins_a_stages_tasks_subtasks() {
+        use crate::checkpoint::metadata::{
+            CheckpointMetadata, OperatorSnapshot, Role, SnapshotKind, SubtaskSnapshot,
+        };
+        let task = |i: u32| CheckpointMetadata {
+            kind: SnapshotKind::Savepoint,
+            job_id: format!("j-0-{i}"),
+            job_name: "wc/count".into(),
+            checkpoint: 4 + u64::from(i),
+            completed_ms: 1,
+            max_parallelism: 8,
+            operators: [(
+                "count".to_string(),
+                OperatorSnapshot {
+                    role: Role::Operator,
+                    parallelism: 2,
+                    plugin: None,
+                    states: Vec::new(),
+                    subtasks: vec![SubtaskSnapshot {
+                        subtask: i,
+                        key_groups: Some([i * 4, i * 4 + 4]),
+                        ..Default::default()
+                    }],
+                },
+            )]
+            .into(),
+            exchanges: Default::default(),
+        };
+        let reference = |i: u32| StageRef {
+            name: "count".into(),
+            job: format!("j-0-{i}"),
+            task: i,
+            tasks: 2,
+            uids: vec!["count".into()],
+            exchanges: vec![],
+        };
+        let staged = StagedJob {
+            job: "j".into(),
+            name: "wc".into(),
+            submitted_ms: 1,
+            spec: JobSpec {
+                job_file: String::new(),
+                file_name: "job.toml".into(),
+                base_dir: "/".into(),
+                resolved: Default::default(),
+                overrides: Default::default(),
+                parallelism: Default::default(),
+                storage: None,
+                task: None,
+            },
+            stages: vec![reference(0), reference(1)],
+            operations: Vec::new(),
+            exchanges_deleted: false,
+        };
+        let parts = vec![("a".to_string(), task(0)), ("b".to_string(), task(1))];
+        let merged = cluster_savepoint(&staged, &parts).expect("merged");
+        let subtasks: Vec<u32> = merged.operators["count"]
+            .subtasks
+            .iter()
+            .map(|s| s.subtask)
+            .collect();
+        assert_eq!(subtasks, [0, 1]);
+        assert_eq!(merged.checkpoint, 5);
+        // The same task twice is refused: a subtask would be missing.
+        let twice = vec![("a".to_string(), task(0)), ("b".to_string(), task(0))];
+        let error = cluster_savepoint(&staged, &twice).expect_err("refused");
+        assert!(
+            error.contains("subtask 0 of uid `count` is in two tasks' savepoints"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_staged_operation_ends_when_every_stages_ended_and_names_each_failure() {
         let names = vec![
             StageRef {
