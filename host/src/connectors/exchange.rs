@@ -110,26 +110,51 @@ impl Exchange {
     }
 
     /// The stream, made if it is not there yet (either side may come first).
+    ///
+    /// Every task on either side opens it, often at once, and a clustered
+    /// JetStream may take a while to place a replicated stream: a request
+    /// that timed out (or found JetStream unavailable, as while it elects
+    /// a leader) is asked again for up to [`OPEN_FOR`].
     pub async fn open(&self, js: &Context) -> Result<jetstream::stream::Stream, String> {
+        use jetstream::context::CreateStreamErrorKind as Kind;
         let name = self.stream();
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("weir.{}.*", self.name)],
-            duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: self.replicas,
-            description: Some(format!("weir exchange {}", self.name)),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "exchange `{}`: cannot open stream `{name}` on {}: {e}",
-                self.name,
-                super::nats::redact(&self.url)
-            )
-        })
+        let started = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opened = js
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("weir.{}.*", self.name)],
+                    duplicate_window: DUPLICATE_WINDOW,
+                    num_replicas: self.replicas,
+                    description: Some(format!("weir exchange {}", self.name)),
+                    ..Default::default()
+                })
+                .await;
+            match opened {
+                Ok(stream) => return Ok(stream),
+                Err(e)
+                    if matches!(e.kind(), Kind::TimedOut | Kind::JetStreamUnavailable)
+                        && started.elapsed() + backoff < OPEN_FOR =>
+                {
+                    warn!(exchange = %self.name, error = %e, "cannot open the exchange's stream yet; asking again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "exchange `{}`: cannot open stream `{name}` on {}: {e}",
+                        self.name,
+                        super::nats::redact(&self.url)
+                    ));
+                }
+            }
+        }
     }
 }
+
+/// How long [`Exchange::open`] asks again after a request timed out.
+const OPEN_FOR: Duration = Duration::from_secs(30);
 
 /// `batch` as a message body: the magic, the record count, the entries'
 /// flat words (little-endian) and the data.
