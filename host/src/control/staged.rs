@@ -206,28 +206,25 @@ async fn detail(
 ) -> Result<JobDetail, ControlError> {
     let mut hosts = Vec::new();
     let mut details = Vec::new();
+    let mut statuses: Vec<Option<JobStatus>> = Vec::new();
     for stage in &staged.stages {
-        let (host, detail) = match stages.detail(&stage.job).await {
-            Some((host, detail)) => (Some(host), Some(detail)),
-            // Its host does not answer: the directory still names it.
-            None => (
-                stages
-                    .directory
-                    .find(&stage.job)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|e| e.host),
-                None,
-            ),
+        let (host, detail, status) = match stages.detail(&stage.job).await {
+            Some((host, detail)) => {
+                let status = detail.job.lifecycle.status();
+                (Some(host), Some(detail), Some(status))
+            }
+            // Its host does not answer (now): the directory still names
+            // it, with the status it last wrote.
+            None => {
+                let entry = stages.directory.find(&stage.job).await.ok().flatten();
+                let status = entry.as_ref().map(|e| e.summary.status);
+                (entry.map(|e| e.host), None, status)
+            }
         };
         hosts.push(host);
         details.push(detail);
+        statuses.push(status);
     }
-    let statuses: Vec<Option<JobStatus>> = details
-        .iter()
-        .map(|d| d.as_ref().map(|d| d.job.lifecycle.status()))
-        .collect();
     let status = status_of(&statuses);
     let since_ms = details
         .iter()
@@ -240,14 +237,15 @@ async fn detail(
         .iter()
         .zip(&details)
         .zip(hosts)
-        .map(|((stage, detail), host)| StageView {
+        .zip(&statuses)
+        .map(|(((stage, detail), host), status)| StageView {
             name: stage.name.clone(),
             job: stage.job.clone(),
             task: stage.task,
             tasks: stage.tasks,
             uids: stage.uids.clone(),
             host,
-            status: detail.as_ref().map(|d| d.job.lifecycle.status()),
+            status: *status,
             checkpoints_completed: detail.as_ref().map_or(0, |d| d.checkpoints_completed),
             last_error: detail.as_ref().and_then(|d| d.job.last_error.clone()),
         })

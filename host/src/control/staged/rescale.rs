@@ -63,6 +63,17 @@ pub(super) async fn start(
         .filter(|s| s.name == stage)
         .cloned()
         .collect();
+    let going = staged.operations.iter().find(|o| {
+        o.rescale
+            .as_ref()
+            .is_some_and(|r| r.stage == stage && r.started.is_empty())
+    });
+    if let Some(going) = going {
+        return Err(ControlError::Conflict(format!(
+            "stage {stage} of job {} is being rescaled already (operation {})",
+            staged.job, going.id
+        )));
+    }
     let from = old.first().map_or(0, |s| s.tasks);
     if from == parallelism {
         return Err(ControlError::BadRequest(format!(
@@ -244,6 +255,15 @@ async fn restart(
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("job {} has no assignment", rescale.old[0].job))?;
     let mut next = rescale.clone();
+    // The old tasks the started ones replace: every one, or (a stop
+    // failed) those that stopped.
+    let replaced: Vec<String> = rescale
+        .old
+        .iter()
+        .zip(&taken)
+        .filter(|(_, savepoint)| refused.is_empty() || savepoint.is_some())
+        .map(|(task, _)| task.job.clone())
+        .collect();
     let plan: Vec<(u32, u32, String)> = if refused.is_empty() {
         let savepoint = merge(staged, rescale, &taken).await?;
         (0..rescale.to)
@@ -313,13 +333,12 @@ async fn restart(
                 return;
             }
             op.rescale = Some(recorded.clone());
-            let at = job
-                .stages
-                .iter()
-                .position(|s| s.name == recorded.stage)
-                .unwrap_or(job.stages.len());
-            job.stages.retain(|s| s.name != recorded.stage);
-            let at = at.min(job.stages.len());
+            // In the place of the old tasks it stopped.
+            let old = |s: &StageRef| replaced.contains(&s.job);
+            let Some(at) = job.stages.iter().position(old) else {
+                return;
+            };
+            job.stages.retain(|s| !old(s));
             job.stages.splice(at..at, recorded.started.iter().cloned());
         })
         .await
