@@ -1265,6 +1265,9 @@ async fn check_staged_restore(
             skipped.join("; ")
         )));
     }
+    for line in &skipped {
+        tracing::warn!(%savepoint, "not restored (--allow-non-restored-state): {line}");
+    }
     Ok(())
 }
 

@@ -180,7 +180,13 @@ pub fn prepare_as(
             let skipped =
                 restore::check(&read, &graph, &declared, options.allow_non_restored_state)?;
             for line in &skipped {
-                warn!("not restored (--allow-non-restored-state): {line}");
+                match graph.task {
+                    // A cluster task restores its stage's uids; the job's
+                    // other stages restore the rest (what none restores
+                    // was checked and named where the job was submitted).
+                    Some(_) => tracing::debug!("not restored here: {line}"),
+                    None => warn!("not restored (--allow-non-restored-state): {line}"),
+                }
             }
             info!(checkpoint = read.metadata.checkpoint, from = %read.path.display(), "restoring");
             Some(read)
