@@ -1174,6 +1174,25 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
         "{said}"
     );
 
+    // A rescale goes one stage at a time.
+    let two = hosts[0].weir(
+        &[
+            "rescale",
+            &id,
+            "--parallelism",
+            "gen=3",
+            "--parallelism",
+            "count=3",
+        ],
+        dir.path(),
+    );
+    assert!(!two.status.success());
+    let said = crate::host::stderr(&two);
+    assert!(
+        said.contains("rescale one stage at a time") && said.contains("count, gen"),
+        "{said}"
+    );
+
     let stopped = hosts[1].weir(&["stop", &id], dir.path());
     let said = crate::host::stderr(&stopped);
     assert!(stopped.status.success(), "{said}");
