@@ -1174,6 +1174,17 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
         "{said}"
     );
 
+    // The dashboard lists the staged job, and on its page each task with
+    // its stage and host.
+    if let Some(driver) = weir_tests::browser::chromedriver() {
+        crate::support::runtime().block_on(dashboard_shows_tasks(
+            &driver.url,
+            &hosts[0].url,
+            &id,
+            &placed,
+        ));
+    }
+
     // A rescale goes one stage at a time.
     let two = hosts[0].weir(
         &[
@@ -1226,6 +1237,32 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
     for host in &mut hosts {
         host.terminate();
     }
+}
+
+/// The dashboard at `url`: staged job `id` in the job list, and on its
+/// page each of its tasks (`placed`: stage, job, host) in the tasks table
+/// with its host.
+async fn dashboard_shows_tasks(
+    driver: &str,
+    url: &str,
+    id: &str,
+    placed: &[(String, String, String)],
+) {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let browser = crate::host::browser(driver, profile.path()).await;
+    browser.goto(&format!("{url}/")).await.expect("open /");
+    let listed = format!("#jobs tr[data-job=\"{id}\"] td.host");
+    crate::host::text_when(&browser, &listed, |t| {
+        t == format!("{} tasks", placed.len())
+    })
+    .await;
+    crate::host::click(&browser, &format!("#jobs tr[data-job=\"{id}\"] a")).await;
+    for (stage, job, host) in placed {
+        let row = format!("#tasks tr[data-task=\"{job}\"]");
+        crate::host::text_when(&browser, &format!("{row} td.host"), |t| t == host).await;
+        crate::host::text_when(&browser, &format!("{row} td:first-child"), |t| t == stage).await;
+    }
+    let _ = browser.close().await;
 }
 
 /// Waits until the NATS cluster's JetStream places streams of three

@@ -749,7 +749,10 @@ fn the_dashboard_shows_a_running_job_takes_a_savepoint_and_links_its_fork() {
 }
 
 /// The element `locator` finds, waiting up to 20 s for it.
-async fn wait_for(browser: &fantoccini::Client, locator: String) -> fantoccini::elements::Element {
+pub(crate) async fn wait_for(
+    browser: &fantoccini::Client,
+    locator: String,
+) -> fantoccini::elements::Element {
     browser
         .wait()
         .at_most(Duration::from_secs(20))
@@ -769,7 +772,7 @@ async fn read_text(browser: &fantoccini::Client, locator: &str) -> Option<String
 
 /// The text of the element `locator` finds once `accept` takes it, read
 /// again (through re-renders) for up to 20 s.
-async fn text_when(
+pub(crate) async fn text_when(
     browser: &fantoccini::Client,
     locator: &str,
     accept: impl Fn(&str) -> bool,
@@ -793,7 +796,7 @@ async fn text_when(
 
 /// Clicks the element `locator` finds, finding it again if a re-render
 /// replaced it between the find and the click; up to 20 s.
-async fn click(browser: &fantoccini::Client, locator: &str) {
+pub(crate) async fn click(browser: &fantoccini::Client, locator: &str) {
     let started = Instant::now();
     loop {
         let result = wait_for(browser, locator.to_string()).await.click().await;
@@ -808,25 +811,31 @@ async fn click(browser: &fantoccini::Client, locator: &str) {
     }
 }
 
-async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screenshot: &Path) {
-    use fantoccini::{ClientBuilder, Locator};
-    let profile = tempfile::tempdir().expect("profile dir");
+/// A headless Chromium session through ChromeDriver at `driver` (its
+/// profile in `profile`).
+pub(crate) async fn browser(driver: &str, profile: &Path) -> fantoccini::Client {
     let mut args: Vec<String> = weir_tests::browser::CHROMIUM_ARGS
         .iter()
         .map(|a| a.to_string())
         .collect();
-    args.push(format!("--user-data-dir={}", profile.path().display()));
+    args.push(format!("--user-data-dir={}", profile.display()));
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".to_string(),
         serde_json::json!({ "binary": "/usr/bin/chromium", "args": args }),
     );
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    let browser = ClientBuilder::new(connector)
+    fantoccini::ClientBuilder::new(connector)
         .capabilities(capabilities)
         .connect(driver)
         .await
-        .expect("a Chromium session");
+        .expect("a Chromium session")
+}
+
+async fn drive_dashboard(driver: &str, host: &str, job: &str, fork: &str, screenshot: &Path) {
+    use fantoccini::Locator;
+    let profile = tempfile::tempdir().expect("profile dir");
+    let browser = browser(driver, profile.path()).await;
     let wait = |locator: &str| wait_for(&browser, locator.to_string());
     browser.goto(&format!("{host}/")).await.expect("open /");
     // The host has a token: the page asks for it.

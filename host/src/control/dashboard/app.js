@@ -70,17 +70,22 @@ function table(id, headers, rows, empty) {
 
 async function jobsPage() {
   const [jobs, plugins, hosts] = await Promise.all([api("/api/jobs"), api("/api/plugins"), api("/api/hosts")]);
+  // In a cluster: which host runs each job (a staged job's tasks are jobs
+  // of their own, each on its host; the staged job itself on none).
+  const clustered = Boolean(hosts.cluster);
+  const hostCell = (j) => (clustered ? `<td class="host">${esc(j.host || (j.stages && j.stages.length ? `${j.stages.length} tasks` : ""))}</td>` : "");
   const jobRows = jobs.map((j) => `<tr data-job="${esc(j.id)}">
       <td><a href="#/jobs/${esc(j.id)}">${esc(j.name)}</a></td>
       <td><code>${esc(j.id)}</code></td><td>${status(j.status)}</td>
-      <td>${esc(time(j.since_ms))}</td><td>${esc((j.plugins || []).join(", "))}</td></tr>`);
+      <td>${esc(time(j.since_ms))}</td><td>${esc((j.plugins || []).join(", "))}</td>${hostCell(j)}</tr>`);
+  const jobHeaders = [["name"], ["id"], ["status"], ["since"], ["plugins"]].concat(clustered ? [["host"]] : []);
   const pluginRows = plugins.map((p) => `<tr data-plugin="${esc(p.name + "@" + p.version)}">
       <td>${esc(p.name)}@${esc(p.version)}</td><td><code>${esc(p.digest.slice(0, 12))}</code></td>
       <td class="num">${esc(bytes(p.size))}</td>
       <td>${esc(p.states.map((s) => `${s.name} (${s.kind} v${s.schema_version})`).join(", "))}</td>
       <td class="num">${esc(ms(p.compile_ms))}</td><td>${esc(p.jobs.join(", "))}</td></tr>`);
   main.innerHTML = `<h1>Jobs</h1>
-    ${table("jobs", [["name"], ["id"], ["status"], ["since"], ["plugins"]], jobRows, "No jobs yet: weir run JOB.toml --host …")}
+    ${table("jobs", jobHeaders, jobRows, "No jobs yet: weir run JOB.toml --host …")}
     <h2>Plugin store</h2>
     ${table("plugins", [["plugin"], ["digest"], ["size", "num"], ["states"], ["compile", "num"], ["used by"]], pluginRows, "No plugins yet: weir plugin add FILE")}
     ${clusterSection(hosts)}`;
@@ -212,6 +217,19 @@ function lineage(job) {
   return parts.length ? `<p id="lineage" class="muted">${parts.join(" · ")}</p>` : "";
 }
 
+// A staged cluster job's tasks: which stage, which of its subtasks, on
+// which host.
+function tasksSection(stages) {
+  if (!stages.length) return "";
+  const rows = stages.map((t) => `<tr data-task="${esc(t.job)}">
+      <td>${esc(t.name)}</td><td class="num">${esc(t.task)} of ${esc(t.tasks)}</td>
+      <td><a href="#/jobs/${esc(t.job)}"><code>${esc(t.job)}</code></a></td>
+      <td class="host">${esc(t.host || "not placed yet")}</td><td>${status(t.status || "unknown")}</td>
+      <td class="num">${esc(t.checkpoints_completed)}</td><td>${esc(t.uids.join(", "))}</td></tr>`);
+  return `<h2>Tasks</h2>
+    ${table("tasks", [["stage"], ["task", "num"], ["job"], ["host"], ["status"], ["checkpoints", "num"], ["runs"]], rows, "")}`;
+}
+
 async function jobPage(id) {
   const detail = await api(`/api/jobs/${encodeURIComponent(id)}`);
   const job = detail.job;
@@ -247,6 +265,7 @@ async function jobPage(id) {
       <div class="card"><div class="muted">restarts</div><div class="value">${job.restarts.length}</div></div>
       <div class="card"><div class="muted">savepoints</div><div class="value">${job.savepoints.length}</div></div>
     </div>
+    ${tasksSection(detail.stages || [])}
     <h2>Graph</h2>${graph(detail, rates)}
     <h2>Checkpoints</h2>${checkpointChart(detail.checkpoints)}
     ${table("checkpoints", [["id", "num"], ["completed"], ["duration", "num"], ["alignment", "num"], ["size", "num"], ["incremental", "num"]], checkpointRows, "No checkpoint yet.")}
