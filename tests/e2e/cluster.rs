@@ -1402,6 +1402,35 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
         .clone();
     hosts[0].wait_status(&id, "running", Duration::from_secs(60));
     hosts[0].wait_checkpoints(&count, 3, Duration::from_secs(60));
+
+    // A third host joins: at the next rebalance it takes a fair share of
+    // the five tasks (each moved as a failover moves it, from its restore
+    // point, its old owner fenced), and the job runs on.
+    let third = cluster.host(dir.path(), 2);
+    let third_id = own_id(&third);
+    hosts.push(third);
+    let started = Instant::now();
+    loop {
+        let now = stages(&hosts[0], &id);
+        let mut load: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, _, host) in &now {
+            *load.entry(host.clone().unwrap_or_default()).or_default() += 1;
+        }
+        let (most, least) = (
+            load.values().max().copied().unwrap_or(0),
+            load.values().min().copied().unwrap_or(0),
+        );
+        if load.contains_key(&third_id) && load.len() == 3 && most <= least + 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the joined host took no fair share: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+
     let started = Instant::now();
     while crate::nats::output(&url, name).len() < 1000 {
         assert!(

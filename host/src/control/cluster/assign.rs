@@ -16,7 +16,13 @@
 //!   host whose entry is gone, or has not been renewed for a whole lease by
 //!   the coordinator's own clock, is dead; each live job it owned goes to
 //!   the live host with the fewest jobs, with a compare-and-set that bumps
-//!   the generation. Jobs of live hosts never move (sticky). Nothing moves
+//!   the generation. Jobs of live hosts stay where they are (sticky),
+//!   except that while one live host runs two jobs more than another (a
+//!   host joined), the coordinator moves one running job at a time off
+//!   the busiest to the least busy ([`Assignments::rebalance`], at most
+//!   every few seconds), the same way: a new generation, the old owner
+//!   fenced and releasing it, the new one restoring its restore point.
+//!   Nothing moves
 //!   until the coordinator's own renewals have succeeded for a whole lease:
 //!   while the members bucket does not answer (a NATS node died) no host
 //!   can renew, which is no sign of death.
@@ -160,6 +166,8 @@ pub struct Assignments {
     js: jetstream::Context,
     /// When the coordinator last looked for exchanges to delete.
     tidied: Mutex<Option<Instant>>,
+    /// When the coordinator last looked at the hosts' load.
+    balanced: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Assignments {
@@ -176,6 +184,9 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 /// How often the coordinator looks for staged jobs whose exchanges can go.
 const TIDY_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the coordinator may move a job to even out the hosts' load.
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 
 impl Assignments {
     pub(super) async fn open(
@@ -205,6 +216,7 @@ impl Assignments {
             seen: Mutex::default(),
             cache: Mutex::default(),
             tidied: Mutex::new(None),
+            balanced: Mutex::new(None),
         }))
     }
 
@@ -479,7 +491,10 @@ impl Assignments {
         let mut all = self.all().await?;
         let coordinator = self.shared.lock().held.is_some();
         if coordinator && self.shared.members_steady() {
-            self.move_from_dead(&mut all, &live).await;
+            let moved = self.move_from_dead(&mut all, &live).await;
+            if !moved {
+                self.rebalance(&mut all, &live).await;
+            }
         }
         if coordinator {
             self.delete_ended_exchanges(&all).await;
@@ -619,9 +634,9 @@ impl Assignments {
     /// The coordinator's part: every live job of a host not in `live`
     /// goes to the live host with the fewest jobs (a compare-and-set that
     /// bumps its generation).
-    async fn move_from_dead(&self, all: &mut [(Assignment, u64)], live: &[String]) {
+    async fn move_from_dead(&self, all: &mut [(Assignment, u64)], live: &[String]) -> bool {
         if live.is_empty() {
-            return;
+            return false;
         }
         let mut load: BTreeMap<&str, usize> = live.iter().map(|h| (h.as_str(), 0)).collect();
         for (assignment, _) in all.iter() {
@@ -643,6 +658,7 @@ impl Assignments {
             *load.get_mut(to).expect("a live host") += 1;
             moves.push((i, to.to_string()));
         }
+        let moved = !moves.is_empty();
         for (i, to) in moves {
             let (assignment, revision) = &mut all[i];
             let from = assignment.host.clone();
@@ -668,6 +684,100 @@ impl Assignments {
                     warn!(job = %assignment.job, %error, "cannot move the job (changed meanwhile)");
                 }
             }
+        }
+        moved
+    }
+
+    /// On the coordinator, at most every [`REBALANCE_EVERY`]: while one
+    /// live host runs two jobs more than another (a host joined), moves
+    /// one of its running jobs that has committed a restore point to the
+    /// least loaded, as a failover does (a new generation: the old owner
+    /// is fenced and releases it, the new one restores its restore
+    /// point). One at a time, so the cluster settles between moves.
+    async fn rebalance(&self, all: &mut [(Assignment, u64)], live: &[String]) {
+        {
+            let mut balanced = self.balanced.lock().expect("not poisoned");
+            if balanced.is_some_and(|at| at.elapsed() < REBALANCE_EVERY) {
+                return;
+            }
+            *balanced = Some(Instant::now());
+        }
+        let mut load: BTreeMap<&str, usize> = live.iter().map(|h| (h.as_str(), 0)).collect();
+        for (assignment, _) in all.iter() {
+            if !assignment.ended
+                && let Some(count) = load.get_mut(assignment.host.as_str())
+            {
+                *count += 1;
+            }
+        }
+        let (Some((&most, &high)), Some((&least, &low))) = (
+            load.iter()
+                .max_by_key(|(host, count)| (**count, std::cmp::Reverse(**host))),
+            load.iter().min_by_key(|(host, count)| (**count, **host)),
+        ) else {
+            return;
+        };
+        if high < low + 2 {
+            return;
+        }
+        // Running there, with a restore point: nothing in the middle of
+        // an upgrade, a stop or a start is moved.
+        let directory = match self
+            .js
+            .get_key_value(format!("{}-jobs", self.shared.name))
+            .await
+        {
+            Ok(directory) => directory,
+            Err(error) => {
+                warn!(%error, "cannot read the job directory to rebalance");
+                return;
+            }
+        };
+        let mut candidates: Vec<usize> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _))| !a.ended && a.host == most && a.restore.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        candidates.sort_by(|a, b| all[*b].0.job.cmp(&all[*a].0.job));
+        for i in candidates {
+            let (assignment, revision) = &mut all[i];
+            let running = directory
+                .get(format!("j.{}", assignment.job))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|bytes| serde_json::from_slice::<super::jobs::JobEntry>(&bytes).ok())
+                .is_some_and(|entry| {
+                    entry.host == most
+                        && entry.summary.status == crate::control::lifecycle::JobStatus::Running
+                });
+            if !running {
+                continue;
+            }
+            let mut moved = assignment.clone();
+            moved.host = least.to_string();
+            moved.generation += 1;
+            moved.reason = format!(
+                "rebalanced from host `{most}` ({high} jobs) to `{least}` ({low}), by coordinator `{}`",
+                self.shared.id
+            );
+            let bytes = Bytes::from(serde_json::to_vec(&moved).unwrap_or_default());
+            match self
+                .bucket
+                .update(key(&assignment.job), bytes, *revision)
+                .await
+            {
+                Ok(next) => {
+                    info!(job = %moved.job, from = %most, to = %least, generation = moved.generation, "rebalanced the job");
+                    *assignment = moved;
+                    *revision = next;
+                }
+                Err(error) => {
+                    warn!(job = %assignment.job, %error, "cannot rebalance the job (changed meanwhile)");
+                }
+            }
+            return;
         }
     }
 }
