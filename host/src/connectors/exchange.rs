@@ -114,7 +114,7 @@ impl Exchange {
     /// Every task on either side opens it, often at once, and a clustered
     /// JetStream may take a while to place a replicated stream: a request
     /// that timed out (or found JetStream unavailable, as while it elects
-    /// a leader) is asked again for up to [`OPEN_FOR`].
+    /// a leader) is asked again for up to 30 s.
     pub async fn open(&self, js: &Context) -> Result<jetstream::stream::Stream, String> {
         use jetstream::context::CreateStreamErrorKind as Kind;
         let name = self.stream();
