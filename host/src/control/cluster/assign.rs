@@ -19,7 +19,7 @@
 //!   the generation. Jobs of live hosts stay where they are (sticky),
 //!   except that while one live host runs two jobs more than another (a
 //!   host joined), the coordinator moves one running job at a time off
-//!   the busiest to the least busy ([`Assignments::rebalance`], at most
+//!   the busiest to the least busy (`Assignments::rebalance`, at most
 //!   every few seconds), the same way: a new generation, the old owner
 //!   fenced and releasing it, the new one restoring its restore point.
 //!   Nothing moves
