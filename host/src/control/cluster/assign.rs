@@ -627,6 +627,12 @@ impl Assignments {
                 live.push(id);
             }
         }
+        // This host is live while it runs this, even if its own entry
+        // lapsed (its renewals starved of CPU): a coordinator never moves
+        // its own jobs off itself.
+        if !live.contains(&self.shared.id) {
+            live.push(self.shared.id.clone());
+        }
         live.sort();
         Ok(live)
     }
