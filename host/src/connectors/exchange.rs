@@ -26,7 +26,8 @@
 //! restore at another parallelism hands each key group's position to its
 //! new reader). Its watermark is the minimum over the writers; it ends once
 //! every writer ended on each of its key groups (those counts are
-//! checkpointed with the positions, under `END_BASE + key group`).
+//! checkpointed with the positions, under `END_BASE + key group`, and
+//! which writers' last message paused, under `PAUSED_BASE + key group`).
 //!
 //! **Stopping** (a staged job stopped as a whole, so that its stages'
 //! savepoints form one cut): a writer stopped with a savepoint publishes,
@@ -83,6 +84,9 @@ pub const SPOOL_HEADER: &str = "weir-exchange-pending 1 ";
 /// Partition keys at and above this hold a key group's end counts, not a
 /// position (key groups are below 2^16).
 const END_BASE: u32 = 1 << 20;
+/// Partition keys at and above this hold which writers' last message on a
+/// key group said they paused ([`pack_paused`]).
+const PAUSED_BASE: u32 = 2 << 20;
 /// How long an exchange stream keeps message ids.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -457,6 +461,22 @@ fn unpack_ends(packed: u64) -> (u32, u32) {
     ((packed >> 32) as u32, packed as u32)
 }
 
+/// The writers of `writers` that paused, as one number: the count above,
+/// a bit per writer below (none: more than 32 writers, not kept; a
+/// restored reader then hears of their pauses no more).
+fn pack_paused(writers: u32, paused: &BTreeSet<u32>) -> Option<u64> {
+    (writers <= 32 && paused.iter().all(|w| *w < 32)).then(|| {
+        let bits = paused.iter().fold(0u32, |bits, w| bits | (1 << w));
+        (u64::from(writers) << 32) | u64::from(bits)
+    })
+}
+
+fn unpack_paused(packed: u64) -> (u32, BTreeSet<u32>) {
+    let bits = packed as u32;
+    let paused = (0..32).filter(|w| bits & (1 << w) != 0).collect();
+    ((packed >> 32) as u32, paused)
+}
+
 /// An `exchange` source subtask: see the module's "Reading".
 pub struct ExchangeSource {
     exchange: Exchange,
@@ -503,14 +523,25 @@ impl ExchangeSource {
             .clone()
             .filter_map(|g| Some((g, unpack_ends(*restored.get(&(END_BASE + g))?))))
             .collect();
+        // A reader restored while its writers stood paused (a stop in
+        // flight) knows it, though they publish nothing more.
+        let mut writers = 0;
+        let mut paused = BTreeMap::new();
+        for g in groups.clone() {
+            if let Some(&packed) = restored.get(&(PAUSED_BASE + g)) {
+                let (of, who) = unpack_paused(packed);
+                writers = of;
+                paused.insert(g, who);
+            }
+        }
         Self {
             exchange,
             groups,
             last,
             ends,
-            paused: BTreeMap::new(),
+            paused,
             watermarks: BTreeMap::new(),
-            writers: 0,
+            writers,
             emitted: i64::MIN,
             read: 0,
             items: None,
@@ -821,6 +852,11 @@ impl Source for ExchangeSource {
         for (&group, &(writers, ended)) in &self.ends {
             positions.insert(END_BASE + group, pack_ends(writers, ended));
         }
+        for (&group, paused) in self.paused.iter().filter(|(_, p)| !p.is_empty()) {
+            if let Some(packed) = pack_paused(self.writers, paused) {
+                positions.insert(PAUSED_BASE + group, packed);
+            }
+        }
         Some(positions)
     }
 
@@ -998,7 +1034,20 @@ mod tests {
             source.stop_ready(),
             "key group 1: one ended, the other paused"
         );
+        // Checkpointed so, a reader restored from it is ready at once: its
+        // writers publish nothing more while they stand paused.
+        let positions = source.partitions().expect("partitioned");
+        let mut restored = ExchangeSource::new(source.exchange.clone(), 0, 2, 4, &positions);
+        assert!(restored.stop_ready(), "restored mid-stop: {positions:?}");
         source.paused.get_mut(&0).expect("paused").remove(&0);
         assert!(!source.stop_ready(), "writer 0 resumed on key group 0");
+    }
+
+    #[test]
+    fn pauses_pack_up_to_32_writers() {
+        let paused = BTreeSet::from([0, 5, 31]);
+        let packed = pack_paused(32, &paused).expect("fits");
+        assert_eq!(unpack_paused(packed), (32, paused));
+        assert_eq!(pack_paused(33, &BTreeSet::from([1])), None);
     }
 }
