@@ -666,32 +666,43 @@ impl Assignments {
         }
         let moved = !moves.is_empty();
         for (i, to) in moves {
-            let (assignment, revision) = &mut all[i];
-            let from = assignment.host.clone();
-            let mut moved = assignment.clone();
-            moved.host = to.clone();
-            moved.generation += 1;
-            moved.reason = format!(
+            let from = all[i].0.host.clone();
+            let reason = format!(
                 "failed over from host `{from}` (its lease lapsed), by coordinator `{}`",
                 self.shared.id
             );
-            let bytes = Bytes::from(serde_json::to_vec(&moved).unwrap_or_default());
-            match self
-                .bucket
-                .update(key(&assignment.job), bytes, *revision)
-                .await
-            {
-                Ok(next) => {
-                    info!(job = %moved.job, %from, %to, generation = moved.generation, "moved the job off a dead host");
-                    *assignment = moved;
-                    *revision = next;
-                }
-                Err(error) => {
-                    warn!(job = %assignment.job, %error, "cannot move the job (changed meanwhile)");
-                }
-            }
+            self.move_to(&mut all[i], &to, reason).await;
         }
         moved
+    }
+
+    /// Gives `entry`'s job to host `to` under a new generation (a
+    /// compare-and-set on its revision: its old owner is fenced from the
+    /// next commit on); `false` if it changed meanwhile.
+    async fn move_to(&self, entry: &mut (Assignment, u64), to: &str, reason: String) -> bool {
+        let (assignment, revision) = entry;
+        let from = assignment.host.clone();
+        let mut moved = assignment.clone();
+        moved.host = to.to_string();
+        moved.generation += 1;
+        moved.reason = reason;
+        let bytes = Bytes::from(serde_json::to_vec(&moved).unwrap_or_default());
+        match self
+            .bucket
+            .update(key(&assignment.job), bytes, *revision)
+            .await
+        {
+            Ok(next) => {
+                info!(job = %moved.job, %from, %to, generation = moved.generation, reason = %moved.reason, "moved the job");
+                *assignment = moved;
+                *revision = next;
+                true
+            }
+            Err(error) => {
+                warn!(job = %assignment.job, %error, "cannot move the job (changed meanwhile)");
+                false
+            }
+        }
     }
 
     /// On the coordinator, at most every [`REBALANCE_EVERY`]: while one
@@ -747,7 +758,7 @@ impl Assignments {
             .collect();
         candidates.sort_by(|a, b| all[*b].0.job.cmp(&all[*a].0.job));
         for i in candidates {
-            let (assignment, revision) = &mut all[i];
+            let assignment = &all[i].0;
             let running = directory
                 .get(format!("j.{}", assignment.job))
                 .await
@@ -761,28 +772,11 @@ impl Assignments {
             if !running {
                 continue;
             }
-            let mut moved = assignment.clone();
-            moved.host = least.to_string();
-            moved.generation += 1;
-            moved.reason = format!(
+            let reason = format!(
                 "rebalanced from host `{most}` ({high} jobs) to `{least}` ({low}), by coordinator `{}`",
                 self.shared.id
             );
-            let bytes = Bytes::from(serde_json::to_vec(&moved).unwrap_or_default());
-            match self
-                .bucket
-                .update(key(&assignment.job), bytes, *revision)
-                .await
-            {
-                Ok(next) => {
-                    info!(job = %moved.job, from = %most, to = %least, generation = moved.generation, "rebalanced the job");
-                    *assignment = moved;
-                    *revision = next;
-                }
-                Err(error) => {
-                    warn!(job = %assignment.job, %error, "cannot rebalance the job (changed meanwhile)");
-                }
-            }
+            self.move_to(&mut all[i], least, reason).await;
             return;
         }
     }

@@ -505,6 +505,20 @@ mod tests {
         }
     }
 
+    /// A staged job's spec, as the tests need none of it.
+    fn spec() -> JobSpec {
+        JobSpec {
+            job_file: String::new(),
+            file_name: "job.toml".into(),
+            base_dir: "/".into(),
+            resolved: Default::default(),
+            overrides: Default::default(),
+            parallelism: Default::default(),
+            storage: None,
+            task: None,
+        }
+    }
+
     #[test]
     fn a_cluster_savepoint_holds_the_submitted_jobs_operators_below_their_stages_dirs() {
         use crate::checkpoint::metadata::{
@@ -595,16 +609,7 @@ mod tests {
             job: "j".into(),
             name: "wc".into(),
             submitted_ms: 1,
-            spec: JobSpec {
-                job_file: String::new(),
-                file_name: "job.toml".into(),
-                base_dir: "/".into(),
-                resolved: Default::default(),
-                overrides: Default::default(),
-                parallelism: Default::default(),
-                storage: None,
-                task: None,
-            },
+            spec: spec(),
             stages: vec![
                 StageRef {
                     name: "lines".into(),
@@ -711,16 +716,7 @@ mod tests {
             job: "j".into(),
             name: "wc".into(),
             submitted_ms: 1,
-            spec: JobSpec {
-                job_file: String::new(),
-                file_name: "job.toml".into(),
-                base_dir: "/".into(),
-                resolved: Default::default(),
-                overrides: Default::default(),
-                parallelism: Default::default(),
-                storage: None,
-                task: None,
-            },
+            spec: spec(),
             stages: vec![reference(0), reference(1)],
             operations: Vec::new(),
             exchanges_deleted: false,
