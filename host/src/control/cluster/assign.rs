@@ -17,13 +17,13 @@
 //!   the coordinator's own clock, is dead; each live job it owned goes to
 //!   the live host with the fewest jobs, with a compare-and-set that bumps
 //!   the generation. Jobs of live hosts stay where they are (sticky),
-//!   except that while one live host runs two jobs more than another (a
-//!   host joined), the coordinator moves one running job at a time off
-//!   the busiest to the least busy (`Assignments::rebalance`, at most
-//!   every few seconds), the same way: a new generation, the old owner
-//!   fenced and releasing it, the new one restoring its restore point.
-//!   Nothing moves
-//!   until the coordinator's own renewals have succeeded for a whole lease:
+//!   except that for a minute after a host joined, while one live host
+//!   runs two jobs more than another, the coordinator moves one running
+//!   job at a time off the busiest to the least busy
+//!   (`Assignments::rebalance`, at most every few seconds), the same
+//!   way: a new generation, the old owner fenced and releasing it, the
+//!   new one restoring its restore point. Nothing moves until the
+//!   coordinator's own renewals have succeeded for a whole lease:
 //!   while the members bucket does not answer (a NATS node died) no host
 //!   can renew, which is no sign of death.
 //! - Every host follows the bucket: it adopts a job assigned to it that it
@@ -166,8 +166,18 @@ pub struct Assignments {
     js: jetstream::Context,
     /// When the coordinator last looked for exchanges to delete.
     tidied: Mutex<Option<Instant>>,
-    /// When the coordinator last looked at the hosts' load.
-    balanced: Mutex<Option<Instant>>,
+    /// When the coordinator last looked at the hosts' load, the members
+    /// it knew then (none: not looked yet), and until when it evens the
+    /// load out (a host joined).
+    balanced: Mutex<Balancing>,
+}
+
+/// The coordinator's rebalancing: see [`Assignments::rebalance`].
+#[derive(Debug, Default)]
+struct Balancing {
+    looked: Option<Instant>,
+    members: Option<std::collections::BTreeSet<String>>,
+    until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Assignments {
@@ -187,6 +197,9 @@ const TIDY_EVERY: Duration = Duration::from_secs(2);
 
 /// How often the coordinator may move a job to even out the hosts' load.
 const REBALANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// How long after a host joined the coordinator evens out the load.
+const REBALANCE_FOR: Duration = Duration::from_secs(60);
 
 impl Assignments {
     pub(super) async fn open(
@@ -216,7 +229,7 @@ impl Assignments {
             seen: Mutex::default(),
             cache: Mutex::default(),
             tidied: Mutex::new(None),
-            balanced: Mutex::new(None),
+            balanced: Mutex::default(),
         }))
     }
 
@@ -705,19 +718,36 @@ impl Assignments {
         }
     }
 
-    /// On the coordinator, at most every [`REBALANCE_EVERY`]: while one
-    /// live host runs two jobs more than another (a host joined), moves
-    /// one of its running jobs that has committed a restore point to the
-    /// least loaded, as a failover does (a new generation: the old owner
-    /// is fenced and releases it, the new one restores its restore
-    /// point). One at a time, so the cluster settles between moves.
+    /// On the coordinator, at most every [`REBALANCE_EVERY`], for
+    /// [`REBALANCE_FOR`] after a host joined: while one live host runs two
+    /// jobs more than another, moves one of its running jobs that has
+    /// committed a restore point to the least loaded, as a failover does
+    /// (a new generation: the old owner is fenced and releases it, the new
+    /// one restores its restore point). One at a time, so the cluster
+    /// settles between moves; never otherwise (a placement skewed for a
+    /// moment, as while a rescale's old tasks are being marked ended,
+    /// moves nothing).
     async fn rebalance(&self, all: &mut [(Assignment, u64)], live: &[String]) {
         {
-            let mut balanced = self.balanced.lock().expect("not poisoned");
-            if balanced.is_some_and(|at| at.elapsed() < REBALANCE_EVERY) {
+            let mut balancing = self.balanced.lock().expect("not poisoned");
+            let now = Instant::now();
+            let members: std::collections::BTreeSet<String> = live.iter().cloned().collect();
+            let joined = balancing
+                .members
+                .as_ref()
+                .is_some_and(|known| members.iter().any(|m| !known.contains(m)));
+            balancing.members = Some(members);
+            if joined {
+                balancing.until = Some(now + REBALANCE_FOR);
+            }
+            if balancing.until.is_none_or(|until| now > until)
+                || balancing
+                    .looked
+                    .is_some_and(|at| at.elapsed() < REBALANCE_EVERY)
+            {
                 return;
             }
-            *balanced = Some(Instant::now());
+            balancing.looked = Some(now);
         }
         let mut load: BTreeMap<&str, usize> = live.iter().map(|h| (h.as_str(), 0)).collect();
         for (assignment, _) in all.iter() {

@@ -28,7 +28,7 @@ use crate::control::lifecycle::{JobStatus, OperationKind};
 use crate::control::record::{JobSpec, Operation, OperationStatus};
 
 /// A cluster job that runs as stages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StagedJob {
     pub job: String,
     pub name: String,
@@ -82,7 +82,7 @@ impl StageRef {
 }
 
 /// An operation asked of a staged job: one per stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StagedOperation {
     pub id: String,
     pub kind: OperationKind,
@@ -102,7 +102,7 @@ pub struct StagedOperation {
 /// A stage's rescale: its tasks stopped with savepoints into one
 /// directory, merged, and restored by as many new tasks as the new
 /// parallelism asks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageRescale {
     /// The stage's name (its first node's uid).
     pub stage: String,
@@ -121,6 +121,10 @@ pub struct StageRescale {
     /// Why it failed (the tasks then started are the old ones, resumed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// How it ended, once it did (the started tasks may finish or fail
+    /// over later: that is not the rescale's outcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Operation>,
 }
 
 /// What became of an operation's request to one stage.

@@ -109,6 +109,7 @@ pub(super) async fn start(
         savepoint,
         started: Vec::new(),
         failed: None,
+        ended: None,
     };
     ask(
         stages,
@@ -124,6 +125,42 @@ pub(super) async fn start(
 
 /// What the rescale stands at, as far as this host could take it.
 pub(super) async fn advance(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    cluster: &Cluster,
+    staged: &StagedJob,
+    asked: &StagedOperation,
+    rescale: &StageRescale,
+) -> Operation {
+    if let Some(ended) = &rescale.ended {
+        return ended.clone();
+    }
+    let operation = outcome(stages, store, cluster, staged, asked, rescale).await;
+    if operation.status != OperationStatus::Running {
+        // Recorded once: later looks answer the same.
+        let (id, ended) = (asked.id.clone(), operation.clone());
+        let recorded = store
+            .change(&staged.job, |job| {
+                if let Some(r) = job
+                    .operations
+                    .iter_mut()
+                    .find(|o| o.id == id)
+                    .and_then(|o| o.rescale.as_mut())
+                    .filter(|r| r.ended.is_none())
+                {
+                    r.ended = Some(ended.clone());
+                }
+            })
+            .await;
+        if let Err(error) = recorded {
+            tracing::warn!(job = %staged.job, operation = %asked.id, %error, "cannot record the rescale's end");
+        }
+    }
+    operation
+}
+
+/// [`advance`], short of recording the end.
+async fn outcome(
     stages: &Stages<'_>,
     store: &StagedJobs,
     cluster: &Cluster,
@@ -161,7 +198,8 @@ pub(super) async fn advance(
     for task in &rescale.started {
         let entry = stages.directory.find(&task.job).await.ok().flatten();
         match entry.map(|e| e.summary) {
-            Some(summary) if summary.status == JobStatus::Running => {
+            // Running (or already through its input).
+            Some(summary) if matches!(summary.status, JobStatus::Running | JobStatus::Finished) => {
                 since = since.max(summary.since_ms);
             }
             Some(summary) if summary.status.is_terminal() => {
@@ -264,24 +302,32 @@ async fn restart(
         .filter(|(_, savepoint)| refused.is_empty() || savepoint.is_some())
         .map(|(task, _)| task.job.clone())
         .collect();
-    let plan: Vec<(u32, u32, String)> = if refused.is_empty() {
-        let savepoint = merge(staged, rescale, &taken).await?;
-        (0..rescale.to)
+    let merged = match refused.is_empty() {
+        true => Some(merge(staged, rescale, &taken).await),
+        false => None,
+    };
+    let plan: Vec<(u32, u32, String)> = match merged {
+        Some(Ok(savepoint)) => (0..rescale.to)
             .map(|i| (i, rescale.to, savepoint.clone()))
-            .collect()
-    } else {
-        next.failed = Some(format!(
-            "the rescale of stage {} failed: {}; the tasks that stopped run on at parallelism {}",
-            rescale.stage,
-            refused.join("; "),
-            rescale.from
-        ));
-        rescale
-            .old
-            .iter()
-            .zip(&taken)
-            .filter_map(|(task, savepoint)| Some((task.task, rescale.from, savepoint.clone()?)))
-            .collect()
+            .collect(),
+        // A stop failed, or the savepoints would not merge: the tasks that
+        // stopped run on from their own savepoints, at the old parallelism.
+        failed => {
+            let why = match failed {
+                Some(Err(error)) => format!("cannot merge its tasks' savepoints: {error}"),
+                _ => refused.join("; "),
+            };
+            next.failed = Some(format!(
+                "the rescale of stage {} failed: {why}; the tasks that stopped run on at parallelism {}",
+                rescale.stage, rescale.from
+            ));
+            rescale
+                .old
+                .iter()
+                .zip(&taken)
+                .filter_map(|(task, savepoint)| Some((task.task, rescale.from, savepoint.clone()?)))
+                .collect()
+        }
     };
     let hosts = assignments
         .place(plan.len())
