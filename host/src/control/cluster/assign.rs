@@ -178,6 +178,8 @@ struct Balancing {
     looked: Option<Instant>,
     members: Option<std::collections::BTreeSet<String>>,
     until: Option<Instant>,
+    /// Since when, by the looks, the load has been uneven.
+    uneven_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Assignments {
@@ -764,7 +766,17 @@ impl Assignments {
         ) else {
             return;
         };
-        if high < low + 2 {
+        // Uneven for a whole interval: a placement skewed for a moment
+        // (a rescale's old tasks being marked ended) moves nothing.
+        let since = {
+            let mut balancing = self.balanced.lock().expect("not poisoned");
+            if high < low + 2 {
+                balancing.uneven_since = None;
+                return;
+            }
+            *balancing.uneven_since.get_or_insert_with(Instant::now)
+        };
+        if since.elapsed() < REBALANCE_EVERY {
             return;
         }
         // Running there, with a restore point: nothing in the middle of
