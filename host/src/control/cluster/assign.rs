@@ -783,7 +783,7 @@ impl Assignments {
         // an upgrade, a stop or a start is moved.
         let directory = match self
             .js
-            .get_key_value(format!("{}-jobs", self.shared.name))
+            .get_key_value(super::jobs::bucket_name(&self.shared.name))
             .await
         {
             Ok(directory) => directory,
@@ -801,12 +801,10 @@ impl Assignments {
         candidates.sort_by(|a, b| all[*b].0.job.cmp(&all[*a].0.job));
         for i in candidates {
             let assignment = &all[i].0;
-            let running = directory
-                .get(format!("j.{}", assignment.job))
+            let running = super::jobs::entry_in(&directory, &assignment.job)
                 .await
                 .ok()
                 .flatten()
-                .and_then(|bytes| serde_json::from_slice::<super::jobs::JobEntry>(&bytes).ok())
                 .is_some_and(|entry| {
                     entry.host == most
                         && entry.summary.status == crate::control::lifecycle::JobStatus::Running

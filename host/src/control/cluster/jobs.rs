@@ -79,7 +79,7 @@ impl JobDirectory {
         let bucket = super::open_bucket(
             js,
             kv::Config {
-                bucket: format!("{name}-jobs"),
+                bucket: bucket_name(name),
                 description: format!("weir cluster {name}: which host runs which job"),
                 history: 1,
                 num_replicas: replicas,
@@ -232,14 +232,25 @@ impl JobDirectory {
         if !super::is_plain_name(id) {
             return Ok(None);
         }
-        let bytes = self
-            .bucket
-            .get(key(id))
+        entry_in(&self.bucket, id)
             .await
             .map_err(|e| ClusterError::Buckets {
                 name: self.cluster.clone(),
-                message: format!("cannot read bucket `{}-jobs`: {e}", self.cluster),
-            })?;
-        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+                message: format!("cannot read bucket `{}`: {e}", bucket_name(&self.cluster)),
+            })
     }
+}
+
+/// The key-value bucket of cluster `name`'s job directory.
+pub(super) fn bucket_name(name: &str) -> String {
+    format!("{name}-jobs")
+}
+
+/// Job `id`'s entry in the directory's `bucket`, if it has one.
+pub(super) async fn entry_in(
+    bucket: &kv::Store,
+    id: &str,
+) -> Result<Option<JobEntry>, kv::EntryError> {
+    let bytes = bucket.get(key(id)).await?;
+    Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
 }
