@@ -7,17 +7,27 @@
 //! group: `weir.NAME.<key group>`.
 //!
 //! **Writing** (the `exchange` sink, [`super::nats::NatsSink`] in exchange
-//! mode): each checkpoint epoch's records are spooled with their key group
-//! and time, and the watermarks and the end of input as they come; when the
-//! checkpoint completes the epoch is published as it is spooled, per key
-//! group in messages of up to [`MESSAGE_RECORDS`] records (the flat batch
-//! layout, [`encode_batch`]), never one record per message, each with the
-//! id `<job>:<uid>:<subtask>:<epoch>:<key group>:<n>`, which JetStream
-//! de-duplicates on a republish. A watermark that advanced in the epoch,
-//! and the end, follow the epoch's records as one empty message per key
-//! group, so every reader of every key group hears from every writer.
-//! Headers: [`PRODUCER`] (`<subtask>/<parallelism>`), [`WATERMARK`],
-//! [`END`].
+//! mode): each checkpoint epoch's records go, as they come, into their key
+//! group's open message ([`EpochSpool`]), up to [`MESSAGE_RECORDS`] records
+//! or about [`MESSAGE_BYTES`] in the compact layout of [`decode_into`],
+//! never one record per message; a full message is framed into the epoch's
+//! spool file at once (the open messages hold [`OPEN_BYTES`] at most
+//! together: beyond, all of them are framed as they are). At the barrier
+//! the open messages are framed too, then the epoch's highest watermark,
+//! whether the input ended and a checksum; the file is fsynced and the
+//! checkpoint lists it as pending. When the checkpoint completes the
+//! epoch is published from the file, read back whole and published as it
+//! is framed, without touching a record, each message with the id
+//! `<job>:<uid>:<subtask>:<epoch>:<key group>:<n>`, which JetStream
+//! de-duplicates on a republish: a restored writer publishes the same file
+//! again, the same messages under the same ids. A watermark that advanced
+//! in the epoch, and the end, follow the epoch's records as one empty
+//! message per key group, so every reader of every key group hears from
+//! every writer. Headers: [`PRODUCER`] (`<subtask>/<parallelism>`),
+//! [`WATERMARK`], [`END`]. Spool files of version 1 (records, grouped when
+//! published) are still read on a restore, grouped by their own limits so
+//! that their ids name the same records, and readers still take the
+//! version 1 message layout (flat batches).
 //!
 //! **Reading** ([`ExchangeSource`]): subtask i reads the key groups subtask
 //! i of a keyed edge would get (`key_group::range_of`), through one ordered
@@ -51,11 +61,14 @@
 //! reading on with records missing.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, Context, consumer};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -63,16 +76,26 @@ use tracing::warn;
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Source, SourceStatus};
 use crate::job::Exchange;
-use crate::types::{BatchEntry, CheckpointId, ENTRY_WORDS, RecordBatch, Timestamp, key_group};
+use crate::types::{
+    BatchEntry, CheckpointId, ENTRY_WORDS, MAX_WATERMARK, RecordBatch, RecordRef, Timestamp,
+    key_group,
+};
+use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
 /// How often a reader purges what its committed checkpoints read at most.
 pub const PURGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Records per exchange message at most.
-pub const MESSAGE_RECORDS: usize = 1024;
-/// Bytes of record data per exchange message at most (a message may hold
-/// one larger record).
-const MESSAGE_BYTES: usize = 512 << 10;
+pub const MESSAGE_RECORDS: usize = 4096;
+/// Bytes of a message body at most (a message may hold one larger
+/// record).
+pub const MESSAGE_BYTES: usize = 256 << 10;
+/// Bytes of open messages an epoch being spooled holds at most.
+pub const OPEN_BYTES: usize = 64 << 20;
+/// The limits a version 1 spool file's records are grouped by (its ids
+/// name the messages they make).
+const V1_MESSAGE_RECORDS: usize = 1024;
+const V1_MESSAGE_BYTES: usize = 512 << 10;
 /// The header naming a message's writer: `<subtask>/<parallelism>`.
 pub const PRODUCER: &str = "Weir-Producer";
 /// The header carrying a writer's watermark (ms).
@@ -80,7 +103,9 @@ pub const WATERMARK: &str = "Weir-Watermark";
 /// The header marking a writer's end of input.
 pub const END: &str = "Weir-End";
 /// The first line of an exchange spool file: this, then the ids' prefix.
-pub const SPOOL_HEADER: &str = "weir-exchange-pending 1 ";
+pub const SPOOL_HEADER: &str = "weir-exchange-pending 2 ";
+/// The first line of a version 1 spool file (records, not messages).
+const SPOOL_HEADER_V1: &str = "weir-exchange-pending 1 ";
 /// Partition keys at and above this hold a key group's end counts, not a
 /// position (key groups are below 2^16).
 const END_BASE: u32 = 1 << 20;
@@ -91,7 +116,11 @@ const PAUSED_BASE: u32 = 2 << 20;
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The first bytes of a message body.
-const MAGIC: &[u8; 4] = b"WXB1";
+const MAGIC: &[u8; 4] = b"WXB2";
+/// The first bytes of a version 1 message body (a flat batch).
+const MAGIC_FLAT: &[u8; 4] = b"WXB1";
+/// A record's flag: a timestamp follows.
+const HAS_TIMESTAMP: u8 = 1;
 
 fn connector_error(message: impl Into<String>) -> OperatorError {
     OperatorError::new(FailureKind::Connector, message)
@@ -160,24 +189,163 @@ impl Exchange {
 /// How long [`Exchange::open`] asks again after a request timed out.
 const OPEN_FOR: Duration = Duration::from_secs(30);
 
-/// `batch` as a message body: the magic, the record count, the entries'
-/// flat words (little-endian) and the data.
-pub fn encode_batch(batch: &RecordBatch) -> Vec<u8> {
-    let words = BatchEntry::as_words(batch.entries());
-    let mut out = Vec::with_capacity(8 + words.len() * 4 + batch.data_len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
-    for word in words {
-        out.extend_from_slice(&word.to_le_bytes());
+/// Appends one record to a message body: a flags byte ([`HAS_TIMESTAMP`]),
+/// the timestamp if any (i64), then the key and the value, each as its
+/// length (LEB128) and its bytes.
+fn encode_record(out: &mut Vec<u8>, key: &[u8], value: &[u8], timestamp: Option<Timestamp>) {
+    match timestamp {
+        Some(timestamp) => {
+            out.push(HAS_TIMESTAMP);
+            out.extend_from_slice(&timestamp.to_le_bytes());
+        }
+        None => out.push(0),
     }
-    out.extend_from_slice(batch.data());
+    put_length(out, key.len());
+    out.extend_from_slice(key);
+    put_length(out, value.len());
+    out.extend_from_slice(value);
+}
+
+/// `length` as LEB128: seven bits a byte, the lowest first.
+fn put_length(out: &mut Vec<u8>, mut length: usize) {
+    while length >= 0x80 {
+        out.push(length as u8 | 0x80);
+        length >>= 7;
+    }
+    out.push(length as u8);
+}
+
+/// A message body's start: the magic, then a record count to fill in.
+fn start_body(out: &mut Vec<u8>) {
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&0u32.to_le_bytes());
+}
+
+/// Fills in a body's record count.
+fn finish_body(body: &mut [u8], records: u32) {
+    body[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&records.to_le_bytes());
+}
+
+/// `batch` (keyed records) as a message body: the magic, the record count
+/// (u32), then each record ([`encode_record`]), all little-endian.
+pub fn encode_batch(batch: &RecordBatch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + batch.len() * 3 + batch.data_len());
+    start_body(&mut out);
+    for record in batch.iter() {
+        let key = record.key.unwrap_or_default();
+        encode_record(&mut out, key, record.value, record.timestamp);
+    }
+    finish_body(&mut out, batch.len() as u32);
     out
 }
 
-/// A message body back as a batch (every offset checked).
-pub fn decode_batch(body: &[u8]) -> Result<RecordBatch, String> {
+/// Bytes read front to back, every read checked.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let slice = self
+            .at
+            .checked_add(n)
+            .and_then(|end| self.bytes.get(self.at..end))
+            .ok_or("truncated")?;
+        self.at += n;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    /// A LEB128 length of at most five bytes.
+    fn length(&mut self) -> Result<usize, String> {
+        let mut length = 0usize;
+        for shift in (0..35).step_by(7) {
+            let [byte] = self.array()?;
+            length |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(length);
+            }
+        }
+        Err("a length of more than five bytes".into())
+    }
+
+    /// One record of a message body ([`encode_record`]).
+    fn record(&mut self) -> Result<RecordRef<'a>, String> {
+        let [flags] = self.array()?;
+        let timestamp = match flags & HAS_TIMESTAMP {
+            0 => None,
+            _ => Some(i64::from_le_bytes(self.array()?)),
+        };
+        let length = self.length()?;
+        let key = self.take(length)?;
+        let length = self.length()?;
+        let value = self.take(length)?;
+        Ok(RecordRef {
+            key: Some(key),
+            value,
+            timestamp,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+}
+
+/// Calls `each` with every record of `records` (a body after its magic
+/// and count), checking there are `count` and nothing after them.
+fn each_record<'a>(
+    records: &'a [u8],
+    count: usize,
+    mut each: impl FnMut(RecordRef<'a>),
+) -> Result<(), String> {
+    let mut cursor = Cursor {
+        bytes: records,
+        at: 0,
+    };
+    for index in 0..count {
+        each(
+            cursor
+                .record()
+                .map_err(|e| format!("record {index}: {e}"))?,
+        );
+    }
+    if !cursor.is_empty() {
+        return Err(format!("bytes after its {count} records"));
+    }
+    Ok(())
+}
+
+/// Appends a message body's records to `batch`, every length checked
+/// before any record is taken in (a version 1 body too). Returns how
+/// many.
+pub fn decode_into(body: &[u8], batch: &mut RecordBatch) -> Result<usize, String> {
+    if body.starts_with(MAGIC_FLAT) {
+        let records = decode_flat(body)?;
+        for record in records.iter() {
+            batch.push_record(record);
+        }
+        return Ok(records.len());
+    }
     let rest = body
         .strip_prefix(MAGIC)
+        .ok_or("not an exchange message (no magic)")?;
+    let (count, records) = rest.split_at_checked(4).ok_or("truncated record count")?;
+    let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
+    each_record(records, count, |_| {})?;
+    each_record(records, count, |record| batch.push_record(record))?;
+    Ok(count)
+}
+
+/// A version 1 message body (a flat batch: the magic, the record count,
+/// the entries' flat words and the data) back as a batch.
+fn decode_flat(body: &[u8]) -> Result<RecordBatch, String> {
+    let rest = body
+        .strip_prefix(MAGIC_FLAT)
         .ok_or("not an exchange message (no magic)")?;
     let (count, rest) = rest.split_at_checked(4).ok_or("truncated record count")?;
     let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
@@ -192,73 +360,302 @@ pub fn decode_batch(body: &[u8]) -> Result<RecordBatch, String> {
     RecordBatch::from_parts(data.to_vec(), entries)
 }
 
-/// Spool record tags.
-const TAG_RECORD: u8 = 0;
-const TAG_WATERMARK: u8 = 1;
-const TAG_END: u8 = 2;
+/// Spool file frames: a message, and the epoch's close.
+const FRAME_MESSAGE: u8 = 1;
+const FRAME_CLOSE: u8 = 2;
+/// Close frame flags.
+const CLOSE_WATERMARK: u8 = 1;
+const CLOSE_END: u8 = 2;
 
-/// Appends `batch`'s records to a spool file's body, each with its key
-/// group (records without a key are refused: an exchange is keyed).
-pub fn spool_batch(
-    out: &mut impl Write,
-    batch: &RecordBatch,
+fn spool_error(path: &Path, error: impl std::fmt::Display) -> OperatorError {
+    connector_error(format!("spool file {}: {error}", path.display()))
+}
+
+/// An exchange writer's epoch being spooled (see "Writing").
+///
+/// The file: a header line ([`SPOOL_HEADER`], then the ids' prefix), the
+/// message frames (`1`, key group: u32, index among the key group's: u32,
+/// body length: u32, body), then the close frame (`2`, flags: 1 a
+/// watermark, 2 the end; the watermark: i64), then the xxh3-64 of every
+/// byte before it (u64); little-endian.
+pub struct EpochSpool {
+    path: PathBuf,
+    file: BufWriter<File>,
+    checksum: Xxh3Default,
     max_parallelism: u32,
-) -> Result<(), OperatorError> {
-    let io = |e: std::io::Error| connector_error(format!("spool file: {e}"));
-    for record in batch.iter() {
-        let key = record.key.ok_or_else(|| {
-            OperatorError::new(
-                FailureKind::Plugin,
-                "a record without a key reached an exchange (its key group decides its subject)",
-            )
-        })?;
-        let group = key_group::of_key(key, max_parallelism);
-        out.write_all(&[TAG_RECORD]).map_err(io)?;
-        out.write_all(&group.to_le_bytes()).map_err(io)?;
-        match record.timestamp {
-            Some(t) => {
-                out.write_all(&[1]).map_err(io)?;
-                out.write_all(&t.to_le_bytes()).map_err(io)?;
-            }
-            None => out.write_all(&[0]).map_err(io)?,
+    /// By key group: its open message.
+    open: Vec<OpenMessage>,
+    /// Bytes of the open messages together.
+    open_bytes: usize,
+    /// The highest watermark taken in.
+    watermark: Option<Timestamp>,
+    end: bool,
+}
+
+/// A key group's message being filled.
+#[derive(Default)]
+struct OpenMessage {
+    body: Vec<u8>,
+    records: u32,
+    /// The key group's messages framed before it.
+    index: u32,
+}
+
+impl EpochSpool {
+    /// Creates spool file `path` for an epoch whose message ids start with
+    /// `id_prefix`.
+    pub fn create(
+        path: PathBuf,
+        id_prefix: &str,
+        max_parallelism: u32,
+    ) -> Result<Self, OperatorError> {
+        let io = |e: std::io::Error| spool_error(&path, e);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
         }
-        out.write_all(&(key.len() as u32).to_le_bytes())
-            .map_err(io)?;
-        out.write_all(key).map_err(io)?;
-        out.write_all(&(record.value.len() as u32).to_le_bytes())
-            .map_err(io)?;
-        out.write_all(record.value).map_err(io)?;
+        let file = BufWriter::with_capacity(256 << 10, File::create(&path).map_err(io)?);
+        let mut spool = Self {
+            path,
+            file,
+            checksum: Xxh3Default::new(),
+            max_parallelism,
+            open: (0..max_parallelism)
+                .map(|_| OpenMessage::default())
+                .collect(),
+            open_bytes: 0,
+            watermark: None,
+            end: false,
+        };
+        spool.write(format!("{SPOOL_HEADER}{id_prefix}\n").as_bytes())?;
+        Ok(spool)
     }
-    Ok(())
-}
 
-/// Appends a watermark to a spool file's body.
-pub fn spool_watermark(out: &mut impl Write, watermark: Timestamp) -> std::io::Result<()> {
-    out.write_all(&[TAG_WATERMARK])?;
-    out.write_all(&watermark.to_le_bytes())
-}
+    /// Writes `bytes` to the file and into its checksum.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
+        self.checksum.update(bytes);
+        self.file
+            .write_all(bytes)
+            .map_err(|e| spool_error(&self.path, e))
+    }
 
-/// Appends the end of input to a spool file's body.
-pub fn spool_end(out: &mut impl Write) -> std::io::Result<()> {
-    out.write_all(&[TAG_END])
+    /// Takes in `batch`'s records (records without a key are refused: an
+    /// exchange is keyed).
+    pub fn push_batch(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        for record in batch.iter() {
+            let key = record.key.ok_or_else(|| {
+                OperatorError::new(
+                    FailureKind::Plugin,
+                    "a record without a key reached an exchange (its key group decides its subject)",
+                )
+            })?;
+            let group = usize::from(key_group::of_key(key, self.max_parallelism));
+            // At most: flags, timestamp, two lengths.
+            let size = 1 + 8 + 10 + key.len() + record.value.len();
+            let open = &self.open[group];
+            if open.records > 0 && open.body.len() + size > MESSAGE_BYTES {
+                self.frame(group)?;
+            }
+            let open = &mut self.open[group];
+            let before = open.body.len();
+            if open.body.is_empty() {
+                start_body(&mut open.body);
+            }
+            encode_record(&mut open.body, key, record.value, record.timestamp);
+            open.records += 1;
+            self.open_bytes += open.body.len() - before;
+            if open.records as usize >= MESSAGE_RECORDS {
+                self.frame(group)?;
+            }
+        }
+        if self.open_bytes > OPEN_BYTES {
+            self.frame_all()?;
+        }
+        Ok(())
+    }
+
+    /// Frames key group `group`'s open message, if it holds records.
+    fn frame(&mut self, group: usize) -> Result<(), OperatorError> {
+        let open = &mut self.open[group];
+        if open.records == 0 {
+            return Ok(());
+        }
+        let mut body = std::mem::take(&mut open.body);
+        finish_body(&mut body, open.records);
+        let index = open.index;
+        open.index += 1;
+        open.records = 0;
+        self.open_bytes -= body.len();
+        let mut head = [0u8; 13];
+        head[0] = FRAME_MESSAGE;
+        head[1..5].copy_from_slice(&(group as u32).to_le_bytes());
+        head[5..9].copy_from_slice(&index.to_le_bytes());
+        head[9..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        self.write(&head)?;
+        self.write(&body)
+    }
+
+    /// Frames every open message, in key group order.
+    fn frame_all(&mut self) -> Result<(), OperatorError> {
+        (0..self.open.len()).try_for_each(|group| self.frame(group))
+    }
+
+    /// Takes in a watermark (the epoch publishes the highest).
+    pub fn watermark(&mut self, watermark: Timestamp) {
+        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+    }
+
+    /// Takes in the end of input, with the end-of-input watermark.
+    pub fn end(&mut self) {
+        self.watermark(MAX_WATERMARK);
+        self.end = true;
+    }
+
+    /// Frames the open messages and the close, then fsyncs the file.
+    /// Returns its path.
+    pub fn close(mut self) -> Result<PathBuf, OperatorError> {
+        self.frame_all()?;
+        let mut flags = 0;
+        if self.watermark.is_some() {
+            flags |= CLOSE_WATERMARK;
+        }
+        if self.end {
+            flags |= CLOSE_END;
+        }
+        let mut close = [0u8; 10];
+        close[0] = FRAME_CLOSE;
+        close[1] = flags;
+        close[2..].copy_from_slice(&self.watermark.unwrap_or(0).to_le_bytes());
+        self.write(&close)?;
+        let checksum = self.checksum.digest().to_le_bytes();
+        let io = |e: std::io::Error| spool_error(&self.path, e);
+        self.file.write_all(&checksum).map_err(io)?;
+        self.file.flush().map_err(io)?;
+        self.file.get_ref().sync_all().map_err(io)?;
+        Ok(self.path)
+    }
 }
 
 /// One message of an epoch: its key group, body and headers.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub group: u32,
     /// Index of the message among its key group's in this epoch.
-    pub index: usize,
-    pub batch: Option<RecordBatch>,
+    pub index: u32,
+    /// The records ([`decode_into`]); empty for a control message.
+    pub body: Bytes,
     pub watermark: Option<Timestamp>,
     pub end: bool,
 }
 
-/// A spool file's body as the messages to publish, in order: each key
-/// group's records in batches, then (if the epoch's watermark advanced or
-/// its input ended) one control message per key group of
-/// `0..max_parallelism`.
-pub fn epoch_messages(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>, String> {
+/// A spool file, read whole, as its ids' prefix and the messages to
+/// publish, in order: each as framed, then (if the epoch's watermark
+/// advanced or its input ended) one control message per key group of
+/// `0..max_parallelism`. A version 1 file is grouped as it was then.
+pub fn read_spool(file: &Bytes, max_parallelism: u32) -> Result<(&str, Vec<Message>), String> {
+    let newline = file
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("truncated header")?;
+    let header = std::str::from_utf8(&file[..newline]).ok();
+    let strip = |version: &str| header?.strip_prefix(version).filter(|p| !p.is_empty());
+    if let Some(prefix) = strip(SPOOL_HEADER) {
+        return Ok((prefix, framed_messages(file, newline + 1, max_parallelism)?));
+    }
+    let prefix = strip(SPOOL_HEADER_V1).ok_or("not an exchange spool file")?;
+    Ok((
+        prefix,
+        epoch_messages_v1(&file[newline + 1..], max_parallelism)?,
+    ))
+}
+
+/// A version 2 spool file's messages: its frames from `start` on.
+fn framed_messages(
+    file: &Bytes,
+    start: usize,
+    max_parallelism: u32,
+) -> Result<Vec<Message>, String> {
+    let (covered, checksum) = file
+        .len()
+        .checked_sub(8)
+        .map(|at| file.split_at(at))
+        .ok_or("truncated")?;
+    if xxh3_64(covered) != u64::from_le_bytes(checksum.try_into().expect("8 bytes")) {
+        return Err("damaged (its checksum does not match)".into());
+    }
+    let mut cursor = Cursor {
+        bytes: covered,
+        at: start,
+    };
+    let mut messages = Vec::new();
+    let mut counts = vec![0u32; max_parallelism as usize];
+    loop {
+        match cursor.array()? {
+            [FRAME_MESSAGE] => {
+                let group = u32::from_le_bytes(cursor.array()?);
+                let index = u32::from_le_bytes(cursor.array()?);
+                let length = u32::from_le_bytes(cursor.array()?) as usize;
+                let count = counts
+                    .get_mut(group as usize)
+                    .ok_or_else(|| format!("key group {group} of {max_parallelism}"))?;
+                if index != *count {
+                    return Err(format!(
+                        "key group {group}: message {index} where {count} was due"
+                    ));
+                }
+                *count += 1;
+                let from = cursor.at;
+                cursor.take(length)?;
+                messages.push(Message {
+                    group,
+                    index,
+                    body: file.slice(from..from + length),
+                    watermark: None,
+                    end: false,
+                });
+            }
+            [FRAME_CLOSE] => {
+                let [flags] = cursor.array()?;
+                let watermark = i64::from_le_bytes(cursor.array()?);
+                if !cursor.is_empty() {
+                    return Err("bytes after the close frame".into());
+                }
+                let watermark = (flags & CLOSE_WATERMARK != 0).then_some(watermark);
+                messages.extend(control_messages(&counts, watermark, flags & CLOSE_END != 0));
+                return Ok(messages);
+            }
+            [other] => return Err(format!("unknown frame {other}")),
+        }
+    }
+}
+
+/// One control message per key group, numbered after the key group's
+/// `counts` messages, if the watermark advanced or the input ended.
+fn control_messages(counts: &[u32], watermark: Option<Timestamp>, end: bool) -> Vec<Message> {
+    if watermark.is_none() && !end {
+        return Vec::new();
+    }
+    (0u32..)
+        .zip(counts)
+        .map(|(group, &index)| Message {
+            group,
+            index,
+            body: Bytes::new(),
+            watermark,
+            end,
+        })
+        .collect()
+}
+
+/// Version 1 spool record tags.
+const TAG_RECORD: u8 = 0;
+const TAG_WATERMARK: u8 = 1;
+const TAG_END: u8 = 2;
+
+/// A version 1 spool file's body (records, each with its key group, and
+/// watermarks and the end, as they came) as the messages to publish: each
+/// key group's records in batches of the version 1 limits, then the
+/// control messages.
+fn epoch_messages_v1(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>, String> {
     let mut groups: BTreeMap<u16, Vec<RecordBatch>> = BTreeMap::new();
     let mut watermark = None;
     let mut end = false;
@@ -284,8 +681,9 @@ pub fn epoch_messages(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>,
                 let value = take(&mut at, n)?;
                 let batches = groups.entry(group).or_default();
                 let full = |b: &RecordBatch| {
-                    b.len() >= MESSAGE_RECORDS
-                        || (!b.is_empty() && b.data_len() + key.len() + value.len() > MESSAGE_BYTES)
+                    b.len() >= V1_MESSAGE_RECORDS
+                        || (!b.is_empty()
+                            && b.data_len() + key.len() + value.len() > V1_MESSAGE_BYTES)
                 };
                 if batches.last().is_none_or(full) {
                     batches.push(RecordBatch::new());
@@ -304,32 +702,23 @@ pub fn epoch_messages(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>,
         }
     }
     let mut messages = Vec::new();
-    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut counts = vec![0u32; max_parallelism as usize];
     for (group, batches) in groups {
-        let group = u32::from(group);
+        let count = counts
+            .get_mut(usize::from(group))
+            .ok_or_else(|| format!("key group {group} of {max_parallelism}"))?;
         for batch in batches {
-            let index = counts.entry(group).or_default();
             messages.push(Message {
-                group,
-                index: *index,
-                batch: Some(batch),
+                group: u32::from(group),
+                index: *count,
+                body: Bytes::from(encode_batch(&batch)),
                 watermark: None,
                 end: false,
             });
-            *index += 1;
+            *count += 1;
         }
     }
-    if watermark.is_some() || end {
-        for group in 0..max_parallelism {
-            messages.push(Message {
-                group,
-                index: counts.get(&group).copied().unwrap_or(0),
-                batch: None,
-                watermark,
-                end,
-            });
-        }
-    }
+    messages.extend(control_messages(&counts, watermark, end));
     Ok(messages)
 }
 
@@ -348,7 +737,7 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Publishes an epoch's messages ([`epoch_messages`]) with the ids
+    /// Publishes an epoch's messages ([`read_spool`]) with the ids
     /// `<id_prefix>:<key group>:<n>`, waiting for every acknowledgement.
     /// Returns how many messages were published.
     pub async fn publish(
@@ -359,9 +748,8 @@ impl Producer {
     ) -> Result<u64, OperatorError> {
         let producer = format!("{}/{}", self.subtask, self.parallelism);
         let built = messages.iter().map(|message| {
-            let payload = message.batch.as_ref().map(encode_batch).unwrap_or_default();
             let mut build = jetstream::message::PublishMessage::build()
-                .payload(payload.into())
+                .payload(message.body.clone())
                 .message_id(format!("{id_prefix}:{}:{}", message.group, message.index))
                 .header(PRODUCER, producer.as_str());
             if let Some(watermark) = message.watermark {
@@ -573,7 +961,8 @@ impl ExchangeSource {
     }
 
     fn start(&mut self) {
-        let (tx, rx) = mpsc::channel(1024);
+        // Messages of up to MESSAGE_RECORDS records each.
+        let (tx, rx) = mpsc::channel(256);
         let (exchange, last) = (self.exchange.clone(), self.last.clone());
         self.reader = Some(tokio::spawn(async move {
             if let Err(error) = read(&exchange, &last, &tx).await {
@@ -613,11 +1002,7 @@ impl ExchangeSource {
             })
             .ok_or_else(|| bad(format!("no valid {PRODUCER} header")))?;
         if !message.payload.is_empty() {
-            let records = decode_batch(&message.payload).map_err(bad)?;
-            for record in records.iter() {
-                batch.push_record(record);
-            }
-            self.read += records.len() as u64;
+            self.read += decode_into(&message.payload, batch).map_err(bad)? as u64;
         }
         if writers != self.writers {
             // Another parallelism upstream (a rescale): start over.
@@ -912,55 +1297,181 @@ impl Source for ExchangeSource {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_batch_crosses_as_its_flat_layout() {
-        let mut batch = RecordBatch::new();
-        batch.push(Some(b"k1"), b"v1", Some(5));
-        batch.push(Some(b"k2"), b"value two", None);
-        let decoded = decode_batch(&encode_batch(&batch)).expect("decodes");
-        assert_eq!(decoded.entries(), batch.entries());
-        assert_eq!(decoded.data(), batch.data());
-        assert!(decode_batch(b"nope").is_err());
-        let body = encode_batch(&batch);
-        assert!(decode_batch(&body[..body.len() - 1]).is_err(), "data cut");
+    /// A version 1 message body: a flat batch.
+    fn encode_flat(batch: &RecordBatch) -> Vec<u8> {
+        let mut out = MAGIC_FLAT.to_vec();
+        out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        for word in BatchEntry::as_words(batch.entries()) {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(batch.data());
+        out
     }
 
-    #[test]
-    fn an_epoch_becomes_batches_per_key_group_then_control_messages() {
-        let max = 8;
+    /// Appends `batch` to a version 1 spool file's body.
+    fn spool_v1(out: &mut Vec<u8>, batch: &RecordBatch, max_parallelism: u32) {
+        for record in batch.iter() {
+            let key = record.key.expect("keyed");
+            out.push(TAG_RECORD);
+            out.extend_from_slice(&key_group::of_key(key, max_parallelism).to_le_bytes());
+            match record.timestamp {
+                Some(t) => {
+                    out.push(1);
+                    out.extend_from_slice(&t.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(&(record.value.len() as u32).to_le_bytes());
+            out.extend_from_slice(record.value);
+        }
+    }
+
+    /// Each message's (key group, index, records).
+    fn shape(messages: &[Message]) -> Vec<(u32, u32, usize)> {
+        messages
+            .iter()
+            .filter(|m| !m.body.is_empty())
+            .map(|m| {
+                let records = decode_into(&m.body, &mut RecordBatch::new()).expect("decodes");
+                (m.group, m.index, records)
+            })
+            .collect()
+    }
+
+    /// `MESSAGE_RECORDS + 10` records of one key, then one of another.
+    fn two_keys(per_message: usize) -> RecordBatch {
         let mut batch = RecordBatch::new();
-        for i in 0..(MESSAGE_RECORDS as u32 + 10) {
+        for i in 0..(per_message as u32 + 10) {
             batch.push(Some(b"same"), &i.to_le_bytes(), Some(i64::from(i)));
         }
         batch.push(Some(b"other"), b"x", None);
-        let mut body = Vec::new();
-        spool_batch(&mut body, &batch, max).expect("spooled");
-        spool_watermark(&mut body, 7).expect("spooled");
-        spool_watermark(&mut body, 9).expect("spooled");
-        spool_end(&mut body).expect("spooled");
-        let messages = epoch_messages(&body, max).expect("reads");
+        batch
+    }
+
+    #[test]
+    fn a_batch_crosses_as_compact_records_and_a_flat_batch_still_decodes() {
+        let mut batch = RecordBatch::new();
+        batch.push(Some(b"k1"), b"v1", Some(-5));
+        batch.push(Some(b""), &[7; 300], None);
+        batch.push(Some(b"k3"), b"", Some(i64::MAX));
+        for body in [encode_batch(&batch), encode_flat(&batch)] {
+            let mut decoded = RecordBatch::new();
+            decoded.push(Some(b"before"), b"b", None);
+            assert_eq!(decode_into(&body, &mut decoded), Ok(3));
+            assert_eq!(
+                decoded.iter().skip(1).collect::<Vec<_>>(),
+                batch.iter().collect::<Vec<_>>()
+            );
+        }
+        let body = encode_batch(&batch);
+        let mut untouched = RecordBatch::new();
+        assert!(decode_into(b"nope", &mut untouched).is_err());
+        assert!(
+            decode_into(&body[..body.len() - 1], &mut untouched).is_err(),
+            "data cut"
+        );
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(decode_into(&longer, &mut untouched).is_err(), "bytes after");
+        let mut more = body.clone();
+        finish_body(&mut more, 4);
+        assert!(
+            decode_into(&more, &mut untouched).is_err(),
+            "a record short"
+        );
+        assert!(untouched.is_empty(), "nothing taken in from a bad body");
+    }
+
+    #[test]
+    fn an_epoch_is_spooled_as_messages_per_key_group_then_control_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let max = 8;
+        let path = dir.path().join("pending").join("x-0-3");
+        let mut spool = EpochSpool::create(path.clone(), "job:x:0:3", max).expect("created");
+        spool
+            .push_batch(&two_keys(MESSAGE_RECORDS))
+            .expect("spooled");
+        spool.watermark(9);
+        spool.watermark(7);
+        let closed = spool.close().expect("closed");
+        assert_eq!(closed, path);
+        let file = Bytes::from(std::fs::read(&path).expect("read"));
+        let (prefix, messages) = read_spool(&file, max).expect("reads");
+        assert_eq!(prefix, "job:x:0:3");
         let same = u32::from(key_group::of_key(b"same", max));
         let other = u32::from(key_group::of_key(b"other", max));
-        let records: Vec<(u32, usize, usize)> = messages
-            .iter()
-            .filter_map(|m| Some((m.group, m.index, m.batch.as_ref()?.len())))
-            .collect();
-        let mut expected = vec![(same, 0, MESSAGE_RECORDS), (same, 1, 10), (other, 0, 1)];
+        // The full message as it filled, then the open ones by key group.
+        let mut tails = vec![(same, 1, 10), (other, 0, 1)];
+        tails.sort();
+        let mut expected = vec![(same, 0, MESSAGE_RECORDS)];
         if same == other {
-            expected = vec![(same, 0, MESSAGE_RECORDS), (same, 1, 11)];
+            tails = vec![(same, 1, 11)];
         }
-        expected.sort();
-        assert_eq!(records, expected);
-        let control: Vec<&Message> = messages.iter().filter(|m| m.batch.is_none()).collect();
+        expected.extend(tails);
+        assert_eq!(shape(&messages), expected);
+        let control: Vec<&Message> = messages.iter().filter(|m| m.body.is_empty()).collect();
         assert_eq!(control.len(), max as usize, "one per key group");
-        assert!(control.iter().all(|m| m.watermark == Some(9) && m.end));
+        assert!(control.iter().all(|m| m.watermark == Some(9) && !m.end));
         let after_same = control.iter().find(|m| m.group == same).expect("same");
         assert_eq!(after_same.index, 2, "numbered after the group's records");
+        // Damaged or cut short: refused.
+        let mut damaged = file.to_vec();
+        damaged[40] ^= 1;
+        assert!(read_spool(&Bytes::from(damaged), max).is_err());
+        assert!(read_spool(&file.slice(..file.len() - 1), max).is_err());
         // Unkeyed records cannot be routed.
         let mut unkeyed = RecordBatch::new();
         unkeyed.push(None, b"v", None);
-        assert!(spool_batch(&mut Vec::new(), &unkeyed, max).is_err());
-        assert!(epoch_messages(&body[..body.len() - 2], max).is_err());
+        let mut spool = EpochSpool::create(path, "p", max).expect("created");
+        assert!(spool.push_batch(&unkeyed).is_err());
+    }
+
+    #[test]
+    fn an_epoch_that_ended_says_so_on_every_key_group_even_without_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spool = EpochSpool::create(dir.path().join("e"), "p", 4).expect("created");
+        spool.watermark(3);
+        spool.end();
+        let file = Bytes::from(std::fs::read(spool.close().expect("closed")).expect("read"));
+        let (_, messages) = read_spool(&file, 4).expect("reads");
+        let expected: Vec<Message> = (0..4)
+            .map(|group| Message {
+                group,
+                index: 0,
+                body: Bytes::new(),
+                watermark: Some(MAX_WATERMARK),
+                end: true,
+            })
+            .collect();
+        assert_eq!(messages, expected);
+    }
+
+    #[test]
+    fn a_version_1_spool_file_is_grouped_as_it_was_then() {
+        let max = 8;
+        let mut file = format!("{SPOOL_HEADER_V1}job:x:0:2\n").into_bytes();
+        spool_v1(&mut file, &two_keys(V1_MESSAGE_RECORDS), max);
+        file.push(TAG_WATERMARK);
+        file.extend_from_slice(&5i64.to_le_bytes());
+        file.push(TAG_END);
+        let file = Bytes::from(file);
+        let (prefix, messages) = read_spool(&file, max).expect("reads");
+        assert_eq!(prefix, "job:x:0:2");
+        let same = u32::from(key_group::of_key(b"same", max));
+        let other = u32::from(key_group::of_key(b"other", max));
+        let mut expected = vec![(same, 0, V1_MESSAGE_RECORDS), (same, 1, 10), (other, 0, 1)];
+        if same == other {
+            expected = vec![(same, 0, V1_MESSAGE_RECORDS), (same, 1, 11)];
+        }
+        expected.sort();
+        assert_eq!(shape(&messages), expected);
+        let control: Vec<&Message> = messages.iter().filter(|m| m.body.is_empty()).collect();
+        assert_eq!(control.len(), max as usize);
+        assert!(control.iter().all(|m| m.watermark == Some(5) && m.end));
+        assert!(read_spool(&file.slice(..file.len() - 2), max).is_err());
+        assert!(read_spool(&Bytes::from_static(b"weir-nats-pending 1 p\n"), max).is_err());
     }
 
     #[tokio::test]

@@ -15,7 +15,8 @@
 //!
 //! **Sink, exactly-once.** The records of each checkpoint epoch go into a
 //! spool file `pending/<uid>-<subtask>-<epoch>` under the job's checkpoint
-//! directory; at the barrier it is fsynced and acked as pending. When the
+//! directory (in exchange mode as the messages they make, see
+//! [`super::exchange`]); at the barrier it is fsynced and acked as pending. When the
 //! checkpoint completes, the epoch is published, each message with the id
 //! `<job>:<uid>:<subtask>:<epoch>:<index>` (`Nats-Msg-Id`), and the file is
 //! deleted once every publish was acknowledged. The publishing runs in the
@@ -44,7 +45,7 @@ use async_nats::jetstream::{self, Context, consumer};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::exchange::Producer;
+use super::exchange::{EpochSpool, Producer};
 use super::{Pace, push_fields};
 use crate::dataflow::operator::SourceFuture;
 use crate::dataflow::{FailureKind, OperatorError, Sink, Source, SourceStatus};
@@ -481,6 +482,8 @@ pub struct NatsSink {
     /// The epoch (checkpoint) the records written now belong to.
     next: u64,
     current: Option<(PathBuf, BufWriter<File>)>,
+    /// Exchange mode: the epoch being spooled, in place of `current`.
+    epoch: Option<EpochSpool>,
     /// (epoch, spool file) written, not yet published.
     pending: Vec<(u64, PathBuf)>,
     /// Spool files of the restored checkpoint, republished first.
@@ -524,6 +527,7 @@ impl NatsSink {
             job_dir: job_dir.to_path_buf(),
             next: first.max(1),
             current: None,
+            epoch: None,
             pending: Vec::new(),
             recover,
             publishing: None,
@@ -606,10 +610,7 @@ impl NatsSink {
     /// watermark), once: every reader of every key group hears of it.
     fn spool_end(&mut self) -> Result<(), OperatorError> {
         if !self.end_spooled {
-            let out = self.open_current()?;
-            super::exchange::spool_watermark(out, crate::types::MAX_WATERMARK)
-                .and_then(|()| super::exchange::spool_end(out))
-                .map_err(|e| connector_error(format!("spool file: {e}")))?;
+            self.open_epoch()?.end();
             self.end_spooled = true;
         }
         Ok(())
@@ -636,15 +637,30 @@ impl NatsSink {
                 |e: std::io::Error| connector_error(format!("spool file {}: {e}", path.display()));
             std::fs::create_dir_all(path.parent().expect("in pending/")).map_err(io)?;
             let mut out = BufWriter::with_capacity(256 << 10, File::create(&path).map_err(io)?);
-            let header = self.target().spool_header();
-            writeln!(out, "{header}{}:{}", self.id_prefix, self.next).map_err(io)?;
+            writeln!(out, "{SPOOL_HEADER}{}:{}", self.id_prefix, self.next).map_err(io)?;
             self.current = Some((path, out));
         }
         Ok(&mut self.current.as_mut().expect("opened above").1)
     }
 
+    /// Exchange mode: the epoch being spooled, its file made if need be.
+    fn open_epoch(&mut self) -> Result<&mut EpochSpool, OperatorError> {
+        if self.epoch.is_none() {
+            let path = self
+                .job_dir
+                .join(spool_name(&self.uid, self.subtask, self.next));
+            let max_parallelism = self.exchange.as_ref().map_or(1, |p| p.max_parallelism);
+            let prefix = format!("{}:{}", self.id_prefix, self.next);
+            self.epoch = Some(EpochSpool::create(path, &prefix, max_parallelism)?);
+        }
+        Ok(self.epoch.as_mut().expect("opened above"))
+    }
+
     /// Closes the current spool file (fsynced) as pending for `epoch`.
     fn close_current(&mut self, epoch: u64) -> Result<(), OperatorError> {
+        if let Some(spool) = self.epoch.take() {
+            self.pending.push((epoch, spool.close()?));
+        }
         if let Some((path, mut out)) = self.current.take() {
             let io =
                 |e: std::io::Error| connector_error(format!("spool file {}: {e}", path.display()));
@@ -748,27 +764,27 @@ async fn publish_spool(
         .await
         .and_then(|m| m.modified())
         .map_err(|e| bad(&e.to_string()))?;
-    let newline = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| bad("truncated header"))?;
-    let (header, body) = (&bytes[..newline], bytes.slice(newline + 1..));
-    let id_prefix = std::str::from_utf8(header)
-        .ok()
-        .and_then(|h| h.strip_prefix(target.spool_header()))
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| bad("not a spool file of this sink"))?;
     // Read once, published as often as it takes.
-    let epoch = match target {
-        Target::Subject(subject) => Epoch::Records {
-            subject,
-            records: decode_records(&body).map_err(|e| bad(&e))?,
-        },
-        Target::Exchange(producer) => Epoch::Messages {
-            producer,
-            messages: super::exchange::epoch_messages(&body, producer.max_parallelism)
-                .map_err(|e| bad(&e))?,
-        },
+    let (id_prefix, epoch) = match target {
+        Target::Subject(subject) => {
+            let newline = bytes
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| bad("truncated header"))?;
+            let id_prefix = std::str::from_utf8(&bytes[..newline])
+                .ok()
+                .and_then(|h| h.strip_prefix(SPOOL_HEADER))
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| bad("not a spool file of this sink"))?;
+            let records = decode_records(&bytes.slice(newline + 1..)).map_err(|e| bad(&e))?;
+            (id_prefix, Epoch::Records { subject, records })
+        }
+        Target::Exchange(producer) => {
+            let (id_prefix, messages) =
+                super::exchange::read_spool(&bytes, producer.max_parallelism)
+                    .map_err(|e| bad(&e))?;
+            (id_prefix, Epoch::Messages { producer, messages })
+        }
     };
     let retry_until = closed + window / 2;
     let mut backoff = RETRY_FIRST;
@@ -804,14 +820,6 @@ enum Target {
 }
 
 impl Target {
-    /// The first line of its spool files, before the ids' prefix.
-    fn spool_header(&self) -> &'static str {
-        match self {
-            Target::Subject(_) => SPOOL_HEADER,
-            Target::Exchange(_) => super::exchange::SPOOL_HEADER,
-        }
-    }
-
     /// The subject or exchange, for messages.
     fn name(&self) -> &str {
         match self {
@@ -927,8 +935,7 @@ impl Sink for NatsSink {
         self.ready()?;
         match self.config.delivery {
             Delivery::ExactlyOnce if self.exchange.is_some() => {
-                let max_parallelism = self.exchange.as_ref().map_or(1, |p| p.max_parallelism);
-                super::exchange::spool_batch(self.open_current()?, batch, max_parallelism)
+                self.open_epoch()?.push_batch(batch)
             }
             Delivery::ExactlyOnce => {
                 let out = self.open_current()?;
@@ -976,8 +983,7 @@ impl Sink for NatsSink {
                 // checkpoint, which may wait for this exchange's readers.
                 return self.spool_end();
             }
-            super::exchange::spool_watermark(self.open_current()?, watermark)
-                .map_err(|e| connector_error(format!("spool file: {e}")))?;
+            self.open_epoch()?.watermark(watermark);
         }
         Ok(())
     }
