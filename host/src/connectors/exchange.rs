@@ -320,9 +320,8 @@ fn each_record<'a>(
     Ok(())
 }
 
-/// Appends a message body's records to `batch`, every length checked
-/// before any record is taken in (a version 1 body too). Returns how
-/// many.
+/// Appends a message body's records to `batch` (a version 1 body too);
+/// a body found bad leaves the batch as it was. Returns how many.
 pub fn decode_into(body: &[u8], batch: &mut RecordBatch) -> Result<usize, String> {
     if body.starts_with(MAGIC_FLAT) {
         let records = decode_flat(body)?;
@@ -336,8 +335,17 @@ pub fn decode_into(body: &[u8], batch: &mut RecordBatch) -> Result<usize, String
         .ok_or("not an exchange message (no magic)")?;
     let (count, records) = rest.split_at_checked(4).ok_or("truncated record count")?;
     let count = u32::from_le_bytes(count.try_into().expect("4 bytes")) as usize;
-    each_record(records, count, |_| {})?;
-    each_record(records, count, |record| batch.push_record(record))?;
+    if !batch.is_empty() {
+        // Checked first: records already in the batch stay as they are.
+        each_record(records, count, |_| {})?;
+        each_record(records, count, |record| batch.push_record(record))?;
+        return Ok(count);
+    }
+    // The body's bytes bound the records' data (and their number: three
+    // bytes a record at least).
+    *batch = RecordBatch::with_capacity(count.min(body.len() / 3), body.len());
+    each_record(records, count, |record| batch.push_record(record))
+        .inspect_err(|_| batch.clear())?;
     Ok(count)
 }
 
@@ -385,7 +393,7 @@ pub struct EpochSpool {
     max_parallelism: u32,
     /// By key group: its open message.
     open: Vec<OpenMessage>,
-    /// Bytes of the open messages together.
+    /// Bytes the open messages hold (allocated) together.
     open_bytes: usize,
     /// The highest watermark taken in.
     watermark: Option<Timestamp>,
@@ -399,6 +407,9 @@ struct OpenMessage {
     records: u32,
     /// The key group's messages framed before it.
     index: u32,
+    /// The size of the last one framed (the next is made that large at
+    /// once, not grown to it).
+    last_size: usize,
 }
 
 impl EpochSpool {
@@ -413,7 +424,8 @@ impl EpochSpool {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        let file = BufWriter::with_capacity(256 << 10, File::create(&path).map_err(io)?);
+        // Smaller than a full message, which then goes to the file as is.
+        let file = BufWriter::with_capacity(64 << 10, File::create(&path).map_err(io)?);
         let mut spool = Self {
             path,
             file,
@@ -456,13 +468,14 @@ impl EpochSpool {
                 self.frame(group)?;
             }
             let open = &mut self.open[group];
-            let before = open.body.len();
+            let before = open.body.capacity();
             if open.body.is_empty() {
+                open.body.reserve(open.last_size.max(size + 8));
                 start_body(&mut open.body);
             }
             encode_record(&mut open.body, key, record.value, record.timestamp);
             open.records += 1;
-            self.open_bytes += open.body.len() - before;
+            self.open_bytes += open.body.capacity() - before;
             if open.records as usize >= MESSAGE_RECORDS {
                 self.frame(group)?;
             }
@@ -484,7 +497,8 @@ impl EpochSpool {
         let index = open.index;
         open.index += 1;
         open.records = 0;
-        self.open_bytes -= body.len();
+        open.last_size = body.len();
+        self.open_bytes -= body.capacity();
         let mut head = [0u8; 13];
         head[0] = FRAME_MESSAGE;
         head[1..5].copy_from_slice(&(group as u32).to_le_bytes());
@@ -1382,6 +1396,10 @@ mod tests {
             "a record short"
         );
         assert!(untouched.is_empty(), "nothing taken in from a bad body");
+        let mut holding = RecordBatch::new();
+        holding.push(Some(b"k"), b"v", None);
+        assert!(decode_into(&more, &mut holding).is_err());
+        assert_eq!(holding.len(), 1, "the records before stay as they were");
     }
 
     #[test]
