@@ -11,23 +11,24 @@
 //! group's open message ([`EpochSpool`]), up to [`MESSAGE_RECORDS`] records
 //! or about [`MESSAGE_BYTES`] in the compact layout of [`decode_into`],
 //! never one record per message; a full message is framed into the epoch's
-//! spool file at once (the open messages hold [`OPEN_BYTES`] at most
-//! together: beyond, all of them are framed as they are). At the barrier
-//! the open messages are framed too, then the epoch's highest watermark,
-//! whether the input ended and a checksum; the file is fsynced and the
-//! checkpoint lists it as pending. When the checkpoint completes the
-//! epoch is published from the file, read back whole and published as it
-//! is framed, without touching a record, each message with the id
-//! `<job>:<uid>:<subtask>:<epoch>:<key group>:<n>`, which JetStream
-//! de-duplicates on a republish: a restored writer publishes the same file
-//! again, the same messages under the same ids. A watermark that advanced
-//! in the epoch, and the end, follow the epoch's records as one empty
-//! message per key group, so every reader of every key group hears from
-//! every writer. Headers: [`PRODUCER`] (`<subtask>/<parallelism>`),
-//! [`WATERMARK`], [`END`]. Spool files of version 1 (records, grouped when
-//! published) are still read on a restore, grouped by their own limits so
-//! that their ids name the same records, and readers still take the
-//! version 1 message layout (flat batches).
+//! spool file at once (the open messages hold about [`OPEN_BYTES`] at most
+//! together, as seen after each batch: beyond, all of them are framed as
+//! they are). At the barrier the open messages are framed too, then the
+//! epoch's highest watermark, whether the input ended and a checksum; the
+//! file is fsynced and the checkpoint lists it as pending. When the
+//! checkpoint completes the epoch is published from the file, read back
+//! whole and published as it is framed, without touching a record, each
+//! message with the id `<job>:<uid>:<subtask>:<epoch>:<key group>:<n>`,
+//! which JetStream de-duplicates on a republish: a restored writer
+//! publishes the same file again, the same messages under the same ids. A
+//! watermark that advanced in the epoch, and the end, follow the epoch's
+//! records as one empty message per key group, so every reader of every
+//! key group hears from every writer. Headers: [`PRODUCER`]
+//! (`<subtask>/<parallelism>`), [`WATERMARK`], [`END`]. Spool files of
+//! version 1 (records, grouped when published) are still read on a
+//! restore, grouped by their own limits so that their ids name the same
+//! records, and readers still take the version 1 message layout (flat
+//! batches).
 //!
 //! **Reading** ([`ExchangeSource`]): subtask i reads the key groups subtask
 //! i of a keyed edge would get (`key_group::range_of`), through one ordered
@@ -393,8 +394,10 @@ pub struct EpochSpool {
     max_parallelism: u32,
     /// By key group: its open message.
     open: Vec<OpenMessage>,
-    /// Bytes the open messages hold (allocated) together.
+    /// Bytes the open messages hold (allocated) together, and how many
+    /// they may ([`OPEN_BYTES`]).
     open_bytes: usize,
+    open_limit: usize,
     /// The highest watermark taken in.
     watermark: Option<Timestamp>,
     end: bool,
@@ -435,6 +438,7 @@ impl EpochSpool {
                 .map(|_| OpenMessage::default())
                 .collect(),
             open_bytes: 0,
+            open_limit: OPEN_BYTES,
             watermark: None,
             end: false,
         };
@@ -480,7 +484,7 @@ impl EpochSpool {
                 self.frame(group)?;
             }
         }
-        if self.open_bytes > OPEN_BYTES {
+        if self.open_bytes > self.open_limit {
             self.frame_all()?;
         }
         Ok(())
@@ -1444,6 +1448,36 @@ mod tests {
         unkeyed.push(None, b"v", None);
         let mut spool = EpochSpool::create(path, "p", max).expect("created");
         assert!(spool.push_batch(&unkeyed).is_err());
+    }
+
+    #[test]
+    fn open_messages_over_the_limit_are_framed_as_they_are() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("o");
+        let max = 64;
+        let mut spool = EpochSpool::create(path.clone(), "p", max).expect("created");
+        spool.open_limit = 1 << 10;
+        let keys: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
+        let mut batch = RecordBatch::new();
+        for key in &keys {
+            batch.push(Some(key.as_bytes()), b"v", None);
+        }
+        spool.push_batch(&batch).expect("spooled");
+        assert_eq!(spool.open_bytes, 0, "all framed");
+        spool.push_batch(&batch).expect("spooled");
+        spool.close().expect("closed");
+        let file = Bytes::from(std::fs::read(&path).expect("read"));
+        let (_, messages) = read_spool(&file, max).expect("reads");
+        // Every record, each key group's messages numbered in order.
+        let mut records = RecordBatch::new();
+        let mut next = vec![0u32; max as usize];
+        for message in &messages {
+            assert_eq!(message.index, next[message.group as usize]);
+            next[message.group as usize] += 1;
+            decode_into(&message.body, &mut records).expect("decodes");
+        }
+        assert_eq!(records.len(), 2 * keys.len());
+        assert!(messages.len() > max as usize, "framed before the close too");
     }
 
     #[test]
