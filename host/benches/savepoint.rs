@@ -85,6 +85,7 @@ fn state_round_trip(runtime: &tokio::runtime::Runtime, keys: u64) {
         kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
             dir: out.clone(),
             form: SavepointForm::Canonical,
+            cut: None,
         })),
     };
     let (reports, mut acks) = mpsc::unbounded_channel();

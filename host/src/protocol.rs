@@ -30,6 +30,20 @@ pub struct Trigger {
     /// Set for stop-with-savepoint: the source stops after the barrier
     /// once the savepoint completed (and reads on if it failed).
     pub stop: Option<StopAfter>,
+    /// Set for a task's part of a cluster savepoint (the barrier's
+    /// [`SavepointTarget::cut`](crate::types::SavepointTarget::cut)): the
+    /// source sends the barrier only once it reached the cut.
+    pub cut: Option<CutAt>,
+}
+
+/// How a source sends a cut's barrier: once
+/// [`Source::cut_ready`](crate::dataflow::Source::cut_ready) says it
+/// reached cut `name`, or never, if the savepoint fails first.
+#[derive(Debug)]
+pub struct CutAt {
+    pub name: std::sync::Arc<str>,
+    /// Whether the savepoint completed (false: it failed or was aborted).
+    pub outcome: tokio::sync::oneshot::Receiver<bool>,
 }
 
 impl Trigger {

@@ -216,6 +216,14 @@ pub struct SavepointTarget {
     /// staged here and uploaded once complete), written through its handle.
     pub dir: OutDir,
     pub form: SavepointForm,
+    /// Set for a task's part of a cluster savepoint taken without a stop:
+    /// the cut's name, the same in every task. Each exchange writer marks
+    /// the cut in its exchange after this savepoint's epoch; each exchange
+    /// reader sends the barrier only once every writer of its key groups
+    /// marked it, having read all they published before and nothing after
+    /// (see `connectors::exchange`, "Cuts"), so the tasks' savepoints form
+    /// one cut.
+    pub cut: Option<std::sync::Arc<str>>,
 }
 
 /// A directory the host writes files into by names relative to it,

@@ -1163,12 +1163,12 @@ fn a_staged_job_is_stopped_and_cancelled_whole_and_names_what_it_cannot_do_yet()
 
     // What a staged job cannot do as a whole yet is refused, naming its
     // stages' jobs.
-    let savepoint = hosts[1].weir(&["savepoint", &id], dir.path());
-    assert!(!savepoint.status.success());
-    let said = crate::host::stderr(&savepoint);
+    let fork = hosts[1].weir(&["fork", &id], dir.path());
+    assert!(!fork.status.success());
+    let said = crate::host::stderr(&fork);
     assert!(
         said.contains(&format!(
-            "job {id} runs as stages on the cluster's hosts (gen task 0: job {}, gen task 1: job {}, count task 0: job {}, count task 1: job {}): savepoints of a staged job as a whole is not supported yet",
+            "job {id} runs as stages on the cluster's hosts (gen task 0: job {}, gen task 1: job {}, count task 0: job {}, count task 1: job {}): fork of a staged job as a whole is not supported yet",
             placed[0].1, placed[1].1, placed[2].1, placed[3].1
         )),
         "{said}"
@@ -1370,6 +1370,92 @@ fn exchange_streams(url: &str, id: &str) -> Vec<String> {
             .filter(|n| n.starts_with(&format!("weir-{id}_")))
             .collect()
     })
+}
+
+#[test]
+fn a_staged_job_savepoint_taken_while_it_runs_is_one_cut_that_restores_on_one_host() {
+    let dir = plugin_dir();
+    let name = "staged-cut";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let (mut hosts, _) = cluster.hosts(dir.path(), 2);
+    // JetStream in → split → (by key) count → JetStream out, about 15 s of
+    // input at 2 × 800 lines/s; the savepoint is taken midway, with
+    // records in flight in both exchanges.
+    let expected = count_input(&url, name, 24_000, 43);
+    let job = crate::nats::count_job(&url, name, 2, 800, "checkpoints");
+    dir.write("job.toml", &job);
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
+    let (_, count, _) = placed
+        .iter()
+        .find(|s| s.0 == "count")
+        .unwrap_or_else(|| panic!("a count stage: {placed:?}"));
+    hosts[0].wait_checkpoints(count, 3, Duration::from_secs(60));
+    let started = Instant::now();
+    while crate::nats::output(&url, name).len() < 1000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the staged job published little"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A savepoint of the whole while it runs: every task's, one cut.
+    let taken = hosts[1].weir(&["savepoint", &id], dir.path());
+    let said = crate::host::stderr(&taken);
+    assert!(taken.status.success(), "{said}");
+    let savepoint = String::from_utf8_lossy(&taken.stdout).trim().to_string();
+    assert!(
+        savepoint.starts_with("s3://")
+            && said.contains(&format!("cluster savepoint {savepoint} (")),
+        "{said}"
+    );
+    // The job ran on, holding at the cut for a moment, and finishes with
+    // every count once.
+    hosts[0].wait_status(&id, "finished", Duration::from_secs(120));
+    weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
+        .unwrap_or_else(|e| panic!("the job that ran on: {e}"));
+
+    // Restored on one host, writing elsewhere, it reads on from the cut:
+    // each word's updates from where the savepoint stood to its total,
+    // once each — nothing in flight between the tasks lost or taken twice.
+    let restored = format!("{name}-restored");
+    crate::nats::prepare_streams(&url, &restored, &[]);
+    dir.write(
+        "restore.toml",
+        job.replace(
+            &format!("stream = \"{name}-out\"\nsubject = \"{name}.out\""),
+            &format!("stream = \"{restored}-out\"\nsubject = \"{restored}.out\""),
+        ),
+    );
+    let run = weir_env(
+        &["run", "restore.toml", "-q", "-s", &savepoint],
+        dir.path(),
+        &cluster.env,
+    );
+    assert!(
+        run.status.success(),
+        "the restore on one host: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output = crate::nats::output(&url, &restored);
+    let midway = weir_tests::check_updates_after_snapshot(&output, &expected)
+        .unwrap_or_else(|e| panic!("restored from the cut: {e}"));
+    let total: u64 = expected.values().sum();
+    assert!(
+        midway > 0 && (output.len() as u64) < total,
+        "the savepoint was taken midway: {midway} words resumed midway, {} of {total} updates",
+        output.len()
+    );
+    for host in &mut hosts {
+        host.terminate();
+    }
 }
 
 #[test]

@@ -177,3 +177,58 @@ pub fn check_exact_updates(
         ))
     }
 }
+
+/// Checks that `lines` are the `word count` updates of a count restored
+/// from a consistent snapshot of one that saw `expected` occurrences per
+/// word, and ran to the end: for each word, `w k` … `w N` once each for
+/// some k (none if the word did not occur after the snapshot), nothing
+/// else — a record lost before the snapshot leaves `w N` out, one counted
+/// twice shows `w N+1`. Returns how many words resumed midway (k > 1).
+pub fn check_updates_after_snapshot(
+    lines: &[String],
+    expected: &BTreeMap<String, u64>,
+) -> Result<usize, String> {
+    let mut seen: BTreeMap<&str, BTreeMap<u64, u64>> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for line in lines {
+        match line
+            .rsplit_once(' ')
+            .and_then(|(w, n)| Some((w, n.parse::<u64>().ok()?)))
+        {
+            Some((word, n)) => *seen.entry(word).or_default().entry(n).or_insert(0) += 1,
+            None => problems.push(format!("unexpected `{line}`")),
+        }
+    }
+    let mut midway = 0;
+    for (word, counts) in &seen {
+        let Some(&total) = expected.get(*word) else {
+            problems.push(format!("unexpected word `{word}`"));
+            continue;
+        };
+        let first = *counts.keys().next().expect("not empty");
+        if first > 1 {
+            midway += 1;
+        }
+        for n in first..=total.max(first) {
+            match counts.get(&n) {
+                Some(1) => {}
+                Some(times) => problems.push(format!("`{word} {n}` {times} times")),
+                None => problems.push(format!("`{word} {n}` missing")),
+            }
+        }
+        if let Some((&beyond, _)) = counts.range(total + 1..).next() {
+            problems.push(format!("`{word} {beyond}` beyond its {total} occurrences"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(midway)
+    } else {
+        let shown: Vec<_> = problems.iter().take(10).cloned().collect();
+        Err(format!(
+            "{} updates wrong of {} lines read: {}",
+            problems.len(),
+            lines.len(),
+            shown.join(", ")
+        ))
+    }
+}

@@ -28,8 +28,8 @@ use super::CheckpointError;
 use super::metadata::{self, CheckpointMetadata, OperatorSnapshot, ReadMetadata, SnapshotKind};
 use super::retention::SharedRegistry;
 use crate::protocol::{
-    CoordinatorError, CoordinatorOutcome, CoordinatorWiring, Role, SnapshotStats, SourcePace,
-    StopAfter, SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
+    CoordinatorError, CoordinatorOutcome, CoordinatorWiring, CutAt, Role, SnapshotStats,
+    SourcePace, StopAfter, SubtaskSnapshot, TaskReport, TransferProgress, Trigger,
 };
 use crate::roots::Roots;
 use crate::types::{
@@ -430,6 +430,9 @@ pub struct SavepointRequest {
     /// an aligned stop: a stage of a staged job, once every stage writing
     /// to it stopped, so the stages' savepoints form one cut.
     pub aligned: bool,
+    /// A task's part of a cluster savepoint taken without a stop: the
+    /// cut's name (see [`SavepointTarget::cut`]).
+    pub cut: Option<Arc<str>>,
     /// The form of the savepoint's state.
     pub form: SavepointForm,
     /// Before the savepoint's barrier, up to this many checkpoints (when
@@ -1128,6 +1131,7 @@ impl Checkpointing<'_> {
                 .send(Trigger {
                     barrier: barrier.clone(),
                     stop: None,
+                    cut: None,
                 })
                 .is_ok();
         }
@@ -1212,6 +1216,7 @@ impl Coordinator {
             kind: BarrierKind::Savepoint(Arc::new(SavepointTarget {
                 dir: dir.clone(),
                 form: request.form,
+                cut: request.cut.clone(),
             })),
         };
         let mut outcomes = Vec::new();
@@ -1226,10 +1231,16 @@ impl Coordinator {
                     outcome,
                 }
             });
+            let cut = request.cut.clone().map(|name| {
+                let (sender, outcome) = oneshot::channel();
+                outcomes.push(sender);
+                CutAt { name, outcome }
+            });
             delivered &= trigger
                 .send(Trigger {
                     barrier: barrier.clone(),
                     stop,
+                    cut,
                 })
                 .is_ok();
         }
@@ -1547,7 +1558,25 @@ impl Savepointer {
         self.ask(
             target.into(),
             Some(false),
-            true,
+            (true, None),
+            SavepointForm::Canonical,
+            0,
+        )
+        .await
+    }
+
+    /// A savepoint whose sources each send the barrier only once they
+    /// reached cluster savepoint `cut` ([`SavepointTarget::cut`]): a
+    /// task's part of a staged job's savepoint taken while it runs on.
+    pub async fn cut_savepoint(
+        &self,
+        target: impl Into<Location>,
+        cut: &str,
+    ) -> Result<Location, String> {
+        self.ask(
+            target.into(),
+            None,
+            (false, Some(Arc::from(cut))),
             SavepointForm::Canonical,
             0,
         )
@@ -1561,14 +1590,14 @@ impl Savepointer {
         form: SavepointForm,
         prepare: u32,
     ) -> Result<Location, String> {
-        self.ask(target, stop, false, form, prepare).await
+        self.ask(target, stop, (false, None), form, prepare).await
     }
 
     async fn ask(
         &self,
         target: Location,
         stop: Option<bool>,
-        aligned: bool,
+        (aligned, cut): (bool, Option<Arc<str>>),
         form: SavepointForm,
         prepare: u32,
     ) -> Result<Location, String> {
@@ -1578,6 +1607,7 @@ impl Savepointer {
                 target,
                 stop,
                 aligned,
+                cut,
                 form,
                 prepare,
                 reply,
@@ -2259,6 +2289,7 @@ mod tests {
                 target: Location::Local(target.to_path_buf()),
                 stop,
                 aligned: false,
+                cut: None,
                 form: SavepointForm::Canonical,
                 prepare,
                 reply,

@@ -450,6 +450,7 @@ pub async fn savepoint(
         target_dir: absolute_text(target)?,
         drain: stop.unwrap_or(false),
         aligned: false,
+        cut: None,
     };
     let endpoint = if stop.is_some() { "stop" } else { "savepoints" };
     let operation = client

@@ -51,6 +51,24 @@
 //! host too. Any other message from a writer (it resumed) takes its pause
 //! back.
 //!
+//! **Cuts** (a staged job's savepoint taken while it runs on, so that its
+//! tasks' savepoints form one cut): every task takes a savepoint that
+//! names the cut ([`crate::types::SavepointTarget::cut`]). A writer, once
+//! its savepoint's epoch is committed and published, publishes one empty
+//! [`CUT`] message per key group, then its *cut record* (subject
+//! `weir.NAME.c<writer>`, the cut's name), and publishes nothing more
+//! until every writer's cut record names the cut: so in the stream every
+//! message before the cut comes before every message after it. A reader
+//! asked for the cut sends its barrier once, on each of its key groups,
+//! every writer marked it (or ended) ([`Source::cut_ready`]), and takes
+//! nothing after the last marker until then: its savepoint holds exactly
+//! what the writers' savepoints published. A writer that waited
+//! [`CUT_HOLD`] for the others gives up: it publishes one
+//! [`CUT_ABANDONED`] message per key group before anything after the cut,
+//! and a reader that reads one never reaches that cut (the savepoint
+//! fails; the job runs on). A reader that reached a cut and is not asked
+//! for it within [`CUT_HOLD`] reads on.
+//!
 //! **Purging**: once a checkpoint of the reader is committed (the job's
 //! restore point: it never restores an earlier one of its own accord), what
 //! each key group read up to it is purged from the stream, at most every
@@ -136,6 +154,11 @@ impl Exchange {
     /// The subject of key group `group`.
     pub fn subject(&self, group: u32) -> String {
         format!("weir.{}.{group}", self.name)
+    }
+
+    /// The subject of writer `writer`'s cut record (see "Cuts").
+    pub fn cut_subject(&self, writer: u32) -> String {
+        format!("weir.{}.c{writer}", self.name)
     }
 
     /// The subject of key group `group`'s purge floor.
@@ -744,6 +767,16 @@ fn epoch_messages_v1(body: &[u8], max_parallelism: u32) -> Result<Vec<Message>, 
 /// savepoint), with the checkpoint it stopped at: see "Stopping" above.
 pub const PAUSED: &str = "Weir-Paused";
 
+/// A writer's marker of a cut (its name), one per key group: see "Cuts"
+/// above.
+pub const CUT: &str = "Weir-Cut";
+/// A writer gave up waiting for the others to mark the cut (its name):
+/// no reader reaches it.
+pub const CUT_ABANDONED: &str = "Weir-Cut-Abandoned";
+/// How long a writer waits for every writer to mark a cut, and a reader
+/// that reached one for its barrier.
+pub const CUT_HOLD: Duration = Duration::from_secs(60);
+
 /// Who writes an exchange: sink subtask `subtask` of `parallelism`, keying
 /// by `max_parallelism` key groups.
 #[derive(Debug, Clone)]
@@ -801,6 +834,82 @@ impl Producer {
             (group, build)
         });
         self.send_all(js, built).await.map(|_| ())
+    }
+
+    /// Marks cut `cut` after everything this writer published (see
+    /// "Cuts"): a [`CUT`] message per key group (ids
+    /// `<id_prefix>:Weir-Cut:<cut>:<key group>`), its cut record, then waits
+    /// until every writer's cut record names the cut, for up to
+    /// [`CUT_HOLD`]; a wait that runs out abandons the cut.
+    pub async fn mark_cut(
+        &self,
+        js: &Context,
+        id_prefix: &str,
+        cut: &str,
+    ) -> Result<(), OperatorError> {
+        let name = &self.exchange.name;
+        self.send_markers(js, id_prefix, CUT, cut).await?;
+        let failed = |e: &dyn std::fmt::Display| {
+            connector_error(format!("exchange `{name}`: cannot mark cut `{cut}`: {e}"))
+        };
+        let record = jetstream::message::PublishMessage::build()
+            .payload(bytes::Bytes::copy_from_slice(cut.as_bytes()))
+            .message_id(format!("{id_prefix}:cut:{cut}"));
+        js.send_publish(self.exchange.cut_subject(self.subtask), record)
+            .await
+            .map_err(|e| failed(&e))?
+            .await
+            .map_err(|e| failed(&e))?;
+        let stream = self.exchange.open(js).await.map_err(|e| failed(&e))?;
+        let started = Instant::now();
+        loop {
+            let records = futures::future::join_all((0..self.parallelism).map(|writer| {
+                let stream = &stream;
+                async move {
+                    stream
+                        .get_last_raw_message_by_subject(&self.exchange.cut_subject(writer))
+                        .await
+                        .is_ok_and(|m| m.payload.as_ref() == cut.as_bytes())
+                }
+            }))
+            .await;
+            if records.iter().all(|&marked| marked) {
+                return Ok(());
+            }
+            if started.elapsed() >= CUT_HOLD {
+                let waiting: Vec<String> = (0u32..)
+                    .zip(&records)
+                    .filter(|(_, marked)| !**marked)
+                    .map(|(writer, _)| writer.to_string())
+                    .collect();
+                warn!(exchange = %name, cut, writers = %waiting.join(", "), "the cut was not marked by every writer in time; abandoning it (the savepoint fails, the job runs on)");
+                return self
+                    .send_markers(js, id_prefix, CUT_ABANDONED, cut)
+                    .await
+                    .map(|_| ());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One empty message per key group with header `header` = `cut`.
+    async fn send_markers(
+        &self,
+        js: &Context,
+        id_prefix: &str,
+        header: &str,
+        cut: &str,
+    ) -> Result<u64, OperatorError> {
+        let producer = format!("{}/{}", self.subtask, self.parallelism);
+        let built = (0..self.max_parallelism).map(|group| {
+            let build = jetstream::message::PublishMessage::build()
+                .payload(bytes::Bytes::new())
+                .message_id(format!("{id_prefix}:{header}:{cut}:{group}"))
+                .header(PRODUCER, producer.as_str())
+                .header(header, cut);
+            (group, build)
+        });
+        self.send_all(js, built).await
     }
 
     /// Publishes each (key group, message) to its key group's subject, up
@@ -908,7 +1017,28 @@ pub struct ExchangeSource {
     /// when it was last handed some.
     purge: Option<watch::Sender<BTreeMap<u32, u64>>>,
     purged_at: Option<Instant>,
+    /// Cuts being read, by name (see "Cuts"; a few at most).
+    cuts: BTreeMap<String, CutSeen>,
+    /// Key group → the writers seen ending on it (this run).
+    ended_by: BTreeMap<u32, BTreeSet<u32>>,
 }
+
+/// What a reader saw of a cut.
+#[derive(Debug)]
+struct CutSeen {
+    /// Key group → the writers that marked it.
+    marked: BTreeMap<u32, BTreeSet<u32>>,
+    /// A writer gave it up.
+    abandoned: bool,
+    /// When its first marker was read.
+    seen: Instant,
+    /// When every writer had marked every key group: the reader holds
+    /// there until its barrier goes (or [`CUT_HOLD`] passed).
+    reached: Option<Instant>,
+}
+
+/// Cuts a reader remembers at most (the oldest is forgotten).
+const CUTS_KEPT: usize = 8;
 
 impl ExchangeSource {
     /// Subtask `subtask` of `parallelism` over `max_parallelism` key
@@ -955,7 +1085,74 @@ impl ExchangeSource {
             taken: VecDeque::new(),
             purge: None,
             purged_at: None,
+            cuts: BTreeMap::new(),
+            ended_by: BTreeMap::new(),
         }
+    }
+
+    /// Takes in writer `writer`'s marker of cut `name` on key group
+    /// `group` (or that it `abandoned` the cut); notes when the cut is
+    /// reached.
+    fn take_cut(&mut self, name: &str, group: u32, writer: u32, abandoned: bool) {
+        if !self.cuts.contains_key(name) && self.cuts.len() >= CUTS_KEPT {
+            let oldest = self
+                .cuts
+                .iter()
+                .min_by_key(|(_, cut)| cut.seen)
+                .map(|(name, _)| name.clone());
+            self.cuts.remove(&oldest.expect("not empty"));
+        }
+        let cut = self.cuts.entry(name.to_string()).or_insert(CutSeen {
+            marked: BTreeMap::new(),
+            abandoned: false,
+            seen: Instant::now(),
+            reached: None,
+        });
+        cut.abandoned |= abandoned;
+        cut.marked.entry(group).or_default().insert(writer);
+        self.note_reached();
+    }
+
+    /// Marks the cuts every writer marked (or ended) on each key group,
+    /// unless one was abandoned, as reached.
+    fn note_reached(&mut self) {
+        let (groups, writers, ended_by) = (self.groups.clone(), self.writers, &self.ended_by);
+        for cut in self.cuts.values_mut() {
+            if cut.reached.is_some() || cut.abandoned || writers == 0 {
+                continue;
+            }
+            let complete = groups.clone().all(|g| {
+                let marked = cut.marked.get(&g);
+                let ended = ended_by.get(&g);
+                (0..writers).all(|w| {
+                    marked.is_some_and(|m| m.contains(&w)) || ended.is_some_and(|e| e.contains(&w))
+                })
+            });
+            if complete {
+                cut.reached = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Until when this reader holds at a reached cut, if it does.
+    fn holding(&self) -> Option<Instant> {
+        self.cuts
+            .values()
+            .filter_map(|cut| cut.reached)
+            .min()
+            .map(|reached| reached + CUT_HOLD)
+    }
+
+    /// Reads on past the cuts held for [`CUT_HOLD`]: no barrier came.
+    fn let_go_of_held_cuts(&mut self) {
+        let name = &self.exchange.name;
+        self.cuts.retain(|cut, seen| {
+            let held_out = seen.reached.is_some_and(|at| at.elapsed() >= CUT_HOLD);
+            if held_out {
+                warn!(exchange = %name, cut, "the cut was reached but no savepoint asked for it in time; reading on");
+            }
+            !held_out
+        });
     }
 
     /// Every writer ended on each of this subtask's key groups.
@@ -1045,8 +1242,15 @@ impl ExchangeSource {
         if header(END).is_some() {
             let entry = self.ends.entry(group).or_insert((writers, 0));
             *entry = (writers, entry.1 + 1);
+            self.ended_by.entry(group).or_default().insert(writer);
         }
         self.last.insert(group, sequence);
+        match (header(CUT), header(CUT_ABANDONED)) {
+            (Some(cut), _) => self.take_cut(&cut, group, writer, false),
+            (None, Some(cut)) => self.take_cut(&cut, group, writer, true),
+            (None, None) if header(END).is_some() => self.note_reached(),
+            (None, None) => {}
+        }
         Ok(())
     }
 
@@ -1061,6 +1265,12 @@ impl ExchangeSource {
         if self.items.is_none() {
             self.start();
         }
+        // At a reached cut nothing after it is taken until its barrier
+        // went (cancel-safe: the trigger interrupts the wait).
+        if let Some(until) = self.holding() {
+            tokio::time::sleep_until(until.into()).await;
+            self.let_go_of_held_cuts();
+        }
         let items = self.items.as_mut().expect("started above");
         // Cancel-safe: a message is either still in the channel or taken
         // in with its sequence recorded.
@@ -1068,7 +1278,7 @@ impl ExchangeSource {
             return Err(connector_error("the exchange's reader stopped"));
         };
         self.take(first, batch)?;
-        while batch.len() < max && !self.ended() {
+        while batch.len() < max && !self.ended() && self.holding().is_none() {
             let Some(Ok(item)) = self.items.as_mut().map(mpsc::Receiver::try_recv) else {
                 break;
             };
@@ -1297,6 +1507,18 @@ impl Source for ExchangeSource {
 
     fn stop_ready(&mut self) -> bool {
         self.ended() || self.all_paused()
+    }
+
+    fn cut_ready(&mut self, cut: &str) -> bool {
+        if self.ended() {
+            return true;
+        }
+        let reached = self.cuts.get(cut).is_some_and(|c| c.reached.is_some());
+        if reached {
+            // The barrier goes now: read on after it.
+            self.cuts.remove(cut);
+        }
+        reached
     }
 
     fn watermark(&mut self) -> Option<Timestamp> {
@@ -1604,6 +1826,59 @@ mod tests {
         assert!(restored.stop_ready(), "restored mid-stop: {positions:?}");
         source.paused.get_mut(&0).expect("paused").remove(&0);
         assert!(!source.stop_ready(), "writer 0 resumed on key group 0");
+    }
+
+    #[tokio::test]
+    async fn a_cut_is_reached_once_every_writer_marked_or_ended_each_key_group_unless_abandoned() {
+        let exchange = Exchange {
+            url: "nats://127.0.0.1:1".into(),
+            name: "job.edge".into(),
+            replicas: 1,
+        };
+        let mut source = ExchangeSource::new(exchange, 0, 2, 4, &BTreeMap::new());
+        assert_eq!(source.groups, 0..2);
+        source.writers = 2;
+        source.take_cut("a", 0, 0, false);
+        source.take_cut("a", 1, 0, false);
+        source.take_cut("a", 0, 1, false);
+        assert!(
+            source.holding().is_none(),
+            "writer 1 has not marked key group 1"
+        );
+        assert!(!source.cut_ready("a"));
+        // Writer 1 ended on key group 1 instead: nothing more comes from it.
+        source.ended_by.entry(1).or_default().insert(1);
+        source.note_reached();
+        assert!(source.holding().is_some(), "holds at the cut");
+        // Held: nothing after the cut is taken until its barrier went.
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Item::Failed("after the cut".into()))
+            .await
+            .expect("sent");
+        source.items = Some(rx);
+        let mut batch = RecordBatch::new();
+        let held = tokio::time::timeout(Duration::from_millis(200), source.fill(&mut batch, 8));
+        assert!(held.await.is_err(), "took a message past the cut");
+        assert!(source.cut_ready("a"), "every writer marked or ended");
+        assert!(source.holding().is_none(), "reads on after the barrier");
+        let next = source.fill(&mut batch, 8).await;
+        assert!(next.is_err_and(|e| e.to_string().contains("after the cut")));
+        assert!(!source.cut_ready("a"), "a cut is passed once");
+
+        // A writer that gave up waiting for the others abandons it: never
+        // reached, whatever comes after.
+        source.take_cut("b", 0, 1, true);
+        for (group, writer) in [(0, 0), (1, 0), (1, 1)] {
+            source.take_cut("b", group, writer, false);
+        }
+        assert!(source.holding().is_none());
+        assert!(!source.cut_ready("b"));
+        // A few cuts are remembered at most, the oldest forgotten.
+        for n in 0..CUTS_KEPT {
+            source.take_cut(&format!("c{n}"), 0, 0, false);
+        }
+        assert_eq!(source.cuts.len(), CUTS_KEPT);
+        assert!(!source.cuts.contains_key("b"));
     }
 
     #[test]

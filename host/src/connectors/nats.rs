@@ -486,6 +486,9 @@ pub struct NatsSink {
     epoch: Option<EpochSpool>,
     /// (epoch, spool file) written, not yet published.
     pending: Vec<(u64, PathBuf)>,
+    /// Exchange mode: (epoch, cut) to mark once the epoch is published
+    /// (see `exchange`, "Cuts").
+    cuts: Vec<(u64, String)>,
     /// Spool files of the restored checkpoint, republished first.
     recover: Vec<PathBuf>,
     /// Committed epochs being published in the background.
@@ -529,6 +532,7 @@ impl NatsSink {
             current: None,
             epoch: None,
             pending: Vec::new(),
+            cuts: Vec::new(),
             recover,
             publishing: None,
             in_flight: VecDeque::new(),
@@ -679,15 +683,37 @@ impl NatsSink {
             .into_iter()
             .partition(|(n, _)| *n <= epoch);
         self.pending = rest;
-        if due.is_empty() {
+        let (cuts, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.cuts)
+            .into_iter()
+            .partition(|(n, _)| *n <= epoch);
+        self.cuts = rest;
+        if due.is_empty() && cuts.is_empty() {
             return Ok(());
         }
         let (js, target, window) = (self.js().clone(), self.target(), self.window);
-        let files: Vec<PathBuf> = due.iter().map(|(_, path)| path.clone()).collect();
+        let files: Vec<(u64, PathBuf)> = due.clone();
+        let prefix = self.id_prefix.clone();
         let task = self.runtime.spawn(async move {
-            for path in files {
+            // Each cut right after its epoch, before any later one.
+            let mut cuts = VecDeque::from(cuts);
+            let mark = |cut: String| {
+                let (js, target, prefix) = (&js, &target, &prefix);
+                async move {
+                    match target {
+                        Target::Exchange(producer) => producer.mark_cut(js, prefix, &cut).await,
+                        Target::Subject(_) => Ok(()),
+                    }
+                }
+            };
+            for (epoch, path) in files {
+                while let Some((_, cut)) = cuts.pop_front_if(|(at, _)| *at < epoch) {
+                    mark(cut).await?;
+                }
                 publish_spool(&js, &target, &path, window).await?;
                 let _ = std::fs::remove_file(&path);
+            }
+            for (_, cut) in cuts {
+                mark(cut).await?;
             }
             Ok(())
         });
@@ -1013,6 +1039,12 @@ impl Sink for NatsSink {
     fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), OperatorError> {
         self.ready()?;
         self.publish_through(checkpoint.0)
+    }
+
+    fn cut(&mut self, checkpoint: CheckpointId, cut: &str) {
+        if self.exchange.is_some() {
+            self.cuts.push((checkpoint.0, cut.to_string()));
+        }
     }
 
     fn finish(&mut self) -> Result<(), OperatorError> {

@@ -46,6 +46,8 @@ pub(super) enum Command {
     Savepoint {
         operation: String,
         target: Location,
+        /// A task's part of a staged job's savepoint: the cut's name.
+        cut: Option<String>,
     },
     Stop {
         operation: String,
@@ -525,7 +527,11 @@ impl Running {
     /// Starts the procedure a command asks for.
     pub fn command(ctx: &mut JobCtx, command: Command) -> Step {
         match command {
-            Command::Savepoint { operation, target } => savepoint::start(ctx, operation, target),
+            Command::Savepoint {
+                operation,
+                target,
+                cut,
+            } => savepoint::start(ctx, operation, target, cut),
             Command::Stop {
                 operation,
                 target,

@@ -94,6 +94,12 @@ pub struct SavepointRequest {
     /// savepoints form one cut.
     #[serde(default)]
     pub aligned: bool,
+    /// Savepoint (a task of a staged job, as the staged job's savepoint
+    /// asks): the name of the cut its savepoint is part of. The sources
+    /// reading an exchange send the barrier once every writer marked the
+    /// cut; the exchanges' writers mark it after this savepoint's epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
 }
 
 /// A job of the host: its record (persisted on every change), the live
@@ -778,8 +784,13 @@ impl JobManager {
         request: &SavepointRequest,
     ) -> Result<Operation, ControlError> {
         let target = self.target(id, request.target_dir.as_deref())?;
+        let cut = request.cut.clone();
         self.start_operation(id, OperationKind::Savepoint, |operation| {
-            Command::Savepoint { operation, target }
+            Command::Savepoint {
+                operation,
+                target,
+                cut,
+            }
         })
     }
 

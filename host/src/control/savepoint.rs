@@ -1,5 +1,7 @@
 //! The savepoint procedure (`weir savepoint JOB [DIR]`): the job runs on
-//! while its coordinator takes a canonical savepoint.
+//! while its coordinator takes a canonical savepoint — a task's part of a
+//! staged job's savepoint names its cut (see
+//! [`crate::types::SavepointTarget::cut`]).
 //!
 //! start → [`Taking`] → running. A cancel or the host's shutdown
 //! supersedes it; a failure of the job fails it (the restart strategy
@@ -19,7 +21,12 @@ pub(super) struct Taking {
 }
 
 /// Starts a savepoint of the running attempt.
-pub(super) fn start(ctx: &mut JobCtx, operation: String, target: Location) -> Step {
+pub(super) fn start(
+    ctx: &mut JobCtx,
+    operation: String,
+    target: Location,
+    cut: Option<String>,
+) -> Step {
     let Some(savepointer) = ctx.savepointer() else {
         ctx.fail_operation(&operation, "the job is between attempts; try again");
         return Step::Running(Running);
@@ -34,7 +41,12 @@ pub(super) fn start(ctx: &mut JobCtx, operation: String, target: Location) -> St
         return Step::Running(Running);
     }
     ctx.note_savepoint_target(&target);
-    let taken = tokio::spawn(async move { savepointer.savepoint(target, None).await });
+    let taken = tokio::spawn(async move {
+        match cut {
+            Some(cut) => savepointer.cut_savepoint(target, &cut).await,
+            None => savepointer.savepoint(target, None).await,
+        }
+    });
     Step::Savepoint(Taking { operation, taken })
 }
 

@@ -26,10 +26,13 @@
 //!   share one parallelism: `UID=N` rescales every node of UID's stage
 //!   (its exchanges' sources and sinks among them); the stages upstream
 //!   and downstream keep theirs (an exchange is read by key group).
+//! - `POST …/savepoints`: a savepoint of every task while the job runs on,
+//!   into one directory as a stop's, each task's part of one *cut*
+//!   ([`savepoint`]); its `_metadata` is written as a stop's is.
 //! - `GET …/operations/{op}`: that operation as its tasks' say now.
-//! - savepoints (without a stop) and forks of a staged job as a whole,
-//!   and an upgrade with a new job file, are refused (409), naming its
-//!   tasks' jobs, which take them one by one.
+//! - forks of a staged job as a whole, and an upgrade with a new job file,
+//!   are refused (409), naming its tasks' jobs, which take them one by
+//!   one.
 
 mod rescale;
 
@@ -170,7 +173,12 @@ pub(super) async fn answer(
                 .await
                 .map(|o| Json(o).into_response())
         }
-        (_, "/savepoints" | "/fork") => Err(ControlError::Conflict(format!(
+        (Method::POST, "/savepoints") => {
+            savepoint(&stages, store, storage.as_deref(), &staged, &body)
+                .await
+                .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response())
+        }
+        (_, "/fork") => Err(ControlError::Conflict(format!(
             "job {} runs as stages on the cluster's hosts ({}): {} of a staged job as a whole is not supported yet; ask it of each stage's job",
             staged.job,
             named(&staged),
@@ -325,11 +333,7 @@ async fn stop(
     staged: &StagedJob,
     body: &Bytes,
 ) -> Result<Operation, ControlError> {
-    let request: SavepointRequest = match body.is_empty() {
-        true => SavepointRequest::default(),
-        false => serde_json::from_slice(body)
-            .map_err(|e| ControlError::BadRequest(format!("the stop's body: {e}")))?,
-    };
+    let request = request_of(body, "stop")?;
     if request.drain {
         return Err(ControlError::BadRequest(format!(
             "job {} runs as stages ({}): a stop of a staged job cannot drain (the end of input a drain sends would end the stages downstream before their savepoints)",
@@ -337,6 +341,95 @@ async fn stop(
             named(staged)
         )));
     }
+    let savepoint = savepoint_dir(staged, &request, storage)?;
+    let body = serde_json::to_vec(&SavepointRequest {
+        target_dir: Some(savepoint.clone()),
+        aligned: true,
+        ..SavepointRequest::default()
+    })
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let body = Some(Bytes::from(body));
+    let requests = staged
+        .stages
+        .iter()
+        .map(|stage| (stage, body.clone()))
+        .collect();
+    ask(
+        stages,
+        store,
+        staged,
+        OperationKind::Stop,
+        "/stop",
+        requests,
+        (Some(savepoint), None),
+    )
+    .await
+}
+
+/// Takes a savepoint of every task while the job runs on, into one cluster
+/// savepoint directory as a stop does ([`stop`]), each task's savepoint
+/// part of one *cut* named by the directory: each exchange's writers mark
+/// the cut after their savepoint's epoch and publish nothing after it
+/// until all did; each reader sends its barrier once every writer of its
+/// key groups marked it (see `connectors::exchange`, "Cuts"), so the
+/// savepoints hold exactly what crossed the exchanges before the cut. The
+/// directory's `_metadata` ([`cluster_savepoint`]) is written once every
+/// task's completed ([`operation`]).
+async fn savepoint(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    storage: Option<&str>,
+    staged: &StagedJob,
+    body: &Bytes,
+) -> Result<Operation, ControlError> {
+    let request = request_of(body, "savepoint")?;
+    let savepoint = savepoint_dir(staged, &request, storage)?;
+    let cut = savepoint
+        .rsplit('/')
+        .next()
+        .unwrap_or(&savepoint)
+        .to_string();
+    let body = serde_json::to_vec(&SavepointRequest {
+        target_dir: Some(savepoint.clone()),
+        cut: Some(cut),
+        ..SavepointRequest::default()
+    })
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let body = Some(Bytes::from(body));
+    let requests = staged
+        .stages
+        .iter()
+        .map(|stage| (stage, body.clone()))
+        .collect();
+    ask(
+        stages,
+        store,
+        staged,
+        OperationKind::Savepoint,
+        "/savepoints",
+        requests,
+        (Some(savepoint), None),
+    )
+    .await
+}
+
+/// A stop's or savepoint's body (`what`), none being the defaults.
+fn request_of(body: &Bytes, what: &str) -> Result<SavepointRequest, ControlError> {
+    match body.is_empty() {
+        true => Ok(SavepointRequest::default()),
+        false => serde_json::from_slice(body)
+            .map_err(|e| ControlError::BadRequest(format!("the {what}'s body: {e}"))),
+    }
+}
+
+/// A new cluster savepoint directory of `staged`:
+/// `<target>/savepoint-<job6>-<12 hex>`, the target the request's (an
+/// `s3://` one) or `<the job's storage>/savepoints`.
+fn savepoint_dir(
+    staged: &StagedJob,
+    request: &SavepointRequest,
+    storage: Option<&str>,
+) -> Result<String, ControlError> {
     let target = match (request.target_dir.as_deref(), storage) {
         (Some(text), _) => match Location::parse(text)
             .map_err(|e| ControlError::BadRequest(format!("target_dir: {e}")))?
@@ -360,34 +453,18 @@ async fn stop(
             )));
         }
     };
-    let savepoint = format!(
+    Ok(in_dir(&target, &staged.job))
+}
+
+/// `<target>/savepoint-<job6>-<12 hex>`: a new cluster savepoint directory
+/// of job `job`.
+fn in_dir(target: &str, job: &str) -> String {
+    format!(
         "{}/savepoint-{}-{}",
         target.trim_end_matches('/'),
-        staged.job.chars().take(6).collect::<String>(),
+        job.chars().take(6).collect::<String>(),
         crate::checkpoint::storage::random_hex(6)
-    );
-    let body = serde_json::to_vec(&SavepointRequest {
-        target_dir: Some(savepoint.clone()),
-        drain: false,
-        aligned: true,
-    })
-    .map_err(|e| ControlError::Internal(e.to_string()))?;
-    let body = Some(Bytes::from(body));
-    let requests = staged
-        .stages
-        .iter()
-        .map(|stage| (stage, body.clone()))
-        .collect();
-    ask(
-        stages,
-        store,
-        staged,
-        OperationKind::Stop,
-        "/stop",
-        requests,
-        (Some(savepoint), None),
     )
-    .await
 }
 
 /// Splits an upgrade of the whole into upgrades of the stages it touches:
@@ -639,7 +716,7 @@ async fn operation(
             Err(error) => {
                 outcome.status = OperationStatus::Failed;
                 outcome.error = Some(format!(
-                    "every stage stopped with a savepoint, but the cluster savepoint {savepoint} could not be written: {error}"
+                    "every task's savepoint completed, but the cluster savepoint {savepoint} could not be written: {error}"
                 ));
             }
         }

@@ -240,6 +240,16 @@ pub trait Source: Send {
     fn stop_ready(&mut self) -> bool {
         true
     }
+    /// Whether the barrier of cluster savepoint `cut` may go now (see
+    /// [`SavepointTarget::cut`](crate::types::SavepointTarget::cut)): the
+    /// source has read everything upstream published before the cut and
+    /// nothing after (an exchange source: every writer of its key groups
+    /// marked the cut). Until then the source task reads on and asks again
+    /// after each batch. A yes is final: the barrier goes before the next
+    /// batch is read.
+    fn cut_ready(&mut self, _cut: &str) -> bool {
+        true
+    }
 }
 
 /// A sink subtask's writer. Exactly-once sinks implement the two-phase
@@ -254,6 +264,12 @@ pub trait Sink: Send {
     /// Checkpoint n is aligned here: make everything written so far durable
     /// but uncommitted. Returns what is pending (names for the checkpoint's
     /// `_metadata`, so a restore can commit them).
+    /// Checkpoint n, about to be prepared, is a task's part of cluster
+    /// savepoint `cut` (see
+    /// [`SavepointTarget::cut`](crate::types::SavepointTarget::cut)): an
+    /// exchange's writer marks the cut once it committed n. Others ignore
+    /// it.
+    fn cut(&mut self, _checkpoint: CheckpointId, _cut: &str) {}
     fn prepare_commit(&mut self, _checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
         Ok(Vec::new())
     }

@@ -95,8 +95,7 @@ pub(super) async fn start(
     );
     let body = serde_json::to_vec(&SavepointRequest {
         target_dir: Some(savepoint.clone()),
-        drain: false,
-        aligned: false,
+        ..SavepointRequest::default()
     })
     .map_err(|e| ControlError::Internal(e.to_string()))?;
     let body = Some(Bytes::from(body));

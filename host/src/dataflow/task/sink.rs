@@ -8,7 +8,7 @@ use crate::dataflow::metrics::Stopwatch;
 use crate::dataflow::operator::{OperatorError, Sink, TaskError, TaskInfo};
 use crate::dataflow::runtime::NodeMetrics;
 use crate::protocol::{CommitSignal, Role, SnapshotStats, SubtaskSnapshot, TaskReport};
-use crate::types::{Barrier, CheckpointId, StreamEvent};
+use crate::types::{Barrier, BarrierKind, CheckpointId, StreamEvent};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -65,7 +65,12 @@ pub async fn run_sink(
                             None
                         }
                     };
-                    if let Some(Barrier { id: checkpoint, .. }) = aligned {
+                    if let Some(Barrier { id: checkpoint, kind }) = aligned {
+                        if let BarrierKind::Savepoint(target) = &kind
+                            && let Some(cut) = &target.cut
+                        {
+                            sink.cut(checkpoint, cut);
+                        }
                         let pending = sink.prepare_commit(checkpoint).map_err(&fail)?;
                         let _ = reports.send(TaskReport::Ack {
                             checkpoint,

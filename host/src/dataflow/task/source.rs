@@ -122,7 +122,7 @@ pub async fn run_source(
                     SourceStatus::More
                 }
                 () = given_up(&mut deferred) => {
-                    debug!("the aligned stop's savepoint failed before this source was ready; reading on");
+                    debug!("the savepoint failed before this source was ready for its barrier; reading on");
                     deferred = None;
                     SourceStatus::More
                 }
@@ -164,7 +164,7 @@ pub async fn run_source(
             // An aligned stop waits until the source is ready for it,
             // reading on meanwhile.
             let barrier = match barrier.or_else(|| deferred.take()) {
-                Some(trigger) if is_aligned(&trigger) && !source.stop_ready() => {
+                Some(trigger) if !ready_for(&trigger, source.as_mut()) => {
                     deferred = Some(trigger);
                     None
                 }
@@ -175,7 +175,7 @@ pub async fn run_source(
                     .await
                     .map_err(&fail)?;
                 source.checkpointed(trigger.barrier.id);
-                let Trigger { barrier, stop } = trigger;
+                let Trigger { barrier, stop, .. } = trigger;
                 let checkpoint = barrier.id;
                 if let Some(StopAfter { outcome, .. }) = stop {
                     let completed = tokio::select! {
@@ -350,15 +350,35 @@ fn is_aligned(trigger: &Trigger) -> bool {
     trigger.stop.as_ref().is_some_and(|s| s.aligned)
 }
 
-/// Resolves once the savepoint of a deferred stop has an outcome (it can
-/// only have failed: this source has not sent its barrier); pending while
-/// none is deferred.
+/// Whether `trigger`'s barrier may go now: an aligned stop's once the
+/// source is ready for it ([`Source::stop_ready`]), a cut's once the source
+/// reached the cut ([`Source::cut_ready`], asked last: its yes is final),
+/// any other at once.
+fn ready_for(trigger: &Trigger, source: &mut dyn Source) -> bool {
+    if is_aligned(trigger) && !source.stop_ready() {
+        return false;
+    }
+    match &trigger.cut {
+        Some(cut) => source.cut_ready(&cut.name),
+        None => true,
+    }
+}
+
+/// Resolves once the savepoint of a deferred trigger (an aligned stop's,
+/// a cut's) has an outcome (it can only have failed: this source has not
+/// sent its barrier); pending while none is deferred.
 async fn given_up(deferred: &mut Option<Trigger>) {
-    match deferred.as_mut().and_then(|t| t.stop.as_mut()) {
-        Some(stop) => {
+    let Some(trigger) = deferred.as_mut() else {
+        return std::future::pending().await;
+    };
+    match (&mut trigger.stop, &mut trigger.cut) {
+        (Some(stop), _) => {
             let _ = (&mut stop.outcome).await;
         }
-        None => std::future::pending().await,
+        (None, Some(cut)) => {
+            let _ = (&mut cut.outcome).await;
+        }
+        (None, None) => std::future::pending().await,
     }
 }
 
