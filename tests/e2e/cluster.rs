@@ -1372,6 +1372,34 @@ fn exchange_streams(url: &str, id: &str) -> Vec<String> {
     })
 }
 
+/// Waits until cluster test `name`'s output stream holds `at_least`
+/// updates.
+fn wait_published(url: &str, name: &str, at_least: usize) {
+    let started = Instant::now();
+    while crate::nats::output(url, name).len() < at_least {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the staged job published little"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `weir <verb> <id>` (stop, savepoint) of a staged job through `host`:
+/// the cluster savepoint it answers (an `s3://` one).
+fn cluster_savepoint_of(host: &Host, verb: &str, id: &str, dir: &Path) -> String {
+    let taken = host.weir(&[verb, id], dir);
+    let said = crate::host::stderr(&taken);
+    assert!(taken.status.success(), "{said}");
+    let savepoint = String::from_utf8_lossy(&taken.stdout).trim().to_string();
+    assert!(
+        savepoint.starts_with("s3://")
+            && said.contains(&format!("cluster savepoint {savepoint} (")),
+        "{said}"
+    );
+    savepoint
+}
+
 #[test]
 fn a_staged_job_savepoint_taken_while_it_runs_is_one_cut_that_restores_on_one_host() {
     let dir = plugin_dir();
@@ -1397,25 +1425,10 @@ fn a_staged_job_savepoint_taken_while_it_runs_is_one_cut_that_restores_on_one_ho
         .find(|s| s.0 == "count")
         .unwrap_or_else(|| panic!("a count stage: {placed:?}"));
     hosts[0].wait_checkpoints(count, 3, Duration::from_secs(60));
-    let started = Instant::now();
-    while crate::nats::output(&url, name).len() < 1000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the staged job published little"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_published(&url, name, 1000);
 
     // A savepoint of the whole while it runs: every task's, one cut.
-    let taken = hosts[1].weir(&["savepoint", &id], dir.path());
-    let said = crate::host::stderr(&taken);
-    assert!(taken.status.success(), "{said}");
-    let savepoint = String::from_utf8_lossy(&taken.stdout).trim().to_string();
-    assert!(
-        savepoint.starts_with("s3://")
-            && said.contains(&format!("cluster savepoint {savepoint} (")),
-        "{said}"
-    );
+    let savepoint = cluster_savepoint_of(&hosts[1], "savepoint", &id, dir.path());
     // The job ran on, holding at the cut for a moment, and finishes with
     // every count once.
     hosts[0].wait_status(&id, "finished", Duration::from_secs(120));
@@ -1517,14 +1530,7 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
     }
     hosts[0].wait_status(&id, "running", Duration::from_secs(60));
 
-    let started = Instant::now();
-    while crate::nats::output(&url, name).len() < 1000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the staged job published little"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_published(&url, name, 1000);
 
     let exchanges = exchange_streams(&url, &id);
     assert_eq!(
@@ -1535,15 +1541,7 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
 
     // Stopped whole: every stage's savepoint in one cluster savepoint,
     // whose operators are the submitted job's (no exchange among them).
-    let stopped = hosts[1].weir(&["stop", &id], dir.path());
-    let said = crate::host::stderr(&stopped);
-    assert!(stopped.status.success(), "{said}");
-    let savepoint = String::from_utf8_lossy(&stopped.stdout).trim().to_string();
-    assert!(
-        savepoint.starts_with("s3://")
-            && said.contains(&format!("cluster savepoint {savepoint} (")),
-        "{said}"
-    );
+    let savepoint = cluster_savepoint_of(&hosts[1], "stop", &id, dir.path());
     let inspect = weir_env(
         &["savepoint", "inspect", &savepoint, "--json"],
         dir.path(),

@@ -342,26 +342,18 @@ async fn stop(
         )));
     }
     let savepoint = savepoint_dir(staged, &request, storage)?;
-    let body = serde_json::to_vec(&SavepointRequest {
+    let request = SavepointRequest {
         target_dir: Some(savepoint.clone()),
         aligned: true,
         ..SavepointRequest::default()
-    })
-    .map_err(|e| ControlError::Internal(e.to_string()))?;
-    let body = Some(Bytes::from(body));
-    let requests = staged
-        .stages
-        .iter()
-        .map(|stage| (stage, body.clone()))
-        .collect();
-    ask(
+    };
+    ask_into(
         stages,
         store,
         staged,
         OperationKind::Stop,
-        "/stop",
-        requests,
-        (Some(savepoint), None),
+        request,
+        savepoint,
     )
     .await
 }
@@ -389,24 +381,50 @@ async fn savepoint(
         .next()
         .unwrap_or(&savepoint)
         .to_string();
-    let body = serde_json::to_vec(&SavepointRequest {
+    let request = SavepointRequest {
         target_dir: Some(savepoint.clone()),
         cut: Some(cut),
         ..SavepointRequest::default()
-    })
-    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    };
+    ask_into(
+        stages,
+        store,
+        staged,
+        OperationKind::Savepoint,
+        request,
+        savepoint,
+    )
+    .await
+}
+
+/// Asks every task for a stop or savepoint (`kind`) with `request`, whose
+/// savepoints go into cluster savepoint `savepoint`; one operation of the
+/// whole.
+async fn ask_into(
+    stages: &Stages<'_>,
+    store: &StagedJobs,
+    staged: &StagedJob,
+    kind: OperationKind,
+    request: SavepointRequest,
+    savepoint: String,
+) -> Result<Operation, ControlError> {
+    let body = serde_json::to_vec(&request).map_err(|e| ControlError::Internal(e.to_string()))?;
     let body = Some(Bytes::from(body));
     let requests = staged
         .stages
         .iter()
         .map(|stage| (stage, body.clone()))
         .collect();
+    let path = match kind {
+        OperationKind::Stop => "/stop",
+        _ => "/savepoints",
+    };
     ask(
         stages,
         store,
         staged,
-        OperationKind::Savepoint,
-        "/savepoints",
+        kind,
+        path,
         requests,
         (Some(savepoint), None),
     )
