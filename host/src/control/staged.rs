@@ -408,6 +408,7 @@ async fn ask_into(
     request: SavepointRequest,
     savepoint: String,
 ) -> Result<Operation, ControlError> {
+    refuse_finished(stages, staged, kind).await?;
     let body = serde_json::to_vec(&request).map_err(|e| ControlError::Internal(e.to_string()))?;
     let body = Some(Bytes::from(body));
     let requests = staged
@@ -429,6 +430,37 @@ async fn ask_into(
         (Some(savepoint), None),
     )
     .await
+}
+
+/// Refuses a stop or savepoint (`kind`) of the whole, before any task is
+/// asked, when a task has finished (its input ended): a cluster savepoint
+/// does not hold a finished task's part (its final checkpoint) yet, and the
+/// other tasks would stop for a savepoint that cannot be written.
+async fn refuse_finished(
+    stages: &Stages<'_>,
+    staged: &StagedJob,
+    kind: OperationKind,
+) -> Result<(), ControlError> {
+    let mut finished = Vec::new();
+    for task in &staged.stages {
+        if let Some((_, detail)) = stages.detail(&task.job).await
+            && detail.job.status() == JobStatus::Finished
+        {
+            finished.push(format!("{} (job {})", label(task), task.job));
+        }
+    }
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let what = match kind {
+        OperationKind::Stop => "stop",
+        _ => "savepoint",
+    };
+    Err(ControlError::Conflict(format!(
+        "job {}: {} finished (its input ended), and a cluster savepoint cannot hold a finished task's state yet: no {what} was asked of any task",
+        staged.job,
+        finished.join(", ")
+    )))
 }
 
 /// A stop's or savepoint's body (`what`), none being the defaults.
