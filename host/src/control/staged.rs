@@ -751,6 +751,7 @@ async fn operation(
             .await;
         found.push(match answer {
             Ok((_, StatusCode::OK, bytes)) => serde_json::from_slice(&bytes).ok(),
+            Ok((host, StatusCode::NOT_FOUND, _)) => Some(lost(asked, operation, &host)),
             _ => None,
         });
     }
@@ -772,6 +773,26 @@ async fn operation(
         }
     }
     Ok(outcome)
+}
+
+/// A task's operation `operation` that the host running the task now
+/// (`host`) does not have: the task moved during it (its host's lease
+/// lapsed, or a rebalance), which ended it unfinished — failed, so that
+/// the operation of the whole ends instead of waiting for it forever.
+fn lost(asked: &StagedOperation, operation: &str, host: &str) -> Operation {
+    Operation {
+        id: operation.to_string(),
+        kind: asked.kind,
+        status: OperationStatus::Failed,
+        requested_ms: asked.requested_ms,
+        finished_ms: Some(super::now_ms()),
+        savepoint: None,
+        downtime_ms: None,
+        outcome: None,
+        error: Some(format!(
+            "its operation {operation} is not on host `{host}`, which runs the task now: the task moved to it during the operation (its host's lease lapsed, or a rebalance), which left the operation unfinished"
+        )),
+    }
 }
 
 /// Writes the `_metadata` of cluster savepoint `savepoint` from its
@@ -868,4 +889,57 @@ pub(super) async fn summaries(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::cluster::staged::StageOperation;
+
+    #[test]
+    fn an_upgrade_whose_task_moved_ends_naming_the_move() {
+        let task = |i: u32| StageRef {
+            name: "count".into(),
+            job: format!("j-1-{i}"),
+            task: i,
+            tasks: 2,
+            uids: vec!["count".into()],
+            exchanges: vec![],
+        };
+        let names = vec![task(0), task(1)];
+        let asked = StagedOperation {
+            id: "op".into(),
+            kind: OperationKind::Upgrade,
+            requested_ms: 1,
+            stages: names
+                .iter()
+                .map(|s| StageOperation {
+                    job: s.job.clone(),
+                    operation: Some("o".into()),
+                    skipped: None,
+                })
+                .collect(),
+            savepoint: None,
+            rescale: None,
+        };
+        let rolled_back = Operation {
+            status: OperationStatus::Failed,
+            error: Some("rolled back".into()),
+            finished_ms: Some(2),
+            ..lost(&asked, "o", "h")
+        };
+        // One task rolled back; the other's host died and the task moved:
+        // its upgrade is gone, and the whole ends instead of waiting.
+        let outcome = outcome_of(
+            &asked,
+            &names,
+            &[Some(rolled_back), Some(lost(&asked, "o", "host-2"))],
+        );
+        assert_eq!(outcome.status, OperationStatus::Failed);
+        let error = outcome.error.expect("an error");
+        assert!(
+            error.contains("stage count task 1 (job j-1-1): its operation o is not on host `host-2`, which runs the task now: the task moved to it during the operation"),
+            "{error}"
+        );
+    }
 }
