@@ -1386,10 +1386,22 @@ fn wait_published(url: &str, name: &str, at_least: usize) {
 }
 
 /// `weir <verb> <id>` (stop, savepoint) of a staged job through `host`:
-/// the cluster savepoint it answers (an `s3://` one).
+/// the cluster savepoint it answers (an `s3://` one). Asked again while it
+/// is refused for a task not running (under load a host's lease may
+/// lapse, and its tasks restart elsewhere), for up to a minute.
 fn cluster_savepoint_of(host: &Host, verb: &str, id: &str, dir: &Path) -> String {
-    let taken = host.weir(&[verb, id], dir);
-    let said = crate::host::stderr(&taken);
+    let started = Instant::now();
+    let (taken, said) = loop {
+        let taken = host.weir(&[verb, id], dir);
+        let said = crate::host::stderr(&taken);
+        if taken.status.success()
+            || !said.contains("needs every task running; try again")
+            || started.elapsed() > Duration::from_secs(60)
+        {
+            break (taken, said);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(taken.status.success(), "{said}");
     let savepoint = String::from_utf8_lossy(&taken.stdout).trim().to_string();
     assert!(

@@ -408,7 +408,7 @@ async fn ask_into(
     request: SavepointRequest,
     savepoint: String,
 ) -> Result<Operation, ControlError> {
-    refuse_finished(stages, staged, kind).await?;
+    refuse_unready(stages, staged, kind).await?;
     let body = serde_json::to_vec(&request).map_err(|e| ControlError::Internal(e.to_string()))?;
     let body = Some(Bytes::from(body));
     let requests = staged
@@ -433,34 +433,48 @@ async fn ask_into(
 }
 
 /// Refuses a stop or savepoint (`kind`) of the whole, before any task is
-/// asked, when a task has finished (its input ended): a cluster savepoint
-/// does not hold a finished task's part (its final checkpoint) yet, and the
-/// other tasks would stop for a savepoint that cannot be written.
-async fn refuse_finished(
+/// asked, unless every task runs: one that has finished (its input ended)
+/// cannot be in a cluster savepoint yet (its part would be its final
+/// checkpoint), and one that is starting, restarting or busy with another
+/// operation (a task moved by a failover) would take none — while the
+/// others stop, for a savepoint that cannot be written. A task whose host
+/// does not answer is left to the request itself.
+async fn refuse_unready(
     stages: &Stages<'_>,
     staged: &StagedJob,
     kind: OperationKind,
 ) -> Result<(), ControlError> {
-    let mut finished = Vec::new();
+    let (mut finished, mut busy) = (Vec::new(), Vec::new());
     for task in &staged.stages {
-        if let Some((_, detail)) = stages.detail(&task.job).await
-            && detail.job.status() == JobStatus::Finished
-        {
-            finished.push(format!("{} (job {})", label(task), task.job));
+        let Some((_, detail)) = stages.detail(&task.job).await else {
+            continue;
+        };
+        let named = format!("{} (job {})", label(task), task.job);
+        match detail.job.status() {
+            JobStatus::Running => {}
+            JobStatus::Finished => finished.push(named),
+            status => busy.push(format!("{named} is {status}")),
         }
-    }
-    if finished.is_empty() {
-        return Ok(());
     }
     let what = match kind {
         OperationKind::Stop => "stop",
         _ => "savepoint",
     };
-    Err(ControlError::Conflict(format!(
-        "job {}: {} finished (its input ended), and a cluster savepoint cannot hold a finished task's state yet: no {what} was asked of any task",
-        staged.job,
-        finished.join(", ")
-    )))
+    if !finished.is_empty() {
+        return Err(ControlError::Conflict(format!(
+            "job {}: {} finished (its input ended), and a cluster savepoint cannot hold a finished task's state yet: no {what} was asked of any task",
+            staged.job,
+            finished.join(", ")
+        )));
+    }
+    if !busy.is_empty() {
+        return Err(ControlError::Conflict(format!(
+            "job {}: {}: a {what} of the whole needs every task running; try again once they run (no {what} was asked of any task)",
+            staged.job,
+            busy.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// A stop's or savepoint's body (`what`), none being the defaults.
@@ -813,7 +827,7 @@ async fn assemble(
     for (stage, stop) in staged.stages.iter().zip(found) {
         let Some(taken) = stop.as_ref().and_then(|o| o.savepoint.as_deref()) else {
             return Err(format!(
-                "stage {} (job {}) took no savepoint (it had ended)",
+                "stage {} (job {}) took no savepoint",
                 stage.name, stage.job
             ));
         };
