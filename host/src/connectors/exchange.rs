@@ -862,8 +862,13 @@ impl Producer {
             .map_err(|e| failed(&e))?;
         let stream = self.exchange.open(js).await.map_err(|e| failed(&e))?;
         let started = Instant::now();
+        // Asked again only of the writers not seen marking it yet (this
+        // one's record was just acknowledged).
+        let mut waiting: Vec<u32> = (0..self.parallelism)
+            .filter(|&w| w != self.subtask)
+            .collect();
         loop {
-            let records = futures::future::join_all((0..self.parallelism).map(|writer| {
+            let marked = futures::future::join_all(waiting.iter().map(|&writer| {
                 let stream = &stream;
                 async move {
                     stream
@@ -873,15 +878,13 @@ impl Producer {
                 }
             }))
             .await;
-            if records.iter().all(|&marked| marked) {
+            let mut marked = marked.into_iter();
+            waiting.retain(|_| !marked.next().unwrap_or(false));
+            if waiting.is_empty() {
                 return Ok(());
             }
             if started.elapsed() >= CUT_HOLD {
-                let waiting: Vec<String> = (0u32..)
-                    .zip(&records)
-                    .filter(|(_, marked)| !**marked)
-                    .map(|(writer, _)| writer.to_string())
-                    .collect();
+                let waiting: Vec<String> = waiting.iter().map(u32::to_string).collect();
                 warn!(exchange = %name, cut, writers = %waiting.join(", "), "the cut was not marked by every writer in time; abandoning it (the savepoint fails, the job runs on)");
                 return self
                     .send_markers(js, id_prefix, CUT_ABANDONED, cut)

@@ -908,7 +908,7 @@ pub(super) async fn summaries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::cluster::staged::StageOperation;
+    use crate::control::cluster::staged::asked_of;
 
     #[test]
     fn an_upgrade_whose_task_moved_ends_naming_the_move() {
@@ -921,21 +921,7 @@ mod tests {
             exchanges: vec![],
         };
         let names = vec![task(0), task(1)];
-        let asked = StagedOperation {
-            id: "op".into(),
-            kind: OperationKind::Upgrade,
-            requested_ms: 1,
-            stages: names
-                .iter()
-                .map(|s| StageOperation {
-                    job: s.job.clone(),
-                    operation: Some("o".into()),
-                    skipped: None,
-                })
-                .collect(),
-            savepoint: None,
-            rescale: None,
-        };
+        let asked = asked_of(&names, OperationKind::Upgrade);
         let rolled_back = Operation {
             status: OperationStatus::Failed,
             error: Some("rolled back".into()),

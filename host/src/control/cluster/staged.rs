@@ -476,6 +476,27 @@ impl StagedJobs {
     }
 }
 
+/// An operation `kind` (id `op`, requested at 1 ms) that every one of
+/// `tasks` took as its operation `o`.
+#[cfg(test)]
+pub(in crate::control) fn asked_of(tasks: &[StageRef], kind: OperationKind) -> StagedOperation {
+    StagedOperation {
+        id: "op".into(),
+        kind,
+        requested_ms: 1,
+        stages: tasks
+            .iter()
+            .map(|s| StageOperation {
+                job: s.job.clone(),
+                operation: Some("o".into()),
+                skipped: None,
+            })
+            .collect(),
+        savepoint: None,
+        rescale: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -763,21 +784,7 @@ mod tests {
                 exchanges: vec![],
             },
         ];
-        let asked = StagedOperation {
-            id: "op".into(),
-            kind: OperationKind::Stop,
-            requested_ms: 1,
-            rescale: None,
-            stages: names
-                .iter()
-                .map(|s| StageOperation {
-                    job: s.job.clone(),
-                    operation: Some("o".into()),
-                    skipped: None,
-                })
-                .collect(),
-            savepoint: None,
-        };
+        let asked = asked_of(&names, OperationKind::Stop);
         let running = outcome_of(
             &asked,
             &names,
