@@ -608,6 +608,8 @@ struct Checkpointing<'c> {
     /// The commit hold, while it lasts, and the newest checkpoint it held.
     hold: Option<watch::Receiver<bool>>,
     held: u64,
+    /// Where the newest held checkpoint is (for the commit gate).
+    held_at: Option<Location>,
     /// The commit gate refused a checkpoint, saying why: the attempt ends.
     fenced: Option<String>,
 }
@@ -655,6 +657,7 @@ impl Coordinator {
             bases_held: false,
             hold: self.commit_hold.clone(),
             held: 0,
+            held_at: None,
             fenced: None,
         };
         loop {
@@ -664,7 +667,7 @@ impl Coordinator {
             run.answer_waiters_if_none_can_come();
             let failed = match run.next_event().await {
                 Event::Released(released) => {
-                    run.released(released);
+                    run.released(released).await;
                     None
                 }
                 Event::Request(Some(request)) => {
@@ -841,15 +844,50 @@ impl Checkpointing<'_> {
         }
     }
 
-    /// The commit hold ended: what it held is announced (if released).
-    fn released(&mut self, released: bool) {
-        if released && self.held > 0 {
-            let held = self.held;
-            self.wiring
-                .commit
-                .send_modify(|s| s.completed = s.completed.max(held));
-        }
+    /// The commit hold ended: what it held is announced (if released),
+    /// once the commit gate, if any, admitted the newest held checkpoint
+    /// as the job's restore point. Fenced: the attempt ends, nothing
+    /// announced. The gate not answering: the next checkpoint commits
+    /// what was held.
+    async fn released(&mut self, released: bool) {
         self.hold = None;
+        let held = self.held;
+        if !released || held == 0 {
+            return;
+        }
+        if let (Some(gate), Some(location)) = (&self.coordinator.commit_gate, self.held_at.take()) {
+            match gate.admit(held, location).await {
+                Ok(()) => {}
+                Err(GateRefusal::Fenced(reason)) => {
+                    warn!(checkpoint = held, %reason, "fenced: the held checkpoints commit nothing");
+                    self.fenced = Some(reason);
+                    return;
+                }
+                Err(GateRefusal::Unavailable(reason)) => {
+                    warn!(checkpoint = held, %reason, "the held checkpoints' commit could not be checked: the next checkpoint commits them");
+                    return;
+                }
+            }
+        }
+        self.wiring
+            .commit
+            .send_modify(|s| s.completed = s.completed.max(held));
+    }
+
+    /// A checkpoint written for a commit gate: made this run's newest
+    /// restore point if `keep`, else removed (never restored).
+    async fn settle(&self, unregistered: Option<(ReadMetadata, bool)>, keep: bool) {
+        let (Some(store), Some((read, savepoint))) = (&self.coordinator.store, unregistered) else {
+            return;
+        };
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || match (keep, savepoint) {
+            (true, false) => store.register(read),
+            (true, true) => store.lock().latest = Some(read),
+            (false, false) => store.discard(&read),
+            (false, true) => {}
+        })
+        .await;
     }
 
     fn request(&mut self, request: Request) {
@@ -940,24 +978,21 @@ impl Checkpointing<'_> {
         }
         match self.coordinator.complete(done).await {
             Ok(mut completed) => {
-                if let Some(gate) = &self.coordinator.commit_gate {
+                let holding = self.hold.as_ref().is_some_and(|h| *h.borrow());
+                if self.coordinator.commit_gate.is_some() && holding {
+                    // Held (an upgrade's probation): the newest restore
+                    // point of this run, but not yet the job's — a move
+                    // meanwhile restores what came before the hold. The
+                    // gate is asked once the hold is released.
+                    self.settle(completed.unregistered.take(), true).await;
+                    self.held_at = Some(completed.location.clone());
+                } else if let Some(gate) = &self.coordinator.commit_gate {
                     let admitted = gate.admit(completed.id, completed.location.clone()).await;
                     // Admitted: the job's newest restore point (a restart
                     // of this run restores it); refused: removed, so a
                     // restart never commits what the gate did not admit.
-                    if let (Some(store), Some((read, savepoint))) =
-                        (&self.coordinator.store, completed.unregistered.take())
-                    {
-                        let store = store.clone();
-                        let ok = admitted.is_ok();
-                        let _ = tokio::task::spawn_blocking(move || match (ok, savepoint) {
-                            (true, false) => store.register(read),
-                            (true, true) => store.lock().latest = Some(read),
-                            (false, false) => store.discard(&read),
-                            (false, true) => {}
-                        })
+                    self.settle(completed.unregistered.take(), admitted.is_ok())
                         .await;
-                    }
                     match admitted {
                         Ok(()) => {}
                         Err(GateRefusal::Fenced(reason)) => {
@@ -974,7 +1009,7 @@ impl Checkpointing<'_> {
                         }
                     }
                 }
-                self.completed(completed.id, completed.stopped, is_savepoint);
+                self.completed(completed.id, completed.stopped, is_savepoint, holding);
                 None
             }
             Err(error) if is_savepoint => {
@@ -986,14 +1021,16 @@ impl Checkpointing<'_> {
     }
 
     /// Checkpoint (or savepoint) `id` completed: sinks hear of it unless
-    /// commits are held.
-    fn completed(&mut self, id: u64, stopped: Option<Location>, is_savepoint: bool) {
+    /// commits were `held` when it began completing.
+    fn completed(&mut self, id: u64, stopped: Option<Location>, is_savepoint: bool, held: bool) {
         if !is_savepoint {
             self.failures_in_a_row = 0;
         }
         self.stopped_with = self.stopped_with.take().or(stopped);
         self.last_done = Instant::now();
-        if self.hold.as_ref().is_some_and(|h| *h.borrow()) {
+        if held {
+            // Announced once the hold's release is seen (the loop's next
+            // turn, if it came while this one completed).
             self.held = self.held.max(id);
         } else {
             self.wiring
@@ -2064,6 +2101,68 @@ mod tests {
             "the newest restore point is the newest admitted"
         );
         assert!(!dir.path().join("job/chk-2").exists(), "refused, removed");
+    }
+
+    #[tokio::test]
+    async fn held_checkpoints_are_put_to_the_gate_only_at_the_release_the_newest_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let asked = |gate: &Gate| gate.asked.lock().expect("not poisoned").clone();
+        for (until, fenced) in [(u64::MAX, false), (0, true)] {
+            let gate = Arc::new(Gate {
+                until,
+                refusal: GateRefusal::Fenced("moved to host b".into()),
+                asked: Mutex::default(),
+            });
+            let job = dir.path().join(format!("until-{until}"));
+            let (release, hold) = watch::channel(true);
+            let mut h = start_held(
+                &job,
+                Duration::from_secs(10),
+                5,
+                Some(Duration::from_millis(10)),
+                Some(hold),
+                Some(gate.clone()),
+            );
+            for _ in 0..2 {
+                let id = h.next_trigger().await;
+                ack(&h.reports, id, "src");
+                ack(&h.reports, id, "out");
+            }
+            let third = h.next_trigger().await;
+            // Both completed and this run's newest restore point; the job's
+            // stays what it was (the gate not asked), nothing announced.
+            assert_eq!(h.store.latest().map(|r| r.metadata.checkpoint), Some(2));
+            assert!(asked(&gate).is_empty(), "{:?}", asked(&gate));
+            assert_eq!(h.commit.borrow().completed, 0, "held");
+            release.send(false).expect("coordinator listens");
+            if fenced {
+                let outcome = h.run.await.expect("the coordinator ends");
+                assert!(
+                    matches!(outcome, Err(CoordinatorError::Fenced { .. })),
+                    "{outcome:?}"
+                );
+                assert_eq!(h.commit.borrow().completed, 0, "nothing held announced");
+            } else {
+                h.commit
+                    .wait_for(|s| s.completed == 2)
+                    .await
+                    .expect("announced once admitted");
+                ack(&h.reports, third, "src");
+                ack(&h.reports, third, "out");
+                h.commit
+                    .wait_for(|s| s.completed == third.0)
+                    .await
+                    .expect("after the release, each checkpoint through the gate");
+            }
+            let expected: Vec<(u64, Location)> = match fenced {
+                true => vec![(2, Location::Local(job.join("job/chk-2")))],
+                false => vec![
+                    (2, Location::Local(job.join("job/chk-2"))),
+                    (3, Location::Local(job.join("job/chk-3"))),
+                ],
+            };
+            assert_eq!(asked(&gate), expected, "the newest held, once, then each");
+        }
     }
 
     #[tokio::test]
