@@ -1086,6 +1086,130 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
     finishes_exactly_once(&mut hosts, 0, &id, &url, name, &expected);
 }
 
+/// The step task job `job` of a staged job's upgrade is at on its host
+/// (none once it ended, or before it began).
+fn upgrade_step(host: &Host, job: &str) -> Option<String> {
+    let detail = host.job(job);
+    let upgrades = detail["job"]["upgrades"].as_array()?;
+    upgrades.last()?["step"].as_str().map(str::to_string)
+}
+
+/// The plugin operator `uid` of job `job` runs on `host`.
+fn plugin_of(host: &Host, job: &str, uid: &str) -> String {
+    host.job(job)["operators"]
+        .as_array()
+        .and_then(|ops| ops.iter().find(|o| o["uid"] == uid).cloned())
+        .and_then(|op| op["plugin"]["plugin"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_task_moved_while_its_upgrade_is_on_probation_resumes_the_previous_version_exactly_once() {
+    let dir = plugin_dir();
+    let name = "probation-move";
+    let Some(cluster) = Movable::new(dir.path(), name) else {
+        return;
+    };
+    let url = cluster.url.clone();
+    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
+    hosts[0].ok(&["plugin", "add", "count-v2.wasm"], dir.path());
+    let everywhere = plugins(&hosts[0]);
+    let everywhere: Vec<&str> = everywhere.iter().map(String::as_str).collect();
+    for host in &hosts[1..] {
+        wait_plugins(host, &everywhere, Duration::from_secs(30));
+    }
+    // About 40 s of input at 2 × 800 lines/s.
+    let expected = count_input(&url, name, 64_000, 31);
+    dir.write(
+        "job.toml",
+        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+    );
+    let id = hosts[0]
+        .ok(&["run", "job.toml"], dir.path())
+        .trim()
+        .to_string();
+    let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    let (_, task, owner) = placed
+        .iter()
+        .find(|s| s.0 == "count")
+        .expect("a count task")
+        .clone();
+    let victim = at(&owner);
+    // The upgrade is asked of, and followed through, another host.
+    let asker = (victim + 1) % 3;
+    hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+    hosts[victim].wait_checkpoints(&task, 2, Duration::from_secs(60));
+
+    std::thread::scope(|scope| {
+        // A probation longer than the host's freeze: the new version's
+        // commits are held all along.
+        let upgrade = scope.spawn(|| {
+            hosts[asker].weir(
+                &[
+                    "upgrade",
+                    &id,
+                    "--plugin",
+                    "count=count@0.2.0",
+                    "--probation",
+                    "25s",
+                    "--probation-checkpoints",
+                    "100000",
+                ],
+                dir.path(),
+            )
+        });
+        let started = Instant::now();
+        while upgrade_step(&hosts[victim], &task).as_deref() != Some("on-probation") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "task {task} never reached its probation: {:?}",
+                hosts[victim].job(&task)["job"]["upgrades"]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(plugin_of(&hosts[victim], &task, "count"), "count@0.2.0");
+        // Its host frozen until the task moved, then woken: fenced.
+        hosts[victim].signal("STOP");
+        let moved = wait_moved(&hosts[asker], &task, &owner, Duration::from_secs(30));
+        hosts[victim].signal("CONT");
+        let taker = &hosts[at(&moved)];
+        // It resumed as the previous version, from the upgrade's savepoint
+        // on the cluster's storage (the new version's commits were held:
+        // its restore point was still that savepoint).
+        assert_eq!(
+            plugin_of(taker, &task, "count"),
+            "count@0.1.0",
+            "the previous version resumed"
+        );
+        let resumed = taker.job(&task);
+        let from = resumed["job"]["runs"]
+            .as_array()
+            .and_then(|runs| runs.last())
+            .and_then(|run| run["restored_from"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            from.starts_with("s3://") && from.contains("/savepoints/savepoint-"),
+            "restored from the upgrade's savepoint on S3, not {from:?}: {resumed:#}"
+        );
+        // The upgrade of the whole ends failed, naming the move; the other
+        // count task passed its probation on its own.
+        let upgraded = upgrade.join().expect("the upgrade's CLI");
+        let said = crate::host::stderr(&upgraded);
+        assert!(!upgraded.status.success(), "{said}");
+        assert!(
+            said.contains("task moved to it during the operation")
+                && said
+                    .contains("the previous version, if the new one had not passed its probation"),
+            "{said}"
+        );
+    });
+
+    // It finishes with every count once.
+    finishes_exactly_once(&mut hosts, asker, &id, &url, name, &expected);
+}
+
 /// An unbounded generator → split → (by key) count → blackhole: two
 /// stages, checkpoints every 200 ms unless `checkpoint` says otherwise.
 fn unbounded_count(name: &str, checkpoint: &str) -> String {

@@ -607,12 +607,39 @@ pub(super) async fn drive(
 /// cancelled).
 pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> Option<RunPlan> {
     let record = handle.record();
+    // An upgrade whose old version had stopped: its new version never
+    // passed probation (its commits were held), so the previous version
+    // resumes from the upgrade's savepoint — a rollback.
+    let rollback = match &record.resume_from {
+        Some(_) => None,
+        None => record.upgrades.iter().find_map(|u| {
+            let to = u.rollback_to.clone().filter(|_| u.step.is_some())?;
+            Some((u.operation.clone(), u.savepoint.clone()?, to))
+        }),
+    };
+    let mut discarded = Vec::new();
     handle.update(|record| {
         for operation in &mut record.operations {
             if operation.status == OperationStatus::Running {
                 operation.status = OperationStatus::Failed;
                 operation.finished_ms = Some(now_ms());
                 operation.error = Some("the host stopped before the operation finished".into());
+            }
+        }
+        if let Some((operation, savepoint, _)) = &rollback {
+            let reason = run::upgrade_reason(operation);
+            for run in record.runs.iter_mut().filter(|r| r.reason == reason) {
+                run.abandoned = true;
+                discarded.push(run.run_id.clone());
+            }
+            if let Some(upgrade) = record.upgrade_mut(operation) {
+                upgrade.error = Some(format!(
+                    "the host stopped during the upgrade ({}), before the new version passed its probation; the previous version resumed from the upgrade's savepoint {savepoint}",
+                    upgrade.step.as_deref().unwrap_or("?")
+                ));
+                upgrade.outcome = "rolled-back".to_string();
+                upgrade.step = None;
+                upgrade.rollback_to = None;
             }
         }
         for upgrade in &mut record.upgrades {
@@ -646,6 +673,23 @@ pub(super) fn resume_plan(ctx: &HostContext, handle: &JobHandle) -> Option<RunPl
                 Some(recorded_location(savepoint)),
                 "resumed after a host shutdown",
             )
+        }
+        None if let Some((operation, savepoint, to)) = rollback => {
+            if let Err(error) = handle.transition(
+                JobStatus::Restarting,
+                format!("host restarted during an upgrade's probation: the previous version resumes from its savepoint {savepoint}"),
+            ) {
+                refused(error);
+                return None;
+            }
+            let mut plan = RunPlan::new(
+                to.spec,
+                Some(recorded_location(&savepoint)),
+                to.allow_non_restored_state,
+                format!("rollback after a host restart (operation {operation})"),
+            );
+            plan.discard_runs = discarded;
+            return Some(plan);
         }
         None => {
             if record.status() == JobStatus::Cancelling {

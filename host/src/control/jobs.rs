@@ -902,7 +902,6 @@ impl JobManager {
                     generation: record.generation,
                     driven: handle.driven.load(std::sync::atomic::Ordering::SeqCst),
                     ended: record.status().is_terminal() && record.resume_from.is_none(),
-                    spec: record.spec,
                 }
             })
             .collect()
@@ -1107,7 +1106,7 @@ pub(super) fn resolve_spec(
 /// Where a job's savepoints go unless asked elsewhere: beside its
 /// checkpoints on the cluster's storage (a movable cluster job), else the
 /// data dir's `savepoints/`.
-fn default_target(ctx: &HostContext, record: &JobRecord) -> Location {
+pub(super) fn default_target(ctx: &HostContext, record: &JobRecord) -> Location {
     record
         .spec
         .storage

@@ -158,6 +158,18 @@ pub struct UpgradeRecord {
     /// with the job's checkpoints), in a line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
+    /// What a rollback runs again, kept from the old version's stop until
+    /// the upgrade ended: a host that restarts meanwhile resumes it from
+    /// the upgrade's savepoint (the new version never passed probation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<RollbackTo>,
+}
+
+/// The version an upgrade replaced, as a rollback runs it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RollbackTo {
+    pub spec: JobSpec,
+    pub allow_non_restored_state: bool,
 }
 
 /// Everything the host keeps about a job.

@@ -294,7 +294,10 @@ async fn run(
     });
     let settings = RunSettings {
         commit_hold: plan.commit_hold.clone(),
-        commit_gate: plan.commit_gate.clone().or_else(|| fence(&host, &job)),
+        commit_gate: plan
+            .commit_gate
+            .clone()
+            .or_else(|| fence(&host, &job, &plan.spec)),
         standby: plan.standby.clone(),
         discard_runs: plan.discard_runs.clone(),
         savepoint_job_id: Some(job.id.clone()),
@@ -316,15 +319,22 @@ async fn run(
     let _ = events.send(RunEvent::Ended { run: id, result });
 }
 
+/// The reason an upgrade's new version runs for (its runs are told by it).
+pub(super) fn upgrade_reason(operation: &str) -> String {
+    format!("upgrade (operation {operation})")
+}
+
 /// A movable cluster job's commit gate: this host must still own the
-/// job at the generation it runs it under.
+/// job at the generation it runs it under; what it admits restores as
+/// `spec`.
 fn fence(
     host: &HostContext,
     job: &JobHandle,
+    spec: &JobSpec,
 ) -> Option<Arc<dyn crate::checkpoint::coordinator::CommitGate>> {
     let generation = job.record().generation?;
     let assignments = host.cluster.get()?.assignments()?;
-    Some(assignments.fence(&job.id, generation))
+    Some(assignments.fence(&job.id, generation, spec.clone()))
 }
 
 /// Tells the driver of each attempt, and asks it at each failure.

@@ -804,7 +804,14 @@ fn lost(asked: &StagedOperation, operation: &str, host: &str) -> Operation {
         downtime_ms: None,
         outcome: None,
         error: Some(format!(
-            "its operation {operation} is not on host `{host}`, which runs the task now: the task moved to it during the operation (its host's lease lapsed, or a rebalance), which left the operation unfinished"
+            "its operation {operation} is not on host `{host}`, which runs the task now: the task moved to it during the operation (its host's lease lapsed, or a rebalance), which left the operation unfinished{}",
+            match asked.kind {
+                // The new version's commits were held: the task's restore
+                // point is still the upgrade's savepoint.
+                OperationKind::Upgrade =>
+                    "; it resumed there from its newest committed restore point, as the version that wrote it (the previous version, if the new one had not passed its probation)",
+                _ => "",
+            }
         )),
     }
 }

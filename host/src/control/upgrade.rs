@@ -155,6 +155,7 @@ impl Procedure {
         update_upgrade(ctx, &self.operation, |u| {
             u.outcome = outcome.to_string();
             u.step = None;
+            u.rollback_to = None;
             u.error = Some(error.clone());
         });
         ctx.fail_operation(&self.operation, error);
@@ -313,6 +314,7 @@ pub(super) fn start(ctx: &mut JobCtx, operation: String, upgrade: Upgrade) -> Dr
             downtime_ms: None,
             error: None,
             standby: None,
+            rollback_to: None,
         });
     });
     // The restore point to check against: the newest completed
@@ -654,7 +656,12 @@ impl StopOld {
         savepointer: Savepointer,
         activity: ActivityWatch,
     ) -> DriverStep {
-        let target = Location::Local(ctx.host.data.join("savepoints"));
+        // Where the job's other savepoints go: a movable cluster job's on
+        // the cluster's storage, so that a host that takes the job over
+        // while the new version is on probation restores the previous
+        // version from it (the job's restore point until the probation
+        // releases a commit).
+        let target = super::jobs::default_target(&ctx.host, &ctx.job.record());
         // One write of the record: the sources run on (the standby's
         // changes grow) until the stop's barrier goes out.
         let (standby, summary) = standby.unzip();
@@ -770,6 +777,12 @@ impl StopOld {
             if let Some(op) = record.operation_mut(&procedure.operation) {
                 op.savepoint = Some(text.clone());
             }
+            if let Some(upgrade) = record.upgrade_mut(&procedure.operation) {
+                upgrade.rollback_to = Some(RollbackTo {
+                    spec: procedure.previous_spec.clone(),
+                    allow_non_restored_state: procedure.previous_allow,
+                });
+            }
             procedure.step_in(record, "restoring");
         });
         Restore::start(
@@ -805,7 +818,7 @@ impl Restore {
             procedure.upgrade.spec.clone(),
             Some(savepoint.clone()),
             procedure.upgrade.allow_non_restored_state,
-            format!("upgrade (operation {})", procedure.operation),
+            run::upgrade_reason(&procedure.operation),
         );
         plan.loaded = loaded;
         plan.standby = standby;
@@ -976,6 +989,7 @@ impl Probation {
         update_upgrade(ctx, &self.procedure.operation, |u| {
             u.outcome = "upgraded".to_string();
             u.step = None;
+            u.rollback_to = None;
             u.downtime_ms = downtime;
         });
         ctx.job.finish_operation(&self.procedure.operation, |o| {
@@ -1130,9 +1144,15 @@ impl RollBack {
     /// The job runs the previous version when it resumes (from
     /// `resume_from`, at the host's next start).
     fn revert(&self, ctx: &JobCtx, resume_from: Option<String>) {
-        let previous = self.procedure.previous_spec.clone();
+        let (previous, operation) = (
+            self.procedure.previous_spec.clone(),
+            &self.procedure.operation,
+        );
         ctx.job.update(|r| {
             r.spec = previous;
+            if let Some(upgrade) = r.upgrade_mut(operation) {
+                upgrade.rollback_to = None;
+            }
             if resume_from.is_some() {
                 r.resume_from = resume_from;
             }
@@ -1247,6 +1267,7 @@ impl RollBack {
                 if let Some(upgrade) = record.upgrade_mut(&operation) {
                     upgrade.downtime_ms = downtime;
                     upgrade.step = None;
+                    upgrade.rollback_to = None;
                 }
             });
             job.finish_operation(&operation, |o| {

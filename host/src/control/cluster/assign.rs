@@ -107,8 +107,6 @@ pub struct LocalJob {
     pub driven: bool,
     /// It ended for good here (not stopped by the host's shutdown).
     pub ended: bool,
-    /// What it runs here (an upgrade changes it: the assignment follows).
-    pub spec: JobSpec,
 }
 
 /// What the follower asks of this host's jobs (the job manager).
@@ -425,12 +423,19 @@ impl Assignments {
         )))
     }
 
-    /// The gate a run of job `job` under `generation` commits through.
-    pub fn fence(self: &Arc<Self>, job: &str, generation: u64) -> Arc<dyn CommitGate> {
+    /// The gate a run of job `job` under `generation`, running `spec`,
+    /// commits through.
+    pub fn fence(
+        self: &Arc<Self>,
+        job: &str,
+        generation: u64,
+        spec: JobSpec,
+    ) -> Arc<dyn CommitGate> {
         Arc::new(Fence {
             assignments: self.clone(),
             job: job.to_string(),
             generation,
+            spec,
         })
     }
 
@@ -529,20 +534,6 @@ impl Assignments {
                 let ended_here = here.is_some_and(|j| {
                     j.generation == Some(assignment.generation) && j.ended && !j.driven
                 });
-                if runs_it
-                    && let Some(job) = here
-                    && job.spec != assignment.spec
-                {
-                    let spec = job.spec.clone();
-                    let result = self
-                        .change_own(&assignment.job, assignment.generation, |a| {
-                            a.spec = spec.clone()
-                        })
-                        .await;
-                    if let Err(error) = result {
-                        warn!(job = %assignment.job, ?error, "cannot record the job's new spec");
-                    }
-                }
                 if ended_here && !assignment.ended {
                     let result = self
                         .change_own(&assignment.job, assignment.generation, |a| a.ended = true)
@@ -828,6 +819,10 @@ pub struct Fence {
     assignments: Arc<Assignments>,
     job: String,
     generation: u64,
+    /// What the run runs: written with each restore point it admits, so
+    /// the job moves as the version that wrote its restore point (an
+    /// upgrade's new version only once its probation released a commit).
+    spec: JobSpec,
 }
 
 /// How long the gate keeps asking while the bucket does not answer (a
@@ -849,7 +844,8 @@ impl CommitGate for Fence {
                 let result = self
                     .assignments
                     .change_own(&self.job, self.generation, |a| {
-                        a.restore = Some(point.clone())
+                        a.restore = Some(point.clone());
+                        a.spec = self.spec.clone();
                     })
                     .await;
                 match result {
