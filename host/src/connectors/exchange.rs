@@ -38,7 +38,8 @@
 //! new reader). Its watermark is the minimum over the writers; it ends once
 //! every writer ended on each of its key groups (those counts are
 //! checkpointed with the positions, under `END_BASE + key group`, and
-//! which writers' last message paused, under `PAUSED_BASE + key group`).
+//! which writers' last message paused, under `PAUSED_BASE + key group`
+//! per word of 32 writers).
 //!
 //! **Stopping** (a staged job stopped as a whole, so that its stages'
 //! savepoints form one cut): a writer stopped with a savepoint publishes,
@@ -129,7 +130,8 @@ const SPOOL_HEADER_V1: &str = "weir-exchange-pending 1 ";
 /// position (key groups are below 2^16).
 const END_BASE: u32 = 1 << 20;
 /// Partition keys at and above this hold which writers' last message on a
-/// key group said they paused ([`pack_paused`]).
+/// key group said they paused: writers `32w..32w + 32` of group `g` at
+/// `PAUSED_BASE + (w << 16) + g` ([`pack_paused`]).
 const PAUSED_BASE: u32 = 2 << 20;
 /// How long an exchange stream keeps message ids.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -979,20 +981,32 @@ fn unpack_ends(packed: u64) -> (u32, u32) {
     ((packed >> 32) as u32, packed as u32)
 }
 
-/// The writers of `writers` that paused, as one number: the count above,
-/// a bit per writer below (none: more than 32 writers, not kept; a
-/// restored reader then hears of their pauses no more).
-fn pack_paused(writers: u32, paused: &BTreeSet<u32>) -> Option<u64> {
-    (writers <= 32 && paused.iter().all(|w| *w < 32)).then(|| {
-        let bits = paused.iter().fold(0u32, |bits, w| bits | (1 << w));
-        (u64::from(writers) << 32) | u64::from(bits)
-    })
+/// The writers of `writers` that paused on key group `group`, as
+/// partition keys and numbers: per word of 32 writers with one paused, the
+/// count above and a bit per writer below.
+fn pack_paused(group: u32, writers: u32, paused: &BTreeSet<u32>) -> Vec<(u32, u64)> {
+    let mut words: BTreeMap<u32, u32> = BTreeMap::new();
+    for &writer in paused {
+        *words.entry(writer / 32).or_default() |= 1 << (writer % 32);
+    }
+    words
+        .into_iter()
+        .map(|(word, bits)| {
+            let key = PAUSED_BASE + (word << 16) + group;
+            (key, (u64::from(writers) << 32) | u64::from(bits))
+        })
+        .collect()
 }
 
-fn unpack_paused(packed: u64) -> (u32, BTreeSet<u32>) {
+/// A partition key at or above [`PAUSED_BASE`] and its number: the key
+/// group, the count of writers, and the paused writers it holds.
+fn unpack_paused(key: u32, packed: u64) -> (u32, u32, impl Iterator<Item = u32>) {
+    let (word, group) = ((key - PAUSED_BASE) >> 16, (key - PAUSED_BASE) & 0xFFFF);
     let bits = packed as u32;
-    let paused = (0..32).filter(|w| bits & (1 << w) != 0).collect();
-    ((packed >> 32) as u32, paused)
+    let paused = (0..32)
+        .filter(move |w| bits & (1 << w) != 0)
+        .map(move |w| word * 32 + w);
+    (group, (packed >> 32) as u32, paused)
 }
 
 /// An `exchange` source subtask: see the module's "Reading".
@@ -1065,12 +1079,12 @@ impl ExchangeSource {
         // A reader restored while its writers stood paused (a stop in
         // flight) knows it, though they publish nothing more.
         let mut writers = 0;
-        let mut paused = BTreeMap::new();
-        for g in groups.clone() {
-            if let Some(&packed) = restored.get(&(PAUSED_BASE + g)) {
-                let (of, who) = unpack_paused(packed);
+        let mut paused: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for (&key, &packed) in restored.range(PAUSED_BASE..) {
+            let (group, of, who) = unpack_paused(key, packed);
+            if groups.contains(&group) {
                 writers = of;
-                paused.insert(g, who);
+                paused.entry(group).or_default().extend(who);
             }
         }
         Self {
@@ -1468,10 +1482,8 @@ impl Source for ExchangeSource {
         for (&group, &(writers, ended)) in &self.ends {
             positions.insert(END_BASE + group, pack_ends(writers, ended));
         }
-        for (&group, paused) in self.paused.iter().filter(|(_, p)| !p.is_empty()) {
-            if let Some(packed) = pack_paused(self.writers, paused) {
-                positions.insert(PAUSED_BASE + group, packed);
-            }
+        for (&group, paused) in &self.paused {
+            positions.extend(pack_paused(group, self.writers, paused));
         }
         Some(positions)
     }
@@ -1885,10 +1897,36 @@ mod tests {
     }
 
     #[test]
-    fn pauses_pack_up_to_32_writers() {
-        let paused = BTreeSet::from([0, 5, 31]);
-        let packed = pack_paused(32, &paused).expect("fits");
-        assert_eq!(unpack_paused(packed), (32, paused));
-        assert_eq!(pack_paused(33, &BTreeSet::from([1])), None);
+    fn pauses_of_any_number_of_writers_are_checkpointed_per_key_group() {
+        let exchange = Exchange {
+            url: "nats://127.0.0.1:1".into(),
+            name: "job.edge".into(),
+            replicas: 1,
+        };
+        let many = BTreeSet::from([0, 5, 31, 32, 100, 1023]);
+        let packed = pack_paused(7, 1024, &many);
+        assert_eq!(
+            packed.len(),
+            4,
+            "a number per word of 32 writers with a pause: {packed:?}"
+        );
+        assert!(pack_paused(7, 4, &BTreeSet::new()).is_empty());
+        // Subtask 0 of 2 (key groups 0..8 of 16) checkpoints its groups'
+        // pauses; a reader restored from them (with another subtask's)
+        // knows its own groups' only.
+        let mut source = ExchangeSource::new(exchange.clone(), 0, 2, 16, &BTreeMap::new());
+        source.writers = 1024;
+        source.paused.insert(3, many.clone());
+        source.paused.insert(4, BTreeSet::from([1]));
+        let mut positions = source.partitions().expect("partitioned");
+        positions.extend(pack_paused(9, 1024, &BTreeSet::from([2])));
+        let restored = ExchangeSource::new(exchange.clone(), 0, 2, 16, &positions);
+        assert_eq!(restored.writers, 1024);
+        assert_eq!(
+            restored.paused,
+            BTreeMap::from([(3, many), (4, BTreeSet::from([1]))])
+        );
+        let other = ExchangeSource::new(exchange, 1, 2, 16, &positions);
+        assert_eq!(other.paused, BTreeMap::from([(9, BTreeSet::from([2]))]));
     }
 }
