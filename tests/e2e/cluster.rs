@@ -1193,18 +1193,26 @@ fn a_task_moved_while_its_upgrade_is_on_probation_resumes_the_previous_version_e
             from.starts_with("s3://") && from.contains("/savepoints/savepoint-"),
             "restored from the upgrade's savepoint on S3, not {from:?}: {resumed:#}"
         );
-        // The upgrade of the whole ends failed, naming the move; the other
-        // count task passed its probation on its own.
+        // The upgrade of the whole ends failed, naming the move; the stage
+        // rolls back as one: the other count task, its probation passed,
+        // is rolled back too instead of released.
         let upgraded = upgrade.join().expect("the upgrade's CLI");
         let said = crate::host::stderr(&upgraded);
         assert!(!upgraded.status.success(), "{said}");
         assert!(
             said.contains("task moved to it during the operation")
                 && said
-                    .contains("the previous version, if the new one had not passed its probation"),
+                    .contains("the previous version, if the new one had not passed its probation")
+                && said.contains("stage count rolls back as one"),
             "{said}"
         );
     });
+    for (stage, job, host) in placed_stages(&hosts[asker], &id, Duration::from_secs(30)) {
+        if stage == "count" {
+            let plugin = plugin_of(&hosts[at(&host)], &job, "count");
+            assert_eq!(plugin, "count@0.1.0", "task {job} on {host}");
+        }
+    }
 
     // It finishes with every count once.
     finishes_exactly_once(&mut hosts, asker, &id, &url, name, &expected);

@@ -261,6 +261,74 @@ fn a_host_killed_at_each_step_of_a_migrating_upgrade_resumes_the_previous_versio
     }
 }
 
+/// An upgrade asked to await release (as a staged job's stages are): once
+/// its probation passed it holds its commits until released, then is
+/// upgraded; rolled back instead, the previous version runs again from
+/// the savepoint, naming why; a verdict out of turn is refused, naming
+/// the step; the output exactly once either way.
+#[test]
+fn an_upgrade_awaiting_release_is_released_or_rolled_back_as_told() {
+    let dir = plugin_dir();
+    let host = fault_host(&dir, &[]);
+    let token = host.token_value();
+    let post =
+        |path: &str, body: &str| http(&host.url, "POST", path, token.as_deref(), body.as_bytes());
+    for pass in [true, false] {
+        let name = format!("verdict-{pass}");
+        let id = running_wordcount(&host, &dir, &name);
+        let (status, text) = post(
+            &format!("/api/jobs/{id}/upgrade"),
+            r#"{"plugins": {"count": "count@0.2.0"}, "probation": "1s", "await_release": true}"#,
+        );
+        assert_eq!(status, 202, "{text}");
+        let operation: Value = serde_json::from_str(&text).expect("an operation");
+        let op = operation["id"].as_str().expect("an id").to_string();
+        wait_step(&host, &id, "awaiting-release", Duration::from_secs(60));
+        // Held: well past its probation, it is still awaiting.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(last_upgrade(&host, &id)["step"], "awaiting-release");
+        let verdict = match pass {
+            true => post(&format!("/api/jobs/{id}/operations/{op}/release"), ""),
+            false => post(
+                &format!("/api/jobs/{id}/operations/{op}/roll-back"),
+                r#"{"reason": "its stage's other task failed"}"#,
+            ),
+        };
+        assert_eq!(verdict.0, 202, "{}", verdict.1);
+        let started = Instant::now();
+        while !last_upgrade(&host, &id)["step"].is_null() {
+            assert!(started.elapsed() < Duration::from_secs(60), "never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let upgrade = last_upgrade(&host, &id);
+        let (outcome, plugin) = match pass {
+            true => ("upgraded", "count@0.2.0"),
+            false => ("rolled-back", "count@0.1.0"),
+        };
+        assert_eq!(upgrade["outcome"], outcome, "{upgrade:#}");
+        assert_eq!(count_plugin(&host, &id), plugin);
+        if !pass {
+            assert!(
+                upgrade["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("its stage's other task failed")),
+                "{upgrade:#}"
+            );
+        }
+        let (status, text) = post(&format!("/api/jobs/{id}/operations/{op}/release"), "");
+        assert_eq!(status, 409, "{text}");
+        assert!(
+            text.contains(&format!("upgrade {op} of job {id} is over ({outcome})")),
+            "{text}"
+        );
+        host.wait_status(&id, "running", Duration::from_secs(60));
+        host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+        host.ok(&["stop", &id], dir.path());
+        host.wait_status(&id, "stopped", Duration::from_secs(60));
+        check_exactly_once(&dir.path().join(format!("out-{name}")));
+    }
+}
+
 /// A cancel, a stop and the host's SIGTERM while an upgrade's standby is
 /// built (its files there, held by a failpoint): each answered within a
 /// second, the upgrade abandoned, the standby's files removed, and the

@@ -28,7 +28,7 @@ use utoipa::openapi::{KnownFormat, ObjectBuilder, RefOr, Schema, SchemaFormat, T
 
 use super::cluster::{Cluster, HostEntry, Hosts, Member};
 use super::dashboard;
-use super::jobs::{JobManager, SavepointRequest, SubmitRequest, UpgradeRequest};
+use super::jobs::{JobManager, RollBackRequest, SavepointRequest, SubmitRequest, UpgradeRequest};
 use super::record::*;
 use super::store::{StoreError, StoredPlugin};
 use super::{ControlError, HostContext};
@@ -177,6 +177,14 @@ pub fn router(
         .route("/api/jobs/{id}/upgrade", post(upgrade_job))
         .route("/api/jobs/{id}/fork", post(fork_job))
         .route("/api/jobs/{id}/operations/{operation}", get(operation))
+        .route(
+            "/api/jobs/{id}/operations/{operation}/release",
+            post(release_upgrade),
+        )
+        .route(
+            "/api/jobs/{id}/operations/{operation}/roll-back",
+            post(roll_back_upgrade),
+        )
         .route("/metrics", get(metrics))
         .route("/", get(dashboard::index))
         .route("/dashboard/{asset}", get(dashboard::asset))
@@ -345,7 +353,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
         list_savepoints,
         upgrade_job,
         fork_job,
-        operation
+        operation,
+        release_upgrade,
+        roll_back_upgrade
     ),
     components(schemas(ErrorBody, Health)),
     modifiers(&BearerAuth)
@@ -884,6 +894,54 @@ async fn operation(
     Ok(Json(api.jobs.operation(&id, &operation)?))
 }
 
+/// Releases an upgrade that awaits release (asked with `await_release`,
+/// its probation passed): its held commits go out (202).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/operations/{operation}/release",
+    params(("id" = String, Path), ("operation" = String, Path)),
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody, description = "an unreadable path"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not an upgrade awaiting release"),
+    )
+)]
+async fn release_upgrade(
+    State(api): State<Api>,
+    Param((id, operation)): Param<(String, String)>,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    Ok(accepted(api.jobs.verdict(&id, &operation, true, None)?))
+}
+
+/// Rolls back an upgrade on probation or awaiting release: the previous
+/// version restarts from the upgrade's savepoint (202).
+#[utoipa::path(
+    post,
+    path = "/api/jobs/{id}/operations/{operation}/roll-back",
+    params(("id" = String, Path), ("operation" = String, Path)),
+    request_body(content = Option<RollBackRequest>, description = "optional: why"),
+    responses(
+        (status = 202, body = Operation),
+        (status = 400, body = ErrorBody, description = "the body is not JSON of this shape"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not an upgrade on probation"),
+    )
+)]
+async fn roll_back_upgrade(
+    State(api): State<Api>,
+    Param((id, operation)): Param<(String, String)>,
+    request: axum::body::Bytes,
+) -> Answer<(StatusCode, Json<Operation>)> {
+    let request: RollBackRequest = body(&request)?;
+    Ok(accepted(api.jobs.verdict(
+        &id,
+        &operation,
+        false,
+        request.reason,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,6 +959,8 @@ mod tests {
             "/api/jobs/{id}/fork",
             "/api/jobs/{id}/savepoints",
             "/api/jobs/{id}/operations/{operation}",
+            "/api/jobs/{id}/operations/{operation}/release",
+            "/api/jobs/{id}/operations/{operation}/roll-back",
             "/api/hosts",
             "/metrics",
         ] {
@@ -938,7 +998,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(operations, 16, "every operation");
+        assert_eq!(operations, 18, "every operation");
     }
 
     #[test]

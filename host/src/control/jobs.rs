@@ -76,6 +76,23 @@ pub struct UpgradeRequest {
     pub probation: Option<String>,
     #[serde(default, deserialize_with = "super::json::count")]
     pub probation_checkpoints: Option<u64>,
+    /// The new version's commits stay held after its probation passed,
+    /// until `POST …/operations/{op}/release` (or `…/roll-back`; none
+    /// within a minute: rolled back). A staged job's upgrade asks it of
+    /// each task, so that a stage passes or rolls back as one.
+    #[serde(default)]
+    pub await_release: bool,
+}
+
+/// The step of an upgrade whose probation passed, its commits held until
+/// it is released ([`UpgradeRequest::await_release`]).
+pub(super) const AWAITING_RELEASE: &str = "awaiting-release";
+
+/// `POST /api/jobs/{id}/operations/{op}/roll-back`: why, in a line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RollBackRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// `POST /api/jobs/{id}/savepoints` and `/stop`.
@@ -114,6 +131,20 @@ pub struct JobHandle {
     pub(super) ctx: Arc<HostContext>,
     /// Its driver runs (a record loaded but not resumed has none).
     driven: std::sync::atomic::AtomicBool,
+    /// A verdict on an upgrade awaiting release, until its probation
+    /// step takes it.
+    verdict: Mutex<Option<Verdict>>,
+}
+
+/// What a staged job's driver says of a task's upgrade on probation
+/// (`POST …/operations/{op}/release` or `…/roll-back`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Verdict {
+    pub operation: String,
+    /// Release the held commits (else roll back).
+    pub pass: bool,
+    /// Why it is rolled back, in a line.
+    pub reason: String,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -165,6 +196,15 @@ impl JobHandle {
 
     pub fn status(&self) -> JobStatus {
         self.record.lock().expect("not poisoned").status()
+    }
+
+    /// The verdict on upgrade `operation`, if one came (taken once).
+    pub(super) fn take_verdict(&self, operation: &str) -> Option<Verdict> {
+        let mut verdict = self.verdict.lock().expect("not poisoned");
+        match verdict.as_ref() {
+            Some(v) if v.operation == operation => verdict.take(),
+            _ => None,
+        }
     }
 
     /// Finishes an operation.
@@ -272,6 +312,7 @@ impl JobManager {
             commands,
             ctx: self.ctx.clone(),
             driven: Default::default(),
+            verdict: Mutex::default(),
         });
         self.jobs
             .lock()
@@ -678,6 +719,56 @@ impl JobManager {
             .ok_or_else(|| ControlError::NotFound(format!("job {id} has no operation {operation}")))
     }
 
+    /// Releases (`pass`) or rolls back upgrade `operation` of job `id`,
+    /// asked to await release: the operation as it stands.
+    pub fn verdict(
+        &self,
+        id: &str,
+        operation: &str,
+        pass: bool,
+        reason: Option<String>,
+    ) -> Result<Operation, ControlError> {
+        let handle = self.get(id)?;
+        let record = handle.record();
+        let found = self.operation(id, operation)?;
+        let upgrade = record
+            .upgrades
+            .iter()
+            .find(|u| u.operation == operation)
+            .ok_or_else(|| {
+                ControlError::Conflict(format!(
+                    "operation {operation} of job {id} is not an upgrade"
+                ))
+            })?;
+        let step = upgrade.step.as_deref();
+        let ready = match pass {
+            true => step == Some(AWAITING_RELEASE),
+            false => matches!(step, Some("on-probation") | Some(AWAITING_RELEASE)),
+        };
+        if !ready {
+            return Err(ControlError::Conflict(format!(
+                "upgrade {operation} of job {id} is {}: it can be {} only {}",
+                step.map_or_else(
+                    || format!("over ({})", upgrade.outcome),
+                    |s| format!("at step `{s}`")
+                ),
+                if pass { "released" } else { "rolled back" },
+                if pass {
+                    "once its probation passed (step `awaiting-release`)"
+                } else {
+                    "on probation"
+                }
+            )));
+        }
+        let reason = reason.unwrap_or_else(|| "asked to roll back".to_string());
+        *handle.verdict.lock().expect("not poisoned") = Some(Verdict {
+            operation: operation.to_string(),
+            pass,
+            reason,
+        });
+        Ok(found)
+    }
+
     pub fn savepoints(&self, id: &str) -> Result<Vec<SavepointRecord>, ControlError> {
         Ok(self.get(id)?.record().savepoints)
     }
@@ -884,6 +975,7 @@ impl JobManager {
             probation_checkpoints: request
                 .probation_checkpoints
                 .unwrap_or(self.ctx.settings.probation_checkpoints),
+            await_release: request.await_release,
         };
         self.start_operation(id, OperationKind::Upgrade, |operation| Command::Upgrade {
             operation,

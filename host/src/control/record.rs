@@ -147,7 +147,7 @@ pub struct UpgradeRecord {
     pub outcome: String,
     /// The step it is at while it runs (`checking`, `standby-building`,
     /// `standby-catching-up`, `stopping`, `restoring`, `on-probation`,
-    /// `rolling-back`); none once it ended.
+    /// `awaiting-release`, `rolling-back`); none once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
     pub savepoint: Option<String>,

@@ -17,9 +17,11 @@
 //!   restores on one host with `weir run -s`, or on the cluster.
 //! - `POST …/upgrade` with new plugins: each task of each stage whose uids
 //!   the request names is upgraded on its own — checked, stopped with a
-//!   savepoint, restarted with the new plugins, on probation, rolled back
-//!   alone if it fails — while the other stages run on untouched; the
-//!   operation ends once every task's has.
+//!   savepoint, restarted with the new plugins, on probation — and awaits
+//!   release once its probation passed; a stage's tasks are released once
+//!   all await it, and rolled back once one failed ([`judge`]), so a stage
+//!   passes or rolls back as one, while the other stages run on untouched;
+//!   the operation ends once every task's has.
 //! - `weir rescale` (an upgrade asking a parallelism): one stage at a
 //!   time, its tasks replaced by as many as the new parallelism asks
 //!   ([`rescale`]). A stage's nodes are joined by forward edges, so they
@@ -37,6 +39,7 @@
 mod rescale;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -154,17 +157,15 @@ pub(super) async fn answer(
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
         (Method::POST, "/upgrade") => upgrade(&stages, store, storage.as_deref(), &staged, &body)
             .await
-            .map(|(o, rescaling)| {
-                if rescaling {
-                    rescale::drive(
-                        directory.clone(),
-                        store.clone(),
-                        cluster.clone(),
-                        authorization.clone(),
-                        staged.job.clone(),
-                        o.id.clone(),
-                    );
-                }
+            .map(|o| {
+                drive(
+                    directory.clone(),
+                    store.clone(),
+                    cluster.clone(),
+                    authorization.clone(),
+                    staged.job.clone(),
+                    o.id.clone(),
+                );
                 (StatusCode::ACCEPTED, Json(o)).into_response()
             }),
         (Method::GET, rest) if rest.starts_with("/operations/") => {
@@ -533,17 +534,18 @@ fn in_dir(target: &str, job: &str) -> String {
 
 /// Splits an upgrade of the whole into upgrades of the stages it touches:
 /// new plugins go to every task of their stages, each upgraded on its own
-/// (checked, stopped with a savepoint, restarted, on probation, rolled
-/// back alone); a new parallelism of one stage is a rescale of it
-/// ([`rescale`]), asked alone. Answers the operation, and whether it is a
-/// rescale (to be driven on).
+/// (checked, stopped with a savepoint, restarted, on probation) and
+/// awaiting release once its probation passed, so that a stage passes or
+/// rolls back as one ([`judge`]); a new parallelism of one stage is a
+/// rescale of it ([`rescale`]), asked alone. Answers the operation (to be
+/// driven on: [`drive`]).
 async fn upgrade(
     stages: &Stages<'_>,
     store: &StagedJobs,
     storage: Option<&str>,
     staged: &StagedJob,
     body: &[u8],
-) -> Result<(Operation, bool), ControlError> {
+) -> Result<Operation, ControlError> {
     let request: UpgradeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         UpgradeRequest::default()
     } else {
@@ -621,21 +623,21 @@ async fn upgrade(
             )));
         }
         let (stage, (_, parallelism)) = rescales.into_iter().next().expect("one");
-        let operation = rescale::start(stages, store, storage, staged, &stage, parallelism).await?;
-        return Ok((operation, true));
+        return rescale::start(stages, store, storage, staged, &stage, parallelism).await;
     }
     let mut requests = Vec::new();
     for (stage, mut part) in split {
         part.allow_non_restored_state = request.allow_non_restored_state;
         part.probation = request.probation.clone();
         part.probation_checkpoints = request.probation_checkpoints;
+        part.await_release = true;
         let body = serde_json::to_vec(&part).map_err(|e| ControlError::Internal(e.to_string()))?;
         let body = Bytes::from(body);
         for task in staged.stages.iter().filter(|s| s.name == stage) {
             requests.push((task, Some(body.clone())));
         }
     }
-    let operation = ask(
+    ask(
         stages,
         store,
         staged,
@@ -644,8 +646,130 @@ async fn upgrade(
         requests,
         (None, None),
     )
-    .await?;
-    Ok((operation, false))
+    .await
+}
+
+/// How long the host that took an operation of a staged job follows it
+/// in the background ([`drive`]) before leaving it to whoever asks about
+/// it next.
+const DRIVE_FOR: Duration = Duration::from_secs(600);
+
+/// Follows operation `id` of staged job `job` in the background until it
+/// ended or [`DRIVE_FOR`] passed, as a GET of it does: a rescale advanced
+/// step by step, an upgrade's stages released or rolled back as one. Any
+/// host asked about the operation does the same meanwhile.
+fn drive(
+    directory: Arc<JobDirectory>,
+    store: StagedJobs,
+    cluster: Arc<Cluster>,
+    authorization: Option<header::HeaderValue>,
+    job: String,
+    id: String,
+) {
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let stages = Stages {
+            directory: &directory,
+            authorization,
+        };
+        while started.elapsed() < DRIVE_FOR {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let Ok(Some(staged)) = store.get(&job).await else {
+                continue;
+            };
+            match operation(&stages, &store, &cluster, &staged, &id).await {
+                Ok(found) if found.status == OperationStatus::Running => {}
+                Ok(found) => {
+                    tracing::info!(job = %job, operation = %id, status = ?found.status, "the staged job's operation ended");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// An upgrade's stages pass or roll back as one: once a task of a stage
+/// failed (rolled back, moved, or refused the upgrade), the stage's tasks
+/// still on probation are rolled back; once every task of a stage awaits
+/// release (its probation passed), each is released. Each look asks again
+/// what did not take (a task not yet on probation), and any host may look.
+async fn judge(
+    stages: &Stages<'_>,
+    staged: &StagedJob,
+    asked: &StagedOperation,
+    found: &[Option<Operation>],
+) {
+    type Task<'a> = (&'a StageRef, &'a str, Option<&'a Operation>);
+    let mut by_stage: std::collections::BTreeMap<&str, (Vec<Task>, Option<String>)> =
+        Default::default();
+    for (part, found) in asked.stages.iter().zip(found) {
+        let Some(task) = staged.stages.iter().find(|s| s.job == part.job) else {
+            continue;
+        };
+        let (tasks, failed) = by_stage.entry(task.name.as_str()).or_default();
+        let named = format!("{} (job {})", label(task), task.job);
+        match (&part.operation, found) {
+            (None, _) => {
+                let why = part.skipped.as_deref().unwrap_or("it was not asked");
+                failed.get_or_insert(format!("{named} did not take the upgrade: {why}"));
+            }
+            (Some(_), Some(op)) if op.status == OperationStatus::Failed => {
+                let why = op.error.as_deref().unwrap_or("it failed");
+                failed.get_or_insert(format!("{named}: {why}"));
+            }
+            (Some(operation), found) => tasks.push((task, operation, found.as_ref())),
+        }
+    }
+    for (stage, (tasks, failed)) in by_stage {
+        let running: Vec<&Task> = tasks
+            .iter()
+            .filter(|(_, _, found)| found.is_some_and(|o| o.status == OperationStatus::Running))
+            .collect();
+        if running.is_empty() {
+            continue;
+        }
+        if let Some(why) = failed {
+            let reason = format!("stage {stage} rolls back as one: {why}");
+            let body = serde_json::to_vec(&super::jobs::RollBackRequest {
+                reason: Some(reason),
+            })
+            .ok()
+            .map(Bytes::from);
+            for (task, operation, _) in running {
+                let path = format!("/operations/{operation}/roll-back");
+                let _ = stages
+                    .call(&task.job, Method::POST, &path, body.clone())
+                    .await;
+            }
+            continue;
+        }
+        if tasks.iter().any(|(_, _, found)| found.is_none()) {
+            // A task's answer is missing (its host does not answer now).
+            continue;
+        }
+        let mut awaiting = true;
+        for (task, operation, _) in &running {
+            let step = stages.detail(&task.job).await.and_then(|(_, detail)| {
+                let upgrade = detail
+                    .job
+                    .upgrades
+                    .iter()
+                    .find(|u| u.operation == *operation)?;
+                upgrade.step.clone()
+            });
+            if step.as_deref() != Some(super::jobs::AWAITING_RELEASE) {
+                awaiting = false;
+                break;
+            }
+        }
+        if awaiting {
+            for (task, operation, _) in running {
+                let path = format!("/operations/{operation}/release");
+                let _ = stages.call(&task.job, Method::POST, &path, None).await;
+            }
+        }
+    }
 }
 
 fn parallelism_zero(request: &UpgradeRequest) -> bool {
@@ -768,6 +892,9 @@ async fn operation(
             Ok((host, StatusCode::NOT_FOUND, _)) => Some(lost(asked, operation, &host)),
             _ => None,
         });
+    }
+    if asked.kind == OperationKind::Upgrade {
+        judge(stages, staged, asked, &found).await;
     }
     let mut outcome = outcome_of(asked, &staged.stages, &found);
     if let (Some(savepoint), OperationStatus::Succeeded) = (&asked.savepoint, outcome.status) {

@@ -16,7 +16,9 @@
 //!    sinks' commits held.
 //! 5. [`Probation`]: it runs until it completed `probation_checkpoints`
 //!    checkpoints (or the probation time passed) without failing; then the
-//!    held commits go out and the upgrade is done. Its outcome is decided
+//!    held commits go out and the upgrade is done — or, asked to await
+//!    release (a task of a staged job's stage), it holds them until
+//!    released or told to roll back (`JobManager::verdict`). Its outcome is decided
 //!    here alone: a failure reaches this step as a question (restart?),
 //!    answered in order with the checkpoints it counts.
 //! 6. [`RollBack`]: the new version could not start or failed on
@@ -64,7 +66,15 @@ pub(super) struct Upgrade {
     pub allow_non_restored_state: bool,
     pub probation: Duration,
     pub probation_checkpoints: u64,
+    /// Once its probation passed, the new version awaits a verdict
+    /// (`JobManager::verdict`), its commits held: a staged job's stage
+    /// passes or rolls back as one.
+    pub await_release: bool,
 }
+
+/// How long a new version whose probation passed awaits its release
+/// before it rolls back (whoever was to release it is gone).
+const RELEASE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What every step of one upgrade carries.
 #[derive(Clone)]
@@ -910,6 +920,8 @@ pub(super) struct Probation {
     started: Instant,
     first_record: Option<run::FirstRecord>,
     checkpoints: Option<Arc<crate::checkpoint::coordinator::CheckpointMetrics>>,
+    /// Since when it awaits release (its probation passed).
+    awaiting: Option<Instant>,
 }
 
 impl Probation {
@@ -926,22 +938,42 @@ impl Probation {
             started: Instant::now(),
             first_record,
             checkpoints,
+            awaiting: None,
         })))
     }
 
-    async fn next(self, ctx: &mut JobCtx) -> DriverStep {
+    async fn next(mut self, ctx: &mut JobCtx) -> DriverStep {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if let Some(verdict) = ctx.job.take_verdict(&self.procedure.operation) {
+                        if verdict.pass {
+                            return self.passed(ctx);
+                        }
+                        return self.roll_back(ctx, verdict.reason);
+                    }
                     let completed = self
                         .checkpoints
                         .as_ref()
                         .map_or(0, |c| c.completed.load(Ordering::Relaxed));
-                    if completed >= self.procedure.upgrade.probation_checkpoints
-                        || self.started.elapsed() >= self.procedure.upgrade.probation
-                    {
-                        return self.passed(ctx);
+                    let due = completed >= self.procedure.upgrade.probation_checkpoints
+                        || self.started.elapsed() >= self.procedure.upgrade.probation;
+                    match (due, self.procedure.upgrade.await_release, self.awaiting) {
+                        (false, _, _) => {}
+                        (true, false, _) => return self.passed(ctx),
+                        (true, true, None) => {
+                            self.awaiting = Some(Instant::now());
+                            self.procedure.at(ctx, super::jobs::AWAITING_RELEASE);
+                        }
+                        (true, true, Some(since)) if since.elapsed() >= RELEASE_PATIENCE => {
+                            let why = format!(
+                                "its probation passed, but no release came within {}",
+                                crate::human::duration(RELEASE_PATIENCE)
+                            );
+                            return self.roll_back(ctx, why);
+                        }
+                        (true, true, Some(_)) => {}
                     }
                 }
                 message = ctx.next() => match message {
@@ -974,6 +1006,21 @@ impl Probation {
                 },
             }
         }
+    }
+
+    /// Rolled back though the new version did not fail (its stage's
+    /// other task did, or no release came): its run is cancelled, then
+    /// the previous version restarts from the savepoint.
+    fn roll_back(self, ctx: &mut JobCtx, why: String) -> DriverStep {
+        ctx.cancel_run();
+        RollBack::start(
+            ctx,
+            self.procedure,
+            self.savepoint,
+            self.last_record,
+            why,
+            false,
+        )
     }
 
     /// Probation passed: the held commits go out, the upgrade is done, and

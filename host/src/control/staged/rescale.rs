@@ -23,9 +23,6 @@
 //! created once): the host that took the request drives the rescale in
 //! the background, and any host asked about the operation advances it too.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::http::Method;
 use bytes::Bytes;
 
@@ -34,7 +31,6 @@ use crate::checkpoint::metadata::{self, METADATA_FILE};
 use crate::control::ControlError;
 use crate::control::cluster::Cluster;
 use crate::control::cluster::assign::Assignment;
-use crate::control::cluster::jobs::JobDirectory;
 use crate::control::cluster::staged::{
     StageRef, StageRescale, StagedJob, StagedJobs, StagedOperation,
 };
@@ -42,10 +38,6 @@ use crate::control::jobs::SavepointRequest;
 use crate::control::lifecycle::{JobStatus, OperationKind};
 use crate::control::record::{JobSpec, Operation, OperationStatus};
 use crate::types::Location;
-
-/// How long the background driver follows a rescale before leaving it to
-/// whoever asks about it next.
-const DRIVE_FOR: Duration = Duration::from_secs(600);
 
 /// Stops every task of stage `stage` of `staged` with a savepoint into one
 /// directory, to restart it at `parallelism`; answers the operation.
@@ -444,42 +436,6 @@ async fn merge(
         Err(_) if remote.get(METADATA_FILE).await.is_ok() => Ok(rescale.savepoint.clone()),
         Err(error) => Err(error.to_string()),
     }
-}
-
-/// Advances operation `id` of staged job `job` in the background, until
-/// it ended or [`DRIVE_FOR`] passed.
-pub(super) fn drive(
-    directory: Arc<JobDirectory>,
-    store: StagedJobs,
-    cluster: Arc<Cluster>,
-    authorization: Option<axum::http::header::HeaderValue>,
-    job: String,
-    id: String,
-) {
-    tokio::spawn(async move {
-        let started = tokio::time::Instant::now();
-        let stages = Stages {
-            directory: &directory,
-            authorization,
-        };
-        while started.elapsed() < DRIVE_FOR {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let Ok(Some(staged)) = store.get(&job).await else {
-                continue;
-            };
-            let Some(asked) = staged.operations.iter().find(|o| o.id == id) else {
-                return;
-            };
-            let Some(rescale) = &asked.rescale else {
-                return;
-            };
-            let operation = advance(&stages, &store, &cluster, &staged, asked, rescale).await;
-            if operation.status != OperationStatus::Running {
-                tracing::info!(job = %job, operation = %id, status = ?operation.status, "the stage's rescale ended");
-                return;
-            }
-        }
-    });
 }
 
 #[cfg(test)]
