@@ -985,33 +985,69 @@ fn a_keyed_job_runs_as_stages_on_different_hosts_and_a_stage_fails_over_alone() 
     finishes_exactly_once(&mut hosts, survivor, &id, &url, name, &expected);
 }
 
+/// Three hosts of cluster test `name`, plugin file `plugin` (if any)
+/// added on one and seen on every host, and the word count submitted to
+/// host 0, cut into stages (about 40 s of input at 2 × 800 lines/s, seed
+/// `seed`).
+struct StagedCount {
+    hosts: Vec<Host>,
+    ids: Vec<String>,
+    url: String,
+    expected: BTreeMap<String, u64>,
+    id: String,
+    placed: Vec<(String, String, String)>,
+}
+
+impl StagedCount {
+    fn start(dir: &JobDir, name: &str, plugin: Option<&str>, seed: u64) -> Option<StagedCount> {
+        let cluster = Movable::new(dir.path(), name)?;
+        let url = cluster.url.clone();
+        let (hosts, ids) = cluster.hosts(dir.path(), 3);
+        if let Some(plugin) = plugin {
+            hosts[0].ok(&["plugin", "add", plugin], dir.path());
+            let everywhere = plugins(&hosts[0]);
+            let everywhere: Vec<&str> = everywhere.iter().map(String::as_str).collect();
+            for host in &hosts[1..] {
+                wait_plugins(host, &everywhere, Duration::from_secs(30));
+            }
+        }
+        let expected = count_input(&url, name, 64_000, seed);
+        dir.write(
+            "job.toml",
+            crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
+        );
+        let id = hosts[0]
+            .ok(&["run", "job.toml"], dir.path())
+            .trim()
+            .to_string();
+        let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
+        Some(StagedCount {
+            hosts,
+            ids,
+            url,
+            expected,
+            id,
+            placed,
+        })
+    }
+}
+
 #[test]
 fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() {
     let dir = plugin_dir();
-    let name = "staged-upgrade";
-    let Some(cluster) = Movable::new(dir.path(), name) else {
+    // The version that traps on its 1000th record, on every host first.
+    let Some(StagedCount {
+        mut hosts,
+        ids,
+        url,
+        expected,
+        id,
+        placed,
+    }) = StagedCount::start(&dir, "staged-upgrade", Some("count-v2-trap.wasm"), 29)
+    else {
         return;
     };
-    let url = cluster.url.clone();
-    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
-    // The version that traps on its 1000th record, on every host first.
-    hosts[0].ok(&["plugin", "add", "count-v2-trap.wasm"], dir.path());
-    let everywhere = plugins(&hosts[0]);
-    let everywhere: Vec<&str> = everywhere.iter().map(String::as_str).collect();
-    for host in &hosts[1..] {
-        wait_plugins(host, &everywhere, Duration::from_secs(30));
-    }
-    // About 40 s of input at 2 × 800 lines/s.
-    let expected = count_input(&url, name, 64_000, 29);
-    dir.write(
-        "job.toml",
-        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
-    );
-    let id = hosts[0]
-        .ok(&["run", "job.toml"], dir.path())
-        .trim()
-        .to_string();
-    let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
+    let name = "staged-upgrade";
     let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
     let stage = |name: &str| {
         placed
@@ -1086,6 +1122,96 @@ fn one_stage_is_rescaled_and_upgraded_with_a_rollback_while_the_others_run_on() 
     finishes_exactly_once(&mut hosts, 0, &id, &url, name, &expected);
 }
 
+#[test]
+fn a_rescale_whose_host_died_is_carried_on_by_the_coordinator() {
+    let dir = plugin_dir();
+    let name = "rescale-orphaned";
+    let Some(StagedCount {
+        mut hosts,
+        ids,
+        url,
+        expected,
+        id,
+        placed,
+    }) = StagedCount::start(&dir, name, None, 37)
+    else {
+        return;
+    };
+    let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
+    let counting: Vec<usize> = placed
+        .iter()
+        .filter(|s| s.0 == "count")
+        .map(|s| at(&s.2))
+        .collect();
+    // The host asked runs no count task: its death leaves the stage's
+    // tasks to stop as asked.
+    let asker = (0..3)
+        .find(|i| !counting.contains(i))
+        .unwrap_or_else(|| panic!("the count tasks share a host: {placed:?}"));
+    let survivor = (asker + 1) % 3;
+    hosts[survivor].wait_status(&id, "running", Duration::from_secs(60));
+    for (_, job, host) in placed.iter().filter(|s| s.0 == "count") {
+        hosts[at(host)].wait_checkpoints(job, 2, Duration::from_secs(60));
+    }
+    let operation = hosts[asker]
+        .ok(
+            &["rescale", &id, "--parallelism", "count=3", "--detach"],
+            dir.path(),
+        )
+        .trim()
+        .to_string();
+    hosts[asker].kill();
+    let killed = Instant::now();
+    // No one asks about the operation (a look at it, or at the job, would
+    // carry it on as well): the cluster's coordinator does. The job list
+    // shows the new tasks as their hosts run them.
+    let prefix = format!("{id}-");
+    let new_task = format!("-{operation}-");
+    loop {
+        let (status, body) = http(&hosts[survivor].url, "GET", "/api/jobs", None, &[]);
+        let running = match status {
+            200 => serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|list| list.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter(|j| {
+                    j["id"]
+                        .as_str()
+                        .is_some_and(|job| job.starts_with(&prefix) && job.contains(&new_task))
+                        && j["status"] == "running"
+                })
+                .count(),
+            _ => 0,
+        };
+        if running == 3 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "the rescale was not carried on: {running} new tasks run; {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "rescale carried on by the coordinator: {:?} after its host died",
+        killed.elapsed()
+    );
+    let (status, body) = http(
+        &hosts[survivor].url,
+        "GET",
+        &format!("/api/jobs/{id}/operations/{operation}"),
+        None,
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("an operation");
+    assert_eq!(answer["status"], "succeeded", "{answer:#}");
+
+    // It finishes with every count once.
+    finishes_exactly_once(&mut hosts, survivor, &id, &url, name, &expected);
+}
+
 /// The step task job `job` of a staged job's upgrade is at on its host
 /// (none once it ended, or before it began).
 fn upgrade_step(host: &Host, job: &str) -> Option<String> {
@@ -1107,28 +1233,17 @@ fn plugin_of(host: &Host, job: &str, uid: &str) -> String {
 fn a_task_moved_while_its_upgrade_is_on_probation_resumes_the_previous_version_exactly_once() {
     let dir = plugin_dir();
     let name = "probation-move";
-    let Some(cluster) = Movable::new(dir.path(), name) else {
+    let Some(StagedCount {
+        mut hosts,
+        ids,
+        url,
+        expected,
+        id,
+        placed,
+    }) = StagedCount::start(&dir, name, Some("count-v2.wasm"), 31)
+    else {
         return;
     };
-    let url = cluster.url.clone();
-    let (mut hosts, ids) = cluster.hosts(dir.path(), 3);
-    hosts[0].ok(&["plugin", "add", "count-v2.wasm"], dir.path());
-    let everywhere = plugins(&hosts[0]);
-    let everywhere: Vec<&str> = everywhere.iter().map(String::as_str).collect();
-    for host in &hosts[1..] {
-        wait_plugins(host, &everywhere, Duration::from_secs(30));
-    }
-    // About 40 s of input at 2 × 800 lines/s.
-    let expected = count_input(&url, name, 64_000, 31);
-    dir.write(
-        "job.toml",
-        crate::nats::count_job(&url, name, 2, 800, "checkpoints"),
-    );
-    let id = hosts[0]
-        .ok(&["run", "job.toml"], dir.path())
-        .trim()
-        .to_string();
-    let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
     let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
     let (_, task, owner) = placed
         .iter()

@@ -78,7 +78,7 @@ pub struct UpgradeRequest {
     pub probation_checkpoints: Option<u64>,
     /// The new version's commits stay held after its probation passed,
     /// until `POST …/operations/{op}/release` (or `…/roll-back`; none
-    /// within a minute: rolled back). A staged job's upgrade asks it of
+    /// within the probation's length and a minute more: rolled back). A staged job's upgrade asks it of
     /// each task, so that a stage passes or rolls back as one.
     #[serde(default)]
     pub await_release: bool,

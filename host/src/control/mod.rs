@@ -406,6 +406,9 @@ impl RunningHost {
         }
         if let Some(cluster) = &cluster {
             cluster.follow_assignments(Arc::new(jobs::ClusterOwner(Arc::downgrade(&jobs))));
+            // Runs as long as the host: it acts only while this host is
+            // the coordinator.
+            staged::steward(cluster.clone(), context.settings.token.clone());
         }
         let watch_dir = context
             .settings

@@ -689,6 +689,57 @@ fn drive(
     });
 }
 
+/// How often the cluster's coordinator looks at the staged jobs'
+/// operations ([`steward`]).
+const STEWARD_EVERY: Duration = Duration::from_secs(1);
+
+/// On the cluster's coordinator, every [`STEWARD_EVERY`]: carries on each
+/// staged job's operations that still run, as [`drive`] does on the host
+/// that took one, so that an operation whose host died still ends — a
+/// rescale between its tasks' stops and its new tasks, an upgrade whose
+/// stages await their verdicts, a stop whose cluster savepoint awaits its
+/// `_metadata`. An operation seen ended is not asked about again. Asks the
+/// tasks' hosts with this host's token (a cluster's hosts share one).
+pub(super) fn steward(cluster: Arc<Cluster>, token: Option<String>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let authorization =
+            token.and_then(|t| header::HeaderValue::from_str(&format!("Bearer {t}")).ok());
+        let mut ended = std::collections::HashSet::new();
+        let mut tick = tokio::time::interval(STEWARD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !cluster.is_coordinator() {
+                continue;
+            }
+            let (Some(assignments), Some(directory)) = (cluster.assignments(), cluster.jobs())
+            else {
+                continue;
+            };
+            let store = assignments.staged();
+            let Ok(all) = store.list().await else {
+                continue;
+            };
+            let stages = Stages {
+                directory: &directory,
+                authorization: authorization.clone(),
+            };
+            for staged in &all {
+                for asked in &staged.operations {
+                    if ended.contains(&asked.id) {
+                        continue;
+                    }
+                    if let Ok(found) = operation(&stages, &store, &cluster, staged, &asked.id).await
+                        && found.status != OperationStatus::Running
+                    {
+                        ended.insert(asked.id.clone());
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// An upgrade's stages pass or roll back as one: once a task of a stage
 /// failed (rolled back, moved, or refused the upgrade), the stage's tasks
 /// still on probation are rolled back; once every task of a stage awaits

@@ -72,8 +72,10 @@ pub(super) struct Upgrade {
     pub await_release: bool,
 }
 
-/// How long a new version whose probation passed awaits its release
-/// before it rolls back (whoever was to release it is gone).
+/// How long a new version whose probation passed awaits its release,
+/// beyond its probation's length (a sibling task may have started its
+/// probation that much later), before it rolls back: whoever was to
+/// release it is gone.
 const RELEASE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What every step of one upgrade carries.
@@ -966,10 +968,12 @@ impl Probation {
                             self.awaiting = Some(Instant::now());
                             self.procedure.at(ctx, super::jobs::AWAITING_RELEASE);
                         }
-                        (true, true, Some(since)) if since.elapsed() >= RELEASE_PATIENCE => {
+                        (true, true, Some(since))
+                            if since.elapsed() >= self.procedure.upgrade.probation + RELEASE_PATIENCE =>
+                        {
                             let why = format!(
                                 "its probation passed, but no release came within {}",
-                                crate::human::duration(RELEASE_PATIENCE)
+                                crate::human::duration(self.procedure.upgrade.probation + RELEASE_PATIENCE)
                             );
                             return self.roll_back(ctx, why);
                         }

@@ -21,7 +21,9 @@
 //! Each step may be taken again, by any host, any number of times (the
 //! merged `_metadata` is a conditional put, each new task's assignment is
 //! created once): the host that took the request drives the rescale in
-//! the background, and any host asked about the operation advances it too.
+//! the background, the cluster's coordinator carries it on if that host
+//! died (`staged::steward`), and any host asked about the operation
+//! advances it too.
 
 use axum::http::Method;
 use bytes::Bytes;
