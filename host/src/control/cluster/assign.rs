@@ -10,16 +10,18 @@
 //!
 //! - The host a job is submitted to creates its assignment (generation 1),
 //!   naming itself, or for a stage of a staged job ([`super::staged`])
-//!   the live host with the fewest jobs ([`Assignments::place`]), whose
-//!   follower adopts it.
+//!   the live host with the fewest tasks of its stage, then the fewest
+//!   jobs ([`Assignments::place`]), whose follower adopts it.
 //! - The coordinator (see [`super`]) looks at the members every tick: a
 //!   host whose entry is gone, or has not been renewed for a whole lease by
 //!   the coordinator's own clock, is dead; each live job it owned goes to
-//!   the live host with the fewest jobs, with a compare-and-set that bumps
-//!   the generation. Jobs of live hosts stay where they are (sticky),
-//!   except that for a minute after a host joined, while one live host
-//!   runs two jobs more than another, the coordinator moves one running
-//!   job at a time off the busiest to the least busy
+//!   the live host with the fewest tasks of its stage (a stage's tasks
+//!   apart, so one host's death takes as few of them as it can), then the
+//!   fewest jobs, with a compare-and-set that bumps the generation. Jobs
+//!   of live hosts stay where they are (sticky), except that for a minute
+//!   after a host joined, while one live host runs two jobs more than
+//!   another, the coordinator moves one running job at a time off the
+//!   busiest to the least busy (one whose stage has no task there first)
 //!   (`Assignments::rebalance`, at most every few seconds), the same
 //!   way: a new generation, the old owner fenced and releasing it, the
 //!   new one restoring its restore point. Nothing moves until the
@@ -250,34 +252,20 @@ impl Assignments {
         super::staged::StagedJobs::new(&self.shared.name, self.bucket.clone())
     }
 
-    /// Hosts for `n` new jobs: the live members with the fewest live
-    /// assigned jobs first, one job each in turn (ties by id).
-    pub async fn place(&self, n: usize) -> Result<Vec<String>, ClusterError> {
+    /// Hosts for new jobs `jobs`, in turn: each to the live member with the
+    /// fewest tasks of its stage, then the fewest live assigned jobs
+    /// ([`Loads::take`]).
+    pub async fn place(&self, jobs: &[String]) -> Result<Vec<String>, ClusterError> {
         let live = self.live_members().await?;
         let all = self.all().await?;
-        let mut load: BTreeMap<String, usize> = live.into_iter().map(|h| (h, 0)).collect();
-        for (assignment, _) in &all {
-            if !assignment.ended
-                && let Some(count) = load.get_mut(&assignment.host)
-            {
-                *count += 1;
-            }
-        }
-        let mut hosts = Vec::with_capacity(n);
-        for _ in 0..n {
-            let Some((host, _)) = load
-                .iter()
-                .min_by_key(|(host, count)| (**count, (*host).clone()))
-                .map(|(h, c)| (h.clone(), *c))
-            else {
-                break;
-            };
-            *load.get_mut(&host).expect("a live host") += 1;
-            hosts.push(host);
-        }
-        if hosts.len() < n {
-            hosts.resize(n, self.shared.id.clone());
-        }
+        let mut loads = Loads::of(&all, &live);
+        let hosts = jobs
+            .iter()
+            .map(|job| match loads.take(stage_of(job).as_deref()) {
+                Some(host) => host.to_string(),
+                None => self.shared.id.clone(),
+            })
+            .collect();
         Ok(hosts)
     }
 
@@ -644,30 +632,21 @@ impl Assignments {
     }
 
     /// The coordinator's part: every live job of a host not in `live`
-    /// goes to the live host with the fewest jobs (a compare-and-set that
-    /// bumps its generation).
+    /// goes to the live host with the fewest tasks of its stage, then the
+    /// fewest jobs (a compare-and-set that bumps its generation).
     async fn move_from_dead(&self, all: &mut [(Assignment, u64)], live: &[String]) -> bool {
         if live.is_empty() {
             return false;
         }
-        let mut load: BTreeMap<&str, usize> = live.iter().map(|h| (h.as_str(), 0)).collect();
-        for (assignment, _) in all.iter() {
-            if !assignment.ended
-                && let Some(count) = load.get_mut(assignment.host.as_str())
-            {
-                *count += 1;
-            }
-        }
+        let mut loads = Loads::of(all, live);
         let mut moves = Vec::new();
         for (i, (assignment, _)) in all.iter().enumerate() {
-            if assignment.ended || load.contains_key(assignment.host.as_str()) {
+            if assignment.ended || loads.jobs.contains_key(assignment.host.as_str()) {
                 continue;
             }
-            let (&to, _) = load
-                .iter()
-                .min_by_key(|(host, count)| (**count, **host))
+            let to = loads
+                .take(stage_of(&assignment.job).as_deref())
                 .expect("live is not empty");
-            *load.get_mut(to).expect("a live host") += 1;
             moves.push((i, to.to_string()));
         }
         let moved = !moves.is_empty();
@@ -789,7 +768,16 @@ impl Assignments {
             .filter(|(_, (a, _))| !a.ended && a.host == most && a.restore.is_some())
             .map(|(i, _)| i)
             .collect();
-        candidates.sort_by(|a, b| all[*b].0.job.cmp(&all[*a].0.job));
+        // A job whose stage has no task on the least loaded host first
+        // (a stage's tasks apart), then by id.
+        let beside = |i: usize| {
+            let stage = stage_of(&all[i].0.job);
+            stage.is_some()
+                && all
+                    .iter()
+                    .any(|(a, _)| !a.ended && a.host == least && stage_of(&a.job) == stage)
+        };
+        candidates.sort_by(|a, b| (beside(*a), &all[*b].0.job).cmp(&(beside(*b), &all[*a].0.job)));
         for i in candidates {
             let assignment = &all[i].0;
             let running = super::jobs::entry_in(&directory, &assignment.job)
@@ -810,6 +798,65 @@ impl Assignments {
             self.move_to(&mut all[i], least, reason).await;
             return;
         }
+    }
+}
+
+/// A task's stage, as its job id names it (`<staged job>-<stage n>-…`);
+/// none for a movable job that is not a task (its id has no `-`).
+pub fn stage_of(job: &str) -> Option<String> {
+    let mut parts = job.splitn(3, '-');
+    let (staged, stage, _) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(format!("{staged}-{stage}"))
+}
+
+/// The live hosts' load, as placement weighs it: live jobs per host, and
+/// each stage's tasks per host.
+struct Loads<'a> {
+    jobs: BTreeMap<&'a str, usize>,
+    tasks: BTreeMap<(String, &'a str), usize>,
+}
+
+impl<'a> Loads<'a> {
+    fn of(all: &[(Assignment, u64)], live: &'a [String]) -> Self {
+        let mut loads = Loads {
+            jobs: live.iter().map(|h| (h.as_str(), 0)).collect(),
+            tasks: BTreeMap::new(),
+        };
+        for (assignment, _) in all.iter().filter(|(a, _)| !a.ended) {
+            let Some(host) = live
+                .iter()
+                .map(String::as_str)
+                .find(|h| *h == assignment.host)
+            else {
+                continue;
+            };
+            *loads.jobs.get_mut(host).expect("a live host") += 1;
+            if let Some(stage) = stage_of(&assignment.job) {
+                *loads.tasks.entry((stage, host)).or_default() += 1;
+            }
+        }
+        loads
+    }
+
+    /// The host for one more job of `stage`, counted there: the fewest of
+    /// its stage's tasks first — a stage's tasks apart, so that a host's
+    /// death takes as few of one stage's tasks as it can — then the fewest
+    /// jobs, then by id. None without a live host.
+    fn take(&mut self, stage: Option<&str>) -> Option<&'a str> {
+        let siblings = |tasks: &BTreeMap<(String, &'a str), usize>, host: &'a str| {
+            stage.map_or(0, |s| {
+                tasks.get(&(s.to_string(), host)).copied().unwrap_or(0)
+            })
+        };
+        let (&host, _) = self
+            .jobs
+            .iter()
+            .min_by_key(|(host, count)| (siblings(&self.tasks, host), **count, **host))?;
+        *self.jobs.get_mut(host).expect("a live host") += 1;
+        if let Some(stage) = stage {
+            *self.tasks.entry((stage.to_string(), host)).or_default() += 1;
+        }
+        Some(host)
     }
 }
 
@@ -891,5 +938,69 @@ mod tests {
             nats_out
         )));
         assert!(!movable(&file(nats_in, "kind = \"stdout\"")));
+    }
+
+    fn assigned(job: &str, host: &str, ended: bool) -> (Assignment, u64) {
+        let spec = JobSpec {
+            job_file: String::new(),
+            file_name: "job.toml".into(),
+            base_dir: "/".into(),
+            resolved: BTreeMap::new(),
+            overrides: BTreeMap::new(),
+            parallelism: BTreeMap::new(),
+            storage: None,
+            task: None,
+        };
+        let assignment = Assignment {
+            job: job.into(),
+            name: "j".into(),
+            submitted_ms: 0,
+            spec,
+            allow_non_restored_state: false,
+            initial_restore: None,
+            host: host.into(),
+            generation: 1,
+            restore: None,
+            ended,
+            reason: String::new(),
+        };
+        (assignment, 1)
+    }
+
+    #[test]
+    fn a_stages_tasks_go_apart_before_jobs_go_to_the_least_loaded() {
+        assert_eq!(stage_of("abc-1-0").as_deref(), Some("abc-1"));
+        assert_eq!(stage_of("abc-1-f00d-2").as_deref(), Some("abc-1"));
+        assert_eq!(stage_of("abc"), None, "a movable job that is no task");
+        let live: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        // b runs task 0 of stage s-1 and two other jobs; c runs task 1 and
+        // one; a runs two jobs (an ended one does not count).
+        let all = [
+            assigned("s-1-0", "b", false),
+            assigned("x", "b", false),
+            assigned("y", "b", false),
+            assigned("s-1-1", "c", false),
+            assigned("z", "c", false),
+            assigned("u", "a", false),
+            assigned("v", "a", false),
+            assigned("s-1-9", "a", true),
+        ];
+        let mut loads = Loads::of(&all, &live);
+        assert_eq!(
+            loads.take(Some("s-1")),
+            Some("a"),
+            "none of its stage there"
+        );
+        // Each host runs one task of s-1 now: the least loaded (c, 2 jobs).
+        assert_eq!(loads.take(Some("s-1")), Some("c"));
+        // A job of no stage, or of another: the least loaded, by id.
+        assert_eq!(loads.take(None), Some("a"));
+        assert_eq!(loads.take(Some("t-0")), Some("b"));
+        assert_eq!(loads.jobs, BTreeMap::from([("a", 4), ("b", 4), ("c", 3)]));
+        // A new stage's three tasks on three hosts with unequal loads.
+        let mut fresh = Loads::of(&all, &live);
+        let placed: Vec<_> = (0..3).filter_map(|_| fresh.take(Some("s-2"))).collect();
+        assert_eq!(placed, ["a", "c", "b"], "apart, the least loaded first");
+        assert_eq!(Loads::of(&all, &[]).take(None), None, "no live host");
     }
 }

@@ -32,7 +32,7 @@ use super::{Stages, ask};
 use crate::checkpoint::metadata::{self, METADATA_FILE};
 use crate::control::ControlError;
 use crate::control::cluster::Cluster;
-use crate::control::cluster::assign::Assignment;
+use crate::control::cluster::assign::{Assignment, stage_of};
 use crate::control::cluster::staged::{
     StageRef, StageRescale, StagedJob, StagedJobs, StagedOperation,
 };
@@ -322,12 +322,13 @@ async fn restart(
                 .collect()
         }
     };
-    let hosts = assignments
-        .place(plan.len())
-        .await
-        .map_err(|e| e.to_string())?;
-    for ((task, tasks, restore), host) in plan.into_iter().zip(hosts) {
-        let job = format!("{}-{}-{task}", stage_prefix(&rescale.old[0].job), asked.id);
+    let stage = stage_prefix(&rescale.old[0].job);
+    let jobs: Vec<String> = plan
+        .iter()
+        .map(|(task, _, _)| format!("{stage}-{}-{task}", asked.id))
+        .collect();
+    let hosts = assignments.place(&jobs).await.map_err(|e| e.to_string())?;
+    for (((task, tasks, restore), host), job) in plan.into_iter().zip(hosts).zip(jobs) {
         let mut spec: JobSpec = template.spec.clone();
         for uid in rescale.old[0].uids.iter().chain(&rescale.old[0].exchanges) {
             spec.parallelism.insert(uid.clone(), tasks);
@@ -387,11 +388,7 @@ async fn restart(
 
 /// `<job>-<stage n>` of a task's job id `<job>-<stage n>-…`.
 fn stage_prefix(task_job: &str) -> String {
-    let mut parts = task_job.splitn(3, '-');
-    match (parts.next(), parts.next()) {
-        (Some(job), Some(stage)) => format!("{job}-{stage}"),
-        _ => task_job.to_string(),
-    }
+    stage_of(task_job).unwrap_or_else(|| task_job.to_string())
 }
 
 /// Merges the old tasks' savepoints (`taken`, in task order) into the
