@@ -1,6 +1,6 @@
 //! A cluster of hosts (run: `cargo bench -p weir --bench cluster`; add a
 //! word to run only the parts whose name contains it: `failover`,
-//! `rescale`).
+//! `rescale`, `upgrade`).
 //!
 //! `failover`: two `weir serve --cluster` processes on loopback, on the
 //! NATS server and SeaweedFS the tests start (`weir_tests`), the default
@@ -24,6 +24,12 @@
 //! operation reports it), the whole operation, and the upstream stage's
 //! throughput (`split`'s records out a second) over the 3 s before and
 //! over the operation. `WEIR_BENCH_RESCALE_RUNS` times (3).
+//!
+//! `upgrade`: the same, `count` upgraded to 0.2.0 (its state migrated) as
+//! a rolling upgrade of the count stage: each task stopped with a
+//! savepoint to S3, restored from it as 0.2.0, on probation until one
+//! checkpoint, then released with its stage's other task. Measured as the
+//! rescale is.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -31,7 +37,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
+use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT};
 
 /// A `weir serve` process, SIGKILLed when dropped.
 struct Host {
@@ -349,14 +355,19 @@ async fn failover() {
     }
 }
 
-/// One rescale of `count` 2 → 3: (the stage's downtime, the whole
-/// operation, `split`'s records out a second before, and during it).
-async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
-    let keys = 100_000;
-    let cluster = Cluster::start("rescale", run, keys).await;
+/// One operation of the whole (`request`, the body of `POST …/upgrade`)
+/// on `cluster`'s job, once its first count task took in four records a
+/// key of its half: (the count stage's downtime, the whole operation,
+/// `split`'s records out a second before, and during it).
+async fn operation_once(
+    cluster: &Cluster,
+    what: &str,
+    run: usize,
+    request: Value,
+) -> (Duration, Duration, f64, f64) {
     let (count, at) = cluster.stage("count").await;
     let (words, upstream) = cluster.stage("words").await;
-    cluster.count_took(at, &count, keys * 2).await;
+    cluster.count_took(at, &count, RESCALE_KEYS * 2).await;
     let rate = |from: (Instant, u64), to: (Instant, u64)| {
         (to.1 - from.1) as f64 / (to.0 - from.0).as_secs_f64()
     };
@@ -373,10 +384,10 @@ async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
     let a = cluster.host(0);
     let response = http
         .post(format!("{}/api/jobs/{}/upgrade", a.url, cluster.id))
-        .json(&serde_json::json!({ "parallelism": { "count": 3 }, "probation_checkpoints": 1 }))
+        .json(&request)
         .send()
         .await
-        .expect("rescale");
+        .expect("the operation");
     assert_eq!(
         response.status().as_u16(),
         202,
@@ -405,7 +416,7 @@ async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
     let downtime = done["downtime_ms"].as_f64().expect("a downtime");
     let took = ended.0 - started.0;
     eprintln!(
-        "run {run}: count downtime {downtime:.0} ms, operation {took:?}, split out {:.0}/s before, {:.0}/s during",
+        "{what} run {run}: count downtime {downtime:.0} ms, operation {took:?}, split out {:.0}/s before, {:.0}/s during",
         rate(before, started),
         rate(started, ended)
     );
@@ -417,21 +428,62 @@ async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
     )
 }
 
-async fn rescale() {
-    let runs: usize = std::env::var("WEIR_BENCH_RESCALE_RUNS")
-        .ok()
-        .map(|r| r.parse().expect("WEIR_BENCH_RESCALE_RUNS: a number"))
-        .unwrap_or(3);
-    println!(
-        "\nrescale: count 2 → 3 of the staged word count (2 hosts, 100k keys, generator 300k words/s, median of {runs})"
+/// Keys of state in the rescale's and the upgrade's job.
+const RESCALE_KEYS: u64 = 100_000;
+
+/// One rescale of `count` 2 → 3.
+async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
+    let cluster = Cluster::start("rescale", run, RESCALE_KEYS).await;
+    let request = serde_json::json!({ "parallelism": { "count": 3 }, "probation_checkpoints": 1 });
+    operation_once(&cluster, "rescale", run, request).await
+}
+
+/// One rolling upgrade of `count` to 0.2.0 (its state migrated).
+async fn upgrade_once(run: usize) -> (Duration, Duration, f64, f64) {
+    let cluster = Cluster::start("upgrade", run, RESCALE_KEYS).await;
+    let a = cluster.host(0);
+    let response = cluster
+        .http
+        .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
+        .body(std::fs::read(WORDCOUNT_COUNT_V2).expect("plugin"))
+        .send()
+        .await
+        .expect("upload");
+    assert!(
+        response.status().is_success(),
+        "{:?}",
+        response.text().await
     );
+    // b has it too before the upgrade is asked.
+    let b = cluster.host(1);
+    while get(&cluster.http, b, "/api/plugins")
+        .await
+        .1
+        .as_array()
+        .map(Vec::len)
+        != Some(3)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request =
+        serde_json::json!({ "plugins": { "count": "count@0.2.0" }, "probation_checkpoints": 1 });
+    operation_once(&cluster, "upgrade", run, request).await
+}
+
+/// Runs `once` `runs` times and prints the medians as a table row.
+async fn operations<F, Fut>(title: &str, runs: usize, once: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = (Duration, Duration, f64, f64)>,
+{
+    println!("\n{title} (2 hosts, 100k keys, generator 300k words/s, median of {runs})");
     println!(
         "| count stage downtime | whole operation | split out/s before | split out/s during | runs (downtime) |"
     );
     println!("|---|---|---|---|---|");
     let mut results = Vec::new();
     for run in 0..runs {
-        results.push(rescale_once(run).await);
+        results.push(once(run).await);
     }
     let median_f = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -449,6 +501,14 @@ async fn rescale() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+}
+
+/// `WEIR_BENCH_RESCALE_RUNS`, or 3.
+fn operation_runs() -> usize {
+    std::env::var("WEIR_BENCH_RESCALE_RUNS")
+        .ok()
+        .map(|r| r.parse().expect("WEIR_BENCH_RESCALE_RUNS: a number"))
+        .unwrap_or(3)
 }
 
 fn main() {
@@ -469,11 +529,25 @@ fn main() {
             .bucket("weir-bench");
         runtime.block_on(failover());
     }
-    if wanted("rescale") {
+    for (name, title) in [
+        ("rescale", "rescale: count 2 → 3 of the staged word count"),
+        (
+            "upgrade",
+            "upgrade: count 0.1.0 → 0.2.0 (state migrated) of the staged word count, rolling",
+        ),
+    ] {
+        if !wanted(name) {
+            continue;
+        }
         weir_tests::nats::server().expect("nats-server is needed for this benchmark");
         weir_tests::s3::server()
             .expect("SeaweedFS is needed for this benchmark")
             .bucket("weir-bench");
-        runtime.block_on(rescale());
+        runtime.block_on(async {
+            match name {
+                "rescale" => operations(title, operation_runs(), rescale_once).await,
+                _ => operations(title, operation_runs(), upgrade_once).await,
+            }
+        });
     }
 }

@@ -571,8 +571,18 @@ fn finishes_exactly_once(
     expected: &BTreeMap<String, u64>,
 ) {
     hosts[via].wait_status(id, "finished", Duration::from_secs(120));
-    weir_tests::check_exact_updates(&crate::nats::output(url, name), expected)
-        .unwrap_or_else(|e| panic!("{e}"));
+    if let Err(error) = weir_tests::check_exact_updates(&crate::nats::output(url, name), expected) {
+        // Kept for the post-mortem: which task and checkpoint published
+        // each update.
+        let dump =
+            std::env::temp_dir().join(format!("weir-{name}-output-{}.tsv", std::process::id()));
+        let lines = crate::nats::output_with_ids(url, name);
+        let _ = std::fs::write(&dump, lines.join("\n"));
+        panic!(
+            "{error}; the output stream, with message ids: {}",
+            dump.display()
+        );
+    }
     for host in hosts {
         host.terminate();
     }

@@ -211,6 +211,45 @@ pub(crate) fn output(url: &str, name: &str) -> Vec<String> {
     runtime().block_on(async { read_stream(&context(url).await, &format!("{name}-out")).await })
 }
 
+/// Every message of stream `<name>-out`, one line each: its stream
+/// sequence, its `Nats-Msg-Id` (which task, checkpoint and position
+/// published it) and its payload — what a failed exactly-once check
+/// leaves to read.
+pub(crate) fn output_with_ids(url: &str, name: &str) -> Vec<String> {
+    runtime().block_on(async {
+        let js = context(url).await;
+        let stream = js
+            .get_stream(format!("{name}-out"))
+            .await
+            .expect("the output stream");
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig::default())
+            .await
+            .expect("a consumer");
+        let total = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.expect("messages");
+        let mut out = Vec::new();
+        while (out.len() as u64) < total {
+            let message = messages
+                .next()
+                .await
+                .expect("more messages")
+                .expect("a message");
+            let sequence = message.info().map_or(0, |i| i.stream_sequence);
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map_or_else(String::new, |v| v.to_string());
+            out.push(format!(
+                "{sequence}\t{id}\t{}",
+                String::from_utf8_lossy(&message.payload)
+            ));
+        }
+        out
+    })
+}
+
 /// The consumers of stream `<name>-in`: (name, messages not yet delivered).
 fn input_consumers(url: &str, name: &str) -> Vec<(String, u64)> {
     runtime().block_on(async {

@@ -168,12 +168,28 @@ pub fn check_exact_updates(
     if problems.is_empty() {
         Ok(())
     } else {
-        let shown: Vec<_> = problems.iter().take(10).cloned().collect();
+        let kinds = |end: &str| problems.iter().filter(|p| p.ends_with(end)).count();
+        let (missing, repeated) = (kinds("missing"), kinds(" times"));
+        let unexpected = problems
+            .iter()
+            .filter(|p| p.starts_with("unexpected"))
+            .count();
+        // The first few of each kind: what is lost and what stands in.
+        let mut shown: Vec<&String> = problems
+            .iter()
+            .filter(|p| p.ends_with("missing"))
+            .take(6)
+            .collect();
+        shown.extend(problems.iter().filter(|p| !p.ends_with("missing")).take(6));
         Err(format!(
-            "{} of {wanted} expected updates wrong, {} lines read: {}",
+            "{} of {wanted} expected updates wrong ({missing} missing, {repeated} repeated, {unexpected} unexpected), {} lines read: {}",
             problems.len(),
             lines.len(),
-            shown.join(", ")
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 }
