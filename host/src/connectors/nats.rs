@@ -14,7 +14,7 @@
 //! stream held for its partitions when it started.
 //!
 //! **Sink, exactly-once.** The records of each checkpoint epoch go into a
-//! spool file `pending/<uid>-<subtask>-<epoch>` under the job's checkpoint
+//! spool file `pending/<uid>-<subtask>-<epoch>-<instance>` under the job's checkpoint
 //! directory (in exchange mode as the messages they make, see
 //! [`super::exchange`]); at the barrier it is fsynced and acked as pending. When the
 //! checkpoint completes, the epoch is published, each message with the id
@@ -463,9 +463,22 @@ impl Source for NatsSource {
     }
 }
 
-/// A spool file's name under the job's checkpoint directory.
-fn spool_name(uid: &str, subtask: u32, epoch: u64) -> String {
-    format!("pending/{uid}-{subtask}-{epoch}")
+/// A spool file's name under the job's checkpoint directory: `instance`
+/// is random per sink (per attempt), so a restarted attempt, whose epochs
+/// take up the numbers of the failed attempt's uncommitted ones, never
+/// writes a file under a name an earlier attempt used (and mirrored) with
+/// other records.
+fn spool_name(uid: &str, subtask: u32, epoch: u64, instance: &str) -> String {
+    format!("pending/{uid}-{subtask}-{epoch}-{instance}")
+}
+
+/// The name a checkpoint lists spool file `path` under: the file's own.
+fn listed_name(path: &Path) -> String {
+    format!(
+        "pending/{}",
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    )
 }
 
 /// A `nats` sink subtask.
@@ -481,6 +494,8 @@ pub struct NatsSink {
     job_dir: PathBuf,
     /// The epoch (checkpoint) the records written now belong to.
     next: u64,
+    /// Random per sink: its spool files' names are its own.
+    instance: String,
     current: Option<(PathBuf, BufWriter<File>)>,
     /// Exchange mode: the epoch being spooled, in place of `current`.
     epoch: Option<EpochSpool>,
@@ -529,6 +544,7 @@ impl NatsSink {
             subtask,
             job_dir: job_dir.to_path_buf(),
             next: first.max(1),
+            instance: crate::checkpoint::storage::random_hex(4),
             current: None,
             epoch: None,
             pending: Vec::new(),
@@ -634,9 +650,12 @@ impl NatsSink {
 
     fn open_current(&mut self) -> Result<&mut BufWriter<File>, OperatorError> {
         if self.current.is_none() {
-            let path = self
-                .job_dir
-                .join(spool_name(&self.uid, self.subtask, self.next));
+            let path = self.job_dir.join(spool_name(
+                &self.uid,
+                self.subtask,
+                self.next,
+                &self.instance,
+            ));
             let io =
                 |e: std::io::Error| connector_error(format!("spool file {}: {e}", path.display()));
             std::fs::create_dir_all(path.parent().expect("in pending/")).map_err(io)?;
@@ -650,14 +669,33 @@ impl NatsSink {
     /// Exchange mode: the epoch being spooled, its file made if need be.
     fn open_epoch(&mut self) -> Result<&mut EpochSpool, OperatorError> {
         if self.epoch.is_none() {
-            let path = self
-                .job_dir
-                .join(spool_name(&self.uid, self.subtask, self.next));
+            let path = self.job_dir.join(spool_name(
+                &self.uid,
+                self.subtask,
+                self.next,
+                &self.instance,
+            ));
             let max_parallelism = self.exchange.as_ref().map_or(1, |p| p.max_parallelism);
             let prefix = format!("{}:{}", self.id_prefix, self.next);
             self.epoch = Some(EpochSpool::create(path, &prefix, max_parallelism)?);
         }
         Ok(self.epoch.as_mut().expect("opened above"))
+    }
+
+    /// Closes the epoch at checkpoint `checkpoint`'s barrier: the spool
+    /// files the checkpoint lists as pending, each under its own name (the
+    /// first epoch of a restarted attempt is numbered from its restore
+    /// point, the checkpoints from where the failed attempt left them).
+    /// Epochs still being published are listed too: a restore from this
+    /// checkpoint republishes what they had not delivered.
+    fn close_epoch(&mut self, checkpoint: u64) -> Result<Vec<String>, OperatorError> {
+        self.close_current(checkpoint)?;
+        self.next = checkpoint + 1;
+        let publishing = self.publishing.iter().flat_map(|p| &p.epochs);
+        Ok(publishing
+            .chain(&self.pending)
+            .map(|(_, path)| listed_name(path))
+            .collect())
     }
 
     /// Closes the current spool file (fsynced) as pending for `epoch`.
@@ -1023,15 +1061,7 @@ impl Sink for NatsSink {
             }
             Delivery::ExactlyOnce => {
                 self.settle_publishing(false)?;
-                self.close_current(checkpoint.0)?;
-                self.next = checkpoint.0 + 1;
-                // Epochs still being published too: a restore from this
-                // checkpoint republishes what they had not delivered.
-                let publishing = self.publishing.iter().flat_map(|p| &p.epochs);
-                Ok(publishing
-                    .chain(&self.pending)
-                    .map(|(n, _)| spool_name(&self.uid, self.subtask, *n))
-                    .collect())
+                self.close_epoch(checkpoint.0)
             }
         }
     }
@@ -1101,6 +1131,45 @@ pub fn settle_spool(job_dir: &Path, keep: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_epoch_is_listed_under_its_spool_files_name_however_checkpoints_are_numbered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::job::NatsSink {
+            url: "nats://127.0.0.1:1".into(),
+            stream: "s".into(),
+            subject: "a".into(),
+            delivery: crate::job::file::Delivery::ExactlyOnce,
+        };
+        // Restored from checkpoint 4: its first epoch is 5, but the run's
+        // checkpoints went on to 7 (5 and 6, of the failed attempt, never
+        // completed).
+        let attempt = || {
+            NatsSink::create(config.clone(), "run", "out", 0, dir.path(), 5, Vec::new())
+                .expect("a sink")
+        };
+        let mut sink = attempt();
+        sink.open_current().expect("spooled");
+        let listed = sink.close_epoch(7).expect("closed");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(
+            dir.path().join(&listed[0]).is_file(),
+            "the checkpoint lists the file written: {listed:?}"
+        );
+        sink.open_current().expect("spooled");
+        let both = sink.close_epoch(8).expect("closed");
+        assert_eq!(both.len(), 2);
+        assert!(
+            both.iter().all(|name| dir.path().join(name).is_file()),
+            "{both:?}"
+        );
+        // Another attempt from the same restore point spools its first
+        // epoch under a name of its own.
+        let mut again = attempt();
+        again.open_current().expect("spooled");
+        let other = again.close_epoch(7).expect("closed");
+        assert_ne!(other, listed, "never the earlier attempt's file");
+    }
 
     #[test]
     fn passwords_stay_out_of_messages() {
