@@ -78,6 +78,34 @@ impl Drop for Host {
     }
 }
 
+/// Adds plugin file `path` to `host`'s store.
+async fn add_plugin(http: &reqwest::Client, host: &Host, path: &str) {
+    let response = http
+        .post(format!("{}/api/plugins?file=plugin.wasm", host.url))
+        .body(std::fs::read(path).expect("plugin"))
+        .send()
+        .await
+        .expect("upload");
+    assert!(
+        response.status().is_success(),
+        "{:?}",
+        response.text().await
+    );
+}
+
+/// Waits until `host`'s store lists `n` plugins.
+async fn wait_plugins(http: &reqwest::Client, host: &Host, n: usize) {
+    while get(http, host, "/api/plugins")
+        .await
+        .1
+        .as_array()
+        .map(Vec::len)
+        != Some(n)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -169,29 +197,10 @@ impl Cluster {
         let http = client();
         let a = hosts[0].as_ref().expect("a");
         for plugin in [WORDCOUNT_SPLIT, WORDCOUNT_COUNT] {
-            let response = http
-                .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
-                .body(std::fs::read(plugin).expect("plugin"))
-                .send()
-                .await
-                .expect("upload");
-            assert!(
-                response.status().is_success(),
-                "{:?}",
-                response.text().await
-            );
+            add_plugin(&http, a, plugin).await;
         }
         // b has them too before the job is submitted.
-        let b = hosts[1].as_ref().expect("b");
-        while get(&http, b, "/api/plugins")
-            .await
-            .1
-            .as_array()
-            .map(Vec::len)
-            != Some(2)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_plugins(&http, hosts[1].as_ref().expect("b"), 2).await;
         let response: Value = http
             .post(format!("{}/api/jobs", a.url))
             .json(&serde_json::json!({ "job_file": job(keys), "base_dir": dir.path() }))
@@ -441,30 +450,9 @@ async fn rescale_once(run: usize) -> (Duration, Duration, f64, f64) {
 /// One rolling upgrade of `count` to 0.2.0 (its state migrated).
 async fn upgrade_once(run: usize) -> (Duration, Duration, f64, f64) {
     let cluster = Cluster::start("upgrade", run, RESCALE_KEYS).await;
-    let a = cluster.host(0);
-    let response = cluster
-        .http
-        .post(format!("{}/api/plugins?file=plugin.wasm", a.url))
-        .body(std::fs::read(WORDCOUNT_COUNT_V2).expect("plugin"))
-        .send()
-        .await
-        .expect("upload");
-    assert!(
-        response.status().is_success(),
-        "{:?}",
-        response.text().await
-    );
+    add_plugin(&cluster.http, cluster.host(0), WORDCOUNT_COUNT_V2).await;
     // b has it too before the upgrade is asked.
-    let b = cluster.host(1);
-    while get(&cluster.http, b, "/api/plugins")
-        .await
-        .1
-        .as_array()
-        .map(Vec::len)
-        != Some(3)
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_plugins(&cluster.http, cluster.host(1), 3).await;
     let request =
         serde_json::json!({ "plugins": { "count": "count@0.2.0" }, "probation_checkpoints": 1 });
     operation_once(&cluster, "upgrade", run, request).await

@@ -80,6 +80,19 @@ async fn publish_lines(js: &Context, prefix: &str, partitions: usize, lines: &[S
 /// A NATS node restarted just now may take a while (under load) before
 /// its streams answer: asked again for up to 30 s.
 async fn read_stream(js: &Context, name: &str) -> Vec<String> {
+    read_messages(js, name, |message| {
+        String::from_utf8_lossy(&message.payload).into_owned()
+    })
+    .await
+}
+
+/// Every message of stream `name`, each as `line` makes it (the stream
+/// asked again for up to 30 s while it does not answer).
+async fn read_messages(
+    js: &Context,
+    name: &str,
+    line: impl Fn(&async_nats::jetstream::Message) -> String,
+) -> Vec<String> {
     let started = std::time::Instant::now();
     let consumer = loop {
         let made = async {
@@ -107,7 +120,7 @@ async fn read_stream(js: &Context, name: &str) -> Vec<String> {
             .await
             .expect("more messages")
             .expect("a message");
-        out.push(String::from_utf8_lossy(&message.payload).into_owned());
+        out.push(line(&message));
     }
     out
 }
@@ -218,35 +231,17 @@ pub(crate) fn output(url: &str, name: &str) -> Vec<String> {
 pub(crate) fn output_with_ids(url: &str, name: &str) -> Vec<String> {
     runtime().block_on(async {
         let js = context(url).await;
-        let stream = js
-            .get_stream(format!("{name}-out"))
-            .await
-            .expect("the output stream");
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig::default())
-            .await
-            .expect("a consumer");
-        let total = consumer.cached_info().num_pending;
-        let mut messages = consumer.messages().await.expect("messages");
-        let mut out = Vec::new();
-        while (out.len() as u64) < total {
-            let message = messages
-                .next()
-                .await
-                .expect("more messages")
-                .expect("a message");
+        read_messages(&js, &format!("{name}-out"), |message| {
             let sequence = message.info().map_or(0, |i| i.stream_sequence);
             let id = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map_or_else(String::new, |v| v.to_string());
-            out.push(format!(
-                "{sequence}\t{id}\t{}",
-                String::from_utf8_lossy(&message.payload)
-            ));
-        }
-        out
+            let payload = String::from_utf8_lossy(&message.payload);
+            format!("{sequence}\t{id}\t{payload}")
+        })
+        .await
     })
 }
 
