@@ -6,7 +6,7 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -95,12 +95,23 @@ pub fn wait_listening(port: u16, what: &str, limit: Duration) {
     }
 }
 
-/// A fresh directory for a server's data under `target/test-servers/`.
+/// A fresh directory for a server's data under `target/test-servers/`
+/// (`<name>-<pid of this test process>`). The directories of test
+/// processes that are gone are deleted first: a run's servers stop with
+/// it, their data is of no use after it, and runs add up to gigabytes.
 pub fn data_dir(name: &str) -> PathBuf {
-    let dir = workspace()
-        .join("target")
-        .join("test-servers")
-        .join(format!("{name}-{}", std::process::id()));
+    let servers = workspace().join("target").join("test-servers");
+    for entry in std::fs::read_dir(&servers).into_iter().flatten().flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = servers.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a server data dir");
     dir
