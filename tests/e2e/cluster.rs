@@ -1686,10 +1686,17 @@ fn a_staged_job_savepoint_taken_while_it_runs_is_one_cut_that_restores_on_one_ho
     };
     let url = cluster.url.clone();
     let (mut hosts, _) = cluster.hosts(dir.path(), 2);
-    // JetStream in → split → (by key) count → JetStream out, about 20 s of
-    // input at 2 × 800 lines/s; the savepoint is taken midway, with
-    // records in flight in both exchanges.
-    let expected = count_input(&url, name, 32_000, 43);
+    // JetStream in → split → (by key) count → JetStream out, at 2 × 800
+    // lines/s: `lines` task 0 reads 12,000 lines (about 15 s), task 1
+    // 20,000 (about 25 s, its partitions hold more). One savepoint is
+    // taken midway, with records in flight in both exchanges; another
+    // once task 0 finished, while task 1 runs on.
+    let mut expected = count_input(&url, name, 24_000, 43);
+    let more = crate::nats::input_lines(8_000, 44);
+    crate::nats::append_lines(&url, name, &[1, 3, 5], &more);
+    for (word, n) in weir_tests::count_words(&more.join("\n")) {
+        *expected.entry(word).or_default() += n;
+    }
     let job = crate::nats::count_job(&url, name, 2, 800, "checkpoints");
     dir.write("job.toml", &job);
     let id = hosts[0]
@@ -1697,62 +1704,83 @@ fn a_staged_job_savepoint_taken_while_it_runs_is_one_cut_that_restores_on_one_ho
         .trim()
         .to_string();
     let placed = placed_stages(&hosts[1], &id, Duration::from_secs(60));
-    let (_, count, _) = placed
-        .iter()
-        .find(|s| s.0 == "count")
-        .unwrap_or_else(|| panic!("a count stage: {placed:?}"));
-    hosts[0].wait_checkpoints(count, 3, Duration::from_secs(60));
+    let task = |stage: &str, n: usize| {
+        placed
+            .iter()
+            .find(|s| s.0 == stage && s.1.ends_with(&format!("-{n}")))
+            .unwrap_or_else(|| panic!("task {n} of stage {stage}: {placed:?}"))
+            .1
+            .clone()
+    };
+    let (count, lines) = (task("count", 0), task("lines", 0));
+    hosts[0].wait_checkpoints(&count, 3, Duration::from_secs(60));
     wait_published(&url, name, 1000);
 
     // A savepoint of the whole while it runs: every task's, one cut.
-    let savepoint = cluster_savepoint_of(&hosts[1], "savepoint", &id, dir.path());
-    // The job ran on, holding at the cut for a moment, and finishes with
+    let midway = cluster_savepoint_of(&hosts[1], "savepoint", &id, dir.path());
+    // Once `lines` task 0 finished, its part is its final checkpoint
+    // (copied: the task is not asked), the others' savepoints one cut —
+    // its exchange writer's end counts as its mark of every cut.
+    hosts[0].wait_status(&lines, "finished", Duration::from_secs(60));
+    let running = hosts[0].job(&id);
+    assert_eq!(
+        running["job"]["lifecycle"]["status"], "running",
+        "`lines` task 1 runs on: {running:#}"
+    );
+    let late = hosts[1].weir(&["savepoint", &id], dir.path());
+    let said = crate::host::stderr(&late);
+    assert!(
+        late.status.success() && said.contains("finished before it: its final checkpoint"),
+        "{said}"
+    );
+    let finished_part = String::from_utf8_lossy(&late.stdout).trim().to_string();
+    // The job ran on, holding at each cut for a moment, and finishes with
     // every count once.
     hosts[0].wait_status(&id, "finished", Duration::from_secs(120));
     weir_tests::check_exact_updates(&crate::nats::output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("the job that ran on: {e}"));
-    // Its tasks finished: a savepoint of the whole is refused before any
-    // task is asked (a cluster savepoint cannot hold a finished task yet).
-    let late = hosts[1].weir(&["savepoint", &id], dir.path());
-    let said = crate::host::stderr(&late);
+    // Every task finished: nothing is left to take a savepoint of.
+    let ended = hosts[1].weir(&["savepoint", &id], dir.path());
+    let said = crate::host::stderr(&ended);
     assert!(
-        !late.status.success()
-            && said.contains("lines task 0 (job ")
-            && said.contains("finished (its input ended), and a cluster savepoint cannot hold a finished task's state yet: no savepoint was asked of any task"),
+        !ended.status.success()
+            && said.contains(&format!("job {id} has finished (every task's input ended): there is nothing left to take a savepoint of")),
         "{said}"
     );
 
-    // Restored on one host, writing elsewhere, it reads on from the cut:
+    // Each restored on one host, writing elsewhere, reads on from its cut:
     // each word's updates from where the savepoint stood to its total,
     // once each — nothing in flight between the tasks lost or taken twice.
-    let restored = format!("{name}-restored");
-    crate::nats::prepare_streams(&url, &restored, &[]);
-    dir.write(
-        "restore.toml",
-        job.replace(
-            &format!("stream = \"{name}-out\"\nsubject = \"{name}.out\""),
-            &format!("stream = \"{restored}-out\"\nsubject = \"{restored}.out\""),
-        ),
-    );
-    let run = weir_env(
-        &["run", "restore.toml", "-q", "-s", &savepoint],
-        dir.path(),
-        &cluster.env,
-    );
-    assert!(
-        run.status.success(),
-        "the restore on one host: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let output = crate::nats::output(&url, &restored);
-    let midway = weir_tests::check_updates_after_snapshot(&output, &expected)
-        .unwrap_or_else(|e| panic!("restored from the cut: {e}"));
     let total: u64 = expected.values().sum();
-    assert!(
-        midway > 0 && (output.len() as u64) < total,
-        "the savepoint was taken midway: {midway} words resumed midway, {} of {total} updates",
-        output.len()
-    );
+    for (n, savepoint) in [midway, finished_part].iter().enumerate() {
+        let restored = format!("{name}-restored-{n}");
+        crate::nats::prepare_streams(&url, &restored, &[]);
+        dir.write(
+            "restore.toml",
+            job.replace(
+                &format!("stream = \"{name}-out\"\nsubject = \"{name}.out\""),
+                &format!("stream = \"{restored}-out\"\nsubject = \"{restored}.out\""),
+            ),
+        );
+        let run = weir_env(
+            &["run", "restore.toml", "-q", "-s", savepoint],
+            dir.path(),
+            &cluster.env,
+        );
+        assert!(
+            run.status.success(),
+            "the restore of {savepoint} on one host: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let output = crate::nats::output(&url, &restored);
+        let resumed = weir_tests::check_updates_after_snapshot(&output, &expected)
+            .unwrap_or_else(|e| panic!("restored from the cut {savepoint}: {e}"));
+        assert!(
+            resumed > 0 && (output.len() as u64) < total,
+            "{savepoint} was taken midway: {resumed} words resumed midway, {} of {total} updates",
+            output.len()
+        );
+    }
     for host in &mut hosts {
         host.terminate();
     }
@@ -1768,10 +1796,9 @@ fn a_staged_job_stopped_whole_restores_on_one_host_and_back() {
     let url = cluster.url.clone();
     let (mut hosts, _) = cluster.hosts(dir.path(), 2);
     // JetStream in → split → (by key) count → JetStream out, about 35 s of
-    // input at 2 × 600 lines/s (none of it may end before the stop, which
-    // waits for a host to join and take its share: a cluster savepoint
-    // cannot hold a finished task), run in three parts: staged on the
-    // cluster, on one host, staged again.
+    // input at 2 × 600 lines/s (enough for the stop, after a host joined
+    // and took its share, to come midway), run in three parts: staged on
+    // the cluster, on one host, staged again.
     let expected = count_input(&url, name, 42_000, 41);
     dir.write(
         "job.toml",

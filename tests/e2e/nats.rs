@@ -57,9 +57,16 @@ async fn fresh_replicated_stream(
 
 /// `lines` published round-robin over `<prefix>.<p>.<i>`, p < partitions.
 async fn publish_lines(js: &Context, prefix: &str, partitions: usize, lines: &[String]) {
+    let subjects = (0..lines.len()).map(|i| format!("{prefix}.{}.{i}", i % partitions));
+    publish_all(js, subjects.zip(lines)).await;
+}
+
+/// Publishes each line to its subject, waiting for the acknowledgements a
+/// thousand at a time (the client holds back a publish while too many are
+/// unacknowledged).
+async fn publish_all<'a>(js: &Context, messages: impl Iterator<Item = (String, &'a String)>) {
     let mut acks = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        let subject = format!("{prefix}.{}.{i}", i % partitions);
+    for (subject, line) in messages {
         acks.push(
             js.publish(subject, line.clone().into())
                 .await
@@ -217,6 +224,18 @@ pub(crate) fn prepare_replicated_streams(url: &str, name: &str, lines: &[String]
         )
         .await;
         publish_lines(&js, &format!("{name}.in"), 6, lines).await;
+    });
+}
+
+/// Appends `lines` to stream `<name>-in`, only to the partitions
+/// `partitions` (of 6), in turn: a source subtask reading none of them
+/// has less to read than the others.
+pub(crate) fn append_lines(url: &str, name: &str, partitions: &[usize], lines: &[String]) {
+    runtime().block_on(async {
+        let js = context(url).await;
+        let subjects = (0..lines.len())
+            .map(|i| format!("{name}.in.{}.more{i}", partitions[i % partitions.len()]));
+        publish_all(&js, subjects.zip(lines)).await;
     });
 }
 

@@ -351,8 +351,30 @@ pub async fn fetch(url: &S3Url, into: &Path) -> Result<PathBuf, super::Checkpoin
             (Remote::open(&parent)?, into.to_path_buf(), into.join(name))
         }
     };
-    let mut wanted: Vec<String> = read
-        .metadata
+    futures::stream::iter(referenced(&read.metadata))
+        .map(|relative| {
+            let (base, local_base) = (&base, &local_base);
+            async move {
+                let local = local_base.join(&relative);
+                match base.download(&relative, &local).await {
+                    // A spool file is deleted once published.
+                    Err(RemoteError::Missing { .. }) if relative.starts_with("pending/") => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let path = local_dir.join("_metadata");
+    dir.download("_metadata", &path).await?;
+    Ok(path)
+}
+
+/// Every file `metadata` references (its subtasks' state, deltas, timers
+/// and spool files), once each, relative to its base.
+fn referenced(metadata: &metadata::CheckpointMetadata) -> Vec<String> {
+    let mut wanted: Vec<String> = metadata
         .operators
         .values()
         .flat_map(|op| &op.subtasks)
@@ -373,24 +395,58 @@ pub async fn fetch(url: &S3Url, into: &Path) -> Result<PathBuf, super::Checkpoin
         .collect();
     wanted.sort();
     wanted.dedup();
-    futures::stream::iter(wanted)
+    wanted
+}
+
+/// Copies the checkpoint (or savepoint) at `from` (its directory or
+/// `_metadata`) into `into` as a self-contained savepoint: every file it
+/// references, at the same path relative to `into` as to its base (a
+/// checkpoint's shared files among them), then its `_metadata`, a
+/// savepoint's, written last and only if none is there. A spool file
+/// already published and deleted is not needed, as on a restore.
+pub async fn copy_as_savepoint(from: &S3Url, into: &S3Url) -> Result<(), super::CheckpointError> {
+    let url = snapshot_dir(from);
+    let dir = Remote::open(&url)?;
+    let bytes = dir.get(metadata::METADATA_FILE).await?;
+    let mut read = metadata::decode(
+        &bytes,
+        Path::new(&format!("{}/{}", dir.url, metadata::METADATA_FILE)),
+    )?;
+    let base = match read.kind {
+        SnapshotKind::Savepoint => dir,
+        SnapshotKind::Checkpoint => match url.prefix.rsplit_once('/') {
+            Some((parent, name)) if !name.is_empty() => Remote::open(&S3Url {
+                bucket: url.bucket.clone(),
+                prefix: parent.to_string(),
+            })?,
+            _ => {
+                return Err(RemoteError::NoJobDirectory {
+                    url: url.to_string(),
+                }
+                .into());
+            }
+        },
+    };
+    let target = Remote::open(into)?;
+    futures::stream::iter(referenced(&read))
         .map(|relative| {
-            let (base, local_base) = (&base, &local_base);
+            let (base, target) = (&base, &target);
             async move {
-                let local = local_base.join(&relative);
-                match base.download(&relative, &local).await {
-                    // A spool file is deleted once published.
+                match base.get(&relative).await {
+                    Ok(bytes) => target.put_new(&relative, bytes.to_vec()).await,
                     Err(RemoteError::Missing { .. }) if relative.starts_with("pending/") => Ok(()),
-                    other => other,
+                    Err(e) => Err(e),
                 }
             }
         })
         .buffer_unordered(PARALLEL)
         .try_collect::<Vec<()>>()
         .await?;
-    let path = local_dir.join("_metadata");
-    dir.download("_metadata", &path).await?;
-    Ok(path)
+    read.kind = SnapshotKind::Savepoint;
+    let bytes = metadata::encode(&read)
+        .map_err(|e| super::CheckpointError::io(Path::new(&target.url), e))?;
+    target.put_new(metadata::METADATA_FILE, bytes).await?;
+    Ok(())
 }
 
 /// Reads the `_metadata` of the checkpoint or savepoint at `url` (its

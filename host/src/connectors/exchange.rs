@@ -68,7 +68,10 @@
 //! [`CUT_ABANDONED`] message per key group before anything after the cut,
 //! and a reader that reads one never reaches that cut (the savepoint
 //! fails; the job runs on). A reader that reached a cut and is not asked
-//! for it within [`CUT_HOLD`] reads on.
+//! for it within [`CUT_HOLD`] reads on. A writer whose input ended
+//! publishes [`ENDED_RECORD`] as its cut record once its end went out: it
+//! has marked every cut to come (a finished task's part of a cluster
+//! savepoint is its final checkpoint).
 //!
 //! **Purging**: once a checkpoint of the reader is committed (the job's
 //! restore point: it never restores an earlier one of its own accord), what
@@ -775,6 +778,10 @@ pub const CUT: &str = "Weir-Cut";
 /// A writer gave up waiting for the others to mark the cut (its name):
 /// no reader reaches it.
 pub const CUT_ABANDONED: &str = "Weir-Cut-Abandoned";
+/// The cut record of a writer whose input ended (no cut's name: a cut is
+/// named by its savepoint directory): it published everything it ever
+/// will, so it counts as having marked every cut.
+pub const ENDED_RECORD: &[u8] = b"\0ended";
 /// How long a writer waits for every writer to mark a cut, and a reader
 /// that reached one for its barrier.
 pub const CUT_HOLD: Duration = Duration::from_secs(60);
@@ -813,7 +820,38 @@ impl Producer {
             }
             (message.group, build)
         });
-        self.send_all(js, built).await
+        let published = self.send_all(js, built).await?;
+        if messages.iter().any(|m| m.end) {
+            self.send_cut_record(js, id_prefix, "ended", ENDED_RECORD)
+                .await?;
+        }
+        Ok(published)
+    }
+
+    /// Publishes this writer's cut record (see "Cuts"): `payload` (a
+    /// cut's name, or [`ENDED_RECORD`]), id `<id_prefix>:cut:<id>`.
+    async fn send_cut_record(
+        &self,
+        js: &Context,
+        id_prefix: &str,
+        id: &str,
+        payload: &[u8],
+    ) -> Result<(), OperatorError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            connector_error(format!(
+                "exchange `{}`: cannot publish the cut record of writer {}: {e}",
+                self.exchange.name, self.subtask
+            ))
+        };
+        let record = jetstream::message::PublishMessage::build()
+            .payload(bytes::Bytes::copy_from_slice(payload))
+            .message_id(format!("{id_prefix}:cut:{id}"));
+        js.send_publish(self.exchange.cut_subject(self.subtask), record)
+            .await
+            .map_err(|e| failed(&e))?
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(())
     }
 
     /// Tells every key group's readers this writer stopped after
@@ -841,8 +879,8 @@ impl Producer {
     /// Marks cut `cut` after everything this writer published (see
     /// "Cuts"): a [`CUT`] message per key group (ids
     /// `<id_prefix>:Weir-Cut:<cut>:<key group>`), its cut record, then waits
-    /// until every writer's cut record names the cut, for up to
-    /// [`CUT_HOLD`]; a wait that runs out abandons the cut.
+    /// until every writer's cut record names the cut (or says it ended),
+    /// for up to [`CUT_HOLD`]; a wait that runs out abandons the cut.
     pub async fn mark_cut(
         &self,
         js: &Context,
@@ -854,14 +892,8 @@ impl Producer {
         let failed = |e: &dyn std::fmt::Display| {
             connector_error(format!("exchange `{name}`: cannot mark cut `{cut}`: {e}"))
         };
-        let record = jetstream::message::PublishMessage::build()
-            .payload(bytes::Bytes::copy_from_slice(cut.as_bytes()))
-            .message_id(format!("{id_prefix}:cut:{cut}"));
-        js.send_publish(self.exchange.cut_subject(self.subtask), record)
-            .await
-            .map_err(|e| failed(&e))?
-            .await
-            .map_err(|e| failed(&e))?;
+        self.send_cut_record(js, id_prefix, cut, cut.as_bytes())
+            .await?;
         let stream = self.exchange.open(js).await.map_err(|e| failed(&e))?;
         let started = Instant::now();
         // Asked again only of the writers not seen marking it yet (this
@@ -876,7 +908,10 @@ impl Producer {
                     stream
                         .get_last_raw_message_by_subject(&self.exchange.cut_subject(writer))
                         .await
-                        .is_ok_and(|m| m.payload.as_ref() == cut.as_bytes())
+                        .is_ok_and(|m| {
+                            m.payload.as_ref() == cut.as_bytes()
+                                || m.payload.as_ref() == ENDED_RECORD
+                        })
                 }
             }))
             .await;

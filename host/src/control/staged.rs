@@ -152,9 +152,11 @@ pub(super) async fn answer(
         (Method::POST, "/cancel") => operate(&stages, store, &staged, OperationKind::Cancel, body)
             .await
             .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
-        (Method::POST, "/stop") => stop(&stages, store, storage.as_deref(), &staged, &body)
-            .await
-            .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response()),
+        (Method::POST, "/stop") => {
+            stop(&stages, store, &cluster, storage.as_deref(), &staged, &body)
+                .await
+                .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response())
+        }
         (Method::POST, "/upgrade") => upgrade(&stages, store, storage.as_deref(), &staged, &body)
             .await
             .map(|o| {
@@ -175,7 +177,7 @@ pub(super) async fn answer(
                 .map(|o| Json(o).into_response())
         }
         (Method::POST, "/savepoints") => {
-            savepoint(&stages, store, storage.as_deref(), &staged, &body)
+            savepoint(&stages, store, &cluster, storage.as_deref(), &staged, &body)
                 .await
                 .map(|o| (StatusCode::ACCEPTED, Json(o)).into_response())
         }
@@ -317,7 +319,7 @@ async fn operate(
         .iter()
         .map(|stage| (stage, body.clone()))
         .collect();
-    ask(stages, store, staged, kind, path, requests, (None, None)).await
+    ask(stages, store, staged, kind, path, requests, Kept::default()).await
 }
 
 /// Stops every stage with a savepoint into one cluster savepoint
@@ -330,6 +332,7 @@ async fn operate(
 async fn stop(
     stages: &Stages<'_>,
     store: &StagedJobs,
+    cluster: &Cluster,
     storage: Option<&str>,
     staged: &StagedJob,
     body: &Bytes,
@@ -351,6 +354,7 @@ async fn stop(
     ask_into(
         stages,
         store,
+        cluster,
         staged,
         OperationKind::Stop,
         request,
@@ -371,6 +375,7 @@ async fn stop(
 async fn savepoint(
     stages: &Stages<'_>,
     store: &StagedJobs,
+    cluster: &Cluster,
     storage: Option<&str>,
     staged: &StagedJob,
     body: &Bytes,
@@ -390,6 +395,7 @@ async fn savepoint(
     ask_into(
         stages,
         store,
+        cluster,
         staged,
         OperationKind::Savepoint,
         request,
@@ -400,16 +406,24 @@ async fn savepoint(
 
 /// Asks every task for a stop or savepoint (`kind`) with `request`, whose
 /// savepoints go into cluster savepoint `savepoint`; one operation of the
-/// whole.
+/// whole. A task that has finished (its input ended) is not asked: its
+/// part is its final checkpoint, copied into the directory first
+/// ([`finished_part`]).
 async fn ask_into(
     stages: &Stages<'_>,
     store: &StagedJobs,
+    cluster: &Cluster,
     staged: &StagedJob,
     kind: OperationKind,
     request: SavepointRequest,
     savepoint: String,
 ) -> Result<Operation, ControlError> {
-    refuse_unready(stages, staged, kind).await?;
+    let finished = refuse_unready(stages, staged, kind).await?;
+    let mut parts = std::collections::BTreeMap::new();
+    for task in finished {
+        let part = finished_part(cluster, staged, task, &savepoint).await?;
+        parts.insert(task.job.clone(), part);
+    }
     let body = serde_json::to_vec(&request).map_err(|e| ControlError::Internal(e.to_string()))?;
     let body = Some(Bytes::from(body));
     let requests = staged
@@ -428,23 +442,78 @@ async fn ask_into(
         kind,
         path,
         requests,
-        (Some(savepoint), None),
+        Kept {
+            savepoint: Some(savepoint),
+            rescale: None,
+            parts,
+        },
     )
     .await
 }
 
-/// Refuses a stop or savepoint (`kind`) of the whole, before any task is
-/// asked, unless every task runs: one that has finished (its input ended)
-/// cannot be in a cluster savepoint yet (its part would be its final
-/// checkpoint), and one that is starting, restarting or busy with another
-/// operation (a task moved by a failover) would take none — while the
-/// others stop, for a savepoint that cannot be written. A task whose host
-/// does not answer is left to the request itself.
-async fn refuse_unready(
-    stages: &Stages<'_>,
+/// The part of cluster savepoint `savepoint` of `task`, which finished:
+/// its final checkpoint (the restore point it committed last) copied into
+/// a new directory inside it as a self-contained savepoint. Returns that
+/// directory. Nothing is asked of any task if it cannot be copied (what
+/// was copied is deleted).
+async fn finished_part(
+    cluster: &Cluster,
     staged: &StagedJob,
+    task: &StageRef,
+    savepoint: &str,
+) -> Result<String, ControlError> {
+    let named = format!(
+        "job {}: {} (job {}) finished",
+        staged.job,
+        label(task),
+        task.job
+    );
+    let assignments = cluster.assignments().ok_or_else(|| {
+        ControlError::Unavailable(format!(
+            "{named}, and this host has no cluster assignments to find its final checkpoint in"
+        ))
+    })?;
+    let restore = assignments
+        .assignment(&task.job)
+        .await
+        .map_err(|e| ControlError::Unavailable(format!("{named}: its final checkpoint: {e}")))?
+        .and_then(|a| a.restore);
+    let Some(Ok(Location::S3(from))) = restore.as_deref().map(Location::parse) else {
+        return Err(ControlError::Conflict(format!(
+            "{named}, and its final checkpoint is not on the cluster's object storage ({}): no {} was asked of any task",
+            restore.as_deref().unwrap_or("it committed none"),
+            "savepoint"
+        )));
+    };
+    let part = in_dir(savepoint, &task.job);
+    let Ok(Location::S3(into)) = Location::parse(&part) else {
+        return Err(ControlError::Internal(format!(
+            "{part} is not an s3:// location"
+        )));
+    };
+    if let Err(error) = crate::checkpoint::remote::copy_as_savepoint(&from, &into).await {
+        if let Ok(remote) = crate::checkpoint::remote::Remote::open(&into) {
+            let _ = remote.delete_all("").await;
+        }
+        return Err(ControlError::Unavailable(format!(
+            "{named}, and its final checkpoint {from} could not be copied into the cluster savepoint: {error}; no task was asked"
+        )));
+    }
+    Ok(part)
+}
+
+/// Refuses a stop or savepoint (`kind`) of the whole, before any task is
+/// asked, unless every task runs or has finished (its input ended: its
+/// part is its final checkpoint), and one runs: a task that is starting,
+/// restarting or busy with another operation (a task moved by a failover)
+/// would take none — while the others stop, for a savepoint that cannot
+/// be written. A task whose host does not answer is left to the request
+/// itself. Returns the finished tasks.
+async fn refuse_unready<'a>(
+    stages: &Stages<'_>,
+    staged: &'a StagedJob,
     kind: OperationKind,
-) -> Result<(), ControlError> {
+) -> Result<Vec<&'a StageRef>, ControlError> {
     let (mut finished, mut busy) = (Vec::new(), Vec::new());
     for task in &staged.stages {
         let Some((_, detail)) = stages.detail(&task.job).await else {
@@ -453,7 +522,7 @@ async fn refuse_unready(
         let named = format!("{} (job {})", label(task), task.job);
         match detail.job.status() {
             JobStatus::Running => {}
-            JobStatus::Finished => finished.push(named),
+            JobStatus::Finished => finished.push(task),
             status => busy.push(format!("{named} is {status}")),
         }
     }
@@ -461,21 +530,24 @@ async fn refuse_unready(
         OperationKind::Stop => "stop",
         _ => "savepoint",
     };
-    if !finished.is_empty() {
+    if finished.len() == staged.stages.len() {
         return Err(ControlError::Conflict(format!(
-            "job {}: {} finished (its input ended), and a cluster savepoint cannot hold a finished task's state yet: no {what} was asked of any task",
+            "job {} has finished (every task's input ended): there is nothing left to {}",
             staged.job,
-            finished.join(", ")
+            match kind {
+                OperationKind::Stop => "stop",
+                _ => "take a savepoint of",
+            }
         )));
     }
     if !busy.is_empty() {
         return Err(ControlError::Conflict(format!(
-            "job {}: {}: a {what} of the whole needs every task running; try again once they run (no {what} was asked of any task)",
+            "job {}: {}: a {what} of the whole needs every task running (or finished); try again once they run (no {what} was asked of any task)",
             staged.job,
             busy.join(", ")
         )));
     }
-    Ok(())
+    Ok(finished)
 }
 
 /// A stop's or savepoint's body (`what`), none being the defaults.
@@ -644,7 +716,7 @@ async fn upgrade(
         OperationKind::Upgrade,
         "/upgrade",
         requests,
-        (None, None),
+        Kept::default(),
     )
     .await
 }
@@ -827,6 +899,18 @@ fn parallelism_zero(request: &UpgradeRequest) -> bool {
     request.parallelism.values().any(|&n| n == 0)
 }
 
+/// What an operation of the whole keeps beside its tasks' answers.
+#[derive(Default)]
+struct Kept {
+    /// The cluster savepoint its tasks' savepoints go into.
+    savepoint: Option<String>,
+    /// The rescale it is.
+    rescale: Option<StageRescale>,
+    /// Finished tasks (job id) → their parts of the cluster savepoint,
+    /// copied already: not asked.
+    parts: std::collections::BTreeMap<String, String>,
+}
+
 /// Posts each request to `path` of its stage's job; records what each
 /// answered as one operation of the whole.
 async fn ask(
@@ -836,11 +920,25 @@ async fn ask(
     kind: OperationKind,
     path: &str,
     requests: Vec<(&StageRef, Option<Bytes>)>,
-    (savepoint, rescale): (Option<String>, Option<StageRescale>),
+    kept: Kept,
 ) -> Result<Operation, ControlError> {
+    let Kept {
+        savepoint,
+        rescale,
+        mut parts,
+    } = kept;
     let mut asked = Vec::new();
     let mut refusals = Vec::new();
     for (stage, body) in requests {
+        if let Some(part) = parts.remove(&stage.job) {
+            asked.push(StageOperation {
+                job: stage.job.clone(),
+                operation: None,
+                skipped: None,
+                part: Some(part),
+            });
+            continue;
+        }
         let answer = stages.call(&stage.job, Method::POST, path, body).await;
         let (operation, skipped) = match answer {
             Ok((_, StatusCode::ACCEPTED, bytes)) => {
@@ -872,9 +970,13 @@ async fn ask(
             job: stage.job.clone(),
             operation,
             skipped,
+            part: None,
         });
     }
-    if asked.iter().all(|a| a.operation.is_none()) {
+    if asked
+        .iter()
+        .all(|a| a.operation.is_none() && a.part.is_none())
+    {
         return Err(ControlError::Conflict(format!(
             "job {}: no stage took the {}: {}",
             staged.job,
@@ -926,6 +1028,10 @@ async fn operation(
     }
     let mut found = Vec::new();
     for stage in &asked.stages {
+        if let Some(part) = &stage.part {
+            found.push(Some(finished_operation(asked, part)));
+            continue;
+        }
         let Some(operation) = &stage.operation else {
             found.push(None);
             continue;
@@ -965,6 +1071,22 @@ async fn operation(
         }
     }
     Ok(outcome)
+}
+
+/// The part a finished task took in operation `asked`: its final
+/// checkpoint, copied into `part` when the operation was asked.
+fn finished_operation(asked: &StagedOperation, part: &str) -> Operation {
+    Operation {
+        id: asked.id.clone(),
+        kind: asked.kind,
+        status: OperationStatus::Succeeded,
+        requested_ms: asked.requested_ms,
+        finished_ms: Some(asked.requested_ms),
+        savepoint: Some(part.to_string()),
+        downtime_ms: None,
+        outcome: Some("finished before it: its final checkpoint".to_string()),
+        error: None,
+    }
 }
 
 /// A task's operation `operation` that the host running the task now

@@ -137,6 +137,11 @@ pub struct StageOperation {
     /// Why the stage did not take it (it had ended already, for a cancel
     /// or a stop: nothing to do).
     pub skipped: Option<String>,
+    /// A stop's or savepoint's part of a task that had finished (its
+    /// input ended): its final checkpoint, copied into the cluster
+    /// savepoint's directory as a savepoint (the task was not asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 /// A staged job's status from its stages' (none: a stage not yet in the
@@ -490,6 +495,7 @@ pub(in crate::control) fn asked_of(tasks: &[StageRef], kind: OperationKind) -> S
                 job: s.job.clone(),
                 operation: Some("o".into()),
                 skipped: None,
+                part: None,
             })
             .collect(),
         savepoint: None,

@@ -28,7 +28,7 @@
 use axum::http::Method;
 use bytes::Bytes;
 
-use super::{Stages, ask};
+use super::{Kept, Stages, ask};
 use crate::checkpoint::metadata::{self, METADATA_FILE};
 use crate::control::ControlError;
 use crate::control::cluster::Cluster;
@@ -111,7 +111,10 @@ pub(super) async fn start(
         OperationKind::Upgrade,
         "/stop",
         requests,
-        (None, Some(rescale)),
+        Kept {
+            rescale: Some(rescale),
+            ..Kept::default()
+        },
     )
     .await
 }
