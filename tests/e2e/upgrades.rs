@@ -329,6 +329,61 @@ fn an_upgrade_awaiting_release_is_released_or_rolled_back_as_told() {
     }
 }
 
+/// A task of a staged job's stage told to roll back before its probation
+/// (a sibling failed early): while its new version is checked, the
+/// upgrade ends there and the job never stops; once the old version
+/// stopped, the new one rolls back as soon as it restored — neither waits
+/// for a probation. Each step held by a failpoint.
+#[test]
+fn an_upgrade_told_to_roll_back_before_its_probation_rolls_back_at_once() {
+    for (step, held) in [
+        ("checking", "upgrade.checking=60s"),
+        ("restoring", "upgrade.restoring=2s"),
+    ] {
+        let dir = plugin_dir();
+        let host = fault_host(&dir, &[("WEIR_FAILPOINTS", held)]);
+        let token = host.token_value();
+        let post = |path: &str, body: &str| {
+            http(&host.url, "POST", path, token.as_deref(), body.as_bytes())
+        };
+        let name = format!("early-{step}");
+        let id = running_wordcount(&host, &dir, &name);
+        let (status, text) = post(
+            &format!("/api/jobs/{id}/upgrade"),
+            r#"{"plugins": {"count": "count@0.2.0"}, "probation": "60s", "await_release": true}"#,
+        );
+        assert_eq!(status, 202, "{text}");
+        let operation: Value = serde_json::from_str(&text).expect("an operation");
+        let op = operation["id"].as_str().expect("an id").to_string();
+        wait_step(&host, &id, step, Duration::from_secs(60));
+        let (status, text) = post(
+            &format!("/api/jobs/{id}/operations/{op}/roll-back"),
+            r#"{"reason": "its stage's other task failed"}"#,
+        );
+        assert_eq!(status, 202, "{step}: {text}");
+        // Well before the check's pause or the probation would end.
+        let ended = time_until(Duration::from_secs(30), || {
+            last_upgrade(&host, &id)["step"].is_null()
+        });
+        let upgrade = last_upgrade(&host, &id);
+        assert!(ended.is_some(), "{step}: still under way: {upgrade:#}");
+        assert_eq!(upgrade["outcome"], "rolled-back", "{step}: {upgrade:#}");
+        let error = upgrade["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("its stage's other task failed")
+                && (step != "checking"
+                    || error.contains("rolled back before the old version stopped")),
+            "{step}: {upgrade:#}"
+        );
+        assert_eq!(count_plugin(&host, &id), "count@0.1.0", "{step}");
+        host.wait_status(&id, "running", Duration::from_secs(60));
+        host.wait_checkpoints(&id, 1, Duration::from_secs(60));
+        host.ok(&["stop", &id], dir.path());
+        host.wait_status(&id, "stopped", Duration::from_secs(60));
+        check_exactly_once(&dir.path().join(format!("out-{name}")));
+    }
+}
+
 /// A cancel, a stop and the host's SIGTERM while an upgrade's standby is
 /// built (its files there, held by a failpoint): each answered within a
 /// second, the upgrade abandoned, the standby's files removed, and the

@@ -914,8 +914,10 @@ async fn release_upgrade(
     Ok(accepted(api.jobs.verdict(&id, &operation, true, None)?))
 }
 
-/// Rolls back an upgrade on probation or awaiting release: the previous
-/// version restarts from the upgrade's savepoint (202).
+/// Rolls back an upgrade under way (202): before the old version stopped
+/// the upgrade ends there, the job untouched; after, the previous version
+/// restarts from the upgrade's savepoint as soon as the new one restored,
+/// without a probation.
 #[utoipa::path(
     post,
     path = "/api/jobs/{id}/operations/{operation}/roll-back",
@@ -925,7 +927,7 @@ async fn release_upgrade(
         (status = 202, body = Operation),
         (status = 400, body = ErrorBody, description = "the body is not JSON of this shape"),
         (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "not an upgrade on probation"),
+        (status = 409, body = ErrorBody, description = "not an upgrade under way (over, or rolling back already)"),
     )
 )]
 async fn roll_back_upgrade(

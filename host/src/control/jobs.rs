@@ -742,9 +742,12 @@ impl JobManager {
                 ))
             })?;
         let step = upgrade.step.as_deref();
+        // A roll-back is taken at any step before the new version's own
+        // roll-back: before the stop the upgrade ends there; after it,
+        // once the new version restored, without a probation.
         let ready = match pass {
             true => step == Some(AWAITING_RELEASE),
-            false => matches!(step, Some("on-probation") | Some(AWAITING_RELEASE)),
+            false => step.is_some_and(|s| s != "rolling-back"),
         };
         if !ready {
             return Err(ControlError::Conflict(format!(
@@ -757,7 +760,7 @@ impl JobManager {
                 if pass {
                     "once its probation passed (step `awaiting-release`)"
                 } else {
-                    "on probation"
+                    "while it is under way"
                 }
             )));
         }

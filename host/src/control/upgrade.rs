@@ -18,7 +18,9 @@
 //!    checkpoints (or the probation time passed) without failing; then the
 //!    held commits go out and the upgrade is done — or, asked to await
 //!    release (a task of a staged job's stage), it holds them until
-//!    released or told to roll back (`JobManager::verdict`). Its outcome is decided
+//!    released or told to roll back (`JobManager::verdict`; told so before
+//!    the stop, steps 1–2 end the upgrade there, the job untouched; after
+//!    it, the probation rolls back at once). Its outcome is decided
 //!    here alone: a failure reaches this step as a question (restart?),
 //!    answered in order with the checkpoints it counts.
 //! 6. [`RollBack`]: the new version could not start or failed on
@@ -371,13 +373,45 @@ pub(super) fn start(ctx: &mut JobCtx, operation: String, upgrade: Upgrade) -> Dr
     })))
 }
 
+/// How often a step before the stop looks for a verdict to roll back
+/// (`JobManager::verdict`).
+const VERDICT_LOOK: Duration = Duration::from_millis(50);
+
+impl Procedure {
+    /// A roll-back asked before the old version stopped (a sibling task
+    /// of its stage failed): the upgrade ends there, the job running on
+    /// unchanged. `None`: none was asked.
+    fn rolled_back_early(&self, ctx: &JobCtx) -> Option<String> {
+        let verdict = ctx.job.take_verdict(&self.operation)?;
+        if verdict.pass {
+            return None;
+        }
+        self.close(
+            ctx,
+            "rolled-back",
+            format!(
+                "upgrade rolled back before the old version stopped, which runs on unchanged: {}",
+                verdict.reason
+            ),
+        );
+        Some(verdict.reason)
+    }
+}
+
 impl Check {
     async fn next(mut self, ctx: &mut JobCtx) -> DriverStep {
+        let mut look = tokio::time::interval(VERDICT_LOOK);
         loop {
             tokio::select! {
                 checked = &mut self.checking => {
                     let checked = checked.unwrap_or_else(|e| Err(e.to_string()));
                     return self.checked(ctx, checked);
+                }
+                _ = look.tick() => {
+                    if self.procedure.rolled_back_early(ctx).is_some() {
+                        self.checking.abort();
+                        return DriverStep::Running(Running);
+                    }
                 }
                 message = ctx.next() => {
                     if let Some(step) = self.procedure.before_stop(ctx, message) {
@@ -501,12 +535,26 @@ impl Standby {
     }
 
     async fn next(mut self, ctx: &mut JobCtx) -> DriverStep {
+        let mut look = tokio::time::interval(VERDICT_LOOK);
         loop {
             tokio::select! {
                 followed = &mut self.following.task => {
                     let followed = followed
                         .unwrap_or_else(|e| Err(StandbyError::Refused(e.to_string())));
                     return self.followed(ctx, followed);
+                }
+                _ = look.tick() => {
+                    if self.procedure.rolled_back_early(ctx).is_some() {
+                        // Dropping the standby stops it and removes its
+                        // files, as an abandoned upgrade's.
+                        self.savepointer.release_holds();
+                        ctx.transition_from(
+                            JobStatus::Upgrading,
+                            JobStatus::Running,
+                            "the upgrade was rolled back before the stop",
+                        );
+                        return DriverStep::Running(Running);
+                    }
                 }
                 message = ctx.next() => {
                     if let Some(step) = self.procedure.before_stop(ctx, message) {
