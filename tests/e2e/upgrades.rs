@@ -276,13 +276,7 @@ fn an_upgrade_awaiting_release_is_released_or_rolled_back_as_told() {
     for pass in [true, false] {
         let name = format!("verdict-{pass}");
         let id = running_wordcount(&host, &dir, &name);
-        let (status, text) = post(
-            &format!("/api/jobs/{id}/upgrade"),
-            r#"{"plugins": {"count": "count@0.2.0"}, "probation": "1s", "await_release": true}"#,
-        );
-        assert_eq!(status, 202, "{text}");
-        let operation: Value = serde_json::from_str(&text).expect("an operation");
-        let op = operation["id"].as_str().expect("an id").to_string();
+        let op = upgrade_awaiting_release(&host, &id, "1s");
         wait_step(&host, &id, "awaiting-release", Duration::from_secs(60));
         // Held: well past its probation, it is still awaiting.
         std::thread::sleep(Duration::from_millis(1500));
@@ -329,6 +323,21 @@ fn an_upgrade_awaiting_release_is_released_or_rolled_back_as_told() {
     }
 }
 
+/// Asks an upgrade of job `id`'s count to 0.2.0 through the API, on
+/// probation for `probation` and awaiting release (as a staged job's
+/// task is asked): its operation's id.
+fn upgrade_awaiting_release(host: &Host, id: &str, probation: &str) -> String {
+    let body = format!(
+        r#"{{"plugins": {{"count": "count@0.2.0"}}, "probation": "{probation}", "await_release": true}}"#
+    );
+    let token = host.token_value();
+    let path = format!("/api/jobs/{id}/upgrade");
+    let (status, text) = http(&host.url, "POST", &path, token.as_deref(), body.as_bytes());
+    assert_eq!(status, 202, "{text}");
+    let operation: Value = serde_json::from_str(&text).expect("an operation");
+    operation["id"].as_str().expect("an id").to_string()
+}
+
 /// A task of a staged job's stage told to roll back before its probation
 /// (a sibling failed early): while its new version is checked, the
 /// upgrade ends there and the job never stops; once the old version
@@ -348,13 +357,7 @@ fn an_upgrade_told_to_roll_back_before_its_probation_rolls_back_at_once() {
         };
         let name = format!("early-{step}");
         let id = running_wordcount(&host, &dir, &name);
-        let (status, text) = post(
-            &format!("/api/jobs/{id}/upgrade"),
-            r#"{"plugins": {"count": "count@0.2.0"}, "probation": "60s", "await_release": true}"#,
-        );
-        assert_eq!(status, 202, "{text}");
-        let operation: Value = serde_json::from_str(&text).expect("an operation");
-        let op = operation["id"].as_str().expect("an id").to_string();
+        let op = upgrade_awaiting_release(&host, &id, "60s");
         wait_step(&host, &id, step, Duration::from_secs(60));
         let (status, text) = post(
             &format!("/api/jobs/{id}/operations/{op}/roll-back"),
