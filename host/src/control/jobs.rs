@@ -474,7 +474,7 @@ impl JobManager {
         }
         let unavailable = |e: cluster::ClusterError| ControlError::Unavailable(e.to_string());
         let jobs: Vec<String> = tasks.iter().map(|(r, _, _)| r.job.clone()).collect();
-        let hosts = assignments.place(&jobs).await.map_err(unavailable)?;
+        let hosts = assignments.place(&jobs, &[]).await.map_err(unavailable)?;
         let now = now_ms();
         let staged = cluster::staged::StagedJob {
             job: id.clone(),

@@ -254,10 +254,18 @@ impl Assignments {
 
     /// Hosts for new jobs `jobs`, in turn: each to the live member with the
     /// fewest tasks of its stage, then the fewest live assigned jobs
-    /// ([`Loads::take`]).
-    pub async fn place(&self, jobs: &[String]) -> Result<Vec<String>, ClusterError> {
+    /// ([`Loads::take`]), not counting the jobs they replace (`replacing`:
+    /// a rescale's old tasks, about to be marked ended — counted, they
+    /// would skew the new tasks onto the other hosts, and the rebalance
+    /// would then move a job of a stage the rescale never touched).
+    pub async fn place(
+        &self,
+        jobs: &[String],
+        replacing: &[String],
+    ) -> Result<Vec<String>, ClusterError> {
         let live = self.live_members().await?;
-        let all = self.all().await?;
+        let mut all = self.all().await?;
+        all.retain(|(a, _)| !replacing.contains(&a.job));
         let mut loads = Loads::of(&all, &live);
         let hosts = jobs
             .iter()

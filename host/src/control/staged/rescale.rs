@@ -330,7 +330,10 @@ async fn restart(
         .iter()
         .map(|(task, _, _)| format!("{stage}-{}-{task}", asked.id))
         .collect();
-    let hosts = assignments.place(&jobs).await.map_err(|e| e.to_string())?;
+    let hosts = assignments
+        .place(&jobs, &replaced)
+        .await
+        .map_err(|e| e.to_string())?;
     for (((task, tasks, restore), host), job) in plan.into_iter().zip(hosts).zip(jobs) {
         let mut spec: JobSpec = template.spec.clone();
         for uid in rescale.old[0].uids.iter().chain(&rescale.old[0].exchanges) {
