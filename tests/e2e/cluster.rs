@@ -1257,50 +1257,71 @@ fn a_task_moved_while_its_upgrade_is_on_probation_resumes_the_previous_version_e
         url,
         expected,
         id,
-        placed,
+        placed: _,
     }) = StagedCount::start(&dir, name, Some("count-v2.wasm"), 31)
     else {
         return;
     };
     let at = |owner: &str| ids.iter().position(|i| i == owner).expect("a member");
-    let (_, task, owner) = placed
-        .iter()
-        .find(|s| s.0 == "count")
-        .expect("a count task")
-        .clone();
-    let victim = at(&owner);
-    // The upgrade is asked of, and followed through, another host.
-    let asker = (victim + 1) % 3;
     hosts[0].wait_status(&id, "running", Duration::from_secs(60));
-    hosts[victim].wait_checkpoints(&task, 2, Duration::from_secs(60));
 
-    std::thread::scope(|scope| {
-        // A probation longer than the host's freeze: the new version's
-        // commits are held all along.
-        let upgrade = scope.spawn(|| {
-            hosts[asker].weir(
-                &[
-                    "upgrade",
-                    &id,
-                    "--plugin",
-                    "count=count@0.2.0",
-                    "--probation",
-                    "25s",
-                    "--probation-checkpoints",
-                    "100000",
-                ],
-                dir.path(),
-            )
-        });
-        let started = Instant::now();
-        while upgrade_step(&hosts[victim], &task).as_deref() != Some("on-probation") {
+    let asker = std::thread::scope(|scope| {
+        // Asked again if the stage rolled back before the chosen task's
+        // probation because another task moved (under load a host's lease
+        // may lapse on its own).
+        let mut attempt = 0;
+        let (task, owner, victim, asker, upgrade) = loop {
+            attempt += 1;
+            let placed = placed_stages(&hosts[0], &id, Duration::from_secs(60));
+            let (_, task, owner) = placed
+                .iter()
+                .find(|s| s.0 == "count")
+                .expect("a count task")
+                .clone();
+            let victim = at(&owner);
+            // The upgrade is asked of, and followed through, another host.
+            let asker = (victim + 1) % 3;
+            hosts[victim].wait_checkpoints(&task, 2, Duration::from_secs(60));
+            // A probation longer than the host's freeze: the new version's
+            // commits are held all along.
+            let (all, job, dir) = (&hosts, &id, &dir);
+            let upgrade = scope.spawn(move || {
+                all[asker].weir(
+                    &[
+                        "upgrade",
+                        job,
+                        "--plugin",
+                        "count=count@0.2.0",
+                        "--probation",
+                        "25s",
+                        "--probation-checkpoints",
+                        "100000",
+                    ],
+                    dir.path(),
+                )
+            });
+            let started = Instant::now();
+            while !upgrade.is_finished()
+                && upgrade_step(&hosts[victim], &task).as_deref() != Some("on-probation")
+            {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "task {task} never reached its probation: {:?}",
+                    hosts[victim].job(&task)["job"]["upgrades"]
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !upgrade.is_finished() {
+                break (task, owner, victim, asker, upgrade);
+            }
+            let early = upgrade.join().expect("the upgrade's CLI");
+            let said = crate::host::stderr(&early);
             assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "task {task} never reached its probation: {:?}",
-                hosts[victim].job(&task)["job"]["upgrades"]
+                attempt < 3 && said.contains("task moved to it during the operation"),
+                "task {task} never reached its probation: {said}"
             );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            hosts[0].wait_status(&id, "running", Duration::from_secs(60));
+        };
         assert_eq!(plugin_of(&hosts[victim], &task, "count"), "count@0.2.0");
         // Its host frozen until the task moved, then woken: fenced.
         hosts[victim].signal("STOP");
@@ -1339,6 +1360,7 @@ fn a_task_moved_while_its_upgrade_is_on_probation_resumes_the_previous_version_e
                 && said.contains("stage count rolls back as one"),
             "{said}"
         );
+        asker
     });
     for (stage, job, host) in placed_stages(&hosts[asker], &id, Duration::from_secs(30)) {
         if stage == "count" {
