@@ -337,17 +337,7 @@ pub async fn fetch(url: &S3Url, into: &Path) -> Result<PathBuf, super::Checkpoin
     let (base, local_base, local_dir) = match read.metadata.kind {
         SnapshotKind::Savepoint => (dir.clone(), into.to_path_buf(), into.to_path_buf()),
         _ => {
-            let (parent, name) = url.prefix.rsplit_once('/').unwrap_or(("", &url.prefix));
-            if name.is_empty() {
-                return Err(RemoteError::NoJobDirectory {
-                    url: url.to_string(),
-                }
-                .into());
-            }
-            let parent = S3Url {
-                bucket: url.bucket.clone(),
-                prefix: parent.to_string(),
-            };
+            let (parent, name) = job_dir(&url)?;
             (Remote::open(&parent)?, into.to_path_buf(), into.join(name))
         }
     };
@@ -369,6 +359,22 @@ pub async fn fetch(url: &S3Url, into: &Path) -> Result<PathBuf, super::Checkpoin
     let path = local_dir.join("_metadata");
     dir.download("_metadata", &path).await?;
     Ok(path)
+}
+
+/// The job directory a checkpoint's paths are relative to (the parent of
+/// its `chk-<n>` directory `url`), and that directory's name.
+fn job_dir(url: &S3Url) -> Result<(S3Url, &str), RemoteError> {
+    let (parent, name) = url.prefix.rsplit_once('/').unwrap_or(("", &url.prefix));
+    if name.is_empty() {
+        return Err(RemoteError::NoJobDirectory {
+            url: url.to_string(),
+        });
+    }
+    let parent = S3Url {
+        bucket: url.bucket.clone(),
+        prefix: parent.to_string(),
+    };
+    Ok((parent, name))
 }
 
 /// Every file `metadata` references (its subtasks' state, deltas, timers
@@ -414,18 +420,7 @@ pub async fn copy_as_savepoint(from: &S3Url, into: &S3Url) -> Result<(), super::
     )?;
     let base = match read.kind {
         SnapshotKind::Savepoint => dir,
-        SnapshotKind::Checkpoint => match url.prefix.rsplit_once('/') {
-            Some((parent, name)) if !name.is_empty() => Remote::open(&S3Url {
-                bucket: url.bucket.clone(),
-                prefix: parent.to_string(),
-            })?,
-            _ => {
-                return Err(RemoteError::NoJobDirectory {
-                    url: url.to_string(),
-                }
-                .into());
-            }
-        },
+        SnapshotKind::Checkpoint => Remote::open(&job_dir(&url)?.0)?,
     };
     let target = Remote::open(into)?;
     futures::stream::iter(referenced(&read))

@@ -480,9 +480,8 @@ async fn finished_part(
         .and_then(|a| a.restore);
     let Some(Ok(Location::S3(from))) = restore.as_deref().map(Location::parse) else {
         return Err(ControlError::Conflict(format!(
-            "{named}, and its final checkpoint is not on the cluster's object storage ({}): no {} was asked of any task",
+            "{named}, and its final checkpoint is not on the cluster's object storage ({}); no task was asked",
             restore.as_deref().unwrap_or("it committed none"),
-            "savepoint"
         )));
     };
     let part = in_dir(savepoint, &task.job);

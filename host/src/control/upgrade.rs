@@ -164,6 +164,27 @@ impl Procedure {
         self.close(ctx, "abandoned", format!("upgrade abandoned: {why}"));
     }
 
+    /// Whether a roll-back was asked before the old version stopped (a
+    /// sibling task of its stage failed): if so the upgrade ends there,
+    /// the job running on unchanged.
+    fn rolled_back_early(&self, ctx: &JobCtx) -> bool {
+        let Some(verdict) = ctx.job.take_verdict(&self.operation) else {
+            return false;
+        };
+        if verdict.pass {
+            return false;
+        }
+        self.close(
+            ctx,
+            "rolled-back",
+            format!(
+                "upgrade rolled back before the old version stopped, which runs on unchanged: {}",
+                verdict.reason
+            ),
+        );
+        true
+    }
+
     /// Ends the upgrade with `outcome` and fails its operation with `error`.
     fn close(&self, ctx: &JobCtx, outcome: &str, error: String) {
         update_upgrade(ctx, &self.operation, |u| {
@@ -377,27 +398,6 @@ pub(super) fn start(ctx: &mut JobCtx, operation: String, upgrade: Upgrade) -> Dr
 /// (`JobManager::verdict`).
 const VERDICT_LOOK: Duration = Duration::from_millis(50);
 
-impl Procedure {
-    /// A roll-back asked before the old version stopped (a sibling task
-    /// of its stage failed): the upgrade ends there, the job running on
-    /// unchanged. `None`: none was asked.
-    fn rolled_back_early(&self, ctx: &JobCtx) -> Option<String> {
-        let verdict = ctx.job.take_verdict(&self.operation)?;
-        if verdict.pass {
-            return None;
-        }
-        self.close(
-            ctx,
-            "rolled-back",
-            format!(
-                "upgrade rolled back before the old version stopped, which runs on unchanged: {}",
-                verdict.reason
-            ),
-        );
-        Some(verdict.reason)
-    }
-}
-
 impl Check {
     async fn next(mut self, ctx: &mut JobCtx) -> DriverStep {
         let mut look = tokio::time::interval(VERDICT_LOOK);
@@ -408,7 +408,7 @@ impl Check {
                     return self.checked(ctx, checked);
                 }
                 _ = look.tick() => {
-                    if self.procedure.rolled_back_early(ctx).is_some() {
+                    if self.procedure.rolled_back_early(ctx) {
                         self.checking.abort();
                         return DriverStep::Running(Running);
                     }
@@ -544,7 +544,7 @@ impl Standby {
                     return self.followed(ctx, followed);
                 }
                 _ = look.tick() => {
-                    if self.procedure.rolled_back_early(ctx).is_some() {
+                    if self.procedure.rolled_back_early(ctx) {
                         // Dropping the standby stops it and removes its
                         // files, as an abandoned upgrade's.
                         self.savepointer.release_holds();
