@@ -1695,7 +1695,7 @@ fn cluster_savepoint_of(host: &Host, verb: &str, id: &str, dir: &Path) -> String
         let taken = host.weir(&[verb, id], dir);
         let said = crate::host::stderr(&taken);
         if taken.status.success()
-            || !said.contains("needs every task running; try again")
+            || !said.contains("of the whole needs every task running")
             || started.elapsed() > Duration::from_secs(60)
         {
             break (taken, said);
