@@ -804,3 +804,115 @@ inputs = ["count"]
     weir_tests::check_exact_updates(&output(&url, name), &expected)
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Deletes the consumers of stream `<name>-in` not in `before` (as a
+/// node's death or a leader election can), once there are `expected` of
+/// them.
+fn delete_new_input_consumers(url: &str, name: &str, before: &[String], expected: usize) {
+    let started = std::time::Instant::now();
+    let consumers = loop {
+        let consumers: Vec<String> = input_consumers(url, name)
+            .into_iter()
+            .map(|(consumer, _)| consumer)
+            .filter(|consumer| !before.contains(consumer))
+            .collect();
+        if consumers.len() >= expected {
+            break consumers;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the source never read: {consumers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    runtime().block_on(async {
+        let js = context(url).await;
+        let stream = js
+            .get_stream(format!("{name}-in"))
+            .await
+            .expect("the input stream");
+        for consumer in consumers {
+            stream
+                .delete_consumer(&consumer)
+                .await
+                .unwrap_or_else(|e| panic!("deleting consumer {consumer}: {e}"));
+        }
+    });
+}
+
+/// Waits until stream `<name>-out` holds `count` updates.
+fn wait_output(url: &str, name: &str, count: usize) {
+    let started = std::time::Instant::now();
+    while output(url, name).len() < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job published {} of {count} updates",
+            output(url, name).len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A restored source whose partition readers are recreated before they
+/// delivered anything (their consumers deleted, as a NATS node's death
+/// can) reads on from its positions: the client recreates such a reader
+/// from the stream's first message, and what comes before the position is
+/// not read twice.
+#[test]
+fn a_restored_source_whose_readers_are_recreated_reads_nothing_twice() {
+    let Some(url) = server() else { return };
+    let job = JobDir::new();
+    let name = "recreated";
+    let first = input_lines(1_200, 11);
+    let more = input_lines(600, 12);
+    prepare_streams(&url, name, &first);
+    let unbounded = |text: String| text.replace("bounded = true", "bounded = false");
+    job.job(&unbounded(count_job(&url, name, 2, 100_000, "checkpoints")));
+    let stop = |child: std::process::Child| {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let stopped = child.wait_with_output().expect("reaped");
+        assert!(
+            stopped.status.success(),
+            "stop with a savepoint: {}",
+            String::from_utf8_lossy(&stopped.stderr)
+        );
+    };
+    let args = ["run", "job.toml", "-q", "--savepoint-dir", "savepoints"];
+    let running = spawn_weir(&args, job.path(), &[]);
+    wait_output(&url, name, first.len() * 4);
+    stop(running);
+    let savepoint = std::fs::read_dir(job.path().join("savepoints"))
+        .expect("the savepoint directory")
+        .flatten()
+        .next()
+        .expect("one savepoint")
+        .path()
+        .to_string_lossy()
+        .into_owned();
+    // Restored at the end of every partition: nothing to deliver, so the
+    // readers are recreated before their first message.
+    let mut resumed = args.to_vec();
+    resumed.extend(["-s", &savepoint]);
+    let before: Vec<String> = input_consumers(&url, name)
+        .into_iter()
+        .map(|(consumer, _)| consumer)
+        .collect();
+    let running = spawn_weir(&resumed, job.path(), &[]);
+    delete_new_input_consumers(&url, name, &before, 6);
+    // The client recreates a deleted consumer after a backoff.
+    std::thread::sleep(Duration::from_secs(3));
+    append_lines(&url, name, &[0, 1, 2, 3, 4, 5], &more);
+    let all: Vec<String> = first.iter().chain(&more).cloned().collect();
+    wait_output(&url, name, all.len() * 4);
+    // Anything read twice would be counted by now, or soon.
+    std::thread::sleep(Duration::from_secs(2));
+    stop(running);
+    weir_tests::check_exact_updates(
+        &output(&url, name),
+        &weir_tests::count_words(&all.join("\n")),
+    )
+    .unwrap_or_else(|e| panic!("after the readers were recreated: {e}"));
+}

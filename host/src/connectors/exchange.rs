@@ -1487,7 +1487,9 @@ async fn read(
             .and_then(|g| g.parse::<u32>().ok())
             .filter(|g| last.contains_key(g))
             .ok_or_else(|| format!("exchange `{name}`: a message on {}", message.subject))?;
-        // Emitted before the restored checkpoint.
+        // Emitted before the restored checkpoint (read again when the
+        // client recreates a consumer that had delivered nothing yet: it
+        // starts from the stream's first message, see `nats`).
         if sequence <= last[&group] {
             continue;
         }

@@ -10,7 +10,10 @@
 //! records, per partition, the stream sequence of the last message it
 //! emitted ([`Source::partitions`]). A restore starts each partition just
 //! after it, at any parallelism: partitions are reassigned, their positions
-//! travel with them. `bounded` ends a subtask once it has read what the
+//! travel with them. A message at or before its partition's position is
+//! skipped, never emitted: the client recreates an ordered consumer that
+//! had delivered nothing yet (a node died, heartbeats were missed) from
+//! the stream's first message, not from where it was asked to start. `bounded` ends a subtask once it has read what the
 //! stream held for its partitions when it started.
 //!
 //! **Sink, exactly-once.** The records of each checkpoint epoch go into a
@@ -417,6 +420,7 @@ async fn read_partition(
         .messages()
         .await
         .map_err(|e| format!("cannot read stream `{}`: {e}", config.stream))?;
+    let mut restarted = false;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| format!("reading stream `{}`: {e}", config.stream))?;
         let info = message.info().map_err(|e| {
@@ -429,6 +433,17 @@ async fn read_partition(
             info.stream_sequence,
             (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
         );
+        // Read before the restored position: an ordered consumer that had
+        // delivered nothing yet when it was recreated (a node died, two
+        // heartbeats were missed) starts again from the stream's first
+        // message, not from `after`.
+        if sequence <= after {
+            if !restarted {
+                restarted = true;
+                tracing::warn!(stream = %config.stream, partition, after, "the partition's reader was recreated from the stream's start: skipping what comes before its position");
+            }
+            continue;
+        }
         if let Some(left) = &mut remaining {
             *left = left.saturating_sub(1);
         }
