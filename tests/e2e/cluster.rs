@@ -516,11 +516,20 @@ fn any_host_lists_every_job_and_answers_for_it() {
 
 /// Where the cluster says job `id` runs, and its status, as `host` lists it.
 fn placement(host: &Host, id: &str) -> Option<(String, String, bool)> {
+    placement_answer(host, id).1
+}
+
+/// [`placement`], with the status `GET /api/jobs` answered.
+fn placement_answer(host: &Host, id: &str) -> (u16, Option<(String, String, bool)>) {
     let (status, body) = http(&host.url, "GET", "/api/jobs", None, &[]);
     if status != 200 {
-        return None;
+        return (status, None);
     }
-    let list: Value = serde_json::from_str(&body).ok()?;
+    (status, listed_in(&body, id))
+}
+
+fn listed_in(body: &str, id: &str) -> Option<(String, String, bool)> {
+    let list: Value = serde_json::from_str(body).ok()?;
     list.as_array()?.iter().find(|j| j["id"] == id).map(|j| {
         (
             j["host"].as_str().unwrap_or_default().to_string(),
@@ -722,8 +731,10 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
     hosts[frozen].signal("CONT");
     // The woken host releases the job: it lists it on its new owner.
     let started = Instant::now();
+    let mut answered = BTreeMap::<u16, u32>::new();
     loop {
-        let listed = placement(&hosts[frozen], &id);
+        let (status, listed) = placement_answer(&hosts[frozen], &id);
+        *answered.entry(status).or_default() += 1;
         if listed
             .as_ref()
             .is_some_and(|(owner, _, _)| *owner == ids[third])
@@ -731,11 +742,29 @@ fn a_dead_or_frozen_host_loses_its_jobs_to_the_others_exactly_once() {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{}", {
-            // What its job list says (an error, or the job not in it).
-            let (status, body) = http(&hosts[frozen].url, "GET", "/api/jobs", None, &[]);
+            // What each host's job list says of the job (an error, or
+            // the job not in it), and what the woken host answers for it.
+            let views: Vec<String> = [frozen, third]
+                .iter()
+                .map(|&h| {
+                    let (status, body) = http(&hosts[h].url, "GET", "/api/jobs", None, &[]);
+                    let entry = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|list| list.as_array()?.iter().find(|j| j["id"] == id).cloned());
+                    format!("host {h} ({}): GET /api/jobs {status}: {entry:?}", ids[h])
+                })
+                .collect();
+            let (status, body) = http(
+                &hosts[frozen].url,
+                "GET",
+                &format!("/api/jobs/{id}"),
+                None,
+                &[],
+            );
             format!(
-                "the woken host kept the job: {listed:?}; GET /api/jobs: {status} {}",
-                body.chars().take(600).collect::<String>()
+                "the woken host kept the job: {listed:?} (its answers to GET /api/jobs meanwhile, by status: {answered:?}); {}; the woken host's GET /api/jobs/{id}: {status} {}",
+                views.join("; "),
+                body.chars().take(400).collect::<String>()
             )
         });
         std::thread::sleep(Duration::from_millis(100));
