@@ -12,7 +12,7 @@ use weir_tests::kafka::KafkaServer;
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_COUNT_V2, WORDCOUNT_SPLIT};
 
 use crate::checkpoints::{completed_checkpoints, delays, kill_after_input_ended};
-use crate::support::{JobDir, spawn_weir, toml_path, weir};
+use crate::support::{JobDir, spawn_weir, stop_with_savepoint, toml_path, weir};
 
 /// The shared broker; None when it cannot be had outside CI.
 fn server() -> Option<&'static KafkaServer> {
@@ -240,22 +240,7 @@ fn a_savepoint_restores_the_kafka_source_from_two_to_three_subtasks_with_a_new_c
         &[],
     );
     std::thread::sleep(Duration::from_millis(1200));
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let stopped = child.wait_with_output().expect("reaped");
-    assert!(
-        stopped.status.success(),
-        "stop with a savepoint: {}",
-        String::from_utf8_lossy(&stopped.stderr)
-    );
-    let savepoint = std::fs::read_dir(job.path().join("savepoints"))
-        .expect("the savepoint directory")
-        .flatten()
-        .next()
-        .expect("one savepoint")
-        .path();
+    let savepoint = stop_with_savepoint(child, &job.path().join("savepoints"));
     let read = weir::checkpoint::metadata::read(&savepoint.join("_metadata"))
         .expect("the savepoint reads");
     let positions: usize = read.metadata.operators["lines"]

@@ -14,7 +14,7 @@ use weir::connectors::generator::{word, word_index};
 use weir_tests::plugins::{WORDCOUNT_COUNT, WORDCOUNT_SPLIT};
 
 use crate::checkpoints::delays;
-use crate::support::{JobDir, runtime, spawn_weir, toml_path, weir, weir_env};
+use crate::support::{JobDir, runtime, spawn_weir, stop_with_savepoint, toml_path, weir, weir_env};
 
 /// The shared server's URL; None when the server cannot be had outside CI.
 fn server() -> Option<String> {
@@ -433,22 +433,7 @@ fn a_savepoint_restores_the_source_at_another_parallelism_over_six_partitions() 
         &[],
     );
     std::thread::sleep(Duration::from_millis(1200));
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let stopped = child.wait_with_output().expect("reaped");
-    assert!(
-        stopped.status.success(),
-        "stop with a savepoint: {}",
-        String::from_utf8_lossy(&stopped.stderr)
-    );
-    let savepoint = std::fs::read_dir(job.path().join("savepoints"))
-        .expect("the savepoint directory")
-        .flatten()
-        .next()
-        .expect("one savepoint")
-        .path();
+    let savepoint = stop_with_savepoint(child, &job.path().join("savepoints"));
     let read = weir::checkpoint::metadata::read(&savepoint.join("_metadata"))
         .expect("the savepoint reads");
     let positions: BTreeMap<u32, u64> = read.metadata.operators["lines"]
@@ -868,28 +853,10 @@ fn a_restored_source_whose_readers_are_recreated_reads_nothing_twice() {
     prepare_streams(&url, name, &first);
     let unbounded = |text: String| text.replace("bounded = true", "bounded = false");
     job.job(&unbounded(count_job(&url, name, 2, 100_000, "checkpoints")));
-    let stop = |child: std::process::Child| {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let stopped = child.wait_with_output().expect("reaped");
-        assert!(
-            stopped.status.success(),
-            "stop with a savepoint: {}",
-            String::from_utf8_lossy(&stopped.stderr)
-        );
-    };
     let args = ["run", "job.toml", "-q", "--savepoint-dir", "savepoints"];
     let running = spawn_weir(&args, job.path(), &[]);
     wait_output(&url, name, first.len() * 4);
-    stop(running);
-    let savepoint = std::fs::read_dir(job.path().join("savepoints"))
-        .expect("the savepoint directory")
-        .flatten()
-        .next()
-        .expect("one savepoint")
-        .path()
+    let savepoint = stop_with_savepoint(running, &job.path().join("savepoints"))
         .to_string_lossy()
         .into_owned();
     // Restored at the end of every partition: nothing to deliver, so the
@@ -909,7 +876,7 @@ fn a_restored_source_whose_readers_are_recreated_reads_nothing_twice() {
     wait_output(&url, name, all.len() * 4);
     // Anything read twice would be counted by now, or soon.
     std::thread::sleep(Duration::from_secs(2));
-    stop(running);
+    stop_with_savepoint(running, &job.path().join("savepoints"));
     weir_tests::check_exact_updates(
         &output(&url, name),
         &weir_tests::count_words(&all.join("\n")),

@@ -193,3 +193,24 @@ pub fn seed(var: &str, what: &str) -> u64 {
     eprintln!("{what} seed {seed} ({var} to repeat)");
     seed
 }
+
+/// SIGTERMs `child` (a `weir run … --savepoint-dir DIR`), asserts it
+/// stopped with a savepoint, and returns the one savepoint in `dir`.
+pub(crate) fn stop_with_savepoint(child: std::process::Child, dir: &Path) -> std::path::PathBuf {
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let stopped = child.wait_with_output().expect("reaped");
+    assert!(
+        stopped.status.success(),
+        "stop with a savepoint: {}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    std::fs::read_dir(dir)
+        .expect("the savepoint directory")
+        .flatten()
+        .next()
+        .expect("one savepoint")
+        .path()
+}
